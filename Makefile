@@ -1,0 +1,42 @@
+# Set-up and entry points. `make test` and `make demo` do all set-up on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# torch/torchvision pair that open_clip needs; pip takes it from this machine's disk.
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?= -n 2 --timeout=900
+
+.PHONY: all install ext test test-fast demo bench gpu-suite lint clean
+
+all: install
+
+$(VENV)/.stamp-deps: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q $(TORCH)
+	# --no-build-isolation: build against the installed torch (DeepSpeed and our extension
+	# import torch at build time; an isolated build would fetch another multi-GB torch).
+	$(PIP) install -q --no-build-isolation -e ".[dev,train,gen,eval]" $(TORCH)
+	touch $@
+
+install: $(VENV)/.stamp-deps ext
+
+# (Re)build the C++ extension in place; setuptools skips it when csrc/ is unchanged.
+ext: $(VENV)/.stamp-deps
+	$(PY) setup.py -q build_ext --inplace
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS) tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
+
+demo: install
+	$(VENV)/bin/mmfast demo
+
+bench: install
+	$(VENV)/bin/mmfast bench contrastive
+
+lint: install
+	$(VENV)/bin/ruff check mmfast tests benchmarks training
+
+clean:
+	rm -rf build *.egg-info mmfast/_C*.so

@@ -1,0 +1,15 @@
+// Each csrc/*.cpp registers its bindings here; mmfast_C.cpp calls them all when Python imports
+// mmfast._C. Adding a kernel file needs no edit of any other file.
+#pragma once
+#include <torch/extension.h>
+#include <vector>
+
+namespace mmfast {
+using RegisterFn = void (*)(pybind11::module_&);
+std::vector<RegisterFn>& registry();
+struct Registrar {
+  explicit Registrar(RegisterFn fn) { registry().push_back(fn); }
+};
+}  // namespace mmfast
+
+#define MMFAST_REGISTER(fn) static ::mmfast::Registrar mmfast_registrar_##fn(fn)

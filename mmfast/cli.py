@@ -1,0 +1,59 @@
+"""`mmfast` command line: a thin router to the module that owns each command.
+
+Each entry maps a command path to ``module:function``; the function takes the remaining argv
+and returns an exit code. Modules load only when their command runs.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("info",): ("mmfast.ops._dispatch:info_main", "backends per op, and why the others were refused"),
+    ("bench", "contrastive"): ("mmfast.bench.contrastive:main", "benchmark the fused CLIP/SigLIP loss"),
+    ("bench", "attention"): ("mmfast.bench.attention:main", "benchmark flash attention"),
+    ("bench", "projection"): ("mmfast.bench.projection:main", "benchmark the fused projection ops"),
+    ("data", "synth"): ("mmfast.data.synthetic:main", "generate the synthetic multimodal world"),
+    ("train", "clip"): ("mmfast.train_launch:clip_main", "train CLIP with DeepSpeed"),
+    ("train", "llava"): ("mmfast.train_launch:llava_main", "train LLaVA with DeepSpeed"),
+    ("train", "nextgpt"): ("mmfast.train_launch:nextgpt_main", "train NExT-GPT with DeepSpeed"),
+    ("eval", "zeroshot"): ("mmfast.eval.zeroshot:main", "zero-shot classification"),
+    ("eval", "linear-probe"): ("mmfast.eval.zeroshot:linear_probe_main", "linear probe on frozen features"),
+    ("eval", "pope", "build"): ("mmfast.eval.pope:build_main", "build POPE question files"),
+    ("eval", "pope", "score"): ("mmfast.eval.pope:score_main", "score POPE answers"),
+    ("eval", "pope"): ("mmfast.eval.pope:poll_main", "poll a model on POPE questions"),
+    ("eval", "chair"): ("mmfast.eval.chair:main", "CHAIR_i / CHAIR_s of captions"),
+    ("chat",): ("mmfast.models.chat:main", "chat with a LLaVA or NExT-GPT model"),
+    ("demo",): ("mmfast.demo:main", "the main job on the embedded synthetic world"),
+}
+
+
+def _usage() -> str:
+    rows = [f"  mmfast {' '.join(k):<22} {help_}" for k, (_, help_) in COMMANDS.items()]
+    return "usage: mmfast COMMAND [ARGS]\n\ncommands:\n" + "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    # Longest matching command path wins ("eval pope build" before "eval pope").
+    for n in range(min(3, len(argv)), 0, -1):
+        key = tuple(argv[:n])
+        if key in COMMANDS:
+            mod, _, fn = COMMANDS[key][0].partition(":")
+            try:
+                module = importlib.import_module(mod)
+            except ModuleNotFoundError as e:
+                if e.name and mod.startswith(e.name):
+                    print(f"mmfast {' '.join(key)}: not available in this build ({e.name} missing)", file=sys.stderr)
+                    return 2
+                raise
+            return int(getattr(module, fn)(argv[n:]) or 0)
+    print(f"mmfast: unknown command {' '.join(argv[:3])!r}\n\n{_usage()}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

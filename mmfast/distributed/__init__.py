@@ -1,0 +1,1 @@
+"""Collectives with autograd (all-gather whose backward is a reduce-scatter, ring exchange)."""

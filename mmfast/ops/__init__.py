@@ -1,0 +1,39 @@
+"""Functional ops. Each name loads its op family's module on first use.
+
+Every op takes ``backend=None`` (auto) or one of ``mmfast.ops.BACKENDS``.
+"""
+from __future__ import annotations
+
+import importlib
+
+from mmfast.ops._dispatch import BACKENDS, BackendUnavailableError
+
+_EXPORTS = {
+    # contrastive.py
+    "clip_loss": "contrastive",
+    "siglip_loss": "contrastive",
+    "clip_loss_reference": "contrastive",
+    "siglip_loss_reference": "contrastive",
+    # attention.py
+    "flash_attn_func": "attention",
+    "flash_attn_varlen_func": "attention",
+    "flash_attn_with_kvcache": "attention",
+    "attention_reference": "attention",
+    # projection.py
+    "fused_linear_cross_entropy": "projection",
+    "linear_l2_normalize": "projection",
+    "bias_gelu": "projection",
+    # norm.py
+    "layer_norm": "norm",
+    "rms_norm": "norm",
+}
+
+
+def __getattr__(name: str):
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'mmfast.ops' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"mmfast.ops.{mod}"), name)
+
+
+__all__ = ["BACKENDS", "BackendUnavailableError", *_EXPORTS]

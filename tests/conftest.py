@@ -1,0 +1,39 @@
+"""Test set-up shared by every test module.
+
+TRITON_INTERPRET=1 is set before mmfast (and Triton) are imported so that the Triton kernels run
+under the interpreter on CPU tensors. On a CUDA machine set MMFAST_TEST_CUDA=1 to keep the compiled
+kernels instead (benchmarks/gpu_suite.sh does).
+"""
+import os
+
+if os.environ.get("MMFAST_TEST_CUDA") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def _cuda() -> bool:
+    return os.environ.get("MMFAST_TEST_CUDA") == "1" and torch.cuda.is_available()
+
+
+@pytest.fixture
+def device() -> str:
+    """The device Triton-backend tests run on: cuda on the GPU suite, cpu (interpreter) elsewhere."""
+    return "cuda" if _cuda() else "cpu"
+
+
+@pytest.fixture
+def triton_backend() -> str:
+    return "triton" if _cuda() else "triton_interpret"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
