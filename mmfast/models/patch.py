@@ -1,0 +1,186 @@
+"""One patch registry: which parts of which models mmfast replaces, applied and undone by one function.
+
+A :class:`PatchRule` names a kind of replacement (attention, norm, projection, loss), the model types
+it applies to and an ``apply(model)`` that patches the model in place and returns an undo (or None
+when nothing in the model matched). Rules live in the modules listed in :data:`RULE_MODULES`, each
+exposing ``RULES: list[PatchRule]``; a rule module that is not present is skipped.
+
+    model = mmfast.patch(model)                 # every matching rule
+    model = mmfast.patch(model, kinds=("attention",), backend="reference")
+    mmfast.models.patch.patched_rules(model)    # ["llama.attention", ...]
+    mmfast.unpatch(model)                       # undo, in reverse order
+
+Rules read the backend chosen for this model with :func:`backend_of`.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+KINDS = ("attention", "norm", "projection", "loss")
+
+RULE_MODULES = ("mmfast.models.patch_rules_attention", "mmfast.models.patch_rules_projection")
+
+# Attributes set on a patched model (plain attributes, not submodules or buffers: no state dict change).
+_UNDOS_ATTR = "_mmfast_patch_undos"  # list[(rule name, undo)]
+_BACKEND_ATTR = "_mmfast_patch_backend"
+
+
+@dataclass(frozen=True)
+class PatchRule:
+    name: str  # e.g. "llama.rms_norm"
+    kind: str  # one of KINDS
+    model_types: tuple[str, ...]  # HF config.model_type values, "open_clip", or () for any model
+    apply: Callable[[torch.nn.Module], Callable[[], None] | None]  # patch in place; return an undo or None
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"PatchRule {self.name!r}: kind {self.kind!r} is not one of {KINDS}")
+        if not isinstance(self.model_types, tuple):
+            raise TypeError(f"PatchRule {self.name!r}: model_types must be a tuple, got {type(self.model_types).__name__}")
+
+    def matches(self, model_type: str) -> bool:
+        return not self.model_types or model_type in self.model_types
+
+
+def model_type_of(model: torch.nn.Module) -> str:
+    """HF ``config.model_type``; ``"open_clip"`` for open_clip's CLIP/CustomTextCLIP; else the class name."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if isinstance(model_type, str) and model_type:
+        return model_type
+    cls = type(model)
+    if cls.__module__.split(".")[0] == "open_clip" and cls.__name__ in ("CLIP", "CustomTextCLIP", "CoCa"):
+        return "open_clip"
+    return cls.__name__
+
+
+def all_rules() -> list[PatchRule]:
+    """Every rule of every rule module that exists, in table order."""
+    rules: list[PatchRule] = []
+    for name in RULE_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:  # a real import error inside an existing rule module
+                raise
+            continue
+        rules.extend(module.RULES)
+    return rules
+
+
+def backend_of(model: torch.nn.Module) -> str | None:
+    """The ``backend=`` given to :func:`patch` for this model (None: automatic)."""
+    return getattr(model, _BACKEND_ATTR, None)
+
+
+def patch(model: torch.nn.Module, kinds=KINDS, *, backend: str | None = None) -> torch.nn.Module:
+    """Apply every rule of ``kinds`` that matches ``model``'s type, in place; returns ``model``.
+
+    Rules already applied to this model are skipped, so patching twice is harmless.
+    """
+    from mmfast.ops._dispatch import check_backend_name
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(kinds, str):
+        kinds = (kinds,)
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise ValueError(f"kinds {unknown} are not in {KINDS}")
+    check_backend_name(backend)
+    object.__setattr__(model, _BACKEND_ATTR, backend)
+    undos = getattr(model, _UNDOS_ATTR, None)
+    if undos is None:
+        undos = []
+        object.__setattr__(model, _UNDOS_ATTR, undos)
+    done = {name for name, _ in undos}
+    model_type = model_type_of(model)
+    for rule in all_rules():
+        if rule.kind not in kinds or rule.name in done or not rule.matches(model_type):
+            continue
+        undo = rule.apply(model)
+        if undo is not None:
+            undos.append((rule.name, undo))
+    return model
+
+
+def unpatch(model: torch.nn.Module) -> torch.nn.Module:
+    """Run the undos recorded by :func:`patch` in reverse order; returns ``model``."""
+    undos = getattr(model, _UNDOS_ATTR, None) or []
+    while undos:
+        _, undo = undos.pop()
+        undo()
+    object.__setattr__(model, _BACKEND_ATTR, None)
+    return model
+
+
+def patched_rules(model: torch.nn.Module) -> list[str]:
+    """Names of the rules currently applied to ``model``, in the order they were applied."""
+    return [name for name, _ in getattr(model, _UNDOS_ATTR, None) or []]
+
+
+# --------------------------------------------------------------------------- helpers for rule modules
+def replace_modules(
+    model: torch.nn.Module,
+    match: Callable[[str, torch.nn.Module], bool],
+    build: Callable[[torch.nn.Module], torch.nn.Module],
+) -> Callable[[], None] | None:
+    """Swap every submodule for which ``match(qualified_name, module)`` holds with ``build(module)``.
+
+    Returns an undo that puts the original modules back, or None when nothing matched.
+    """
+    swaps = []
+    for name, module in list(model.named_modules()):
+        if not name or not match(name, module):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        swaps.append((parent, child, module, build(module)))
+    if not swaps:
+        return None
+    for parent, child, _, new in swaps:
+        setattr(parent, child, new)
+
+    def undo():
+        for parent, child, old, _ in reversed(swaps):
+            setattr(parent, child, old)
+
+    return undo
+
+
+def set_attributes(targets: list[tuple[object, str, object]]) -> Callable[[], None] | None:
+    """Set ``obj.attr = value`` for each triple; returns an undo restoring the previous values."""
+    if not targets:
+        return None
+    missing = object()
+    saved = [(obj, attr, getattr(obj, attr, missing)) for obj, attr, _ in targets]
+    for obj, attr, value in targets:
+        setattr(obj, attr, value)
+
+    def undo():
+        for obj, attr, old in reversed(saved):
+            if old is missing:
+                delattr(obj, attr)
+            else:
+                setattr(obj, attr, old)
+
+    return undo
+
+
+__all__ = [
+    "KINDS",
+    "RULE_MODULES",
+    "PatchRule",
+    "model_type_of",
+    "all_rules",
+    "backend_of",
+    "patch",
+    "unpatch",
+    "patched_rules",
+    "replace_modules",
+    "set_attributes",
+]
