@@ -1,0 +1,380 @@
+"""Triton kernels for the fused contrastive losses; the backend contract is in ``contrastive.py``.
+
+Problem: ``a`` (M, d), ``b`` (K, d), ``z_ij = s · a_i·b_j + β``, positives at (i, i+offset). No
+kernel stores the (M, K) logits: every S tile ``a_blk @ b_blkᵀ`` is built in registers, with ``d``
+walked in chunks of ``BD`` (masked, so any d works) and fp32 accumulation.
+
+Forward (CLIP). Grid: one program per block of ``BM`` rows; it walks all column blocks once,
+keeping the online row log-sum-exp, the positive logit and the row sum of z (label smoothing).
+For the symmetric loss it also writes, per (row block, column), the column max and Σexp over its
+rows (and the column sum of z when ε > 0); ``_col_kernel`` folds those partials into the exact
+column lse. One pass over S; extra memory ``(2 + [ε>0]) · ⌈M/BM⌉ · K`` fp32 on top of O(M + K)
+vectors (N = 65536, BM = 128: 256 MiB instead of the 16 GiB of fp32 logits).
+
+Backward. Same grid; each program recomputes its S tiles and the logit gradient
+``G = ∂loss/∂z`` (CLIP rows: softmax − (1−ε)·onehot − ε/K, plus the column counterpart when
+symmetric; SigLIP: −y·σ(−y z)), then per d chunk adds ``g·s·G @ b_blk`` to its own rows of an
+fp32 ``da`` buffer (read-modify-write, no other program touches them) and atomically adds
+``g·s·Gᵀ @ a_blk`` into an fp32 ``db`` buffer. ``dscale = g·Σ G⊙(a bᵀ)`` and (SigLIP)
+``dbias = g·Σ G`` are per-program partial sums reduced on the host side with torch (no sync).
+CLIP's ``dbias`` is exactly 0: every CE row (and column) is invariant to a shared shift.
+
+FLOPs: forward 2·M·K·d, backward 6·M·K·d (S recompute, da, db): 8·N²·d for fwd+bwd, the minimum
+for a scheme that never stores S. The fp32 atomics make ``db`` non-deterministic in the last bits.
+
+Precision: fp32 inputs use ``input_precision="ieee"`` (exact fp32 products, no tf32) unless
+``MMFAST_CONTRASTIVE_FP32_PRECISION=tf32``; bf16/fp16 inputs use the native MMA with fp32
+accumulation, G is rounded to the input dtype before its two GEMMs (as flash attention does with
+P). Under ``TRITON_INTERPRET=1`` operands are upcast to fp32 before ``tl.dot`` because the
+interpreter multiplies raw bf16 bits.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from mmfast.testing import poison_
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Tests set this to fill every kernel output with NaN before launch: an element a kernel fails to
+# write then shows up as a non-finite loss or gradient.
+POISON_OUTPUTS = False
+
+_NEG = -1.0e30  # finite "minus infinity" for masked logits: keeps exp(m_old - m_new) free of NaN
+
+
+# --------------------------------------------------------------------------- device helpers
+@triton.jit
+def _s_tile(a_ptr, b_ptr, rows, rmask, cols, cmask, D, stride_am, stride_ad, stride_bk, stride_bd,
+            BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """Raw dot products a_rows · b_colsᵀ, (BM, BN) fp32, accumulated over d in chunks of BD."""
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        ds = d0 + tl.arange(0, BD)
+        dmask = ds < D
+        at = tl.load(a_ptr + rows[:, None] * stride_am + ds[None, :] * stride_ad,
+                     mask=rmask[:, None] & dmask[None, :], other=0.0)  # (BM, BD)
+        bt = tl.load(b_ptr + cols[None, :] * stride_bk + ds[:, None] * stride_bd,
+                     mask=dmask[:, None] & cmask[None, :], other=0.0)  # (BD, BN)
+        if UPCAST:
+            at = at.to(tl.float32)
+            bt = bt.to(tl.float32)
+        acc = tl.dot(at, bt, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _softplus(x):
+    """log(1 + eˣ) without overflow; log1p by series where e^-|x| is below 1e-3."""
+    t = tl.exp(-tl.abs(x))
+    log1p_t = tl.where(t < 1e-3, t * (1.0 - t * (0.5 - t / 3.0)), tl.log(1.0 + t))
+    return tl.maximum(x, 0.0) + log1p_t
+
+
+@triton.jit
+def _sigmoid(x):
+    t = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0 / (1.0 + t), t / (1.0 + t))
+
+
+# --------------------------------------------------------------------------- kernels
+@triton.jit
+def _fwd_kernel(
+    a_ptr, b_ptr, scale_ptr, bias_ptr,
+    row_out_ptr, lse_row_ptr, zpos_ptr,  # (M,) each
+    pm_ptr, pl_ptr, pc_ptr,  # (R, K) partial column max / Σexp / Σz; SYMMETRIC only
+    M, K, D, offset, smooth,
+    stride_am, stride_ad, stride_bk, stride_bd,
+    HAS_BIAS: tl.constexpr, SIGLIP: tl.constexpr, SYMMETRIC: tl.constexpr, SMOOTH: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Per row i: CLIP  row_out = lse_j z_ij − (1−ε) z_i,i+off − (ε/K) Σ_j z_ij;
+                  SigLIP row_out = Σ_j softplus(−y_ij z_ij).   z_ij = s·a_i·b_j + β."""
+    pid = tl.program_id(0)
+    rows = pid * BM + tl.arange(0, BM)
+    rmask = rows < M
+    rows64 = rows.to(tl.int64)
+    s = tl.load(scale_ptr).to(tl.float32)
+    if HAS_BIAS:
+        beta = tl.load(bias_ptr).to(tl.float32)
+    else:
+        beta = 0.0
+    m_i = tl.full((BM,), _NEG, dtype=tl.float32)
+    l_i = tl.zeros((BM,), dtype=tl.float32)
+    zpos = tl.zeros((BM,), dtype=tl.float32)
+    zsum = tl.zeros((BM,), dtype=tl.float32)
+    sp = tl.zeros((BM,), dtype=tl.float32)
+    for n0 in range(0, K, BN):
+        cols = n0 + tl.arange(0, BN)
+        cmask = cols < K
+        acc = _s_tile(a_ptr, b_ptr, rows64, rmask, cols.to(tl.int64), cmask, D, stride_am, stride_ad,
+                      stride_bk, stride_bd, BM, BN, BD, UPCAST, PRECISION)
+        z = s * acc + beta  # (BM, BN)
+        valid = rmask[:, None] & cmask[None, :]
+        pos = cols[None, :] == rows[:, None] + offset
+        if SIGLIP:
+            sp += tl.sum(tl.where(valid, _softplus(tl.where(pos, -z, z)), 0.0), axis=1)
+        else:
+            zr = tl.where(cmask[None, :], z, _NEG)
+            m_new = tl.maximum(m_i, tl.max(zr, axis=1))
+            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(zr - m_new[:, None]), axis=1)
+            m_i = m_new
+            zpos += tl.sum(tl.where(pos & valid, z, 0.0), axis=1)
+            if SMOOTH:
+                zsum += tl.sum(tl.where(valid, z, 0.0), axis=1)
+            if SYMMETRIC:
+                zc = tl.where(rmask[:, None], z, _NEG)
+                mc = tl.max(zc, axis=0)  # (BN,)
+                lc = tl.sum(tl.exp(zc - mc[None, :]), axis=0)
+                part = pid.to(tl.int64) * K + cols
+                tl.store(pm_ptr + part, mc, mask=cmask)
+                tl.store(pl_ptr + part, lc, mask=cmask)
+                if SMOOTH:
+                    tl.store(pc_ptr + part, tl.sum(tl.where(valid, z, 0.0), axis=0), mask=cmask)
+    if SIGLIP:
+        tl.store(row_out_ptr + rows, sp, mask=rmask)
+    else:
+        lse = m_i + tl.log(l_i)
+        tl.store(lse_row_ptr + rows, lse, mask=rmask)
+        tl.store(zpos_ptr + rows, zpos, mask=rmask)
+        tl.store(row_out_ptr + rows, lse - (1.0 - smooth) * zpos - (smooth / K) * zsum, mask=rmask)
+
+
+@triton.jit
+def _col_kernel(pm_ptr, pl_ptr, pc_ptr, zpos_ptr, lse_col_ptr, col_out_ptr, R, M, K, smooth,
+                SMOOTH: tl.constexpr, BN: tl.constexpr):
+    """Column j (square, offset 0): lse_j = log Σ_r pl[r,j]·exp(pm[r,j] − m_j) + m_j;
+    col_out_j = lse_j − (1−ε) z_jj − (ε/M) Σ_r pc[r,j]."""
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    cmask = cols < K
+    m = tl.full((BN,), _NEG, dtype=tl.float32)
+    l = tl.zeros((BN,), dtype=tl.float32)
+    zsum = tl.zeros((BN,), dtype=tl.float32)
+    for r in range(0, R):
+        part = r * K + cols.to(tl.int64)
+        pm = tl.load(pm_ptr + part, mask=cmask, other=_NEG)
+        pl = tl.load(pl_ptr + part, mask=cmask, other=0.0)
+        m_new = tl.maximum(m, pm)
+        l = l * tl.exp(m - m_new) + pl * tl.exp(pm - m_new)
+        m = m_new
+        if SMOOTH:
+            zsum += tl.load(pc_ptr + part, mask=cmask, other=0.0)
+    lse = m + tl.log(tl.where(cmask, l, 1.0))
+    zpos = tl.load(zpos_ptr + cols, mask=cmask, other=0.0)
+    tl.store(lse_col_ptr + cols, lse, mask=cmask)
+    tl.store(col_out_ptr + cols, lse - (1.0 - smooth) * zpos - (smooth / M) * zsum, mask=cmask)
+
+
+@triton.jit
+def _bwd_kernel(
+    a_ptr, b_ptr, scale_ptr, bias_ptr, grad_ptr, lse_row_ptr, lse_col_ptr,
+    da_ptr, db_ptr,  # fp32 (M, D) written here; fp32 (K, D) zero-filled, atomics
+    dscale_ptr, dbias_ptr,  # (R,) per-program partials
+    M, K, D, offset, smooth,
+    stride_am, stride_ad, stride_bk, stride_bd,
+    HAS_BIAS: tl.constexpr, SIGLIP: tl.constexpr, SYMMETRIC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """G = ∂loss/∂z per tile; da_rows = g·s·Σ_tiles G b, db += g·s·Gᵀ a, dscale = g·Σ G⊙(a·b)."""
+    pid = tl.program_id(0)
+    rows = pid * BM + tl.arange(0, BM)
+    rmask = rows < M
+    rows64 = rows.to(tl.int64)
+    s = tl.load(scale_ptr).to(tl.float32)
+    if HAS_BIAS:
+        beta = tl.load(bias_ptr).to(tl.float32)
+    else:
+        beta = 0.0
+    g = tl.load(grad_ptr).to(tl.float32)
+    gs = g * s
+    if not SIGLIP:
+        lse_i = tl.load(lse_row_ptr + rows, mask=rmask, other=0.0)
+    dsc = tl.zeros((BM,), dtype=tl.float32)
+    dbi = tl.zeros((BM,), dtype=tl.float32)
+    for n0 in range(0, K, BN):
+        cols = n0 + tl.arange(0, BN)
+        cmask = cols < K
+        cols64 = cols.to(tl.int64)
+        acc = _s_tile(a_ptr, b_ptr, rows64, rmask, cols64, cmask, D, stride_am, stride_ad,
+                      stride_bk, stride_bd, BM, BN, BD, UPCAST, PRECISION)
+        z = s * acc + beta  # (BM, BN)
+        valid = rmask[:, None] & cmask[None, :]
+        pos = cols[None, :] == rows[:, None] + offset
+        if SIGLIP:
+            sg = _sigmoid(tl.where(pos, -z, z))
+            G = tl.where(pos, -sg, sg)
+            dbi += tl.sum(tl.where(valid, G, 0.0), axis=1)
+        else:
+            hit = tl.where(pos, 1.0 - smooth, 0.0)
+            G = tl.exp(z - lse_i[:, None]) - hit - smooth / K
+            if SYMMETRIC:
+                lse_j = tl.load(lse_col_ptr + cols, mask=cmask, other=0.0)
+                G += tl.exp(z - lse_j[None, :]) - hit - smooth / M
+        G = tl.where(valid, G, 0.0)
+        dsc += tl.sum(G * acc, axis=1)
+        Gd = G.to(a_ptr.dtype.element_ty)  # native MMA operand; the interpreter rounds the same way
+        if UPCAST:
+            Gd = Gd.to(tl.float32)
+        for d0 in range(0, D, BD):
+            ds = d0 + tl.arange(0, BD)
+            dmask = ds < D
+            bt = tl.load(b_ptr + cols64[:, None] * stride_bk + ds[None, :] * stride_bd,
+                         mask=cmask[:, None] & dmask[None, :], other=0.0)  # (BN, BD)
+            at = tl.load(a_ptr + rows64[:, None] * stride_am + ds[None, :] * stride_ad,
+                         mask=rmask[:, None] & dmask[None, :], other=0.0)  # (BM, BD)
+            if UPCAST:
+                bt = bt.to(tl.float32)
+                at = at.to(tl.float32)
+            da_ptrs = da_ptr + rows64[:, None] * D + ds[None, :]
+            da_mask = rmask[:, None] & dmask[None, :]
+            # This program alone owns these rows of da; the barrier orders the previous column
+            # block's stores (made by other threads of the block) before this load.
+            tl.debug_barrier()
+            da_old = tl.load(da_ptrs, mask=da_mask & (n0 > 0), other=0.0)
+            da_new = da_old + gs * tl.dot(Gd, bt, input_precision=PRECISION)
+            tl.store(da_ptrs, da_new, mask=da_mask)
+            db_part = gs * tl.dot(tl.trans(Gd), at, input_precision=PRECISION)  # (BN, BD)
+            tl.atomic_add(db_ptr + cols64[:, None] * D + ds[None, :], db_part,
+                          mask=cmask[:, None] & dmask[None, :])
+    tl.store(dscale_ptr + pid, g * tl.sum(dsc, axis=0))
+    if SIGLIP:
+        tl.store(dbias_ptr + pid, g * tl.sum(dbi, axis=0))
+
+
+# --------------------------------------------------------------------------- host side
+def _cfg(a: torch.Tensor, M: int, K: int, D: int, phase: str) -> dict:
+    """Block sizes. H100/H200: 128-row blocks, 64-wide d chunks, 8 warps; the backward uses 64-column
+    blocks so S, G and the two (·, 64) GEMM accumulators fit in registers. fp32 tiles take twice the
+    shared memory, so they get one pipeline stage less. The interpreter gets small blocks (CPU tests)."""
+    if _INTERPRET:
+        bm, bn, bd, warps, stages = 32, 32, 32, 4, 1
+    elif phase == "fwd":
+        bm, bn, bd, warps, stages = 128, 128, 64, 8, 3 if a.element_size() == 2 else 2
+    else:
+        bm, bn, bd, warps, stages = 128, 64, 64, 8, 2
+    # tl.dot needs every dimension >= 16; smaller problems get smaller (power-of-two) blocks.
+    bm = min(bm, max(16, triton.next_power_of_2(M)))
+    bn = min(bn, max(16, triton.next_power_of_2(K)))
+    bd = min(bd, max(16, triton.next_power_of_2(D)))
+    return dict(BM=bm, BN=bn, BD=bd, num_warps=warps, num_stages=stages)
+
+
+def _precision(a: torch.Tensor) -> str:
+    if a.dtype == torch.float32:
+        p = os.environ.get("MMFAST_CONTRASTIVE_FP32_PRECISION", "ieee")
+        if p not in ("ieee", "tf32"):
+            raise ValueError(f"MMFAST_CONTRASTIVE_FP32_PRECISION={p!r}; expected 'ieee' or 'tf32'")
+        return "ieee" if _INTERPRET else p
+    return "ieee"  # ignored for 16-bit operands: the MMA takes them as they are
+
+
+def _flags(a: torch.Tensor) -> dict:
+    return dict(UPCAST=_INTERPRET and a.dtype == torch.bfloat16, PRECISION=_precision(a))
+
+
+def _out(shape, device, *, zero=False) -> torch.Tensor:
+    if zero:  # accumulated with atomics: must start at 0
+        return torch.zeros(shape, device=device, dtype=torch.float32)
+    t = torch.empty(shape, device=device, dtype=torch.float32)
+    return poison_(t) if POISON_OUTPUTS else t
+
+
+def _strides(a: torch.Tensor, b: torch.Tensor) -> tuple:
+    return (a.stride(0), a.stride(1), b.stride(0), b.stride(1))
+
+
+def clip_fwd(a, b, scale, bias, label_smoothing, offset, symmetric):
+    M, D = a.shape
+    K = b.shape[0]
+    cfg = _cfg(a, M, K, D, "fwd")
+    R = triton.cdiv(M, cfg["BM"])
+    dev = a.device
+    smooth = float(label_smoothing)
+    row_out, lse_row, zpos = _out((M,), dev), _out((M,), dev), _out((M,), dev)
+    if symmetric:
+        pm, pl = _out((R, K), dev), _out((R, K), dev)
+        pc = _out((R, K), dev) if smooth > 0 else pm
+    else:
+        pm = pl = pc = row_out  # never touched when SYMMETRIC is False
+    _fwd_kernel[(R,)](
+        a, b, scale, scale if bias is None else bias, row_out, lse_row, zpos, pm, pl, pc,
+        M, K, D, int(offset), smooth, *_strides(a, b),
+        HAS_BIAS=bias is not None, SIGLIP=False, SYMMETRIC=bool(symmetric), SMOOTH=smooth > 0,
+        **_flags(a), **cfg,
+    )
+    loss = row_out.sum()
+    lse_col = None
+    if symmetric:
+        lse_col, col_out = _out((K,), dev), _out((K,), dev)
+        bn = 128 if not _INTERPRET else 32
+        _col_kernel[(triton.cdiv(K, bn),)](
+            pm, pl, pc, zpos, lse_col, col_out, R, M, K, smooth, SMOOTH=smooth > 0, BN=bn
+        )
+        loss = loss + col_out.sum()
+    return loss, lse_row, lse_col
+
+
+def _bwd(a, b, scale, bias, grad, lse_row, lse_col, smooth, offset, symmetric, siglip):
+    M, D = a.shape
+    K = b.shape[0]
+    cfg = _cfg(a, M, K, D, "bwd")
+    R = triton.cdiv(M, cfg["BM"])
+    dev = a.device
+    da = _out((M, D), dev)
+    db = _out((K, D), dev, zero=True)
+    dscale_part = _out((R,), dev)
+    dbias_part = _out((R,), dev) if siglip else dscale_part
+    grad = grad.detach().float().reshape(()).contiguous()
+    _bwd_kernel[(R,)](
+        a, b, scale, scale if bias is None else bias, grad,
+        scale if lse_row is None else lse_row, scale if lse_col is None else lse_col,
+        da, db, dscale_part, dbias_part,
+        M, K, D, int(offset), float(smooth), *_strides(a, b),
+        HAS_BIAS=bias is not None, SIGLIP=siglip, SYMMETRIC=bool(symmetric),
+        **_flags(a), **cfg,
+    )
+    dscale = dscale_part.sum()
+    if siglip:
+        dbias = dbias_part.sum()
+    elif bias is not None:
+        dbias = torch.zeros((), device=dev, dtype=torch.float32)  # CE is shift-invariant per row/column
+    else:
+        dbias = None
+    return da.to(a.dtype), db.to(b.dtype), dscale, dbias
+
+
+def clip_bwd(a, b, scale, bias, label_smoothing, offset, symmetric, lse_row, lse_col, grad):
+    return _bwd(a, b, scale, bias, grad, lse_row, lse_col, label_smoothing, offset, symmetric, False)
+
+
+def siglip_fwd(a, b, scale, bias, offset):
+    M, D = a.shape
+    K = b.shape[0]
+    cfg = _cfg(a, M, K, D, "fwd")
+    R = triton.cdiv(M, cfg["BM"])
+    row_out = _out((M,), a.device)
+    _fwd_kernel[(R,)](
+        a, b, scale, bias, row_out, row_out, row_out, row_out, row_out, row_out,
+        M, K, D, int(offset), 0.0, *_strides(a, b),
+        HAS_BIAS=True, SIGLIP=True, SYMMETRIC=False, SMOOTH=False, **_flags(a), **cfg,
+    )
+    return row_out.sum()
+
+
+def siglip_bwd(a, b, scale, bias, offset, grad):
+    return _bwd(a, b, scale, bias, grad, None, None, 0.0, offset, False, True)
+
+
+def extra_memory_bytes(M: int, K: int, D: int, symmetric: bool, label_smoothing: float, dtype) -> dict:
+    """Scratch the kernels allocate beyond O(M + K) vectors, for the docs and the benchmark."""
+    bm_f = _cfg(torch.empty(0, dtype=dtype), M, K, D, "fwd")["BM"]
+    fwd = (2 + (label_smoothing > 0)) * triton.cdiv(M, bm_f) * K * 4 if symmetric else 0
+    bwd = (M + K) * D * 4  # fp32 da / db accumulators
+    return {"fwd": fwd, "bwd": bwd}
