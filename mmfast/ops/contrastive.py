@@ -146,6 +146,24 @@ class _SigLipFn(torch.autograd.Function):
         return da, db, dscale.to(sdt), dbias.to(bdt), None, None
 
 
+def _clip_apply(a, b, scale, bias, label_smoothing, offset, symmetric, backend):
+    """Eager calls take the autograd Function; under torch.compile the ``mmfast::clip_loss_*``
+    custom ops (``_contrastive_library.py``) give Dynamo one opaque node with a fake and a backward."""
+    if torch.compiler.is_compiling():
+        from mmfast.ops import _contrastive_library  # noqa: F401  (registers the ops)
+
+        return torch.ops.mmfast.clip_loss_fwd(a, b, scale, bias, label_smoothing, offset, symmetric, backend)[0]
+    return _ClipFn.apply(a, b, scale, bias, label_smoothing, offset, symmetric, backend)
+
+
+def _siglip_apply(a, b, scale, bias, offset, backend):
+    if torch.compiler.is_compiling():
+        from mmfast.ops import _contrastive_library  # noqa: F401  (registers the ops)
+
+        return torch.ops.mmfast.siglip_loss_fwd(a, b, scale, bias, offset, backend)
+    return _SigLipFn.apply(a, b, scale, bias, offset, backend)
+
+
 # --------------------------------------------------------------------------- validation
 def _as_scalar(x, name, like: torch.Tensor, required: bool) -> torch.Tensor | None:
     if x is None:
@@ -190,7 +208,17 @@ def _check_features(image_features, text_features, *, square=True):
 
 def select_backend(op: Op, a: torch.Tensor, backend: str | None) -> str:
     check_backend_name(backend)
+    if torch.compiler.is_compiling():
+        return _select_static(op.name, a.device.type, a.dtype, backend)
     return op.select(Facts.of([a]), backend)
+
+
+@torch.compiler.assume_constant_result
+def _select_static(op_name: str, device: str, dtype: torch.dtype, backend: str | None) -> str:
+    """The choice depends on device and dtype only, so Dynamo runs it once at trace time."""
+    from mmfast.ops._dispatch import get_op
+
+    return get_op(op_name).select(Facts(device, dtype), backend)
 
 
 # --------------------------------------------------------------------------- one-sided pieces
@@ -204,7 +232,7 @@ def clip_rows_sum(a, b, scale, bias=None, *, label_smoothing=0.0, offset=0, back
     chosen = select_backend(CLIP_OP, a, backend)
     if chosen == "reference":
         return clip_rows_reference(a, b, scale, bias, label_smoothing, offset)
-    return _ClipFn.apply(a, b, scale, bias, float(label_smoothing), int(offset), False, chosen)
+    return _clip_apply(a, b, scale, bias, float(label_smoothing), int(offset), False, chosen)
 
 
 def siglip_sum(a, b, scale, bias, *, offset=0, backend=None):
@@ -217,7 +245,7 @@ def siglip_sum(a, b, scale, bias, *, offset=0, backend=None):
     chosen = select_backend(SIGLIP_OP, a, backend)
     if chosen == "reference":
         return siglip_sum_reference(a, b, scale, bias, offset)
-    return _SigLipFn.apply(a, b, scale, bias, int(offset), chosen)
+    return _siglip_apply(a, b, scale, bias, int(offset), chosen)
 
 
 # --------------------------------------------------------------------------- public API
@@ -260,7 +288,7 @@ def clip_loss(
                 stats = {"lse_row": z.logsumexp(1), "lse_col": z.logsumexp(0), "backend": chosen}
             return loss, stats
         return loss
-    total = _ClipFn.apply(image_features, text_features, scale, bias, float(label_smoothing), 0, True, chosen)
+    total = _clip_apply(image_features, text_features, scale, bias, float(label_smoothing), 0, True, chosen)
     loss = total / (2 * n)
     if return_stats:
         return loss, {"backend": chosen}
