@@ -1,0 +1,140 @@
+"""Words for the synthetic world: captions, descriptions and question/answer turns about a scene.
+
+A scene is a dict ``{"objects": [{"cls", "color", "bbox": [x, y, w, h], ...}], "bg": str, "size": S}``;
+the first object is the main (largest) one.
+"""
+from __future__ import annotations
+
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+_PLURAL = {"cross": "crosses", "fish": "fish"}
+
+
+def plural(word: str, n: int = 2) -> str:
+    return word if n == 1 else _PLURAL.get(word, word + "s")
+
+
+def article(phrase: str) -> str:
+    return ("an " if phrase[:1] in "aeiou" else "a ") + phrase
+
+
+def join_words(items: list[str]) -> str:
+    if len(items) <= 1:
+        return "".join(items)
+    return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def counts(scene: dict) -> list[tuple[str, int]]:
+    """(class, count) in order of first appearance."""
+    out: dict[str, int] = {}
+    for o in scene["objects"]:
+        out[o["cls"]] = out.get(o["cls"], 0) + 1
+    return list(out.items())
+
+
+def count_phrase(scene: dict) -> str:
+    return join_words([article(c) if n == 1 else f"{NUMBER_WORDS[n]} {plural(c)}" for c, n in counts(scene)])
+
+
+def colored(o: dict) -> str:
+    return f"{o['color']} {o['cls']}"
+
+
+def center(o: dict) -> tuple[float, float]:
+    x, y, w, h = o["bbox"]
+    return x + w / 2, y + h / 2
+
+
+def relation(a: dict, b: dict) -> str:
+    """Where ``a`` is relative to ``b``: the dominant axis of the centre offset decides."""
+    (ax, ay), (bx, by) = center(a), center(b)
+    if abs(ax - bx) >= abs(ay - by):
+        return "to the left of" if ax < bx else "to the right of"
+    return "above" if ay < by else "below"
+
+
+def where(o: dict, size: int) -> str:
+    cx, cy = center(o)
+    col = "left" if cx < size / 3 else ("right" if cx > 2 * size / 3 else "")
+    row = "top" if cy < size / 3 else ("bottom" if cy > 2 * size / 3 else "")
+    if not col and not row:
+        return "in the center"
+    return "in the " + " ".join(p for p in (row, col) if p)
+
+
+def caption_pool(scene: dict) -> list[str]:
+    """Every phrasing of the scene; all name the main object."""
+    objs = scene["objects"]
+    main, rest = objs[0], objs[1:]
+    n = len(objs)
+    pool = [f"a photo of {article(colored(main))}"]
+    if rest:
+        others = join_words([article(colored(o)) for o in rest])
+        pool.append(f"{article('big ' + colored(main))} with {others}")
+        pool.append(f"{article(colored(main))} {relation(main, rest[0])} {article(colored(rest[0]))}")
+        pool.append(f"{NUMBER_WORDS[n]} objects on a {scene['bg']} background: {count_phrase(scene)}")
+    else:
+        pool.append(f"{article(colored(main))} on a {scene['bg']} background")
+        pool.append(f"a single {main['cls']} {where(main, scene['size'])}")
+    pool.append(f"a picture of {count_phrase(scene)}")
+    return pool
+
+
+def captions(scene: dict, rng, k: int) -> list[str]:
+    pool = caption_pool(scene)
+    idx = rng.permutation(len(pool))[: min(k, len(pool))]
+    return [pool[i] for i in sorted(idx)]
+
+
+def description(scene: dict) -> str:
+    """A detailed paragraph: every object with colour and place, then the background."""
+    objs, size = scene["objects"], scene["size"]
+    n = len(objs)
+    head = f"The image shows {NUMBER_WORDS[n]} object{'s' if n > 1 else ''} on a {scene['bg']} background."
+    parts = [f"The largest is {article(colored(objs[0]))} {where(objs[0], size)}."]
+    for o in objs[1:]:
+        parts.append(f"There is {article(colored(o))} {where(o, size)}.")
+    if n > 1:
+        parts.append(f"The {objs[0]['cls']} is {relation(objs[0], objs[1])} the {objs[1]['cls']}.")
+    return " ".join([head] + parts)
+
+
+def conversation_turns(scene: dict, rng) -> list[tuple[str, str]]:
+    """Short multi-turn chat: what is it, what colour, where."""
+    objs, size = scene["objects"], scene["size"]
+    main = objs[0]
+    qa = [
+        ("What is the main object in this image?", f"The main object is {article(colored(main))}."),
+        (f"What colour is the {main['cls']}?", f"The {main['cls']} is {main['color']}."),
+        (f"Where is the {main['cls']}?", f"It is {where(main, size)} of the image."),
+    ]
+    if len(objs) > 1:
+        o = objs[int(rng.integers(1, len(objs)))]
+        qa.append(("What else can you see?", f"I can also see {count_phrase({'objects': objs[1:]})}."))
+        qa.append((f"What colour is the {o['cls']}?", f"It is {o['color']}."))
+    else:
+        qa.append(("Are there any other objects?", "No, it is the only object in the image."))
+    return qa
+
+
+def reasoning_turns(scene: dict, rng) -> list[tuple[str, str]]:
+    """Counting and relative position questions whose answers follow from the boxes."""
+    objs = scene["objects"]
+    n = len(objs)
+    qa = [("How many objects are in the image?",
+           f"There {'is' if n == 1 else 'are'} {NUMBER_WORDS[n]} object{'s' if n > 1 else ''}: {count_phrase(scene)}.")]
+    cls, k = counts(scene)[int(rng.integers(0, len(counts(scene))))]
+    qa.append((f"How many {plural(cls)} are there?", f"There {'is' if k == 1 else 'are'} {NUMBER_WORDS[k]}."))
+    if n > 1:
+        i, j = rng.choice(n, size=2, replace=False)
+        a, b = objs[int(i)], objs[int(j)]
+        if a["cls"] != b["cls"]:
+            rel = relation(a, b)
+            qa.append((f"Where is the {a['cls']} relative to the {b['cls']}?",
+                       f"The {a['cls']} is {rel} the {b['cls']}."))
+            ax, bx = center(a)[0], center(b)[0]
+            left = a if ax < bx else b
+            qa.append((f"Which is further to the left, the {a['cls']} or the {b['cls']}?",
+                       f"The {left['cls']} is further to the left."))
+    big = max(objs, key=lambda o: o["area"])
+    qa.append(("Which object is the largest?", f"The {colored(big)} is the largest object."))
+    return qa
