@@ -210,7 +210,7 @@ def parse_strict(text: str) -> str:
     return w if w in ("yes", "no") else "other"
 
 
-def _load_lines(src: Any, what: str) -> tuple[list[dict], str | None]:
+def load_lines(src: Any, what: str) -> tuple[list[dict], str | None]:
     if isinstance(src, (str, Path)):
         from mmfast.utils.io import read_jsonl
 
@@ -294,8 +294,8 @@ def score(questions: Any, answers: Any, parser: str = "pope") -> dict:
     """Score one setting. ``questions``/``answers`` are paths (JSONL or JSON list) or lists of dicts."""
     if parser not in PARSERS:
         raise ValueError(f"parser must be one of {PARSERS}, got {parser!r}")
-    qs, qsrc = _load_lines(questions, "questions file")
-    ans, asrc = _load_lines(answers, "answers file")
+    qs, qsrc = load_lines(questions, "questions file")
+    ans, asrc = load_lines(answers, "answers file")
     for i, q in enumerate(qs, 1):
         if q.get("label") not in ("yes", "no"):
             raise ValueError(f"{qsrc or 'questions'} line {i}: label must be 'yes' or 'no', got {q.get('label')!r}")
