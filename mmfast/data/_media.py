@@ -60,22 +60,6 @@ def write_wav(path: Path, samples: np.ndarray, rate: int = SAMPLE_RATE) -> None:
         w.writeframes(pcm.tobytes())
 
 
-def read_wav(path) -> tuple[np.ndarray, int]:
-    """(T,) float32 mono samples and the sample rate of a 16-bit PCM WAV file."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"audio file not found: {p}")
-    try:
-        with wave.open(str(p), "rb") as w:
-            if w.getsampwidth() != 2:
-                raise ValueError(f"audio file {p}: {8 * w.getsampwidth()}-bit samples, expected 16-bit PCM")
-            ch, rate, data = w.getnchannels(), w.getframerate(), w.readframes(w.getnframes())
-    except wave.Error as e:
-        raise ValueError(f"audio file {p} is not a readable WAV file: {e}") from e
-    x = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32767.0
-    return x.reshape(-1, ch).mean(axis=1), rate
-
-
 def _video(rng: np.random.Generator, size: int, frames: int) -> tuple[list[Image.Image], str]:
     from mmfast.data.synthetic import CLASSES, class_prior
 

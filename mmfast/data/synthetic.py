@@ -41,7 +41,7 @@ THEMES: dict[str, tuple[list[str], list[tuple[int, int, int]]]] = {
     "pond": (["fish", "flower", "ring", "triangle"], [(150, 200, 235), (105, 165, 210), (195, 225, 245)]),
 }
 THEME_NAMES = list(THEMES)
-N_OBJECTS_P = np.array([0.3, 0.25, 0.2, 0.15, 0.1])  # P(1..5 objects)
+N_OBJECTS_P = np.array([0.15, 0.2, 0.25, 0.2, 0.2])  # P(1..5 objects)
 
 
 def zipf_prior() -> np.ndarray:
