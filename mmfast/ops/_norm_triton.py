@@ -1,0 +1,153 @@
+"""Triton kernels for LayerNorm / RMSNorm with an optional fused residual add.
+
+Forward, one program per row (N ≤ 65536 columns, held in registers):
+
+    s = x (+ r)                                   stored as the new residual when r is given
+    LayerNorm: μ = mean(s), rstd = 1/√(var(s) + eps), ŝ = (s − μ) rstd
+    RMSNorm:   μ = 0,       rstd = 1/√(mean(s²) + eps), ŝ = s rstd
+    y = ŝ · w + b
+
+Backward, each program walks a contiguous block of rows and keeps fp32 partial sums of dw, db:
+
+    g = dy · w,   dx = rstd (g − ŝ mean(g ŝ) − mean(g)) (+ d(new residual)),  mean(g) only for LayerNorm
+    dw = Σ_rows dy ŝ,  db = Σ_rows dy
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _norm_fwd_kernel(
+    x_ptr, r_ptr, w_ptr, b_ptr,
+    y_ptr,  # (M, N) out
+    s_ptr,  # (M, N) out: x + r (only when HAS_RES)
+    mean_ptr, rstd_ptr,  # (M,) fp32 out
+    N, eps,
+    IS_RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    s = tl.load(x_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        s += tl.load(r_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(s_ptr + row * N + cols, s.to(s_ptr.dtype.element_ty), mask=mask)
+    if IS_RMS:
+        mean = 0.0
+        sc = s
+    else:
+        mean = tl.sum(s, 0) / N
+        sc = tl.where(mask, s - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(sc * sc, 0) / N + eps)
+    y = sc * rstd
+    if HAS_W:
+        y = y * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_B:
+        y = y + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * N + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + row, mean)
+    tl.store(rstd_ptr + row, rstd)
+
+
+@triton.jit
+def _norm_bwd_kernel(
+    s_ptr,  # (M, N) the normalised input (x, or x + r)
+    w_ptr,
+    dy_ptr,  # (M, N)
+    ds_ptr,  # (M, N) grad flowing into the new residual output (only when HAS_DS)
+    dx_ptr,  # (M, N) out
+    mean_ptr, rstd_ptr,
+    dw_ptr, db_ptr,  # (programs, N) fp32 out: partial sums
+    M, N, rows_per_prog,
+    IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_DS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    if HAS_W:
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_N], tl.float32)
+    db = tl.zeros([BLOCK_N], tl.float32)
+    start = pid * rows_per_prog
+    end = tl.minimum(start + rows_per_prog, M)
+    for r in range(start, end):
+        row = tl.zeros([], tl.int64) + r  # int64 offsets (also an int under the interpreter)
+        s = tl.load(s_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row)
+        if IS_RMS:
+            sh = s * rstd
+        else:
+            sh = tl.where(mask, (s - tl.load(mean_ptr + row)) * rstd, 0.0)
+        g = dy
+        if HAS_W:
+            g = dy * w
+        c1 = tl.sum(g * sh, 0) / N
+        if IS_RMS:
+            dx = (g - sh * c1) * rstd
+        else:
+            dx = (g - sh * c1 - tl.sum(g, 0) / N) * rstd
+        if HAS_DS:
+            dx += tl.load(ds_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + row * N + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        dw += dy * sh
+        db += dy
+    tl.store(dw_ptr + pid * N + cols, dw, mask=mask)
+    tl.store(db_ptr + pid * N + cols, db, mask=mask)
+
+
+def _warps(block_n: int) -> int:
+    return max(1, min(16, block_n // 256))
+
+
+@functools.lru_cache(maxsize=None)
+def _programs(device: torch.device) -> int:
+    """Backward programs: a few per SM, so the (programs, N) partial sums stay small."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count * 4
+    return 4
+
+
+def norm_fwd(x, residual, weight, bias, eps, is_rms, residual_dtype):
+    """x, residual: (M, N) contiguous. Returns y (M, N) x.dtype, s (M, N) or None, mean, rstd (M,) fp32."""
+    M, N = x.shape
+    y = torch.empty_like(x)
+    s = torch.empty(M, N, device=x.device, dtype=residual_dtype) if residual is not None else None
+    mean = torch.empty(M, device=x.device, dtype=torch.float32)
+    rstd = torch.empty(M, device=x.device, dtype=torch.float32)
+    if M:
+        block = triton.next_power_of_2(N)
+        _norm_fwd_kernel[(M,)](
+            x, residual if residual is not None else x, weight if weight is not None else x,
+            bias if bias is not None else x, y, s if s is not None else y, mean, rstd, N, float(eps),
+            IS_RMS=is_rms, HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+            BLOCK_N=block, num_warps=_warps(block),
+        )
+    return y, s, mean, rstd
+
+
+def norm_bwd(s, weight, dy, ds, mean, rstd, is_rms, dx_dtype):
+    """Returns dx (M, N) in ``dx_dtype`` and the fp32 column sums dw, db (N,)."""
+    M, N = s.shape
+    dx = torch.empty(M, N, device=s.device, dtype=dx_dtype)
+    progs = max(1, min(_programs(s.device), M))
+    rows = triton.cdiv(M, progs) if M else 1
+    dw = torch.empty(progs, N, device=s.device, dtype=torch.float32)
+    db = torch.empty(progs, N, device=s.device, dtype=torch.float32)
+    if M:
+        block = triton.next_power_of_2(N)
+        _norm_bwd_kernel[(progs,)](
+            s, weight if weight is not None else s, dy, ds if ds is not None else dy, dx, mean, rstd,
+            dw, db, M, N, rows,
+            IS_RMS=is_rms, HAS_W=weight is not None, HAS_DS=ds is not None,
+            BLOCK_N=block, num_warps=_warps(block),
+        )
+        return dx, dw.sum(0), db.sum(0)
+    return dx, dw.new_zeros(N), db.new_zeros(N)

@@ -1,0 +1,199 @@
+"""LayerNorm and RMSNorm, optionally fused with the residual add, forward and backward.
+
+    s = x + residual          (when ``residual`` is given; returned as the new residual stream)
+    LayerNorm: y = (s − mean(s)) / √(var(s) + eps) · w + b
+    RMSNorm:   y = s / √(mean(s²) + eps) · w
+
+The statistics are fp32 whatever the input dtype; ``y`` has ``x``'s dtype and the new residual has
+``residual``'s dtype (keep the residual stream in fp32 by passing an fp32 residual). Kernels live in
+:mod:`mmfast.ops._norm_triton`; the ``reference`` backend is plain PyTorch (any device) and the test
+oracle. The kernel path is registered as ``mmfast::norm_fwd`` / ``mmfast::norm_bwd`` custom ops so
+torch.compile keeps it as one opaque call per direction.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from mmfast.ops._dispatch import Facts, Op, check_backend_name, register
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_N = 65536
+
+
+def _supports(backend: str, facts: Facts) -> list[str]:
+    reasons = []
+    if facts.dtype not in _SUPPORTED_DTYPES:
+        reasons.append(f"dtype {facts.dtype} is not one of float32/float16/bfloat16")
+    if backend in ("triton", "triton_interpret"):
+        n = facts.extra.get("n")
+        if n is not None and n > _MAX_N:
+            reasons.append(f"normalised size {n} > {_MAX_N} (one row per program)")
+        try:
+            import mmfast.ops._norm_triton  # noqa: F401
+        except ImportError as e:
+            reasons.append(f"kernel module failed to import ({e})")
+    return reasons
+
+
+def _example(device: str) -> Facts:
+    return Facts(device, torch.bfloat16 if device == "cuda" else torch.float32, {"n": 4096})
+
+
+_TRITON = "mmfast.ops._norm_triton"
+_IMPLS = {"triton": _TRITON, "triton_interpret": _TRITON, "reference": "plain PyTorch"}
+LAYER_NORM_OP = register(Op("layer_norm", impls=dict(_IMPLS), supports=_supports, example=_example))
+RMS_NORM_OP = register(Op("rms_norm", impls=dict(_IMPLS), supports=_supports, example=_example))
+
+
+# --------------------------------------------------------------------------- reference
+def _add_residual(x, residual):
+    return (x.float() + residual.float()).to(residual.dtype)
+
+
+def layer_norm_reference(x, weight=None, bias=None, eps=1e-5, residual=None):
+    s = x if residual is None else _add_residual(x, residual)
+    y = F.layer_norm(s.to(x.dtype), (x.shape[-1],), weight, bias, eps)
+    return y if residual is None else (y, s)
+
+
+def rms_norm_reference(x, weight=None, eps=1e-6, residual=None):
+    s = x if residual is None else _add_residual(x, residual)
+    s32 = s.float()
+    y = s32 * torch.rsqrt(s32.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    y = y.to(x.dtype)
+    return y if residual is None else (y, s)
+
+
+# --------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("mmfast::norm_fwd", mutates_args=())
+def _norm_fwd_op(
+    x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor], eps: float, is_rms: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from mmfast.ops._norm_triton import norm_fwd
+
+    y, s, mean, rstd = norm_fwd(x, residual, weight, bias, eps, is_rms,
+                                residual.dtype if residual is not None else x.dtype)
+    return y, (s if s is not None else x.new_empty(0)), mean, rstd
+
+
+@_norm_fwd_op.register_fake
+def _(x, residual, weight, bias, eps, is_rms):
+    M = x.shape[0]
+    f32 = dict(device=x.device, dtype=torch.float32)
+    s = residual.new_empty(residual.shape) if residual is not None else x.new_empty(0)
+    return x.new_empty(x.shape), s, torch.empty(M, **f32), torch.empty(M, **f32)
+
+
+@torch.library.custom_op("mmfast::norm_bwd", mutates_args=())
+def _norm_bwd_op(
+    s: torch.Tensor, weight: Optional[torch.Tensor], dy: torch.Tensor, ds: Optional[torch.Tensor],
+    mean: torch.Tensor, rstd: torch.Tensor, is_rms: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from mmfast.ops._norm_triton import norm_bwd
+
+    return norm_bwd(s, weight, dy, ds, mean, rstd, is_rms, dy.dtype)
+
+
+@_norm_bwd_op.register_fake
+def _(s, weight, dy, ds, mean, rstd, is_rms):
+    N = s.shape[1]
+    f32 = dict(device=s.device, dtype=torch.float32)
+    return dy.new_empty(s.shape), torch.empty(N, **f32), torch.empty(N, **f32)
+
+
+class _NormFunction(torch.autograd.Function):
+    """Returns (y, s): s is the new residual (an empty tensor when no residual was given)."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps, is_rms):
+        y, s, mean, rstd = _norm_fwd_op(x, residual, weight, bias, eps, is_rms)
+        ctx.save_for_backward(s if residual is not None else x, weight, mean, rstd)
+        ctx.cfg = (is_rms, residual is not None, None if residual is None else residual.dtype,
+                   None if bias is None else bias.dtype)
+        if residual is None:
+            ctx.mark_non_differentiable(s)
+        return y, s
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, ds):
+        s, weight, mean, rstd = ctx.saved_tensors
+        is_rms, has_res, res_dtype, bias_dtype = ctx.cfg
+        ds = ds.contiguous() if (has_res and ds is not None) else None
+        dx, dw, db = _norm_bwd_op(s, weight, dy.contiguous(), ds, mean, rstd, is_rms)
+        dres = None
+        if has_res and ctx.needs_input_grad[1]:
+            dres = dx.to(res_dtype) if res_dtype != dx.dtype else dx.clone()
+        dw = dw.to(weight.dtype) if (weight is not None and ctx.needs_input_grad[2]) else None
+        db = db.to(bias_dtype) if (bias_dtype is not None and ctx.needs_input_grad[3]) else None
+        return (dx if ctx.needs_input_grad[0] else None), dres, dw, db, None, None
+
+
+# --------------------------------------------------------------------------- public API
+def _check(name, x, weight, bias, residual):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"x has dtype {x.dtype}; expected float32, float16 or bfloat16")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
+    n = x.shape[-1]
+    for pname, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        if not isinstance(p, torch.Tensor) or tuple(p.shape) != (n,):
+            raise ValueError(f"{name}: {pname} must be a ({n},) tensor, got "
+                             f"{tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__}")
+        if p.device != x.device:
+            raise ValueError(f"{name}: {pname} is on {p.device} but x is on {x.device}")
+        if p.dtype not in _SUPPORTED_DTYPES:
+            raise TypeError(f"{name}: {pname} has dtype {p.dtype}; expected a floating dtype")
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor) or residual.shape != x.shape:
+            raise ValueError(f"{name}: residual must have x's shape {tuple(x.shape)}, got "
+                             f"{tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__}")
+        if residual.device != x.device:
+            raise ValueError(f"{name}: residual is on {residual.device} but x is on {x.device}")
+        if residual.dtype not in _SUPPORTED_DTYPES:
+            raise TypeError(f"{name}: residual has dtype {residual.dtype}; expected a floating dtype")
+
+
+def _run(op, x, weight, bias, eps, residual, is_rms, backend):
+    check_backend_name(backend)
+    if not float(eps) > 0:
+        raise ValueError(f"{op.name}: eps must be > 0, got {eps}")
+    chosen = op.select(Facts.of([x], n=x.shape[-1]), backend)
+    if chosen == "reference":
+        if is_rms:
+            return rms_norm_reference(x, weight, eps, residual)
+        return layer_norm_reference(x, weight, bias, eps, residual)
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).contiguous()  # (M, N)
+    r2 = residual.reshape(-1, shape[-1]).contiguous() if residual is not None else None
+    w = weight.contiguous() if weight is not None else None
+    b = bias.contiguous() if bias is not None else None
+    y, s = _NormFunction.apply(x2, r2, w, b, float(eps), is_rms)
+    if residual is None:
+        return y.reshape(shape)
+    return y.reshape(shape), s.reshape(shape)
+
+
+def layer_norm(x, weight=None, bias=None, eps: float = 1e-5, residual=None, *, backend: str | None = None):
+    """LayerNorm over the last dim; with ``residual`` returns ``(y, x + residual)``."""
+    _check("layer_norm", x, weight, bias, residual)
+    return _run(LAYER_NORM_OP, x, weight, bias, eps, residual, False, backend)
+
+
+def rms_norm(x, weight=None, eps: float = 1e-6, residual=None, *, backend: str | None = None):
+    """RMSNorm over the last dim (LLaMA's, statistics in fp32); with ``residual`` returns ``(y, x + residual)``."""
+    _check("rms_norm", x, weight, None, residual)
+    return _run(RMS_NORM_OP, x, weight, None, eps, residual, True, backend)
+
+
+__all__ = ["layer_norm", "rms_norm", "layer_norm_reference", "rms_norm_reference"]
