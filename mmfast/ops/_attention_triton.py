@@ -1,0 +1,341 @@
+"""Flash attention forward in Triton, plus the mask and dropout helpers shared with the backward.
+
+Math (one head, one sequence; qa = i + Sk - Sq aligns causal masks bottom-right as flash-attn does):
+
+    s_ij = scale · q_i·k_j                       (or softcap · tanh(scale · q_i·k_j / softcap))
+    visible(i, j) = j < Sk
+                    ∧ [ (qa - wl ≤ j ≤ qa + wr)  ∨  (qa < P ∧ j < P) ]    (band; prefix-LM block)
+    lse_i = log Σ_{j visible} exp(s_ij)           (+inf for a row that sees nothing; its output is 0)
+    o_i   = Σ_j dropout(exp(s_ij - lse_i)) · v_j
+
+``causal`` is the band with wr = 0; an unbounded side of the window is a number larger than any
+sequence. The kernel streams key blocks with the online softmax (running max ``m``, running sum ``l``,
+base-2 exponentials) and never stores the S×S scores. Key blocks that are visible from every row of
+the query block skip the mask arithmetic; only the band edges and the sequence tail pay for it.
+
+Layouts: dense q/k/v are (B, S, H, D); packed (varlen) ones are (total, H, D) with ``cu_seqlens``
+offsets. GQA maps query head h to key/value head h // (H // Hk). ``lse`` is fp32 (B, H, Sq) dense or
+(H, total_q) packed, as flash-attn returns it.
+
+Dropout keeps an element when a 32-bit integer hash of (seed, batch·head, i·Sk + j) is ≥ p·2³²; the
+reference backend computes the same hash with int64 arithmetic, so both backends drop the same entries.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LOG2E = 1.4426950408889634
+
+# Block sizes used under the interpreter (small, so odd lengths cross block edges in tests).
+INTERPRET_BLOCK_M = 32
+INTERPRET_BLOCK_N = 32
+
+
+@triton.jit
+def hash_u32(x):
+    """A 32-bit integer mixer (xorshift-multiply); x is uint32, arithmetic wraps mod 2³²."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    x = x ^ (x >> 16)
+    return x
+
+
+@triton.jit
+def dropout_keep(seed, bh, rows, cols, seqlen_k, dropout_p):
+    """Boolean keep-mask for score entries (rows[:, None], cols[None, :]) of head ``bh``."""
+    base = hash_u32(seed.to(tl.uint32) + bh.to(tl.uint32) * 0x9E3779B9)
+    lin = rows.to(tl.uint32)[:, None] * seqlen_k.to(tl.uint32) + cols.to(tl.uint32)[None, :]
+    r = hash_u32(lin ^ base)
+    u = (r >> 8).to(tl.float32) * (1.0 / 16777216.0)
+    return u >= dropout_p
+
+
+@triton.jit
+def visible_mask(qa, cols, seqlen_k, wl, wr, prefix, BAND: tl.constexpr, HAS_PREFIX: tl.constexpr):
+    """visible(qa[:, None], cols[None, :]) per the module docstring."""
+    ok = cols[None, :] < seqlen_k
+    if BAND:
+        band = (cols[None, :] >= qa[:, None] - wl) & (cols[None, :] <= qa[:, None] + wr)
+        if HAS_PREFIX:
+            band = band | ((qa[:, None] < prefix) & (cols[None, :] < prefix))
+        ok = ok & band
+    return ok
+
+
+@triton.jit
+def seq_bounds(CU_Q, CU_K, SEQUSED_K, b, seqlen_q, seqlen_k,
+               IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr):
+    """(first row of sequence b in the packed tensors, its q length, first key row, its k length)."""
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        sq = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        sk = tl.load(CU_K + b + 1) - k_start
+    else:
+        q_start = 0
+        sq = seqlen_q
+        k_start = 0
+        sk = seqlen_k
+        if HAS_SEQUSED:
+            sk = tl.load(SEQUSED_K + b)
+    return q_start, sq, k_start, sk
+
+
+@triton.jit
+def mm(a, b, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    # The interpreter multiplies raw bf16 bits in tl.dot; UPCAST (interpreter only) computes the same
+    # product from exactly the same rounded operands in fp32.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=DOT_PREC)
+    return tl.dot(a, b, input_precision=DOT_PREC)
+
+
+@triton.jit
+def lowp(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """Round fp32 ``x`` to ``dtype``. The interpreter converts fp32 to bf16 by truncation (GPUs round to
+    nearest even), so under UPCAST the rounding is done on the bits and the result stays fp32."""
+    if UPCAST:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_d, head_dim,
+               qa, rows, sk, wl, wr, prefix, qk_scale, softcap, dropout_p, seed, bh,
+               n_start, n_end,
+               MASKED: tl.constexpr, BAND: tl.constexpr, HAS_PREFIX: tl.constexpr,
+               HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+               UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < head_dim
+    for n in range(n_start, n_end, BLOCK_N):
+        cols = n + offs_n
+        if MASKED:
+            kv_ok = cols < sk
+            kT = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None],
+                         mask=kv_ok[None, :] & d_ok[:, None], other=0.0)  # (D, BN)
+            v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :],
+                        mask=kv_ok[:, None] & d_ok[None, :], other=0.0)  # (BN, D)
+        else:
+            kT = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None], mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        qk = mm(q, kT, UPCAST, DOT_PREC)  # (BM, BN) fp32
+        if HAS_SOFTCAP:
+            # softcap·tanh(x/softcap), tanh written with exp so it compiles on every Triton version.
+            x = qk * qk_scale
+            t = 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+            s = t * (softcap * 1.4426950408889634)
+        else:
+            s = qk * qk_scale
+        if MASKED:
+            s = tl.where(visible_mask(qa, cols, sk, wl, wr, prefix, BAND, HAS_PREFIX), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, bh, rows, cols, sk, dropout_p)
+            p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
+        acc = acc * alpha[:, None] + mm(lowp(p, v.dtype, UPCAST), v, UPCAST, DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _fwd_kernel(
+    Q, K, V, O, LSE, CU_Q, CU_K, SEQUSED_K, PREFIX,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh, stride_ls,
+    seqlen_q, seqlen_k, n_heads, group, head_dim,
+    sm_scale, softcap, window_left, window_right, dropout_p, seed,
+    IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, BAND: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // n_heads
+    h = bh % n_heads
+    hk = h // group
+    q_start, sq, k_start, sk = seq_bounds(CU_Q, CU_K, SEQUSED_K, b, seqlen_q, seqlen_k, IS_VARLEN, HAS_SEQUSED)
+    m0 = start_m * BLOCK_M
+    if m0 >= sq:
+        return
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    q_ok = offs_m < sq
+    q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh + q_start.to(tl.int64) * stride_qs
+    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :],
+                mask=q_ok[:, None] & d_ok[None, :], other=0.0)  # (BM, D)
+    k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh + k_start.to(tl.int64) * stride_ks
+    v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh + k_start.to(tl.int64) * stride_vs
+
+    off = sk - sq
+    qa = offs_m + off  # (BM,) query positions on the key axis
+    qa_lo = m0 + off
+    qa_hi = tl.minimum(m0 + BLOCK_M, sq) - 1 + off
+    prefix = 0
+    if HAS_PREFIX:
+        prefix = tl.minimum(tl.load(PREFIX + b), sk)
+    # Keys visible from some row: [lo, hi); from every row: [full_lo, full_hi).
+    lo = 0
+    hi = sk
+    full_lo = 0
+    full_hi = sk
+    if BAND:
+        lo = tl.maximum(qa_lo - window_left, 0)
+        hi = tl.minimum(qa_hi + window_right + 1, sk)
+        full_lo = tl.maximum(qa_hi - window_left, 0)
+        full_hi = tl.minimum(qa_lo + window_right + 1, sk)
+        if HAS_PREFIX:
+            # A query block reaching into the prefix also sees every prefix key.
+            in_prefix = qa_lo < prefix
+            lo = tl.where(in_prefix, 0, lo)
+            hi = tl.where(in_prefix, tl.maximum(hi, prefix), hi)
+    n_lo = (lo // BLOCK_N) * BLOCK_N
+    n_full_start = tl.cdiv(full_lo, BLOCK_N) * BLOCK_N
+    n_full_end = (full_hi // BLOCK_N) * BLOCK_N
+    no_full = n_full_end <= n_full_start
+    n_full_start = tl.where(no_full, n_lo, n_full_start)
+    n_full_end = tl.where(no_full, n_lo, n_full_end)
+    qk_scale = sm_scale * 1.4426950408889634
+    if HAS_SOFTCAP:
+        qk_scale = sm_scale / softcap
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_d, head_dim,
+                               qa, offs_m, sk, window_left, window_right, prefix, qk_scale, softcap,
+                               dropout_p, seed, bh, n_lo, n_full_start,
+                               True, BAND, HAS_PREFIX, HAS_SOFTCAP, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_d, head_dim,
+                               qa, offs_m, sk, window_left, window_right, prefix, qk_scale, softcap,
+                               dropout_p, seed, bh, n_full_start, n_full_end,
+                               False, BAND, HAS_PREFIX, HAS_SOFTCAP, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_d, head_dim,
+                               qa, offs_m, sk, window_left, window_right, prefix, qk_scale, softcap,
+                               dropout_p, seed, bh, n_full_end, hi,
+                               True, BAND, HAS_PREFIX, HAS_SOFTCAP, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_N)
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), m_i / 1.4426950408889634 + tl.log(l_safe))
+    o_base = O + b.to(tl.int64) * stride_ob + h * stride_oh + q_start.to(tl.int64) * stride_os
+    tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :],
+             lowp(out, O.dtype.element_ty, UPCAST).to(O.dtype.element_ty),
+             mask=q_ok[:, None] & d_ok[None, :])
+    l_base = LSE + b.to(tl.int64) * stride_lb + h * stride_lh + q_start.to(tl.int64) * stride_ls
+    tl.store(l_base + offs_m * stride_ls, lse, mask=q_ok)
+
+
+# --------------------------------------------------------------------------- tuning (GPU only)
+def _fwd_configs():
+    cfgs = []
+    for bm, bn, warps, stages in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
+                                  (64, 32, 4, 2), (128, 32, 4, 2)]:
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
+    return cfgs
+
+
+def prune_by_head_dim(configs, named_args, **kwargs):
+    """Keep block shapes whose q/k/v tiles fit shared memory for this head dim (H100/H200: 228 KiB)."""
+    d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    if d >= 256:
+        keep = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    elif d > 64:
+        keep = [c for c in configs if c.kwargs["BLOCK_N"] <= 64 or c.num_warps == 8]
+    else:
+        keep = configs
+    return keep or configs[-1:]
+
+
+if INTERPRET:
+    _fwd = _fwd_kernel
+else:
+    _fwd = triton.autotune(
+        configs=_fwd_configs(),
+        key=["BLOCK_D", "BAND", "HAS_PREFIX", "HAS_SOFTCAP", "HAS_DROPOUT", "IS_VARLEN"],
+        prune_configs_by={"early_config_prune": prune_by_head_dim},
+    )(_fwd_kernel)
+
+
+# --------------------------------------------------------------------------- host side
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs multiply in full fp32 ("ieee"); fp16/bf16 ignore the setting."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def upcast(dtype: torch.dtype) -> bool:
+    return INTERPRET and dtype == torch.bfloat16
+
+
+def block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def launch_meta():
+    """Fixed block sizes under the interpreter; autotuned on GPU."""
+    if INTERPRET:
+        return {"BLOCK_M": INTERPRET_BLOCK_M, "BLOCK_N": INTERPRET_BLOCK_N}
+    return {}
+
+
+def strides3(t: torch.Tensor, varlen: bool):
+    """(batch, seq, head) strides of a (B, S, H, D) tensor, or of a packed (T, H, D) one (batch 0)."""
+    if varlen:
+        return 0, t.stride(0), t.stride(1)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def attn_fwd(q, k, v, p):
+    """Run the forward kernel. ``p`` is the :class:`mmfast.ops.attention.AttnParams` of the call.
+
+    Returns (out like q, lse fp32: (B, H, Sq) dense or (H, total_q) packed)."""
+    varlen = p.cu_seqlens_q is not None
+    n_heads, head_dim = q.shape[-2], q.shape[-1]
+    out = torch.empty_like(q)
+    if varlen:
+        batch = p.cu_seqlens_q.numel() - 1
+        lse = torch.empty((n_heads, q.shape[0]), device=q.device, dtype=torch.float32)
+        lse_strides = (0, lse.stride(0), lse.stride(1))
+    else:
+        batch = q.shape[0]
+        lse = torch.empty((batch, n_heads, q.shape[1]), device=q.device, dtype=torch.float32)
+        lse_strides = lse.stride()
+    if INTERPRET:  # outputs poisoned so an unwritten element shows up in tests
+        out.fill_(float("nan"))
+        lse.fill_(float("nan"))
+    dummy = p.dummy_int(q.device)
+
+    def grid(meta):
+        return (triton.cdiv(p.max_seqlen_q, meta["BLOCK_M"]), batch * n_heads)
+
+    _fwd[grid](
+        q, k, v, out, lse,
+        p.cu_seqlens_q if varlen else dummy, p.cu_seqlens_k if varlen else dummy,
+        p.seqused_k if p.seqused_k is not None else dummy,
+        p.prefix if p.prefix is not None else dummy,
+        *strides3(q, varlen), *strides3(k, varlen), *strides3(v, varlen), *strides3(out, varlen),
+        *lse_strides,
+        p.max_seqlen_q, p.max_seqlen_k, n_heads, n_heads // k.shape[-2], head_dim,
+        p.scale, p.softcap if p.softcap > 0 else 1.0, p.window_left, p.window_right, p.dropout_p, p.seed,
+        IS_VARLEN=varlen, HAS_SEQUSED=p.seqused_k is not None, BAND=p.band, HAS_PREFIX=p.prefix is not None,
+        HAS_SOFTCAP=p.softcap > 0, HAS_DROPOUT=p.dropout_p > 0, UPCAST=upcast(q.dtype),
+        DOT_PREC=dot_precision(q.dtype), BLOCK_D=block_d(head_dim), **launch_meta(),
+    )
+    return out, lse

@@ -1,0 +1,283 @@
+"""Flash attention backward in Triton (two kernels, no atomics, deterministic).
+
+With p_ij = exp(s_ij - lse_i) recomputed from the saved lse, z the dropout keep-mask scaled by
+1/(1-p_drop), δ_i = do_i·o_i, and c_ij = 1 - tanh² (softcap) or 1:
+
+    dv_j = Σ_i z_ij p_ij do_i
+    ds_ij = p_ij (z_ij do_i·v_j - δ_i) c_ij
+    dq_i = scale Σ_j ds_ij k_j          (kernel _dq: one program per query block and query head)
+    dk_j = scale Σ_i ds_ij q_i          (kernel _dkdv: one program per key block and kv head, looping
+                                          over the H/Hk query heads of its group, so GQA needs no atomics)
+
+The backward applies the full mask on every block it visits; only the block ranges are narrowed
+to the band (see the forward's docstring for the mask).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mmfast.ops._attention_triton import (
+    INTERPRET,
+    block_d,
+    dot_precision,
+    dropout_keep,
+    launch_meta,
+    lowp,
+    mm,
+    seq_bounds,
+    strides3,
+    upcast,
+    visible_mask,
+)
+
+
+@triton.jit
+def _scores(qk, qk_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """Scores in log2 units and the softcap derivative factor (1 when there is no softcap)."""
+    if HAS_SOFTCAP:
+        x = qk * qk_scale
+        t = 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+        return t * (softcap * 1.4426950408889634), 1.0 - t * t
+    return qk * qk_scale, qk * 0.0 + 1.0
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, SEQUSED_K, PREFIX,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dkb, stride_dks, stride_dkh,
+    stride_dvb, stride_dvs, stride_dvh,
+    stride_lb, stride_lh, stride_ls,
+    seqlen_q, seqlen_k, n_heads, n_kv_heads, group, head_dim,
+    sm_scale, softcap, window_left, window_right, dropout_p, seed,
+    IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, BAND: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = bhk // n_kv_heads
+    hk = bhk % n_kv_heads
+    q_start, sq, k_start, sk = seq_bounds(CU_Q, CU_K, SEQUSED_K, b, seqlen_q, seqlen_k, IS_VARLEN, HAS_SEQUSED)
+    n0 = start_n * BLOCK_N
+    if n0 >= sk:
+        return
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_mb = tl.arange(0, BLOCK_M)
+    d_ok = offs_d < head_dim
+    kv_ok = offs_n < sk
+    k = tl.load(K + b.to(tl.int64) * stride_kb + hk * stride_kh + (k_start + offs_n)[:, None].to(tl.int64) * stride_ks
+                + offs_d[None, :], mask=kv_ok[:, None] & d_ok[None, :], other=0.0)  # (BN, D)
+    v = tl.load(V + b.to(tl.int64) * stride_vb + hk * stride_vh + (k_start + offs_n)[:, None].to(tl.int64) * stride_vs
+                + offs_d[None, :], mask=kv_ok[:, None] & d_ok[None, :], other=0.0)  # (BN, D)
+
+    off = sk - sq
+    prefix = 0
+    if HAS_PREFIX:
+        prefix = tl.minimum(tl.load(PREFIX + b), sk)
+    # Query rows that see some key of this block: [m_lo, m_hi).
+    m_lo = 0
+    m_hi = sq
+    if BAND:
+        n_last = tl.minimum(n0 + BLOCK_N, sk) - 1
+        m_lo = tl.maximum(n0 - window_right - off, 0)
+        m_hi = tl.minimum(n_last + window_left - off + 1, sq)
+        if HAS_PREFIX:
+            in_prefix = n0 < prefix
+            m_lo = tl.where(in_prefix, 0, m_lo)
+            m_hi = tl.where(in_prefix, tl.maximum(m_hi, tl.minimum(prefix - off, sq)), m_hi)
+    m_lo = (m_lo // BLOCK_M) * BLOCK_M
+    qk_scale = sm_scale * 1.4426950408889634
+    if HAS_SOFTCAP:
+        qk_scale = sm_scale / softcap
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for g in range(0, group):
+        h = hk * group + g
+        bh = b * n_heads + h
+        q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh + q_start.to(tl.int64) * stride_qs
+        do_base = DO + b.to(tl.int64) * stride_dob + h * stride_doh + q_start.to(tl.int64) * stride_dos
+        l_base = b.to(tl.int64) * stride_lb + h * stride_lh + q_start.to(tl.int64) * stride_ls
+        for m in range(m_lo, m_hi, BLOCK_M):
+            rows = m + offs_mb
+            q_ok = rows < sq
+            qT = tl.load(q_base + rows[None, :] * stride_qs + offs_d[:, None],
+                         mask=q_ok[None, :] & d_ok[:, None], other=0.0)  # (D, BM)
+            do = tl.load(do_base + rows[:, None] * stride_dos + offs_d[None, :],
+                         mask=q_ok[:, None] & d_ok[None, :], other=0.0)  # (BM, D)
+            lse = tl.load(LSE + l_base + rows * stride_ls, mask=q_ok, other=float("inf"))  # (BM,)
+            delta = tl.load(DELTA + l_base + rows * stride_ls, mask=q_ok, other=0.0)  # (BM,)
+            sT, cT = _scores(mm(k, qT, UPCAST, DOT_PREC), qk_scale, softcap, HAS_SOFTCAP)  # (BN, BM)
+            # visible() with queries on the column axis: transpose of the forward's (rows, cols) mask.
+            ok = tl.trans(visible_mask(rows + off, offs_n, sk, window_left, window_right, prefix, BAND, HAS_PREFIX))
+            ok = ok & q_ok[None, :]
+            pT = tl.where(ok, tl.exp2(sT - (lse * 1.4426950408889634)[None, :]), 0.0)
+            dpT = mm(v, tl.trans(do), UPCAST, DOT_PREC)  # (BN, BM)
+            if HAS_DROPOUT:
+                keepT = tl.trans(dropout_keep(seed, bh, rows, offs_n, sk, dropout_p))
+                zT = tl.where(keepT, 1.0 / (1.0 - dropout_p), 0.0)
+                dv += mm(lowp(pT * zT, do.dtype, UPCAST), do, UPCAST, DOT_PREC)
+                dpT = dpT * zT
+            else:
+                dv += mm(lowp(pT, do.dtype, UPCAST), do, UPCAST, DOT_PREC)
+            dsT = pT * (dpT - delta[None, :]) * cT
+            dk += mm(lowp(dsT, qT.dtype, UPCAST), tl.trans(qT), UPCAST, DOT_PREC)
+    dk = dk * sm_scale
+    dk_ptrs = DK + b.to(tl.int64) * stride_dkb + hk * stride_dkh + (k_start + offs_n)[:, None].to(tl.int64) * stride_dks
+    dv_ptrs = DV + b.to(tl.int64) * stride_dvb + hk * stride_dvh + (k_start + offs_n)[:, None].to(tl.int64) * stride_dvs
+    tl.store(dk_ptrs + offs_d[None, :], lowp(dk, DK.dtype.element_ty, UPCAST).to(DK.dtype.element_ty), mask=kv_ok[:, None] & d_ok[None, :])
+    tl.store(dv_ptrs + offs_d[None, :], lowp(dv, DV.dtype.element_ty, UPCAST).to(DV.dtype.element_ty), mask=kv_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, SEQUSED_K, PREFIX,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dqb, stride_dqs, stride_dqh,
+    stride_lb, stride_lh, stride_ls,
+    seqlen_q, seqlen_k, n_heads, group, head_dim,
+    sm_scale, softcap, window_left, window_right, dropout_p, seed,
+    IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, BAND: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // n_heads
+    h = bh % n_heads
+    hk = h // group
+    q_start, sq, k_start, sk = seq_bounds(CU_Q, CU_K, SEQUSED_K, b, seqlen_q, seqlen_k, IS_VARLEN, HAS_SEQUSED)
+    m0 = start_m * BLOCK_M
+    if m0 >= sq:
+        return
+    rows = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_nb = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < head_dim
+    q_ok = rows < sq
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + (q_start + rows)[:, None].to(tl.int64) * stride_qs
+                + offs_d[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)  # (BM, D)
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h * stride_doh + (q_start + rows)[:, None].to(tl.int64) * stride_dos
+                 + offs_d[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)  # (BM, D)
+    l_off = b.to(tl.int64) * stride_lb + h * stride_lh + (q_start + rows).to(tl.int64) * stride_ls
+    lse = tl.load(LSE + l_off, mask=q_ok, other=float("inf"))
+    delta = tl.load(DELTA + l_off, mask=q_ok, other=0.0)
+    k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh + k_start.to(tl.int64) * stride_ks
+    v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh + k_start.to(tl.int64) * stride_vs
+
+    off = sk - sq
+    qa = rows + off
+    prefix = 0
+    if HAS_PREFIX:
+        prefix = tl.minimum(tl.load(PREFIX + b), sk)
+    lo = 0
+    hi = sk
+    if BAND:
+        qa_lo = m0 + off
+        qa_hi = tl.minimum(m0 + BLOCK_M, sq) - 1 + off
+        lo = tl.maximum(qa_lo - window_left, 0)
+        hi = tl.minimum(qa_hi + window_right + 1, sk)
+        if HAS_PREFIX:
+            in_prefix = qa_lo < prefix
+            lo = tl.where(in_prefix, 0, lo)
+            hi = tl.where(in_prefix, tl.maximum(hi, prefix), hi)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    qk_scale = sm_scale * 1.4426950408889634
+    if HAS_SOFTCAP:
+        qk_scale = sm_scale / softcap
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for n in range(lo, hi, BLOCK_N):
+        cols = n + offs_nb
+        kv_ok = cols < sk
+        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :],
+                    mask=kv_ok[:, None] & d_ok[None, :], other=0.0)  # (BN, D)
+        vT = tl.load(v_base + cols[None, :] * stride_vs + offs_d[:, None],
+                     mask=kv_ok[None, :] & d_ok[:, None], other=0.0)  # (D, BN)
+        s, c = _scores(mm(q, tl.trans(k), UPCAST, DOT_PREC), qk_scale, softcap, HAS_SOFTCAP)  # (BM, BN)
+        ok = visible_mask(qa, cols, sk, window_left, window_right, prefix, BAND, HAS_PREFIX)
+        p = tl.where(ok, tl.exp2(s - (lse * 1.4426950408889634)[:, None]), 0.0)
+        dp = mm(do, vT, UPCAST, DOT_PREC)  # (BM, BN)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, bh, rows, cols, sk, dropout_p)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None]) * c
+        dq += mm(lowp(ds, k.dtype, UPCAST), k, UPCAST, DOT_PREC)
+    dq = dq * sm_scale
+    dq_ptrs = DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + (q_start + rows)[:, None].to(tl.int64) * stride_dqs
+    tl.store(dq_ptrs + offs_d[None, :], lowp(dq, DQ.dtype.element_ty, UPCAST).to(DQ.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
+
+
+def _bwd_configs():
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [(64, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3), (32, 64, 4, 2), (64, 32, 4, 2)]
+    ]
+
+
+def _prune_bwd(configs, named_args, **kwargs):
+    d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    if d >= 256:
+        keep = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32]
+    elif d > 64:
+        keep = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128]
+    else:
+        keep = configs
+    return keep or configs[-1:]
+
+
+_KEY = ["BLOCK_D", "BAND", "HAS_PREFIX", "HAS_SOFTCAP", "HAS_DROPOUT", "IS_VARLEN"]
+if INTERPRET:
+    _dkdv, _dq = _dkdv_kernel, _dq_kernel
+else:
+    _tune = dict(configs=_bwd_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune_bwd})
+    _dkdv = triton.autotune(**_tune)(_dkdv_kernel)
+    _dq = triton.autotune(**_tune)(_dq_kernel)
+
+
+def attn_bwd(do, q, k, v, out, lse, p):
+    """Gradients (dq, dk, dv) of the forward with params ``p``; lse as :func:`attn_fwd` returned it."""
+    varlen = p.cu_seqlens_q is not None
+    n_heads, head_dim = q.shape[-2], q.shape[-1]
+    n_kv = k.shape[-2]
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    # δ_i = do_i·o_i, laid out like lse.
+    delta = (do.float() * out.float()).sum(-1)  # (B, Sq, H) or (T, H)
+    delta = delta.transpose(-1, -2).contiguous()  # (B, H, Sq) or (H, T)
+    lse_strides = (0, lse.stride(0), lse.stride(1)) if varlen else lse.stride()
+    batch = p.cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if INTERPRET:
+        for t in (dq, dk, dv):
+            t.fill_(float("nan"))
+    dummy = p.dummy_int(q.device)
+    common = [
+        p.cu_seqlens_q if varlen else dummy, p.cu_seqlens_k if varlen else dummy,
+        p.seqused_k if p.seqused_k is not None else dummy, p.prefix if p.prefix is not None else dummy,
+        *strides3(q, varlen), *strides3(k, varlen), *strides3(v, varlen), *strides3(do, varlen),
+    ]
+    scalars = [p.scale, p.softcap if p.softcap > 0 else 1.0, p.window_left, p.window_right, p.dropout_p, p.seed]
+    flags = dict(
+        IS_VARLEN=varlen, HAS_SEQUSED=p.seqused_k is not None, BAND=p.band, HAS_PREFIX=p.prefix is not None,
+        HAS_SOFTCAP=p.softcap > 0, HAS_DROPOUT=p.dropout_p > 0, UPCAST=upcast(q.dtype),
+        DOT_PREC=dot_precision(q.dtype), BLOCK_D=block_d(head_dim), **launch_meta(),
+    )
+    _dkdv[lambda meta: (triton.cdiv(p.max_seqlen_k, meta["BLOCK_N"]), batch * n_kv)](
+        q, k, v, do, lse, delta, dk, dv, *common, *strides3(dk, varlen), *strides3(dv, varlen), *lse_strides,
+        p.max_seqlen_q, p.max_seqlen_k, n_heads, n_kv, n_heads // n_kv, head_dim, *scalars, **flags,
+    )
+    _dq[lambda meta: (triton.cdiv(p.max_seqlen_q, meta["BLOCK_M"]), batch * n_heads)](
+        q, k, v, do, lse, delta, dq, *common, *strides3(dq, varlen), *lse_strides,
+        p.max_seqlen_q, p.max_seqlen_k, n_heads, n_heads // n_kv, head_dim, *scalars, **flags,
+    )
+    return dq, dk, dv
