@@ -143,7 +143,7 @@ def fish(d, b):
     _ell(d, b, 0.14, 0.38, 0.24, 0.48, fill=0)
 
 
-# Category-id order (id = index + 1). Frequency rank follows this order too (Zipf prior).
+# Category-id order (id = index + 1). The Zipf prior runs over this order; themes reshuffle it a little.
 SHAPES = {
     "circle": circle, "star": star, "square": square, "tree": tree, "car": car, "house": house,
     "heart": heart, "triangle": triangle, "cup": cup, "flower": flower, "moon": moon, "fish": fish,

@@ -30,7 +30,7 @@ from mmfast.utils.io import atomic_open, atomic_write_json
 
 CLASSES = _draw.CLASSES
 ZIPF_EXPONENT = 1.0
-THEME_P = 0.5  # probability an object is drawn from its image's theme rather than the global prior
+THEME_P = 0.85  # probability an object is drawn from its image's theme rather than the global prior
 SUPERSAMPLE = 2  # draw at 2x and downsample: smooth edges keep small icons recognisable
 
 THEMES: dict[str, tuple[list[str], list[tuple[int, int, int]]]] = {

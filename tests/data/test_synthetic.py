@@ -1,0 +1,184 @@
+"""The synthetic world: determinism, valid formats, and the statistics it promises."""
+import csv
+import json
+from collections import Counter
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mmfast.data import synthetic
+from mmfast.data.coco import load_coco, load_objects_jsonl
+from mmfast.data.imagetext import ImageTextDataset
+from mmfast.data.llava import load_llava_json
+from mmfast.data.media import load_t2x_json, read_video, read_wav
+from mmfast.data.synthetic import CLASSES, make_world
+
+N = 40
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("world") / "w"
+    make_world(out, n_images=N, seed=3, n_videos=6, audio_per_class=2)
+    return out
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_gives_identical_bytes(world, tmp_path):
+    again = tmp_path / "again"
+    make_world(again, n_images=N, seed=3, n_videos=6, audio_per_class=2)
+    a, b = _files(world), _files(again)
+    assert sorted(a) == sorted(b)
+    assert len([k for k in a if k.startswith("images/")]) == N
+    for k in a:
+        assert a[k] == b[k], f"{k} differs between two runs with the same seed"
+
+
+def test_other_seed_gives_other_world(world, tmp_path):
+    other = tmp_path / "other"
+    make_world(other, n_images=N, seed=4, media=False)
+    a, b = _files(world), _files(other)
+    differing = [k for k in b if k.startswith("images/") and a[k] != b[k]]
+    assert len(differing) == N
+
+
+def test_coco_loads_in_pycocotools_and_boxes_fit(world):
+    from pycocotools.coco import COCO
+
+    total = 0
+    for split in ("train", "val"):
+        coco = COCO(str(world / "annotations" / f"instances_{split}.json"))
+        assert [c["name"] for c in coco.loadCats(sorted(coco.getCatIds()))] == CLASSES
+        for ann in coco.loadAnns(coco.getAnnIds()):
+            im = coco.imgs[ann["image_id"]]
+            x, y, w, h = ann["bbox"]
+            assert w > 0 and h > 0 and x >= 0 and y >= 0, ann
+            assert x + w <= im["width"] and y + h <= im["height"], ann
+            assert 0 < ann["area"] <= w * h + 1e-6 and ann["iscrowd"] == 0
+            assert (world / im["file_name"]).is_file()
+            total += 1
+        ours = load_coco(world / "annotations" / f"instances_{split}.json")
+        assert ours.class_names == CLASSES
+        assert len(ours.to_pycocotools().getAnnIds()) == len(coco.getAnnIds())
+    assert total >= N  # every image has at least one object
+    assert json.loads((world / "classes.json").read_text()) == CLASSES
+
+
+def test_objects_jsonl_matches_coco(world):
+    coco = load_coco(world / "annotations" / "instances_val.json")
+    assert load_objects_jsonl(world / "objects_val.jsonl") == coco.objects_records()
+
+
+def _scenes(n: int, seed: int = 0) -> list[dict]:
+    return [synthetic.sample_scene(seed, i, 64)[0] for i in range(n)]
+
+
+def test_class_frequencies_follow_the_zipf_skew():
+    scenes = _scenes(600)
+    counts = Counter(o["cls"] for s in scenes for o in s["objects"])
+    obs = np.array([counts[c] for c in CLASSES], dtype=np.float64)
+    prior = synthetic.class_prior()
+    n = obs.sum()
+    # Each class count within 4 binomial standard deviations of the promised prior.
+    sd = np.sqrt(n * prior * (1 - prior))
+    assert np.all(np.abs(obs - n * prior) <= 4 * sd + 1), (obs, n * prior)
+    # The prior itself is strongly skewed (Zipf over category ids, reshuffled a little by the themes).
+    assert prior[0] / prior.min() > 8
+    # The observed top class is circle (rank 1), and the four most frequent are drawn 4x the bottom four.
+    assert CLASSES[int(obs.argmax())] == "circle"
+    assert np.sort(obs)[-4:].sum() > 4 * np.sort(obs)[:4].sum()
+
+
+def test_theme_objects_co_occur():
+    scenes = _scenes(600, seed=1)
+    sets = [{o["cls"] for o in s["objects"]} for s in scenes]
+    p = {c: np.mean([c in s for s in sets]) for c in CLASSES}
+    # Lift of a pair = P(a and b together) / (P(a) P(b)); 1 means independent.
+    for theme, (members, _) in synthetic.THEMES.items():
+        lifts = [np.mean([a in s and b in s for s in sets]) / (p[a] * p[b]) for a, b in combinations(members, 2)]
+        assert np.mean(lifts) > 1.5, (theme, lifts)
+
+
+def test_main_object_is_the_largest_and_captions_name_it(world):
+    for s in _scenes(100):
+        assert 1 <= len(s["objects"]) <= 5
+        assert all(s["objects"][0]["area"] > o["area"] for o in s["objects"][1:])
+    with open(world / "zeroshot_val.csv", newline="") as f:
+        labels = {r["filepath"]: r for r in csv.DictReader(f)}
+    ds = ImageTextDataset(world / "captions_val.csv")
+    assert len(ds) >= len(labels)
+    for i, (path, cap) in enumerate(ds.rows):
+        assert labels[path]["class"] in cap, (path, cap)
+        assert CLASSES[int(labels[path]["label"])] == labels[path]["class"]
+    image, text = ds[0]
+    assert image.size == (64, 64) and isinstance(text, str)
+
+
+def test_llava_files_parse_and_yes_no_is_balanced(world):
+    objects = {r["image"]: set(r["objects"]) for split in ("train", "val")
+               for r in load_objects_jsonl(world / f"objects_{split}.jsonl")}
+    kinds, answers = Counter(), Counter()
+    for split in ("train", "val"):
+        recs = load_llava_json(world / f"llava_instruct_{split}.json", world)
+        assert len({r["id"] for r in recs}) == len(recs)
+        for r in recs:
+            first = r["conversations"][0]
+            assert first["from"] == "human" and "<image>" in first["value"]
+            kinds[r["type"]] += 1
+            if r["type"] != "yesno":
+                continue
+            for q, a in zip(r["conversations"][::2], r["conversations"][1::2]):
+                name = q["value"].replace("<image>", "").split("Is there a")[-1].strip()
+                name = name.removeprefix("n ").split(" in the image")[0]
+                yes = a["value"].startswith("Yes")
+                assert yes == (name in objects[r["image"]]), (q, a, objects[r["image"]])
+                answers[yes] += 1
+        pre = load_llava_json(world / f"llava_pretrain_{split}.json", world)
+        assert all(len(r["conversations"]) == 2 and "<image>" in r["conversations"][0]["value"] for r in pre)
+    assert set(kinds) == {"conversation", "detail", "reasoning", "yesno"}
+    assert len(set(kinds.values())) == 1
+    assert answers[True] == answers[False] == N
+
+
+def test_audio_video_and_t2x(world):
+    audio = load_t2x_json(world / "t2x_audio.json")
+    assert len(audio) == 2 * len(CLASSES)
+    peaks = {}
+    for rec in audio:
+        x, rate = read_wav(rec["path"])
+        assert rate == 16000 and x.shape == (16000,) and np.abs(x).max() <= 1.0
+        cls = rec["id"].rsplit("_", 1)[0]
+        spectrum = np.abs(np.fft.rfft(x))
+        peaks.setdefault(cls, []).append(int(spectrum.argmax()))
+    # Every class's strongest frequency (Hz, 1 s clips) is its own, and stable across variants.
+    base = {c: np.median(v) for c, v in peaks.items()}
+    assert len(base) == len(CLASSES)
+    assert min(abs(a - b) for a, b in combinations(base.values(), 2)) >= 10
+    videos = load_t2x_json(world / "t2x_video.json")
+    assert len(videos) == 6 and {r["split"] for r in videos} == {"train", "val"}
+    frames = read_video(videos[0]["path"])
+    assert len(frames) == 8 and frames[0].size == (64, 64)
+    assert np.abs(np.asarray(frames[0], np.int16) - np.asarray(frames[-1], np.int16)).sum() > 0
+    assert "moving" in videos[0]["caption"]
+    images = load_t2x_json(world / "t2x_image.json")
+    assert len(images) == N
+    readme = (world / "README.md").read_text()
+    assert "t2x_{image,audio,video}.json" in readme and "audio/CLASS_NN.wav" in readme
+
+
+def test_cli_and_bad_arguments(tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert synthetic.main(["--out", str(out), "--images", "4", "--seed", "1", "--no-media"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_train"] == 3
+    assert (out / "captions_train.csv").is_file() and not (out / "audio").exists()
+    assert synthetic.main(["--out", str(out), "--images", "4"]) == 2  # not empty, no --force
+    assert "not empty" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="n_images"):
+        make_world(tmp_path / "x", n_images=1)
+    with pytest.raises(ValueError, match="image_size"):
+        make_world(tmp_path / "x", n_images=4, image_size=8)
