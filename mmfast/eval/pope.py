@@ -265,11 +265,19 @@ def join_answers(questions: Sequence[Mapping], answers: Sequence[Mapping], where
             f"{where}: {len(answers)} answers without question_id for {len(questions)} questions; "
             "answers joined by order must match the questions one to one"
         )
+    for i, (q, a) in enumerate(zip(questions, answers), 1):
+        # POPE-style lines repeat the question: a shuffled or foreign file shows up here.
+        if isinstance(a.get("question"), str) and isinstance(q.get("text"), str) and q["text"] not in a["question"]:
+            raise ValueError(f"{where} line {i} answers {a['question']!r} but question {i} is {q['text']!r}")
     return [_answer_text(a, f"{where} line {i}") for i, a in enumerate(answers, 1)]
 
 
 def metrics(preds: Sequence[str], labels: Sequence[str]) -> dict:
-    """Confusion counts and rates; ``other`` predictions (strict parser) count as wrong."""
+    """Confusion counts and rates, "yes" being the positive class.
+
+    ``other`` predictions (strict parser) count as wrong: they lower accuracy and recall (recall is
+    over all "yes" labels) but are neither TP/FP/TN/FN. Undefined ratios (no "yes" predicted) are 0.
+    """
     if len(preds) != len(labels) or not labels:
         raise ValueError(f"need as many predictions as labels (> 0), got {len(preds)} and {len(labels)}")
     c = Counter(zip(preds, labels))

@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                      log=lambda m: print(m, file=sys.stderr))
             print(f"{name}: answered {n} new, {len(qs) - n} already done", file=sys.stderr)
             results[name] = pope.score(qs, apath, parser=args.parser)
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+    except (ValueError, FileNotFoundError, NotImplementedError, ImportError) as e:
         print(f"mmfast eval pope: {e}", file=sys.stderr)
         return 2
     from mmfast.utils.io import atomic_write_json

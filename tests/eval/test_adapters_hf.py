@@ -86,3 +86,12 @@ def test_poll_tiny_llava_hf_cli(tiny_llava, tmp_path, capsys):
     assert len(lines) == 8 and all(r["prompt"].endswith(" One word.") for r in lines)
     scores = json.loads((tmp_path / "run" / "scores.json").read_text())
     assert scores["adapter"] == "llava-hf" and scores["results"]["random"]["n"] == 8
+
+
+@pytest.mark.gpu
+def test_llava_hf_adapter_cuda_bf16(tiny_llava):
+    adapter = get_adapter(tiny_llava, device="cuda", dtype="bfloat16", max_new_tokens=4)
+    assert next(adapter.model.parameters()).dtype == torch.bfloat16
+    assert next(adapter.model.parameters()).device.type == "cuda"
+    out = adapter(_images(3), ["Is there a dog in the image?"] * 3)
+    assert len(out) == 3 and all(isinstance(t, str) for t in out)

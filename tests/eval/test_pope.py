@@ -238,6 +238,11 @@ def test_join_by_id_and_by_order():
     assert score(qs, shuffled) == score(qs, by_order)
     with pytest.raises(ValueError, match="must match the questions one to one"):
         join_answers(qs, by_order[:-1])
+    qs2 = [dict(q, text=f"Is there a {w} in the image?") for q, w in zip(qs, "abcdefgh")]
+    swapped = [{"question": q["text"], "answer": "yes"} for q in qs2]
+    swapped[2], swapped[3] = swapped[3], swapped[2]
+    with pytest.raises(ValueError, match="line 3 answers 'Is there a d in the image"):
+        join_answers(qs2, swapped)
     with pytest.raises(ValueError, match="not in the questions"):
         join_answers(qs, shuffled + [{"question_id": 999, "text": "yes"}])
     with pytest.raises(ValueError, match="unanswered ids"):
