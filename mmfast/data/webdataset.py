@@ -72,7 +72,7 @@ def index_shard(path: Path) -> list[tuple[str, str, str]]:
         img = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
         txt = next((parts[e] for e in TEXT_EXTS if e in parts), None)
         if img is None or txt is None:
-            missing = "an image (" + "/".join(IMAGE_EXTS) + ")" if img is None else "a caption (.txt)"
+            missing = f"image ({'/'.join(IMAGE_EXTS)})" if img is None else "caption (.txt)"
             raise ValueError(f"webdataset shard {path} sample {key!r} has no {missing}; members: {sorted(parts)}")
         out.append((key, img, txt))
     return out
