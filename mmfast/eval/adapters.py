@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import abc
 import importlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 DEFAULT_MAX_NEW_TOKENS = 16
 # LLaVA-1.5's prompt without a chat template (llava-hf checkpoints without one).
@@ -72,7 +73,7 @@ def read_model_config(model_dir: str | Path) -> dict:
         raise FileNotFoundError(f"model directory not found: {d}")
     cfg = read_json(d / "config.json", what="model config")
     if not isinstance(cfg, dict):
-        raise ValueError(f"{d / 'config.json'}: expected a JSON object")
+        raise TypeError(f"{d / 'config.json'}: expected a JSON object")
     return cfg
 
 

@@ -18,8 +18,9 @@ import json
 import re
 import sys
 from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 # Our own synonym table for the 80 COCO classes (class name first is implied).
 COCO_SYNONYMS: dict[str, list[str]] = {
@@ -297,7 +298,7 @@ def chair(
     per, n_mentions, n_hall, n_hall_caps = [], 0, 0, 0
     for i, row in enumerate(rows, 1):
         if not isinstance(row, Mapping):
-            raise ValueError(f"caption {i}: expected a JSON object, got {row!r:.80}")
+            raise TypeError(f"caption {i}: expected a JSON object, got {row!r:.80}")
         image_id = _resolve_image(row, i, gt, by_file, qid_to_image)
         text = _caption_text(row, i)
         mentions = vocab.mentions(text)
@@ -336,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
 
             syn = read_json(args.synonyms, what="synonyms file")
         res = chair(args.captions, args.annotations, args.questions, args.gt_captions, syn)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, TypeError, FileNotFoundError, KeyError) as e:
         print(f"mmfast eval chair: {e}", file=sys.stderr)
         return 2
     if args.out:

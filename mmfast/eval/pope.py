@@ -22,8 +22,9 @@ import random
 import re
 import sys
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 SETTINGS = ("random", "popular", "adversarial")
 DEFAULT_TEMPLATE = "Is there a {} in the image?"
@@ -41,7 +42,7 @@ def _dedupe(items: Iterable[str]) -> list[str]:
 def _coco_to_objects(coco: Mapping[str, Any], source: str) -> list[dict]:
     for key in ("images", "annotations", "categories"):
         if not isinstance(coco.get(key), list):
-            raise ValueError(f"{source}: a COCO instances file needs a list {key!r}")
+            raise TypeError(f"{source}: a COCO instances file needs a list {key!r}")
     names = {c["id"]: c["name"] for c in coco["categories"]}
     per_image: dict[Any, list[str]] = defaultdict(list)
     for a in coco["annotations"]:
@@ -80,7 +81,7 @@ def load_annotations(annotations: Any) -> list[dict]:
     if isinstance(annotations, Mapping):
         return _coco_to_objects(annotations, source)
     if not isinstance(annotations, list):
-        raise ValueError(f"{source}: expected a COCO instances dict or a list of {{'image', 'objects'}} records")
+        raise TypeError(f"{source}: expected a COCO instances dict or a list of {{'image', 'objects'}} records")
     out = []
     for i, rec in enumerate(annotations, 1):
         if not isinstance(rec, Mapping) or "image" not in rec or not isinstance(rec.get("objects"), list):
@@ -224,7 +225,7 @@ def load_lines(src: Any, what: str) -> tuple[list[dict], str | None]:
         if len(rows) == 1 and isinstance(rows[0], list):
             rows = rows[0]  # a JSON list on one line
         if not isinstance(rows, list):
-            raise ValueError(f"{what} {p}: expected JSON lines or a JSON list")
+            raise TypeError(f"{what} {p}: expected JSON lines or a JSON list")
         return rows, str(p)
     return list(src), None
 
@@ -356,7 +357,7 @@ def build_main(argv: list[str] | None = None) -> int:
             path = Path(args.out) / f"{args.prefix}_{s}.jsonl"
             write_jsonl(path, qs)
             print(f"{path}: {len(qs)} questions ({s}, seed {args.seed})")
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"mmfast eval pope build: {e}", file=sys.stderr)
         return 2
     return 0
@@ -380,7 +381,7 @@ def score_main(argv: list[str] | None = None) -> int:
             if name in results:
                 name = Path(q).stem
             results[name] = score(q, a, parser=args.parser)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"mmfast eval pope score: {e}", file=sys.stderr)
         return 2
     if args.json:

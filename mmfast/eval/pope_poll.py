@@ -12,8 +12,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from mmfast.eval import pope
 from mmfast.eval.adapters import DEFAULT_MAX_NEW_TOKENS, Adapter, get_adapter
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                      log=lambda m: print(m, file=sys.stderr))
             print(f"{name}: answered {n} new, {len(qs) - n} already done", file=sys.stderr)
             results[name] = pope.score(qs, apath, parser=args.parser)
-    except (ValueError, FileNotFoundError, NotImplementedError, ImportError) as e:
+    except (ValueError, TypeError, FileNotFoundError, NotImplementedError, ImportError) as e:
         print(f"mmfast eval pope: {e}", file=sys.stderr)
         return 2
     from mmfast.utils.io import atomic_write_json

@@ -8,7 +8,14 @@ import pytest
 
 from mmfast.eval import pope
 from mmfast.eval.pope import (
-    DEFAULT_TEMPLATE, build_questions, join_answers, object_of, parse_pope, parse_strict, question_text, score,
+    DEFAULT_TEMPLATE,
+    build_questions,
+    join_answers,
+    object_of,
+    parse_pope,
+    parse_strict,
+    question_text,
+    score,
 )
 
 VOCAB = ["person", "car", "dog", "apple", "umbrella", "bench", "cup", "oven", "kite", "elephant", "bus", "tie"]
