@@ -70,6 +70,11 @@ def poll(
     done = read_done(answers_path, {q["question_id"] for q in questions})
     todo = [q for q in questions if q["question_id"] not in done]
     model_id = model_id or getattr(adapter, "model_id", "") or type(adapter).__name__
+    others = {r.get("model_id") for r in done.values()} - {model_id}
+    if others:
+        # Resuming with another model would silently mix two models' answers in one score.
+        raise ValueError(f"{answers_path} holds answers from {sorted(map(str, others))}, not {model_id!r}; "
+                         "use a new --out")
     cache: dict[str, Any] = {}  # POPE asks 2 * num_positive questions per image, consecutively
     with open(answers_path, "a", encoding="utf-8") as f:
         for start in range(0, len(todo), batch_size):

@@ -137,6 +137,9 @@ def test_same_seed_same_file_and_seed_matters(tmp_path):
     b = build_questions(ann, "random", num_images=20, seed=11)
     c = build_questions(ann, "random", num_images=20, seed=12)
     assert a == b and a != c
+    # The three settings of one seed ask about the same images and positives, as in the paper.
+    sets = [build_questions(ann, s, num_images=20, seed=11) for s in pope.SETTINGS]
+    assert len({tuple((q["image"], q["text"]) for q in qs if q["label"] == "yes") for qs in sets}) == 1
     # Through the command line too, byte for byte.
     src = tmp_path / "objects.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in ann))

@@ -78,6 +78,8 @@ def test_poll_resumes_after_crash(tmp_path):
     ids = [json.loads(line)["question_id"] for line in out.read_text().splitlines()]
     assert sorted(ids) == [q["question_id"] for q in qs]
     assert poll(Oracle(ann), qs, root, out) == 0  # nothing left
+    with pytest.raises(ValueError, match="holds answers from \\['Oracle'\\], not 'other-model'"):
+        poll(Oracle(ann), qs, root, out, model_id="other-model")
     assert pope.score(qs, out) == _expected(qs, ann)
 
 
