@@ -170,3 +170,27 @@ def test_adapter_selection(tmp_path):
             continue  # the real model is in this build; its own tests cover loading
         with pytest.raises(NotImplementedError, match=f"mmfast.models.{kind}"):
             get_adapter(tmp_path / "ours", kind=kind)
+
+
+def test_cli_with_question_files(tmp_path, capsys):
+    root, ann = _world(tmp_path)
+    qfile = tmp_path / "mine_popular.jsonl"
+    qs = pope.build_questions(ann, "popular", num_images=6, seed=2)
+    pope.write_jsonl(qfile, qs)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "something-else"}))
+    register_adapter("oracle-test2", lambda model_dir, **kw: Oracle(ann))
+    try:
+        argv = ["--model", str(model), "--adapter", "oracle-test2", "--images", str(root), "--questions", str(qfile),
+                "--out", str(tmp_path / "run"), "--prompt-suffix", ""]
+        assert pope.poll_main(argv) == 0
+        scores = json.loads((tmp_path / "run" / "scores.json").read_text())
+        assert list(scores["results"]) == ["popular"] and scores["results"]["popular"] == _expected(qs, ann)
+        rows = [json.loads(x) for x in (tmp_path / "run" / "answers_popular.jsonl").read_text().splitlines()]
+        assert [r["prompt"] for r in rows] == [q["text"] for q in qs]
+        # Without --adapter the config says nothing we know: a clear error, exit code 2.
+        assert pope.poll_main(argv[:2] + argv[4:]) == 2
+        assert "cannot tell which adapter" in capsys.readouterr().err
+    finally:
+        adapters._REGISTRY.pop("oracle-test2", None)
