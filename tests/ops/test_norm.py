@@ -1,0 +1,96 @@
+"""LayerNorm / RMSNorm (optionally fused with the residual add) against fp64 references, forward and
+every gradient: |ours − fp64| ≤ 2·|torch in the same dtype − fp64| (+ a few ulps)."""
+import pytest
+import torch
+
+from mmfast.ops.norm import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
+from mmfast.testing import assert_error_bound, poison_
+
+
+@pytest.fixture
+def poisoned_alloc(monkeypatch):
+    empty, empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison_(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison_(empty_like(*a, **k)))
+
+
+def _case(device, backend, dtype, shape, is_rms, residual, affine=True):
+    g = torch.Generator().manual_seed(3)
+    n = shape[-1]
+    x = torch.randn(*shape, generator=g, dtype=torch.float64) * 2 + 0.5
+    w = torch.randn(n, generator=g, dtype=torch.float64) if affine else None
+    b = torch.randn(n, generator=g, dtype=torch.float64) if (affine and not is_rms) else None
+    r = torch.randn(*shape, generator=g, dtype=torch.float64) if residual else None
+    gy = torch.randn(*shape, generator=g, dtype=torch.float64)
+    gs = torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    def run(dt, fn):
+        ts = [None if t is None else t.to(dt).to(device).detach().clone().requires_grad_() for t in (x, w, b, r)]
+        xs, ws, bs, rs = ts
+        out = fn(xs, ws, bs, rs)
+        outs = out if isinstance(out, tuple) else (out,)
+        loss = (outs[0].double() * gy.to(device)).sum()
+        if residual:
+            loss = loss + (outs[1].double() * gs.to(device)).sum()
+        loss.backward()
+        return list(outs) + [t.grad for t in ts if t is not None]
+
+    if is_rms:
+        ref_fn = lambda x_, w_, b_, r_: rms_norm_reference(x_, w_, 1e-6, r_)  # noqa: E731
+        our_fn = lambda x_, w_, b_, r_: rms_norm(x_, w_, 1e-6, r_, backend=backend)  # noqa: E731
+    else:
+        ref_fn = lambda x_, w_, b_, r_: layer_norm_reference(x_, w_, b_, 1e-5, r_)  # noqa: E731
+        our_fn = lambda x_, w_, b_, r_: layer_norm(x_, w_, b_, 1e-5, r_, backend=backend)  # noqa: E731
+    ref = run(torch.float64, ref_fn)
+    low = run(dtype, ref_fn)
+    ours = run(dtype, our_fn)
+    assert len(ours) == len(ref)
+    for i, (o, rr, l) in enumerate(zip(ours, ref, low)):
+        assert o.dtype == dtype
+        assert_error_bound(o, rr, l, name=f"{'rms' if is_rms else 'ln'}[{i}]")
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("is_rms", [False, True], ids=["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(37, 19), (2, 77, 80), (4, 64)])
+def test_norm(shape, dtype, is_rms, residual, device, triton_backend, poisoned_alloc):
+    _case(device, triton_backend, dtype, shape, is_rms, residual)
+
+
+@pytest.mark.parametrize("is_rms", [False, True], ids=["layer_norm", "rms_norm"])
+def test_norm_no_affine(is_rms, device, triton_backend):
+    _case(device, triton_backend, torch.float32, (37, 19), is_rms, True, affine=False)
+
+
+def test_norm_many_rows_per_program(device, triton_backend):
+    """More rows than backward programs: the partial dw/db sums span several rows each."""
+    _case(device, triton_backend, torch.float32, (301, 24), False, False)
+
+
+def test_norm_validation():
+    x = torch.randn(3, 8)
+    with pytest.raises(ValueError, match="weight must be"):
+        layer_norm(x, torch.ones(7))
+    with pytest.raises(ValueError, match="residual must have"):
+        rms_norm(x, torch.ones(8), residual=torch.randn(3, 7))
+    with pytest.raises(ValueError, match="eps"):
+        rms_norm(x, torch.ones(8), eps=0.0)
+    with pytest.raises(TypeError, match="dtype"):
+        layer_norm(x.long())
+
+
+def test_modules_match_torch(device, triton_backend):
+    from mmfast.nn import LayerNorm, RMSNorm
+
+    ln = torch.nn.LayerNorm(19)
+    torch.nn.init.normal_(ln.weight)
+    torch.nn.init.normal_(ln.bias)
+    ours = LayerNorm(19, backend=triton_backend)
+    ours.load_state_dict(ln.state_dict())
+    x = torch.randn(5, 19)
+    torch.testing.assert_close(ours(x), ln(x), rtol=1e-5, atol=1e-5)
+    rms = RMSNorm(19, backend=triton_backend)
+    y, s = rms(x, residual=x)
+    torch.testing.assert_close(s, 2 * x)
+    torch.testing.assert_close(y, rms_norm_reference(2 * x, rms.weight), rtol=1e-5, atol=1e-5)

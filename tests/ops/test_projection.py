@@ -1,0 +1,247 @@
+"""Fused linear cross-entropy, MLP projector and linear + L2 normalise against fp64 references.
+
+Rule: |ours − fp64| ≤ 2·|torch in the same dtype − fp64| (+ a few ulps), for the loss and every gradient.
+Kernel outputs are allocated through a poisoning ``torch.empty`` so an unwritten element shows as NaN.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmfast.ops.projection import (
+    fused_linear_cross_entropy as flce,
+    fused_linear_cross_entropy_reference as flce_ref,
+    linear_l2_normalize,
+    linear_l2_normalize_reference,
+    mlp_projector,
+)
+from mmfast.testing import assert_error_bound, poison_
+
+
+@pytest.fixture
+def poisoned_alloc(monkeypatch):
+    """Every torch.empty / empty_like during the test returns NaN-filled memory."""
+    empty, empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison_(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison_(empty_like(*a, **k)))
+
+
+def _leaf(t, dtype):
+    return t.to(dtype).clone().requires_grad_()
+
+
+def _run_flce(fn, h, w, b, t, grad_out, **kw):
+    loss = fn(h, w, t, b, **kw)
+    (loss.double() * grad_out).sum().backward()
+    return loss, h.grad, w.grad, (b.grad if b is not None else None)
+
+
+FLCE_VARIANTS = {
+    "plain": {},
+    "smooth": {"label_smoothing": 0.1},
+    "zloss": {"z_loss": 1e-3},
+    "softcap_bias": {"softcap": 7.0, "bias": True},
+    "sum": {"reduction": "sum"},
+    "none": {"reduction": "none"},
+}
+
+
+def _flce_case(device, dtype, backend, T, H, V, variant, chunk_size=None, seed=0):
+    kw = dict(FLCE_VARIANTS[variant])
+    has_bias = kw.pop("bias", False)
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(T, H, generator=g, dtype=torch.float64)
+    w = torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5 * 2
+    b = torch.randn(V, generator=g, dtype=torch.float64) if has_bias else None
+    t = torch.randint(0, V, (T,), generator=g)
+    t[::4] = -100  # ignored rows
+    out_shape = (T,) if kw.get("reduction") == "none" else ()
+    grad_out = torch.rand(out_shape, generator=g, dtype=torch.float64) + 0.5
+
+    def leaves(dt):
+        return [None if x is None else _leaf(x, dt).to(device).detach().requires_grad_() for x in (h, w, b)]
+
+    h64, w64, b64 = leaves(torch.float64)
+    ref = _run_flce(flce_ref, h64, w64, b64, t.to(device), grad_out.to(device), **kw)
+    hl, wl, bl = leaves(dtype)
+    low = _run_flce(flce_ref, hl, wl, bl, t.to(device), grad_out.to(device), **kw)
+    ho, wo, bo = leaves(dtype)
+    ours = _run_flce(flce, ho, wo, bo, t.to(device), grad_out.to(device), backend=backend,
+                     chunk_size=chunk_size, **kw)
+    assert ours[0].dtype == torch.float32
+    for name, o, r, l in zip(("loss", "dhidden", "dweight", "dbias"), ours, ref, low):
+        if r is None:
+            assert o is None
+            continue
+        assert o.dtype == (torch.float32 if name == "loss" else dtype), name
+        assert_error_bound(o, r, l, name=f"{variant}/{name}")
+
+
+@pytest.mark.parametrize("variant", list(FLCE_VARIANTS))
+@pytest.mark.parametrize("H", [19, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_flce_triton(variant, H, dtype, device, triton_backend, poisoned_alloc):
+    _flce_case(device, dtype, triton_backend, 37, H, 1000, variant, chunk_size=16)
+
+
+@pytest.mark.parametrize("variant", list(FLCE_VARIANTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_flce_reference_backend(variant, dtype):
+    _flce_case("cpu", dtype, "reference", 37, 19, 1000, variant, chunk_size=8)
+
+
+@pytest.mark.parametrize("variant", ["plain", "softcap_bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_flce_vocab_32003(variant, dtype, device, triton_backend, poisoned_alloc):
+    _flce_case(device, dtype, triton_backend, 37, 64, 32003, variant)
+
+
+def test_flce_default_chunking_round_shape(device, triton_backend):
+    _flce_case(device, torch.float32, triton_backend, 64, 64, 1000, "zloss")
+
+
+@pytest.mark.parametrize("backend_kind", ["triton", "reference"])
+def test_flce_all_ignored(backend_kind, device, triton_backend):
+    backend = triton_backend if backend_kind == "triton" else "reference"
+    h = torch.randn(5, 19, device=device, requires_grad=True)
+    w = torch.randn(100, 19, device=device, requires_grad=True)
+    t = torch.full((5,), -100, device=device)
+    loss = flce(h, w, t, backend=backend, z_loss=1e-2, label_smoothing=0.1)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.isfinite(h.grad).all() and h.grad.abs().max() == 0
+    assert torch.isfinite(w.grad).all() and w.grad.abs().max() == 0
+
+
+def test_flce_rows_kernel_poisoned(device, triton_backend):
+    """The row pass writes every loss, lse and logit-gradient element it owns."""
+    from mmfast.ops._flce import ce_rows_torch
+    from mmfast.ops._projection_triton import ce_rows
+
+    C, V = 9, 777
+    x = torch.randn(C, V, device=device) * 3
+    t = torch.randint(0, V, (C,), device=device)
+    t[2] = -100
+    scale = torch.rand(C, device=device) + 0.1
+    outs = []
+    for fn in (ce_rows, ce_rows_torch):
+        logits = x.clone()
+        loss, lse = poison_(torch.empty(C, device=device)), poison_(torch.empty(C, device=device))
+        fn(logits, t, loss, lse, scale, True, ignore_index=-100, smoothing=0.05, z_loss=1e-3, softcap=5.0,
+           write_grad=True)
+        outs.append((loss, lse, logits))
+    for a, b in zip(*outs):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_flce_validation():
+    h = torch.randn(4, 8)
+    w = torch.randn(10, 8)
+    with pytest.raises(ValueError, match="outside"):
+        flce(h, w, torch.tensor([0, 1, 10, -100]))
+    with pytest.raises(ValueError, match="target shape"):
+        flce(h, w, torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="weight must be"):
+        flce(h, torch.randn(10, 7), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(TypeError, match="weight has dtype"):
+        flce(h, w.double(), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(TypeError, match="target must be"):
+        flce(h, w, torch.zeros(4))
+    with pytest.raises(ValueError, match="reduction"):
+        flce(h, w, torch.zeros(4, dtype=torch.long), reduction="avg")
+
+
+def test_flce_no_grad_and_3d(device, triton_backend):
+    h = torch.randn(2, 7, 19, device=device)
+    w = torch.randn(50, 19, device=device)
+    t = torch.randint(0, 50, (2, 7), device=device)
+    with torch.no_grad():
+        out = flce(h, w, t, backend=triton_backend, reduction="none")
+    ref = flce_ref(h.double(), w.double(), t, reduction="none")
+    assert out.shape == (2, 7)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- MLP projector
+def _mlp_case(device, backend, dtype, M, dims, act, recompute, bias=True):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(M, dims[0], generator=g, dtype=torch.float64)
+    params = [(torch.randn(o, i, generator=g, dtype=torch.float64) / i**0.5,
+               torch.randn(o, generator=g, dtype=torch.float64) if bias else None) for i, o in zip(dims, dims[1:])]
+    gout = torch.randn(M, dims[-1], generator=g, dtype=torch.float64)
+
+    def run(dt, fn):
+        xs = _leaf(x, dt).to(device).detach().requires_grad_()
+        ps = [(_leaf(w, dt).to(device).detach().requires_grad_(),
+               None if b is None else _leaf(b, dt).to(device).detach().requires_grad_()) for w, b in params]
+        out = fn(xs, ps)
+        (out.double() * gout.to(device)).sum().backward()
+        return [out, xs.grad] + [t.grad for p in ps for t in p if t is not None]
+
+    approx = "tanh" if act != "gelu" else "none"
+
+    def torch_seq(xs, ps):  # Linear → GELU → Linear … in PyTorch
+        for i, (w, b) in enumerate(ps):
+            xs = F.linear(xs, w, b)
+            if i < len(ps) - 1:
+                xs = torch.nn.GELU(approximate=approx)(xs)
+        return xs
+
+    ref = run(torch.float64, torch_seq)
+    low = run(dtype, torch_seq)
+    ours = run(dtype, lambda xs, ps: mlp_projector(xs, ps, act, recompute=recompute, backend=backend))
+    for i, (o, r, l) in enumerate(zip(ours, ref, low)):
+        assert_error_bound(o, r, l, name=f"mlp[{i}]")
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_mlp_projector(recompute, act, dtype, device, triton_backend, poisoned_alloc):
+    _mlp_case(device, triton_backend, dtype, 37, [19, 80, 33], act, recompute)
+
+
+def test_mlp_projector_depth3_nobias(device, triton_backend):
+    _mlp_case(device, triton_backend, torch.float32, 64, [64, 96, 96, 48], "gelu", True, bias=False)
+
+
+def test_bias_gelu_forward(device, triton_backend):
+    from mmfast.ops.projection import bias_gelu
+
+    y = torch.randn(37, 77, device=device)
+    b = torch.randn(77, device=device)
+    for act, approx in (("gelu", "none"), ("gelu_tanh", "tanh")):
+        out = bias_gelu(y, b, act, backend=triton_backend)
+        torch.testing.assert_close(out, F.gelu(y + b, approximate=approx), rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- linear + L2 normalise
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(37, 19, 33), (64, 64, 32)])
+def test_linear_l2_normalize(bias, dtype, shape, device, triton_backend, poisoned_alloc):
+    M, K, D = shape
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(M, K, generator=g, dtype=torch.float64)
+    w = torch.randn(D, K, generator=g, dtype=torch.float64)
+    b = torch.randn(D, generator=g, dtype=torch.float64) if bias else None
+    gout = torch.randn(M, D, generator=g, dtype=torch.float64)
+
+    def run(dt, fn):
+        ts = [None if t is None else _leaf(t, dt).to(device).detach().requires_grad_() for t in (x, w, b)]
+        out = fn(*ts)
+        (out.double() * gout.to(device)).sum().backward()
+        return [out] + [t.grad for t in ts if t is not None]
+
+    ref = run(torch.float64, linear_l2_normalize_reference)
+    low = run(dtype, linear_l2_normalize_reference)
+    ours = run(dtype, lambda *a: linear_l2_normalize(*a, backend=triton_backend))
+    for i, (o, r, l) in enumerate(zip(ours, ref, low)):
+        assert_error_bound(o, r, l, name=f"l2[{i}]")
+
+
+def test_linear_l2_normalize_validation():
+    with pytest.raises(ValueError, match="weight must be"):
+        linear_l2_normalize(torch.randn(3, 4), torch.randn(5, 6))
+    with pytest.raises(ValueError, match="eps"):
+        linear_l2_normalize(torch.randn(3, 4), torch.randn(5, 4), eps=0)
