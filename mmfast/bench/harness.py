@@ -1,0 +1,337 @@
+"""One benchmark harness for every ``mmfast bench ...`` command.
+
+A benchmark supplies *providers* (name -> ``setup(case, mode) -> step``) and *cases* (dicts of
+sizes). ``setup`` allocates inputs (not timed) and returns a zero-argument ``step`` that runs one
+forward (mode ``"fwd"``) or forward + backward (``"fwd+bwd"``); what a mode means exactly is the
+benchmark's to document. :func:`run` measures every (case, mode, provider) side by side in this
+process and returns :class:`Row` s, appends them to a CSV and draws a PNG.
+
+Measurements
+* time: CUDA — median of ``triton.testing.do_bench(step, return_mode="median")`` (CUDA-event
+  timing with L2 flush); CPU — median wall-clock of ``reps`` calls after ``warmup`` calls.
+* memory, "peak extra" over what was allocated before the step: CUDA —
+  ``torch.cuda.max_memory_allocated()`` delta (method ``cuda_max_allocated``); CPU — resident-set
+  high-water delta (method ``rss_hwm``): freed heap is returned with ``malloc_trim``, the kernel's
+  peak-RSS counter is reset through ``/proc/self/clear_refs`` and ``VmHWM`` is read after one step.
+  It counts every allocator (torch, BLAS, the C++ extension), with page granularity; NaN where
+  ``/proc`` is not writable.
+* throughput: ``TFLOP/s = flops(case, mode) / time`` and ``GB/s = bytes(case, mode) / time`` from
+  the benchmark's explicit formulas (blank when it gives none).
+
+A provider that fails (missing package, OOM, unsupported shape) becomes a row with ``error`` set;
+after an OOM the same provider and mode skip the larger cases. ``budget_s`` caps the whole sweep:
+the rest is recorded as skipped.
+"""
+from __future__ import annotations
+
+import csv
+import ctypes
+import datetime as _dt
+import gc
+import io
+import math
+import os
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+from mmfast.utils.io import atomic_open
+
+Step = Callable[[], object]
+Setup = Callable[[dict, str], Step]
+Formula = Callable[[dict, str], float]
+
+
+@dataclass
+class Row:
+    date: str
+    bench: str
+    provider: str
+    mode: str
+    x_name: str
+    x: int
+    params: str
+    median_ms: float
+    peak_mem_mib: float
+    tflops: float
+    gbps: float
+    error: str
+    device: str
+    torch: str
+    triton: str
+    mem_method: str
+
+
+COLUMNS = [f.name for f in fields(Row)]
+
+
+# --------------------------------------------------------------------------- environment
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    model = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def device_slug(device: str) -> str:
+    """File-name form of the device: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    name = device_name(device) if device == "cuda" else "cpu-" + platform.machine()
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except Exception:  # noqa: BLE001  (any import failure just means "not available")
+        return "n/a"
+
+
+# --------------------------------------------------------------------------- measurement
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def _vm_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for ln in f:
+            if ln.startswith(key + ":"):
+                return int(ln.split()[1])
+    raise OSError(f"{key} not in /proc/self/status")
+
+
+def _cpu_peak_mib(step: Step) -> float:
+    libc = _libc()
+    gc.collect()
+    if libc is not None:
+        libc.malloc_trim(0)  # give freed heap back, so reused pages are not invisible to the RSS count
+    try:
+        base = _vm_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM (peak RSS) to the current RSS
+    except OSError:
+        return math.nan
+    step()
+    return max(0, _vm_kib("VmHWM") - base) / 1024
+
+
+def _cuda_peak_mib(step: Step) -> float:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def measure(step: Step, device: str, *, warmup: int = 2, reps: int = 5, max_s: float = 10.0) -> tuple[float, float]:
+    """(median ms, peak extra MiB) of ``step`` on ``device`` (see the module docstring).
+
+    CPU: at most ``reps`` timed calls, fewer when they would exceed ``max_s`` (at least 1).
+    """
+    step()  # first call: compilation, autotuning, lazy init
+    _sync(device)
+    if device == "cuda":
+        peak = _cuda_peak_mib(step)
+        try:
+            from triton.testing import do_bench
+        except ImportError:
+            do_bench = None
+        if do_bench is not None:
+            return float(do_bench(step, return_mode="median")), peak
+        times = []
+        for _ in range(max(reps, 10)):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times), peak
+    peak = _cpu_peak_mib(step)
+    for _ in range(max(0, warmup - 2)):
+        step()
+    times, t_end = [], time.perf_counter() + max_s
+    while len(times) < reps and (not times or time.perf_counter() < t_end):
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), peak
+
+
+def _short_error(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0][:200] if msg else ''}"
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(e).lower()
+
+
+# --------------------------------------------------------------------------- sweep
+def run(
+    bench: str,
+    providers: dict[str, Setup],
+    cases: Iterable[dict],
+    *,
+    x_key: str,
+    device: str,
+    modes: Iterable[str] = ("fwd", "fwd+bwd"),
+    flops: Formula | None = None,
+    bytes_moved: Formula | None = None,
+    budget_s: float | None = None,
+    out_csv: str | os.PathLike | None = None,
+    plot: bool = True,
+    log: Callable[[str], None] = print,
+    **measure_kw,
+) -> list[Row]:
+    """Measure every (case, mode, provider); append the rows to ``out_csv`` and plot them beside it."""
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    env = {"device": device_name(device), "torch": torch.__version__, "triton": _triton_version()}
+    mem_method = "cuda_max_allocated" if device == "cuda" else "rss_hwm"
+    t_start, oom_at, rows = time.monotonic(), {}, []
+    for case in cases:
+        params = ";".join(f"{k}={v}" for k, v in case.items())
+        for mode in modes:
+            for name, setup in providers.items():
+                ms = mem = math.nan
+                err = ""
+                if budget_s is not None and time.monotonic() - t_start > budget_s:
+                    err = f"skipped: time budget {budget_s:.0f}s spent"
+                elif (name, mode) in oom_at:
+                    err = f"skipped: out of memory at {x_key}={oom_at[name, mode]}"
+                else:
+                    try:
+                        step = setup(case, mode)
+                        ms, mem = measure(step, device, **measure_kw)
+                    except Exception as e:  # noqa: BLE001  (a failing provider is a result, not a crash)
+                        err = _short_error(e)
+                        if _is_oom(e):
+                            oom_at[name, mode] = case[x_key]
+                    finally:
+                        step = None
+                        gc.collect()
+                        if device == "cuda":
+                            torch.cuda.empty_cache()
+                f = flops(case, mode) if flops and not err else math.nan
+                b = bytes_moved(case, mode) if bytes_moved and not err else math.nan
+                row = Row(
+                    date=stamp, bench=bench, provider=name, mode=mode, x_name=x_key, x=int(case[x_key]),
+                    params=params, median_ms=ms, peak_mem_mib=mem,
+                    tflops=f / (ms * 1e-3) / 1e12 if not math.isnan(f) else math.nan,
+                    gbps=b / (ms * 1e-3) / 1e9 if not math.isnan(b) else math.nan,
+                    error=err, mem_method=mem_method, **env,
+                )
+                rows.append(row)
+                log(format_row(row))
+    if out_csv is not None:
+        path = append_csv(out_csv, rows)
+        log(f"wrote {len(rows)} rows to {path}")
+        if plot:
+            png = plot_rows(rows, Path(path).with_suffix(".png"), title=f"{bench} on {env['device']}")
+            if png:
+                log(f"plot: {png}")
+    return rows
+
+
+# --------------------------------------------------------------------------- output
+def _fmt(v: float, spec: str) -> str:
+    return "-" if math.isnan(v) else format(v, spec)
+
+
+def format_row(r: Row) -> str:
+    head = f"{r.bench:<12} {r.mode:<8} {r.x_name}={r.x:<8} {r.provider:<18}"
+    if r.error:
+        return f"{head} {r.error}"
+    return (
+        f"{head} {_fmt(r.median_ms, '10.3f')} ms  {_fmt(r.peak_mem_mib, '9.1f')} MiB  "
+        f"{_fmt(r.tflops, '8.4f')} TFLOP/s"
+    )
+
+
+def format_table(rows: list[Row]) -> str:
+    return "\n".join(format_row(r) for r in rows)
+
+
+def append_csv(path: str | os.PathLike, rows: list[Row]) -> Path:
+    """Append rows (rewriting the file atomically). A file with other columns is left alone and the
+    rows go to a new file beside it, whose path is returned."""
+    path = Path(path)
+    old = ""
+    if path.exists():
+        old = path.read_text()
+        header = old.splitlines()[0].split(",") if old else []
+        if header and header != COLUMNS:
+            path = path.with_name(f"{path.stem}.{_dt.datetime.now():%Y%m%d-%H%M%S}{path.suffix}")
+            old = ""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    if not old:
+        w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(r).items()})
+    with atomic_open(path, "w") as f:
+        f.write(old + buf.getvalue())
+    return path
+
+
+def plot_rows(rows: list[Row], png: str | os.PathLike, title: str = "") -> Path | None:
+    """Time and peak memory vs size, one line per provider, one row of panels per mode."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    modes = list(dict.fromkeys(r.mode for r in rows))
+    if not modes:
+        return None
+    fig, axes = plt.subplots(len(modes), 2, figsize=(11, 3.6 * len(modes)), squeeze=False)
+    for i, mode in enumerate(modes):
+        for j, (key, label) in enumerate((("median_ms", "median time (ms)"), ("peak_mem_mib", "peak extra memory (MiB)"))):
+            ax = axes[i][j]
+            for prov in dict.fromkeys(r.provider for r in rows):
+                pts = [(r.x, getattr(r, key)) for r in rows if r.mode == mode and r.provider == prov and not r.error]
+                pts = [(x, y) for x, y in pts if not math.isnan(y) and y > 0]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=prov)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel(rows[0].x_name)
+            ax.set_ylabel(label)
+            ax.set_title(f"{mode}: {label.split(' (')[0]}")
+            ax.grid(True, which="both", alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(png, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+    return png
+
+
+__all__ = ["COLUMNS", "Row", "append_csv", "device_name", "device_slug", "format_table", "measure", "plot_rows", "run"]

@@ -1,0 +1,83 @@
+"""The benchmark harness: measurements, failure rows, CSV append, plot; and the contrastive CLI."""
+import csv
+import math
+
+import pytest
+import torch
+
+from mmfast.bench import harness
+
+
+def _alloc_step(mib):
+    def step():
+        t = torch.ones(mib * 2**18)  # mib MiB of fp32, touched so the pages are resident
+        return t.sum()
+
+    return step
+
+
+def test_measure_cpu_sees_time_and_peak_memory():
+    ms, small = harness.measure(_alloc_step(1), "cpu", reps=3)
+    _, big = harness.measure(_alloc_step(64), "cpu", reps=3)
+    assert ms > 0 and math.isfinite(ms)
+    assert big >= 60, f"64 MiB allocation seen as {big:.1f} MiB"
+    assert small < big / 4
+
+
+def test_run_records_failures_and_appends_csv(tmp_path):
+    def ok(case, mode):
+        return _alloc_step(case["n"])
+
+    def missing(case, mode):
+        import mmfast_no_such_package  # noqa: F401
+
+    def oom(case, mode):
+        raise MemoryError("out of memory")
+
+    out = tmp_path / "r" / "bench.csv"
+    cases = [{"n": 1}, {"n": 2}]
+    provs = {"ok": ok, "missing": missing, "oom": oom}
+    rows = harness.run("t", provs, cases, x_key="n", device="cpu", modes=("fwd",),
+                       flops=lambda c, m: 1e9, out_csv=out, log=lambda s: None, reps=2)
+    by = {(r.provider, r.x): r for r in rows}
+    assert by["ok", 2].error == "" and by["ok", 2].median_ms > 0
+    assert by["ok", 2].tflops == pytest.approx(1e9 / (by["ok", 2].median_ms * 1e-3) / 1e12)
+    assert by["missing", 1].error.startswith("ModuleNotFoundError")
+    assert by["oom", 1].error.startswith("MemoryError")
+    assert by["oom", 2].error.startswith("skipped: out of memory at n=1")
+    assert out.with_suffix(".png").stat().st_size > 1000
+    harness.run("t", {"ok": ok}, cases[:1], x_key="n", device="cpu", modes=("fwd",),
+                out_csv=out, plot=False, log=lambda s: None, reps=1)
+    with open(out) as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 7 and list(table[0]) == harness.COLUMNS
+    assert table[0]["device"] and table[0]["torch"] == torch.__version__ and table[0]["date"].endswith("Z")
+
+
+def test_csv_with_other_columns_is_left_alone(tmp_path):
+    out = tmp_path / "b.csv"
+    out.write_text("a,b\n1,2\n")
+    rows = harness.run("t", {"ok": lambda c, m: _alloc_step(1)}, [{"n": 1}], x_key="n", device="cpu",
+                       modes=("fwd",), out_csv=out, plot=False, log=lambda s: None, reps=1)
+    assert out.read_text() == "a,b\n1,2\n" and len(rows) == 1
+    assert len(list(tmp_path.glob("b.*.csv"))) == 1
+
+
+def test_budget_skips_the_rest(tmp_path):
+    rows = harness.run("t", {"ok": lambda c, m: _alloc_step(1)}, [{"n": 1}, {"n": 2}], x_key="n",
+                       device="cpu", modes=("fwd",), budget_s=0.0, log=lambda s: None)
+    assert all(r.error.startswith("skipped: time budget") for r in rows)
+
+
+def test_contrastive_cli_tiny_sweep(tmp_path):
+    from mmfast.bench.contrastive import main
+
+    out = tmp_path / "c.csv"
+    argv = ["--cpu", "--sizes", "64,96", "--dim", "19", "--providers", "mmfast-reference,torch-eager"]
+    assert main([*argv, "--out", str(out), "--no-plot"]) == 0
+    with open(out) as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 2 * 2 * 2
+    assert all(not r["error"] and float(r["median_ms"]) > 0 and float(r["tflops"]) > 0 for r in table)
+    assert {r["provider"] for r in table} == {"mmfast-reference", "torch-eager"}
+    assert main(["--cpu", "--sizes", "x"]) == 2
