@@ -31,6 +31,14 @@ def triton_backend() -> str:
 
 
 def pytest_collection_modifyitems(config, items):
+    # MMFAST_TEST_CUDA_ONLY=1 (the GPU suite): keep only tests that can touch CUDA, i.e. those
+    # marked `gpu` or taking the `device` / `triton_backend` fixtures; CPU-only tests ran in CI.
+    if os.environ.get("MMFAST_TEST_CUDA_ONLY") == "1":
+        keep = [i for i in items if "gpu" in i.keywords or {"device", "triton_backend"} & set(i.fixturenames)]
+        dropped = [i for i in items if i not in keep]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = keep
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
