@@ -86,7 +86,7 @@ def _hf_to_seq(key: str) -> str:
     return f"{2 * (int(m.group(1)) - 1)}.{m.group(2)}" if m else key
 
 
-def _rename_hf_keys(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+def _rename_hf_keys(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
     """``load_state_dict`` pre-hook: ``{prefix}linear_k.*`` → ``{prefix}{2(k-1)}.*`` (HF layout)."""
     for key in [k for k in state_dict if k.startswith(prefix)]:
         new = _hf_to_seq(key[len(prefix):])

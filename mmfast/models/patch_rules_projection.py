@@ -1,0 +1,162 @@
+"""Patch rules for the projection family: the LM loss, LLaVA's projector and the norms.
+
+Every rule patches *instances* (an instance-level ``forward``), never classes or source code, so the
+parameters, their names and the state dict stay exactly as they were, and the undo restores the
+class's method.
+
+* ``causal_lm.fused_linear_cross_entropy`` (loss): when ``labels`` are given, the model's own forward
+  runs with ``labels=None`` while its ``lm_head`` computes the shifted-label loss with
+  :func:`fused_linear_cross_entropy` *inside the head's forward* (so a DeepSpeed ZeRO-3 partitioned
+  head weight is gathered at that moment) and hands back an empty ``(B, S, 0)`` logits tensor.
+  Same label shift, ``ignore_index=-100``, ``num_items_in_batch`` and final-logit softcap as HF.
+* ``llava.mlp_projector`` (projection): ``LlavaMultiModalProjector`` → :func:`mlp_projector`.
+* ``hf.rms_norm`` (norm): HF RMSNorm modules (``weight`` + ``variance_epsilon``) → :func:`rms_norm`.
+* ``layer_norm`` (norm): every ``nn.LayerNorm`` over one dimension (HF CLIP, open_clip's subclasses)
+  → :func:`layer_norm`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mmfast.models.patch import PatchRule, backend_of
+
+_LM_TYPES = ("llama", "mistral", "qwen2", "llava")
+_IGNORE = -100
+
+
+def _config_value(model, name):
+    cfg = getattr(model, "config", None)
+    for c in (cfg, getattr(cfg, "text_config", None)):
+        v = getattr(c, name, None) if c is not None else None
+        if v is not None:
+            return v
+    return None
+
+
+def set_forwards(targets):
+    """Give each module an instance-level ``forward``; the undo deletes it again (the class's method
+    shows through), or restores an instance ``forward`` that was there before."""
+    if not targets:
+        return None
+    missing = object()
+    saved = [(m, vars(m).get("forward", missing)) for m, _ in targets]
+    for m, fn in targets:
+        m.forward = fn
+
+    def undo():
+        for m, old in reversed(saved):
+            if old is missing:
+                vars(m).pop("forward", None)
+            else:
+                m.forward = old
+
+    return undo
+
+
+# --------------------------------------------------------------------------- loss
+def _patch_causal_lm_loss(model: torch.nn.Module):
+    head = getattr(model, "lm_head", None)
+    if not isinstance(head, torch.nn.Linear) or not hasattr(model, "loss_function"):
+        return None
+    from mmfast.ops.projection import fused_linear_cross_entropy
+
+    orig = model.forward
+    softcap = _config_value(model, "final_logit_softcapping")
+
+    def forward(*args, **kwargs):
+        labels = kwargs.get("labels")
+        if labels is None or kwargs.get("logits_to_keep", 0) not in (0, None):
+            return orig(*args, **kwargs)
+        shift_labels = kwargs.pop("shift_labels", None)
+        n_items = kwargs.get("num_items_in_batch")
+        kwargs["labels"] = None
+        box = {}
+
+        def head_forward(hidden):  # (B, S, H), runs inside the head's __call__ (hooks have fired)
+            target = shift_labels if shift_labels is not None else F.pad(labels, (0, 1), value=_IGNORE)[..., 1:]
+            loss = fused_linear_cross_entropy(
+                hidden, head.weight, target.to(hidden.device), head.bias, ignore_index=_IGNORE,
+                reduction="sum" if n_items is not None else "mean", softcap=softcap, backend=backend_of(model),
+            )
+            box["loss"] = loss / n_items if n_items is not None else loss
+            return hidden.new_empty(*hidden.shape[:-1], 0)
+
+        head.forward = head_forward
+        try:
+            out = orig(*args, **kwargs)
+        finally:
+            del head.forward
+        if isinstance(out, tuple):
+            return (box["loss"],) + out
+        out["loss"] = box["loss"]
+        return out
+
+    return set_forwards([(model, forward)])
+
+
+# --------------------------------------------------------------------------- projector
+def _patch_llava_projector(model: torch.nn.Module):
+    from mmfast.ops.projection import mlp_projector
+
+    act = _config_value(model, "projector_hidden_act") or "gelu"
+    targets = []
+    for m in model.modules():
+        if type(m).__name__ != "LlavaMultiModalProjector":
+            continue
+        l1, l2 = getattr(m, "linear_1", None), getattr(m, "linear_2", None)
+        if not isinstance(l1, torch.nn.Linear) or not isinstance(l2, torch.nn.Linear):
+            continue
+
+        def forward(image_features, _l1=l1, _l2=l2):
+            return mlp_projector(image_features, [(_l1.weight, _l1.bias), (_l2.weight, _l2.bias)], act,
+                                 backend=backend_of(model))
+
+        targets.append((m, forward))
+    return set_forwards(targets)
+
+
+# --------------------------------------------------------------------------- norms
+def _patch_rms_norms(model: torch.nn.Module):
+    from mmfast.ops.norm import rms_norm
+
+    targets = []
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if not type(m).__name__.endswith("RMSNorm") or not isinstance(w, torch.Tensor) or w.dim() != 1:
+            continue
+        eps = getattr(m, "variance_epsilon", getattr(m, "eps", None))
+        if eps is None:
+            continue
+
+        def forward(hidden_states, _m=m, _eps=float(eps)):
+            # HF returns weight * x_normed.to(input dtype): the promoted dtype of the two.
+            out_dtype = torch.promote_types(_m.weight.dtype, hidden_states.dtype)
+            return rms_norm(hidden_states, _m.weight, _eps, backend=backend_of(model)).to(out_dtype)
+
+        targets.append((m, forward))
+    return set_forwards(targets)
+
+
+def _patch_layer_norms(model: torch.nn.Module):
+    from mmfast.ops.norm import layer_norm
+
+    targets = []
+    for m in model.modules():
+        if not isinstance(m, torch.nn.LayerNorm) or len(m.normalized_shape) != 1:
+            continue
+
+        def forward(x, _m=m):
+            return layer_norm(x, _m.weight, _m.bias, _m.eps, backend=backend_of(model))
+
+        targets.append((m, forward))
+    return set_forwards(targets)
+
+
+RULES: list[PatchRule] = [
+    PatchRule("causal_lm.fused_linear_cross_entropy", "loss", _LM_TYPES, _patch_causal_lm_loss),
+    PatchRule("llava.mlp_projector", "projection", ("llava",), _patch_llava_projector),
+    PatchRule("hf.rms_norm", "norm", _LM_TYPES, _patch_rms_norms),
+    PatchRule("layer_norm", "norm", ("clip", "clip_vision_model", "clip_text_model", "llava", "open_clip"),
+              _patch_layer_norms),
+]

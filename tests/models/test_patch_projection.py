@@ -1,0 +1,161 @@
+"""mmfast.patch with the projection rules: patched tiny models reproduce the unpatched loss and
+gradients (HF LLaMA / LLaVA / CLIP, open_clip), and unpatch restores them."""
+import copy
+
+import pytest
+import torch
+
+import mmfast
+from mmfast.models.patch import patched_rules
+from mmfast.testing import assert_error_bound
+
+transformers = pytest.importorskip("transformers")
+
+KINDS = ("loss", "norm", "projection")
+
+
+def _llama_config(**kw):
+    return transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **kw)
+
+
+def _clip_vision():
+    return dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                patch_size=8)
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _compare(model, run, backend, expect_rules):
+    """fp64 unpatched = reference, fp32 unpatched = PyTorch's own error; the patched fp32 model must be
+    within 2x that error (+ a few ulps) for the loss and every parameter gradient."""
+    ref_model = copy.deepcopy(model).double()
+    low_model = copy.deepcopy(model)
+    results = []
+    for m, patched in ((ref_model, False), (low_model, False), (model, True)):
+        if patched:
+            mmfast.patch(m, kinds=KINDS, backend=backend)
+            assert set(expect_rules) <= set(patched_rules(m)), patched_rules(m)
+        torch.manual_seed(0)
+        loss = run(m, next(m.parameters()).dtype)
+        loss.backward()
+        results.append((loss.detach(), _grads(m)))
+    (ref_loss, ref_g), (low_loss, low_g), (loss, g) = results
+    assert_error_bound(loss, ref_loss, low_loss, name="loss")
+    assert ref_g.keys() == g.keys() and len(g) > 0
+    for name in g:
+        assert_error_bound(g[name], ref_g[name], low_g[name], name=name)
+    mmfast.unpatch(model)
+    assert patched_rules(model) == []
+    assert all("forward" not in vars(m) for m in model.modules())
+
+
+@pytest.mark.parametrize("backend_kind", ["triton", "reference"])
+def test_llama_loss_and_rmsnorm(backend_kind, triton_backend):
+    backend = triton_backend if backend_kind == "triton" else "reference"
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(_llama_config())
+    ids = torch.randint(0, 97, (2, 11))
+    labels = ids.clone()
+    labels[0, :4] = -100
+
+    def run(m, dtype):
+        out = m(input_ids=ids, labels=labels)
+        assert out.logits.numel() == (0 if m is model else 2 * 11 * 97)
+        return out.loss
+
+    _compare(model, run, backend, ["causal_lm.fused_linear_cross_entropy", "hf.rms_norm"])
+
+
+def test_llama_num_items_and_no_labels(triton_backend):
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(_llama_config())
+    ref = copy.deepcopy(model)
+    ids = torch.randint(0, 97, (2, 9))
+    mmfast.patch(model, kinds=KINDS, backend=triton_backend)
+    out, ref_out = model(input_ids=ids, labels=ids, num_items_in_batch=13), ref(input_ids=ids, labels=ids,
+                                                                               num_items_in_batch=13)
+    torch.testing.assert_close(out.loss, ref_out.loss, rtol=2e-5, atol=2e-6)
+    with torch.no_grad():  # without labels the logits are computed as usual
+        torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=2e-5, atol=2e-5)
+
+
+def test_llava_projector_norms_loss(triton_backend):
+    torch.manual_seed(0)
+    config = transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(**_clip_vision()), text_config=_llama_config(),
+        image_token_index=96, projector_hidden_act="gelu", vision_feature_layer=-1,
+        vision_feature_select_strategy="default", image_seq_length=16)
+    model = transformers.LlavaForConditionalGeneration(config)
+    ids = torch.cat([torch.randint(0, 90, (1, 3)), torch.full((1, 16), 96), torch.randint(0, 90, (1, 6))], dim=1)
+    labels = ids.clone()
+    labels[:, :19] = -100
+    pixels = torch.randn(1, 3, 32, 32)
+
+    def run(m, dtype):
+        return m(input_ids=ids, pixel_values=pixels.to(dtype), labels=labels).loss
+
+    _compare(model, run, triton_backend,
+             ["causal_lm.fused_linear_cross_entropy", "llava.mlp_projector", "hf.rms_norm", "layer_norm"])
+
+
+def test_hf_clip_layer_norms(triton_backend):
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16),
+        vision_config=_clip_vision(), projection_dim=32)
+    model = transformers.CLIPModel(config)
+    ids = torch.randint(0, 63, (3, 9))
+    pixels = torch.randn(3, 3, 32, 32)
+
+    def run(m, dtype):
+        return m(input_ids=ids, pixel_values=pixels.to(dtype), return_loss=True).loss
+
+    _compare(model, run, triton_backend, ["layer_norm"])
+
+
+def test_open_clip_layer_norms(triton_backend):
+    open_clip = pytest.importorskip("open_clip")
+    torch.manual_seed(0)
+    model = open_clip.CLIP(
+        embed_dim=32,
+        vision_cfg=open_clip.CLIPVisionCfg(layers=1, width=64, head_width=32, image_size=32, patch_size=8),
+        text_cfg=open_clip.CLIPTextCfg(context_length=9, vocab_size=64, width=64, heads=2, layers=1),
+    )
+    ids = torch.randint(0, 63, (3, 9))
+    pixels = torch.randn(3, 3, 32, 32)
+
+    def run(m, dtype):
+        img = m.encode_image(pixels.to(dtype), normalize=True)
+        txt = m.encode_text(ids, normalize=True)
+        return (img @ txt.t()).logsumexp(-1).mean()
+
+    _compare(model, run, triton_backend, ["layer_norm"])
+
+
+def test_mlp_projector_loads_both_layouts(triton_backend):
+    from mmfast.nn import MLPProjector
+
+    torch.manual_seed(0)
+    seq = torch.nn.Sequential(torch.nn.Linear(19, 40), torch.nn.GELU(), torch.nn.Linear(40, 40))
+    llava_sd = {f"model.mm_projector.{k}": v for k, v in seq.state_dict().items()}
+    hf_sd = {"multi_modal_projector.linear_1.weight": seq[0].weight.detach(),
+             "multi_modal_projector.linear_1.bias": seq[0].bias.detach(),
+             "multi_modal_projector.linear_2.weight": seq[2].weight.detach(),
+             "multi_modal_projector.linear_2.bias": seq[2].bias.detach()}
+    x = torch.randn(37, 19)
+    for sd in (llava_sd, hf_sd):
+        proj = MLPProjector.from_state_dict(sd, backend=triton_backend)
+        torch.testing.assert_close(proj(x), seq(x), rtol=1e-5, atol=1e-5)
+    direct = MLPProjector(19, 40, backend=triton_backend)
+    direct.load_state_dict({k.split(".", 1)[1]: v for k, v in hf_sd.items()})  # linear_1.* keys
+    torch.testing.assert_close(direct(x), seq(x), rtol=1e-5, atol=1e-5)
+    direct.load_state_dict(seq.state_dict())  # 0.* / 2.* keys
+    assert set(direct.state_dict()) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    assert MLPProjector.from_llava_type("linear", 19, 40).depth == 1
+    assert MLPProjector.from_llava_type("mlp3x_gelu", 19, 40).depth == 3
+    with pytest.raises(ValueError, match="projector_type"):
+        MLPProjector.from_llava_type("identity", 19, 40)
