@@ -89,7 +89,8 @@ Every media path inside these files is relative to this folder.
 order: class i has COCO category id i+1 and zero-shot label i). Each image has 1-5 objects; the first
 (main) object is clearly the largest and is the image's zero-shot label. Class frequencies follow a
 Zipf prior over the category-id order; each image has a theme (sky, street, garden, table, pond) whose
-classes appear together more often.
+classes appear together more often, so POPE's popular and adversarial negatives are harder than random.
+Captions name classes with plain words, so zero-shot prompts like "a photo of a {{class}}" work.
 
 | file | format |
 |---|---|

@@ -260,3 +260,12 @@ def test_media_readers_and_t2x_errors(tmp_path):
         load_t2x_json(_write(tmp_path / "t.json", [{"caption": "x", "audio": "../a.wav"}]))
     with pytest.raises(ValueError, match=r"record 1: missing field 'audio'"):
         load_t2x_json(_write(tmp_path / "t.json", good + [{"caption": "x", "video": "v.gif"}]))
+
+
+def test_package_exports_resolve():
+    import mmfast.data as data
+
+    for name in data.__all__:
+        assert callable(getattr(data, name)), name
+    with pytest.raises(AttributeError, match="no_such"):
+        data.no_such
