@@ -35,6 +35,10 @@ demo: install
 bench: install
 	$(VENV)/bin/mmfast bench contrastive
 
+# On a CUDA machine (the lent H100/H200): CUDA tests + benchmarks, results under $$OUT.
+gpu-suite:
+	bash benchmarks/gpu_suite.sh
+
 lint: install
 	$(VENV)/bin/ruff check mmfast tests benchmarks training
 

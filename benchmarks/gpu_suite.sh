@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# The one-call GPU check (H100/H200, <= 7 minutes): CUDA tests, then the benchmarks.
+#
+#   device run:  bash benchmarks/gpu_suite.sh        (carry [".whl"] when wheels were fetched with
+#                                                     /work/shared/tools/device-wheels.sh)
+#   anywhere:    OUT=/tmp/suite bash benchmarks/gpu_suite.sh
+#
+# Every step runs under `timeout`, capped by what is left of SUITE_LIMIT_S; a failed or timed-out
+# step is recorded and the suite goes on. Output under $OUT (at most 8 files come back from a
+# device call, so keep it to these): suite.log (every step's output), <bench>.csv / <bench>.png.
+# The last thing printed is the step table and a digest of the benchmark rows.
+# SKIP_STEPS=build,pytest (prefixes of step names) skips steps, e.g. for a dry run without a GPU.
+# Exit status: 0 when every step passed, 1 otherwise.
+set -u
+
+cd "$(dirname "$0")/.." || exit 1
+OUT=${OUT:-$PWD/gpu_suite_out}
+mkdir -p "$OUT"
+LOG=$OUT/suite.log
+: >"$LOG"
+PY=${PYTHON:-python3}
+SUITE_LIMIT_S=${SUITE_LIMIT_S:-420}
+SKIP_STEPS=${SKIP_STEPS:-}
+T0=$(date +%s)
+DEADLINE=$((T0 + SUITE_LIMIT_S))
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export MMFAST_TEST_CUDA=1          # tests/conftest.py: keep compiled Triton (no interpreter)
+
+STEPS=()
+RESULTS=()
+
+# step NAME LIMIT_S CMD...  — run CMD under timeout (capped by the suite deadline), log, record.
+step() {
+    local name=$1 limit=$2
+    shift 2
+    local tok
+    for tok in ${SKIP_STEPS//,/ }; do
+        if [[ $name == "$tok"* ]]; then skip "$name" "SKIP_STEPS"; return; fi
+    done
+    local left=$((DEADLINE - $(date +%s) - 15))
+    if ((left < 10)); then
+        STEPS+=("$name"); RESULTS+=("NOT RUN (suite time limit)     0s")
+        echo "=== $name: skipped, suite time limit reached" | tee -a "$LOG"
+        return
+    fi
+    ((limit > left)) && limit=$left
+    echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
+    local t=$(date +%s)
+    timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+    local rc=$? dt=$(($(date +%s) - t)) status
+    case $rc in
+        0) status="ok" ;;
+        124 | 137) status="TIMEOUT after ${limit}s" ;;
+        *) status="FAILED (rc=$rc)" ;;
+    esac
+    STEPS+=("$name"); RESULTS+=("$(printf '%-28s %4ds' "$status" "$dt")")
+    echo "=== $name: $status in ${dt}s" | tee -a "$LOG"
+}
+
+# skip NAME WHY — record a step that does not apply here.
+skip() {
+    STEPS+=("$1"); RESULTS+=("$(printf '%-28s %4ds' "skipped ($2)" 0)")
+    echo "=== $1: skipped ($2)" | tee -a "$LOG"
+}
+
+# Benchmarks are run only when their module exists (their owners add them).
+bench() {
+    local what=$1 limit=$2
+    shift 2
+    if [[ -f mmfast/bench/$what.py ]]; then
+        step "bench $what" "$limit" "$PY" -m mmfast.cli bench "$what" --gpu --out "$OUT/$what.csv" "$@"
+    else
+        skip "bench $what" "mmfast/bench/$what.py not written yet"
+    fi
+}
+
+# 1. carried wheels (open_clip, ftfy, inf-cl, ...): the image has torch/triton but not these.
+if compgen -G ".whl/*.whl" >/dev/null; then
+    step "install wheels" 90 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site:$PYTHONPATH"
+else
+    skip "install wheels" "no .whl/ carried"
+fi
+
+# 2. what we run on.
+step "environment" 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; \
+    $PY -m mmfast.cli info; $PY -c 'import torch; assert torch.cuda.is_available(), \"no CUDA\"'"
+
+# 3. the C++ extension (CPU kernels; checks it builds against this torch).
+step "build C++ extension" 120 "$PY" setup.py -q build_ext --inplace
+
+# 4. the tests that touch CUDA: MMFAST_TEST_CUDA_ONLY keeps those marked `gpu` or taking the
+#    `device`/`triton_backend` fixtures (tests/conftest.py); CPU-only tests already ran in CI.
+step "pytest (CUDA tests)" 200 env MMFAST_TEST_CUDA_ONLY=1 "$PY" -m pytest -q -p no:cacheprovider \
+    -m "gpu or not slow" -n 4 --timeout 120 --maxfail=10 -rfE tests/ops tests/nn
+
+# 5. benchmarks. --budget-s keeps each inside its slot (rows past it are written as skipped).
+bench contrastive 110 --budget-s 90
+# >>> attention benchmark (owner: attention helper) — adjust the arguments in this line only.
+bench attention 60 --budget-s 45
+# >>> projection benchmark (owner: projection helper) — adjust the arguments in this line only.
+bench projection 60 --budget-s 45
+
+# 6. summary: the step table, then one line per benchmark row.
+{
+    echo
+    echo "================ GPU suite: $(($(date +%s) - T0))s ================"
+    for i in "${!STEPS[@]}"; do printf '%-24s %s\n' "${STEPS[$i]}" "${RESULTS[$i]}"; done
+    "$PY" - "$OUT" <<'EOF'
+import csv, glob, os, sys
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.csv"))):
+    print(f"\n{os.path.basename(path)}")
+    with open(path) as f:
+        for r in csv.DictReader(f):
+            if r["error"]:
+                res = r["error"][:60]
+            else:
+                tf = f"{float(r['tflops']):7.1f} TFLOP/s" if r["tflops"] else ""
+                res = f"{float(r['median_ms']):9.3f} ms {float(r['peak_mem_mib'] or 'nan'):9.0f} MiB {tf}"
+            print(f"  {r['mode']:<8} {r['x_name']}={r['x']:<7} {r['provider']:<16} {res}")
+EOF
+} 2>&1 | tee -a "$LOG"
+
+for r in "${RESULTS[@]}"; do
+    [[ $r == ok* || $r == skipped* ]] || exit 1
+done
+exit 0
