@@ -19,8 +19,10 @@ Measurements
   the benchmark's explicit formulas (blank when it gives none).
 
 A provider that fails (missing package, OOM, unsupported shape) becomes a row with ``error`` set;
-after an OOM the same provider and mode skip the larger cases. ``budget_s`` caps the whole sweep:
-the rest is recorded as skipped.
+after an OOM the same provider and mode skip the later cases (list cases smallest first).
+Providers run one after the other, each over every case and mode; ``budget_s`` caps the whole
+sweep, shared fairly: each provider may use an equal part of what is left, and the rows past its
+part are recorded as skipped.
 """
 from __future__ import annotations
 
@@ -209,15 +211,20 @@ def run(
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     env = {"device": device_name(device), "torch": torch.__version__, "triton": _triton_version()}
     mem_method = "cuda_max_allocated" if device == "cuda" else "rss_hwm"
+    cases = list(cases)
     t_start, oom_at, rows = time.monotonic(), {}, []
-    for case in cases:
-        params = ";".join(f"{k}={v}" for k, v in case.items())
-        for mode in modes:
-            for name, setup in providers.items():
+    for k, (name, setup) in enumerate(providers.items()):
+        # Fair share: each provider gets an equal part of what is left, so a slow one (say a
+        # compiler) cannot starve the others; time it does not use rolls over to the next.
+        t_prov = time.monotonic()
+        share = None if budget_s is None else (budget_s - (t_prov - t_start)) / (len(providers) - k)
+        for case in cases:
+            params = ";".join(f"{key}={v}" for key, v in case.items())
+            for mode in modes:
                 ms = mem = math.nan
                 err = ""
-                if budget_s is not None and time.monotonic() - t_start > budget_s:
-                    err = f"skipped: time budget {budget_s:.0f}s spent"
+                if share is not None and time.monotonic() - t_prov > share:
+                    err = f"skipped: time budget ({share:.0f}s of {budget_s:.0f}s) spent"
                 elif (name, mode) in oom_at:
                     err = f"skipped: out of memory at {x_key}={oom_at[name, mode]}"
                 else:
