@@ -70,6 +70,8 @@ def distributed_clip_loss(img, txt, scale, bias=None, label_smoothing=0.0, group
     from mmfast.ops.contrastive import _as_scalar, _check_features
 
     _check_features(img, txt)
+    if not 0.0 <= float(label_smoothing) < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     scale = _replicated(_as_scalar(scale, "logit_scale", img, True), group)
     bias = _replicated(_as_scalar(bias, "logit_bias", img, False), group)
     part, total = clip_partial(img, txt, scale, bias, label_smoothing, group, backend)

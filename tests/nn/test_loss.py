@@ -105,6 +105,8 @@ def test_bad_arguments_are_named():
         ClipLoss(use_horovod=True)
     with pytest.raises(ValueError, match="rank"):
         ClipLoss(rank=2, world_size=2)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        ClipLoss(label_smoothing=1.0)
     with pytest.raises(ValueError, match="dist_impl"):
         SigLipLoss(dist_impl="ring")
     with pytest.raises(ValueError, match="text_features"):
