@@ -182,3 +182,30 @@ def test_cli_and_bad_arguments(tmp_path, capsys):
         make_world(tmp_path / "x", n_images=1)
     with pytest.raises(ValueError, match="image_size"):
         make_world(tmp_path / "x", n_images=4, image_size=8)
+
+
+def test_pope_popular_and_adversarial_negatives_are_more_plausible():
+    """POPE's harder settings ask about absent objects that this world makes likely."""
+    from mmfast.eval.pope import build_questions, object_of
+
+    def records(scenes):
+        return [{"image": str(i), "objects": list(dict.fromkeys(o["cls"] for o in s["objects"]))}
+                for i, s in enumerate(scenes)]
+
+    train, val = records(_scenes(400, seed=5)), records(_scenes(400, seed=6))
+    n = len(train)
+    freq = Counter(o for r in train for o in r["objects"])
+    pair = Counter((a, b) for r in train for a in r["objects"] for b in r["objects"] if a != b)
+    objects = {r["image"]: r["objects"] for r in val}
+
+    def plausibility(q):  # P(neg | the likeliest present object), estimated on other images
+        neg = object_of(q["text"])
+        return max(pair[(p, neg)] / freq[p] for p in objects[q["image"]]), freq[neg] / n
+
+    stats = {}
+    for setting in ("random", "popular", "adversarial"):
+        qs = build_questions(val, setting, num_images=100, num_positive=3, seed=0)
+        negs = [plausibility(q) for q in qs if q["label"] == "no"]
+        stats[setting] = np.mean(negs, axis=0)  # (conditional, marginal)
+    assert stats["adversarial"][0] > 1.5 * stats["random"][0], stats
+    assert stats["popular"][1] > 1.5 * stats["random"][1], stats
