@@ -33,18 +33,19 @@ def clip_loss_fwd(
     a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor],
     label_smoothing: float, offset: int, symmetric: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """-> (loss_sum fp32 0-d, lse_row fp32 (M,), lse_col fp32 (K,) or (0,) when not symmetric)."""
+    """-> (loss_sum fp32 0-d, lse_row (M,), lse_col (K,) or (0,) when not symmetric)."""
     loss, lse_row, lse_col = _kernels(backend).clip_fwd(
         a, b, _f32(scale), _f32(bias), label_smoothing, offset, symmetric
     )
-    return loss, lse_row, _empty(a) if lse_col is None else lse_col
+    return loss, lse_row, lse_row.new_empty((0,)) if lse_col is None else lse_col
 
 
 @clip_loss_fwd.register_fake
 def _(a, b, scale, bias, label_smoothing, offset, symmetric, backend):
-    f32 = dict(dtype=torch.float32)
-    lse_col = b.new_empty((b.shape[0],), **f32) if symmetric else b.new_empty((0,), **f32)
-    return a.new_empty((), **f32), a.new_empty((a.shape[0],), **f32), lse_col
+    # The shapes of the contract; the lse dtype is the backend's (fp64 for triton and cpp, see contrastive.py).
+    lse_dtype = torch.float64 if backend.startswith("triton") or backend == "cpp" else torch.float32
+    lse_col = b.new_empty((b.shape[0] if symmetric else 0,), dtype=lse_dtype)
+    return a.new_empty((), dtype=torch.float32), a.new_empty((a.shape[0],), dtype=lse_dtype), lse_col
 
 
 @torch.library.custom_op("mmfast::clip_loss_bwd", mutates_args=())

@@ -8,25 +8,34 @@ Forward (CLIP). Grid: one program per block of ``BM`` rows; it walks all column 
 keeping the online row log-sum-exp, the positive logit and the row sum of z (label smoothing).
 For the symmetric loss it also writes, per (row block, column), the column max and Σexp over its
 rows (and the column sum of z when ε > 0); ``_col_kernel`` folds those partials into the exact
-column lse. One pass over S; extra memory ``(2 + [ε>0]) · ⌈M/BM⌉ · K`` fp32 on top of O(M + K)
-vectors (N = 65536, BM = 128: 256 MiB instead of the 16 GiB of fp32 logits).
+column lse. One pass over S. Extra memory: ``(2 + [ε>0]) · ⌈M/BM⌉ · K`` partials (fp32, or fp64
+for fp32 inputs) plus O(M + K) vectors: N = 65536, BM = 128, bf16 → 256 MiB (fp32 logits: 16 GiB).
+SigLIP needs no column pass: each program writes its rows' Σ softplus.
 
 Backward. Same grid; each program recomputes its S tiles and the logit gradient
 ``G = ∂loss/∂z`` (CLIP rows: softmax − (1−ε)·onehot − ε/K, plus the column counterpart when
 symmetric; SigLIP: −y·σ(−y z)), then per d chunk adds ``g·s·G @ b_blk`` to its own rows of an
 fp32 ``da`` buffer (read-modify-write, no other program touches them) and atomically adds
-``g·s·Gᵀ @ a_blk`` into an fp32 ``db`` buffer. ``dscale = g·Σ G⊙(a bᵀ)`` and (SigLIP)
-``dbias = g·Σ G`` are per-program partial sums reduced on the host side with torch (no sync).
-CLIP's ``dbias`` is exactly 0: every CE row (and column) is invariant to a shared shift.
+``g·s·Gᵀ @ a_blk`` into an fp32 ``db`` buffer (M + K)·d·4 bytes. ``dscale = g·Σ G⊙(a bᵀ)`` and
+(SigLIP) ``dbias = g·Σ G`` are per-program partials summed by torch (no host sync). CLIP's
+``dbias`` is exactly 0: every CE row (and column) is invariant to a shared shift.
 
 FLOPs: forward 2·M·K·d, backward 6·M·K·d (S recompute, da, db): 8·N²·d for fwd+bwd, the minimum
 for a scheme that never stores S. The fp32 atomics make ``db`` non-deterministic in the last bits.
 
-Precision: fp32 inputs use ``input_precision="ieee"`` (exact fp32 products, no tf32) unless
-``MMFAST_CONTRASTIVE_FP32_PRECISION=tf32``; bf16/fp16 inputs use the native MMA with fp32
-accumulation, G is rounded to the input dtype before its two GEMMs (as flash attention does with
-P). Under ``TRITON_INTERPRET=1`` operands are upcast to fp32 before ``tl.dot`` because the
-interpreter multiplies raw bf16 bits.
+Precision.
+* GEMMs: fp32 inputs use ``input_precision="ieee"`` (no tf32) unless
+  ``MMFAST_CONTRASTIVE_FP32_PRECISION=tf32``; bf16/fp16 inputs use the native MMA with fp32
+  accumulation, and G is rounded to the input dtype before its two GEMMs (as flash attention does
+  with P). Under ``TRITON_INTERPRET=1`` bf16 operands are upcast to fp32 before ``tl.dot``
+  (the interpreter multiplies raw bf16 bits).
+* Elementwise math (z, exp, softplus, the running sums) runs in ``ET``: fp64 for fp32 inputs
+  (``EXACT``), fp32 otherwise. In fp32, rounding z = s·S + β, the few-ulp hardware/numpy exp and
+  per-row sums put biased errors into reductions such as dscale that PyTorch's fp32 path does not
+  have; fp64 costs a few % next to the ieee fp32 dot's 2·d FMAs per logit.
+* lse is stored in fp64 (m + log l); the backward splits it into hi + lo in ET so ``z − hi`` is
+  exact near the max, and the per-row loss is ``(1−ε)(m − z⁺) + ε(m − z̄) + log l`` (the large max
+  cancels before the small log-sum is added, as in PyTorch's log-softmax; exactly 0 for K = 1).
 """
 from __future__ import annotations
 
@@ -82,40 +91,51 @@ def _sigmoid(x):
     return tl.where(x >= 0, 1.0 / (1.0 + t), t / (1.0 + t))
 
 
+@triton.jit
+def _logits(acc, s, beta, EXACT: tl.constexpr):
+    """z = s·S + β in the elementwise dtype: fp64 when EXACT (fp32 inputs), else fp32."""
+    if EXACT:
+        z = s * acc.to(tl.float64) + beta
+    else:
+        z = s * acc + beta
+    return z
+
+
 # --------------------------------------------------------------------------- kernels
 @triton.jit
 def _fwd_kernel(
     a_ptr, b_ptr, scale_ptr, bias_ptr,
-    row_out_ptr, lse_row_ptr, zpos_ptr,  # (M,) each
-    pm_ptr, pl_ptr, pc_ptr,  # (R, K) partial column max / Σexp / Σz; SYMMETRIC only
+    row_out_ptr, lse_row_ptr, zpos_ptr,  # (M,) fp32, fp64, fp64
+    pm_ptr, pl_ptr, pc_ptr,  # (R, K) partial column max / Σexp / Σz in ET; SYMMETRIC only
     M, K, D, offset, smooth,
     stride_am, stride_ad, stride_bk, stride_bd,
     HAS_BIAS: tl.constexpr, SIGLIP: tl.constexpr, SYMMETRIC: tl.constexpr, SMOOTH: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, EXACT: tl.constexpr,
 ):
     """Per row i: CLIP  row_out = lse_j z_ij − (1−ε) z_i,i+off − (ε/K) Σ_j z_ij;
                   SigLIP row_out = Σ_j softplus(−y_ij z_ij).   z_ij = s·a_i·b_j + β."""
+    ET: tl.constexpr = tl.float64 if EXACT else tl.float32
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
     rmask = rows < M
     rows64 = rows.to(tl.int64)
-    s = tl.load(scale_ptr).to(tl.float32)
+    s = tl.load(scale_ptr).to(ET)
     if HAS_BIAS:
-        beta = tl.load(bias_ptr).to(tl.float32)
+        beta = tl.load(bias_ptr).to(ET)
     else:
-        beta = 0.0
-    m_i = tl.full((BM,), _NEG, dtype=tl.float32)
-    l_i = tl.zeros((BM,), dtype=tl.float32)
-    zpos = tl.zeros((BM,), dtype=tl.float32)
-    zsum = tl.zeros((BM,), dtype=tl.float32)
-    sp = tl.zeros((BM,), dtype=tl.float32)
+        beta = tl.zeros((), dtype=ET)
+    m_i = tl.full((BM,), _NEG, dtype=ET)
+    l_i = tl.zeros((BM,), dtype=ET)
+    zpos = tl.zeros((BM,), dtype=ET)
+    zsum = tl.zeros((BM,), dtype=ET)
+    sp = tl.zeros((BM,), dtype=ET)
     for n0 in range(0, K, BN):
         cols = n0 + tl.arange(0, BN)
         cmask = cols < K
         acc = _s_tile(a_ptr, b_ptr, rows64, rmask, cols.to(tl.int64), cmask, D, stride_am, stride_ad,
                       stride_bk, stride_bd, BM, BN, BD, UPCAST, PRECISION)
-        z = s * acc + beta  # (BM, BN)
+        z = _logits(acc, s, beta, EXACT)  # (BM, BN)
         valid = rmask[:, None] & cmask[None, :]
         pos = cols[None, :] == rows[:, None] + offset
         if SIGLIP:
@@ -133,78 +153,87 @@ def _fwd_kernel(
                 mc = tl.max(zc, axis=0)  # (BN,)
                 lc = tl.sum(tl.exp(zc - mc[None, :]), axis=0)
                 part = pid.to(tl.int64) * K + cols
-                tl.store(pm_ptr + part, mc, mask=cmask)
-                tl.store(pl_ptr + part, lc, mask=cmask)
+                tl.store(pm_ptr + part, mc.to(ET), mask=cmask)
+                tl.store(pl_ptr + part, lc.to(ET), mask=cmask)
                 if SMOOTH:
                     tl.store(pc_ptr + part, tl.sum(tl.where(valid, z, 0.0), axis=0), mask=cmask)
     if SIGLIP:
-        tl.store(row_out_ptr + rows, sp, mask=rmask)
+        tl.store(row_out_ptr + rows, sp.to(tl.float32), mask=rmask)
     else:
-        lse = m_i + tl.log(l_i)
-        tl.store(lse_row_ptr + rows, lse, mask=rmask)
-        tl.store(zpos_ptr + rows, zpos, mask=rmask)
-        tl.store(row_out_ptr + rows, lse - (1.0 - smooth) * zpos - (smooth / K) * zsum, mask=rmask)
+        log_l = tl.log(l_i.to(tl.float64))  # (BM,) O(M) work: fp64 costs nothing here
+        tl.store(lse_row_ptr + rows, m_i.to(tl.float64) + log_l, mask=rmask)
+        tl.store(zpos_ptr + rows, zpos.to(tl.float64), mask=rmask)
+        # (1−ε)(m − z⁺) + ε(m − z̄) + log l: as PyTorch's log-softmax, the large max cancels
+        # against the logits before the small log-sum is added (exact 0 when K = 1).
+        row = (1.0 - smooth) * (m_i - zpos) + smooth * (m_i - zsum / K) + log_l.to(ET)
+        tl.store(row_out_ptr + rows, row.to(tl.float32), mask=rmask)
 
 
 @triton.jit
 def _col_kernel(pm_ptr, pl_ptr, pc_ptr, zpos_ptr, lse_col_ptr, col_out_ptr, R, M, K, smooth,
                 SMOOTH: tl.constexpr, BN: tl.constexpr):
-    """Column j (square, offset 0): lse_j = log Σ_r pl[r,j]·exp(pm[r,j] − m_j) + m_j;
-    col_out_j = lse_j − (1−ε) z_jj − (ε/M) Σ_r pc[r,j]."""
+    """Column j (square, offset 0): lse_j = m_j + log Σ_r pl[r,j]·exp(pm[r,j] − m_j), in fp64;
+    col_out_j = (1−ε)(m_j − z_jj) + ε(m_j − Σ_r pc[r,j] / M) + (lse_j − m_j)."""
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
     cmask = cols < K
-    m = tl.full((BN,), _NEG, dtype=tl.float32)
-    l = tl.zeros((BN,), dtype=tl.float32)
-    zsum = tl.zeros((BN,), dtype=tl.float32)
+    m = tl.full((BN,), _NEG, dtype=tl.float64)
+    l = tl.zeros((BN,), dtype=tl.float64)
+    zsum = tl.zeros((BN,), dtype=tl.float64)
     for r in range(0, R):
         part = r * K + cols.to(tl.int64)
-        pm = tl.load(pm_ptr + part, mask=cmask, other=_NEG)
-        pl = tl.load(pl_ptr + part, mask=cmask, other=0.0)
+        pm = tl.load(pm_ptr + part, mask=cmask, other=_NEG).to(tl.float64)
+        pl = tl.load(pl_ptr + part, mask=cmask, other=0.0).to(tl.float64)
         m_new = tl.maximum(m, pm)
         l = l * tl.exp(m - m_new) + pl * tl.exp(pm - m_new)
         m = m_new
         if SMOOTH:
-            zsum += tl.load(pc_ptr + part, mask=cmask, other=0.0)
-    lse = m + tl.log(tl.where(cmask, l, 1.0))
-    zpos = tl.load(zpos_ptr + cols, mask=cmask, other=0.0)
-    tl.store(lse_col_ptr + cols, lse, mask=cmask)
-    tl.store(col_out_ptr + cols, lse - (1.0 - smooth) * zpos - (smooth / M) * zsum, mask=cmask)
+            zsum += tl.load(pc_ptr + part, mask=cmask, other=0.0).to(tl.float64)
+    log_l = tl.log(tl.where(cmask, l, 1.0))
+    zpos = tl.load(zpos_ptr + cols, mask=cmask, other=0.0).to(tl.float64)
+    tl.store(lse_col_ptr + cols, m + log_l, mask=cmask)
+    col = (1.0 - smooth) * (m - zpos) + smooth * (m - zsum / M) + log_l
+    tl.store(col_out_ptr + cols, col.to(tl.float32), mask=cmask)
 
 
 @triton.jit
 def _bwd_kernel(
     a_ptr, b_ptr, scale_ptr, bias_ptr, grad_ptr, lse_row_ptr, lse_col_ptr,
     da_ptr, db_ptr,  # fp32 (M, D) written here; fp32 (K, D) zero-filled, atomics
-    dscale_ptr, dbias_ptr,  # (R,) per-program partials
+    dscale_ptr, dbias_ptr,  # (R,) fp32 per-program partials
     M, K, D, offset, smooth,
     stride_am, stride_ad, stride_bk, stride_bd,
     HAS_BIAS: tl.constexpr, SIGLIP: tl.constexpr, SYMMETRIC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, EXACT: tl.constexpr,
 ):
     """G = ∂loss/∂z per tile; da_rows = g·s·Σ_tiles G b, db += g·s·Gᵀ a, dscale = g·Σ G⊙(a·b)."""
+    ET: tl.constexpr = tl.float64 if EXACT else tl.float32
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
     rmask = rows < M
     rows64 = rows.to(tl.int64)
-    s = tl.load(scale_ptr).to(tl.float32)
+    s = tl.load(scale_ptr).to(ET)
     if HAS_BIAS:
-        beta = tl.load(bias_ptr).to(tl.float32)
+        beta = tl.load(bias_ptr).to(ET)
     else:
-        beta = 0.0
+        beta = tl.zeros((), dtype=ET)
     g = tl.load(grad_ptr).to(tl.float32)
-    gs = g * s
+    gs = g * tl.load(scale_ptr).to(tl.float32)
     if not SIGLIP:
+        # lse (fp64) = hi + lo in ET: z − hi is exact for the logits near the max, so
+        # p = exp((z − hi) − lo) keeps log-softmax accuracy however large |lse| is.
         lse_i = tl.load(lse_row_ptr + rows, mask=rmask, other=0.0)
-    dsc = tl.zeros((BM,), dtype=tl.float32)
-    dbi = tl.zeros((BM,), dtype=tl.float32)
+        hi_i = lse_i.to(ET)
+        lo_i = (lse_i - hi_i.to(tl.float64)).to(ET)
+    dsc = tl.zeros((BM,), dtype=ET)
+    dbi = tl.zeros((BM,), dtype=ET)
     for n0 in range(0, K, BN):
         cols = n0 + tl.arange(0, BN)
         cmask = cols < K
         cols64 = cols.to(tl.int64)
         acc = _s_tile(a_ptr, b_ptr, rows64, rmask, cols64, cmask, D, stride_am, stride_ad,
                       stride_bk, stride_bd, BM, BN, BD, UPCAST, PRECISION)
-        z = s * acc + beta  # (BM, BN)
+        z = _logits(acc, s, beta, EXACT)  # (BM, BN)
         valid = rmask[:, None] & cmask[None, :]
         pos = cols[None, :] == rows[:, None] + offset
         if SIGLIP:
@@ -212,14 +241,23 @@ def _bwd_kernel(
             G = tl.where(pos, -sg, sg)
             dbi += tl.sum(tl.where(valid, G, 0.0), axis=1)
         else:
-            hit = tl.where(pos, 1.0 - smooth, 0.0)
-            G = tl.exp(z - lse_i[:, None]) - hit - smooth / K
+            # softmax − (1−ε)·onehot − ε/K, grouped as (1−ε)(p − onehot) + ε(p − 1/K) so that
+            # a row whose softmax is exactly one-hot gets an exactly zero gradient.
+            hit = tl.where(pos, 1.0, 0.0)
+            p = tl.exp((z - hi_i[:, None]) - lo_i[:, None])
+            G = (1.0 - smooth) * (p - hit) + smooth * (p - 1.0 / K)
             if SYMMETRIC:
                 lse_j = tl.load(lse_col_ptr + cols, mask=cmask, other=0.0)
-                G += tl.exp(z - lse_j[None, :]) - hit - smooth / M
+                hi_j = lse_j.to(ET)
+                lo_j = (lse_j - hi_j.to(tl.float64)).to(ET)
+                q = tl.exp((z - hi_j[None, :]) - lo_j[None, :])
+                G += (1.0 - smooth) * (q - hit) + smooth * (q - 1.0 / M)
         G = tl.where(valid, G, 0.0)
-        dsc += tl.sum(G * acc, axis=1)
-        Gd = G.to(a_ptr.dtype.element_ty)  # native MMA operand; the interpreter rounds the same way
+        if EXACT:
+            dsc += tl.sum(G * acc.to(tl.float64), axis=1)
+        else:
+            dsc += tl.sum(G * acc, axis=1)
+        Gd = G.to(a_ptr.dtype.element_ty)  # the GEMM operand; the interpreter rounds the same way
         if UPCAST:
             Gd = Gd.to(tl.float32)
         for d0 in range(0, D, BD):
@@ -243,20 +281,23 @@ def _bwd_kernel(
             db_part = gs * tl.dot(tl.trans(Gd), at, input_precision=PRECISION)  # (BN, BD)
             tl.atomic_add(db_ptr + cols64[:, None] * D + ds[None, :], db_part,
                           mask=cmask[:, None] & dmask[None, :])
-    tl.store(dscale_ptr + pid, g * tl.sum(dsc, axis=0))
+    tl.store(dscale_ptr + pid, g * tl.sum(dsc, axis=0).to(tl.float32))
     if SIGLIP:
-        tl.store(dbias_ptr + pid, g * tl.sum(dbi, axis=0))
+        tl.store(dbias_ptr + pid, g * tl.sum(dbi, axis=0).to(tl.float32))
 
 
 # --------------------------------------------------------------------------- host side
 def _cfg(a: torch.Tensor, M: int, K: int, D: int, phase: str) -> dict:
-    """Block sizes. H100/H200: 128-row blocks, 64-wide d chunks, 8 warps; the backward uses 64-column
-    blocks so S, G and the two (·, 64) GEMM accumulators fit in registers. fp32 tiles take twice the
-    shared memory, so they get one pipeline stage less. The interpreter gets small blocks (CPU tests)."""
+    """Block sizes. H100/H200, 16-bit inputs: 128-row blocks, 64-wide d chunks, 8 warps; the backward
+    uses 64-column blocks so S, G and the two (·, 64) GEMM accumulators fit in registers. fp32 inputs
+    run ieee FMA dots and fp64 elementwise math (twice the registers per logit), so 64×64 tiles.
+    The interpreter gets small blocks (CPU tests)."""
     if _INTERPRET:
         bm, bn, bd, warps, stages = 32, 32, 32, 4, 1
+    elif a.dtype == torch.float32:
+        bm, bn, bd, warps, stages = 64, 64, 32, 4, 2
     elif phase == "fwd":
-        bm, bn, bd, warps, stages = 128, 128, 64, 8, 3 if a.element_size() == 2 else 2
+        bm, bn, bd, warps, stages = 128, 128, 64, 8, 3
     else:
         bm, bn, bd, warps, stages = 128, 64, 64, 8, 2
     # tl.dot needs every dimension >= 16; smaller problems get smaller (power-of-two) blocks.
@@ -276,13 +317,14 @@ def _precision(a: torch.Tensor) -> str:
 
 
 def _flags(a: torch.Tensor) -> dict:
-    return dict(UPCAST=_INTERPRET and a.dtype == torch.bfloat16, PRECISION=_precision(a))
+    return dict(UPCAST=_INTERPRET and a.dtype == torch.bfloat16, PRECISION=_precision(a),
+                EXACT=a.dtype == torch.float32)
 
 
-def _out(shape, device, *, zero=False) -> torch.Tensor:
+def _out(shape, device, *, zero=False, dtype=torch.float32) -> torch.Tensor:
     if zero:  # accumulated with atomics: must start at 0
-        return torch.zeros(shape, device=device, dtype=torch.float32)
-    t = torch.empty(shape, device=device, dtype=torch.float32)
+        return torch.zeros(shape, device=device, dtype=dtype)
+    t = torch.empty(shape, device=device, dtype=dtype)
     return poison_(t) if POISON_OUTPUTS else t
 
 
@@ -297,10 +339,12 @@ def clip_fwd(a, b, scale, bias, label_smoothing, offset, symmetric):
     R = triton.cdiv(M, cfg["BM"])
     dev = a.device
     smooth = float(label_smoothing)
-    row_out, lse_row, zpos = _out((M,), dev), _out((M,), dev), _out((M,), dev)
+    row_out = _out((M,), dev)
+    lse_row, zpos = _out((M,), dev, dtype=torch.float64), _out((M,), dev, dtype=torch.float64)
     if symmetric:
-        pm, pl = _out((R, K), dev), _out((R, K), dev)
-        pc = _out((R, K), dev) if smooth > 0 else pm
+        et = torch.float64 if a.dtype == torch.float32 else torch.float32  # the kernels' ET
+        pm, pl = _out((R, K), dev, dtype=et), _out((R, K), dev, dtype=et)
+        pc = _out((R, K), dev, dtype=et) if smooth > 0 else pm
     else:
         pm = pl = pc = row_out  # never touched when SYMMETRIC is False
     _fwd_kernel[(R,)](
@@ -309,16 +353,16 @@ def clip_fwd(a, b, scale, bias, label_smoothing, offset, symmetric):
         HAS_BIAS=bias is not None, SIGLIP=False, SYMMETRIC=bool(symmetric), SMOOTH=smooth > 0,
         **_flags(a), **cfg,
     )
-    loss = row_out.sum()
+    loss = row_out.sum(dtype=torch.float64)  # O(M) terms: summing in fp64 is free
     lse_col = None
     if symmetric:
-        lse_col, col_out = _out((K,), dev), _out((K,), dev)
+        lse_col, col_out = _out((K,), dev, dtype=torch.float64), _out((K,), dev)
         bn = 128 if not _INTERPRET else 32
         _col_kernel[(triton.cdiv(K, bn),)](
             pm, pl, pc, zpos, lse_col, col_out, R, M, K, smooth, SMOOTH=smooth > 0, BN=bn
         )
-        loss = loss + col_out.sum()
-    return loss, lse_row, lse_col
+        loss = loss + col_out.sum(dtype=torch.float64)
+    return loss.float(), lse_row, lse_col
 
 
 def _bwd(a, b, scale, bias, grad, lse_row, lse_col, smooth, offset, symmetric, siglip):
@@ -340,9 +384,9 @@ def _bwd(a, b, scale, bias, grad, lse_row, lse_col, smooth, offset, symmetric, s
         HAS_BIAS=bias is not None, SIGLIP=siglip, SYMMETRIC=bool(symmetric),
         **_flags(a), **cfg,
     )
-    dscale = dscale_part.sum()
+    dscale = dscale_part.sum(dtype=torch.float64).float()
     if siglip:
-        dbias = dbias_part.sum()
+        dbias = dbias_part.sum(dtype=torch.float64).float()
     elif bias is not None:
         dbias = torch.zeros((), device=dev, dtype=torch.float32)  # CE is shift-invariant per row/column
     else:
@@ -365,7 +409,7 @@ def siglip_fwd(a, b, scale, bias, offset):
         M, K, D, int(offset), 0.0, *_strides(a, b),
         HAS_BIAS=True, SIGLIP=True, SYMMETRIC=False, SMOOTH=False, **_flags(a), **cfg,
     )
-    return row_out.sum()
+    return row_out.sum(dtype=torch.float64).float()
 
 
 def siglip_bwd(a, b, scale, bias, offset, grad):
@@ -375,6 +419,7 @@ def siglip_bwd(a, b, scale, bias, offset, grad):
 def extra_memory_bytes(M: int, K: int, D: int, symmetric: bool, label_smoothing: float, dtype) -> dict:
     """Scratch the kernels allocate beyond O(M + K) vectors, for the docs and the benchmark."""
     bm_f = _cfg(torch.empty(0, dtype=dtype), M, K, D, "fwd")["BM"]
-    fwd = (2 + (label_smoothing > 0)) * triton.cdiv(M, bm_f) * K * 4 if symmetric else 0
+    et_bytes = 8 if dtype == torch.float32 else 4  # partials are kept in the elementwise dtype
+    fwd = (2 + (label_smoothing > 0)) * triton.cdiv(M, bm_f) * K * et_bytes if symmetric else 0
     bwd = (M + K) * D * 4  # fp32 da / db accumulators
     return {"fwd": fwd, "bwd": bwd}

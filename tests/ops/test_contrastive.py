@@ -1,0 +1,327 @@
+"""Fused CLIP / SigLIP losses: every backend against an fp64 reference, with PyTorch's own result in
+the same dtype as the yardstick (mmfast.testing.assert_error_bound), on odd and round shapes.
+
+Triton kernels run under TRITON_INTERPRET=1 on CPU (tests/conftest.py); with MMFAST_TEST_CUDA=1 on
+a GPU machine the `triton_backend` fixture switches them to the compiled kernels.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+
+import mmfast.ops._contrastive_triton as ctri
+from mmfast.ops import BackendUnavailableError
+from mmfast.ops import contrastive as C
+from mmfast.testing import assert_error_bound
+
+
+def _cpp_importable() -> bool:
+    try:
+        importlib.import_module("mmfast.ops._contrastive_cpp")
+    except Exception:
+        return False
+    return True
+
+
+BACKENDS = ["triton_interpret", "reference"] + (["cpp"] if _cpp_importable() else [])
+DTYPES = [torch.float32, torch.bfloat16]
+SHAPES = [(1, 8), (37, 19), (64, 32)]
+
+
+@pytest.fixture(autouse=True)
+def _poison_kernel_outputs(monkeypatch):
+    """Every buffer a Triton kernel should fill starts as NaN: an unwritten element fails the bound."""
+    monkeypatch.setattr(ctri, "POISON_OUTPUTS", True)
+
+
+def _backend(name: str, triton_backend: str) -> str:
+    return triton_backend if name == "triton_interpret" else name
+
+
+# --------------------------------------------------------------------------- inputs
+def _features(m, k, d, dtype, *, seed, offset=0, unit=True, device="cpu"):
+    """Paired, unnormalised features: b's positive rows are noisy copies of a's, row norms vary."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(m, d, generator=g, dtype=torch.float64)
+    b = torch.randn(k, d, generator=g, dtype=torch.float64)
+    b[offset : offset + m] = 0.8 * a + 0.6 * b[offset : offset + m]
+    if unit:  # |a_i| around 1 (as after a projection head), but not normalised
+        a = a / math.sqrt(d) * (0.5 + 1.5 * torch.rand(m, 1, generator=g, dtype=torch.float64))
+        b = b / math.sqrt(d) * (0.5 + 1.5 * torch.rand(k, 1, generator=g, dtype=torch.float64))
+    return a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
+
+
+def _grads(fn, a, b, scale, bias):
+    leaves = [t.detach().clone().requires_grad_() for t in (a, b, scale)]
+    leaves.append(None if bias is None else bias.detach().clone().requires_grad_())
+    loss = fn(*leaves)
+    want = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(loss, want)
+    out = {"loss": loss.detach(), "d_image": grads[0], "d_text": grads[1], "d_scale": grads[2]}
+    if bias is not None:
+        out["d_bias"] = grads[3]
+    return out
+
+
+def _check(fn, ref_fn, a, b, scale, bias):
+    """fn (the backend under test, in a's dtype) vs ref_fn in fp64, yardstick: ref_fn in a's dtype."""
+    got = _grads(fn, a, b, scale, bias)
+    f64 = [None if t is None else t.double() for t in (a, b, scale, bias)]
+    ref = _grads(ref_fn, *f64)
+    lowp = _grads(ref_fn, a, b, scale, bias)
+    for name in ref:
+        assert_error_bound(got[name], ref[name], lowp[name], name=name)
+
+
+# --------------------------------------------------------------------------- symmetric losses
+CASES = {
+    # name: (loss, label_smoothing, scale, bias, unit-norm-ish features)
+    "clip": ("clip", 0.0, 10.0, None, True),
+    "clip_smooth_bias_s100": ("clip", 0.1, math.exp(4.6), -2.0, True),
+    "clip_unnormalised_s100": ("clip", 0.1, math.exp(4.6), None, False),
+    "siglip": ("siglip", 0.0, 10.0, -10.0, True),
+    "siglip_unnormalised_s100": ("siglip", 0.0, math.exp(4.6), 3.0, False),
+}
+
+
+def _loss_fns(case, backend):
+    kind, ls, _, _, _ = CASES[case]
+    if kind == "clip":
+        return (
+            lambda a, b, s, bias: C.clip_loss(a, b, s, bias, label_smoothing=ls, backend=backend),
+            lambda a, b, s, bias: C.clip_loss_reference(a, b, s, bias, label_smoothing=ls),
+        )
+    return (
+        lambda a, b, s, bias: C.siglip_loss(a, b, s, bias, backend=backend),
+        C.siglip_loss_reference,
+    )
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"N{s[0]}d{s[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loss_and_grads_match_fp64(backend, case, dtype, shape, device, triton_backend):
+    n, d = shape
+    _, _, scale, bias, unit = CASES[case]
+    a, b = _features(n, n, d, dtype, seed=n * 1000 + d, unit=unit, device=device)
+    s = torch.tensor(scale, device=device)
+    beta = None if bias is None else torch.tensor(bias, device=device)
+    fn, ref_fn = _loss_fns(case, _backend(backend, triton_backend))
+    _check(fn, ref_fn, a, b, s, beta)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["clip_smooth_bias_s100", "siglip"])
+def test_large_d_not_power_of_two(case, dtype, device, triton_backend):
+    """N=300, d=1152: several row/column blocks with ragged edges, d walked in many masked chunks."""
+    _, _, scale, bias, unit = CASES[case]
+    a, b = _features(300, 300, 1152, dtype, seed=7, unit=unit, device=device)
+    s = torch.tensor(scale, device=device)
+    beta = None if bias is None else torch.tensor(bias, device=device)
+    fn, ref_fn = _loss_fns(case, triton_backend)
+    _check(fn, ref_fn, a, b, s, beta)
+
+
+@pytest.mark.parametrize("case", ["clip_smooth_bias_s100", "siglip"])
+def test_fp16_and_non_contiguous(case, device, triton_backend):
+    """fp16 operands, and features that are strided views (the kernels take explicit strides)."""
+    _, _, scale, bias, unit = CASES[case]
+    a, b = _features(37, 37, 38, torch.float16, seed=3, unit=unit, device=device)
+    a, b = a[:, ::2], b.t().contiguous().t()[:, 1::2]  # (37, 19) views: column stride 2
+    assert not a.is_contiguous() and not b.is_contiguous()
+    s = torch.tensor(scale, device=device)
+    beta = None if bias is None else torch.tensor(bias, device=device)
+    fn, ref_fn = _loss_fns(case, triton_backend)
+    _check(fn, ref_fn, a, b, s, beta)
+
+
+# --------------------------------------------------------------------------- rectangular pieces
+RECT = [(13, 40, 0), (13, 40, 20), (13, 40, 27), (37, 37, 0), (1, 5, 4)]
+
+
+@pytest.mark.parametrize("m,k,offset", RECT, ids=lambda x: str(x))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clip_rows_sum_with_offset(backend, dtype, m, k, offset, device, triton_backend):
+    a, b = _features(m, k, 19, dtype, seed=m + k + offset, offset=offset, device=device)
+    s, beta = torch.tensor(30.0, device=device), torch.tensor(0.5, device=device)
+    be = _backend(backend, triton_backend)
+    _check(
+        lambda a, b, s, bias: C.clip_rows_sum(a, b, s, bias, label_smoothing=0.1, offset=offset, backend=be),
+        lambda a, b, s, bias: C.clip_rows_reference(a, b, s, bias, 0.1, offset),
+        a, b, s, beta,
+    )
+
+
+@pytest.mark.parametrize("m,k,offset", RECT, ids=lambda x: str(x))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_siglip_sum_with_offset(backend, dtype, m, k, offset, device, triton_backend):
+    a, b = _features(m, k, 19, dtype, seed=m * k + offset, offset=offset, device=device)
+    s, beta = torch.tensor(10.0, device=device), torch.tensor(-10.0, device=device)
+    be = _backend(backend, triton_backend)
+    _check(
+        lambda a, b, s, bias: C.siglip_sum(a, b, s, bias, offset=offset, backend=be),
+        lambda a, b, s, bias: C.siglip_sum_reference(a, b, s, bias, offset),
+        a, b, s, beta,
+    )
+
+
+def test_clip_rows_sum_without_bias_has_no_bias_grad(device, triton_backend):
+    a, b = _features(5, 9, 16, torch.float32, seed=1, offset=2, device=device)
+    a.requires_grad_()
+    s = torch.tensor(10.0, device=device, requires_grad=True)
+    loss = C.clip_rows_sum(a, b, s, None, offset=2, backend=triton_backend)
+    ga, gs = torch.autograd.grad(loss, (a, s))
+    assert torch.isfinite(ga).all() and torch.isfinite(gs).all() and ga.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------- kernel internals
+def test_kernel_returns_lse_stats(device, triton_backend):
+    """clip_fwd's row/column log-sum-exp equal the fp64 ones (the distributed loss relies on them)."""
+    k = C._kernels(triton_backend)
+    a, b = _features(37, 37, 19, torch.float32, seed=11, device=device)
+    s, beta = torch.tensor(20.0, device=device), torch.tensor(-1.0, device=device)
+    _, lse_row, lse_col = k.clip_fwd(a, b, s, beta, 0.0, 0, True)
+    z = 20.0 * a.double() @ b.double().t() - 1.0
+    torch.testing.assert_close(lse_row.double(), z.logsumexp(1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(lse_col.double(), z.logsumexp(0), rtol=0, atol=1e-5)
+    _, _, none_col = k.clip_fwd(a, b, s, beta, 0.0, 0, False)
+    assert none_col is None
+
+
+def test_extra_memory_formula():
+    mem = ctri.extra_memory_bytes(4096, 4096, 768, True, 0.1, torch.bfloat16)
+    rows = 4096 // (32 if ctri._INTERPRET else 128)
+    assert mem["fwd"] == 3 * rows * 4096 * 4
+    assert ctri.extra_memory_bytes(4096, 4096, 768, False, 0.0, torch.bfloat16)["fwd"] == 0
+
+
+# --------------------------------------------------------------------------- torch.compile
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("backend", ["triton_interpret", "reference"])
+def test_torch_compile_traces_the_loss(kind, backend, device, triton_backend):
+    """aot_eager runs Dynamo + AOTAutograd over the custom ops (fake tensors, registered backward)
+    without Inductor, so it works on CPU; fullgraph=True proves there is no graph break."""
+    torch._dynamo.reset()
+    be = _backend(backend, triton_backend)
+    a, b = _features(37, 37, 19, torch.float32, seed=5, device=device)
+    s, beta = torch.tensor(10.0, device=device), torch.tensor(-2.0, device=device)
+    if kind == "clip":
+        def fn(a, b, s, bias):
+            return C.clip_loss(a, b, s, bias, label_smoothing=0.1, backend=be)
+    else:
+        def fn(a, b, s, bias):
+            return C.siglip_loss(a, b, s, bias, backend=be)
+    eager = _grads(fn, a, b, s, beta)
+    compiled = _grads(torch.compile(fn, backend="aot_eager", fullgraph=True), a, b, s, beta)
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], rtol=0, atol=0, msg=name)
+
+
+def test_custom_ops_pass_opcheck(device, triton_backend):
+    """Schema, fake-tensor, autograd-registration and AOT-dispatch checks of the registered ops."""
+    from mmfast.ops import _contrastive_library  # noqa: F401  (registers the ops)
+
+    a, b = _features(9, 9, 16, torch.float32, seed=2, device=device)
+    a.requires_grad_()
+    b.requires_grad_()
+    s = torch.tensor(10.0, device=device, requires_grad=True)
+    beta = torch.tensor(-1.0, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.mmfast.clip_loss_fwd.default, (a, b, s, beta, 0.1, 0, True, triton_backend))
+    torch.library.opcheck(torch.ops.mmfast.clip_loss_fwd.default, (a, b, s, None, 0.0, 0, False, triton_backend))
+    torch.library.opcheck(torch.ops.mmfast.siglip_loss_fwd.default, (a, b, s, beta, 0, triton_backend))
+
+
+# --------------------------------------------------------------------------- errors
+def _pair(n=4, d=8, **kw):
+    return torch.randn(n, d, **kw), torch.randn(n, d, **kw)
+
+
+@pytest.mark.parametrize(
+    "make, exc, match",
+    [
+        (lambda: (torch.randn(4, 8), torch.randn(5, 8)), ValueError, "equal batch sizes"),
+        (lambda: (torch.randn(4, 8), torch.randn(4, 9)), ValueError, "dim"),
+        (lambda: (torch.randn(4, 8), torch.randn(4, 8, dtype=torch.bfloat16)), TypeError, "dtype"),
+        (lambda: (torch.randn(4, 8), torch.randn(4, 8, device="meta")), ValueError, "on cpu"),
+        (lambda: (torch.randn(8), torch.randn(8)), ValueError, "2-D"),
+        (lambda: (torch.randn(0, 8), torch.randn(0, 8)), ValueError, "empty"),
+        (lambda: (torch.randint(0, 3, (4, 8)), torch.randint(0, 3, (4, 8))), TypeError, "dtype"),
+        (lambda: ([[1.0]], [[1.0]]), TypeError, "torch.Tensor"),
+    ],
+    ids=["rows", "dim", "dtype", "device", "1d", "empty", "int", "list"],
+)
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_bad_features_raise_naming_the_argument(loss, make, exc, match):
+    a, b = make()
+    fn = C.clip_loss if loss == "clip" else C.siglip_loss
+    with pytest.raises(exc, match=match):
+        fn(a, b, 10.0, -10.0)
+
+
+def test_bad_scalars_and_options_raise():
+    a, b = _pair()
+    with pytest.raises(ValueError, match="logit_scale must be a scalar"):
+        C.clip_loss(a, b, torch.ones(2))
+    with pytest.raises(ValueError, match="logit_bias must be a scalar"):
+        C.siglip_loss(a, b, 10.0, torch.ones(1, 2))
+    with pytest.raises(ValueError, match="logit_bias is required"):
+        C.siglip_loss(a, b, 10.0, None)
+    with pytest.raises(ValueError, match="logit_scale is on meta"):
+        C.clip_loss(a, b, torch.tensor(1.0, device="meta"))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        C.clip_loss(a, b, 10.0, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="offset 3 with 4 rows does not fit 6 columns"):
+        C.clip_rows_sum(a, torch.randn(6, 8), 10.0, offset=3)
+    with pytest.raises(ValueError, match="offset -1"):
+        C.siglip_sum(a, b, 10.0, 0.0, offset=-1)
+
+
+def test_unknown_backend_name_raises():
+    a, b = _pair()
+    with pytest.raises(ValueError, match="backend='cuda_magic'"):
+        C.clip_loss(a, b, 10.0, backend="cuda_magic")
+
+
+def test_forced_backend_that_cannot_run_names_the_reason(monkeypatch):
+    a, b = _pair()
+    with pytest.raises(BackendUnavailableError, match="'triton' cannot run clip_loss.*needs CUDA tensors"):
+        C.clip_loss(a, b, 10.0, backend="triton")
+    with pytest.raises(BackendUnavailableError, match="'triton' cannot run siglip_loss.*needs CUDA tensors"):
+        C.siglip_sum(a, b, 10.0, -10.0, backend="triton")
+    monkeypatch.setenv("MMFAST_BACKEND", "triton")  # forcing through the environment is refused alike
+    with pytest.raises(BackendUnavailableError, match="needs CUDA tensors"):
+        C.clip_rows_sum(a, b, 10.0)
+
+
+def test_info_lists_clip_loss_and_the_interpret_backend(capsys):
+    from mmfast.cli import main
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "clip_loss [cpu" in out and "siglip_loss [cpu" in out
+    if ctri._INTERPRET:
+        assert "TRITON_INTERPRET at import: 1" in out
+        section = out.split("clip_loss [cpu", 1)[1].split("\n\n", 1)[0]
+        assert "* triton_interpret  chosen" in section
+
+
+# --------------------------------------------------------------------------- GPU (MMFAST_TEST_CUDA=1)
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["clip_smooth_bias_s100", "siglip"])
+def test_cuda_bf16_large_batch(case, device, triton_backend):
+    """The compiled kernels at a training-size batch: N=4096, d=768, bf16, against fp64 on the GPU."""
+    if device != "cuda":
+        pytest.skip("runs in the GPU suite (MMFAST_TEST_CUDA=1)")
+    _, _, scale, bias, unit = CASES[case]
+    a, b = _features(4096, 4096, 768, torch.bfloat16, seed=0, unit=unit, device=device)
+    s = torch.tensor(scale, device=device)
+    beta = None if bias is None else torch.tensor(bias, device=device)
+    fn, ref_fn = _loss_fns(case, triton_backend)
+    _check(fn, ref_fn, a, b, s, beta)
