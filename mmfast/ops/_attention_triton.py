@@ -153,7 +153,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_d, h
 
 @triton.jit(do_not_specialize=["seed"])
 def _fwd_kernel(
-    Q, K, V, O, LSE, CU_Q, CU_K, SEQUSED_K, PREFIX,
+    Q, K, V, O, LSE, MROW, ILROW, CU_Q, CU_K, SEQUSED_K, PREFIX,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -239,8 +239,12 @@ def _fwd_kernel(
     tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :],
              lowp(out, O.dtype.element_ty, UPCAST).to(O.dtype.element_ty),
              mask=q_ok[:, None] & d_ok[None, :])
-    l_base = LSE + b.to(tl.int64) * stride_lb + h * stride_lh + q_start.to(tl.int64) * stride_ls
-    tl.store(l_base + offs_m * stride_ls, lse, mask=q_ok)
+    l_off = b.to(tl.int64) * stride_lb + h * stride_lh + q_start.to(tl.int64) * stride_ls + offs_m * stride_ls
+    tl.store(LSE + l_off, lse, mask=q_ok)
+    # For the backward: p = exp2(s - m) / l exactly as here; recomputing it from lse instead would add the
+    # rounding of lse (~eps·|lse|) to every probability.
+    tl.store(MROW + l_off, tl.where(empty, 0.0, m_i), mask=q_ok)
+    tl.store(ILROW + l_off, tl.where(empty, 0.0, 1.0 / l_safe), mask=q_ok)
 
 
 # --------------------------------------------------------------------------- tuning (GPU only)
@@ -305,7 +309,8 @@ def strides3(t: torch.Tensor, varlen: bool):
 def attn_fwd(q, k, v, p):
     """Run the forward kernel. ``p`` is the :class:`mmfast.ops.attention.AttnParams` of the call.
 
-    Returns (out like q, lse fp32: (B, H, Sq) dense or (H, total_q) packed)."""
+    Returns (out like q, lse fp32: (B, H, Sq) dense or (H, total_q) packed, row stats for the backward:
+    (log2-domain max, 1 / sum) laid out like lse)."""
     varlen = p.cu_seqlens_q is not None
     n_heads, head_dim = q.shape[-2], q.shape[-1]
     out = torch.empty_like(q)
@@ -317,16 +322,17 @@ def attn_fwd(q, k, v, p):
         batch = q.shape[0]
         lse = torch.empty((batch, n_heads, q.shape[1]), device=q.device, dtype=torch.float32)
         lse_strides = lse.stride()
+    m_row, il_row = torch.empty_like(lse), torch.empty_like(lse)
     if INTERPRET:  # outputs poisoned so an unwritten element shows up in tests
-        out.fill_(float("nan"))
-        lse.fill_(float("nan"))
+        for t in (out, lse, m_row, il_row):
+            t.fill_(float("nan"))
     dummy = p.dummy_int(q.device)
 
     def grid(meta):
         return (triton.cdiv(p.max_seqlen_q, meta["BLOCK_M"]), batch * n_heads)
 
     _fwd[grid](
-        q, k, v, out, lse,
+        q, k, v, out, lse, m_row, il_row,
         p.cu_seqlens_q if varlen else dummy, p.cu_seqlens_k if varlen else dummy,
         p.seqused_k if p.seqused_k is not None else dummy,
         p.prefix if p.prefix is not None else dummy,
@@ -338,4 +344,4 @@ def attn_fwd(q, k, v, p):
         HAS_SOFTCAP=p.softcap > 0, HAS_DROPOUT=p.dropout_p > 0, UPCAST=upcast(q.dtype),
         DOT_PREC=dot_precision(q.dtype), BLOCK_D=block_d(head_dim), **launch_meta(),
     )
-    return out, lse
+    return out, lse, (m_row, il_row)

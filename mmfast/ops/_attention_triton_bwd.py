@@ -1,6 +1,6 @@
 """Flash attention backward in Triton (two kernels, no atomics, deterministic).
 
-With p_ij = exp(s_ij - lse_i) recomputed from the saved lse, z the dropout keep-mask scaled by
+With p_ij = exp2(s_ij·log2(e) - m_i) / l_i recomputed from the forward's row max and sum, z the dropout keep-mask scaled by
 1/(1-p_drop), δ_i = do_i·o_i, and c_ij = 1 - tanh² (softcap) or 1:
 
     dv_j = Σ_i z_ij p_ij do_i
@@ -45,7 +45,7 @@ def _scores(qk, qk_scale, softcap, HAS_SOFTCAP: tl.constexpr):
 
 @triton.jit(do_not_specialize=["seed"])
 def _dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, SEQUSED_K, PREFIX,
+    Q, K, V, DO, MROW, ILROW, DELTA, DK, DV, CU_Q, CU_K, SEQUSED_K, PREFIX,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -112,13 +112,14 @@ def _dkdv_kernel(
                          mask=q_ok[None, :] & d_ok[:, None], other=0.0)  # (D, BM)
             do = tl.load(do_base + rows[:, None] * stride_dos + offs_d[None, :],
                          mask=q_ok[:, None] & d_ok[None, :], other=0.0)  # (BM, D)
-            lse = tl.load(LSE + l_base + rows * stride_ls, mask=q_ok, other=float("inf"))  # (BM,)
+            m_row = tl.load(MROW + l_base + rows * stride_ls, mask=q_ok, other=0.0)  # (BM,)
+            il_row = tl.load(ILROW + l_base + rows * stride_ls, mask=q_ok, other=0.0)  # (BM,) 0: row sees nothing
             delta = tl.load(DELTA + l_base + rows * stride_ls, mask=q_ok, other=0.0)  # (BM,)
             sT, cT = _scores(mm(k, qT, UPCAST, DOT_PREC), qk_scale, softcap, HAS_SOFTCAP)  # (BN, BM)
             # visible() with queries on the column axis: transpose of the forward's (rows, cols) mask.
             ok = tl.trans(visible_mask(rows + off, offs_n, sk, window_left, window_right, prefix, BAND, HAS_PREFIX))
             ok = ok & q_ok[None, :]
-            pT = tl.where(ok, tl.exp2(sT - (lse * 1.4426950408889634)[None, :]), 0.0)
+            pT = tl.where(ok, tl.exp2(sT - m_row[None, :]) * il_row[None, :], 0.0)
             dpT = mm(v, tl.trans(do), UPCAST, DOT_PREC)  # (BN, BM)
             if HAS_DROPOUT:
                 keepT = tl.trans(dropout_keep(seed, bh, rows, offs_n, sk, dropout_p))
@@ -138,7 +139,7 @@ def _dkdv_kernel(
 
 @triton.jit(do_not_specialize=["seed"])
 def _dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, SEQUSED_K, PREFIX,
+    Q, K, V, DO, MROW, ILROW, DELTA, DQ, CU_Q, CU_K, SEQUSED_K, PREFIX,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -170,7 +171,8 @@ def _dq_kernel(
     do = tl.load(DO + b.to(tl.int64) * stride_dob + h * stride_doh + (q_start + rows)[:, None].to(tl.int64) * stride_dos
                  + offs_d[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)  # (BM, D)
     l_off = b.to(tl.int64) * stride_lb + h * stride_lh + (q_start + rows).to(tl.int64) * stride_ls
-    lse = tl.load(LSE + l_off, mask=q_ok, other=float("inf"))
+    m_row = tl.load(MROW + l_off, mask=q_ok, other=0.0)
+    il_row = tl.load(ILROW + l_off, mask=q_ok, other=0.0)
     delta = tl.load(DELTA + l_off, mask=q_ok, other=0.0)
     k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh + k_start.to(tl.int64) * stride_ks
     v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh + k_start.to(tl.int64) * stride_vs
@@ -206,7 +208,7 @@ def _dq_kernel(
                      mask=kv_ok[None, :] & d_ok[:, None], other=0.0)  # (D, BN)
         s, c = _scores(mm(q, tl.trans(k), UPCAST, DOT_PREC), qk_scale, softcap, HAS_SOFTCAP)  # (BM, BN)
         ok = visible_mask(qa, cols, sk, window_left, window_right, prefix, BAND, HAS_PREFIX)
-        p = tl.where(ok, tl.exp2(s - (lse * 1.4426950408889634)[:, None]), 0.0)
+        p = tl.where(ok, tl.exp2(s - m_row[:, None]) * il_row[:, None], 0.0)
         dp = mm(do, vT, UPCAST, DOT_PREC)  # (BM, BN)
         if HAS_DROPOUT:
             keep = dropout_keep(seed, bh, rows, cols, sk, dropout_p)
@@ -245,8 +247,9 @@ else:
     _dq = triton.autotune(**_tune)(_dq_kernel)
 
 
-def attn_bwd(do, q, k, v, out, lse, p):
-    """Gradients (dq, dk, dv) of the forward with params ``p``; lse as :func:`attn_fwd` returned it."""
+def attn_bwd(do, q, k, v, out, stats, p):
+    """Gradients (dq, dk, dv) of the forward with params ``p``; ``stats`` as :func:`attn_fwd` returned them."""
+    m_row, il_row = stats
     varlen = p.cu_seqlens_q is not None
     n_heads, head_dim = q.shape[-2], q.shape[-1]
     n_kv = k.shape[-2]
@@ -254,7 +257,7 @@ def attn_bwd(do, q, k, v, out, lse, p):
     # δ_i = do_i·o_i, laid out like lse.
     delta = (do.float() * out.float()).sum(-1)  # (B, Sq, H) or (T, H)
     delta = delta.transpose(-1, -2).contiguous()  # (B, H, Sq) or (H, T)
-    lse_strides = (0, lse.stride(0), lse.stride(1)) if varlen else lse.stride()
+    lse_strides = (0, m_row.stride(0), m_row.stride(1)) if varlen else m_row.stride()
     batch = p.cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if INTERPRET:
@@ -273,11 +276,11 @@ def attn_bwd(do, q, k, v, out, lse, p):
         DOT_PREC=dot_precision(q.dtype), BLOCK_D=block_d(head_dim), **launch_meta(),
     )
     _dkdv[lambda meta: (triton.cdiv(p.max_seqlen_k, meta["BLOCK_N"]), batch * n_kv)](
-        q, k, v, do, lse, delta, dk, dv, *common, *strides3(dk, varlen), *strides3(dv, varlen), *lse_strides,
+        q, k, v, do, m_row, il_row, delta, dk, dv, *common, *strides3(dk, varlen), *strides3(dv, varlen), *lse_strides,
         p.max_seqlen_q, p.max_seqlen_k, n_heads, n_kv, n_heads // n_kv, head_dim, *scalars, **flags,
     )
     _dq[lambda meta: (triton.cdiv(p.max_seqlen_q, meta["BLOCK_M"]), batch * n_heads)](
-        q, k, v, do, lse, delta, dq, *common, *strides3(dq, varlen), *lse_strides,
+        q, k, v, do, m_row, il_row, delta, dq, *common, *strides3(dq, varlen), *lse_strides,
         p.max_seqlen_q, p.max_seqlen_k, n_heads, n_heads // n_kv, head_dim, *scalars, **flags,
     )
     return dq, dk, dv

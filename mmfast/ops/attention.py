@@ -214,16 +214,16 @@ class _FlashAttnFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, p, backend):
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        out, lse = _kernels(backend).attn_fwd(q, k, v, p)
-        ctx.save_for_backward(q, k, v, out, lse)
+        out, lse, (m_row, il_row) = _kernels(backend).attn_fwd(q, k, v, p)
+        ctx.save_for_backward(q, k, v, out, m_row, il_row)
         ctx.p, ctx.backend = p, backend
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _kernels_bwd(ctx.backend).attn_bwd(dout, q, k, v, out, lse, ctx.p)
+        q, k, v, out, m_row, il_row = ctx.saved_tensors
+        dq, dk, dv = _kernels_bwd(ctx.backend).attn_bwd(dout, q, k, v, out, (m_row, il_row), ctx.p)
         return dq, dk, dv, None, None
 
 
