@@ -6,8 +6,9 @@ class's method.
 
 * ``causal_lm.fused_linear_cross_entropy`` (loss): when ``labels`` are given, the model's own forward
   runs with ``labels=None`` while its ``lm_head`` computes the shifted-label loss with
-  :func:`fused_linear_cross_entropy` *inside the head's forward* (so a DeepSpeed ZeRO-3 partitioned
-  head weight is gathered at that moment) and hands back an empty ``(B, S, 0)`` logits tensor.
+  :func:`fused_linear_cross_entropy` *inside the head's forward* and returns it as the head's output
+  (so a DeepSpeed ZeRO-3 partitioned head weight is gathered then, and again in the backward); the
+  model's output gets that loss and an empty ``(B, S, 0)`` logits tensor.
   Same label shift, ``ignore_index=-100``, ``num_items_in_batch`` and final-logit softcap as HF.
 * ``llava.mlp_projector`` (projection): ``LlavaMultiModalProjector`` → :func:`mlp_projector`.
 * ``hf.rms_norm`` (norm): HF RMSNorm modules (``weight`` + ``variance_epsilon``) → :func:`rms_norm`.
@@ -79,8 +80,10 @@ def _patch_causal_lm_loss(model: torch.nn.Module):
                 hidden, head.weight, target.to(hidden.device), head.bias, ignore_index=_IGNORE,
                 reduction="sum" if n_items is not None else "mean", softcap=softcap, backend=backend_of(model),
             )
-            box["loss"] = loss / n_items if n_items is not None else loss
-            return hidden.new_empty(*hidden.shape[:-1], 0)
+            box["shape"] = hidden.shape[:-1]
+            # The loss leaves the head as its output, so module hooks see it in the backward (ZeRO-3
+            # re-gathers the head's weight there before the gradient is accumulated into it).
+            return (loss / n_items if n_items is not None else loss).reshape(1, 1, 1)
 
         head.forward = head_forward
         try:
@@ -88,8 +91,11 @@ def _patch_causal_lm_loss(model: torch.nn.Module):
         finally:
             del head.forward
         if isinstance(out, tuple):
-            return (box["loss"],) + out
-        out["loss"] = box["loss"]
+            loss = out[0].reshape(())
+            return (loss, loss.new_empty(*box["shape"], 0)) + tuple(out[1:])
+        loss = out["logits"].reshape(())
+        out["logits"] = loss.new_empty(*box["shape"], 0)
+        out["loss"] = loss
         return out
 
     return set_forwards([(model, forward)])
