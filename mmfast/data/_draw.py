@@ -188,12 +188,19 @@ def object_mask(cls: str, canvas: int, box: Box) -> Image.Image:
     return mask
 
 
-def paint(img: Image.Image, cls: str, box: Box, rgb: tuple[int, int, int]):
-    """Paint one object; returns (tight_box (x0, y0, x1, y1), area in pixels) or None if invisible."""
-    mask = object_mask(cls, img.size[0], box)
+def shape(cls: str, canvas: int, box: Box):
+    """(mask, tight box (x0, y0, x1, y1), area in pixels) of one object, or None if it is invisible."""
+    mask = object_mask(cls, canvas, box)
     tight = mask.getbbox()
     if tight is None:
         return None
-    img.paste(rgb, (0, 0), mask)
-    area = int(np.count_nonzero(np.asarray(mask) > 127))
-    return tight, area
+    return mask, tight, int(np.count_nonzero(np.asarray(mask) > 127))
+
+
+def paint(img: Image.Image, cls: str, box: Box, rgb: tuple[int, int, int]):
+    """Paint one object; returns (tight box, area) or None if it is invisible."""
+    res = shape(cls, img.size[0], box)
+    if res is None:
+        return None
+    img.paste(rgb, (0, 0), res[0])
+    return res[1], res[2]

@@ -104,7 +104,7 @@ def sample_scene(seed: int, index: int, size: int) -> tuple[dict, Image.Image]:
     for k in range(n):
         cls = CLASSES[int(rng.choice(len(CLASSES), p=tw if rng.random() < THEME_P else gw))]
         # The main object is clearly the largest; the rest are small enough to fit around it.
-        s = size * (rng.uniform(0.44, 0.62) if k == 0 else rng.uniform(0.2, 0.32))
+        s = size * (rng.uniform(0.46, 0.62) if k == 0 else rng.uniform(0.18, 0.3))
         asp = _draw.ASPECT.get(cls, 1.0)
         w, h = (s, s / asp) if asp >= 1 else (s * asp, s)
         box = None
@@ -117,10 +117,12 @@ def sample_scene(seed: int, index: int, size: int) -> tuple[dict, Image.Image]:
             continue
         color = _pick_color(rng, cls, bg)
         x, y, w, h = (v * SUPERSAMPLE for v in box)
-        res = _draw.paint(img, cls, (x, y, x + w, y + h), _draw.COLORS[color])
-        if res is None:
+        res = _draw.shape(cls, canvas, (x, y, x + w, y + h))
+        # A thin main object (moon, cross) can cover less than a small solid one; keep the main one largest.
+        if res is None or (objects and res[2] >= 0.7 * objects[0]["area"] * SUPERSAMPLE**2):
             continue
-        (x0, y0, x1, y1), area = res
+        mask, (x0, y0, x1, y1), area = res
+        img.paste(_draw.COLORS[color], (0, 0), mask)
         placed.append(box)
         f = float(SUPERSAMPLE)
         objects.append({

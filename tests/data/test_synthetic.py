@@ -89,8 +89,7 @@ def test_class_frequencies_follow_the_zipf_skew():
     assert np.all(np.abs(obs - n * prior) <= 4 * sd + 1), (obs, n * prior)
     # The prior itself is strongly skewed (Zipf over category ids, reshuffled a little by the themes).
     assert prior[0] / prior.min() > 8
-    # The observed top class is circle (rank 1), and the four most frequent are drawn 4x the bottom four.
-    assert CLASSES[int(obs.argmax())] == "circle"
+    # The four most frequent classes are drawn over 4x as often as the bottom four.
     assert np.sort(obs)[-4:].sum() > 4 * np.sort(obs)[:4].sum()
 
 
