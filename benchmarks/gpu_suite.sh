@@ -6,9 +6,10 @@
 #   anywhere:    OUT=/tmp/suite bash benchmarks/gpu_suite.sh
 #
 # Every step runs under `timeout`, capped by what is left of SUITE_LIMIT_S; a failed or timed-out
-# step is recorded and the suite goes on. Output under $OUT (at most 8 files come back from a
-# device call, so keep it to these): suite.log (every step's output), <bench>.csv / <bench>.png.
-# The last thing printed is the step table and a digest of the benchmark rows.
+# step is recorded and the suite goes on. Output under $OUT, two files (a device call brings back
+# at most 8): suite.log (every step's output) and results.tar.gz (every benchmark CSV and PNG,
+# written under $OUT/results/ while running). The last thing printed is the step table and a
+# digest of the benchmark rows.
 # SKIP_STEPS=build,pytest (prefixes of step names) skips steps, e.g. for a dry run without a GPU.
 # Exit status: 0 when every step passed, 1 otherwise.
 set -u
@@ -17,6 +18,8 @@ cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-$PWD/gpu_suite_out}
 mkdir -p "$OUT"
 LOG=$OUT/suite.log
+RES=$OUT/results
+mkdir -p "$RES"
 : >"$LOG"
 PY=${PYTHON:-python3}
 SUITE_LIMIT_S=${SUITE_LIMIT_S:-420}
@@ -93,12 +96,13 @@ skip() {
     echo "=== $1: skipped ($2)" | tee -a "$LOG"
 }
 
-# Benchmarks are run only when their module exists (their owners add them).
+# bench WHAT LIMIT_S ARGS... — `mmfast bench WHAT --gpu ARGS...`, when its module exists. ARGS
+# must send the CSV/PNG into $RES.
 bench() {
     local what=$1 limit=$2
     shift 2
     if [[ -f mmfast/bench/$what.py ]]; then
-        step "bench $what" "$limit" "$PY" -m mmfast.cli bench "$what" --gpu --out "$OUT/$what.csv" "$@"
+        step "bench $what" "$limit" "$PY" -m mmfast.cli bench "$what" --gpu "$@"
     else
         skip "bench $what" "mmfast/bench/$what.py not written yet"
     fi
@@ -130,11 +134,11 @@ step "pytest (CUDA tests)" 200 env MMFAST_TEST_CUDA_ONLY=1 "$PY" -m pytest -q -p
     -m "gpu or not slow" -n 4 --timeout 120 --maxfail=10 -rfE tests/ops tests/nn
 
 # 5. benchmarks. --budget-s keeps each inside its slot (rows past it are written as skipped).
-bench contrastive 120 --budget-s 100
+bench contrastive 120 --out "$RES/contrastive.csv" --budget-s 100
 # >>> attention benchmark (owner: attention helper) — adjust the arguments in this line only.
-bench attention 60 --budget-s 45
+bench attention 60 --out "$RES/attention.csv" --budget-s 45
 # >>> projection benchmark (owner: projection helper) — adjust the arguments in this line only.
-bench projection 60 --budget-s 45
+bench projection 60 --out-dir "$RES" --quick --providers mmfast-triton,torch-eager,liger --budget-s 45
 
 bg_wait
 
@@ -143,7 +147,7 @@ bg_wait
     echo
     echo "================ GPU suite: $(($(date +%s) - T0))s ================"
     for i in "${!STEPS[@]}"; do printf '%-24s %s\n' "${STEPS[$i]}" "${RESULTS[$i]}"; done
-    "$PY" - "$OUT" <<'EOF'
+    "$PY" - "$RES" <<'EOF'
 import csv, glob, os, sys
 for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.csv"))):
     print(f"\n{os.path.basename(path)}")
@@ -157,6 +161,8 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.csv"))):
             print(f"  {r['mode']:<8} {r['x_name']}={r['x']:<7} {r['provider']:<16} {res}")
 EOF
 } 2>&1 | tee -a "$LOG"
+
+tar -czf "$OUT/results.tar.gz" -C "$OUT" results && rm -rf "$RES"
 
 for r in "${RESULTS[@]}"; do
     [[ $r == ok* || $r == skipped* ]] || exit 1
