@@ -23,6 +23,8 @@ _EXPORTS = {
     "fused_linear_cross_entropy": "projection",
     "linear_l2_normalize": "projection",
     "bias_gelu": "projection",
+    "mlp_projector": "projection",
+    "fused_linear_cross_entropy_reference": "projection",
     # norm.py
     "layer_norm": "norm",
     "rms_norm": "norm",
