@@ -2,6 +2,7 @@
 
 Audio: each class has its own (pitch, timbre, rhythm) triple, so a clip identifies its class.
 Video: animated GIFs of one or two objects moving in a straight line; the caption says which way.
+T2X records use NExT-GPT's field names (``image_name``/``audio_name``/``video_name`` and ``caption``).
 """
 from __future__ import annotations
 
@@ -101,7 +102,7 @@ def write_media(out: Path, splits: dict, seed: int, size: int, *, n_videos: int 
     for split, items in splits.items():
         for image_id, rel, scene in items:
             cap = _text.captions(scene, np.random.default_rng([seed, image_id, 3]), 1)[0]
-            t2x_image.append({"id": f"{image_id:06d}", "caption": cap, "image": rel, "split": split})
+            t2x_image.append({"id": f"{image_id:06d}", "caption": cap, "image_name": rel, "split": split})
 
     t2x_audio = []
     for k, cls in enumerate(CLASSES):
@@ -114,7 +115,7 @@ def write_media(out: Path, splits: dict, seed: int, size: int, *, n_videos: int 
             split = "val" if v == audio_per_class - 1 and audio_per_class > 1 else "train"
             beat_word = "once" if beats == 1 else f"{_text.NUMBER_WORDS[beats]} times"
             cap = f"the sound of {_text.article(cls)}: a {timbre} tone beeping {beat_word}"
-            t2x_audio.append({"id": f"{cls}_{v:02d}", "caption": cap, "audio": rel, "split": split})
+            t2x_audio.append({"id": f"{cls}_{v:02d}", "caption": cap, "audio_name": rel, "split": split})
 
     n_img = sum(len(v) for v in splits.values())
     n_videos = max(8, n_img // 20) if n_videos is None else n_videos
@@ -126,7 +127,7 @@ def write_media(out: Path, splits: dict, seed: int, size: int, *, n_videos: int 
         frames, cap = _video(np.random.default_rng([seed, 3_000_000 + i]), size, video_frames)
         rel = f"video/{split}_{j:06d}.gif"
         frames[0].save(out / rel, save_all=True, append_images=frames[1:], duration=125, loop=0)
-        t2x_video.append({"id": f"video_{i:06d}", "caption": cap, "video": rel, "split": split})
+        t2x_video.append({"id": f"video_{i:06d}", "caption": cap, "video_name": rel, "split": split})
 
     atomic_write_json(out / "t2x_image.json", t2x_image, indent=None)
     atomic_write_json(out / "t2x_audio.json", t2x_audio, indent=None)

@@ -106,7 +106,7 @@ Captions name classes with plain words, so zero-shot prompts like "a photo of a 
 
 MEDIA_ROWS = """| `audio/CLASS_NN.wav` | 16 kHz mono 16-bit, one pitch/timbre/rhythm pattern per class |
 | `video/{{train,val}}_NNNNNN.gif` | animated GIF of moving objects |
-| `t2x_{{image,audio,video}}.json` | text -> media pairs: `{{"id", "caption", "image"/"audio"/"video", "split"}}` |
+| `t2x_{{image,audio,video}}.json` | text -> media pairs in NExT-GPT's layout: `{{"id", "caption", "image_name"/"audio_name"/"video_name", "split"}}` |
 """
 
 

@@ -2,7 +2,8 @@
 
 Audio is 16-bit PCM WAV read with the stdlib ``wave`` module; video is an animated GIF (or any
 multi-frame image Pillow opens) or a folder of frame images. A T2X file is a JSON list of
-``{"id", "caption", "<modality>": relative path, ...}`` records.
+``{"caption", "<modality>_name": relative path, ...}`` records (NExT-GPT's cc3m/audiocap/webvid
+layout); a plain ``"<modality>"`` key is accepted too.
 """
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def load_t2x_json(path: str | os.PathLike, root: str | os.PathLike | None = None
     if not isinstance(data, list):
         raise ValueError(f"T2X JSON file {p}: expected a list of records, got {type(data).__name__}")
     if modality is None and data and isinstance(data[0], dict):
-        modality = next((m for m in MODALITIES if m in data[0]), None)
+        modality = next((m for m in MODALITIES if m in data[0] or f"{m}_name" in data[0]), None)
     if modality not in MODALITIES:
         raise ValueError(f"T2X JSON file {p}: modality must be one of {MODALITIES}, got {modality!r}")
     root = Path(root) if root is not None else p.parent
@@ -80,10 +81,11 @@ def load_t2x_json(path: str | os.PathLike, root: str | os.PathLike | None = None
             raise ValueError(f"{where}: expected an object, got {type(rec).__name__}")
         if not isinstance(rec.get("caption"), str) or not rec["caption"].strip():
             raise ValueError(f"{where}: missing string field 'caption'")
-        if modality not in rec:
-            raise ValueError(f"{where}: missing field {modality!r}")
-        full = safe_join(root, rec[modality], what=f"{where} field {modality!r}")
+        key = f"{modality}_name" if f"{modality}_name" in rec else modality
+        if key not in rec:
+            raise ValueError(f"{where}: missing field '{modality}_name'")
+        full = safe_join(root, rec[key], what=f"{where} field {key!r}")
         if check_files and not full.exists():
-            raise FileNotFoundError(f"{where} field {modality!r}: {full} not found")
+            raise FileNotFoundError(f"{where} field {key!r}: {full} not found")
         out.append({**rec, "path": str(full)})
     return out

@@ -258,8 +258,12 @@ def test_media_readers_and_t2x_errors(tmp_path):
         load_t2x_json(_write(tmp_path / "t.json", [{"id": "1", "audio": "a.wav"}]))
     with pytest.raises(ValueError, match=r"record 0 field 'audio'.*escapes"):
         load_t2x_json(_write(tmp_path / "t.json", [{"caption": "x", "audio": "../a.wav"}]))
-    with pytest.raises(ValueError, match=r"record 1: missing field 'audio'"):
+    with pytest.raises(ValueError, match=r"record 1: missing field 'audio_name'"):
         load_t2x_json(_write(tmp_path / "t.json", good + [{"caption": "x", "video": "v.gif"}]))
+    nextgpt = [{"caption": "a tone", "audio_name": "a.wav"}]
+    assert load_t2x_json(_write(tmp_path / "n.json", nextgpt))[0]["path"] == str((tmp_path / "a.wav").resolve())
+    with pytest.raises(FileNotFoundError, match=r"record 0 field 'audio_name'.*b\.wav"):
+        load_t2x_json(_write(tmp_path / "n.json", [{"caption": "x", "audio_name": "b.wav"}]))
 
 
 def test_package_exports_resolve():
