@@ -56,9 +56,16 @@ def where(o: dict, size: int) -> str:
     cx, cy = center(o)
     col = "left" if cx < size / 3 else ("right" if cx > 2 * size / 3 else "")
     row = "top" if cy < size / 3 else ("bottom" if cy > 2 * size / 3 else "")
-    if not col and not row:
-        return "in the center"
-    return "in the " + " ".join(p for p in (row, col) if p)
+    if col and row:
+        return f"in the {row} {col}"
+    if row:
+        return f"at the {row}"
+    return f"on the {col}" if col else "in the center"
+
+
+def name(o: dict, scene: dict) -> str:
+    """The class alone when it is unique in the scene, else colour + class (one of two circles)."""
+    return o["cls"] if sum(p["cls"] == o["cls"] for p in scene["objects"]) == 1 else colored(o)
 
 
 def caption_pool(scene: dict) -> list[str]:
@@ -94,7 +101,7 @@ def description(scene: dict) -> str:
     for o in objs[1:]:
         parts.append(f"There is {article(colored(o))} {where(o, size)}.")
     if n > 1:
-        parts.append(f"The {objs[0]['cls']} is {relation(objs[0], objs[1])} the {objs[1]['cls']}.")
+        parts.append(f"The {name(objs[0], scene)} is {relation(objs[0], objs[1])} the {name(objs[1], scene)}.")
     return " ".join([head] + parts)
 
 
@@ -110,7 +117,11 @@ def conversation_turns(scene: dict, rng) -> list[tuple[str, str]]:
     if len(objs) > 1:
         o = objs[int(rng.integers(1, len(objs)))]
         qa.append(("What else can you see?", f"I can also see {count_phrase({'objects': objs[1:]})}."))
-        qa.append((f"What colour is the {o['cls']}?", f"It is {o['color']}."))
+        same = [p["color"] for p in objs if p["cls"] == o["cls"]]
+        if len(same) == 1:
+            qa.append((f"What colour is the {o['cls']}?", f"It is {o['color']}."))
+        else:
+            qa.append((f"What colours are the {plural(o['cls'])}?", f"They are {join_words(same)}."))
     else:
         qa.append(("Are there any other objects?", "No, it is the only object in the image."))
     return qa
@@ -127,14 +138,12 @@ def reasoning_turns(scene: dict, rng) -> list[tuple[str, str]]:
     if n > 1:
         i, j = rng.choice(n, size=2, replace=False)
         a, b = objs[int(i)], objs[int(j)]
-        if a["cls"] != b["cls"]:
-            rel = relation(a, b)
-            qa.append((f"Where is the {a['cls']} relative to the {b['cls']}?",
-                       f"The {a['cls']} is {rel} the {b['cls']}."))
-            ax, bx = center(a)[0], center(b)[0]
-            left = a if ax < bx else b
-            qa.append((f"Which is further to the left, the {a['cls']} or the {b['cls']}?",
-                       f"The {left['cls']} is further to the left."))
+        na, nb = name(a, scene), name(b, scene)
+        if na != nb:
+            qa.append((f"Where is the {na} relative to the {nb}?", f"The {na} is {relation(a, b)} the {nb}."))
+            left = a if center(a)[0] < center(b)[0] else b
+            qa.append((f"Which is further to the left, the {na} or the {nb}?",
+                       f"The {name(left, scene)} is further to the left."))
     big = max(objs, key=lambda o: o["area"])
     qa.append(("Which object is the largest?", f"The {colored(big)} is the largest object."))
     return qa
