@@ -74,21 +74,23 @@ COLUMNS = [f.name for f in fields(Row)]
 
 
 # --------------------------------------------------------------------------- environment
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name(0)
-    model = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
-    except OSError:
-        pass
-    return f"{model} ({torch.get_num_threads()} threads)"
+    return f"{_cpu_model() or 'cpu'} ({torch.get_num_threads()} threads)"
 
 
 def device_slug(device: str) -> str:
-    """File-name form of the device: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
-    name = device_name(device) if device == "cuda" else "cpu-" + platform.machine()
+    """File-name form of the device: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3', 'cpu-amd-epyc'."""
+    name = torch.cuda.get_device_name(0) if device == "cuda" else f"cpu {_cpu_model()}"
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
