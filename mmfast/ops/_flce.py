@@ -96,7 +96,7 @@ def _row_pass(backend: str):
 # --------------------------------------------------------------------------- chunked driver
 def flce_chunked(
     hidden, weight, bias, target, scale, per_row, ignore_index, smoothing, z_loss, softcap,
-    need_dh, need_dw, need_db, chunk, backend,
+    need_dh, need_dw, need_db, chunk, backend, dw_fp32=True,
 ):
     """Loss rows (T,) fp32, lse (T,) fp32 and the scaled gradients (empty (0,) tensors when not needed).
 
@@ -112,8 +112,11 @@ def flce_chunked(
     lse = torch.empty(T, device=dev, dtype=torch.float32)
     dh = torch.empty_like(hidden) if need_dh else hidden.new_empty(0)
     n_chunks = -(-T // chunk) if T else 0
-    # One chunk: the GEMM's own fp32 accumulation is the whole sum, write dW directly.
-    direct_dw = weight.dtype == torch.float32 or n_chunks <= 1
+    # One chunk: the GEMM's own fp32 accumulation is the whole sum, write dW directly. Without
+    # dw_fp32 the chunks accumulate into dW in its own dtype (addmm rounds once per chunk).
+    direct_dw = weight.dtype == torch.float32 or n_chunks <= 1 or not dw_fp32
+    # Vocab rows per dW product when summing in fp32: bounds the product's temporary to ~half a chunk.
+    v_block = max(1, min(V, DEFAULT_CHUNK_BYTES // 2 // max(1, H * weight.element_size())))
     if need_dw:
         dw = (torch.zeros_like(weight) if direct_dw else torch.zeros(V, H, device=dev, dtype=torch.float32))
     else:
@@ -133,7 +136,8 @@ def flce_chunked(
             if direct_dw:
                 dw.addmm_(logits.t(), h)
             else:
-                dw.add_(torch.mm(logits.t(), h))  # (V, H): the chunk's product rounded once, summed in fp32
+                for v0 in range(0, V, v_block):  # (Vb, H) products, each rounded once, summed in fp32
+                    dw[v0:v0 + v_block].add_(torch.mm(logits[:, v0:v0 + v_block].t(), h))
         if need_db:
             db.add_(logits.sum(0, dtype=torch.float32))
     if need_dw and dw.dtype != weight.dtype:
@@ -158,16 +162,17 @@ def _flce_op(
     need_db: bool,
     chunk: int,
     backend: str,
+    dw_fp32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return flce_chunked(
         hidden, weight, bias, target, scale, per_row, ignore_index, smoothing, z_loss, softcap,
-        need_dh, need_dw, need_db, chunk, backend,
+        need_dh, need_dw, need_db, chunk, backend, dw_fp32,
     )
 
 
 @_flce_op.register_fake
 def _(hidden, weight, bias, target, scale, per_row, ignore_index, smoothing, z_loss, softcap,
-      need_dh, need_dw, need_db, chunk, backend):
+      need_dh, need_dw, need_db, chunk, backend, dw_fp32):
     T = hidden.shape[0]
     V = weight.shape[0]
     f32 = dict(device=hidden.device, dtype=torch.float32)
@@ -185,10 +190,11 @@ class FLCEFunction(torch.autograd.Function):
     """Returns the reduced loss (0-d fp32) for "mean"/"sum", the per-row losses (T,) fp32 for "none"."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, ignore_index, smoothing, z_loss, softcap, reduction, chunk, backend):
+    def forward(ctx, hidden, weight, bias, target, ignore_index, smoothing, z_loss, softcap, reduction, chunk, backend,
+                dw_fp32=True):
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_db = bias is not None and ctx.needs_input_grad[2]
-        ctx.cfg = (ignore_index, smoothing, z_loss, softcap, chunk, backend, need_dh, need_dw, need_db)
+        ctx.cfg = (ignore_index, smoothing, z_loss, softcap, chunk, backend, need_dh, need_dw, need_db, dw_fp32)
         ctx.reduction = reduction
         ctx.bias_dtype = None if bias is None else bias.dtype
         any_grad = need_dh or need_dw or need_db
@@ -200,14 +206,14 @@ class FLCEFunction(torch.autograd.Function):
         if reduction == "none" or not any_grad:
             rows, _, _, _, _ = _flce_op(
                 hidden, weight, bias, target, one, False, ignore_index, smoothing, z_loss, softcap,
-                False, False, False, chunk, backend,
+                False, False, False, chunk, backend, dw_fp32,
             )
             if any_grad:
                 ctx.save_for_backward(hidden, weight, bias, target)
             return rows if reduction == "none" else (rows.sum() * scale).reshape(())
         rows, _, dh, dw, db = _flce_op(
             hidden, weight, bias, target, scale, False, ignore_index, smoothing, z_loss, softcap,
-            need_dh, need_dw, need_db, chunk, backend,
+            need_dh, need_dw, need_db, chunk, backend, dw_fp32,
         )
         # Kept as attributes, not saved tensors: the backward scales them in place, once.
         ctx.grads = (dh, dw, db)
@@ -216,12 +222,12 @@ class FLCEFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        ignore_index, smoothing, z_loss, softcap, chunk, backend, need_dh, need_dw, need_db = ctx.cfg
+        ignore_index, smoothing, z_loss, softcap, chunk, backend, need_dh, need_dw, need_db, dw_fp32 = ctx.cfg
         if ctx.reduction == "none":
             hidden, weight, bias, target = ctx.saved_tensors
             _, _, dh, dw, db = _flce_op(
                 hidden, weight, bias, target, grad.float().contiguous(), True, ignore_index, smoothing,
-                z_loss, softcap, need_dh, need_dw, need_db, chunk, backend,
+                z_loss, softcap, need_dh, need_dw, need_db, chunk, backend, dw_fp32,
             )
         else:
             if ctx.grads is None:
@@ -239,4 +245,4 @@ class FLCEFunction(torch.autograd.Function):
         dh = dh if need_dh else None
         dw = dw if need_dw else None
         db = db.to(ctx.bias_dtype) if need_db else None
-        return dh, dw, db, None, None, None, None, None, None, None, None
+        return dh, dw, db, None, None, None, None, None, None, None, None, None

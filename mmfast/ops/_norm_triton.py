@@ -39,7 +39,7 @@ def _norm_fwd_kernel(
         s += tl.load(r_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(s_ptr + row * N + cols, s.to(s_ptr.dtype.element_ty), mask=mask)
     if IS_RMS:
-        mean = 0.0
+        mean = tl.zeros([], tl.float32)
         sc = s
     else:
         mean = tl.sum(s, 0) / N

@@ -95,6 +95,7 @@ def fused_linear_cross_entropy(
     softcap: float | None = None,
     backend: str | None = None,
     chunk_size: int | None = None,
+    dweight_fp32: bool = True,
 ):
     """``cross_entropy(softcap(hidden @ weightᵀ + bias), target) + z_loss · lse²`` without the logits.
 
@@ -102,6 +103,8 @@ def fused_linear_cross_entropy(
     rows whose target is not ``ignore_index`` (0, not NaN, when there are none); the z-loss term
     ``z_loss · lse²`` is added per non-ignored row before the reduction. ``chunk_size`` overrides
     the rows per chunk (default: as many as fit ``MMFAST_FLCE_CHUNK_MB`` MiB of logits).
+    ``dweight_fp32`` (default) sums the chunks' weight gradients in an fp32 (V, H) buffer; False
+    accumulates in the weight's dtype instead (one rounding per chunk, no V×H×4-byte buffer).
     """
     _check_float("hidden", hidden)
     _check_float("weight", weight, hidden)
@@ -140,7 +143,7 @@ def fused_linear_cross_entropy(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     out = FLCEFunction.apply(
         h, weight.contiguous(), bias, t, int(ignore_index), float(label_smoothing), float(z_loss),
-        None if softcap is None else float(softcap), reduction, chunk, chosen,
+        None if softcap is None else float(softcap), reduction, chunk, chosen, bool(dweight_fp32),
     )
     return out.reshape(target.shape) if reduction == "none" else out
 

@@ -245,3 +245,45 @@ def test_linear_l2_normalize_validation():
         linear_l2_normalize(torch.randn(3, 4), torch.randn(5, 6))
     with pytest.raises(ValueError, match="eps"):
         linear_l2_normalize(torch.randn(3, 4), torch.randn(5, 4), eps=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_flce_small_budget_blocks(dtype, device, triton_backend, monkeypatch):
+    """A tiny byte budget: many token chunks and the fp32 dW sum split into vocab blocks."""
+    import mmfast.ops._flce as flce_mod
+
+    monkeypatch.setattr(flce_mod, "DEFAULT_CHUNK_BYTES", 16 * 1024)
+    _flce_case(device, dtype, triton_backend, 37, 19, 1000, "smooth")
+
+
+def test_flce_dweight_in_weight_dtype(device, triton_backend):
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(37, 19, generator=g, device=device, requires_grad=True)
+    w = torch.randn(300, 19, generator=g, device=device, requires_grad=True)
+    t = torch.randint(0, 300, (37,), generator=g, device=device)
+    flce(h, w, t, backend=triton_backend, chunk_size=8, dweight_fp32=False).backward()
+    h2, w2 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    flce_ref(h2, w2, t).backward()
+    torch.testing.assert_close(w.grad.double(), w2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h.grad.double(), h2.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_flce_and_norm_under_torch_compile(triton_backend):
+    """torch.compile traces through the autograd Functions; the kernels stay opaque custom ops."""
+    from mmfast.ops.norm import rms_norm
+
+    h = torch.randn(2, 5, 19, requires_grad=True)
+    w = torch.randn(50, 19, requires_grad=True)
+    nw = torch.randn(19, requires_grad=True)
+    t = torch.randint(0, 50, (2, 5))
+
+    def f(h, w, nw, t):
+        return flce(rms_norm(h, nw, backend=triton_backend), w, t, backend=triton_backend)
+
+    eager = f(h, w, nw, t)
+    eager_g = torch.autograd.grad(eager, (h, w, nw))
+    compiled = torch.compile(f, backend="eager")(h, w, nw, t)
+    comp_g = torch.autograd.grad(compiled, (h, w, nw))
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(comp_g, eager_g):
+        torch.testing.assert_close(a, b)
