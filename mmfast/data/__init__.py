@@ -7,6 +7,7 @@
 - ``media``: WAV audio, GIF/frame-folder video, text->media (T2X) pairs
 - ``synthetic``: ``make_world``, the embedded default dataset (``mmfast data synth``)
 """
+
 from __future__ import annotations
 
 import importlib

@@ -4,6 +4,7 @@ Every class draws a white-on-black ``L`` mask inside its box (holes are cut with
 then painted through the mask, so one drawing gives the pixels, the tight box and the area at once,
 and cut-outs never erase the background or objects underneath.
 """
+
 from __future__ import annotations
 
 import math
@@ -100,7 +101,9 @@ def moon(d, b):
 
 
 def arrow(d, b):
-    _poly(d, b, [(0.0, 0.36), (0.55, 0.36), (0.55, 0.08), (1.0, 0.5), (0.55, 0.92), (0.55, 0.64), (0.0, 0.64)])
+    _poly(
+        d, b, [(0.0, 0.36), (0.55, 0.36), (0.55, 0.08), (1.0, 0.5), (0.55, 0.92), (0.55, 0.64), (0.0, 0.64)]
+    )
 
 
 def tree(d, b):
@@ -145,9 +148,22 @@ def fish(d, b):
 
 # Category-id order (id = index + 1). The Zipf prior runs over this order; themes reshuffle it a little.
 SHAPES = {
-    "circle": circle, "star": star, "square": square, "tree": tree, "car": car, "house": house,
-    "heart": heart, "triangle": triangle, "cup": cup, "flower": flower, "moon": moon, "fish": fish,
-    "diamond": diamond, "cross": cross, "ring": ring, "arrow": arrow,
+    "circle": circle,
+    "star": star,
+    "square": square,
+    "tree": tree,
+    "car": car,
+    "house": house,
+    "heart": heart,
+    "triangle": triangle,
+    "cup": cup,
+    "flower": flower,
+    "moon": moon,
+    "fish": fish,
+    "diamond": diamond,
+    "cross": cross,
+    "ring": ring,
+    "arrow": arrow,
 }
 CLASSES: list[str] = list(SHAPES)
 
@@ -155,15 +171,28 @@ CLASSES: list[str] = list(SHAPES)
 ASPECT = {"car": 1.45, "fish": 1.5, "arrow": 1.4, "tree": 0.8, "cup": 1.05}
 
 COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 35, 35), "green": (35, 165, 55), "blue": (35, 75, 225), "yellow": (245, 215, 30),
-    "orange": (245, 135, 20), "purple": (135, 50, 190), "pink": (250, 120, 185),
-    "white": (250, 250, 250), "black": (20, 20, 20), "brown": (125, 75, 35),
+    "red": (220, 35, 35),
+    "green": (35, 165, 55),
+    "blue": (35, 75, 225),
+    "yellow": (245, 215, 30),
+    "orange": (245, 135, 20),
+    "purple": (135, 50, 190),
+    "pink": (250, 120, 185),
+    "white": (250, 250, 250),
+    "black": (20, 20, 20),
+    "brown": (125, 75, 35),
 }
 # Typical colours make the world a little more like photos (trees are mostly green).
 TYPICAL_COLORS = {
-    "tree": ["green", "brown"], "heart": ["red", "pink"], "moon": ["yellow", "white"],
-    "star": ["yellow", "orange"], "fish": ["orange", "blue"], "flower": ["pink", "purple"],
-    "car": ["red", "blue"], "house": ["brown", "orange"], "cup": ["white", "blue"],
+    "tree": ["green", "brown"],
+    "heart": ["red", "pink"],
+    "moon": ["yellow", "white"],
+    "star": ["yellow", "orange"],
+    "fish": ["orange", "blue"],
+    "flower": ["pink", "purple"],
+    "car": ["red", "blue"],
+    "house": ["brown", "orange"],
+    "cup": ["white", "blue"],
 }
 
 
@@ -175,7 +204,7 @@ def background(rng: np.random.Generator, size: int, base: tuple[int, int, int]) 
     """A base colour with a random linear gradient and mild pixel noise."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
     ang = rng.uniform(0, 2 * np.pi)
-    ramp = (np.cos(ang) * xx + np.sin(ang) * yy)  # (S, S), in [-1.4, 1.4]
+    ramp = np.cos(ang) * xx + np.sin(ang) * yy  # (S, S), in [-1.4, 1.4]
     tint = rng.uniform(-25, 25, size=3).astype(np.float32)
     arr = np.asarray(base, np.float32)[None, None, :] + ramp[..., None] * tint[None, None, :]
     arr += rng.normal(0, rng.uniform(2, 9), size=arr.shape).astype(np.float32)

@@ -4,6 +4,7 @@ Audio: each class has its own (pitch, timbre, rhythm) triple, so a clip identifi
 Video: animated GIFs of one or two objects moving in a straight line; the caption says which way.
 T2X records use NExT-GPT's field names (``image_name``/``audio_name``/``video_name`` and ``caption``).
 """
+
 from __future__ import annotations
 
 import wave
@@ -69,7 +70,9 @@ def _video(rng: np.random.Generator, size: int, frames: int) -> tuple[list[Image
     movers = []
     for _ in range(n):
         cls = CLASSES[int(rng.choice(len(CLASSES), p=class_prior()))]
-        names = [c for c in _draw.COLORS if _draw.color_distance(_draw.COLORS[c], bg) >= 110] or list(_draw.COLORS)
+        names = [c for c in _draw.COLORS if _draw.color_distance(_draw.COLORS[c], bg) >= 110] or list(
+            _draw.COLORS
+        )
         color = names[int(rng.integers(len(names)))]
         direction = list(DIRECTIONS)[int(rng.integers(len(DIRECTIONS)))]
         s = size * rng.uniform(0.25, 0.4)
@@ -94,8 +97,16 @@ def _video(rng: np.random.Generator, size: int, frames: int) -> tuple[list[Image
     return out, caption
 
 
-def write_media(out: Path, splits: dict, seed: int, size: int, *, n_videos: int | None = None,
-                audio_per_class: int = 4, video_frames: int = 8) -> dict:
+def write_media(
+    out: Path,
+    splits: dict,
+    seed: int,
+    size: int,
+    *,
+    n_videos: int | None = None,
+    audio_per_class: int = 4,
+    video_frames: int = 8,
+) -> dict:
     from mmfast.data.synthetic import CLASSES
 
     t2x_image = []

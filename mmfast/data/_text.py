@@ -3,6 +3,7 @@
 A scene is a dict ``{"objects": [{"cls", "color", "bbox": [x, y, w, h], ...}], "bg": str, "size": S}``;
 the first object is the main (largest) one.
 """
+
 from __future__ import annotations
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -101,7 +102,9 @@ def description(scene: dict) -> str:
     for o in objs[1:]:
         parts.append(f"There is {article(colored(o))} {where(o, size)}.")
     if n > 1:
-        parts.append(f"The {name(objs[0], scene)} is {relation(objs[0], objs[1])} the {name(objs[1], scene)}.")
+        parts.append(
+            f"The {name(objs[0], scene)} is {relation(objs[0], objs[1])} the {name(objs[1], scene)}."
+        )
     return " ".join([head] + parts)
 
 
@@ -131,8 +134,12 @@ def reasoning_turns(scene: dict, rng) -> list[tuple[str, str]]:
     """Counting and relative position questions whose answers follow from the boxes."""
     objs = scene["objects"]
     n = len(objs)
-    qa = [("How many objects are in the image?",
-           f"There {'is' if n == 1 else 'are'} {NUMBER_WORDS[n]} object{'s' if n > 1 else ''}: {count_phrase(scene)}.")]
+    qa = [
+        (
+            "How many objects are in the image?",
+            f"There {'is' if n == 1 else 'are'} {NUMBER_WORDS[n]} object{'s' if n > 1 else ''}: {count_phrase(scene)}.",
+        )
+    ]
     cls, k = counts(scene)[int(rng.integers(0, len(counts(scene))))]
     qa.append((f"How many {plural(cls)} are there?", f"There {'is' if k == 1 else 'are'} {NUMBER_WORDS[k]}."))
     if n > 1:
@@ -142,8 +149,12 @@ def reasoning_turns(scene: dict, rng) -> list[tuple[str, str]]:
         if na != nb:
             qa.append((f"Where is the {na} relative to the {nb}?", f"The {na} is {relation(a, b)} the {nb}."))
             left = a if center(a)[0] < center(b)[0] else b
-            qa.append((f"Which is further to the left, the {na} or the {nb}?",
-                       f"The {name(left, scene)} is further to the left."))
+            qa.append(
+                (
+                    f"Which is further to the left, the {na} or the {nb}?",
+                    f"The {name(left, scene)} is further to the left.",
+                )
+            )
     big = max(objs, key=lambda o: o["area"])
     qa.append(("Which object is the largest?", f"The {colored(big)} is the largest object."))
     return qa

@@ -1,4 +1,5 @@
 """Writers for the synthetic world's instruction, pre-training and README files."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -55,8 +56,10 @@ def yesno_turns(scene: dict, rng, prior, classes, themes) -> list[tuple[str, str
     objs = scene["objects"]
     yes = objs[int(rng.integers(len(objs)))]["cls"]
     no, _ = absent_object(scene, rng, prior, classes, themes)
-    qa = [(f"Is there {_text.article(yes)} in the image?", f"Yes, there is {_text.article(yes)} in the image."),
-          (f"Is there {_text.article(no)} in the image?", f"No, there is no {no} in the image.")]
+    qa = [
+        (f"Is there {_text.article(yes)} in the image?", f"Yes, there is {_text.article(yes)} in the image."),
+        (f"Is there {_text.article(no)} in the image?", f"No, there is no {no} in the image."),
+    ]
     return qa if rng.random() < 0.5 else qa[::-1]
 
 
@@ -70,10 +73,16 @@ def write_llava(out: Path, split: str, items: list[tuple[int, str, dict]], seed:
         rng = np.random.default_rng([seed, image_id, 2])
         base = f"{image_id:06d}"
         detail = [(DETAIL_PROMPTS[int(rng.integers(len(DETAIL_PROMPTS)))], _text.description(scene))]
-        instruct.append(_record(f"{base}_conversation", rel, "conversation", _text.conversation_turns(scene, rng), rng))
+        instruct.append(
+            _record(f"{base}_conversation", rel, "conversation", _text.conversation_turns(scene, rng), rng)
+        )
         instruct.append(_record(f"{base}_detail", rel, "detail", detail, rng))
-        instruct.append(_record(f"{base}_reasoning", rel, "reasoning", _text.reasoning_turns(scene, rng), rng))
-        instruct.append(_record(f"{base}_yesno", rel, "yesno", yesno_turns(scene, rng, prior, CLASSES, THEMES), rng))
+        instruct.append(
+            _record(f"{base}_reasoning", rel, "reasoning", _text.reasoning_turns(scene, rng), rng)
+        )
+        instruct.append(
+            _record(f"{base}_yesno", rel, "yesno", yesno_turns(scene, rng, prior, CLASSES, THEMES), rng)
+        )
         brief = [(BRIEF_PROMPTS[int(rng.integers(len(BRIEF_PROMPTS)))], _text.captions(scene, rng, 1)[0])]
         pretrain.append(_record(base, rel, "caption", brief, rng))
     atomic_write_json(out / f"llava_instruct_{split}.json", instruct, indent=None)
@@ -112,8 +121,14 @@ MEDIA_ROWS = """| `audio/CLASS_NN.wav` | 16 kHz mono 16-bit, one pitch/timbre/rh
 
 def write_readme(out: Path, summary: dict, seed: int, size: int) -> None:
     media = MEDIA_ROWS.format() if "n_audio" in summary else ""
-    text = README.format(seed=seed, size=size, n_train=summary["n_train"], n_val=summary["n_val"],
-                         classes=summary["classes"], media=media)
+    text = README.format(
+        seed=seed,
+        size=size,
+        n_train=summary["n_train"],
+        n_val=summary["n_val"],
+        classes=summary["classes"],
+        media=media,
+    )
     with atomic_open(out / "README.md", "w", encoding="utf-8") as f:
         f.write(text)
 

@@ -4,6 +4,7 @@
 names the offending record; ``CocoInstances.to_pycocotools()`` hands the same data to pycocotools
 for the official evaluation code.
 """
+
 from __future__ import annotations
 
 import os
@@ -60,10 +61,10 @@ def load_coco(path: str | os.PathLike, image_root: str | os.PathLike | None = No
     p = Path(path)
     data = read_json(p, what="COCO annotation file")
     if not isinstance(data, dict):
-        raise ValueError(f"COCO annotation file {p}: expected an object, got {type(data).__name__}")
+        raise ValueError(f"COCO annotation file {p}: expected an object, got {type(data).__name__}")  # noqa: TRY004
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
-            raise ValueError(f"COCO annotation file {p}: missing list field {key!r}")
+            raise ValueError(f"COCO annotation file {p}: missing list field {key!r}")  # noqa: TRY004
     if image_root is None:
         image_root = p.parent.parent if p.parent.name == "annotations" else p.parent
     out = CocoInstances(path=p, image_root=Path(image_root), data=data)

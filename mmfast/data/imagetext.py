@@ -3,18 +3,20 @@
 The first row is a header naming at least the image and caption columns. Image paths are relative to
 ``root`` (default: the CSV's folder) and may not leave it.
 """
+
 from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from mmfast.utils.io import open_image, safe_join
 
 
-def read_image_text_csv(csv_path: str | os.PathLike, img_key: str = "filepath", caption_key: str = "caption",
-                        sep: str = ",") -> list[tuple[str, str]]:
+def read_image_text_csv(
+    csv_path: str | os.PathLike, img_key: str = "filepath", caption_key: str = "caption", sep: str = ","
+) -> list[tuple[str, str]]:
     """Return ``[(relative_image_path, caption)]``; errors name the file and line."""
     p = Path(csv_path)
     if not p.is_file():
@@ -25,7 +27,9 @@ def read_image_text_csv(csv_path: str | os.PathLike, img_key: str = "filepath", 
         try:
             header = next(reader)
         except StopIteration:
-            raise ValueError(f"image-text CSV {p} is empty; expected a header with {img_key!r} and {caption_key!r}")
+            raise ValueError(
+                f"image-text CSV {p} is empty; expected a header with {img_key!r} and {caption_key!r}"
+            )
         for key in (img_key, caption_key):
             if key not in header:
                 raise ValueError(f"image-text CSV {p} line 1: header {header} has no column {key!r}")
@@ -61,9 +65,16 @@ class ImageTextDataset(_torch_dataset_base()):
     it; the error names the CSV line.
     """
 
-    def __init__(self, csv_path: str | os.PathLike, root: str | os.PathLike | None = None,
-                 transform: Callable | None = None, tokenizer: Callable | None = None,
-                 img_key: str = "filepath", caption_key: str = "caption", sep: str = ","):
+    def __init__(
+        self,
+        csv_path: str | os.PathLike,
+        root: str | os.PathLike | None = None,
+        transform: Callable | None = None,
+        tokenizer: Callable | None = None,
+        img_key: str = "filepath",
+        caption_key: str = "caption",
+        sep: str = ",",
+    ):
         self.csv_path = Path(csv_path)
         self.root = Path(root) if root is not None else self.csv_path.parent
         self.rows = read_image_text_csv(csv_path, img_key, caption_key, sep)

@@ -8,11 +8,13 @@ A file is a JSON list of records::
 Turns alternate human, gpt, human, ...; a record with an image has exactly one ``<image>`` token, in
 its first human turn. Extra fields (such as ``type``) are kept.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from mmfast.utils.io import open_image, read_json, safe_join
 
@@ -37,7 +39,9 @@ def validate_record(rec: Any, where: str) -> None:
         raise LlavaFormatError(f"{where}: field 'conversations' must be a non-empty list of turns")
     has_image = "image" in rec
     if has_image and (not isinstance(rec["image"], str) or not rec["image"]):
-        raise LlavaFormatError(f"{where}: field 'image' must be a non-empty relative path string, got {rec['image']!r}")
+        raise LlavaFormatError(
+            f"{where}: field 'image' must be a non-empty relative path string, got {rec['image']!r}"
+        )
     for t, turn in enumerate(conv):
         field = f"conversations[{t}]"
         if not isinstance(turn, dict):
@@ -46,21 +50,30 @@ def validate_record(rec: Any, where: str) -> None:
         if role not in ROLES:
             raise LlavaFormatError(f"{where}: field '{field}.from' is {role!r}; expected 'human' or 'gpt'")
         if role != ROLES[t % 2]:
-            raise LlavaFormatError(f"{where}: field '{field}.from' is {role!r}; turns must alternate human, gpt, ...")
+            raise LlavaFormatError(
+                f"{where}: field '{field}.from' is {role!r}; turns must alternate human, gpt, ..."
+            )
         value = turn.get("value")
         if not isinstance(value, str):
-            raise LlavaFormatError(f"{where}: field '{field}.value' must be a string, got {type(value).__name__}")
+            raise LlavaFormatError(
+                f"{where}: field '{field}.value' must be a string, got {type(value).__name__}"
+            )
         n_tok = value.count(IMAGE_TOKEN)
         if t == 0 and has_image and n_tok != 1:
-            raise LlavaFormatError(f"{where}: field '{field}.value' must hold {IMAGE_TOKEN} once "
-                                   f"(the record has an image), found {n_tok}")
+            raise LlavaFormatError(
+                f"{where}: field '{field}.value' must hold {IMAGE_TOKEN} once "
+                f"(the record has an image), found {n_tok}"
+            )
         if n_tok and (t > 0 or not has_image):
-            raise LlavaFormatError(f"{where}: field '{field}.value' holds {IMAGE_TOKEN} but "
-                                   + ("only the first human turn may" if has_image else "the record has no 'image'"))
+            raise LlavaFormatError(
+                f"{where}: field '{field}.value' holds {IMAGE_TOKEN} but "
+                + ("only the first human turn may" if has_image else "the record has no 'image'")
+            )
 
 
-def load_llava_json(path: str | os.PathLike, image_root: str | os.PathLike | None = None, *,
-                    check_images: bool = True) -> list[dict]:
+def load_llava_json(
+    path: str | os.PathLike, image_root: str | os.PathLike | None = None, *, check_images: bool = True
+) -> list[dict]:
     """Load and validate a LLaVA JSON file.
 
     Each returned record is the original dict plus ``image_path`` (absolute, inside ``image_root``;
@@ -102,8 +115,13 @@ class LlavaDataset(_torch_dataset_base()):
     Tokenization and loss masks belong to the model's processor; this class only reads.
     """
 
-    def __init__(self, path: str | os.PathLike, image_root: str | os.PathLike | None = None,
-                 transform: Callable | None = None, check_images: bool = True):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        image_root: str | os.PathLike | None = None,
+        transform: Callable | None = None,
+        check_images: bool = True,
+    ):
         self.records = load_llava_json(path, image_root, check_images=check_images)
         self.transform = transform
 

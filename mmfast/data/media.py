@@ -5,6 +5,7 @@ multi-frame image Pillow opens) or a folder of frame images. A T2X file is a JSO
 ``{"caption", "<modality>_name": relative path, ...}`` records (NExT-GPT's cc3m/audiocap/webvid
 layout); a plain ``"<modality>"`` key is accepted too.
 """
+
 from __future__ import annotations
 
 import os
@@ -58,8 +59,13 @@ def read_video(path: str | os.PathLike, max_frames: int = 64, max_pixels: int = 
         return [f.convert("RGB") for _, f in zip(range(max_frames), ImageSequence.Iterator(im))]
 
 
-def load_t2x_json(path: str | os.PathLike, root: str | os.PathLike | None = None, modality: str | None = None,
-                  *, check_files: bool = True) -> list[dict]:
+def load_t2x_json(
+    path: str | os.PathLike,
+    root: str | os.PathLike | None = None,
+    modality: str | None = None,
+    *,
+    check_files: bool = True,
+) -> list[dict]:
     """Validated text->media records; each gains ``path`` (absolute, inside ``root``, default the file's folder).
 
     ``modality`` defaults to whichever of image/audio/video the first record holds; every record must
@@ -68,7 +74,7 @@ def load_t2x_json(path: str | os.PathLike, root: str | os.PathLike | None = None
     p = Path(path)
     data = read_json(p, what="T2X JSON file")
     if not isinstance(data, list):
-        raise ValueError(f"T2X JSON file {p}: expected a list of records, got {type(data).__name__}")
+        raise ValueError(f"T2X JSON file {p}: expected a list of records, got {type(data).__name__}")  # noqa: TRY004
     if modality is None and data and isinstance(data[0], dict):
         modality = next((m for m in MODALITIES if m in data[0] or f"{m}_name" in data[0]), None)
     if modality not in MODALITIES:
@@ -78,7 +84,7 @@ def load_t2x_json(path: str | os.PathLike, root: str | os.PathLike | None = None
     for i, rec in enumerate(data):
         where = f"T2X JSON file {p} record {i}"
         if not isinstance(rec, dict):
-            raise ValueError(f"{where}: expected an object, got {type(rec).__name__}")
+            raise ValueError(f"{where}: expected an object, got {type(rec).__name__}")  # noqa: TRY004
         if not isinstance(rec.get("caption"), str) or not rec["caption"].strip():
             raise ValueError(f"{where}: missing string field 'caption'")
         key = f"{modality}_name" if f"{modality}_name" in rec else modality

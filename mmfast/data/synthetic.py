@@ -12,6 +12,7 @@ Same seed -> byte-identical files: each image draws from its own generator seede
 
     mmfast data synth --out DIR --images 2000 --seed 0
 """
+
 from __future__ import annotations
 
 import argparse
@@ -125,11 +126,19 @@ def sample_scene(seed: int, index: int, size: int) -> tuple[dict, Image.Image]:
         img.paste(_draw.COLORS[color], (0, 0), mask)
         placed.append(box)
         f = float(SUPERSAMPLE)
-        objects.append({
-            "cls": cls, "color": color,
-            "bbox": [round(x0 / f, 2), round(y0 / f, 2), round((x1 - x0) / f, 2), round((y1 - y0) / f, 2)],
-            "area": round(area / f**2, 2),
-        })
+        objects.append(
+            {
+                "cls": cls,
+                "color": color,
+                "bbox": [
+                    round(x0 / f, 2),
+                    round(y0 / f, 2),
+                    round((x1 - x0) / f, 2),
+                    round((y1 - y0) / f, 2),
+                ],
+                "area": round(area / f**2, 2),
+            }
+        )
     if SUPERSAMPLE > 1:
         img = img.resize((size, size), Image.BOX)
     return {"objects": objects, "bg": _bg_word(bg), "theme": theme, "size": size}, img
@@ -160,20 +169,36 @@ def _coco(split_scenes: list[tuple[int, str, dict]], size: int) -> dict:
         images.append({"id": image_id, "file_name": rel, "width": size, "height": size})
         for k, o in enumerate(scene["objects"]):
             # Unique across splits: an image holds at most 5 objects.
-            anns.append({
-                "id": image_id * 10 + k, "image_id": image_id,
-                "category_id": CLASSES.index(o["cls"]) + 1, "bbox": o["bbox"], "area": o["area"],
-                "iscrowd": 0, "attributes": {"color": o["color"]},
-            })
+            anns.append(
+                {
+                    "id": image_id * 10 + k,
+                    "image_id": image_id,
+                    "category_id": CLASSES.index(o["cls"]) + 1,
+                    "bbox": o["bbox"],
+                    "area": o["area"],
+                    "iscrowd": 0,
+                    "attributes": {"color": o["color"]},
+                }
+            )
     cats = [{"id": i + 1, "name": c, "supercategory": "object"} for i, c in enumerate(CLASSES)]
     info = {"description": "mmfast synthetic world", "version": "1.0"}
     return {"info": info, "licenses": [], "images": images, "annotations": anns, "categories": cats}
 
 
-def make_world(out_dir, n_images: int = 2000, image_size: int = 64, seed: int = 0, *,
-               val_fraction: float = 0.2, captions_per_image: int = 2, media: bool = True,
-               n_videos: int | None = None, audio_per_class: int = 4, video_frames: int = 8,
-               overwrite: bool = True) -> dict:
+def make_world(
+    out_dir,
+    n_images: int = 2000,
+    image_size: int = 64,
+    seed: int = 0,
+    *,
+    val_fraction: float = 0.2,
+    captions_per_image: int = 2,
+    media: bool = True,
+    n_videos: int | None = None,
+    audio_per_class: int = 4,
+    video_frames: int = 8,
+    overwrite: bool = True,
+) -> dict:
     """Write the world to ``out_dir`` and return a summary (counts, paths, seconds taken).
 
     Media paths in every file are relative to ``out_dir``. ``media=False`` skips audio, video and the
@@ -187,10 +212,12 @@ def make_world(out_dir, n_images: int = 2000, image_size: int = 64, seed: int = 
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"output folder {out} is not empty; pass overwrite=True (--force) to write over it")
+        raise FileExistsError(
+            f"output folder {out} is not empty; pass overwrite=True (--force) to write over it"
+        )
     t0 = time.perf_counter()
     (out / "images").mkdir(parents=True, exist_ok=True)
-    n_val = max(1, int(round(n_images * val_fraction)))
+    n_val = max(1, round(n_images * val_fraction))
     n_train = n_images - n_val
 
     from mmfast.data import _worldfiles  # the text-heavy writers live beside this module
@@ -205,21 +232,38 @@ def make_world(out_dir, n_images: int = 2000, image_size: int = 64, seed: int = 
 
     atomic_write_json(out / "classes.json", CLASSES)
     for split, items in splits.items():
-        atomic_write_json(out / "annotations" / f"instances_{split}.json", _coco(items, image_size), indent=None)
+        atomic_write_json(
+            out / "annotations" / f"instances_{split}.json", _coco(items, image_size), indent=None
+        )
         rows = []
         for image_id, rel, scene in items:
             rng = np.random.default_rng([seed, image_id, 1])
             rows += [[rel, c] for c in _text.captions(scene, rng, captions_per_image)]
         _write_csv(out / f"captions_{split}.csv", ["filepath", "caption"], rows)
-        _write_csv(out / f"zeroshot_{split}.csv", ["filepath", "label", "class"],
-                   [[rel, CLASSES.index(s["objects"][0]["cls"]), s["objects"][0]["cls"]] for _, rel, s in items])
-        objs = [{"image": rel, "objects": list(dict.fromkeys(o["cls"] for o in s["objects"]))} for _, rel, s in items]
+        _write_csv(
+            out / f"zeroshot_{split}.csv",
+            ["filepath", "label", "class"],
+            [[rel, CLASSES.index(s["objects"][0]["cls"]), s["objects"][0]["cls"]] for _, rel, s in items],
+        )
+        objs = [
+            {"image": rel, "objects": list(dict.fromkeys(o["cls"] for o in s["objects"]))}
+            for _, rel, s in items
+        ]
         _write_jsonl(out / f"objects_{split}.jsonl", objs)
         _worldfiles.write_llava(out, split, items, seed)
     summary = {"out_dir": str(out), "n_train": n_train, "n_val": n_val, "classes": len(CLASSES)}
     if media:
-        summary.update(_worldfiles.write_media(out, splits, seed, image_size, n_videos=n_videos,
-                                               audio_per_class=audio_per_class, video_frames=video_frames))
+        summary.update(
+            _worldfiles.write_media(
+                out,
+                splits,
+                seed,
+                image_size,
+                n_videos=n_videos,
+                audio_per_class=audio_per_class,
+                video_frames=video_frames,
+            )
+        )
     _worldfiles.write_readme(out, summary, seed, image_size)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     return summary
@@ -237,8 +281,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="write into a non-empty folder")
     a = p.parse_args(argv)
     try:
-        s = make_world(a.out, a.images, a.size, a.seed, val_fraction=a.val_fraction,
-                       captions_per_image=a.captions_per_image, media=not a.no_media, overwrite=a.force)
+        s = make_world(
+            a.out,
+            a.images,
+            a.size,
+            a.seed,
+            val_fraction=a.val_fraction,
+            captions_per_image=a.captions_per_image,
+            media=not a.no_media,
+            overwrite=a.force,
+        )
     except (ValueError, FileExistsError) as e:
         print(f"mmfast data synth: {e}", file=sys.stderr)
         return 2

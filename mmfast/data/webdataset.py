@@ -5,14 +5,15 @@ the first dot of its base name (``dir/000123.png`` + ``dir/000123.txt`` -> key `
 the ``webdataset`` package. Members are read into memory, never extracted to disk, so member names
 cannot write outside anything.
 """
+
 from __future__ import annotations
 
 import io
 import os
 import re
 import tarfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 from mmfast.utils.io import MAX_IMAGE_PIXELS, atomic_open
 
@@ -31,7 +32,9 @@ def expand_shards(spec: str | os.PathLike | Iterable) -> list[Path]:
     lo, hi, width = int(m.group(1)), int(m.group(2)), len(m.group(1))
     if hi < lo:
         raise ValueError(f"shard spec {s!r}: range {lo}..{hi} is empty")
-    return [p for i in range(lo, hi + 1) for p in expand_shards(s[: m.start()] + f"{i:0{width}d}" + s[m.end():])]
+    return [
+        p for i in range(lo, hi + 1) for p in expand_shards(s[: m.start()] + f"{i:0{width}d}" + s[m.end() :])
+    ]
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -73,7 +76,9 @@ def index_shard(path: Path) -> list[tuple[str, str, str]]:
         txt = next((parts[e] for e in TEXT_EXTS if e in parts), None)
         if img is None or txt is None:
             missing = f"image ({'/'.join(IMAGE_EXTS)})" if img is None else "caption (.txt)"
-            raise ValueError(f"webdataset shard {path} sample {key!r} has no {missing}; members: {sorted(parts)}")
+            raise ValueError(
+                f"webdataset shard {path} sample {key!r} has no {missing}; members: {sorted(parts)}"
+            )
         out.append((key, img, txt))
     return out
 
@@ -110,7 +115,7 @@ class TarImageTextDataset(_torch_dataset_base()):
             self._handles, self._pid = {}, os.getpid()
         tf = self._handles.get(shard)
         if tf is None:
-            tf = self._handles[shard] = tarfile.open(shard, "r:*")
+            tf = self._handles[shard] = tarfile.open(shard, "r:*")  # noqa: SIM115
         f = tf.extractfile(member)
         if f is None:
             raise ValueError(f"webdataset shard {shard} member {member!r} is not a regular file")
@@ -142,8 +147,12 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     tf.addfile(info, io.BytesIO(data))
 
 
-def write_shards(samples: Iterable[tuple[str, bytes, str, str]], out_dir: str | os.PathLike,
-                 prefix: str = "shard", maxcount: int = 1000) -> list[Path]:
+def write_shards(
+    samples: Iterable[tuple[str, bytes, str, str]],
+    out_dir: str | os.PathLike,
+    prefix: str = "shard",
+    maxcount: int = 1000,
+) -> list[Path]:
     """Write ``(key, image_bytes, image_ext, caption)`` samples into ``{prefix}-NNNNNN.tar`` files."""
     if maxcount < 1:
         raise ValueError(f"maxcount must be >= 1, got {maxcount}")
@@ -152,7 +161,10 @@ def write_shards(samples: Iterable[tuple[str, bytes, str, str]], out_dir: str | 
 
     def flush() -> None:
         path = out / f"{prefix}-{len(paths):06d}.tar"
-        with atomic_open(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        with (
+            atomic_open(path, "wb") as f,
+            tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf,
+        ):
             for key, img, ext, cap in buf:
                 _add(tf, f"{key}.{ext}", img)
                 _add(tf, f"{key}.txt", cap.encode("utf-8"))

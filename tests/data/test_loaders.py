@@ -1,4 +1,5 @@
 """Generic loaders: good files load, bad ones fail with errors that name the file and record."""
+
 import io
 import json
 import pickle
@@ -34,15 +35,23 @@ def root(tmp_path) -> Path:
 
 # ---- image-text CSV ----
 
+
 def test_csv_dataset_reads_pairs_with_transform_and_tokenizer(root):
-    (root / "pairs.csv").write_text('filepath,caption\nimgs/0.png,a red star\nimgs/1.png,"two cups, one car"\n')
-    ds = ImageTextDataset(root / "pairs.csv", transform=lambda im: np.asarray(im).shape,
-                          tokenizer=lambda caps: [len(c) for c in caps])
+    (root / "pairs.csv").write_text(
+        'filepath,caption\nimgs/0.png,a red star\nimgs/1.png,"two cups, one car"\n'
+    )
+    ds = ImageTextDataset(
+        root / "pairs.csv",
+        transform=lambda im: np.asarray(im).shape,
+        tokenizer=lambda caps: [len(c) for c in caps],
+    )
     assert len(ds) == 2 and ds.captions == ["a red star", "two cups, one car"]
     assert ds[0] == ((7, 9, 3), len("a red star"))
     plain = ImageTextDataset(root / "pairs.csv")
     image, text = plain[1]
-    assert image.mode == "RGB" and np.array_equal(np.asarray(image), np.asarray(Image.open(root / "imgs/1.png")))
+    assert image.mode == "RGB" and np.array_equal(
+        np.asarray(image), np.asarray(Image.open(root / "imgs/1.png"))
+    )
     assert text == "two cups, one car"
 
 
@@ -83,6 +92,7 @@ def test_csv_path_escape_and_missing_image(root):
 
 # ---- LLaVA JSON ----
 
+
 def _conv(*values):
     return [{"from": "human" if i % 2 == 0 else "gpt", "value": v} for i, v in enumerate(values)]
 
@@ -93,8 +103,14 @@ def _write(path: Path, obj) -> Path:
 
 
 def test_llava_valid_records(root):
-    recs = [{"id": 1, "image": "imgs/0.png", "conversations": _conv("<image>\nWhat?", "A star.", "Colour?", "Red.")},
-            {"id": "t", "conversations": _conv("Text only?", "Yes."), "type": "text"}]
+    recs = [
+        {
+            "id": 1,
+            "image": "imgs/0.png",
+            "conversations": _conv("<image>\nWhat?", "A star.", "Colour?", "Red."),
+        },
+        {"id": "t", "conversations": _conv("Text only?", "Yes."), "type": "text"},
+    ]
     out = load_llava_json(_write(root / "l.json", recs))
     assert out[0]["image_path"] == str((root / "imgs/0.png").resolve()) and "image_path" not in out[1]
     assert out[1]["type"] == "text"
@@ -102,19 +118,33 @@ def test_llava_valid_records(root):
     assert ds[0]["image"] == (9, 7) and ds[1]["image"] is None and len(ds[0]["conversations"]) == 4
 
 
-@pytest.mark.parametrize("rec, match", [
-    ({"image": "imgs/0.png", "conversations": _conv("<image>", "a")}, r"record 1: missing field 'id'"),
-    ({"id": 2, "image": "imgs/0.png"}, r"record 1: missing field 'conversations'"),
-    ({"id": 2, "conversations": [{"from": "bot", "value": "x"}]}, r"record 1: field 'conversations\[0\]\.from' is 'bot'"),
-    ({"id": 2, "conversations": [{"from": "gpt", "value": "x"}]}, r"turns must alternate"),
-    ({"id": 2, "conversations": [{"from": "human"}]}, r"'conversations\[0\]\.value' must be a string"),
-    ({"id": 2, "image": "imgs/0.png", "conversations": _conv("no token", "a")}, r"must hold <image> once"),
-    ({"id": 2, "image": "imgs/0.png", "conversations": _conv("<image>", "a", "<image>", "b")},
-     r"'conversations\[2\]\.value' holds <image>"),
-    ({"id": 2, "conversations": _conv("<image>", "a")}, r"the record has no 'image'"),
-    ({"id": 2, "image": "../x.png", "conversations": _conv("<image>", "a")}, r"record 1 field 'image'.*escapes"),
-    ({"id": 2, "image": 5, "conversations": _conv("<image>", "a")}, r"field 'image' must be"),
-])
+@pytest.mark.parametrize(
+    "rec, match",
+    [
+        ({"image": "imgs/0.png", "conversations": _conv("<image>", "a")}, r"record 1: missing field 'id'"),
+        ({"id": 2, "image": "imgs/0.png"}, r"record 1: missing field 'conversations'"),
+        (
+            {"id": 2, "conversations": [{"from": "bot", "value": "x"}]},
+            r"record 1: field 'conversations\[0\]\.from' is 'bot'",
+        ),
+        ({"id": 2, "conversations": [{"from": "gpt", "value": "x"}]}, r"turns must alternate"),
+        ({"id": 2, "conversations": [{"from": "human"}]}, r"'conversations\[0\]\.value' must be a string"),
+        (
+            {"id": 2, "image": "imgs/0.png", "conversations": _conv("no token", "a")},
+            r"must hold <image> once",
+        ),
+        (
+            {"id": 2, "image": "imgs/0.png", "conversations": _conv("<image>", "a", "<image>", "b")},
+            r"'conversations\[2\]\.value' holds <image>",
+        ),
+        ({"id": 2, "conversations": _conv("<image>", "a")}, r"the record has no 'image'"),
+        (
+            {"id": 2, "image": "../x.png", "conversations": _conv("<image>", "a")},
+            r"record 1 field 'image'.*escapes",
+        ),
+        ({"id": 2, "image": 5, "conversations": _conv("<image>", "a")}, r"field 'image' must be"),
+    ],
+)
 def test_llava_malformed_records(root, rec, match):
     good = {"id": 1, "image": "imgs/0.png", "conversations": _conv("<image>\nq", "a")}
     with pytest.raises(LlavaFormatError, match=match):
@@ -137,12 +167,17 @@ def test_llava_file_errors(root):
 
 # ---- COCO and POPE objects ----
 
+
 def _coco(**over):
-    d = {"images": [{"id": 1, "file_name": "imgs/0.png", "width": 9, "height": 7}],
-         "categories": [{"id": 2, "name": "star"}, {"id": 1, "name": "circle"}],
-         "annotations": [{"id": 1, "image_id": 1, "category_id": 2, "bbox": [0, 0, 3, 3], "area": 9, "iscrowd": 0},
-                         {"id": 2, "image_id": 1, "category_id": 1, "bbox": [1, 1, 2, 2], "area": 4, "iscrowd": 0},
-                         {"id": 3, "image_id": 1, "category_id": 2, "bbox": [4, 1, 2, 2], "area": 4, "iscrowd": 0}]}
+    d = {
+        "images": [{"id": 1, "file_name": "imgs/0.png", "width": 9, "height": 7}],
+        "categories": [{"id": 2, "name": "star"}, {"id": 1, "name": "circle"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 2, "bbox": [0, 0, 3, 3], "area": 9, "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [1, 1, 2, 2], "area": 4, "iscrowd": 0},
+            {"id": 3, "image_id": 1, "category_id": 2, "bbox": [4, 1, 2, 2], "area": 4, "iscrowd": 0},
+        ],
+    }
     d.update(over)
     return d
 
@@ -155,17 +190,27 @@ def test_coco_loads_and_indexes(root):
     assert len(c.to_pycocotools().getAnnIds(imgIds=[1])) == 3
 
 
-@pytest.mark.parametrize("over, match", [
-    ({"images": None}, r"missing list field 'images'"),
-    ({"annotations": [{"id": 1, "image_id": 5, "category_id": 1, "bbox": [0, 0, 1, 1]}]},
-     r"annotations\[0\]: image_id 5 is not in 'images'"),
-    ({"annotations": [{"id": 1, "image_id": 1, "category_id": 9, "bbox": [0, 0, 1, 1]}]},
-     r"annotations\[0\]: category_id 9"),
-    ({"annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 1]}]}, r"annotations\[0\]: field 'bbox'"),
-    ({"annotations": [{"id": 1, "image_id": 1, "category_id": 1}]}, r"annotations\[0\]: field 'bbox'"),
-    ({"images": [{"id": 1}]}, r"images\[0\]: missing string field 'file_name'"),
-    ({"categories": [{"id": 1}]}, r"categories\[0\]"),
-])
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        ({"images": None}, r"missing list field 'images'"),
+        (
+            {"annotations": [{"id": 1, "image_id": 5, "category_id": 1, "bbox": [0, 0, 1, 1]}]},
+            r"annotations\[0\]: image_id 5 is not in 'images'",
+        ),
+        (
+            {"annotations": [{"id": 1, "image_id": 1, "category_id": 9, "bbox": [0, 0, 1, 1]}]},
+            r"annotations\[0\]: category_id 9",
+        ),
+        (
+            {"annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 1]}]},
+            r"annotations\[0\]: field 'bbox'",
+        ),
+        ({"annotations": [{"id": 1, "image_id": 1, "category_id": 1}]}, r"annotations\[0\]: field 'bbox'"),
+        ({"images": [{"id": 1}]}, r"images\[0\]: missing string field 'file_name'"),
+        ({"categories": [{"id": 1}]}, r"categories\[0\]"),
+    ],
+)
 def test_coco_malformed(root, over, match):
     with pytest.raises(ValueError, match=match):
         load_coco(_write(root / "c.json", _coco(**over)))
@@ -194,8 +239,11 @@ def test_objects_jsonl_errors_name_the_line(root):
 
 # ---- webdataset shards ----
 
+
 def test_webdataset_round_trip_is_exact_and_deterministic(tmp_path):
-    samples = [(f"s/{i:04d}", _png(tmp_path / "src" / f"{i}.png", 10 + i), "png", f"caption {i}") for i in range(7)]
+    samples = [
+        (f"s/{i:04d}", _png(tmp_path / "src" / f"{i}.png", 10 + i), "png", f"caption {i}") for i in range(7)
+    ]
     paths = write_shards(samples, tmp_path / "a", maxcount=3)
     again = write_shards(samples, tmp_path / "b", maxcount=3)
     assert [p.name for p in paths] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
@@ -208,7 +256,9 @@ def test_webdataset_round_trip_is_exact_and_deterministic(tmp_path):
         assert np.array_equal(np.asarray(image), np.asarray(Image.open(io.BytesIO(img)).convert("RGB")))
     clone = pickle.loads(pickle.dumps(ds))  # DataLoader workers get copies without open handles
     assert clone[6][1] == "caption 6"
-    tok = TarImageTextDataset(paths, transform=lambda im: im.size, tokenizer=lambda caps: [c.upper() for c in caps])
+    tok = TarImageTextDataset(
+        paths, transform=lambda im: im.size, tokenizer=lambda caps: [c.upper() for c in caps]
+    )
     assert tok[0] == ((9, 7), "CAPTION 0")
 
 
@@ -236,6 +286,7 @@ def test_webdataset_from_csv_and_errors(root, tmp_path):
 
 # ---- audio, video, text->media ----
 
+
 def test_media_readers_and_t2x_errors(tmp_path):
     from mmfast.data._media import write_wav
 
@@ -261,15 +312,17 @@ def test_media_readers_and_t2x_errors(tmp_path):
     with pytest.raises(ValueError, match=r"record 1: missing field 'audio_name'"):
         load_t2x_json(_write(tmp_path / "t.json", good + [{"caption": "x", "video": "v.gif"}]))
     nextgpt = [{"caption": "a tone", "audio_name": "a.wav"}]
-    assert load_t2x_json(_write(tmp_path / "n.json", nextgpt))[0]["path"] == str((tmp_path / "a.wav").resolve())
+    assert load_t2x_json(_write(tmp_path / "n.json", nextgpt))[0]["path"] == str(
+        (tmp_path / "a.wav").resolve()
+    )
     with pytest.raises(FileNotFoundError, match=r"record 0 field 'audio_name'.*b\.wav"):
         load_t2x_json(_write(tmp_path / "n.json", [{"caption": "x", "audio_name": "b.wav"}]))
 
 
 def test_package_exports_resolve():
-    import mmfast.data as data
+    from mmfast import data
 
     for name in data.__all__:
         assert callable(getattr(data, name)), name
     with pytest.raises(AttributeError, match="no_such"):
-        data.no_such
+        _ = data.no_such

@@ -1,4 +1,5 @@
 """The synthetic world: determinism, valid formats, and the statistics it promises."""
+
 import csv
 import json
 from collections import Counter
@@ -99,7 +100,9 @@ def test_theme_objects_co_occur():
     p = {c: np.mean([c in s for s in sets]) for c in CLASSES}
     # Lift of a pair = P(a and b together) / (P(a) P(b)); 1 means independent.
     for theme, (members, _) in synthetic.THEMES.items():
-        lifts = [np.mean([a in s and b in s for s in sets]) / (p[a] * p[b]) for a, b in combinations(members, 2)]
+        lifts = [
+            np.mean([a in s and b in s for s in sets]) / (p[a] * p[b]) for a, b in combinations(members, 2)
+        ]
         assert np.mean(lifts) > 1.5, (theme, lifts)
 
 
@@ -119,8 +122,11 @@ def test_main_object_is_the_largest_and_captions_name_it(world):
 
 
 def test_llava_files_parse_and_yes_no_is_balanced(world):
-    objects = {r["image"]: set(r["objects"]) for split in ("train", "val")
-               for r in load_objects_jsonl(world / f"objects_{split}.jsonl")}
+    objects = {
+        r["image"]: set(r["objects"])
+        for split in ("train", "val")
+        for r in load_objects_jsonl(world / f"objects_{split}.jsonl")
+    }
     kinds, answers = Counter(), Counter()
     for split in ("train", "val"):
         recs = load_llava_json(world / f"llava_instruct_{split}.json", world)
@@ -188,8 +194,10 @@ def test_pope_popular_and_adversarial_negatives_are_more_plausible():
     from mmfast.eval.pope import build_questions, object_of
 
     def records(scenes):
-        return [{"image": str(i), "objects": list(dict.fromkeys(o["cls"] for o in s["objects"]))}
-                for i, s in enumerate(scenes)]
+        return [
+            {"image": str(i), "objects": list(dict.fromkeys(o["cls"] for o in s["objects"]))}
+            for i, s in enumerate(scenes)
+        ]
 
     train, val = records(_scenes(400, seed=5)), records(_scenes(400, seed=6))
     n = len(train)
