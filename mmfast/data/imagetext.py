@@ -18,10 +18,14 @@ def read_image_text_csv(
     csv_path: str | os.PathLike, img_key: str = "filepath", caption_key: str = "caption", sep: str = ","
 ) -> list[tuple[str, str]]:
     """Return ``[(relative_image_path, caption)]``; errors name the file and line."""
-    p = Path(csv_path)
+    return [(path, cap) for _, path, cap in _read_rows(Path(csv_path), img_key, caption_key, sep)]
+
+
+def _read_rows(p: Path, img_key: str, caption_key: str, sep: str) -> list[tuple[int, str, str]]:
+    """``[(line_number, path, caption)]``."""
     if not p.is_file():
         raise FileNotFoundError(f"image-text CSV not found: {p}")
-    rows: list[tuple[str, str]] = []
+    rows: list[tuple[int, str, str]] = []
     with open(p, encoding="utf-8", newline="") as f:
         reader = csv.reader(f, delimiter=sep)
         try:
@@ -44,7 +48,7 @@ def read_image_text_csv(
                 raise ValueError(f"image-text CSV {p} line {line}: empty {img_key!r}")
             if not row[ci].strip():
                 raise ValueError(f"image-text CSV {p} line {line}: empty {caption_key!r}")
-            rows.append((row[ii], row[ci]))
+            rows.append((line, row[ii], row[ci]))
     if not rows:
         raise ValueError(f"image-text CSV {p} has a header but no rows")
     return rows
@@ -61,8 +65,9 @@ def _torch_dataset_base():
 class ImageTextDataset(_torch_dataset_base()):
     """``(image, text)`` pairs: ``transform(PIL image)`` or the PIL image, ``tokenizer([caption])[0]`` or the caption.
 
-    Every path is checked against ``root`` when the file is read, so a single bad row cannot escape
-    it; the error names the CSV line.
+    Paths are checked twice, and errors name the CSV line: on construction, absolute paths and
+    ``..`` parts are refused (a string check, cheap for large files); on read, ``safe_join`` also
+    resolves links against ``root``.
     """
 
     def __init__(
@@ -77,7 +82,15 @@ class ImageTextDataset(_torch_dataset_base()):
     ):
         self.csv_path = Path(csv_path)
         self.root = Path(root) if root is not None else self.csv_path.parent
-        self.rows = read_image_text_csv(csv_path, img_key, caption_key, sep)
+        triples = _read_rows(self.csv_path, img_key, caption_key, sep)
+        for line, rel, _ in triples:
+            parts = rel.replace("\\", "/").split("/")
+            if rel.startswith(("/", "\\")) or Path(rel).is_absolute() or ".." in parts:
+                raise ValueError(
+                    f"image-text CSV {self.csv_path} line {line}: {img_key} {rel!r} must be a path inside {self.root}"
+                )
+        self.lines = [line for line, _, _ in triples]
+        self.rows = [(rel, cap) for _, rel, cap in triples]
         self.transform = transform
         self.tokenizer = tokenizer
         self._img_key = img_key
@@ -87,7 +100,7 @@ class ImageTextDataset(_torch_dataset_base()):
 
     def image_path(self, idx: int) -> Path:
         rel = self.rows[idx][0]
-        return safe_join(self.root, rel, what=f"{self.csv_path} row {idx + 1} {self._img_key}")
+        return safe_join(self.root, rel, what=f"{self.csv_path} line {self.lines[idx]} {self._img_key}")
 
     def __getitem__(self, idx: int):
         image = open_image(self.image_path(idx))

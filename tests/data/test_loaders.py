@@ -3,6 +3,7 @@
 import io
 import json
 import pickle
+import re
 import tarfile
 from pathlib import Path
 
@@ -79,15 +80,23 @@ def test_csv_errors_name_file_and_line(root):
         read_image_text_csv(root / "d.csv")
 
 
-def test_csv_path_escape_and_missing_image(root):
-    (root / "e.csv").write_text("filepath,caption\n../outside.png,x\n/etc/passwd,y\nimgs/9.png,z\n")
+def test_csv_path_escape_and_missing_image(root, tmp_path_factory):
+    for name, rel in (("up", "../outside.png"), ("abs", "/etc/passwd"), ("mid", "imgs/../../x.png")):
+        (root / f"{name}.csv").write_text(f"filepath,caption\nimgs/0.png,ok\n{rel},x\n")
+        with pytest.raises(
+            ValueError, match=rf"{name}\.csv line 3: filepath '{re.escape(rel)}' must be a path inside"
+        ):
+            ImageTextDataset(root / f"{name}.csv")
+    # A symlink that leaves the root passes the string check and is caught when the file is read.
+    outside = tmp_path_factory.mktemp("outside")
+    _png(outside / "secret.png", 99)
+    (root / "imgs" / "link").symlink_to(outside)
+    (root / "e.csv").write_text("filepath,caption\nimgs/link/secret.png,x\nimgs/9.png,z\n")
     ds = ImageTextDataset(root / "e.csv")
-    with pytest.raises(ValueError, match=r"row 1 filepath '\.\./outside\.png' escapes"):
+    with pytest.raises(ValueError, match=r"e\.csv line 2 filepath 'imgs/link/secret\.png' escapes"):
         ds[0]
-    with pytest.raises(ValueError, match="is absolute"):
-        ds[1]
     with pytest.raises(FileNotFoundError, match="9.png"):
-        ds[2]
+        ds[1]
 
 
 # ---- LLaVA JSON ----
