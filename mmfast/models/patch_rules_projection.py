@@ -11,6 +11,9 @@ class's method.
   model's output gets that loss and an empty ``(B, S, 0)`` logits tensor.
   Same label shift, ``ignore_index=-100``, ``num_items_in_batch`` and final-logit softcap as HF.
 * ``llava.mlp_projector`` (projection): ``LlavaMultiModalProjector`` → :func:`mlp_projector`.
+* ``clip.linear_l2_normalize`` (projection): HF ``CLIPModel.forward`` with each projection head and
+  its L2 normalisation fused (:func:`linear_l2_normalize`); the towers' ``pooler_output`` in the
+  returned ``CLIPOutput`` is then the pre-projection pooled output.
 * ``hf.rms_norm`` (norm): HF RMSNorm modules (``weight`` + ``variance_epsilon``) → :func:`rms_norm`.
 * ``layer_norm`` (norm): every ``nn.LayerNorm`` over one dimension (HF CLIP, open_clip's subclasses)
   → :func:`layer_norm`.
@@ -122,6 +125,42 @@ def _patch_llava_projector(model: torch.nn.Module):
     return set_forwards(targets)
 
 
+# --------------------------------------------------------------------------- CLIP heads
+def _patch_hf_clip_heads(model: torch.nn.Module):
+    """HF ``CLIPModel.forward`` with each tower's projection and L2 normalisation as one op."""
+    if type(model).__name__ != "CLIPModel" or not all(
+        isinstance(getattr(model, n, None), torch.nn.Linear) for n in ("visual_projection", "text_projection")
+    ):
+        return None
+    import transformers.models.clip.modeling_clip as hf_clip
+
+    from mmfast.ops.projection import linear_l2_normalize
+
+    def forward(input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, return_loss=None,
+                interpolate_pos_encoding=False, **kwargs):
+        kwargs.pop("return_dict", None)
+        vision = model.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                                    return_dict=True, **kwargs)
+        text = model.text_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                return_dict=True, **kwargs)
+        # eps far below any real norm: HF divides by the plain norm.
+        vp, tp = model.visual_projection, model.text_projection
+        image_embeds = linear_l2_normalize(vision.pooler_output, vp.weight, vp.bias, 1e-12, backend=backend_of(model))
+        text_embeds = linear_l2_normalize(text.pooler_output, tp.weight, tp.bias, 1e-12, backend=backend_of(model))
+        logits_per_text = text_embeds @ image_embeds.t() * model.logit_scale.exp()
+        contrastive = getattr(hf_clip, "image_text_contrastive_loss", None) or hf_clip.clip_loss
+        loss = contrastive(logits_per_text) if return_loss else None
+        # The projected, unnormalised features are never formed: the towers' outputs keep their
+        # own pooler_output (pre-projection), as CLIPVisionModel / CLIPTextModel return it.
+        return hf_clip.CLIPOutput(
+            loss=loss, logits_per_image=logits_per_text.t(), logits_per_text=logits_per_text,
+            text_embeds=text_embeds, image_embeds=image_embeds, text_model_output=text,
+            vision_model_output=vision,
+        )
+
+    return set_forwards([(model, forward)])
+
+
 # --------------------------------------------------------------------------- norms
 def _patch_rms_norms(model: torch.nn.Module):
     from mmfast.ops.norm import rms_norm
@@ -162,6 +201,7 @@ def _patch_layer_norms(model: torch.nn.Module):
 RULES: list[PatchRule] = [
     PatchRule("causal_lm.fused_linear_cross_entropy", "loss", _LM_TYPES, _patch_causal_lm_loss),
     PatchRule("llava.mlp_projector", "projection", ("llava",), _patch_llava_projector),
+    PatchRule("clip.linear_l2_normalize", "projection", ("clip",), _patch_hf_clip_heads),
     PatchRule("hf.rms_norm", "norm", _LM_TYPES, _patch_rms_norms),
     PatchRule("layer_norm", "norm", ("clip", "clip_vision_model", "clip_text_model", "llava", "open_clip"),
               _patch_layer_norms),

@@ -45,7 +45,13 @@ def _compare(model, run, backend, expect_rules):
     (ref_loss, ref_g), (low_loss, low_g), (loss, g) = results
     assert_error_bound(loss, ref_loss, low_loss, name="loss")
     assert ref_g.keys() == g.keys() and len(g) > 0
+    scale = max(r.abs().max().item() for r in ref_g.values())
     for name in g:
+        if ref_g[name].abs().max().item() < 1e-12 * scale:
+            # Exactly zero in exact arithmetic (e.g. attention key biases: softmax is shift-invariant),
+            # so both fp32 results are rounding noise: require noise-sized values, not a ratio of noises.
+            assert g[name].abs().max().item() <= 1e-6 * scale, name
+            continue
         assert_error_bound(g[name], ref_g[name], low_g[name], name=name)
     mmfast.unpatch(model)
     assert patched_rules(model) == []
@@ -112,9 +118,11 @@ def test_hf_clip_layer_norms(triton_backend):
     pixels = torch.randn(3, 3, 32, 32)
 
     def run(m, dtype):
-        return m(input_ids=ids, pixel_values=pixels.to(dtype), return_loss=True).loss
+        out = m(input_ids=ids, pixel_values=pixels.to(dtype), return_loss=True)
+        # the loss plus a term on the embeddings, so the heads' gradients see more than the logits
+        return out.loss + (out.image_embeds[:, :5] * out.text_embeds[:, :5]).sum()
 
-    _compare(model, run, triton_backend, ["layer_norm"])
+    _compare(model, run, triton_backend, ["layer_norm", "clip.linear_l2_normalize"])
 
 
 def test_open_clip_layer_norms(triton_backend):
