@@ -69,28 +69,43 @@ def name(o: dict, scene: dict) -> str:
     return o["cls"] if sum(p["cls"] == o["cls"] for p in scene["objects"]) == 1 else colored(o)
 
 
-def caption_pool(scene: dict) -> list[str]:
-    """Every phrasing of the scene; all name the main object."""
+def main_captions(scene: dict) -> list[str]:
+    """Phrasings about the main object alone, as photo captions mostly name the salient thing."""
+    main = scene["objects"][0]
+    size = "big " if len(scene["objects"]) > 1 else ""
+    return [
+        f"a photo of {article(colored(main))}",
+        f"{article(size + colored(main))} on a {scene['bg']} background",
+        f"{article(main['cls'])} {where(main, scene['size'])}",
+    ]
+
+
+def scene_captions(scene: dict) -> list[str]:
+    """Phrasings of the whole scene: counts, colours, spatial relations; all name the main object first."""
     objs = scene["objects"]
     main, rest = objs[0], objs[1:]
-    n = len(objs)
-    pool = [f"a photo of {article(colored(main))}"]
-    if rest:
-        others = join_words([article(colored(o)) for o in rest])
-        pool.append(f"{article('big ' + colored(main))} with {others}")
-        pool.append(f"{article(colored(main))} {relation(main, rest[0])} {article(colored(rest[0]))}")
-        pool.append(f"{NUMBER_WORDS[n]} objects on a {scene['bg']} background: {count_phrase(scene)}")
-    else:
-        pool.append(f"{article(colored(main))} on a {scene['bg']} background")
-        pool.append(f"a single {main['cls']} {where(main, scene['size'])}")
-    pool.append(f"a picture of {count_phrase(scene)}")
-    return pool
+    if not rest:
+        return [f"a picture of a single {colored(main)}", f"one {main['cls']} {where(main, scene['size'])}"]
+    others = join_words([article(colored(o)) for o in rest])
+    return [
+        f"{article('big ' + colored(main))} with {others}",
+        f"{article(colored(main))} {relation(main, rest[0])} {article(colored(rest[0]))}",
+        f"{NUMBER_WORDS[len(objs)]} objects on a {scene['bg']} background: {count_phrase(scene)}",
+        f"a picture of {count_phrase(scene)}",
+    ]
+
+
+def caption_pool(scene: dict) -> list[str]:
+    return main_captions(scene) + scene_captions(scene)
 
 
 def captions(scene: dict, rng, k: int) -> list[str]:
-    pool = caption_pool(scene)
-    idx = rng.permutation(len(pool))[: min(k, len(pool))]
-    return [pool[i] for i in sorted(idx)]
+    """``k`` distinct phrasings: the first about the main object, the rest about the whole scene."""
+    first = main_captions(scene)
+    out = [first[int(rng.integers(len(first)))]]
+    rest = scene_captions(scene) + [c for c in first if c != out[0]]
+    idx = rng.permutation(len(rest))[: max(0, k - 1)]
+    return out + [rest[i] for i in sorted(idx)]
 
 
 def description(scene: dict) -> str:
