@@ -3,8 +3,8 @@
 Sources (``--data``):
 * an image-text CSV (``filepath,caption`` header, paths relative to the CSV's folder);
 * a folder holding ``captions_train.csv`` (the synthetic world, or any folder laid out like it);
-* webdataset shards: a ``.tar`` file, a folder of them, or a glob; members ``KEY.{png,jpg,jpeg,webp}``
-  paired with ``KEY.txt``.
+* webdataset shards: a ``.tar`` file, a brace range (``shard-{000000..000009}.tar``), a folder of
+  them, or a glob; members ``KEY.{png,jpg,...}`` paired with ``KEY.txt``.
 
 Exact resume: the order of step s is a function of (seed, s) only — a permutation per epoch, sliced
 into global batches, each rank taking its slice — and each sample's augmentation draws from a
@@ -14,62 +14,20 @@ with the same crops, as the uninterrupted run, whatever the number of loader wor
 from __future__ import annotations
 
 import glob
-import io
-import os
-import tarfile
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from mmfast.data.imagetext import ImageTextDataset
-from mmfast.utils.io import MAX_IMAGE_PIXELS
-
-_IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
-
-
-class TarShards(Dataset):
-    """Map-style view of webdataset tar shards (index built once; each item re-opens its shard)."""
-
-    def __init__(self, shards: list[Path], transform=None, tokenizer=None):
-        if not shards:
-            raise FileNotFoundError("no webdataset shards (*.tar) found")
-        self.transform, self.tokenizer = transform, tokenizer
-        self.items: list[tuple[Path, str, str]] = []  # (shard, image member, caption)
-        for shard in shards:
-            with tarfile.open(shard) as tf:
-                members = {m.name: m for m in tf.getmembers() if m.isfile()}
-                for name in sorted(members):
-                    stem, ext = os.path.splitext(name)
-                    if ext.lower() in _IMAGE_EXTS and stem + ".txt" in members:
-                        caption = tf.extractfile(members[stem + ".txt"]).read().decode("utf-8").strip()
-                        self.items.append((shard, name, caption))
-        if not self.items:
-            raise ValueError(f"shards {[str(s) for s in shards[:3]]} hold no (image, .txt) pairs")
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, idx):
-        from PIL import Image
-
-        shard, name, caption = self.items[idx]
-        with tarfile.open(shard) as tf:
-            data = tf.extractfile(name).read()
-        img = Image.open(io.BytesIO(data))
-        if img.width * img.height > MAX_IMAGE_PIXELS:
-            raise ValueError(f"{shard}:{name} is {img.width}x{img.height}, over the {MAX_IMAGE_PIXELS}-pixel cap")
-        img = img.convert("RGB")
-        image = self.transform(img) if self.transform is not None else img
-        text = self.tokenizer([caption])[0] if self.tokenizer is not None else caption
-        return image, text
+from mmfast.data.webdataset import TarImageTextDataset
 
 
 def open_source(data: str, transform, tokenizer, img_key: str = "filepath", caption_key: str = "caption"):
     """The dataset behind ``--data`` (see the module docstring)."""
     p = Path(data)
     if p.is_file() and p.suffix == ".tar":
-        return TarShards([p], transform, tokenizer)
+        return TarImageTextDataset([p], transform, tokenizer)
     if p.is_file():
         return ImageTextDataset(p, transform=transform, tokenizer=tokenizer, img_key=img_key, caption_key=caption_key)
     if p.is_dir():
@@ -77,11 +35,13 @@ def open_source(data: str, transform, tokenizer, img_key: str = "filepath", capt
             return ImageTextDataset(p / "captions_train.csv", transform=transform, tokenizer=tokenizer)
         shards = sorted(p.glob("*.tar"))
         if shards:
-            return TarShards(shards, transform, tokenizer)
+            return TarImageTextDataset(shards, transform, tokenizer)
         raise FileNotFoundError(f"--data folder {p} has neither captions_train.csv nor *.tar shards")
+    if "{" in data:
+        return TarImageTextDataset(data, transform, tokenizer)
     shards = sorted(Path(s) for s in glob.glob(data))
     if shards:
-        return TarShards(shards, transform, tokenizer)
+        return TarImageTextDataset(shards, transform, tokenizer)
     raise FileNotFoundError(f"--data {data!r}: no such CSV file, folder or shard pattern")
 
 

@@ -225,8 +225,8 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 # --------------------------------------------------------------------------- export
-def export_final(engine, clip_cfg: dict, preprocess_cfg: dict, out_dir: Path, rank: int) -> None:
-    """Full fp32 weights (gathered from any ZeRO stage) saved by rank 0."""
+def full_state(engine) -> dict[str, torch.Tensor]:
+    """Full fp32 weights on every rank, gathered from any ZeRO stage (collective: all ranks call it)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     module = engine.module.clip
@@ -240,8 +240,12 @@ def export_final(engine, clip_cfg: dict, preprocess_cfg: dict, out_dir: Path, ra
     for name, buf in module.state_dict().items():
         if name not in params:
             state[name] = buf.detach().cpu().clone()
-    if rank == 0:
-        mclip.save_pretrained(state, out_dir, model_cfg=clip_cfg, preprocess_cfg=preprocess_cfg)
+    return state
+
+
+def checksum(state: dict[str, torch.Tensor]) -> float:
+    """One number per rank to check that every rank ends with the same weights."""
+    return float(sum(t.double().sum() * (i + 1) for i, t in enumerate(state.values())))
 
 
 # --------------------------------------------------------------------------- main
@@ -310,6 +314,10 @@ def main(argv=None) -> int:
 
         bar = tqdm(total=total, initial=start, desc="train clip", dynamic_ncols=True, mininterval=1.0)
 
+    from mmfast.ops.contrastive import CLIP_OP, SIGLIP_OP, select_backend
+
+    loss_backend = select_backend(SIGLIP_OP if args.loss == "siglip" else CLIP_OP,
+                                  torch.empty(1, 1, device=device, dtype=dtype), args.loss_backend)
     t_start = time.perf_counter()
     t_last, n_last = t_start, 0
     step = start
@@ -328,8 +336,8 @@ def main(argv=None) -> int:
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if rank == 0 and (step % args.log_every == 0 or step == total or ref is not None):
             now = time.perf_counter()
-            row = {"step": step, "loss": float(loss), "lr": scheduler.get_last_lr()[0],
-                   "logit_scale": float(scale), "samples_per_s": n_last / max(now - t_last, 1e-9),
+            row = {"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
+                   "logit_scale": scale.detach().item(), "samples_per_s": n_last / max(now - t_last, 1e-9),
                    "memory_mb": round(peak_memory_mb(device), 1), "time": round(now - t_start, 3)}
             if ref is not None:
                 row["loss_reference"] = ref
@@ -341,12 +349,16 @@ def main(argv=None) -> int:
     if bar is not None:
         bar.close()
     train_seconds = time.perf_counter() - t_start
-    if not args.no_export:
-        export_final(engine, clip_cfg, preprocess_cfg, out / "final", rank)
+    state = full_state(engine)
+    sums = [None] * world
+    dist.all_gather_object(sums, checksum(state))
     if rank == 0:
+        if not args.no_export:
+            mclip.save_pretrained(state, out / "final", model_cfg=clip_cfg, preprocess_cfg=preprocess_cfg)
         atomic_write_json(out / "train_summary.json", {
             "model": args.model, "world_size": world, "zero_stage": engine.zero_optimization_stage(),
-            "steps": step, "train_seconds": round(train_seconds, 3), "device": str(device),
+            "steps": step, "train_seconds": round(train_seconds, 3), "device": str(device), "dtype": str(dtype),
+            "loss_backend": loss_backend, "kernels": clip.mmfast_kernels, "param_checksums": sums,
             "final": None if args.no_export else str(out / "final"),
         })
     dist.barrier()

@@ -188,7 +188,10 @@ def create_model(
             if key in sd and own is not None and sd[key].numel() == own.numel():
                 sd[key] = sd[key].reshape(own.shape)
         open_clip.model.resize_pos_embed(sd, model)
-        missing, unexpected = model.load_state_dict(sd, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(sd, strict=False)
+        except RuntimeError as e:  # shape mismatches
+            raise ValueError(f"{weights} does not match architecture {name or model_cfg}: {e}") from None
         if missing or unexpected:
             raise ValueError(
                 f"{weights} does not match architecture {name or model_cfg}: "
@@ -243,7 +246,11 @@ def _cfg_of(model_or_cfg) -> dict:
 def get_tokenizer(model_or_name):
     """open_clip's tokenizer with the model's context length (BPE vocabulary ships with open_clip)."""
     open_clip = _open_clip()
-    text_cfg = _cfg_of(model_or_name)["text_cfg"]
+    if isinstance(model_or_name, torch.nn.Module) and not hasattr(model_or_name, "mmfast_config"):
+        # A model built by open_clip itself: read its text tower's settings.
+        text_cfg = open_clip.model.get_model_tokenize_cfg(model_or_name)
+    else:
+        text_cfg = _cfg_of(model_or_name)["text_cfg"]
     ctx = text_cfg.get("context_length", 77)
     if "hf_tokenizer_name" in text_cfg:
         return open_clip.tokenizer.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=ctx)

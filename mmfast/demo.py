@@ -1,0 +1,157 @@
+"""``mmfast demo``: the main job on the embedded synthetic world, as a list of stages.
+
+Each :class:`Stage` gets the shared :class:`DemoContext` and returns summary keys; after every stage
+the summary is merged into ``OUT/summary.json`` (atomically, keeping keys other stages wrote), so a
+later part (LLaVA, POPE, NExT-GPT) only appends its stages to :data:`STAGES`.
+
+CLIP part: generate the world, train the tiny CLIP with DeepSpeed ZeRO-2 on 2 processes, then
+zero-shot (single template vs the 80-template ensemble) and a linear probe on the held-out split.
+
+    mmfast demo [--out runs/demo] [--only clip_world,clip_train,clip_eval] [--steps N]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mmfast.utils.io import atomic_write_json
+
+
+@dataclass
+class DemoContext:
+    out: Path
+    args: argparse.Namespace
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def world(self) -> Path:
+        return self.out / "world"
+
+    @property
+    def clip_run(self) -> Path:
+        return self.out / "clip"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[DemoContext], dict]
+    help: str = ""
+
+
+# --------------------------------------------------------------------------- CLIP stages
+def clip_world(ctx: DemoContext) -> dict:
+    from mmfast.data.synthetic import make_world
+
+    s = make_world(ctx.world, ctx.args.images, ctx.args.image_size, ctx.args.seed, media=False)
+    return {"world_images": s["n_train"] + s["n_val"], "world_seconds": s["seconds"]}
+
+
+def clip_train(ctx: DemoContext) -> dict:
+    from mmfast.train_launch import clip_main
+
+    a = ctx.args
+    argv = ["--nproc", str(a.nproc), "--config", a.clip_model, "--data", str(ctx.world), "--out", str(ctx.clip_run),
+            "--deepspeed-config", "zero2", "--steps", str(a.steps), "--batch-size", str(a.batch_size),
+            "--lr", str(a.lr), "--warmup", str(max(1, a.steps // 10)), "--seed", str(a.seed),
+            "--log-every", "10", "--threads", "1"]
+    t0 = time.perf_counter()
+    rc = clip_main(argv)
+    wall = time.perf_counter() - t0
+    if rc != 0:
+        raise RuntimeError(f"CLIP training failed (exit code {rc}); see the output above")
+    train = json.loads((ctx.clip_run / "train_summary.json").read_text())
+    last = json.loads((ctx.clip_run / "metrics.jsonl").read_text().strip().splitlines()[-1])
+    return {"clip_train_seconds": round(wall, 1), "clip_train_loop_seconds": train["train_seconds"],
+            "clip_train_steps": train["steps"], "clip_final_loss": round(last["loss"], 4)}
+
+
+def clip_eval(ctx: DemoContext) -> dict:
+    from mmfast.eval import zeroshot as zs
+    from mmfast.models.clip import create_model
+
+    model = create_model(None, pretrained=ctx.clip_run / "final", device="cpu", kernels=False).eval()
+    ens = zs.zeroshot_eval(model, ctx.world, "openai_imagenet")
+    single = zs.zeroshot_eval(model, ctx.world, "single")
+    probe = zs.linear_probe(model, ctx.world)
+    return {"clip_zeroshot_top1": round(ens["top1"], 4), "clip_zeroshot_top5": round(ens["top5"], 4),
+            "clip_zeroshot_top1_single_template": round(single["top1"], 4),
+            "clip_linear_probe_top1": round(probe["top1"], 4), "clip_eval_images": ens["n"]}
+
+
+STAGES: list[Stage] = [
+    Stage("clip_world", clip_world, "generate the synthetic world"),
+    Stage("clip_train", clip_train, "train the tiny CLIP, DeepSpeed ZeRO-2"),
+    Stage("clip_eval", clip_eval, "zero-shot (single vs ensemble) and linear probe"),
+]
+
+
+# --------------------------------------------------------------------------- driver
+def write_summary(path: Path, new: dict) -> dict:
+    """Merge ``new`` into the JSON at ``path`` (keys written by other stages are kept), atomically."""
+    merged = {}
+    if path.is_file():
+        try:
+            merged = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            merged = {}  # a corrupt summary is replaced, not fatal
+    merged.update(new)
+    atomic_write_json(path, merged)
+    return merged
+
+
+def print_table(summary: dict) -> None:
+    width = max(len(k) for k in summary) if summary else 0
+    print("\n" + "metric".ljust(width) + "  value")
+    print("-" * (width + 12))
+    for k, v in summary.items():
+        print(f"{k.ljust(width)}  {v}")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="mmfast demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--only", default=None, help="comma-separated stage names (default: all): "
+                   + ", ".join(s.name for s in STAGES))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images", type=int, default=2000, help="synthetic world size (train + val)")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--clip-model", default="tiny")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=64, help="per rank")
+    p.add_argument("--lr", type=float, default=2e-3)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    names = [s.name for s in STAGES]
+    chosen = names if args.only is None else [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in names]
+    if unknown:
+        print(f"mmfast demo: unknown stage(s) {unknown}; stages: {names}", file=sys.stderr)
+        return 2
+    ctx = DemoContext(Path(args.out), args)
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    summary_path = ctx.out / "summary.json"
+    t0 = time.perf_counter()
+    for stage in STAGES:
+        if stage.name not in chosen:
+            continue
+        print(f"== demo stage {stage.name}: {stage.help}", flush=True)
+        ts = time.perf_counter()
+        keys = stage.run(ctx)
+        keys[f"stage_{stage.name}_seconds"] = round(time.perf_counter() - ts, 1)
+        ctx.summary.update(keys)
+        write_summary(summary_path, keys)
+    ctx.summary["demo_seconds"] = round(time.perf_counter() - t0, 1)
+    final = write_summary(summary_path, {"demo_seconds": ctx.summary["demo_seconds"]})
+    print_table(final)
+    print(f"\nsummary written to {summary_path}")
+    return 0

@@ -1,0 +1,207 @@
+"""training/train_clip.py: data order, configs, launcher, and short 2-rank DeepSpeed runs on CPU."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("open_clip")
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "training"))
+
+import clip_data  # noqa: E402
+import train_clip  # noqa: E402
+
+from mmfast import train_launch  # noqa: E402
+
+
+# --------------------------------------------------------------------------- fast unit tests
+def test_batches_partition_each_global_batch_across_ranks():
+    n, b, world = 50, 4, 3  # 4 steps per epoch (48 of 50 used), 2 epochs
+    per_rank = [list(clip_data.ShardedBatches(n, b, r, world, seed=5, start=0, total=8)) for r in range(world)]
+    for step in range(8):
+        keys = [k for r in range(world) for k in per_rank[r][step]]
+        assert len(keys) == b * world and len(set(keys)) == b * world
+        assert {e for e, _ in keys} == {step // 4}
+    epoch0 = {i for r in range(world) for s in range(4) for _, i in per_rank[r][s]}
+    assert len(epoch0) == 48
+    assert per_rank[0][0] != per_rank[0][4]  # a fresh permutation each epoch
+
+
+def test_batches_resume_at_any_step_matches_uninterrupted():
+    full = list(clip_data.ShardedBatches(40, 4, 1, 2, seed=0, start=0, total=12))
+    for start in (0, 3, 5, 11):
+        assert list(clip_data.ShardedBatches(40, 4, 1, 2, seed=0, start=start, total=12)) == full[start:]
+    with pytest.raises(ValueError, match="smaller than one global batch"):
+        clip_data.ShardedBatches(7, 4, 0, 2, seed=0, start=0, total=1)
+
+
+def test_seeded_pairs_augment_by_key_not_by_global_rng():
+    class Noise(torch.utils.data.Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return torch.rand(4) + i
+
+    ds = clip_data.SeededPairs(Noise(), seed=1)
+    a = ds[(0, 2)]
+    torch.rand(100)  # the caller's RNG moves on
+    state = torch.get_rng_state()
+    assert torch.equal(ds[(0, 2)], a)
+    assert torch.equal(torch.get_rng_state(), state)  # and is left untouched
+    assert not torch.equal(ds[(1, 2)], a)  # another epoch, another crop
+
+
+def test_ds_config_auto_entries_resolve_for_cpu():
+    cfg = train_clip.load_ds_config("zero3_offload", 8, torch.device("cpu"))
+    assert cfg["train_micro_batch_size_per_gpu"] == 8
+    assert cfg["bf16"]["enabled"] is False
+    assert cfg["zero_optimization"]["offload_optimizer"]["pin_memory"] is False
+    for name in ("zero0", "zero1", "zero2", "zero3"):
+        assert train_clip.load_ds_config(name, 4, torch.device("cpu"))["zero_optimization"]["stage"] == int(name[-1])
+    with pytest.raises(FileNotFoundError, match="zero2"):
+        train_clip.load_ds_config("zero9", 4, torch.device("cpu"))
+
+
+def test_no_weight_decay_on_gains_biases_and_temperature():
+    from mmfast.models.clip import create_model
+
+    model = train_clip.ContrastiveModel(create_model("tiny", device="cpu", kernels=False))
+    decay, no_decay = train_clip.param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.ndim >= 2 for p in decay["params"])
+    nd = {names[id(p)] for p in no_decay["params"]}
+    assert "clip.logit_scale" in nd and "clip.token_embedding.weight" in nd
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = train_clip.cosine_with_warmup(opt, warmup=4, total=12)
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:])) and lrs[-1] < 0.05
+
+
+def test_launcher_finds_script_and_builds_commands(capsys):
+    script = train_launch.find_script("train_clip.py")
+    assert script == ROOT / "training" / "train_clip.py"
+    cmd = train_launch.launch_command(script, 2, ["--config", "tiny"], "deepspeed", 29999)
+    assert cmd[1:3] == ["-m", "deepspeed.launcher.runner"] and "--num_gpus" in cmd and cmd[-2:] == ["--config", "tiny"]
+    cmd = train_launch.launch_command(script, 3, [], "torchrun", 29999)
+    assert "torch.distributed.run" in cmd and cmd[cmd.index("--nproc_per_node") + 1] == "3"
+    with pytest.raises(FileNotFoundError, match="MMFAST_TRAINING_DIR"):
+        train_launch.find_script("no_such_script.py")
+    assert train_launch.clip_main(["--nproc", "0"]) == 2
+    assert "--nproc must be >= 1" in capsys.readouterr().err
+    assert train_launch.clip_main(["--nproc", "2", "--print-command", "--config", "tiny"]) == 0
+    assert str(script) in capsys.readouterr().out
+
+
+def test_resume_errors_name_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train_clip.resolve_resume("latest", tmp_path)
+    with pytest.raises(FileNotFoundError, match="expected 'latest'"):
+        train_clip.resolve_resume(str(tmp_path / "nope"), tmp_path)
+
+
+# --------------------------------------------------------------------------- 2-rank runs
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from mmfast.data.synthetic import make_world
+
+    out = tmp_path_factory.mktemp("world")
+    make_world(out, 40, 32, seed=1, media=False)  # 32 train images x 2 captions = 64 pairs
+    return out
+
+
+def _run(args, launcher="deepspeed", nproc=2, timeout=600):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled CPU kernels, not the interpreter
+    env["PYTHONPATH"] = str(ROOT)
+    cmd = [sys.executable, "-m", "mmfast.cli", "train", "clip", "--nproc", str(nproc), "--launcher", launcher,
+           "--config", "tiny", "--batch-size", "8", "--lr", "2e-3", "--warmup", "1", "--threads", "1",
+           "--log-every", "1", "--no-kernels", *map(str, args)]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _final(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "final" / "open_clip_model.safetensors"))
+
+
+def _check_run(run: Path, steps: int, stage: int) -> None:
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["zero_stage"] == stage and summary["steps"] == steps
+    sums = summary["param_checksums"]
+    assert len(sums) == 2 and sums[0] == sums[1]  # both ranks end with the same full weights
+    rows = _metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    # The loss the run trains on (fused kernel, sharded over ranks) equals the plain-PyTorch
+    # loss over the gathered global batch on the first step.
+    assert rows[0]["loss_reference"] == pytest.approx(rows[0]["loss"], rel=1e-5)
+    first, last = rows[0]["loss"], sum(r["loss"] for r in rows[-2:]) / 2
+    assert last < first - 0.05, [r["loss"] for r in rows]
+    assert all(r["logit_scale"] <= 100.0 for r in rows) and all(r["samples_per_s"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_zero2_two_ranks_train_and_resume_exactly(world, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _run(["--data", world, "--out", a, "--deepspeed-config", "zero2", "--steps", 8, "--save-every", 4])
+    _check_run(a, 8, 2)
+    summary = json.loads((a / "train_summary.json").read_text())
+    assert summary["loss_backend"] != "reference" or "cpp" not in _available_backends()
+    assert (a / "checkpoints" / "step4" / "rng_rank1.pt").is_file()
+
+    # Resume the step-4 checkpoint in a fresh run folder: same batches, optimizer, schedule, RNG.
+    _run(["--data", world, "--out", b, "--deepspeed-config", "zero2", "--steps", 8,
+          "--resume", a / "checkpoints" / "step4"])
+    ra, rb = _metrics(a), _metrics(b)
+    assert [r["step"] for r in rb] == [5, 6, 7, 8]
+    assert [r["loss"] for r in rb] == [r["loss"] for r in ra[4:]]
+    assert [r["lr"] for r in rb] == [r["lr"] for r in ra[4:]]
+    fa, fb = _final(a), _final(b)
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        assert torch.equal(fa[k], fb[k]), k
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_zero3_two_ranks_torchrun_trains_and_exports(world, tmp_path):
+    from mmfast.models.clip import create_model, get_tokenizer
+
+    run = tmp_path / "z3"
+    _run(["--data", world, "--out", run, "--deepspeed-config", "zero3", "--steps", 6], launcher="torchrun")
+    _check_run(run, 6, 3)
+    model = create_model(None, pretrained=run / "final", device="cpu", kernels=False).eval()
+    init = create_model("tiny", device="cpu", kernels=False)
+    assert not torch.equal(model.visual.conv1.weight, init.visual.conv1.weight)
+    with torch.no_grad():
+        txt = model.encode_text(get_tokenizer(model)(["a red star"]), normalize=True)
+    torch.testing.assert_close(txt.norm(dim=-1), torch.ones(1))
+
+
+def _available_backends():
+    from mmfast.ops._dispatch import Facts
+    from mmfast.ops.contrastive import CLIP_OP
+
+    facts = Facts("cpu", torch.float32)
+    return [b for b, r in CLIP_OP.refusals(facts).items() if not r]
