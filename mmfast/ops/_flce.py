@@ -93,6 +93,38 @@ def _row_pass(backend: str):
     return ce_rows
 
 
+# --------------------------------------------------------------------------- fp32 dW accumulation
+_ADDMM_F32_OK: dict = {}
+
+
+def _addmm_fp32_supported(device: torch.device) -> bool:
+    """Whether ``torch.addmm(..., out_dtype=torch.float32)`` (bf16/fp16 operands, fp32 accumulator
+    updated in the GEMM's epilogue) works on this device; probed once on a 16×16 case."""
+    key = (device.type, device.index)
+    if key not in _ADDMM_F32_OK:
+        ok = False
+        if device.type == "cuda":
+            try:
+                a = torch.randn(16, 16, device=device, dtype=torch.bfloat16)
+                c = torch.ones(16, 16, device=device, dtype=torch.float32)
+                torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
+                ok = bool(torch.allclose(c, 1 + a.float() @ a.float(), rtol=1e-3, atol=1e-3))
+            except (TypeError, RuntimeError, NotImplementedError):
+                ok = False
+        _ADDMM_F32_OK[key] = ok
+    return _ADDMM_F32_OK[key]
+
+
+def _accumulate_dw_fp32(dw, logits, h, v_block):
+    """dw (V, H) fp32 += logitsᵀ (V, C) @ h (C, H), bf16/fp16 operands."""
+    if _addmm_fp32_supported(dw.device):
+        torch.addmm(dw, logits.t(), h, out_dtype=torch.float32, out=dw)
+        return
+    V = dw.shape[0]
+    for v0 in range(0, V, v_block):  # (Vb, H) products, each rounded once, summed in fp32
+        dw[v0:v0 + v_block].add_(torch.mm(logits[:, v0:v0 + v_block].t(), h))
+
+
 # --------------------------------------------------------------------------- chunked driver
 def flce_chunked(
     hidden, weight, bias, target, scale, per_row, ignore_index, smoothing, z_loss, softcap,
@@ -136,8 +168,7 @@ def flce_chunked(
             if direct_dw:
                 dw.addmm_(logits.t(), h)
             else:
-                for v0 in range(0, V, v_block):  # (Vb, H) products, each rounded once, summed in fp32
-                    dw[v0:v0 + v_block].add_(torch.mm(logits[:, v0:v0 + v_block].t(), h))
+                _accumulate_dw_fp32(dw, logits, h, v_block)
         if need_db:
             db.add_(logits.sum(0, dtype=torch.float32))
     if need_dw and dw.dtype != weight.dtype:
