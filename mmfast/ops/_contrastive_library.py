@@ -30,7 +30,7 @@ def _empty(like: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- CLIP
 @torch.library.custom_op("mmfast::clip_loss_fwd", mutates_args=())
 def clip_loss_fwd(
-    a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor],
+    a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor],  # noqa: UP045 (schema inference)
     label_smoothing: float, offset: int, symmetric: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """-> (loss_sum fp32 0-d, lse_row (M,), lse_col (K,) or (0,) when not symmetric)."""
@@ -50,7 +50,7 @@ def _(a, b, scale, bias, label_smoothing, offset, symmetric, backend):
 
 @torch.library.custom_op("mmfast::clip_loss_bwd", mutates_args=())
 def clip_loss_bwd(
-    a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor],
+    a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor],  # noqa: UP045 (schema inference)
     label_smoothing: float, offset: int, symmetric: bool, backend: str,
     lse_row: Tensor, lse_col: Tensor, grad: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
