@@ -16,6 +16,8 @@ row pass in PyTorch, so the CPU path never holds the (T × V) logits either). No
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -148,6 +150,57 @@ def fused_linear_cross_entropy(
     return out.reshape(target.shape) if reduction == "none" else out
 
 
+# --------------------------------------------------------------------------- custom ops (kernel launchers)
+# Opaque to torch.compile; each declares the buffer it overwrites in place.
+@torch.library.custom_op("mmfast::bias_gelu_fwd", mutates_args=("y",))
+def _bias_gelu_op(y: torch.Tensor, bias: Optional[torch.Tensor], approximate: bool, store_u: bool) -> torch.Tensor:
+    from mmfast.ops._projection_triton import bias_gelu_fwd
+
+    return bias_gelu_fwd(y, bias, approximate, store_u)
+
+
+@_bias_gelu_op.register_fake
+def _(y, bias, approximate, store_u):
+    return torch.empty_like(y)
+
+
+@torch.library.custom_op("mmfast::gelu_bwd", mutates_args=("dh",))
+def _gelu_bwd_op(u: torch.Tensor, dh: torch.Tensor, approximate: bool, recompute_h: bool) -> torch.Tensor:
+    from mmfast.ops._projection_triton import gelu_bwd
+
+    h = gelu_bwd(u, dh, approximate, recompute_h)
+    return h if h is not None else u.new_empty(0)
+
+
+@_gelu_bwd_op.register_fake
+def _(u, dh, approximate, recompute_h):
+    return torch.empty_like(u) if recompute_h else u.new_empty(0)
+
+
+@torch.library.custom_op("mmfast::bias_l2_fwd", mutates_args=())
+def _bias_l2_op(y: torch.Tensor, bias: Optional[torch.Tensor], eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from mmfast.ops._projection_triton import bias_l2_fwd
+
+    return bias_l2_fwd(y, bias, eps)
+
+
+@_bias_l2_op.register_fake
+def _(y, bias, eps):
+    return torch.empty_like(y), y.new_empty(y.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("mmfast::l2_bwd", mutates_args=("dout",))
+def _l2_bwd_op(out: torch.Tensor, dout: torch.Tensor, rnorm: torch.Tensor, eps: float) -> None:
+    from mmfast.ops._projection_triton import l2_bwd
+
+    l2_bwd(out, dout, rnorm, eps)
+
+
+@_l2_bwd_op.register_fake
+def _(out, dout, rnorm, eps):
+    return None
+
+
 # --------------------------------------------------------------------------- MLP projector
 def _gelu_approx(act: str) -> bool:
     if act not in _GELU_APPROX:
@@ -172,14 +225,12 @@ class _MLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, approx, recompute, *params):
-        from mmfast.ops._projection_triton import bias_gelu_fwd
-
         ws, bs = params[0::2], params[1::2]
         a = x  # (M, K)
         us, hs = [], []
         for w, b in zip(ws[:-1], bs[:-1]):
             y = torch.mm(a, w.t())  # (M, N); becomes u in place
-            a = bias_gelu_fwd(y, b, approx, store_u=True)
+            a = _bias_gelu_op(y, b, approx, True)
             us.append(y)
             hs.append(None if recompute else a)
         out = torch.mm(a, ws[-1].t()) if bs[-1] is None else torch.addmm(bs[-1], a, ws[-1].t())
@@ -190,8 +241,6 @@ class _MLPFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        from mmfast.ops._projection_triton import gelu_bwd
-
         approx, recompute, n, has_b = ctx.cfg
         saved = ctx.saved_tensors
         x, ws, us = saved[0], saved[1:1 + n], saved[1 + n:2 * n]
@@ -202,7 +251,7 @@ class _MLPFunction(torch.autograd.Function):
         for i in range(n - 1, -1, -1):
             if i > 0:
                 dh = torch.mm(g, ws[i])  # (M, N_{i-1}); becomes du in place
-                h = gelu_bwd(us[i - 1], dh, approx, recompute_h=recompute)
+                h = _gelu_bwd_op(us[i - 1], dh, approx, recompute)
                 a = h if recompute else hs[i - 1]
             else:
                 a, dh = x, (torch.mm(g, ws[0]) if ctx.needs_input_grad[0] else None)
@@ -260,10 +309,8 @@ def bias_gelu(y: torch.Tensor, bias: torch.Tensor | None = None, act: str = "gel
     if chosen == "reference" or grad:
         u = y if bias is None else y + bias
         return F.gelu(u, approximate="tanh" if approx else "none")
-    from mmfast.ops._projection_triton import bias_gelu_fwd
-
     y2 = y.reshape(-1, y.shape[-1]).contiguous()
-    return bias_gelu_fwd(y2, bias, approx, store_u=False).reshape(y.shape)  # y is only read
+    return _bias_gelu_op(y2, bias, approx, False).reshape(y.shape)  # store_u=False: y is only read
 
 
 # --------------------------------------------------------------------------- linear + L2 normalise
@@ -274,10 +321,8 @@ def linear_l2_normalize_reference(x, weight, bias=None, eps=1e-6):
 class _LinearL2Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
-        from mmfast.ops._projection_triton import bias_l2_fwd
-
         y = torch.mm(x, weight.t())  # (M, D)
-        out, rnorm = bias_l2_fwd(y, bias, eps)
+        out, rnorm = _bias_l2_op(y, bias, eps)
         ctx.save_for_backward(x, weight, out, rnorm)
         ctx.eps = eps
         ctx.has_bias = bias is not None
@@ -286,10 +331,9 @@ class _LinearL2Function(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        from mmfast.ops._projection_triton import l2_bwd
-
         x, weight, out, rnorm = ctx.saved_tensors
-        dy = l2_bwd(out, g.contiguous().clone(), rnorm, ctx.eps)  # (M, D)
+        dy = g.contiguous().clone()  # (M, D); becomes the gradient w.r.t. y in place
+        _l2_bwd_op(out, dy, rnorm, ctx.eps)
         dx = torch.mm(dy, weight) if ctx.needs_input_grad[0] else None
         dw = torch.mm(dy.t(), x) if ctx.needs_input_grad[1] else None
         db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None

@@ -277,12 +277,16 @@ def test_flce_and_norm_under_torch_compile(triton_backend):
     nw = torch.randn(19, requires_grad=True)
     t = torch.randint(0, 50, (2, 5))
 
+    w1, w2 = torch.randn(23, 19, requires_grad=True), torch.randn(19, 23, requires_grad=True)
+
     def f(h, w, nw, t):
+        h = mlp_projector(h, [(w1, None), (w2, None)], recompute=True, backend=triton_backend)
+        h = h + linear_l2_normalize(h, w2 @ w1, backend=triton_backend)
         return flce(rms_norm(h, nw, backend=triton_backend), w, t, backend=triton_backend)
 
     eager = f(h, w, nw, t)
     eager_g = torch.autograd.grad(eager, (h, w, nw))
-    compiled = torch.compile(f, backend="eager")(h, w, nw, t)
+    compiled = torch.compile(f, backend="eager", fullgraph=True)(h, w, nw, t)
     comp_g = torch.autograd.grad(compiled, (h, w, nw))
     torch.testing.assert_close(compiled, eager)
     for a, b in zip(comp_g, eager_g):
