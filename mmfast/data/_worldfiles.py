@@ -110,7 +110,7 @@ Captions name classes with plain words, so zero-shot prompts like "a photo of a 
 | `objects_{{train,val}}.jsonl` | `{{"image", "objects"}}` per line (POPE's input) |
 | `llava_instruct_{{train,val}}.json` | LLaVA conversations: conversation, detail, reasoning, yesno (balanced) |
 | `llava_pretrain_{{train,val}}.json` | LLaVA caption pairs (`<image>` + brief caption) for projector pre-training |
-{media}| `classes.json` | list of class names |
+{media}{shards}| `classes.json` | list of class names |
 """
 
 MEDIA_ROWS = """| `audio/CLASS_NN.wav` | 16 kHz mono 16-bit, one pitch/timbre/rhythm pattern per class |
@@ -121,6 +121,11 @@ MEDIA_ROWS = """| `audio/CLASS_NN.wav` | 16 kHz mono 16-bit, one pitch/timbre/rh
 
 def write_readme(out: Path, summary: dict, seed: int, size: int) -> None:
     media = MEDIA_ROWS.format() if "n_audio" in summary else ""
+    shards = (
+        "| `shards/{train,val}-NNNNNN.tar` | webdataset shards of the caption CSVs (`KEY.png` + `KEY.txt`) |\n"
+        if "shards_train" in summary
+        else ""
+    )
     text = README.format(
         seed=seed,
         size=size,
@@ -128,6 +133,7 @@ def write_readme(out: Path, summary: dict, seed: int, size: int) -> None:
         n_val=summary["n_val"],
         classes=summary["classes"],
         media=media,
+        shards=shards,
     )
     with atomic_open(out / "README.md", "w", encoding="utf-8") as f:
         f.write(text)

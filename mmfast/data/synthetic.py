@@ -197,12 +197,14 @@ def make_world(
     n_videos: int | None = None,
     audio_per_class: int = 4,
     video_frames: int = 8,
+    shard_size: int = 0,
     overwrite: bool = True,
 ) -> dict:
     """Write the world to ``out_dir`` and return a summary (counts, paths, seconds taken).
 
     Media paths in every file are relative to ``out_dir``. ``media=False`` skips audio, video and the
-    text->media pairs (the image-side files are the same either way).
+    text->media pairs (the image-side files are the same either way). ``shard_size > 0`` also packs
+    each caption CSV into webdataset shards ``shards/{split}-NNNNNN.tar`` of that many samples.
     """
     if n_images < 2:
         raise ValueError(f"n_images must be >= 2 (one train and one val image), got {n_images}")
@@ -210,6 +212,8 @@ def make_world(
         raise ValueError(f"image_size must be >= 32 so the icons stay recognisable, got {image_size}")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if captions_per_image < 1:
+        raise ValueError(f"captions_per_image must be >= 1, got {captions_per_image}")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(
@@ -217,7 +221,7 @@ def make_world(
         )
     t0 = time.perf_counter()
     (out / "images").mkdir(parents=True, exist_ok=True)
-    n_val = max(1, round(n_images * val_fraction))
+    n_val = min(n_images - 1, max(1, round(n_images * val_fraction)))
     n_train = n_images - n_val
 
     from mmfast.data import _worldfiles  # the text-heavy writers live beside this module
@@ -264,6 +268,14 @@ def make_world(
                 video_frames=video_frames,
             )
         )
+    if shard_size > 0:
+        from mmfast.data.webdataset import csv_to_shards
+
+        for split in splits:
+            paths = csv_to_shards(
+                out / f"captions_{split}.csv", out / "shards", maxcount=shard_size, prefix=split
+            )
+            summary[f"shards_{split}"] = len(paths)
     _worldfiles.write_readme(out, summary, seed, image_size)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     return summary
@@ -278,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--captions-per-image", type=int, default=2)
     p.add_argument("--no-media", action="store_true", help="skip audio, video and text->media pairs")
+    p.add_argument(
+        "--shard-size", type=int, default=0, help="also write webdataset shards of this many samples"
+    )
     p.add_argument("--force", action="store_true", help="write into a non-empty folder")
     a = p.parse_args(argv)
     try:
@@ -289,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             val_fraction=a.val_fraction,
             captions_per_image=a.captions_per_image,
             media=not a.no_media,
+            shard_size=a.shard_size,
             overwrite=a.force,
         )
     except (ValueError, FileExistsError) as e:

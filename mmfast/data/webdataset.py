@@ -184,7 +184,9 @@ def write_shards(
     return paths
 
 
-def csv_to_shards(csv_path, out_dir, root=None, maxcount: int = 1000, **csv_kw) -> list[Path]:
+def csv_to_shards(
+    csv_path, out_dir, root=None, maxcount: int = 1000, prefix: str = "shard", **csv_kw
+) -> list[Path]:
     """Pack an image-text CSV (see ``imagetext``) into shards, one sample per row."""
     from mmfast.data.imagetext import ImageTextDataset
 
@@ -195,4 +197,4 @@ def csv_to_shards(csv_path, out_dir, root=None, maxcount: int = 1000, **csv_kw) 
             p = ds.image_path(i)
             yield f"{i:09d}", p.read_bytes(), p.suffix.lstrip(".").lower(), cap
 
-    return write_shards(gen(), out_dir, maxcount=maxcount)
+    return write_shards(gen(), out_dir, prefix=prefix, maxcount=maxcount)

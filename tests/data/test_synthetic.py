@@ -178,15 +178,28 @@ def test_audio_video_and_t2x(world):
 
 def test_cli_and_bad_arguments(tmp_path, capsys):
     out = tmp_path / "cli"
-    assert synthetic.main(["--out", str(out), "--images", "4", "--seed", "1", "--no-media"]) == 0
-    assert json.loads(capsys.readouterr().out)["n_train"] == 3
+    argv = ["--out", str(out), "--images", "5", "--seed", "1", "--no-media", "--shard-size", "3"]
+    assert synthetic.main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["n_train"] == 4 and summary["shards_train"] == 3  # 4 images x 2 captions / 3
     assert (out / "captions_train.csv").is_file() and not (out / "audio").exists()
+    from mmfast.data.webdataset import TarImageTextDataset
+
+    shards = TarImageTextDataset(sorted((out / "shards").glob("train-*.tar")))
+    csv_rows = ImageTextDataset(out / "captions_train.csv")
+    assert [c for _, c in shards] == csv_rows.captions
+    assert np.array_equal(np.asarray(shards[7][0]), np.asarray(csv_rows[7][0]))
+    assert "shards/{train,val}" in (out / "README.md").read_text()
     assert synthetic.main(["--out", str(out), "--images", "4"]) == 2  # not empty, no --force
     assert "not empty" in capsys.readouterr().err
     with pytest.raises(ValueError, match="n_images"):
         make_world(tmp_path / "x", n_images=1)
     with pytest.raises(ValueError, match="image_size"):
         make_world(tmp_path / "x", n_images=4, image_size=8)
+    with pytest.raises(ValueError, match="captions_per_image"):
+        make_world(tmp_path / "x", n_images=4, captions_per_image=0)
+    tiny = make_world(tmp_path / "y", n_images=2, val_fraction=0.9, media=False)
+    assert (tiny["n_train"], tiny["n_val"]) == (1, 1)
 
 
 def test_pope_popular_and_adversarial_negatives_are_more_plausible():
