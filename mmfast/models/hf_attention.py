@@ -86,8 +86,8 @@ def mmfast_attention_forward(module, query, key, value, attention_mask, dropout:
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, S, H, D) views
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     window = _window(sliding_window)
-    op_kwargs = dict(dropout_p=dropout, softmax_scale=scaling, window_size=window,
-                     backend=_BACKEND["value"])
+    op_kwargs = {"dropout_p": dropout, "softmax_scale": scaling, "window_size": window,
+                     "backend": _BACKEND["value"]}
     if softcap:
         op_kwargs["softcap"] = float(softcap)
     if attention_mask is not None and attention_mask.dim() == 2:
@@ -112,4 +112,4 @@ def register(backend: str | None = None) -> str:
     return NAME
 
 
-__all__ = ["NAME", "register", "mmfast_attention_forward"]
+__all__ = ["NAME", "mmfast_attention_forward", "register"]

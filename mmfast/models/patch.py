@@ -15,8 +15,8 @@ Rules read the backend chosen for this model with :func:`backend_of`.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -40,7 +40,8 @@ class PatchRule:
         if self.kind not in KINDS:
             raise ValueError(f"PatchRule {self.name!r}: kind {self.kind!r} is not one of {KINDS}")
         if not isinstance(self.model_types, tuple):
-            raise TypeError(f"PatchRule {self.name!r}: model_types must be a tuple, got {type(self.model_types).__name__}")
+            raise TypeError(f"PatchRule {self.name!r}: model_types must be a tuple, "
+                            f"got {type(self.model_types).__name__}")
 
     def matches(self, model_type: str) -> bool:
         return not self.model_types or model_type in self.model_types
@@ -175,12 +176,12 @@ __all__ = [
     "KINDS",
     "RULE_MODULES",
     "PatchRule",
-    "model_type_of",
     "all_rules",
     "backend_of",
+    "model_type_of",
     "patch",
-    "unpatch",
     "patched_rules",
     "replace_modules",
     "set_attributes",
+    "unpatch",
 ]

@@ -49,9 +49,10 @@ def hash_u32(x):
 
 @triton.jit
 def dropout_keep(seed, bh, rows, cols, seqlen_k, dropout_p):
-    """Boolean keep-mask for score entries (rows[:, None], cols[None, :]) of head ``bh``."""
+    """Boolean keep-mask of head ``bh`` at broadcastable (row, col) index tensors, e.g. rows[:, None],
+    cols[None, :] (either orientation, so the backward needs no transpose of a boolean tile)."""
     base = hash_u32(seed.to(tl.uint32) + bh.to(tl.uint32) * 0x9E3779B9)
-    lin = rows.to(tl.uint32)[:, None] * seqlen_k.to(tl.uint32) + cols.to(tl.uint32)[None, :]
+    lin = rows.to(tl.uint32) * seqlen_k.to(tl.uint32) + cols.to(tl.uint32)
     r = hash_u32(lin ^ base)
     u = (r >> 8).to(tl.float32) * (1.0 / 16777216.0)
     return u >= dropout_p
@@ -59,12 +60,13 @@ def dropout_keep(seed, bh, rows, cols, seqlen_k, dropout_p):
 
 @triton.jit
 def visible_mask(qa, cols, seqlen_k, wl, wr, prefix, BAND: tl.constexpr, HAS_PREFIX: tl.constexpr):
-    """visible(qa[:, None], cols[None, :]) per the module docstring."""
-    ok = cols[None, :] < seqlen_k
+    """visible(qa, cols) per the module docstring, on broadcastable tensors (query positions ``qa`` on
+    the key axis, key indices ``cols``)."""
+    ok = cols < seqlen_k
     if BAND:
-        band = (cols[None, :] >= qa[:, None] - wl) & (cols[None, :] <= qa[:, None] + wr)
+        band = (cols >= qa - wl) & (cols <= qa + wr)
         if HAS_PREFIX:
-            band = band | ((qa[:, None] < prefix) & (cols[None, :] < prefix))
+            band = band | ((qa < prefix) & (cols < prefix))
         ok = ok & band
     return ok
 
@@ -79,9 +81,9 @@ def seq_bounds(CU_Q, CU_K, SEQUSED_K, b, seqlen_q, seqlen_k,
         k_start = tl.load(CU_K + b)
         sk = tl.load(CU_K + b + 1) - k_start
     else:
-        q_start = 0
+        q_start = b * 0  # int32 tensors (not constexpr 0) so callers can .to(int64)
         sq = seqlen_q
-        k_start = 0
+        k_start = b * 0
         sk = seqlen_k
         if HAS_SEQUSED:
             sk = tl.load(SEQUSED_K + b)
@@ -137,21 +139,23 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_d, h
         else:
             s = qk * qk_scale
         if MASKED:
-            s = tl.where(visible_mask(qa, cols, sk, wl, wr, prefix, BAND, HAS_PREFIX), s, float("-inf"))
+            ok = visible_mask(qa[:, None], cols[None, :], sk, wl, wr, prefix, BAND, HAS_PREFIX)
+            s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, bh, rows, cols, sk, dropout_p)
+            keep = dropout_keep(seed, bh, rows[:, None], cols[None, :], sk, dropout_p)
             p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
         acc = acc * alpha[:, None] + mm(lowp(p, v.dtype, UPCAST), v, UPCAST, DOT_PREC)
         m_i = m_new
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["seed"])
+# seqlen args stay runtime values even when 1 (Triton would otherwise make them constexpr).
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "seed"])
 def _fwd_kernel(
     Q, K, V, O, LSE, MROW, ILROW, CU_Q, CU_K, SEQUSED_K, PREFIX,
     stride_qb, stride_qs, stride_qh,

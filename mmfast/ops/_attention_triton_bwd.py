@@ -1,7 +1,7 @@
 """Flash attention backward in Triton (two kernels, no atomics, deterministic).
 
-With p_ij = exp2(s_ij·log2(e) - m_i) / l_i recomputed from the forward's row max and sum, z the dropout keep-mask scaled by
-1/(1-p_drop), δ_i = do_i·o_i, and c_ij = 1 - tanh² (softcap) or 1:
+With p_ij = exp2(s_ij·log2(e) - m_i) / l_i recomputed from the forward's row max and sum, z the
+dropout keep-mask scaled by 1/(1-p_drop), δ_i = do_i·o_i, and c_ij = 1 - tanh² (softcap) or 1:
 
     dv_j = Σ_i z_ij p_ij do_i
     ds_ij = p_ij (z_ij do_i·v_j - δ_i) c_ij
@@ -43,7 +43,7 @@ def _scores(qk, qk_scale, softcap, HAS_SOFTCAP: tl.constexpr):
     return qk * qk_scale, qk * 0.0 + 1.0
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "seed"])
 def _dkdv_kernel(
     Q, K, V, DO, MROW, ILROW, DELTA, DK, DV, CU_Q, CU_K, SEQUSED_K, PREFIX,
     stride_qb, stride_qs, stride_qh,
@@ -99,7 +99,7 @@ def _dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for g in range(0, group):
+    for g in range(group):
         h = hk * group + g
         bh = b * n_heads + h
         q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh + q_start.to(tl.int64) * stride_qs
@@ -116,13 +116,14 @@ def _dkdv_kernel(
             il_row = tl.load(ILROW + l_base + rows * stride_ls, mask=q_ok, other=0.0)  # (BM,) 0: row sees nothing
             delta = tl.load(DELTA + l_base + rows * stride_ls, mask=q_ok, other=0.0)  # (BM,)
             sT, cT = _scores(mm(k, qT, UPCAST, DOT_PREC), qk_scale, softcap, HAS_SOFTCAP)  # (BN, BM)
-            # visible() with queries on the column axis: transpose of the forward's (rows, cols) mask.
-            ok = tl.trans(visible_mask(rows + off, offs_n, sk, window_left, window_right, prefix, BAND, HAS_PREFIX))
+            # visible() with keys on the row axis and queries on the column axis.
+            ok = visible_mask((rows + off)[None, :], offs_n[:, None], sk, window_left, window_right, prefix,
+                              BAND, HAS_PREFIX)
             ok = ok & q_ok[None, :]
             pT = tl.where(ok, tl.exp2(sT - m_row[None, :]) * il_row[None, :], 0.0)
             dpT = mm(v, tl.trans(do), UPCAST, DOT_PREC)  # (BN, BM)
             if HAS_DROPOUT:
-                keepT = tl.trans(dropout_keep(seed, bh, rows, offs_n, sk, dropout_p))
+                keepT = dropout_keep(seed, bh, rows[None, :], offs_n[:, None], sk, dropout_p)  # (BN, BM)
                 zT = tl.where(keepT, 1.0 / (1.0 - dropout_p), 0.0)
                 dv += mm(lowp(pT * zT, do.dtype, UPCAST), do, UPCAST, DOT_PREC)
                 dpT = dpT * zT
@@ -133,11 +134,13 @@ def _dkdv_kernel(
     dk = dk * sm_scale
     dk_ptrs = DK + b.to(tl.int64) * stride_dkb + hk * stride_dkh + (k_start + offs_n)[:, None].to(tl.int64) * stride_dks
     dv_ptrs = DV + b.to(tl.int64) * stride_dvb + hk * stride_dvh + (k_start + offs_n)[:, None].to(tl.int64) * stride_dvs
-    tl.store(dk_ptrs + offs_d[None, :], lowp(dk, DK.dtype.element_ty, UPCAST).to(DK.dtype.element_ty), mask=kv_ok[:, None] & d_ok[None, :])
-    tl.store(dv_ptrs + offs_d[None, :], lowp(dv, DV.dtype.element_ty, UPCAST).to(DV.dtype.element_ty), mask=kv_ok[:, None] & d_ok[None, :])
+    tl.store(dk_ptrs + offs_d[None, :], lowp(dk, DK.dtype.element_ty, UPCAST).to(DK.dtype.element_ty),
+             mask=kv_ok[:, None] & d_ok[None, :])
+    tl.store(dv_ptrs + offs_d[None, :], lowp(dv, DV.dtype.element_ty, UPCAST).to(DV.dtype.element_ty),
+             mask=kv_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "seed"])
 def _dq_kernel(
     Q, K, V, DO, MROW, ILROW, DELTA, DQ, CU_Q, CU_K, SEQUSED_K, PREFIX,
     stride_qb, stride_qs, stride_qh,
@@ -207,17 +210,18 @@ def _dq_kernel(
         vT = tl.load(v_base + cols[None, :] * stride_vs + offs_d[:, None],
                      mask=kv_ok[None, :] & d_ok[:, None], other=0.0)  # (D, BN)
         s, c = _scores(mm(q, tl.trans(k), UPCAST, DOT_PREC), qk_scale, softcap, HAS_SOFTCAP)  # (BM, BN)
-        ok = visible_mask(qa, cols, sk, window_left, window_right, prefix, BAND, HAS_PREFIX)
+        ok = visible_mask(qa[:, None], cols[None, :], sk, window_left, window_right, prefix, BAND, HAS_PREFIX)
         p = tl.where(ok, tl.exp2(s - m_row[:, None]) * il_row[:, None], 0.0)
         dp = mm(do, vT, UPCAST, DOT_PREC)  # (BM, BN)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, bh, rows, cols, sk, dropout_p)
+            keep = dropout_keep(seed, bh, rows[:, None], cols[None, :], sk, dropout_p)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None]) * c
         dq += mm(lowp(ds, k.dtype, UPCAST), k, UPCAST, DOT_PREC)
     dq = dq * sm_scale
     dq_ptrs = DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + (q_start + rows)[:, None].to(tl.int64) * stride_dqs
-    tl.store(dq_ptrs + offs_d[None, :], lowp(dq, DQ.dtype.element_ty, UPCAST).to(DQ.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
+    tl.store(dq_ptrs + offs_d[None, :], lowp(dq, DQ.dtype.element_ty, UPCAST).to(DQ.dtype.element_ty),
+             mask=q_ok[:, None] & d_ok[None, :])
 
 
 def _bwd_configs():
@@ -242,7 +246,7 @@ _KEY = ["BLOCK_D", "BAND", "HAS_PREFIX", "HAS_SOFTCAP", "HAS_DROPOUT", "IS_VARLE
 if INTERPRET:
     _dkdv, _dq = _dkdv_kernel, _dq_kernel
 else:
-    _tune = dict(configs=_bwd_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune_bwd})
+    _tune = {"configs": _bwd_configs(), "key": _KEY, "prune_configs_by": {"early_config_prune": _prune_bwd}}
     _dkdv = triton.autotune(**_tune)(_dkdv_kernel)
     _dq = triton.autotune(**_tune)(_dq_kernel)
 

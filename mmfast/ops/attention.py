@@ -108,7 +108,7 @@ def visible_reference(sq: int, sk: int, wl: int, wr: int, band: bool, prefix: in
 
 def _reference_dense(q, k, v, p: AttnParams, batch_offset: int, prefix_list, n_heads_total: int):
     """(B, Sq, H, D) attention by materialising the scores; returns (out, lse (B, H, Sq) fp32)."""
-    b, sq, h, d = q.shape
+    b, sq, h, _d = q.shape
     sk, hk = k.shape[1], k.shape[2]
     if hk != h:
         k = k.repeat_interleave(h // hk, dim=2)
@@ -127,7 +127,8 @@ def _reference_dense(q, k, v, p: AttnParams, batch_offset: int, prefix_list, n_h
     empty = torch.isinf(lse) & (lse < 0)
     prob = torch.exp(s - torch.where(empty, 0.0, lse)[..., None])
     if p.dropout_p > 0:
-        bh = (torch.arange(b, device=q.device)[:, None] + batch_offset) * n_heads_total + torch.arange(h, device=q.device)
+        heads = torch.arange(h, device=q.device)
+        bh = (torch.arange(b, device=q.device)[:, None] + batch_offset) * n_heads_total + heads  # (B, H)
         keep = dropout_keep_reference(p.seed, bh.reshape(-1), sq, sk, p.dropout_p, q.device).reshape(b, h, sq, sk)
         prob = prob * keep / (1.0 - p.dropout_p)
     out = prob.to(q.dtype) @ vt  # (B, H, Sq, D)
@@ -174,12 +175,16 @@ def attention_reference(q, k, v, softmax_scale=None, causal=False, window_size=(
 _BACKEND_MODULES = {"triton": "mmfast.ops._attention_triton", "triton_interpret": "mmfast.ops._attention_triton"}
 
 
-def _kernels(backend: str):
-    return importlib.import_module(_BACKEND_MODULES[backend])
+def _import_error(module: str) -> str | None:
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        return f"kernel module {module} failed to import ({e})"
+    return None
 
 
-def _kernels_bwd(backend: str):
-    return importlib.import_module(_BACKEND_MODULES[backend] + "_bwd")
+# Checked once, at import, so that backend selection is plain Python torch.compile can trace.
+_KERNEL_IMPORT_ERRORS = {m: _import_error(m) for m in set(_BACKEND_MODULES.values())}
 
 
 def _supports(backend: str, facts: Facts) -> list[str]:
@@ -192,11 +197,8 @@ def _supports(backend: str, facts: Facts) -> list[str]:
     d = facts.extra.get("head_dim")
     if d is not None and not 1 <= d <= MAX_HEAD_DIM:
         reasons.append(f"head dim {d} is outside 1..{MAX_HEAD_DIM}")
-    if backend in _BACKEND_MODULES:
-        try:
-            _kernels(backend)
-        except ImportError as e:
-            reasons.append(f"kernel module for {backend} failed to import ({e})")
+    if backend in _BACKEND_MODULES and _KERNEL_IMPORT_ERRORS[_BACKEND_MODULES[backend]]:
+        reasons.append(_KERNEL_IMPORT_ERRORS[_BACKEND_MODULES[backend]])
     return reasons
 
 
@@ -208,23 +210,73 @@ ATTENTION_OP = register(Op("flash_attention", impls={**_BACKEND_MODULES, "refere
                            supports=_supports, example=_example))
 
 
+# --------------------------------------------------------------------------- torch.library ops
+# The kernels sit behind opaque custom ops, so torch.compile traces through calls to them (it sees the
+# ops and their fake shapes, never the Triton launches).
+_P_SCHEMA = ("Tensor? cu_q, Tensor? cu_k, Tensor? seqused_k, Tensor? prefix, int max_q, int max_k, float scale, "
+             "bool band, int wl, int wr, float softcap, float dropout_p, int seed")
+
+
+def _p_args(p: AttnParams) -> tuple:
+    return (p.cu_seqlens_q, p.cu_seqlens_k, p.seqused_k, p.prefix, p.max_seqlen_q, p.max_seqlen_k, p.scale,
+            p.band, p.window_left, p.window_right, p.softcap, p.dropout_p, p.seed)
+
+
+def _p_from(cu_q, cu_k, seqused_k, prefix, max_q, max_k, scale, band, wl, wr, softcap, dropout_p, seed):
+    return AttnParams(scale, band, wl, wr, softcap, dropout_p, seed, max_q, max_k, prefix=prefix,
+                      cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, seqused_k=seqused_k)
+
+
+_TRITON_FWD = "mmfast.ops._attention_triton"
+
+
+@torch.library.custom_op("mmfast::flash_attn_fwd", mutates_args=(),
+                         schema=f"(Tensor q, Tensor k, Tensor v, {_P_SCHEMA}) -> (Tensor, Tensor, Tensor, Tensor)")
+def _fwd_op(q, k, v, *p):
+    out, lse, (m_row, il_row) = importlib.import_module(_TRITON_FWD).attn_fwd(q, k, v, _p_from(*p))
+    return out, lse, m_row, il_row
+
+
+@_fwd_op.register_fake
+def _(q, k, v, cu_q, *rest):
+    if cu_q is not None:
+        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)  # (H, T)
+    else:
+        lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)  # (B, H, Sq)
+    return torch.empty_like(q), lse, torch.empty_like(lse), torch.empty_like(lse)
+
+
+@torch.library.custom_op(
+    "mmfast::flash_attn_bwd", mutates_args=(),
+    schema=f"(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor m_row, Tensor il_row, {_P_SCHEMA})"
+    " -> (Tensor, Tensor, Tensor)")
+def _bwd_op(dout, q, k, v, out, m_row, il_row, *p):
+    return importlib.import_module(_TRITON_FWD + "_bwd").attn_bwd(dout, q, k, v, out, (m_row, il_row), _p_from(*p))
+
+
+@_bwd_op.register_fake
+def _(dout, q, k, v, *rest):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
 class _FlashAttnFn(torch.autograd.Function):
     """(out, lse) through the Triton kernels; lse is not differentiable."""
 
     @staticmethod
-    def forward(ctx, q, k, v, p, backend):
+    def forward(ctx, q, k, v, p):
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        out, lse, (m_row, il_row) = _kernels(backend).attn_fwd(q, k, v, p)
+        out, lse, m_row, il_row = torch.ops.mmfast.flash_attn_fwd(q, k, v, *_p_args(p))
         ctx.save_for_backward(q, k, v, out, m_row, il_row)
-        ctx.p, ctx.backend = p, backend
+        ctx.p = p
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, m_row, il_row = ctx.saved_tensors
-        dq, dk, dv = _kernels_bwd(ctx.backend).attn_bwd(dout, q, k, v, out, (m_row, il_row), ctx.p)
-        return dq, dk, dv, None, None
+        dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+        dq, dk, dv = torch.ops.mmfast.flash_attn_bwd(dout, q, k, v, out, m_row, il_row, *_p_args(ctx.p))
+        return dq, dk, dv, None
 
 
 # --------------------------------------------------------------------------- validation
@@ -290,7 +342,7 @@ def _run(q, k, v, p: AttnParams, backend):
     chosen = _select(q, backend)
     if chosen == "reference":
         return _reference(q, k, v, p)
-    return _FlashAttnFn.apply(q, k, v, p, chosen)
+    return _FlashAttnFn.apply(q, k, v, p)
 
 
 # --------------------------------------------------------------------------- public API
@@ -377,13 +429,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
         chosen = _select(q, backend)
         if chosen == "reference":
             return _reference(q, k_cache, v_cache, p)[0]
-        return _kernels(chosen).attn_fwd(q, k_cache, v_cache, p)[0]
+        return torch.ops.mmfast.flash_attn_fwd(q, k_cache, v_cache, *_p_args(p))[0]
 
 
 __all__ = [
+    "AttnParams",
+    "attention_reference",
     "flash_attn_func",
     "flash_attn_varlen_func",
     "flash_attn_with_kvcache",
-    "attention_reference",
-    "AttnParams",
 ]

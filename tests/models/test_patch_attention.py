@@ -113,8 +113,8 @@ def test_from_pretrained_attn_implementation(tmp_path, triton_backend):
 def test_clip_matches_unpatched(triton_backend):
     torch.manual_seed(3)
     config = transformers.CLIPConfig(
-        text_config=dict(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=16),
+        text_config={"vocab_size": 64, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+                         "num_attention_heads": 2, "max_position_embeddings": 16},
         vision_config=_clip_vision(), projection_dim=32)
     model = transformers.CLIPModel(config)
     ids = torch.randint(0, 63, (2, 9))

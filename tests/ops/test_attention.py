@@ -168,7 +168,7 @@ def test_dropout_matches_reference_and_is_deterministic(device, triton_backend):
     gen = torch.Generator().manual_seed(4)
     q, k, v = (_rand((1, 77, 2, 64), torch.float32, device, gen) for _ in range(3))
     dout = torch.randn(q.shape, generator=gen).to(device)
-    kw = dict(dropout_p=0.3, dropout_seed=1234, causal=True)
+    kw = {"dropout_p": 0.3, "dropout_seed": 1234, "causal": True}
     out = flash_attn_func(q, k, v, backend=triton_backend, **kw)
     again = flash_attn_func(q, k, v, backend=triton_backend, **kw)
     other = flash_attn_func(q, k, v, backend=triton_backend, **{**kw, "dropout_seed": 99})
@@ -254,6 +254,22 @@ def test_bad_inputs_name_the_argument():
         flash_attn_with_kvcache(q, q, q, q, q, cache_seqlens=1)
     with pytest.raises(ValueError, match="backend"):
         flash_attn_func(q, q, q, backend="cuda")
+
+
+def test_torch_compile_traces_the_custom_ops(device, triton_backend):
+    gen = torch.Generator().manual_seed(10)
+    q, k, v = (_rand((1, 40, 2, 32), torch.float16, device, gen) for _ in range(3))
+
+    def f(q, k, v):
+        return flash_attn_func(q, k, v, causal=True, backend=triton_backend).float().square().sum()
+
+    eager = f(q, k, v)
+    eager_grads = torch.autograd.grad(eager, (q, k, v))
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
+    grads = torch.autograd.grad(compiled, (q, k, v))
+    assert torch.equal(compiled, eager)
+    for g, e in zip(grads, eager_grads):
+        assert torch.equal(g, e)
 
 
 def test_reference_backend_is_the_oracle():
