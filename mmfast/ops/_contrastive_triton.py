@@ -102,7 +102,7 @@ def _logits(acc, s, beta, EXACT: tl.constexpr):
 
 
 # --------------------------------------------------------------------------- kernels
-@triton.jit
+@triton.jit(do_not_specialize=["M", "K", "offset", "smooth"])  # one compile per dtype/flags
 def _fwd_kernel(
     a_ptr, b_ptr, scale_ptr, bias_ptr,
     row_out_ptr, lse_row_ptr, zpos_ptr,  # (M,) fp32, fp64, fp64
@@ -169,7 +169,7 @@ def _fwd_kernel(
         tl.store(row_out_ptr + rows, row.to(tl.float32), mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R", "M", "K", "smooth"])
 def _col_kernel(pm_ptr, pl_ptr, pc_ptr, zpos_ptr, lse_col_ptr, col_out_ptr, R, M, K, smooth,
                 SMOOTH: tl.constexpr, BN: tl.constexpr):
     """Column j (square, offset 0): lse_j = m_j + log Σ_r pl[r,j]·exp(pm[r,j] − m_j), in fp64;
@@ -195,7 +195,7 @@ def _col_kernel(pm_ptr, pl_ptr, pc_ptr, zpos_ptr, lse_col_ptr, col_out_ptr, R, M
     tl.store(col_out_ptr + cols, col.to(tl.float32), mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "K", "offset", "smooth"])  # one compile per dtype/flags
 def _bwd_kernel(
     a_ptr, b_ptr, scale_ptr, bias_ptr, grad_ptr, lse_row_ptr, lse_col_ptr,
     da_ptr, db_ptr,  # fp32 (M, D) written here; fp32 (K, D) zero-filled, atomics
@@ -260,6 +260,10 @@ def _bwd_kernel(
         Gd = G.to(a_ptr.dtype.element_ty)  # the GEMM operand; the interpreter rounds the same way
         if UPCAST:
             Gd = Gd.to(tl.float32)
+        # This program alone owns its rows of da, but the threads that stored a chunk in the previous
+        # column block need not be the ones that load it now: barriers order those global accesses
+        # (one here, ahead of any load the pipeliner may hoist into the loop prologue, one per chunk).
+        tl.debug_barrier()
         for d0 in range(0, D, BD):
             ds = d0 + tl.arange(0, BD)
             dmask = ds < D
@@ -272,15 +276,14 @@ def _bwd_kernel(
                 at = at.to(tl.float32)
             da_ptrs = da_ptr + rows64[:, None] * D + ds[None, :]
             da_mask = rmask[:, None] & dmask[None, :]
-            # This program alone owns these rows of da; the barrier orders the previous column
-            # block's stores (made by other threads of the block) before this load.
             tl.debug_barrier()
             da_old = tl.load(da_ptrs, mask=da_mask & (n0 > 0), other=0.0)
             da_new = da_old + gs * tl.dot(Gd, bt, input_precision=PRECISION)
             tl.store(da_ptrs, da_new, mask=da_mask)
             db_part = gs * tl.dot(tl.trans(Gd), at, input_precision=PRECISION)  # (BN, BD)
+            # relaxed: only the sums after the kernel matter, no ordering with other memory
             tl.atomic_add(db_ptr + cols64[:, None] * D + ds[None, :], db_part,
-                          mask=cmask[:, None] & dmask[None, :])
+                          mask=cmask[:, None] & dmask[None, :], sem="relaxed")
     tl.store(dscale_ptr + pid, g * tl.sum(dsc, axis=0).to(tl.float32))
     if SIGLIP:
         tl.store(dbias_ptr + pid, g * tl.sum(dbi, axis=0).to(tl.float32))
