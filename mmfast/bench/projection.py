@@ -10,7 +10,8 @@ Three sweeps (``--op``):
                  writes y (2·M·N·elt), the backward reads x, dy and writes dx (3·M·N·elt).
 
 Modes: ``fwd`` runs the forward with autograd recording (what a training step's forward holds);
-``fwd+bwd`` adds ``torch.autograd.grad`` w.r.t. every input and parameter. Memory is the harness's
+``fwd+bwd`` adds ``torch.autograd.grad`` w.r.t. every input and parameter, with a random output
+gradient made before the step (so no reduction kernel is timed). Memory is the harness's
 "peak extra over what was allocated before the step": inputs are allocated before, so it counts the
 step's temporaries *and* the gradients it returns (for ``flce`` fwd+bwd, the dweight and dhidden
 buffers alone are ``(V·H + T·H)·elt`` bytes; the log prints the peak net of them).
@@ -130,13 +131,17 @@ def _setup(op, make_fn):
         fn = make_fn()
         params, target = INPUTS[op](case)
         args = params + ([target] if target is not None else [])
+        grad_out = None
+        if mode == "fwd+bwd":
+            with torch.no_grad():  # the output's gradient, made before the step (not timed or counted)
+                probe = fn(*args)
+                grad_out = torch.randn_like(probe) if probe.dim() else torch.ones_like(probe)
+                del probe
 
         def step():
             out = fn(*args)
             if mode == "fwd+bwd":
-                # Reduce to a scalar the same way for every provider; grads w.r.t. every float input.
-                loss = out if out.dim() == 0 else out.float().square().mean()
-                return torch.autograd.grad(loss, params)
+                return torch.autograd.grad(out, params, grad_outputs=grad_out)
             return out
 
         return step
