@@ -139,6 +139,9 @@ bench contrastive 120 --out "$RES/contrastive.csv" --budget-s 100
 bench attention 60 --out "$RES/attention.csv" --budget-s 45
 # >>> projection benchmark (owner: projection helper) — adjust the arguments in this line only.
 bench projection 60 --out-dir "$RES" --quick --providers mmfast-triton,torch-eager,liger --budget-s 45
+# >>> CLIP training step (owner: CLIP helper): ViT-B-16, batch 256, bf16, mmfast vs open_clip.
+step "bench train_clip" 75 "$PY" benchmarks/bench_train_clip.py --gpu --model ViT-B-16 --batch 256 \
+    --reps 5 --budget-s 65 --out "$RES/train_clip.csv"
 
 bg_wait
 

@@ -6,9 +6,9 @@ import torch
 
 pytest.importorskip("open_clip")
 
-from mmfast.cli import main as cli_main  # noqa: E402
-from mmfast.eval import zeroshot as zs  # noqa: E402
-from mmfast.models import clip as mclip  # noqa: E402
+from mmfast.cli import main as cli_main
+from mmfast.eval import zeroshot as zs
+from mmfast.models import clip as mclip
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
 """training/train_clip.py: data order, configs, launcher, and short 2-rank DeepSpeed runs on CPU."""
+import itertools
 import json
 import os
 import subprocess
@@ -13,10 +14,10 @@ pytest.importorskip("open_clip")
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "training"))
 
-import clip_data  # noqa: E402
-import train_clip  # noqa: E402
+import clip_data
+import train_clip
 
-from mmfast import train_launch  # noqa: E402
+from mmfast import train_launch
 
 
 # --------------------------------------------------------------------------- fast unit tests
@@ -89,7 +90,7 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
         opt.step()
         sched.step()
     assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
-    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:])) and lrs[-1] < 0.05
+    assert all(a >= b for a, b in itertools.pairwise(lrs[3:])) and lrs[-1] < 0.05
 
 
 def test_launcher_finds_script_and_builds_commands(capsys):
@@ -130,7 +131,7 @@ def _run(args, launcher="deepspeed", nproc=2, timeout=600):
     cmd = [sys.executable, "-m", "mmfast.cli", "train", "clip", "--nproc", str(nproc), "--launcher", launcher,
            "--config", "tiny", "--batch-size", "8", "--lr", "2e-3", "--warmup", "1", "--threads", "1",
            "--log-every", "1", "--no-kernels", *map(str, args)]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, check=False, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
