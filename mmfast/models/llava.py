@@ -413,6 +413,26 @@ def _load_parts(model, vision_dir: Path | None, llm_dir: Path | None) -> None:
         model.lm_head.load_state_dict(lm.get_output_embeddings().state_dict())
 
 
+def _load_projector_from(model, d: Path) -> None:
+    from mmfast.utils.io import load_state_dict
+
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{d}: no *.safetensors weights")
+    proj = {}
+    for f in files:
+        for k, v in load_state_dict(f).items():
+            head, sep, rest = k.partition("multi_modal_projector.")
+            if sep and head in ("", "model."):
+                proj[rest] = v
+    module = model.model.multi_modal_projector
+    missing, unexpected = module.load_state_dict(proj, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{d}: projector weights do not match mm_projector_type={model.config.mm_projector_type!r} "
+                         f"(missing {missing}, unexpected {unexpected})")
+    module.to(model.dtype)
+
+
 def load_pretrained(model_dir, device=None, dtype=None, kernels: bool | None = None,
                     image_attention: str | None = None, backend: str | None = None) -> Llava:
     """A saved LLaVA (ours or any llava-hf checkpoint); LoRA adapters in ``model_dir`` are applied.
@@ -430,27 +450,21 @@ def load_pretrained(model_dir, device=None, dtype=None, kernels: bool | None = N
     kernels = (device.type == "cuda") if kernels is None else kernels
     config = LlavaConfig.from_pretrained(str(d), local_files_only=True)
     kind = getattr(config, "mm_projector_type", NATIVE_PROJECTOR)
-    if kind == NATIVE_PROJECTOR:
+    # transformers maps the checkpoint's key layout (llava-hf's, old or new) onto the model; a projector
+    # other than HF's own module is then swapped in and loaded from the same files.
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    if kind != NATIVE_PROJECTOR:  # its projector keys are "unexpected" to HF's module: not worth a warning
+        hf_logging.set_verbosity_error()
+    try:
         model = LlavaForConditionalGeneration.from_pretrained(str(d), local_files_only=True, dtype=dtype,
                                                               attn_implementation="sdpa")
-    else:
-        from mmfast.utils.io import load_state_dict
-
-        config._attn_implementation = "sdpa"
-        model = LlavaForConditionalGeneration(config)
+    finally:
+        hf_logging.set_verbosity(level)
+    if kind != NATIVE_PROJECTOR:
         _set_projector(model, kind)
-        files = sorted(d.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"{d}: no *.safetensors weights")
-        state = {}
-        for f in files:
-            state.update(load_state_dict(f))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
-        if missing or unexpected:
-            raise ValueError(f"{d}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
-        if dtype is not None:
-            model.to(dtype)
+        _load_projector_from(model, d)
     if (d / "adapter_config.json").is_file():
         from peft import PeftModel
 

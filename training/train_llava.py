@@ -1,0 +1,417 @@
+"""Train LLaVA in LLaVA's two stages with DeepSpeed.
+
+    # stage 1, feature alignment: projector only, `plain` template, ZeRO-2; writes mm_projector.bin
+    mmfast train llava --nproc 2 --stage 1 --model tiny --data WORLD --out runs/llava1
+    # stage 2, end-to-end: projector + LLM (full, or --lora), ZeRO-3; writes a llava-hf directory
+    mmfast train llava --nproc 2 --stage 2 --model tiny --pretrain-mm-projector runs/llava1/mm_projector.bin \\
+        --data WORLD --out runs/llava2 --lora --merge-lora
+
+``--model`` is a preset (``tiny``), a llava-hf directory (e.g. a stage-1 ``final/``), or a CLIP vision
+directory together with ``--llm DIR``. ``--data`` is a LLaVA JSON file (images under ``--image-folder``,
+default its folder) or a synthetic-world folder (stage 1 reads ``llava_pretrain_train.json``, stage 2
+``llava_instruct_train.json``). NCCL + bf16 on GPU, gloo + fp32 on CPU.
+
+Outputs under ``--out``: ``metrics.jsonl`` (loss, tokens/s, memory; rank 0), ``checkpoints/stepN``
+(DeepSpeed state + per-rank RNG; ``--resume latest``), ``mm_projector.bin`` (stage 1), ``final/``
+(llava-hf layout, ZeRO-3 weights gathered; LoRA merged with ``--merge-lora``, else saved beside the
+base as a peft adapter) and ``train_summary.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling train_clip.py, whatever the cwd
+
+from train_clip import (
+    cosine_with_warmup,
+    init_distributed,
+    load_ds_config,
+    peak_memory_mb,
+    resolve_resume,
+    rng_state,
+    set_rng_state,
+)
+
+from mmfast.data.llava import load_llava_json
+from mmfast.models import llava as ml
+from mmfast.models.llava_data import LlavaSupervisedDataset, modality_grouped_order
+from mmfast.utils.io import atomic_torch_save, atomic_write_json
+
+DEFAULTS = {1: {"template": "plain", "ds": "zero2", "lr": 1e-3}, 2: {"template": None, "ds": "zero3", "lr": 2e-5}}
+WORLD_FILES = {1: "llava_pretrain_train.json", 2: "llava_instruct_train.json"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--stage", type=int, choices=(1, 2), required=True)
+    p.add_argument("--model", "--config", dest="model", default="tiny", help="preset, llava-hf dir or CLIP vision dir")
+    p.add_argument("--llm", default=None, help="LLaMA/Vicuna directory (with a CLIP --model directory)")
+    p.add_argument("--projector", default=None, help="linear | mlpNx_gelu | identity (default preset's)")
+    p.add_argument("--vision-select-layer", type=int, default=None)
+    p.add_argument("--vision-select-feature", default=None, choices=("patch", "cls_patch"))
+    p.add_argument("--pretrain-mm-projector", default=None, help="stage-1 mm_projector.bin to start from")
+    p.add_argument("--template", default=None, help="plain | v0 | vicuna_v1 (stage 1: plain, 2: the preset's)")
+    p.add_argument("--image-attention", default="causal", choices=("causal", "bidirectional"))
+    p.add_argument("--data", required=True, help="LLaVA JSON file or a synthetic-world folder")
+    p.add_argument("--image-folder", default=None)
+    p.add_argument("--image-aspect-ratio", default="pad", choices=("pad", "resize", "crop"))
+    p.add_argument("--model-max-length", type=int, default=None)
+    p.add_argument("--group-by-modality-length", action="store_true")
+    p.add_argument("--max-samples", type=int, default=None, help="use the first N records only")
+    p.add_argument("--out", required=True)
+    p.add_argument("--deepspeed-config", "--deepspeed_config", dest="ds_config", default=None,
+                   help="DeepSpeed JSON or a training/configs name (default: zero2 stage 1, zero3 stage 2)")
+    p.add_argument("--batch-size", type=int, default=16, help="per-rank micro batch")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs)")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=None, help="(stage 1: 1e-3, stage 2: 2e-5)")
+    p.add_argument("--mm-projector-lr", type=float, default=None, help="stage 2 projector lr (default --lr)")
+    p.add_argument("--wd", type=float, default=0.0)
+    p.add_argument("--warmup-ratio", type=float, default=0.03)
+    p.add_argument("--lora", action="store_true", help="stage 2: LoRA on every LLM Linear instead of full tuning")
+    p.add_argument("--lora-r", type=int, default=64)
+    p.add_argument("--lora-alpha", type=int, default=16)
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--merge-lora", action="store_true", help="save LoRA merged into the weights")
+    p.add_argument("--no-kernels", action="store_true", help="plain transformers (no mmfast.patch / fused loss)")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--resume", default=None, help="'latest' or run/checkpoints/stepN")
+    p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--no-export", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.stage == 1 and a.lora:
+        p.error("--lora is for stage 2 (stage 1 trains the projector only)")
+    return a
+
+
+# --------------------------------------------------------------------------- model and data
+def build(args, device):
+    """The Llava bundle with the stage's trainable parameters, and the peft wrapper (or None)."""
+    kernels = not args.no_kernels
+    llava = ml.build_llava(args.model, llm=args.llm, projector=args.projector,
+                           vision_select_layer=args.vision_select_layer,
+                           vision_select_feature=args.vision_select_feature, kernels=kernels,
+                           image_attention=args.image_attention, image_aspect_ratio=args.image_aspect_ratio,
+                           model_max_length=args.model_max_length, seed=args.seed, device=device)
+    if args.stage == 1:
+        llava.template = "plain"
+    if args.template:
+        llava.template = args.template
+    llava.config.mmfast_template = llava.template if args.stage == 2 else llava.config.mmfast_template
+    model = llava.model
+    if args.pretrain_mm_projector:
+        load_projector(model, args.pretrain_mm_projector)
+    model.requires_grad_(False)
+    peft_model = None
+    if args.stage == 2 and args.lora:
+        peft_model = add_lora(model, args)
+    elif args.stage == 2:
+        model.model.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
+    model.model.multi_modal_projector.requires_grad_(True)
+    if args.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return llava, peft_model
+
+
+def lora_targets(model) -> list[str]:
+    """LLaVA's rule: every nn.Linear outside the vision tower, the projector and the LM head."""
+    skip = ("vision_tower", "multi_modal_projector", "lm_head")
+    return sorted({name for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and not any(s in name for s in skip)})
+
+
+def lora_config(args, model):
+    from peft import LoraConfig
+
+    return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, bias="none",
+                      target_modules=lora_targets(model))
+
+
+def add_lora(model, args):
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(args, model))  # injects into `model` in place
+
+
+def projector_state_llava(proj_state: dict) -> dict:
+    """A projector state dict in LLaVA's ``mm_projector.bin`` layout (``model.mm_projector.0.weight`` ...)."""
+    out = {}
+    for k, v in proj_state.items():
+        name = k
+        if k.startswith("linear_"):
+            idx, _, rest = k[len("linear_"):].partition(".")
+            name = f"{2 * (int(idx) - 1)}.{rest}"
+        out[f"model.mm_projector.{name}"] = v.detach().float().cpu().clone()
+    return out
+
+
+def load_projector(model, path: str) -> None:
+    from mmfast.nn.projection import _hf_to_seq, _strip_prefix
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--pretrain-mm-projector {p}: file not found")
+    sd = _strip_prefix(torch.load(p, map_location="cpu", weights_only=True))
+    proj = model.model.multi_modal_projector
+    own = proj.state_dict()
+    if any(k.startswith("linear_") for k in own):  # HF module: back to linear_k names
+        sd = {f"linear_{int(k.split('.')[0]) // 2 + 1}.{k.split('.', 1)[1]}": v for k, v in
+              ((_hf_to_seq(k), v) for k, v in sd.items())}
+    missing, unexpected = proj.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{p}: projector weights do not fit this model (missing {missing}, unexpected {unexpected})")
+
+
+def data_records(args) -> list[dict]:
+    src = Path(args.data)
+    if src.is_dir():
+        src = src / WORLD_FILES[args.stage]
+    records = load_llava_json(src, args.image_folder)
+    return records[: args.max_samples] if args.max_samples else records
+
+
+class GroupedBatches(torch.utils.data.Sampler):
+    """Per-rank batches for steps ``start .. total-1``: epoch e's order is a seeded permutation (or
+    LLaVA's modality/length grouping), cut into global batches, rank r taking its r-th slice."""
+
+    def __init__(self, lengths, batch_size, rank, world, seed, start, total, grouped):
+        self.lengths, self.b, self.rank, self.world, self.seed = lengths, batch_size, rank, world, seed
+        self.start, self.total, self.grouped = start, total, grouped
+        self.steps_per_epoch = len(lengths) // (batch_size * world)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(lengths)} records are fewer than one global batch ({batch_size} x {world} ranks)")
+
+    def __len__(self):
+        return max(0, self.total - self.start)
+
+    def _order(self, epoch):
+        if self.grouped:
+            return modality_grouped_order(self.lengths, self.b * self.world, self.seed * 7919 + epoch)
+        g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+        return torch.randperm(len(self.lengths), generator=g).tolist()
+
+    def __iter__(self):
+        epoch, order = -1, None
+        gb = self.b * self.world
+        for step in range(self.start, self.total):
+            e, k = divmod(step, self.steps_per_epoch)
+            if e != epoch:
+                epoch, order = e, self._order(e)
+            lo = k * gb + self.rank * self.b
+            yield order[lo: lo + self.b]
+
+
+class StageModule(torch.nn.Module):
+    """The engine's module: the LLaVA loss; the vision path runs on every step (a zero-weighted dummy
+    image for text-only batches) so ZeRO-3 ranks gather the same parameters."""
+
+    def __init__(self, llava, fused):
+        super().__init__()
+        self.model = llava.model
+        self.fused, self.image_attention = fused, llava.image_attention
+        self.image_size = llava.config.vision_config.image_size
+
+    def forward(self, input_ids, labels, attention_mask, pixel_values=None):
+        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+                 "pixel_values": pixel_values}
+        loss = ml.llava_loss(self.model, batch, self.fused, self.image_attention)
+        if pixel_values is None:
+            dummy = torch.zeros(1, 3, self.image_size, self.image_size, device=input_ids.device)
+            loss = loss + 0.0 * ml.image_features(self.model, dummy).sum()
+        return loss
+
+
+def param_groups(model, args):
+    proj, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (proj if "multi_modal_projector" in name else rest).append(p)
+    groups = [{"params": proj, "lr": args.mm_projector_lr or args.lr, "weight_decay": 0.0}]
+    if rest:
+        groups.append({"params": rest, "lr": args.lr, "weight_decay": args.wd})
+    return groups
+
+
+# --------------------------------------------------------------------------- export
+def gather_state(module, zero_stage: int) -> dict:
+    """Full fp32 weights on every rank: trainable ones from DeepSpeed's masters, frozen ones gathered."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state = {}
+    for name, p in module.named_parameters():
+        full = safe_get_full_fp32_param(p) if p.requires_grad else None  # a collective under ZeRO
+        if full is None:
+            if zero_stage == 3 and hasattr(p, "ds_id"):
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    full = p.detach().float().cpu().clone()
+            else:
+                full = p.detach()
+        state[name] = full.detach().float().cpu().clone()
+    params = set(state)
+    for name, buf in module.state_dict().items():
+        if name not in params and buf.numel():
+            state[name] = buf.detach().cpu().clone()
+    return state
+
+
+def export(args, llava, state: dict, out_dir: Path) -> None:
+    """Rank 0: a fresh model (no ZeRO) with the gathered weights, saved in llava-hf layout."""
+    fresh = ml.build_llava(args.model, llm=args.llm, projector=args.projector,
+                           vision_select_layer=args.vision_select_layer,
+                           vision_select_feature=args.vision_select_feature, kernels=False,
+                           image_attention=args.image_attention, image_aspect_ratio=args.image_aspect_ratio,
+                           model_max_length=llava.model_max_length, tokenizer=llava.tokenizer, device="cpu")
+    fresh.template = llava.template
+    fresh.config.mmfast_template = llava.template
+    target, peft_model = fresh.model, None
+    if args.stage == 2 and args.lora:
+        peft_model = add_lora(fresh.model, args)
+    missing, unexpected = target.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and target.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"export: gathered weights do not fit (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    if peft_model is not None and args.merge_lora:
+        fresh.model = peft_model.merge_and_unload()
+    elif peft_model is not None:
+        peft_model.save_pretrained(str(out_dir))  # adapter_config.json + adapter_model.safetensors
+        fresh.model = peft_model.unload()
+    fresh.model.config.mmfast_template = llava.template
+    fresh.save_pretrained(out_dir)
+
+
+def save_checkpoint(engine, out: Path, step: int, rank: int) -> None:
+    import torch.distributed as dist
+
+    ckdir = out / "checkpoints"
+    tag = f"step{step}"
+    engine.save_checkpoint(str(ckdir), tag=tag, client_state={"step": step})
+    atomic_torch_save(rng_state(), ckdir / tag / f"rng_rank{rank}.pt")
+    dist.barrier()
+
+
+# --------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import deepspeed
+    import torch.distributed as dist
+
+    rank, world, device = init_distributed()
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    out = Path(args.out)
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    d = DEFAULTS[args.stage]
+    args.lr = args.lr if args.lr is not None else d["lr"]
+    ds_config = load_ds_config(args.ds_config or d["ds"], args.batch_size, device)
+
+    llava, _ = build(args, device)
+    records = data_records(args)
+    dataset = LlavaSupervisedDataset(records, llava.tokenizer, llava.template, llava.image_processor,
+                                     llava.n_image_tokens, llava.model_max_length)
+    steps_per_epoch = len(dataset) // (args.batch_size * world)
+    total = args.steps if args.steps is not None else max(1, int(args.epochs * steps_per_epoch))
+    warmup = max(1, int(args.warmup_ratio * total))
+
+    module = StageModule(llava, fused=not args.no_kernels)
+    optimizer = torch.optim.AdamW(param_groups(llava.model, args), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+    scheduler = cosine_with_warmup(optimizer, warmup, total)
+    engine, _, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=ds_config)
+    start = 0
+    if args.resume:
+        load_dir, tag = resolve_resume(args.resume, out)
+        _, client = engine.load_checkpoint(str(load_dir), tag=tag)
+        if client is None:
+            raise FileNotFoundError(f"could not load checkpoint {load_dir / tag}")
+        start = int(client["step"])
+        rng_file = load_dir / tag / f"rng_rank{rank}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=False))  # our own file: RNG states are not tensors only
+
+    lengths = dataset.modality_lengths()
+    sampler = GroupedBatches(lengths, args.batch_size, rank, world, args.seed, start, total,
+                             args.group_by_modality_length)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
+                                         collate_fn=llava.collate)
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+    n_train = sum(p.numel() for p in llava.model.parameters() if p.requires_grad) if engine.zero_optimization_stage() < 3 \
+        else sum(getattr(p, "ds_numel", p.numel()) for p in llava.model.parameters() if p.requires_grad)
+    metrics_path = out / "metrics.jsonl"
+    bar = None
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if start == 0 and metrics_path.exists():
+            metrics_path.unlink()
+        print(f"train_llava stage {args.stage}: {args.model} on {device} x{world}, ZeRO-{engine.zero_optimization_stage()}, "
+              f"{dtype}, template {llava.template}, {len(dataset)} records, steps {start}->{total}, "
+              f"{n_train} trainable params{' (LoRA)' if args.lora else ''}, kernels {not args.no_kernels}", flush=True)
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start, desc=f"train llava stage {args.stage}", dynamic_ncols=True,
+                   mininterval=1.0)
+    t_start = time.perf_counter()
+    t_last, tok_last = t_start, 0
+    step = start
+    engine.train()
+    for batch in loader:
+        pix = batch["pixel_values"]
+        pix = pix.to(device, dtype=dtype) if pix is not None else None
+        loss = engine(batch["input_ids"].to(device), batch["labels"].to(device),
+                      batch["attention_mask"].to(device), pix)
+        engine.backward(loss)
+        engine.step()
+        step += 1
+        tok_last += int(batch["attention_mask"].sum()) * world  # every rank processes a similar batch
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if rank == 0 and (step % args.log_every == 0 or step == total):
+            now = time.perf_counter()
+            row = {"step": step, "loss": float(loss), "lr": scheduler.get_last_lr()[0],
+                   "tokens_per_s": round(tok_last / max(now - t_last, 1e-9), 1),
+                   "memory_mb": round(peak_memory_mb(device), 1), "time": round(now - t_start, 3)}
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+            t_last, tok_last = now, 0
+        if args.save_every and (step % args.save_every == 0 or step == total):
+            save_checkpoint(engine, out, step, rank)
+    if bar is not None:
+        bar.close()
+    train_seconds = time.perf_counter() - t_start
+    if not args.no_export:
+        state = gather_state(llava.model, engine.zero_optimization_stage())
+        if rank == 0:
+            if args.stage == 1:
+                proj = {k[len("model.multi_modal_projector."):]: v for k, v in state.items()
+                        if k.startswith("model.multi_modal_projector.")}
+                atomic_torch_save(projector_state_llava(proj), out / "mm_projector.bin")
+            export(args, llava, state, out / "final")
+    if rank == 0:
+        atomic_write_json(out / "train_summary.json", {
+            "stage": args.stage, "model": args.model, "world_size": world,
+            "zero_stage": engine.zero_optimization_stage(), "steps": step, "train_seconds": round(train_seconds, 3),
+            "device": str(device), "lora": args.lora, "template": llava.template,
+            "final": None if args.no_export else str(out / "final"),
+        })
+    dist.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
