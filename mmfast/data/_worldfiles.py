@@ -105,7 +105,7 @@ Captions name classes with plain words, so zero-shot prompts like "a photo of a 
 |---|---|
 | `images/{{train,val}}_NNNNNN.png` | RGB PNG |
 | `annotations/instances_{{train,val}}.json` | COCO instances (bbox [x, y, w, h], area, iscrowd; colour in `attributes`) |
-| `captions_{{train,val}}.csv` | `filepath,caption`, several phrasings per image (CLIP) |
+| `captions_{{train,val}}.csv` | `filepath,caption` (CLIP): per image, one phrasing of the main object, then whole-scene ones (counts, colours, relations) |
 | `zeroshot_{{train,val}}.csv` | `filepath,label,class`: the main object's class |
 | `objects_{{train,val}}.jsonl` | `{{"image", "objects"}}` per line (POPE's input) |
 | `llava_instruct_{{train,val}}.json` | LLaVA conversations: conversation, detail, reasoning, yesno (balanced) |
