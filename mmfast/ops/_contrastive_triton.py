@@ -21,7 +21,9 @@ fp32 ``da`` buffer (read-modify-write, no other program touches them) and atomic
 ``dbias`` is exactly 0: every CE row (and column) is invariant to a shared shift.
 
 FLOPs: forward 2·M·K·d, backward 6·M·K·d (S recompute, da, db): 8·N²·d for fwd+bwd, the minimum
-for a scheme that never stores S. The fp32 atomics make ``db`` non-deterministic in the last bits.
+for a scheme that never stores S. The fp32 atomics make ``db`` non-deterministic in the last bits;
+``MMFAST_CONTRASTIVE_BWD=split`` (or ``torch.use_deterministic_algorithms(True)``) instead runs the
+kernel a second time on the transposed problem for db (no atomics, 8·M·K·d backward, 10·N²·d in all).
 
 Precision.
 * GEMMs: fp32 inputs use ``input_precision="ieee"`` (no tf32) unless
@@ -202,11 +204,14 @@ def _bwd_kernel(
     dscale_ptr, dbias_ptr,  # (R,) fp32 per-program partials
     M, K, D, offset, smooth,
     stride_am, stride_ad, stride_bk, stride_bd,
-    HAS_BIAS: tl.constexpr, SIGLIP: tl.constexpr, SYMMETRIC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SIGLIP: tl.constexpr, ROW_CE: tl.constexpr, COL_CE: tl.constexpr,
+    DB: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, EXACT: tl.constexpr,
 ):
-    """G = ∂loss/∂z per tile; da_rows = g·s·Σ_tiles G b, db += g·s·Gᵀ a, dscale = g·Σ G⊙(a·b)."""
+    """G = ∂loss/∂z per tile; da_rows = g·s·Σ_tiles G b, db += g·s·Gᵀ a (DB), dscale = g·Σ G⊙(a·b).
+    CLIP's G sums the row CE term (ROW_CE, lse over columns) and the column CE term (COL_CE, lse
+    over rows); the split backward runs this kernel a second time on the transposed problem."""
     ET: tl.constexpr = tl.float64 if EXACT else tl.float32
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
@@ -219,7 +224,7 @@ def _bwd_kernel(
         beta = tl.zeros((), dtype=ET)
     g = tl.load(grad_ptr).to(tl.float32)
     gs = g * tl.load(scale_ptr).to(tl.float32)
-    if not SIGLIP:
+    if ROW_CE:
         # lse (fp64) = hi + lo in ET: z − hi is exact for the logits near the max, so
         # p = exp((z − hi) − lo) keeps log-softmax accuracy however large |lse| is.
         lse_i = tl.load(lse_row_ptr + rows, mask=rmask, other=0.0)
@@ -244,9 +249,11 @@ def _bwd_kernel(
             # softmax − (1−ε)·onehot − ε/K, grouped as (1−ε)(p − onehot) + ε(p − 1/K) so that
             # a row whose softmax is exactly one-hot gets an exactly zero gradient.
             hit = tl.where(pos, 1.0, 0.0)
-            p = tl.exp((z - hi_i[:, None]) - lo_i[:, None])
-            G = (1.0 - smooth) * (p - hit) + smooth * (p - 1.0 / K)
-            if SYMMETRIC:
+            G = tl.zeros((BM, BN), dtype=ET)
+            if ROW_CE:
+                p = tl.exp((z - hi_i[:, None]) - lo_i[:, None])
+                G += (1.0 - smooth) * (p - hit) + smooth * (p - 1.0 / K)
+            if COL_CE:
                 lse_j = tl.load(lse_col_ptr + cols, mask=cmask, other=0.0)
                 hi_j = lse_j.to(ET)
                 lo_j = (lse_j - hi_j.to(tl.float64)).to(ET)
@@ -280,10 +287,11 @@ def _bwd_kernel(
             da_old = tl.load(da_ptrs, mask=da_mask & (n0 > 0), other=0.0)
             da_new = da_old + gs * tl.dot(Gd, bt, input_precision=PRECISION)
             tl.store(da_ptrs, da_new, mask=da_mask)
-            db_part = gs * tl.dot(tl.trans(Gd), at, input_precision=PRECISION)  # (BN, BD)
-            # relaxed: only the sums after the kernel matter, no ordering with other memory
-            tl.atomic_add(db_ptr + cols64[:, None] * D + ds[None, :], db_part,
-                          mask=cmask[:, None] & dmask[None, :], sem="relaxed")
+            if DB:
+                db_part = gs * tl.dot(tl.trans(Gd), at, input_precision=PRECISION)  # (BN, BD)
+                # relaxed: only the sums after the kernel matter, no ordering with other memory
+                tl.atomic_add(db_ptr + cols64[:, None] * D + ds[None, :], db_part,
+                              mask=cmask[:, None] & dmask[None, :], sem="relaxed")
     tl.store(dscale_ptr + pid, g * tl.sum(dsc, axis=0).to(tl.float32))
     if SIGLIP:
         tl.store(dbias_ptr + pid, g * tl.sum(dbi, axis=0).to(tl.float32))
@@ -370,30 +378,59 @@ def clip_fwd(a, b, scale, bias, label_smoothing, offset, symmetric):
     return loss.float(), lse_row, lse_col
 
 
-def _bwd(a, b, scale, bias, grad, lse_row, lse_col, smooth, offset, symmetric, siglip):
+def _bwd_mode() -> str:
+    """``fused`` (default): one pass, db by fp32 atomics, 6·M·K·d FLOPs, db bits vary run to run.
+    ``split``: the kernel again on the transposed problem for db, 8·M·K·d FLOPs, deterministic;
+    chosen by ``MMFAST_CONTRASTIVE_BWD=split`` or ``torch.use_deterministic_algorithms(True)``."""
+    mode = os.environ.get("MMFAST_CONTRASTIVE_BWD", "")
+    if mode not in ("", "fused", "split"):
+        raise ValueError(f"MMFAST_CONTRASTIVE_BWD={mode!r}; expected 'fused' or 'split'")
+    return mode or ("split" if torch.are_deterministic_algorithms_enabled() else "fused")
+
+
+def _launch_bwd(a, b, scale, bias, grad, lse_row, lse_col, smooth, offset, row_ce, col_ce, siglip, db):
+    """One backward launch over rows of ``a``; returns (da fp32, dscale partials, dbias partials)."""
     M, D = a.shape
     K = b.shape[0]
     cfg = _cfg(a, M, K, D, "bwd")
     R = triton.cdiv(M, cfg["BM"])
     dev = a.device
     da = _out((M, D), dev)
-    db = _out((K, D), dev, zero=True)
     dscale_part = _out((R,), dev)
     dbias_part = _out((R,), dev) if siglip else dscale_part
-    grad = grad.detach().float().reshape(()).contiguous()
     _bwd_kernel[(R,)](
         a, b, scale, scale if bias is None else bias, grad,
         scale if lse_row is None else lse_row, scale if lse_col is None else lse_col,
-        da, db, dscale_part, dbias_part,
+        da, da if db is None else db, dscale_part, dbias_part,
         M, K, D, int(offset), float(smooth), *_strides(a, b),
-        HAS_BIAS=bias is not None, SIGLIP=siglip, SYMMETRIC=bool(symmetric),
+        HAS_BIAS=bias is not None, SIGLIP=siglip, ROW_CE=row_ce, COL_CE=col_ce, DB=db is not None,
         **_flags(a), **cfg,
     )
+    return da, dscale_part, dbias_part
+
+
+def _bwd(a, b, scale, bias, grad, lse_row, lse_col, smooth, offset, symmetric, siglip):
+    grad = grad.detach().float().reshape(()).contiguous()
+    row_ce, col_ce = not siglip, bool(symmetric)
+    if _bwd_mode() == "fused":
+        db = _out((b.shape[0], b.shape[1]), a.device, zero=True)
+        da, dscale_part, dbias_part = _launch_bwd(
+            a, b, scale, bias, grad, lse_row, lse_col, smooth, offset, row_ce, col_ce, siglip, db
+        )
+    else:
+        da, dscale_part, dbias_part = _launch_bwd(
+            a, b, scale, bias, grad, lse_row, lse_col, smooth, offset, row_ce, col_ce, siglip, None
+        )
+        # Transposed: rows are b's, the positive of row j is column j − offset, the roles of the
+        # row and column CE terms (and of their lse vectors) swap. Its dscale partials repeat ours.
+        db, _, _ = _launch_bwd(
+            b, a, scale, bias, grad, lse_col, lse_row, smooth, -offset, col_ce, row_ce, siglip, None
+        )
     dscale = dscale_part.sum(dtype=torch.float64).float()
     if siglip:
         dbias = dbias_part.sum(dtype=torch.float64).float()
     elif bias is not None:
-        dbias = torch.zeros((), device=dev, dtype=torch.float32)  # CE is shift-invariant per row/column
+        dbias = torch.zeros((), device=a.device, dtype=torch.float32)  # CE is shift-invariant
     else:
         dbias = None
     return da.to(a.dtype), db.to(b.dtype), dscale, dbias

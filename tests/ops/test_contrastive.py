@@ -182,6 +182,45 @@ def test_clip_rows_sum_without_bias_has_no_bias_grad(device, triton_backend):
     assert torch.isfinite(ga).all() and torch.isfinite(gs).all() and ga.abs().sum() > 0
 
 
+@pytest.mark.parametrize(
+    "kind, m, k, offset",
+    [("clip", 37, 37, 0), ("clip_rows", 13, 40, 20), ("siglip", 37, 37, 0), ("siglip_rows", 13, 40, 27)],
+)
+def test_split_backward_matches_fp64(kind, m, k, offset, monkeypatch, device, triton_backend):
+    """The deterministic two-launch backward (db from the transposed problem) meets the same bound."""
+    monkeypatch.setenv("MMFAST_CONTRASTIVE_BWD", "split")
+    assert ctri._bwd_mode() == "split"
+    a, b = _features(m, k, 19, torch.float32, seed=m + k, offset=offset, device=device)
+    s, beta = torch.tensor(30.0, device=device), torch.tensor(-3.0, device=device)
+    if kind == "clip":
+        fn = lambda a, b, s, bias: C.clip_loss(a, b, s, bias, label_smoothing=0.1, backend=triton_backend)
+        ref = lambda a, b, s, bias: C.clip_loss_reference(a, b, s, bias, label_smoothing=0.1)
+    elif kind == "clip_rows":
+        fn = lambda a, b, s, bias: C.clip_rows_sum(
+            a, b, s, bias, label_smoothing=0.1, offset=offset, backend=triton_backend
+        )
+        ref = lambda a, b, s, bias: C.clip_rows_reference(a, b, s, bias, 0.1, offset)
+    elif kind == "siglip":
+        fn = lambda a, b, s, bias: C.siglip_loss(a, b, s, bias, backend=triton_backend)
+        ref = C.siglip_loss_reference
+    else:
+        fn = lambda a, b, s, bias: C.siglip_sum(a, b, s, bias, offset=offset, backend=triton_backend)
+        ref = lambda a, b, s, bias: C.siglip_sum_reference(a, b, s, bias, offset)
+    _check(fn, ref, a, b, s, beta)
+
+
+def test_backward_mode_selection(monkeypatch):
+    monkeypatch.delenv("MMFAST_CONTRASTIVE_BWD", raising=False)
+    assert ctri._bwd_mode() == "fused"
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert ctri._bwd_mode() == "split"  # fp32 atomics are not deterministic
+    monkeypatch.setenv("MMFAST_CONTRASTIVE_BWD", "fused")
+    assert ctri._bwd_mode() == "fused"
+    monkeypatch.setenv("MMFAST_CONTRASTIVE_BWD", "fast")
+    with pytest.raises(ValueError, match="MMFAST_CONTRASTIVE_BWD='fast'"):
+        ctri._bwd_mode()
+
+
 # --------------------------------------------------------------------------- kernel internals
 def test_kernel_returns_lse_stats(device, triton_backend):
     """clip_fwd's row/column log-sum-exp equal the fp64 ones (the distributed loss relies on them)."""
@@ -330,10 +369,11 @@ import mmfast.ops._contrastive_triton as T
 
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 for kernel, in_t, phase, consts in [
-    (kernel, in_t, phase, dict(SIGLIP=siglip, SYMMETRIC=not siglip, **({"SMOOTH": not siglip} if phase == "fwd" else {})))
-    for in_t in ("*bf16", "*fp32")
-    for siglip in (False, True)
-    for kernel, phase in ((T._fwd_kernel, "fwd"), (T._bwd_kernel, "bwd"))
+    (T._fwd_kernel, in_t, "fwd", dict(SIGLIP=siglip, SYMMETRIC=not siglip, SMOOTH=not siglip))
+    for in_t in ("*bf16", "*fp32") for siglip in (False, True)
+] + [
+    (T._bwd_kernel, in_t, "bwd", dict(SIGLIP=siglip, ROW_CE=not siglip, COL_CE=not siglip, DB=True))
+    for in_t in ("*bf16", "*fp32") for siglip in (False, True)
 ]:
     import torch
     dtype = torch.bfloat16 if in_t == "*bf16" else torch.float32
