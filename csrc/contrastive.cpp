@@ -35,9 +35,12 @@
 #include <omp.h>
 #endif
 
-// Let the compiler fuse a·b + c into one FMA (one rounding) in the tile passes; ISO C++ mode
-// (-std=c++17) otherwise turns contraction off.
-#pragma GCC optimize("fp-contract=fast")
+// For the tile passes below: fuse a·b + c into one FMA (one rounding; ISO C++ mode turns
+// contraction off), and let the vectoriser if-convert float compares and float→int conversions,
+// which it refuses while floating-point traps are assumed observable (PyTorch builds itself with
+// -fno-trapping-math too). Placed after the includes so only this file's code is affected; the
+// helpers below avoid std:: calls, which were compiled without these options.
+#pragma GCC optimize("fp-contract=fast", "no-trapping-math")
 
 namespace mmfast {
 namespace {
@@ -57,10 +60,12 @@ constexpr int64_t kBN = 256;  // columns per tile: a kBM×kBN fp32 tile (256 KiB
 // exp for x <= 88 (every call here has x <= 0 or |x| bounded): Cody–Waite reduction to
 // r ∈ [−ln2/2, ln2/2], degree-7 Taylor polynomial (truncation < 6e-9), 2^n from the exponent
 // bits. Written branch-free so the compiler vectorises it; x < −87.3 (incl. −inf) gives 0.
+MMF_INLINE float fmax2(float a, float b) { return a > b ? a : b; }
+
 MMF_INLINE float vexp(float x) {
   const bool under = x < -87.33654f;
-  x = std::min(std::max(x, -87.33654f), 88.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  x = x < -87.33654f ? -87.33654f : (x > 88.0f ? 88.0f : x);
+  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
   float r = x - n * 0.693145751953125f;
   r = r - n * 1.42860682030941723e-6f;
   float p = 1.0f / 5040.0f;
@@ -72,9 +77,7 @@ MMF_INLINE float vexp(float x) {
   p = p * r + 1.0f;
   p = p * r + 1.0f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float pow2;
-  std::memcpy(&pow2, &bits, sizeof(pow2));
-  return under ? 0.0f : p * pow2;
+  return under ? 0.0f : p * __builtin_bit_cast(float, bits);
 }
 
 // log1p(u) for u ∈ [0, 1] as 2·atanh(t) with t = u / (2 + u) ∈ [0, 1/3]: no rounding of 1 + u,
@@ -94,11 +97,11 @@ MMF_INLINE float vlog1p(float u) {
 }
 
 // softplus(x) = max(x, 0) + log1p(exp(−|x|))
-MMF_INLINE float vsoftplus(float x) { return std::max(x, 0.0f) + vlog1p(vexp(-std::fabs(x))); }
+MMF_INLINE float vsoftplus(float x) { return fmax2(x, 0.0f) + vlog1p(vexp(x > 0.0f ? -x : x)); }
 
 // σ(x) from exp(−|x|) ≤ 1, so it never overflows.
 MMF_INLINE float vsigmoid(float x) {
-  const float e = vexp(-std::fabs(x));
+  const float e = vexp(x > 0.0f ? -x : x);
   const float inv = 1.0f / (1.0f + e);
   return x >= 0.0f ? inv : e * inv;
 }
@@ -118,13 +121,13 @@ MMF_SIMD_CLONES void clip_fwd_rows(float* z, int64_t bm, int64_t bn, float s, fl
     for (int64_t j = 0; j < bn; ++j) {
       const float v = s * zr[j] + beta;
       zr[j] = v;
-      m = std::max(m, v);
+      m = fmax2(m, v);
       tot += v;
     }
     const int64_t c = pos0 + r;
     if (c >= 0 && c < bn) zpos[r] = zr[c];
     rz[r] += tot;
-    const float mnew = std::max(rmax[r], m);
+    const float mnew = fmax2(rmax[r], m);
     double acc = 0.0;
 #pragma omp simd reduction(+ : acc)
     for (int64_t j = 0; j < bn; ++j) acc += vexp(zr[j] - mnew);
@@ -141,7 +144,7 @@ MMF_SIMD_CLONES void clip_fwd_cols(const float* z, int64_t bm, int64_t bn, float
   for (int64_t r = 0; r < bm; ++r) {
     const float* zr = z + r * bn;
 #pragma omp simd
-    for (int64_t j = 0; j < bn; ++j) scratch[j] = std::max(scratch[j], zr[j]);
+    for (int64_t j = 0; j < bn; ++j) scratch[j] = fmax2(scratch[j], zr[j]);
   }
   for (int64_t j = 0; j < bn; ++j) {  // rescale only where the max moved (rare after a few blocks)
     if (scratch[j] != cmax[j]) csum[j] *= std::exp(double(cmax[j]) - scratch[j]);
