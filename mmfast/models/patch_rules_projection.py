@@ -58,6 +58,22 @@ def set_forwards(targets):
     return undo
 
 
+def call_with_forward(module: torch.nn.Module, fn, *args):
+    """``module(*args)`` with ``fn`` as its forward for this one call: the module's hooks (DeepSpeed
+    ZeRO-3 gathering its parameters, and re-gathering them for the backward of what it returns) fire
+    around ``fn``. A forward already set on the instance is put back afterwards."""
+    missing = object()
+    old = vars(module).get("forward", missing)
+    module.forward = fn
+    try:
+        return module(*args)
+    finally:
+        if old is missing:
+            del module.forward
+        else:
+            module.forward = old
+
+
 # --------------------------------------------------------------------------- loss
 def _patch_causal_lm_loss(model: torch.nn.Module):
     head = getattr(model, "lm_head", None)
@@ -88,11 +104,16 @@ def _patch_causal_lm_loss(model: torch.nn.Module):
             # re-gathers the head's weight there before the gradient is accumulated into it).
             return (loss / n_items if n_items is not None else loss).reshape(1, 1, 1)
 
-        head.forward = head_forward
+        missing = object()
+        old = vars(head).get("forward", missing)
+        head.forward = head_forward  # the model's own forward calls the head: our loss runs inside it
         try:
             out = orig(*args, **kwargs)
         finally:
-            del head.forward
+            if old is missing:
+                del head.forward
+            else:
+                head.forward = old
         if isinstance(out, tuple):
             loss = out[0].reshape(())
             return (loss, loss.new_empty(*box["shape"], 0)) + tuple(out[1:])
@@ -126,6 +147,16 @@ def _patch_llava_projector(model: torch.nn.Module):
 
 
 # --------------------------------------------------------------------------- CLIP heads
+def _normalized_head(head: torch.nn.Linear, x, backend):
+    """``normalize(head(x))`` as one op, computed inside ``head``'s own forward call so module hooks
+    (DeepSpeed ZeRO-3 gathering ``head.weight``) fire around it. eps is far below any real norm:
+    HF divides by the plain norm."""
+    from mmfast.ops.projection import linear_l2_normalize
+
+    return call_with_forward(
+        head, lambda inp: linear_l2_normalize(inp, head.weight, head.bias, 1e-12, backend=backend), x)
+
+
 def _patch_hf_clip_heads(model: torch.nn.Module):
     """HF ``CLIPModel.forward`` with each tower's projection and L2 normalisation as one op."""
     if type(model).__name__ != "CLIPModel" or not all(
@@ -134,8 +165,6 @@ def _patch_hf_clip_heads(model: torch.nn.Module):
         return None
     import transformers.models.clip.modeling_clip as hf_clip
 
-    from mmfast.ops.projection import linear_l2_normalize
-
     def forward(input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, return_loss=None,
                 interpolate_pos_encoding=False, **kwargs):
         kwargs.pop("return_dict", None)
@@ -143,10 +172,8 @@ def _patch_hf_clip_heads(model: torch.nn.Module):
                                     return_dict=True, **kwargs)
         text = model.text_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                 return_dict=True, **kwargs)
-        # eps far below any real norm: HF divides by the plain norm.
-        vp, tp = model.visual_projection, model.text_projection
-        image_embeds = linear_l2_normalize(vision.pooler_output, vp.weight, vp.bias, 1e-12, backend=backend_of(model))
-        text_embeds = linear_l2_normalize(text.pooler_output, tp.weight, tp.bias, 1e-12, backend=backend_of(model))
+        image_embeds = _normalized_head(model.visual_projection, vision.pooler_output, backend_of(model))
+        text_embeds = _normalized_head(model.text_projection, text.pooler_output, backend_of(model))
         logits_per_text = text_embeds @ image_embeds.t() * model.logit_scale.exp()
         contrastive = getattr(hf_clip, "image_text_contrastive_loss", None) or hf_clip.clip_loss
         loss = contrastive(logits_per_text) if return_loss else None

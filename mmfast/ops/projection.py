@@ -83,6 +83,17 @@ def _check_float(name, t, like=None):
             raise ValueError(f"{name} is on {t.device} but the input is on {like.device}")
 
 
+def _autocast(*tensors):
+    """Under ``torch.autocast`` cast the float tensors to the autocast dtype, as ``F.linear`` would
+    (differentiably); the kernels then run with autocast off. Outside autocast: unchanged."""
+    t0 = next(t for t in tensors if t is not None)
+    dev = t0.device.type
+    if not torch.is_autocast_enabled(dev):
+        return tensors
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dt) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
 # --------------------------------------------------------------------------- fused linear cross-entropy
 def fused_linear_cross_entropy(
     hidden: torch.Tensor,
@@ -108,6 +119,7 @@ def fused_linear_cross_entropy(
     ``dweight_fp32`` (default) sums the chunks' weight gradients in an fp32 (V, H) buffer; False
     accumulates in the weight's dtype instead (one rounding per chunk, no V×H×4-byte buffer).
     """
+    hidden, weight, bias = _autocast(hidden, weight, bias)
     _check_float("hidden", hidden)
     _check_float("weight", weight, hidden)
     if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
@@ -143,10 +155,11 @@ def fused_linear_cross_entropy(
     chunk = int(chunk_size) if chunk_size else chunk_rows(h.shape[0], V, h.element_size())
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    out = FLCEFunction.apply(
-        h, weight.contiguous(), bias, t, int(ignore_index), float(label_smoothing), float(z_loss),
-        None if softcap is None else float(softcap), reduction, chunk, chosen, bool(dweight_fp32),
-    )
+    with torch.autocast(hidden.device.type, enabled=False):
+        out = FLCEFunction.apply(
+            h, weight.contiguous(), bias, t, int(ignore_index), float(label_smoothing), float(z_loss),
+            None if softcap is None else float(softcap), reduction, chunk, chosen, bool(dweight_fp32),
+        )
     return out.reshape(target.shape) if reduction == "none" else out
 
 
@@ -272,8 +285,11 @@ def mlp_projector(x: torch.Tensor, params, act: str = "gelu", *, recompute: bool
     pre-activations and recomputes the activations in the backward.
     """
     approx = _gelu_approx(act)
-    _check_float("x", x)
     params = [(w, b) for w, b in params]
+    if params:
+        flat = _autocast(x, *[t for pair in params for t in pair])
+        x, params = flat[0], list(zip(flat[1::2], flat[2::2]))
+    _check_float("x", x)
     if not params:
         raise ValueError("params must hold at least one (weight, bias) pair")
     k = x.shape[-1]
@@ -291,7 +307,8 @@ def mlp_projector(x: torch.Tensor, params, act: str = "gelu", *, recompute: bool
         return mlp_projector_reference(x, params, act)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
     flat = [t.contiguous() if t is not None else None for pair in params for t in pair]
-    out = _MLPFunction.apply(x2, approx, bool(recompute), *flat)
+    with torch.autocast(x.device.type, enabled=False):
+        out = _MLPFunction.apply(x2, approx, bool(recompute), *flat)
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
@@ -343,6 +360,7 @@ class _LinearL2Function(torch.autograd.Function):
 def linear_l2_normalize(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                         eps: float = 1e-6, *, backend: str | None = None):
     """CLIP's projection head: ``y = x Wᵀ + b``, returned as ``y / max(‖y‖₂, eps)`` row-wise."""
+    x, weight, bias = _autocast(x, weight, bias)
     _check_float("x", x)
     _check_float("weight", weight, x)
     if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
@@ -357,7 +375,8 @@ def linear_l2_normalize(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     if chosen == "reference":
         return linear_l2_normalize_reference(x, weight, bias, eps)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    out = _LinearL2Function.apply(x2, weight.contiguous(), bias, float(eps))
+    with torch.autocast(x.device.type, enabled=False):
+        out = _LinearL2Function.apply(x2, weight.contiguous(), bias, float(eps))
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 

@@ -291,3 +291,21 @@ def test_flce_and_norm_under_torch_compile(triton_backend):
     torch.testing.assert_close(compiled, eager)
     for a, b in zip(comp_g, eager_g):
         torch.testing.assert_close(a, b)
+
+
+def test_autocast_casts_like_f_linear(triton_backend):
+    """Under autocast (fp32 parameters, bf16 compute) the ops cast as F.linear would; grads reach the fp32 leaves."""
+    h = torch.randn(37, 19, requires_grad=True)
+    w = torch.randn(100, 19, requires_grad=True)
+    t = torch.randint(0, 100, (37,))
+    w1, w2 = torch.randn(33, 19, requires_grad=True), torch.randn(19, 33, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = flce(h, w, t, backend=triton_backend)
+        proj = mlp_projector(h, [(w1, None), (w2, None)], backend=triton_backend)
+        emb = linear_l2_normalize(h, w1, backend=triton_backend)
+        ref = flce_ref(h.bfloat16(), w.bfloat16(), t)
+    assert proj.dtype == emb.dtype == torch.bfloat16
+    torch.testing.assert_close(loss, ref.float(), rtol=2e-2, atol=2e-2)  # both bf16 logits
+    (loss + proj.float().sum() + emb.float().sum()).backward()
+    for p in (h, w, w1, w2):
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
