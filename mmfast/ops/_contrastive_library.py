@@ -24,7 +24,7 @@ def _f32(x: Tensor | None) -> Tensor | None:
 
 
 def _empty(like: Tensor) -> Tensor:
-    return like.new_empty((0,), dtype=torch.float32)
+    return like.new_empty((0,), dtype=torch.float32)  # stands for None (custom ops return tensors)
 
 
 # --------------------------------------------------------------------------- CLIP
@@ -42,10 +42,9 @@ def clip_loss_fwd(
 
 @clip_loss_fwd.register_fake
 def _(a, b, scale, bias, label_smoothing, offset, symmetric, backend):
-    # The shapes of the contract; the lse dtype is the backend's (fp64 for triton and cpp, see contrastive.py).
-    lse_dtype = torch.float64 if backend.startswith("triton") or backend == "cpp" else torch.float32
-    lse_col = b.new_empty((b.shape[0] if symmetric else 0,), dtype=lse_dtype)
-    return a.new_empty((), dtype=torch.float32), a.new_empty((a.shape[0],), dtype=lse_dtype), lse_col
+    # The contract (contrastive.py): fp32 loss, fp64 log-sum-exp vectors.
+    lse_col = b.new_empty((b.shape[0] if symmetric else 0,), dtype=torch.float64)
+    return a.new_empty((), dtype=torch.float32), a.new_empty((a.shape[0],), dtype=torch.float64), lse_col
 
 
 @torch.library.custom_op("mmfast::clip_loss_bwd", mutates_args=())

@@ -126,7 +126,7 @@ def _fwd_kernel(
     if HAS_BIAS:
         beta = tl.load(bias_ptr).to(ET)
     else:
-        beta = tl.zeros((), dtype=ET)
+        beta = 0.0  # a literal takes the dtype of what it is added to
     m_i = tl.full((BM,), _NEG, dtype=ET)
     l_i = tl.zeros((BM,), dtype=ET)
     zpos = tl.zeros((BM,), dtype=ET)
@@ -221,7 +221,7 @@ def _bwd_kernel(
     if HAS_BIAS:
         beta = tl.load(bias_ptr).to(ET)
     else:
-        beta = tl.zeros((), dtype=ET)
+        beta = 0.0  # a literal takes the dtype of what it is added to
     g = tl.load(grad_ptr).to(tl.float32)
     gs = g * tl.load(scale_ptr).to(tl.float32)
     if ROW_CE:

@@ -10,7 +10,7 @@ Math. For features ``a`` (M, d), ``b`` (K, d), scale ``s`` and bias ``β`` the l
 Backend contract (``triton``, ``triton_interpret`` and ``cpp`` implement it; sums, not means):
 
     clip_fwd(a, b, scale, bias, label_smoothing, offset, symmetric)
-        -> (loss_sum: fp32 0-d, lse_row: (M,), lse_col: (K,) or None)   # lse: fp32 or fp64
+        -> (loss_sum: fp32 0-d, lse_row: fp64 (M,), lse_col: fp64 (K,) or None)
     clip_bwd(a, b, scale, bias, label_smoothing, offset, symmetric, lse_row, lse_col, grad)
         -> (da, db, dscale, dbias)        # grad = d(total)/d(loss_sum), a 0-d fp32 tensor
     siglip_fwd(a, b, scale, bias, offset) -> loss_sum: fp32 0-d
@@ -18,9 +18,9 @@ Backend contract (``triton``, ``triton_interpret`` and ``cpp`` implement it; sum
 
 ``scale`` and ``bias`` arrive as fp32 0-d tensors on the features' device (``bias`` may be None for
 CLIP; then ``dbias`` is None). ``da``/``db`` come back in the features' dtype, ``dscale``/``dbias``
-as fp32 0-d tensors. ``lse_row``/``lse_col`` are the row/column log-sum-exp, fp32 or fp64 at the
-backend's choice (triton keeps fp64 so that the backward's ``exp(z − lse)`` does not lose the bits
-fp32 rounding of a large lse would cost); callers hand them back to the same backend's ``clip_bwd``.
+as fp32 0-d tensors. ``lse_row``/``lse_col`` are the row/column log-sum-exp in fp64, so that the
+backward's ``exp(z − lse)`` does not lose the bits an fp32 rounding of a large lse would cost;
+callers hand them back to the same backend's ``clip_bwd``.
 The ``reference`` backend is plain PyTorch autograd over the full logits.
 """
 from __future__ import annotations
