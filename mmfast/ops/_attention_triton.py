@@ -91,6 +91,39 @@ def seq_bounds(CU_Q, CU_K, SEQUSED_K, b, seqlen_q, seqlen_k,
 
 
 @triton.jit
+def key_block_ranges(m0, sq, sk, window_left, window_right, prefix,
+                     BAND: tl.constexpr, HAS_PREFIX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key blocks for query rows [m0, m0 + BLOCK_M): masked [n_lo, n_full_start), unmasked (visible from
+    every row and inside the sequence) [n_full_start, n_full_end), masked [n_full_end, hi)."""
+    off = sk - sq
+    qa_lo = m0 + off
+    qa_hi = tl.minimum(m0 + BLOCK_M, sq) - 1 + off
+    # Keys visible from some row: [lo, hi); from every row: [full_lo, full_hi) (the band alone: with a
+    # prefix the true region can be larger, and the masked path covers the difference).
+    lo = qa_lo * 0
+    hi = sk
+    full_lo = qa_lo * 0
+    full_hi = sk
+    if BAND:
+        lo = tl.maximum(qa_lo - window_left, 0)
+        hi = tl.minimum(qa_hi + window_right + 1, sk)
+        full_lo = tl.maximum(qa_hi - window_left, 0)
+        full_hi = tl.minimum(qa_lo + window_right + 1, sk)
+        if HAS_PREFIX:
+            # A query block reaching into the prefix also sees every prefix key.
+            in_prefix = qa_lo < prefix
+            lo = tl.where(in_prefix, 0, lo)
+            hi = tl.where(in_prefix, tl.maximum(hi, prefix), hi)
+    n_lo = (lo // BLOCK_N) * BLOCK_N
+    n_full_start = tl.cdiv(full_lo, BLOCK_N) * BLOCK_N
+    n_full_end = (full_hi // BLOCK_N) * BLOCK_N
+    no_full = n_full_end <= n_full_start
+    n_full_start = tl.where(no_full, n_lo, n_full_start)
+    n_full_end = tl.where(no_full, n_lo, n_full_end)
+    return n_lo, n_full_start, n_full_end, hi
+
+
+@triton.jit
 def mm(a, b, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
     # The interpreter multiplies raw bf16 bits in tl.dot; UPCAST (interpreter only) computes the same
     # product from exactly the same rounded operands in fp32.
@@ -190,32 +223,11 @@ def _fwd_kernel(
 
     off = sk - sq
     qa = offs_m + off  # (BM,) query positions on the key axis
-    qa_lo = m0 + off
-    qa_hi = tl.minimum(m0 + BLOCK_M, sq) - 1 + off
     prefix = 0
     if HAS_PREFIX:
         prefix = tl.minimum(tl.load(PREFIX + b), sk)
-    # Keys visible from some row: [lo, hi); from every row: [full_lo, full_hi).
-    lo = 0
-    hi = sk
-    full_lo = 0
-    full_hi = sk
-    if BAND:
-        lo = tl.maximum(qa_lo - window_left, 0)
-        hi = tl.minimum(qa_hi + window_right + 1, sk)
-        full_lo = tl.maximum(qa_hi - window_left, 0)
-        full_hi = tl.minimum(qa_lo + window_right + 1, sk)
-        if HAS_PREFIX:
-            # A query block reaching into the prefix also sees every prefix key.
-            in_prefix = qa_lo < prefix
-            lo = tl.where(in_prefix, 0, lo)
-            hi = tl.where(in_prefix, tl.maximum(hi, prefix), hi)
-    n_lo = (lo // BLOCK_N) * BLOCK_N
-    n_full_start = tl.cdiv(full_lo, BLOCK_N) * BLOCK_N
-    n_full_end = (full_hi // BLOCK_N) * BLOCK_N
-    no_full = n_full_end <= n_full_start
-    n_full_start = tl.where(no_full, n_lo, n_full_start)
-    n_full_end = tl.where(no_full, n_lo, n_full_end)
+    n_lo, n_full_start, n_full_end, hi = key_block_ranges(m0, sq, sk, window_left, window_right, prefix,
+                                                          BAND, HAS_PREFIX, BLOCK_M, BLOCK_N)
     qk_scale = sm_scale * 1.4426950408889634
     if HAS_SOFTCAP:
         qk_scale = sm_scale / softcap

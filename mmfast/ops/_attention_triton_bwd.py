@@ -9,8 +9,8 @@ dropout keep-mask scaled by 1/(1-p_drop), δ_i = do_i·o_i, and c_ij = 1 - tanh�
     dk_j = scale Σ_i ds_ij q_i          (kernel _dkdv: one program per key block and kv head, looping
                                           over the H/Hk query heads of its group, so GQA needs no atomics)
 
-The backward applies the full mask on every block it visits; only the block ranges are narrowed
-to the band (see the forward's docstring for the mask).
+As in the forward, blocks visible from every row skip the mask arithmetic; only band edges and
+sequence tails are masked (see the forward's docstring for the mask).
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from mmfast.ops._attention_triton import (
     block_d,
     dot_precision,
     dropout_keep,
+    key_block_ranges,
     launch_meta,
     lowp,
     mm,
@@ -41,6 +42,51 @@ def _scores(qk, qk_scale, softcap, HAS_SOFTCAP: tl.constexpr):
         t = 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
         return t * (softcap * 1.4426950408889634), 1.0 - t * t
     return qk * qk_scale, qk * 0.0 + 1.0
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, m_base, il_base, delta_base, stride_qs, stride_dos, stride_ls,
+                offs_n, offs_d, d_ok, sq, sk, off, window_left, window_right, prefix, qk_scale, softcap,
+                dropout_p, seed, bh, m_start, m_end,
+                MASKED: tl.constexpr, BAND: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Accumulate dk, dv (BN, D) over query blocks [m_start, m_end) of one query head."""
+    offs_mb = tl.arange(0, BLOCK_M)
+    for m in range(m_start, m_end, BLOCK_M):
+        rows = m + offs_mb
+        q_ok = rows < sq
+        if MASKED:
+            qT = tl.load(q_base + rows[None, :] * stride_qs + offs_d[:, None],
+                         mask=q_ok[None, :] & d_ok[:, None], other=0.0)  # (D, BM)
+            do = tl.load(do_base + rows[:, None] * stride_dos + offs_d[None, :],
+                         mask=q_ok[:, None] & d_ok[None, :], other=0.0)  # (BM, D)
+            m_row = tl.load(m_base + rows * stride_ls, mask=q_ok, other=0.0)  # (BM,)
+            il_row = tl.load(il_base + rows * stride_ls, mask=q_ok, other=0.0)  # (BM,) 0: row sees nothing
+            delta = tl.load(delta_base + rows * stride_ls, mask=q_ok, other=0.0)  # (BM,)
+        else:
+            qT = tl.load(q_base + rows[None, :] * stride_qs + offs_d[:, None], mask=d_ok[:, None], other=0.0)
+            do = tl.load(do_base + rows[:, None] * stride_dos + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+            m_row = tl.load(m_base + rows * stride_ls)
+            il_row = tl.load(il_base + rows * stride_ls)
+            delta = tl.load(delta_base + rows * stride_ls)
+        sT, cT = _scores(mm(k, qT, UPCAST, DOT_PREC), qk_scale, softcap, HAS_SOFTCAP)  # (BN, BM)
+        pT = tl.exp2(sT - m_row[None, :]) * il_row[None, :]
+        if MASKED:
+            # visible() with keys on the row axis and queries on the column axis.
+            ok = visible_mask((rows + off)[None, :], offs_n[:, None], sk, window_left, window_right, prefix,
+                              BAND, HAS_PREFIX)
+            pT = tl.where(ok & q_ok[None, :], pT, 0.0)
+        dpT = mm(v, tl.trans(do), UPCAST, DOT_PREC)  # (BN, BM)
+        if HAS_DROPOUT:
+            keepT = dropout_keep(seed, bh, rows[None, :], offs_n[:, None], sk, dropout_p)  # (BN, BM)
+            zT = tl.where(keepT, 1.0 / (1.0 - dropout_p), 0.0)
+            dv += mm(lowp(pT * zT, do.dtype, UPCAST), do, UPCAST, DOT_PREC)
+            dpT = dpT * zT
+        else:
+            dv += mm(lowp(pT, do.dtype, UPCAST), do, UPCAST, DOT_PREC)
+        dsT = pT * (dpT - delta[None, :]) * cT
+        dk += mm(lowp(dsT, qT.dtype, UPCAST), tl.trans(qT), UPCAST, DOT_PREC)
+    return dk, dv
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "seed"])
@@ -69,7 +115,6 @@ def _dkdv_kernel(
         return
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_mb = tl.arange(0, BLOCK_M)
     d_ok = offs_d < head_dim
     kv_ok = offs_n < sk
     k = tl.load(K + b.to(tl.int64) * stride_kb + hk * stride_kh + (k_start + offs_n)[:, None].to(tl.int64) * stride_ks
@@ -81,18 +126,28 @@ def _dkdv_kernel(
     prefix = 0
     if HAS_PREFIX:
         prefix = tl.minimum(tl.load(PREFIX + b), sk)
-    # Query rows that see some key of this block: [m_lo, m_hi).
-    m_lo = 0
+    # Query rows that see some key of this block: [m_lo, m_hi); that see all of them: [full_lo, full_hi)
+    # (keys past the sequence end need no mask here: they only feed their own dk/dv rows, never stored).
+    m_lo = n0 * 0
     m_hi = sq
+    full_lo = n0 * 0
+    full_hi = sq
     if BAND:
         n_last = tl.minimum(n0 + BLOCK_N, sk) - 1
         m_lo = tl.maximum(n0 - window_right - off, 0)
         m_hi = tl.minimum(n_last + window_left - off + 1, sq)
+        full_lo = tl.maximum(n0 + BLOCK_N - 1 - window_right - off, 0)
+        full_hi = tl.minimum(n0 + window_left - off + 1, sq)
         if HAS_PREFIX:
             in_prefix = n0 < prefix
             m_lo = tl.where(in_prefix, 0, m_lo)
             m_hi = tl.where(in_prefix, tl.maximum(m_hi, tl.minimum(prefix - off, sq)), m_hi)
     m_lo = (m_lo // BLOCK_M) * BLOCK_M
+    m_full_start = tl.cdiv(full_lo, BLOCK_M) * BLOCK_M
+    m_full_end = (full_hi // BLOCK_M) * BLOCK_M
+    no_full = m_full_end <= m_full_start
+    m_full_start = tl.where(no_full, m_lo, m_full_start)
+    m_full_end = tl.where(no_full, m_lo, m_full_end)
     qk_scale = sm_scale * 1.4426950408889634
     if HAS_SOFTCAP:
         qk_scale = sm_scale / softcap
@@ -104,33 +159,19 @@ def _dkdv_kernel(
         bh = b * n_heads + h
         q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh + q_start.to(tl.int64) * stride_qs
         do_base = DO + b.to(tl.int64) * stride_dob + h * stride_doh + q_start.to(tl.int64) * stride_dos
-        l_base = b.to(tl.int64) * stride_lb + h * stride_lh + q_start.to(tl.int64) * stride_ls
-        for m in range(m_lo, m_hi, BLOCK_M):
-            rows = m + offs_mb
-            q_ok = rows < sq
-            qT = tl.load(q_base + rows[None, :] * stride_qs + offs_d[:, None],
-                         mask=q_ok[None, :] & d_ok[:, None], other=0.0)  # (D, BM)
-            do = tl.load(do_base + rows[:, None] * stride_dos + offs_d[None, :],
-                         mask=q_ok[:, None] & d_ok[None, :], other=0.0)  # (BM, D)
-            m_row = tl.load(MROW + l_base + rows * stride_ls, mask=q_ok, other=0.0)  # (BM,)
-            il_row = tl.load(ILROW + l_base + rows * stride_ls, mask=q_ok, other=0.0)  # (BM,) 0: row sees nothing
-            delta = tl.load(DELTA + l_base + rows * stride_ls, mask=q_ok, other=0.0)  # (BM,)
-            sT, cT = _scores(mm(k, qT, UPCAST, DOT_PREC), qk_scale, softcap, HAS_SOFTCAP)  # (BN, BM)
-            # visible() with keys on the row axis and queries on the column axis.
-            ok = visible_mask((rows + off)[None, :], offs_n[:, None], sk, window_left, window_right, prefix,
-                              BAND, HAS_PREFIX)
-            ok = ok & q_ok[None, :]
-            pT = tl.where(ok, tl.exp2(sT - m_row[None, :]) * il_row[None, :], 0.0)
-            dpT = mm(v, tl.trans(do), UPCAST, DOT_PREC)  # (BN, BM)
-            if HAS_DROPOUT:
-                keepT = dropout_keep(seed, bh, rows[None, :], offs_n[:, None], sk, dropout_p)  # (BN, BM)
-                zT = tl.where(keepT, 1.0 / (1.0 - dropout_p), 0.0)
-                dv += mm(lowp(pT * zT, do.dtype, UPCAST), do, UPCAST, DOT_PREC)
-                dpT = dpT * zT
-            else:
-                dv += mm(lowp(pT, do.dtype, UPCAST), do, UPCAST, DOT_PREC)
-            dsT = pT * (dpT - delta[None, :]) * cT
-            dk += mm(lowp(dsT, qT.dtype, UPCAST), tl.trans(qT), UPCAST, DOT_PREC)
+        l_off = b.to(tl.int64) * stride_lb + h * stride_lh + q_start.to(tl.int64) * stride_ls
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, MROW + l_off, ILROW + l_off, DELTA + l_off,
+                             stride_qs, stride_dos, stride_ls, offs_n, offs_d, d_ok, sq, sk, off, window_left,
+                             window_right, prefix, qk_scale, softcap, dropout_p, seed, bh, m_lo, m_full_start,
+                             True, BAND, HAS_PREFIX, HAS_SOFTCAP, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_M)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, MROW + l_off, ILROW + l_off, DELTA + l_off,
+                             stride_qs, stride_dos, stride_ls, offs_n, offs_d, d_ok, sq, sk, off, window_left,
+                             window_right, prefix, qk_scale, softcap, dropout_p, seed, bh, m_full_start, m_full_end,
+                             False, BAND, HAS_PREFIX, HAS_SOFTCAP, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_M)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, MROW + l_off, ILROW + l_off, DELTA + l_off,
+                             stride_qs, stride_dos, stride_ls, offs_n, offs_d, d_ok, sq, sk, off, window_left,
+                             window_right, prefix, qk_scale, softcap, dropout_p, seed, bh, m_full_end, m_hi,
+                             True, BAND, HAS_PREFIX, HAS_SOFTCAP, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_M)
     dk = dk * sm_scale
     dk_ptrs = DK + b.to(tl.int64) * stride_dkb + hk * stride_dkh + (k_start + offs_n)[:, None].to(tl.int64) * stride_dks
     dv_ptrs = DV + b.to(tl.int64) * stride_dvb + hk * stride_dvh + (k_start + offs_n)[:, None].to(tl.int64) * stride_dvs
@@ -138,6 +179,38 @@ def _dkdv_kernel(
              mask=kv_ok[:, None] & d_ok[None, :])
     tl.store(dv_ptrs + offs_d[None, :], lowp(dv, DV.dtype.element_ty, UPCAST).to(DV.dtype.element_ty),
              mask=kv_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _dq_inner(dq, q, do, m_row, il_row, delta, k_base, v_base, stride_ks, stride_vs, rows, qa, offs_d, d_ok, sk,
+              window_left, window_right, prefix, qk_scale, softcap, dropout_p, seed, bh, n_start, n_end,
+              MASKED: tl.constexpr, BAND: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+              HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Accumulate dq (BM, D) over key blocks [n_start, n_end)."""
+    offs_nb = tl.arange(0, BLOCK_N)
+    for n in range(n_start, n_end, BLOCK_N):
+        cols = n + offs_nb
+        if MASKED:
+            kv_ok = cols < sk
+            k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :],
+                        mask=kv_ok[:, None] & d_ok[None, :], other=0.0)  # (BN, D)
+            vT = tl.load(v_base + cols[None, :] * stride_vs + offs_d[:, None],
+                         mask=kv_ok[None, :] & d_ok[:, None], other=0.0)  # (D, BN)
+        else:
+            k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+            vT = tl.load(v_base + cols[None, :] * stride_vs + offs_d[:, None], mask=d_ok[:, None], other=0.0)
+        s, c = _scores(mm(q, tl.trans(k), UPCAST, DOT_PREC), qk_scale, softcap, HAS_SOFTCAP)  # (BM, BN)
+        p = tl.exp2(s - m_row[:, None]) * il_row[:, None]
+        if MASKED:
+            ok = visible_mask(qa[:, None], cols[None, :], sk, window_left, window_right, prefix, BAND, HAS_PREFIX)
+            p = tl.where(ok, p, 0.0)
+        dp = mm(do, vT, UPCAST, DOT_PREC)  # (BM, BN)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, bh, rows[:, None], cols[None, :], sk, dropout_p)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None]) * c
+        dq += mm(lowp(ds, k.dtype, UPCAST), k, UPCAST, DOT_PREC)
+    return dq
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "seed"])
@@ -166,7 +239,6 @@ def _dq_kernel(
         return
     rows = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_nb = tl.arange(0, BLOCK_N)
     d_ok = offs_d < head_dim
     q_ok = rows < sq
     q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + (q_start + rows)[:, None].to(tl.int64) * stride_qs
@@ -185,39 +257,22 @@ def _dq_kernel(
     prefix = 0
     if HAS_PREFIX:
         prefix = tl.minimum(tl.load(PREFIX + b), sk)
-    lo = 0
-    hi = sk
-    if BAND:
-        qa_lo = m0 + off
-        qa_hi = tl.minimum(m0 + BLOCK_M, sq) - 1 + off
-        lo = tl.maximum(qa_lo - window_left, 0)
-        hi = tl.minimum(qa_hi + window_right + 1, sk)
-        if HAS_PREFIX:
-            in_prefix = qa_lo < prefix
-            lo = tl.where(in_prefix, 0, lo)
-            hi = tl.where(in_prefix, tl.maximum(hi, prefix), hi)
-    lo = (lo // BLOCK_N) * BLOCK_N
+    n_lo, n_full_start, n_full_end, hi = key_block_ranges(m0, sq, sk, window_left, window_right, prefix,
+                                                          BAND, HAS_PREFIX, BLOCK_M, BLOCK_N)
     qk_scale = sm_scale * 1.4426950408889634
     if HAS_SOFTCAP:
         qk_scale = sm_scale / softcap
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for n in range(lo, hi, BLOCK_N):
-        cols = n + offs_nb
-        kv_ok = cols < sk
-        k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :],
-                    mask=kv_ok[:, None] & d_ok[None, :], other=0.0)  # (BN, D)
-        vT = tl.load(v_base + cols[None, :] * stride_vs + offs_d[:, None],
-                     mask=kv_ok[None, :] & d_ok[:, None], other=0.0)  # (D, BN)
-        s, c = _scores(mm(q, tl.trans(k), UPCAST, DOT_PREC), qk_scale, softcap, HAS_SOFTCAP)  # (BM, BN)
-        ok = visible_mask(qa[:, None], cols[None, :], sk, window_left, window_right, prefix, BAND, HAS_PREFIX)
-        p = tl.where(ok, tl.exp2(s - m_row[:, None]) * il_row[:, None], 0.0)
-        dp = mm(do, vT, UPCAST, DOT_PREC)  # (BM, BN)
-        if HAS_DROPOUT:
-            keep = dropout_keep(seed, bh, rows[:, None], cols[None, :], sk, dropout_p)
-            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
-        ds = p * (dp - delta[:, None]) * c
-        dq += mm(lowp(ds, k.dtype, UPCAST), k, UPCAST, DOT_PREC)
+    dq = _dq_inner(dq, q, do, m_row, il_row, delta, k_base, v_base, stride_ks, stride_vs, rows, qa, offs_d, d_ok,
+                   sk, window_left, window_right, prefix, qk_scale, softcap, dropout_p, seed, bh, n_lo, n_full_start,
+                   True, BAND, HAS_PREFIX, HAS_SOFTCAP, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_N)
+    dq = _dq_inner(dq, q, do, m_row, il_row, delta, k_base, v_base, stride_ks, stride_vs, rows, qa, offs_d, d_ok,
+                   sk, window_left, window_right, prefix, qk_scale, softcap, dropout_p, seed, bh, n_full_start,
+                   n_full_end, False, BAND, HAS_PREFIX, HAS_SOFTCAP, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_N)
+    dq = _dq_inner(dq, q, do, m_row, il_row, delta, k_base, v_base, stride_ks, stride_vs, rows, qa, offs_d, d_ok,
+                   sk, window_left, window_right, prefix, qk_scale, softcap, dropout_p, seed, bh, n_full_end, hi,
+                   True, BAND, HAS_PREFIX, HAS_SOFTCAP, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_N)
     dq = dq * sm_scale
     dq_ptrs = DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + (q_start + rows)[:, None].to(tl.int64) * stride_dqs
     tl.store(dq_ptrs + offs_d[None, :], lowp(dq, DQ.dtype.element_ty, UPCAST).to(DQ.dtype.element_ty),
