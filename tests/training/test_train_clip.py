@@ -206,3 +206,15 @@ def _available_backends():
 
     facts = Facts("cpu", torch.float32)
     return [b for b, r in CLIP_OP.refusals(facts).items() if not r]
+
+
+@pytest.mark.slow
+def test_siglip_single_process_zero0(world, tmp_path):
+    run = tmp_path / "sig"
+    _run(["--data", world, "--out", run, "--deepspeed-config", "zero0", "--steps", 3, "--config", "tiny-siglip",
+          "--loss", "siglip", "--no-export"], nproc=1)
+    rows = _metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[0]["loss_reference"] == pytest.approx(rows[0]["loss"], rel=1e-5)
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["zero_stage"] == 0 and summary["final"] is None and not (run / "final").exists()
