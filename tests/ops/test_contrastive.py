@@ -242,6 +242,29 @@ def test_poison_hook_fills_kernel_outputs_with_nan():
     assert (ctri._out((4,), "cpu", zero=True) == 0).all()  # the db atomics' target must start at 0
 
 
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_no_buffer_scales_with_n_squared(kind, monkeypatch, device, triton_backend):
+    """Every buffer the kernels get is O(N·d) or O(N²/BM): never the (N, N) logits."""
+    sizes = []
+    real_out = ctri._out
+
+    def recording_out(shape, *args, **kw):
+        sizes.append(math.prod(shape))
+        return real_out(shape, *args, **kw)
+
+    monkeypatch.setattr(ctri, "_out", recording_out)
+    n, d = 256, 16
+    a, b = _features(n, n, d, torch.float32, seed=4, device=device)
+    a.requires_grad_()
+    s = torch.tensor(10.0, device=device)
+    if kind == "clip":
+        loss = C.clip_loss(a, b, s, label_smoothing=0.1, backend=triton_backend)
+    else:
+        loss = C.siglip_loss(a, b, s, -10.0, backend=triton_backend)
+    loss.backward()
+    assert sizes and max(sizes) <= max(n * d, 3 * n * n // 16), sizes
+
+
 def test_extra_memory_formula():
     mem = ctri.extra_memory_bytes(4096, 4096, 768, True, 0.1, torch.bfloat16)
     rows = 4096 // (64 if ctri._INTERPRET else 128)
