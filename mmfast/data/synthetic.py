@@ -205,6 +205,8 @@ def make_world(
     Media paths in every file are relative to ``out_dir``. ``media=False`` skips audio, video and the
     text->media pairs (the image-side files are the same either way). ``shard_size > 0`` also packs
     each caption CSV into webdataset shards ``shards/{split}-NNNNNN.tar`` of that many samples.
+    Writing over an older world leaves its extra files (say, images past the new count) in place;
+    no index file refers to them.
     """
     if n_images < 2:
         raise ValueError(f"n_images must be >= 2 (one train and one val image), got {n_images}")
