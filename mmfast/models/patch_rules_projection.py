@@ -14,6 +14,9 @@ class's method.
 * ``clip.linear_l2_normalize`` (projection): HF ``CLIPModel.forward`` with each projection head and
   its L2 normalisation fused (:func:`linear_l2_normalize`); the towers' ``pooler_output`` in the
   returned ``CLIPOutput`` is then the pre-projection pooled output.
+* ``open_clip.linear_l2_normalize`` (projection): open_clip's ``encode_image``/``encode_text`` with
+  ``normalize=True`` (what ``CLIP.forward`` uses): image projection + L2 fused; text when the
+  text projection is an ``nn.Linear`` (a raw projection matrix keeps open_clip's own path).
 * ``hf.rms_norm`` (norm): HF RMSNorm modules (``weight`` + ``variance_epsilon``) → :func:`rms_norm`.
 * ``layer_norm`` (norm): every ``nn.LayerNorm`` over one dimension (HF CLIP, open_clip's subclasses)
   → :func:`layer_norm`.
@@ -188,6 +191,75 @@ def _patch_hf_clip_heads(model: torch.nn.Module):
     return set_forwards([(model, forward)])
 
 
+def _patch_open_clip_heads(model: torch.nn.Module):
+    """open_clip ``encode_image`` / ``encode_text`` with ``normalize=True``: projection + L2 as one op.
+
+    Image: the visual tower runs as its own call (hooks fire) with the pooled features projected and
+    normalised together (``VisionTransformer`` with a ``proj`` matrix). Text: fused when
+    ``text_projection`` is an ``nn.Linear``; a plain projection matrix keeps open_clip's path.
+    """
+    from mmfast.ops.projection import linear_l2_normalize
+
+    visual = getattr(model, "visual", None)
+    image_ok = (isinstance(getattr(visual, "proj", None), torch.Tensor) and not getattr(visual, "output_tokens", True)
+                and all(hasattr(visual, a) for a in ("_embeds", "_pool", "transformer")))
+    text_ok = isinstance(getattr(model, "text_projection", None), torch.nn.Linear)
+    if not (image_ok or text_ok) or not hasattr(model, "encode_image"):
+        return None
+    orig_image, orig_text = model.encode_image, model.encode_text
+    targets = []
+
+    if image_ok:
+        def tower(image):  # (B, 3, H, W) -> (B, D) unit rows
+            pooled, _ = visual._pool(visual.transformer(visual._embeds(image)))  # (B, width)
+            return linear_l2_normalize(pooled, visual.proj.t(), None, 1e-12, backend=backend_of(model))
+
+        def encode_image(image, normalize: bool = False):
+            if not normalize:
+                return orig_image(image, normalize=False)
+            return call_with_forward(visual, tower, image)
+
+        targets.append((model, "encode_image", encode_image))
+
+    if text_ok:
+        head = model.text_projection
+
+        def encode_text(text, normalize: bool = False):
+            if not normalize:
+                return orig_text(text, normalize=False)
+            fused = lambda x: linear_l2_normalize(x, head.weight, head.bias, 1e-12, backend=backend_of(model))  # noqa: E731
+            missing = object()
+            old = vars(head).get("forward", missing)
+            head.forward = fused
+            try:
+                return orig_text(text, normalize=False)  # the head's output is already normalised
+            finally:
+                if old is missing:
+                    del head.forward
+                else:
+                    head.forward = old
+
+        targets.append((model, "encode_text", encode_text))
+    return _set_methods(targets)
+
+
+def _set_methods(targets):
+    """Instance-level methods ``(obj, name, fn)``; the undo removes them (the class's show through)."""
+    missing = object()
+    saved = [(obj, name, vars(obj).get(name, missing)) for obj, name, _ in targets]
+    for obj, name, fn in targets:
+        setattr(obj, name, fn)
+
+    def undo():
+        for obj, name, old in reversed(saved):
+            if old is missing:
+                vars(obj).pop(name, None)
+            else:
+                setattr(obj, name, old)
+
+    return undo
+
+
 # --------------------------------------------------------------------------- norms
 def _patch_rms_norms(model: torch.nn.Module):
     from mmfast.ops.norm import rms_norm
@@ -229,6 +301,7 @@ RULES: list[PatchRule] = [
     PatchRule("causal_lm.fused_linear_cross_entropy", "loss", _LM_TYPES, _patch_causal_lm_loss),
     PatchRule("llava.mlp_projector", "projection", ("llava",), _patch_llava_projector),
     PatchRule("clip.linear_l2_normalize", "projection", ("clip",), _patch_hf_clip_heads),
+    PatchRule("open_clip.linear_l2_normalize", "projection", ("open_clip",), _patch_open_clip_heads),
     PatchRule("hf.rms_norm", "norm", _LM_TYPES, _patch_rms_norms),
     PatchRule("layer_norm", "norm", ("clip", "clip_vision_model", "clip_text_model", "llava", "open_clip"),
               _patch_layer_norms),

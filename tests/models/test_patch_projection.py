@@ -141,7 +141,27 @@ def test_open_clip_layer_norms(triton_backend):
         txt = m.encode_text(ids, normalize=True)
         return (img @ txt.t()).logsumexp(-1).mean()
 
-    _compare(model, run, triton_backend, ["layer_norm"])
+    _compare(model, run, triton_backend, ["layer_norm", "open_clip.linear_l2_normalize"])
+    assert all("encode_image" not in vars(m) for m in model.modules())
+
+
+def test_open_clip_linear_text_head(triton_backend):
+    open_clip = pytest.importorskip("open_clip")
+    torch.manual_seed(0)
+    model = open_clip.CLIP(
+        embed_dim=32,
+        vision_cfg=open_clip.CLIPVisionCfg(layers=1, width=64, head_width=32, image_size=32, patch_size=8),
+        text_cfg=open_clip.CLIPTextCfg(context_length=9, vocab_size=64, width=64, heads=2, layers=1,
+                                       proj_type="linear", proj_bias=True),
+    )
+    if not isinstance(model.text_projection, torch.nn.Linear):
+        pytest.skip("this open_clip builds no nn.Linear text projection")
+    ids = torch.randint(0, 63, (3, 9))
+
+    def run(m, dtype):
+        return (m.encode_text(ids, normalize=True)[:, :7] * torch.arange(7, dtype=dtype)).sum()
+
+    _compare(model, run, triton_backend, ["open_clip.linear_l2_normalize"])
 
 
 def test_mlp_projector_loads_both_layouts(triton_backend):
