@@ -36,14 +36,14 @@ from mmfast.bench import harness
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # name -> (x_key, GPU cases, GPU quick, CPU cases, CPU quick); each case is a dict of sizes.
 SWEEPS = {
-    "flce": ("T", [dict(T=t, H=4096, V=32064) for t in (2048, 4096, 8192, 16384)],
-             [dict(T=8192, H=4096, V=32064)],
-             [dict(T=t, H=512, V=32000) for t in (1024, 4096)], [dict(T=512, H=256, V=8000)]),
-    "projector": ("M", [dict(M=m, K=1024, N=4096) for m in (9216, 36864, 73728)],
-                  [dict(M=36864, K=1024, N=4096)],
-                  [dict(M=m, K=256, N=1024) for m in (576, 2304)], [dict(M=576, K=128, N=512)]),
-    "layernorm": ("M", [dict(M=m, N=1024) for m in (9232, 36928, 147712)], [dict(M=36928, N=1024)],
-                  [dict(M=m, N=1024) for m in (4616, 18464)], [dict(M=2308, N=1024)]),
+    "flce": ("T", [{"T": t, "H": 4096, "V": 32064} for t in (2048, 4096, 8192, 16384)],
+             [{"T": 8192, "H": 4096, "V": 32064}],
+             [{"T": t, "H": 512, "V": 32000} for t in (1024, 4096)], [{"T": 512, "H": 256, "V": 8000}]),
+    "projector": ("M", [{"M": m, "K": 1024, "N": 4096} for m in (9216, 36864, 73728)],
+                  [{"M": 36864, "K": 1024, "N": 4096}],
+                  [{"M": m, "K": 256, "N": 1024} for m in (576, 2304)], [{"M": 576, "K": 128, "N": 512}]),
+    "layernorm": ("M", [{"M": m, "N": 1024} for m in (9232, 36928, 147712)], [{"M": 36928, "N": 1024}],
+                  [{"M": m, "N": 1024} for m in (4616, 18464)], [{"M": 2308, "N": 1024}]),
 }
 
 

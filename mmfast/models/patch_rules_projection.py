@@ -227,7 +227,7 @@ def _patch_open_clip_heads(model: torch.nn.Module):
         def encode_text(text, normalize: bool = False):
             if not normalize:
                 return orig_text(text, normalize=False)
-            fused = lambda x: linear_l2_normalize(x, head.weight, head.bias, 1e-12, backend=backend_of(model))  # noqa: E731
+            fused = lambda x: linear_l2_normalize(x, head.weight, head.bias, 1e-12, backend=backend_of(model))
             missing = object()
             old = vars(head).get("forward", missing)
             head.forward = fused

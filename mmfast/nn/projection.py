@@ -37,7 +37,7 @@ class MLPProjector(nn.Module):
         self._register_load_state_dict_pre_hook(_rename_hf_keys)
 
     @classmethod
-    def from_llava_type(cls, projector_type: str, in_dim: int, out_dim: int, **kw) -> "MLPProjector":
+    def from_llava_type(cls, projector_type: str, in_dim: int, out_dim: int, **kw) -> MLPProjector:
         """``"linear"`` or ``"mlp{N}x_gelu"`` (LLaVA's ``mm_projector_type``)."""
         if projector_type == "linear":
             return cls(in_dim, out_dim, depth=1, **kw)
@@ -47,7 +47,7 @@ class MLPProjector(nn.Module):
         return cls(in_dim, out_dim, depth=int(m.group(1)), **kw)
 
     @classmethod
-    def from_state_dict(cls, state_dict: dict, act: str = "gelu", **kw) -> "MLPProjector":
+    def from_state_dict(cls, state_dict: dict, act: str = "gelu", **kw) -> MLPProjector:
         """Build and load from a LLaVA (``mm_projector.0/.2``) or HF (``multi_modal_projector.linear_1/2``)
         state dict, with or without those prefixes; sizes and depth come from the weights."""
         sd = _strip_prefix(state_dict)
@@ -123,4 +123,4 @@ class LinearL2Normalize(nn.Linear):
         return linear_l2_normalize(x, self.weight, self.bias, self.eps, backend=self.backend)
 
 
-__all__ = ["MLPProjector", "FusedLinearCrossEntropyLoss", "LinearL2Normalize"]
+__all__ = ["FusedLinearCrossEntropyLoss", "LinearL2Normalize", "MLPProjector"]

@@ -19,7 +19,6 @@ with s_i = grad_output_i.
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -137,7 +136,7 @@ def flce_chunked(
     """
     T, H = hidden.shape
     V = weight.shape[0]
-    dev, dt = hidden.device, hidden.dtype
+    dev = hidden.device
     row_pass = _row_pass(backend)
     write_grad = need_dh or need_dw or need_db
     loss = torch.empty(T, device=dev, dtype=torch.float32)
@@ -180,14 +179,14 @@ def flce_chunked(
 def _flce_op(
     hidden: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     target: torch.Tensor,
     scale: torch.Tensor,
     per_row: bool,
     ignore_index: int,
     smoothing: float,
     z_loss: float,
-    softcap: Optional[float],
+    softcap: float | None,
     need_dh: bool,
     need_dw: bool,
     need_db: bool,
@@ -206,9 +205,9 @@ def _(hidden, weight, bias, target, scale, per_row, ignore_index, smoothing, z_l
       need_dh, need_dw, need_db, chunk, backend, dw_fp32):
     T = hidden.shape[0]
     V = weight.shape[0]
-    f32 = dict(device=hidden.device, dtype=torch.float32)
+    f32 = {"device": hidden.device, "dtype": torch.float32}
     return (
-        hidden.new_empty(T, **{"dtype": torch.float32}),
+        hidden.new_empty(T, dtype=torch.float32),
         torch.empty(T, **f32),
         hidden.new_empty(hidden.shape) if need_dh else hidden.new_empty(0),
         weight.new_empty(weight.shape) if need_dw else weight.new_empty(0),

@@ -107,7 +107,7 @@ def _warps(block_n: int) -> int:
     return max(1, min(16, block_n // 256))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _programs(device: torch.device) -> int:
     """Backward programs: a few per SM, so the (programs, N) partial sums stay small."""
     if device.type == "cuda":

@@ -12,8 +12,6 @@ torch.compile keeps it as one opaque call per direction.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -72,8 +70,8 @@ def rms_norm_reference(x, weight=None, eps=1e-6, residual=None):
 # --------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("mmfast::norm_fwd", mutates_args=())
 def _norm_fwd_op(
-    x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor], eps: float, is_rms: bool,
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
+    bias: torch.Tensor | None, eps: float, is_rms: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from mmfast.ops._norm_triton import norm_fwd
 
@@ -85,14 +83,14 @@ def _norm_fwd_op(
 @_norm_fwd_op.register_fake
 def _(x, residual, weight, bias, eps, is_rms):
     M = x.shape[0]
-    f32 = dict(device=x.device, dtype=torch.float32)
+    f32 = {"device": x.device, "dtype": torch.float32}
     s = residual.new_empty(residual.shape) if residual is not None else x.new_empty(0)
     return x.new_empty(x.shape), s, torch.empty(M, **f32), torch.empty(M, **f32)
 
 
 @torch.library.custom_op("mmfast::norm_bwd", mutates_args=())
 def _norm_bwd_op(
-    s: torch.Tensor, weight: Optional[torch.Tensor], dy: torch.Tensor, ds: Optional[torch.Tensor],
+    s: torch.Tensor, weight: torch.Tensor | None, dy: torch.Tensor, ds: torch.Tensor | None,
     mean: torch.Tensor, rstd: torch.Tensor, is_rms: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from mmfast.ops._norm_triton import norm_bwd
@@ -103,7 +101,7 @@ def _norm_bwd_op(
 @_norm_bwd_op.register_fake
 def _(s, weight, dy, ds, mean, rstd, is_rms):
     N = s.shape[1]
-    f32 = dict(device=s.device, dtype=torch.float32)
+    f32 = {"device": s.device, "dtype": torch.float32}
     return dy.new_empty(s.shape), torch.empty(N, **f32), torch.empty(N, **f32)
 
 
@@ -196,4 +194,4 @@ def rms_norm(x, weight=None, eps: float = 1e-6, residual=None, *, backend: str |
     return _run(RMS_NORM_OP, x, weight, None, eps, residual, True, backend)
 
 
-__all__ = ["layer_norm", "rms_norm", "layer_norm_reference", "rms_norm_reference"]
+__all__ = ["layer_norm", "layer_norm_reference", "rms_norm", "rms_norm_reference"]

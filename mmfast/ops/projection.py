@@ -16,13 +16,16 @@ row pass in PyTorch, so the CPU path never holds the (T × V) logits either). No
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
 from mmfast.ops._dispatch import Facts, Op, check_backend_name, register
-from mmfast.ops._flce import DEFAULT_CHUNK_BYTES, FLCEFunction, chunk_rows, fused_linear_cross_entropy_reference
+from mmfast.ops._flce import (
+    DEFAULT_CHUNK_BYTES,
+    FLCEFunction,
+    chunk_rows,
+    fused_linear_cross_entropy_reference,
+)
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _GELU_APPROX = {"gelu": False, "gelu_new": True, "gelu_tanh": True, "gelu_pytorch_tanh": True}
@@ -166,7 +169,7 @@ def fused_linear_cross_entropy(
 # --------------------------------------------------------------------------- custom ops (kernel launchers)
 # Opaque to torch.compile; each declares the buffer it overwrites in place.
 @torch.library.custom_op("mmfast::bias_gelu_fwd", mutates_args=("y",))
-def _bias_gelu_op(y: torch.Tensor, bias: Optional[torch.Tensor], approximate: bool, store_u: bool) -> torch.Tensor:
+def _bias_gelu_op(y: torch.Tensor, bias: torch.Tensor | None, approximate: bool, store_u: bool) -> torch.Tensor:
     from mmfast.ops._projection_triton import bias_gelu_fwd
 
     return bias_gelu_fwd(y, bias, approximate, store_u)
@@ -191,7 +194,7 @@ def _(u, dh, approximate, recompute_h):
 
 
 @torch.library.custom_op("mmfast::bias_l2_fwd", mutates_args=())
-def _bias_l2_op(y: torch.Tensor, bias: Optional[torch.Tensor], eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _bias_l2_op(y: torch.Tensor, bias: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     from mmfast.ops._projection_triton import bias_l2_fwd
 
     return bias_l2_fwd(y, bias, eps)
@@ -381,13 +384,13 @@ def linear_l2_normalize(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 
 __all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "bias_gelu",
+    "chunk_rows",
     "fused_linear_cross_entropy",
     "fused_linear_cross_entropy_reference",
-    "mlp_projector",
-    "mlp_projector_reference",
-    "bias_gelu",
     "linear_l2_normalize",
     "linear_l2_normalize_reference",
-    "chunk_rows",
-    "DEFAULT_CHUNK_BYTES",
+    "mlp_projector",
+    "mlp_projector_reference",
 ]

@@ -20,8 +20,8 @@ def _llama_config(**kw):
 
 
 def _clip_vision():
-    return dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2, image_size=32,
-                patch_size=8)
+    return {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 32,
+                "patch_size": 8}
 
 
 def _grads(model):
@@ -110,8 +110,8 @@ def test_llava_projector_norms_loss(triton_backend):
 def test_hf_clip_layer_norms(triton_backend):
     torch.manual_seed(0)
     config = transformers.CLIPConfig(
-        text_config=dict(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16),
+        text_config={"vocab_size": 64, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1,
+                         "num_attention_heads": 2, "max_position_embeddings": 16},
         vision_config=_clip_vision(), projection_dim=32)
     model = transformers.CLIPModel(config)
     ids = torch.randint(0, 63, (3, 9))

@@ -36,11 +36,11 @@ def _case(device, backend, dtype, shape, is_rms, residual, affine=True):
         return list(outs) + [t.grad for t in ts if t is not None]
 
     if is_rms:
-        ref_fn = lambda x_, w_, b_, r_: rms_norm_reference(x_, w_, 1e-6, r_)  # noqa: E731
-        our_fn = lambda x_, w_, b_, r_: rms_norm(x_, w_, 1e-6, r_, backend=backend)  # noqa: E731
+        ref_fn = lambda x_, w_, b_, r_: rms_norm_reference(x_, w_, 1e-6, r_)
+        our_fn = lambda x_, w_, b_, r_: rms_norm(x_, w_, 1e-6, r_, backend=backend)
     else:
-        ref_fn = lambda x_, w_, b_, r_: layer_norm_reference(x_, w_, b_, 1e-5, r_)  # noqa: E731
-        our_fn = lambda x_, w_, b_, r_: layer_norm(x_, w_, b_, 1e-5, r_, backend=backend)  # noqa: E731
+        ref_fn = lambda x_, w_, b_, r_: layer_norm_reference(x_, w_, b_, 1e-5, r_)
+        our_fn = lambda x_, w_, b_, r_: layer_norm(x_, w_, b_, 1e-5, r_, backend=backend)
     ref = run(torch.float64, ref_fn)
     low = run(dtype, ref_fn)
     ours = run(dtype, our_fn)

@@ -3,13 +3,19 @@
 Rule: |ours − fp64| ≤ 2·|torch in the same dtype − fp64| (+ a few ulps), for the loss and every gradient.
 Kernel outputs are allocated through a poisoning ``torch.empty`` so an unwritten element shows as NaN.
 """
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mmfast.ops.projection import (
     fused_linear_cross_entropy as flce,
+)
+from mmfast.ops.projection import (
     fused_linear_cross_entropy_reference as flce_ref,
+)
+from mmfast.ops.projection import (
     linear_l2_normalize,
     linear_l2_normalize_reference,
     mlp_projector,
@@ -167,7 +173,7 @@ def _mlp_case(device, backend, dtype, M, dims, act, recompute, bias=True):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(M, dims[0], generator=g, dtype=torch.float64)
     params = [(torch.randn(o, i, generator=g, dtype=torch.float64) / i**0.5,
-               torch.randn(o, generator=g, dtype=torch.float64) if bias else None) for i, o in zip(dims, dims[1:])]
+               torch.randn(o, generator=g, dtype=torch.float64) if bias else None) for i, o in itertools.pairwise(dims)]
     gout = torch.randn(M, dims[-1], generator=g, dtype=torch.float64)
 
     def run(dt, fn):

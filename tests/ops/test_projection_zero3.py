@@ -28,7 +28,7 @@ def _free_port() -> int:
 def test_flce_zero3(case, backend):
     env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
                RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, str(WORKER), case, backend], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, str(WORKER), case, backend], env=env, capture_output=True, text=True, check=False,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
