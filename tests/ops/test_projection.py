@@ -315,3 +315,24 @@ def test_autocast_casts_like_f_linear(triton_backend):
     (loss + proj.float().sum() + emb.float().sum()).backward()
     for p in (h, w, w1, w2):
         assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+
+
+def test_nn_modules(triton_backend):
+    from mmfast.nn import FusedLinearCrossEntropyLoss, LinearL2Normalize, MLPProjector
+
+    g = torch.Generator().manual_seed(7)
+    h = torch.randn(2, 9, 19, generator=g)
+    w = torch.randn(50, 19, generator=g)
+    t = torch.randint(0, 50, (2, 9), generator=g)
+    loss = FusedLinearCrossEntropyLoss(label_smoothing=0.1, z_loss=1e-3, backend=triton_backend)(h, w, t)
+    ref = flce_ref(h.double(), w.double(), t, label_smoothing=0.1, z_loss=1e-3)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+
+    head = LinearL2Normalize(19, 7, bias=True, backend=triton_backend)
+    torch.testing.assert_close(head(h), F.normalize(F.linear(h, head.weight, head.bias), dim=-1, eps=1e-6))
+
+    proj = MLPProjector(19, 11, hidden_dim=13, depth=3, act="gelu_pytorch_tanh", recompute=True, backend=triton_backend)
+    seq = torch.nn.Sequential(getattr(proj, "0"), torch.nn.GELU("tanh"), getattr(proj, "2"),
+                              torch.nn.GELU("tanh"), getattr(proj, "4"))
+    torch.testing.assert_close(proj(h), seq(h), rtol=1e-5, atol=1e-6)
+    assert set(proj.state_dict()) == {f"{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}
