@@ -136,7 +136,7 @@ step "pytest (CUDA tests)" 200 env MMFAST_TEST_CUDA_ONLY=1 "$PY" -m pytest -q -p
 # 5. benchmarks. --budget-s keeps each inside its slot (rows past it are written as skipped).
 bench contrastive 120 --out "$RES/contrastive.csv" --budget-s 100
 # >>> attention benchmark (owner: attention helper) — adjust the arguments in this line only.
-bench attention 60 --out "$RES/attention.csv" --budget-s 45
+bench attention 60 --out "$RES/attention.csv" --budget-s 50 --cases vit_b16,llava_2k,vit_l14_336,llama_4k --providers mmfast,sdpa-flash,sdpa-cudnn,flash-attn
 # >>> projection benchmark (owner: projection helper) — adjust the arguments in this line only.
 bench projection 60 --out-dir "$RES" --quick --providers mmfast-triton,torch-eager,liger --budget-s 45
 # >>> CLIP training step (owner: CLIP helper): ViT-B-16, batch 256, bf16, mmfast vs open_clip.

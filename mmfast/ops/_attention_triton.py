@@ -29,6 +29,9 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# MMFAST_ATTN_AUTOTUNE=0 launches fixed per-head-dim configs instead of tuning (e.g. GPU test runs, where
+# tuning every mask combination would dominate the time).
+AUTOTUNE = not INTERPRET and os.environ.get("MMFAST_ATTN_AUTOTUNE", "1") != "0"
 LOG2E = 1.4426950408889634
 
 # Block sizes used under the interpreter (small, so odd lengths cross block edges in tests).
@@ -265,11 +268,9 @@ def _fwd_kernel(
 
 # --------------------------------------------------------------------------- tuning (GPU only)
 def _fwd_configs():
-    cfgs = []
-    for bm, bn, warps, stages in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
-                                  (64, 32, 4, 2), (128, 32, 4, 2)]:
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
-    return cfgs
+    # Few configs on purpose: each one is compiled when a new (head dim, mask kind) is first tuned.
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+            for bm, bn, w, st in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)]]
 
 
 def prune_by_head_dim(configs, named_args, **kwargs):
@@ -284,7 +285,7 @@ def prune_by_head_dim(configs, named_args, **kwargs):
     return keep or configs[-1:]
 
 
-if INTERPRET:
+if not AUTOTUNE:
     _fwd = _fwd_kernel
 else:
     _fwd = triton.autotune(
@@ -308,11 +309,19 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def launch_meta():
-    """Fixed block sizes under the interpreter; autotuned on GPU."""
+def launch_meta(kind: str, head_dim: int) -> dict:
+    """Launch parameters for ``kind`` ("fwd" | "bwd"): fixed block sizes under the interpreter, none
+    when autotuning, else a fixed config that fits H100/H200 shared memory for this head dim."""
     if INTERPRET:
         return {"BLOCK_M": INTERPRET_BLOCK_M, "BLOCK_N": INTERPRET_BLOCK_N}
-    return {}
+    if AUTOTUNE:
+        return {}
+    d = block_d(head_dim)
+    if kind == "fwd":
+        bm, bn, warps, stages = (128, 64, 4, 3) if d <= 64 else (128, 64, 8, 3) if d <= 128 else (64, 64, 4, 2)
+    else:
+        bm, bn, warps, stages = (64, 64, 4, 2) if d <= 128 else (32, 64, 4, 2)
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
 
 
 def strides3(t: torch.Tensor, varlen: bool):
@@ -358,6 +367,6 @@ def attn_fwd(q, k, v, p):
         p.scale, p.softcap if p.softcap > 0 else 1.0, p.window_left, p.window_right, p.dropout_p, p.seed,
         IS_VARLEN=varlen, HAS_SEQUSED=p.seqused_k is not None, BAND=p.band, HAS_PREFIX=p.prefix is not None,
         HAS_SOFTCAP=p.softcap > 0, HAS_DROPOUT=p.dropout_p > 0, UPCAST=upcast(q.dtype),
-        DOT_PREC=dot_precision(q.dtype), BLOCK_D=block_d(head_dim), **launch_meta(),
+        DOT_PREC=dot_precision(q.dtype), BLOCK_D=block_d(head_dim), **launch_meta("fwd", head_dim),
     )
     return out, lse, (m_row, il_row)

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from mmfast.ops._attention_triton import (
+    AUTOTUNE,
     INTERPRET,
     block_d,
     dot_precision,
@@ -282,7 +283,7 @@ def _dq_kernel(
 def _bwd_configs():
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [(64, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3), (32, 64, 4, 2), (64, 32, 4, 2)]
+        for bm, bn, w, s in [(64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2)]
     ]
 
 
@@ -298,7 +299,7 @@ def _prune_bwd(configs, named_args, **kwargs):
 
 
 _KEY = ["BLOCK_D", "BAND", "HAS_PREFIX", "HAS_SOFTCAP", "HAS_DROPOUT", "IS_VARLEN"]
-if INTERPRET:
+if not AUTOTUNE:
     _dkdv, _dq = _dkdv_kernel, _dq_kernel
 else:
     _tune = {"configs": _bwd_configs(), "key": _KEY, "prune_configs_by": {"early_config_prune": _prune_bwd}}
@@ -332,7 +333,7 @@ def attn_bwd(do, q, k, v, out, stats, p):
     flags = dict(
         IS_VARLEN=varlen, HAS_SEQUSED=p.seqused_k is not None, BAND=p.band, HAS_PREFIX=p.prefix is not None,
         HAS_SOFTCAP=p.softcap > 0, HAS_DROPOUT=p.dropout_p > 0, UPCAST=upcast(q.dtype),
-        DOT_PREC=dot_precision(q.dtype), BLOCK_D=block_d(head_dim), **launch_meta(),
+        DOT_PREC=dot_precision(q.dtype), BLOCK_D=block_d(head_dim), **launch_meta("bwd", head_dim),
     )
     _dkdv[lambda meta: (triton.cdiv(p.max_seqlen_k, meta["BLOCK_N"]), batch * n_kv)](
         q, k, v, do, m_row, il_row, delta, dk, dv, *common, *strides3(dk, varlen), *strides3(dv, varlen), *lse_strides,
