@@ -196,6 +196,21 @@ def test_multihead_attention_loads_torch_state_dict(triton_backend):
         mine(x.float(), attn_mask=torch.zeros(37, 37).bernoulli_(0.5).bool())
 
 
+def test_flash_attention_module(triton_backend):
+    from mmfast.nn import FlashAttention
+    from mmfast.ops import attention_reference
+
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn((2, 45, 4, 32), generator=gen) for _ in range(3))
+    attn = FlashAttention(causal=True, attention_dropout=0.5, window_size=(20, -1), backend=triton_backend)
+    out = attn.eval()(q, k[:, :, :2], v[:, :, :2])  # GQA 4:2; eval: no dropout
+    ref = attention_reference(q.double(), k[:, :, :2].double(), v[:, :, :2].double(), causal=True,
+                              window_size=(20, -1))
+    low = attention_reference(q, k[:, :, :2], v[:, :, :2], causal=True, window_size=(20, -1))
+    assert_error_bound(out, ref, low, name="FlashAttention")
+    assert not torch.equal(attn.train()(q, k, v), attn.eval()(q, k, v))  # dropout only in training
+
+
 def test_registry_basics():
     model = torch.nn.Sequential(torch.nn.Linear(3, 3))
     assert P.model_type_of(model) == "Sequential"
