@@ -339,6 +339,9 @@ def main(argv=None) -> int:
             row = {"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
                    "logit_scale": scale.detach().item(), "samples_per_s": n_last / max(now - t_last, 1e-9),
                    "memory_mb": round(peak_memory_mb(device), 1), "time": round(now - t_start, 3)}
+            grad_norm = engine.get_global_grad_norm()  # after DeepSpeed's averaging, before clipping
+            if grad_norm is not None:
+                row["grad_norm"] = float(grad_norm)
             if ref is not None:
                 row["loss_reference"] = ref
             with open(metrics_path, "a", encoding="utf-8") as f:

@@ -183,6 +183,17 @@ def test_zero2_two_ranks_train_and_resume_exactly(world, tmp_path):
     for k in fa:
         assert torch.equal(fa[k], fb[k]), k
 
+    # One process on the same global batches (16 = 2 ranks x 8): same loss and gradient norm, so the
+    # sharded loss with its world-size gradient scaling is the global-batch loss (Adam alone would
+    # hide a constant gradient factor).
+    one = tmp_path / "one"
+    _run(["--data", world, "--out", one, "--deepspeed-config", "zero2", "--steps", 8, "--batch-size", 16,
+          "--no-export"], nproc=1)
+    r1 = _metrics(one)
+    for k in range(2):
+        assert r1[k]["loss"] == pytest.approx(ra[k]["loss"], rel=1e-5)
+        assert r1[k]["grad_norm"] == pytest.approx(ra[k]["grad_norm"], rel=1e-4)
+
 
 @pytest.mark.slow
 @pytest.mark.distributed
