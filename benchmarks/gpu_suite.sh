@@ -142,6 +142,10 @@ bench projection 60 --out-dir "$RES" --quick --providers mmfast-triton,torch-eag
 # >>> CLIP training step (owner: CLIP helper): ViT-B-16, batch 256, bf16, mmfast vs open_clip.
 step "bench train_clip" 75 "$PY" benchmarks/bench_train_clip.py --gpu --model ViT-B-16 --batch 256 \
     --reps 5 --budget-s 65 --out "$RES/train_clip.csv"
+# >>> LLaVA training step (owner: LLaVA helper): LLaVA-1.5-7B shapes (ViT-L/14-336, 576 image tokens,
+# LLaMA-7B) truncated to 2 layers, seq 2048, bf16, mmfast vs transformers SDPA.
+step "bench train_llava" 60 "$PY" benchmarks/bench_train_llava.py --gpu --shape llava7b-trunc --layers 2 \
+    --batch 1 --reps 5 --budget-s 50 --out "$RES/train_llava.csv"
 
 bg_wait
 

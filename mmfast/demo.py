@@ -90,6 +90,15 @@ STAGES: list[Stage] = [
     Stage("clip_eval", clip_eval, "zero-shot (single vs ensemble) and linear probe"),
 ]
 
+from mmfast import demo_llava  # its stages only; heavy imports happen inside them
+
+STAGES += [
+    Stage("llava_stage1", demo_llava.llava_stage1, "tiny LLaVA stage 1 (projector, plain), ZeRO-2"),
+    Stage("llava_stage2", demo_llava.llava_stage2, "tiny LLaVA stage 2 (LoRA, vicuna_v1), ZeRO-3"),
+    Stage("llava_eval", demo_llava.llava_eval, "held-out questions and yes/no accuracy"),
+    Stage("pope", demo_llava.pope, "POPE random / popular / adversarial on the tiny LLaVA"),
+]
+
 
 # --------------------------------------------------------------------------- driver
 def write_summary(path: Path, new: dict) -> dict:
@@ -126,6 +135,7 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=64, help="per rank")
     p.add_argument("--lr", type=float, default=2e-3)
+    demo_llava.add_args(p)
     return p.parse_args(argv)
 
 

@@ -27,8 +27,13 @@ import torch
 from torch import nn
 
 from mmfast.models.llava_data import CLIP_MEAN, CLIP_STD, ImageProcessor, collate
-from mmfast.models.llava_templates import (IGNORE_INDEX, IMAGE_TOKEN, format_conversation, get_template,
-                                           tokenize_conversation)
+from mmfast.models.llava_templates import (
+    IGNORE_INDEX,
+    IMAGE_TOKEN,
+    format_conversation,
+    get_template,
+    tokenize_conversation,
+)
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "llava"
 SELECT_FEATURES = {"patch": "default", "cls_patch": "full", "full": "full"}
@@ -342,41 +347,45 @@ def build_llava(vision: str = "tiny", llm: str | None = None, projector: str | N
 
     if seed is not None:
         torch.manual_seed(seed)
+    from mmfast.models import llava_vision
+
     vpath = Path(vision)
     preset = None if vpath.is_dir() else load_preset(vision)
-    whole = preset is None and _model_type(vpath) == "llava"
-    if whole:
+    if preset is None and _model_type(vpath) == "llava":
         if llm is not None:
             raise ValueError(f"{vision} is a whole llava-hf checkpoint; do not pass llm={llm!r}")
-        llava = load_pretrained(vpath, device=device, dtype=dtype, kernels=kernels, image_attention=image_attention)
-        return llava
+        return load_pretrained(vpath, device=device, dtype=dtype, kernels=kernels, image_attention=image_attention)
+    # llm: None (the vision preset's LLM), a preset name (its LLM + tokenizer) or a LLaMA/Vicuna folder.
+    llm_dir = Path(llm) if llm is not None and Path(llm).is_dir() else None
+    llm_preset = load_preset(llm) if llm is not None and llm_dir is None else None
+    if preset is None and llm is None:
+        raise ValueError(f"vision={vision!r} is a vision directory; pass llm= (a LLaMA/Vicuna directory or a preset)")
+    text_src = llm_preset or (preset if llm is None else None)
+    vision_sd, vision_stats = None, None
     if preset is not None:
-        vcfg_d = {k: v for k, v in preset["vision"].items() if k not in ("image_mean", "image_std")}
-        vision_config = AutoConfig.for_model(**vcfg_d)
-        if llm is None:
-            text_config = AutoConfig.for_model(**preset["llm"])
-            tok_src = PRESET_DIR / preset["tokenizer"]
-        else:
-            text_config = AutoConfig.from_pretrained(llm, local_files_only=True)
-            tok_src = Path(llm)
+        vision_config = AutoConfig.for_model(**{k: v for k, v in preset["vision"].items()
+                                                if k not in ("image_mean", "image_std")})
+    elif llava_vision.is_open_clip_dir(vpath):
+        vision_config, vision_sd, *vision_stats = llava_vision.open_clip_vision(vpath)
     else:
-        if llm is None:
-            raise ValueError(f"vision={vision!r} is a CLIP vision directory; pass llm= (a LLaMA/Vicuna directory)")
         vision_config = AutoConfig.from_pretrained(str(vpath), local_files_only=True)
         if getattr(vision_config, "model_type", "") == "clip":
             vision_config = vision_config.vision_config
-        text_config = AutoConfig.from_pretrained(llm, local_files_only=True)
-        tok_src = Path(llm)
+    if text_src is not None:
+        text_config = AutoConfig.for_model(**text_src["llm"])
+        tok_src = PRESET_DIR / text_src["tokenizer"]
+    else:
+        text_config = AutoConfig.from_pretrained(str(llm_dir), local_files_only=True)
+        tok_src = llm_dir
     tok = tokenizer or AutoTokenizer.from_pretrained(str(tok_src), local_files_only=True)
-    pre = preset or {}
+    pre = {**(text_src or {}), **(preset or {})}
     projector = projector or pre.get("projector", NATIVE_PROJECTOR)
     select = vision_select_feature or pre.get("vision_select_feature", "patch")
     if select not in SELECT_FEATURES:
         raise ValueError(f"vision_select_feature must be one of {sorted(SELECT_FEATURES)}, got {select!r}")
     layer = vision_select_layer if vision_select_layer is not None else pre.get("vision_select_layer", -2)
-    n_vocab = len(tok) + (IMAGE_TOKEN not in tok.get_vocab())
-    # A preset's LLM is built for its tokenizer; a pretrained one keeps its (larger) embedding table.
-    text_config.vocab_size = n_vocab if preset is not None and llm is None else max(text_config.vocab_size, n_vocab)
+    if text_src is not None:  # a preset's LLM is built for its tokenizer; a pretrained one is resized below
+        text_config.vocab_size = len(tok) + (IMAGE_TOKEN not in tok.get_vocab())
     config = LlavaConfig(vision_config=vision_config.to_dict(), text_config=text_config.to_dict(),
                          image_token_id=0, vision_feature_layer=layer,
                          vision_feature_select_strategy=SELECT_FEATURES[select], projector_hidden_act="gelu",
@@ -384,8 +393,11 @@ def build_llava(vision: str = "tiny", llm: str | None = None, projector: str | N
                          tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)))
     config._attn_implementation = attn_implementation
     model = LlavaForConditionalGeneration(config)
-    if preset is None or llm is not None:
-        _load_parts(model, None if preset is not None else vpath, Path(llm) if llm else None)
+    if vision_sd is not None:
+        missing, unexpected = model.model.vision_tower.load_state_dict(vision_sd, strict=False)
+        if unexpected or [k for k in missing if not k.endswith("position_ids")]:
+            raise ValueError(f"{vpath}: converted vision weights do not fit (missing {missing}, unexpected {unexpected})")
+    _load_parts(model, vpath if preset is None and vision_sd is None else None, llm_dir)
     _ensure_image_token(model, tok)
     _set_projector(model, projector)
     if dtype is not None:
@@ -396,6 +408,8 @@ def build_llava(vision: str = "tiny", llm: str | None = None, projector: str | N
     ip = _image_processor(pre.get("vision"), vision_config.image_size,
                           image_aspect_ratio or pre.get("image_aspect_ratio", "pad"),
                           None if preset is not None else vpath)
+    if vision_stats:
+        ip.mean, ip.std = vision_stats
     return Llava(model, tok, ip, template or pre.get("template", "vicuna_v1"), image_attention, kernels,
                  model_max_length or pre.get("model_max_length", getattr(tok, "model_max_length", 2048)))
 
@@ -484,6 +498,18 @@ def load_pretrained(model_dir, device=None, dtype=None, kernels: bool | None = N
                  kernels, getattr(config, "model_max_length", 2048))
 
 
-__all__ = ["Llava", "build_llava", "load_pretrained", "list_presets", "load_preset", "llava_loss", "LlavaLossModule",
-           "forward_hidden", "merge_embeddings", "image_features", "format_conversation", "tokenize_conversation",
-           "PREFIX_KWARG"]
+__all__ = [
+    "PREFIX_KWARG",
+    "Llava",
+    "LlavaLossModule",
+    "build_llava",
+    "format_conversation",
+    "forward_hidden",
+    "image_features",
+    "list_presets",
+    "llava_loss",
+    "load_preset",
+    "load_pretrained",
+    "merge_embeddings",
+    "tokenize_conversation",
+]

@@ -39,7 +39,7 @@ class ImageProcessor:
         w, h = image.size
         if self.aspect == "pad" and w != h:
             side = max(w, h)
-            canvas = Image.new("RGB", (side, side), tuple(int(round(255 * m)) for m in self.mean))
+            canvas = Image.new("RGB", (side, side), tuple(round(255 * m) for m in self.mean))
             canvas.paste(image, ((side - w) // 2, (side - h) // 2))
             return canvas
         if self.aspect == "crop" and w != h:
@@ -147,4 +147,4 @@ def modality_grouped_order(lengths: list[int], batch_size: int, seed: int) -> li
     return [i for c in full for i in c] + rest
 
 
-__all__ = ["ImageProcessor", "LlavaSupervisedDataset", "collate", "modality_grouped_order", "CLIP_MEAN", "CLIP_STD"]
+__all__ = ["CLIP_MEAN", "CLIP_STD", "ImageProcessor", "LlavaSupervisedDataset", "collate", "modality_grouped_order"]

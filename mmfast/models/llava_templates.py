@@ -64,7 +64,7 @@ def _check_turns(conversations) -> None:
         raise ValueError("conversations must be a non-empty list of {'from': 'human'|'gpt', 'value': str} turns")
     for i, turn in enumerate(conversations):
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-            raise ValueError(f"conversations[{i}] must be a dict with a string 'value', got {turn!r:.80}")
+            raise TypeError(f"conversations[{i}] must be a dict with a string 'value', got {turn!r:.80}")
         expected = ("human", "gpt")[i % 2]
         if turn.get("from") != expected:
             raise ValueError(f"conversations[{i}]['from'] is {turn.get('from')!r}; turns must alternate "
@@ -167,5 +167,13 @@ def tokenize_conversation(conversations, tokenizer, template: str | Template, n_
     return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
 
 
-__all__ = ["IMAGE_TOKEN", "IGNORE_INDEX", "Template", "TEMPLATES", "get_template", "conversation_segments",
-           "format_conversation", "tokenize_conversation"]
+__all__ = [
+    "IGNORE_INDEX",
+    "IMAGE_TOKEN",
+    "TEMPLATES",
+    "Template",
+    "conversation_segments",
+    "format_conversation",
+    "get_template",
+    "tokenize_conversation",
+]

@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from mmfast.models import llava as ml  # noqa: E402
+from mmfast.models import llava as ml
 
 
 def _image(color=(200, 30, 30), size=(40, 30)):

@@ -5,8 +5,13 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from mmfast.models.llava_templates import (IGNORE_INDEX, TEMPLATES, conversation_segments,  # noqa: E402
-                                           format_conversation, tokenize_conversation)
+from mmfast.models.llava_templates import (
+    IGNORE_INDEX,
+    TEMPLATES,
+    conversation_segments,
+    format_conversation,
+    tokenize_conversation,
+)
 
 SYS_V0 = TEMPLATES["v0"].system
 SYS_V1 = TEMPLATES["vicuna_v1"].system

@@ -16,9 +16,9 @@ pytest.importorskip("deepspeed")
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "training"))
 
-import train_llava  # noqa: E402
+import train_llava
 
-from mmfast.models import llava as ml  # noqa: E402
+from mmfast.models import llava as ml
 
 
 def test_lora_targets_follow_llavas_rule():

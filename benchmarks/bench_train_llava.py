@@ -1,0 +1,157 @@
+"""LLaVA training step, mmfast vs plain transformers: tokens/s and peak memory for the same model and batch.
+
+One step = vision tower (frozen, no grad) → projector → language model → next-token loss over the
+text tokens → backward → AdamW on the projector and the LLM (stage-2 full tuning). Providers:
+
+* ``transformers``: ``LlavaForConditionalGeneration`` with ``attn_implementation="sdpa"``, the LM head's
+  full (tokens, vocab) logits and ``F.cross_entropy``;
+* ``mmfast``: the same model after ``mmfast.patch`` (flash attention, norms, projector) with the loss
+  from ``mmfast.ops.fused_linear_cross_entropy`` (no logits tensor).
+
+Shapes (weights random, the tokenizer irrelevant):
+* ``tiny`` (CPU default): the tiny preset, batch 8, 16 image + 112 text tokens, fp32;
+* ``llava7b-trunc`` (GPU default): LLaVA-1.5-7B's shapes — ViT-L/14-336 (576 image tokens), LLaMA-7B
+  (4096 wide, 32 heads, vocab 32000) — truncated to ``--layers`` layers of each, sequence 2048, bf16.
+
+Rows go to ``benchmarks/results/train_llava_<device>.csv``; tokens/s = batch·seq / step time.
+
+    python benchmarks/bench_train_llava.py [--gpu|--cpu] [--shape tiny|llava7b-trunc] [--batch 8] [--layers 2]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from mmfast.bench import harness
+
+
+def build_model(shape: str, layers: int, kernels: bool, device: str, dtype):
+    """(HF LLaVA model, vision image size, image tokens per image, text vocab)."""
+    from mmfast.models import llava as ml
+
+    if shape == "tiny":
+        llava = ml.build_llava("tiny", kernels=kernels, seed=0, device=device)
+        model = llava.model
+    else:
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+        vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=layers + 1,
+                                  num_attention_heads=16, image_size=336, patch_size=14, hidden_act="quick_gelu")
+        text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
+                           num_attention_heads=32, num_key_value_heads=32, vocab_size=32064,
+                           max_position_embeddings=4096)
+        config = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=32000,
+                             vision_feature_layer=-2, vision_feature_select_strategy="default")
+        config._attn_implementation = "sdpa"
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(config)
+        model.model.vision_tower.requires_grad_(False)
+        if kernels:
+            import mmfast
+
+            mmfast.patch(model)
+    model.to(dtype)
+    v = model.config.vision_config
+    return model, v.image_size, (v.image_size // v.patch_size) ** 2, model.config.text_config.vocab_size
+
+
+def _setup(kernels: bool):
+    def setup(case: dict, mode: str):
+        from mmfast.models import llava as ml
+
+        device, b, seq = case["device"], case["batch"], case["seq"]
+        dtype = torch.bfloat16 if case["dtype"] == "bf16" else torch.float32
+        model, size, n_img, vocab = build_model(case["shape"], case["layers"], kernels, device, dtype)
+        if case["grad_ckpt"]:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        g = torch.Generator().manual_seed(0)
+        image_id = model.config.image_token_id
+        ids = torch.randint(5, min(vocab, 32000) - 1, (b, seq), generator=g)
+        ids[ids == image_id] = 5
+        ids[:, 1: 1 + n_img] = image_id  # BOS, the image, then text
+        labels = ids.clone()
+        labels[:, : 1 + n_img + 16] = -100  # image and a prompt unsupervised
+        batch = {"input_ids": ids.to(device), "labels": labels.to(device),
+                 "attention_mask": torch.ones_like(ids).to(device),
+                 "pixel_values": torch.randn(b, 3, size, size, generator=g).to(device, dtype)}
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
+                                fused=device == "cuda")
+
+        def step():
+            loss = ml.llava_loss(model, batch, fused=kernels)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
+
+        return step
+
+    return setup
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench_train_llava", description=__doc__.split("\n\n")[0])
+    dev = p.add_mutually_exclusive_group()
+    dev.add_argument("--gpu", action="store_true")
+    dev.add_argument("--cpu", action="store_true")
+    p.add_argument("--shape", choices=("tiny", "llava7b-trunc"), help="CPU default tiny, GPU llava7b-trunc")
+    p.add_argument("--layers", type=int, default=2, help="LLM layers (and vision layers - 1) of llava7b-trunc")
+    p.add_argument("--batch", help="comma-separated batch sizes (CPU default 8, GPU 1)")
+    p.add_argument("--seq", type=int, default=None, help="tokens per sample (CPU 128, GPU 2048)")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--providers", default="transformers,mmfast")
+    p.add_argument("--budget-s", type=float, default=None)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--out", help="CSV path (default benchmarks/results/train_llava_<device>.csv)")
+    p.add_argument("--no-plot", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    if a.gpu and not torch.cuda.is_available():
+        print("bench_train_llava: --gpu given but torch.cuda is not available", file=sys.stderr)
+        return 2
+    device = "cuda" if (a.gpu or (torch.cuda.is_available() and not a.cpu)) else "cpu"
+    gpu = device == "cuda"
+    shape = a.shape or ("llava7b-trunc" if gpu else "tiny")
+    seq = a.seq or (2048 if shape != "tiny" else 128)
+    try:
+        batches = [int(x) for x in (a.batch or ("1" if gpu else "8")).split(",") if x.strip()]
+    except ValueError:
+        print(f"--batch must be comma-separated integers, got {a.batch!r}", file=sys.stderr)
+        return 2
+    table = {"transformers": _setup(False), "mmfast": _setup(True)}
+    names = [n.strip() for n in a.providers.split(",") if n.strip()]
+    unknown = [n for n in names if n not in table]
+    if unknown or not batches or min(batches) <= 0:
+        print(f"bad arguments: providers {unknown or names} (known {list(table)}), batches {batches}", file=sys.stderr)
+        return 2
+    cases = [{"batch": b, "seq": seq, "shape": shape, "layers": a.layers, "dtype": "bf16" if gpu else "fp32",
+              "device": device, "grad_ckpt": a.grad_checkpointing} for b in batches]
+    out = Path(a.out) if a.out else Path("benchmarks/results") / f"train_llava_{harness.device_slug(device)}.csv"
+    rows = harness.run("train_llava", {n: table[n] for n in names}, cases, x_key="batch", device=device,
+                       modes=("train_step",), budget_s=a.budget_s, out_csv=out, plot=not a.no_plot,
+                       reps=a.reps, warmup=2, max_s=60.0)
+    base = {r.x: r for r in rows if r.provider == "transformers" and not r.error}
+    for r in rows:
+        if r.error:
+            print(f"{r.provider:<13} batch {r.x:<4} error: {r.error}")
+            continue
+        tps = r.x * seq / r.median_ms * 1e3
+        rel = ""
+        if r.provider != "transformers" and r.x in base:
+            b0 = base[r.x]
+            rel = f"  ({b0.median_ms / r.median_ms:.2f}x tokens/s, {r.peak_mem_mib / b0.peak_mem_mib:.2f}x memory)"
+        print(f"{r.provider:<13} batch {r.x:<4} {tps:10.1f} tokens/s  peak {r.peak_mem_mib:9.1f} MiB "
+              f"({r.mem_method}){rel}")
+    return 0 if any(not r.error for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
