@@ -11,6 +11,8 @@ class's method.
   model's output gets that loss and an empty ``(B, S, 0)`` logits tensor.
   Same label shift, ``ignore_index=-100``, ``num_items_in_batch`` and final-logit softcap as HF.
 * ``llava.mlp_projector`` (projection): ``LlavaMultiModalProjector`` → :func:`mlp_projector`.
+* ``llava.mm_projector_sequential`` (projection, any model type): a submodule named ``*mm_projector``
+  that is an ``nn.Sequential`` of Linear/GELU/Linear… (the original LLaVA code) → :func:`mlp_projector`.
 * ``clip.linear_l2_normalize`` (projection): HF ``CLIPModel.forward`` with each projection head and
   its L2 normalisation fused (:func:`linear_l2_normalize`); the towers' ``pooler_output`` in the
   returned ``CLIPOutput`` is then the pre-projection pooled output.
@@ -260,6 +262,28 @@ def _set_methods(targets):
     return undo
 
 
+def _patch_sequential_projectors(model: torch.nn.Module):
+    """The original LLaVA code's ``mm_projector``: an ``nn.Sequential`` of Linear, GELU, Linear, …"""
+    from mmfast.ops.projection import mlp_projector
+
+    targets = []
+    for name, m in model.named_modules():
+        if not name.endswith("mm_projector") or not isinstance(m, torch.nn.Sequential) or len(m) % 2 == 0:
+            continue
+        linears, acts = list(m)[0::2], list(m)[1::2]
+        if not all(isinstance(x, torch.nn.Linear) for x in linears) or not all(
+            isinstance(a, torch.nn.GELU) and a.approximate == acts[0].approximate for a in acts
+        ):
+            continue
+        act = "gelu_tanh" if acts and acts[0].approximate == "tanh" else "gelu"
+
+        def forward(x, _lin=tuple(linears), _act=act):
+            return mlp_projector(x, [(li.weight, li.bias) for li in _lin], _act, backend=backend_of(model))
+
+        targets.append((m, forward))
+    return set_forwards(targets)
+
+
 # --------------------------------------------------------------------------- norms
 def _patch_rms_norms(model: torch.nn.Module):
     from mmfast.ops.norm import rms_norm
@@ -300,6 +324,7 @@ def _patch_layer_norms(model: torch.nn.Module):
 RULES: list[PatchRule] = [
     PatchRule("causal_lm.fused_linear_cross_entropy", "loss", _LM_TYPES, _patch_causal_lm_loss),
     PatchRule("llava.mlp_projector", "projection", ("llava",), _patch_llava_projector),
+    PatchRule("llava.mm_projector_sequential", "projection", (), _patch_sequential_projectors),
     PatchRule("clip.linear_l2_normalize", "projection", ("clip",), _patch_hf_clip_heads),
     PatchRule("open_clip.linear_l2_normalize", "projection", ("open_clip",), _patch_open_clip_heads),
     PatchRule("hf.rms_norm", "norm", _LM_TYPES, _patch_rms_norms),

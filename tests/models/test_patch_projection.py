@@ -187,3 +187,23 @@ def test_mlp_projector_loads_both_layouts(triton_backend):
     assert MLPProjector.from_llava_type("mlp3x_gelu", 19, 40).depth == 3
     with pytest.raises(ValueError, match="projector_type"):
         MLPProjector.from_llava_type("identity", 19, 40)
+
+
+def test_original_llava_sequential_projector(triton_backend):
+    """The original LLaVA code keeps ``model.mm_projector = nn.Sequential(Linear, GELU, Linear)``."""
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Module()
+            self.model.mm_projector = torch.nn.Sequential(
+                torch.nn.Linear(19, 40), torch.nn.GELU(), torch.nn.Linear(40, 40), torch.nn.GELU(),
+                torch.nn.Linear(40, 24))
+            self.other = torch.nn.Sequential(torch.nn.Linear(24, 24), torch.nn.GELU(), torch.nn.Linear(24, 3))
+
+        def forward(self, x):
+            return self.other(self.model.mm_projector(x)).sum()
+
+    torch.manual_seed(0)
+    x = torch.randn(37, 19)
+    _compare(Tiny(), lambda m, dtype: m(x.to(dtype)), triton_backend, ["llava.mm_projector_sequential"])
