@@ -157,3 +157,34 @@ def test_pope_adapter_loads_our_model(tmp_path, tiny):
     assert adapter.kind == "llava"
     out = adapter([_image()], ["Is there a cat in the image?"])
     assert len(out) == 1 and isinstance(out[0], str)
+
+
+def test_open_clip_vision_tower_conversion_is_exact(tmp_path):
+    pytest.importorskip("open_clip")
+    import open_clip
+
+    from mmfast.models.clip import create_model, save_pretrained
+    from mmfast.models.llava_vision import check_against_open_clip
+
+    clip = create_model("tiny", device="cpu", kernels=False)
+    save_pretrained(clip.state_dict(), tmp_path / "clip", model_cfg=clip.mmfast_config["model_cfg"],
+                    preprocess_cfg=open_clip.model.get_model_preprocess_cfg(clip))
+    torch.manual_seed(0)
+    assert check_against_open_clip(tmp_path / "clip", torch.randn(2, 3, 32, 32)) < 1e-5
+    llava = ml.build_llava(str(tmp_path / "clip"), llm="tiny", kernels=False, seed=0)
+    ref = clip.visual.conv1.weight
+    assert torch.equal(llava.model.model.vision_tower.embeddings.patch_embedding.weight, ref)
+    assert llava.template == "vicuna_v1" and llava.tokenizer.convert_tokens_to_ids("<image>") == llava.config.image_token_id
+
+
+def test_chat_one_shot(tmp_path, tiny, capsys):
+    from mmfast.models.chat import main
+
+    tiny.save_pretrained(tmp_path / "m")
+    _image().save(tmp_path / "x.png")
+    rc = main(["--model", str(tmp_path / "m"), "--image", str(tmp_path / "x.png"), "--prompt", "What is it?",
+               "--max-new-tokens", "3", "--device", "cpu"])
+    assert rc == 0
+    expected = tiny.answer([_image()], ["What is it?"], max_new_tokens=3)[0]
+    assert capsys.readouterr().out.strip().splitlines()[-1] == expected  # (a DeepSpeed import may log first)
+    assert main(["--model", str(tmp_path / "nope")]) == 2

@@ -1,0 +1,86 @@
+"""``mmfast chat``: talk to a saved LLaVA (ours or any llava-hf checkpoint), one shot or interactively.
+
+    mmfast chat --model runs/demo/llava_stage2/final --image world/images/val_000001.png --prompt "What is it?"
+    mmfast chat --model DIR --image IMG          # interactive: one question per line, empty line or EOF ends
+
+Multi-turn: earlier turns stay in the prompt (the model's template), the image goes with the first.
+A NExT-GPT directory (``"mmfast_model": "nextgpt"``) is handed to ``mmfast.models.nextgpt.chat_main``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmfast chat", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--image", default=None, help="image file (omit for text only)")
+    p.add_argument("--prompt", default=None, help="one question; without it, read questions from stdin")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
+    return p
+
+
+def reply(llava, conversations: list[dict], image, args) -> str:
+    from mmfast.models.llava_templates import format_conversation
+
+    prompt = format_conversation(conversations, llava.template)
+    return llava.generate([image], [prompt], max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                          temperature=max(args.temperature, 1e-5), top_p=args.top_p, seed=args.seed)[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from mmfast.eval.adapters import detect_kind
+
+    try:
+        kind = detect_kind(args.model)
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        print(f"mmfast chat: {e}", file=sys.stderr)
+        return 2
+    if kind == "nextgpt":
+        from mmfast.models import nextgpt
+
+        return int(nextgpt.chat_main(argv) or 0)
+    if kind not in ("llava", "llava-hf"):
+        print(f"mmfast chat: {args.model} holds a {kind!r} model; chat knows llava and nextgpt", file=sys.stderr)
+        return 2
+    from mmfast.models.llava import load_pretrained
+    from mmfast.utils.io import open_image
+
+    try:
+        llava = load_pretrained(args.model, device=args.device, dtype=args.dtype)
+        image = open_image(args.image) if args.image else None
+    except (FileNotFoundError, ValueError, OSError) as e:
+        print(f"mmfast chat: {e}", file=sys.stderr)
+        return 2
+    conv: list[dict] = []
+    questions = [args.prompt] if args.prompt is not None else None
+    interactive = questions is None
+    while True:
+        if interactive:
+            try:
+                q = input("USER: ").strip()
+            except EOFError:
+                break
+            if not q:
+                break
+        else:
+            if not questions:
+                break
+            q = questions.pop(0)
+        value = f"<image>\n{q}" if image is not None and not conv else q
+        conv.append({"from": "human", "value": value})
+        text = reply(llava, conv, image, args)
+        conv.append({"from": "gpt", "value": text})
+        print(f"ASSISTANT: {text}" if interactive else text, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
