@@ -58,6 +58,40 @@ def launch_command(script: Path, nproc: int, script_args: list[str], launcher: s
     return head + [str(script), *script_args]
 
 
+def _option(args: list[str], *names: str) -> str | None:
+    """Last value given for any of ``names`` (``--x v`` or ``--x=v``), as argparse would keep it."""
+    value = None
+    for i, a in enumerate(args):
+        for n in names:
+            if a == n and i + 1 < len(args):
+                value = args[i + 1]
+            elif a.startswith(n + "="):
+                value = a.split("=", 1)[1]
+    return value
+
+
+def precheck_clip(args: list[str], script: Path) -> None:
+    """Fail before spawning ranks on a wrong preset, data path or DeepSpeed config (clear one-line errors)."""
+    data = _option(args, "--data")
+    if data is not None and not any(c in data for c in "*?[{") and not Path(data).exists():
+        raise FileNotFoundError(f"--data {data}: no such file or folder")
+    pretrained = _option(args, "--pretrained")
+    if pretrained is not None and not Path(pretrained).exists():
+        raise FileNotFoundError(f"--pretrained {pretrained}: no such file or folder (nothing is downloaded)")
+    model = _option(args, "--model", "--config")
+    if model is not None and not (pretrained and Path(pretrained).is_dir()):
+        from mmfast.models.clip import model_config
+
+        model_config(model)
+    ds = _option(args, "--deepspeed-config", "--deepspeed_config")
+    if ds is not None and not Path(ds).is_file() and not (script.parent / "configs" / f"{ds}.json").is_file():
+        names = sorted(p.stem for p in (script.parent / "configs").glob("*.json"))
+        raise FileNotFoundError(f"--deepspeed-config {ds}: no such file or preset ({', '.join(names)})")
+
+
+PRECHECKS = {"clip": precheck_clip}
+
+
 def _main(kind: str, argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog=f"mmfast train {kind}", add_help=False,
                                 description=f"launch training/{SCRIPTS[kind]}; other options go to the script")
@@ -70,7 +104,9 @@ def _main(kind: str, argv: list[str] | None) -> int:
     try:
         script = find_script(SCRIPTS[kind])
         cmd = launch_command(script, a.nproc, rest + (["--help"] if a.help else []), a.launcher, a.master_port)
-    except (FileNotFoundError, ValueError) as e:
+        if not a.help and kind in PRECHECKS:
+            PRECHECKS[kind](rest, script)
+    except (FileNotFoundError, ValueError, ImportError) as e:
         print(f"mmfast train {kind}: {e}", file=sys.stderr)
         return 2
     if a.help:

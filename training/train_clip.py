@@ -295,6 +295,8 @@ def main(argv=None) -> int:
         rng_file = load_dir / tag / f"rng_rank{rank}.pt"
         if rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=False))  # our own file: RNG states are not tensors only
+        else:
+            print(f"train_clip: rank {rank}: {rng_file} missing; RNG state not restored", file=sys.stderr)
 
     sampler = ShardedBatches(len(base), args.batch_size, rank, world, args.seed, start, total)
     loader = torch.utils.data.DataLoader(SeededPairs(base, args.seed), batch_sampler=sampler,

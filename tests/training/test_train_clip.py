@@ -108,6 +108,17 @@ def test_launcher_finds_script_and_builds_commands(capsys):
     assert str(script) in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--config", "no-such-preset", "--data", "."], "unknown CLIP model 'no-such-preset'"),
+    (["--config", "tiny", "--data", "/no/such/world"], "--data /no/such/world: no such file"),
+    (["--config", "tiny", "--data", ".", "--deepspeed-config", "zero7"], "zero7: no such file or preset"),
+    (["--config", "tiny", "--data", ".", "--pretrained", "/no/ckpt.pt"], "nothing is downloaded"),
+])
+def test_launcher_rejects_bad_inputs_before_spawning(args, message, capsys):
+    assert train_launch.clip_main(["--nproc", "2", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_resume_errors_name_what_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train_clip.resolve_resume("latest", tmp_path)
