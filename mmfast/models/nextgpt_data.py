@@ -1,0 +1,263 @@
+"""NExT-GPT data: dialogue records, their validation, tokenization with labels, media loading, collation,
+and builders for the three training stages from a synthetic world's text<->media pairs.
+
+A record (MosIT-style, also used for stages 1 and 2)::
+
+    {"conversations": [{"from": "human", "value": "<image>\\nWhat is this?"},
+                       {"from": "gpt", "value": "a red cat. Here is its sound: [AUD0]...[AUD7]"}],
+     "media": {"image": ["images/train_000001.png"]},      # one path per <image>/<audio>/<video>, in order
+     "targets": {"audio": ["the sound of a cat: ..."]}}     # one caption per signal-token run, in order
+
+Prompt format (Vicuna v0 style, as NExT-GPT): ``SYSTEM`` then per turn ``### Human: {h}\\n### Assistant:``
+(masked) and `` {a}</s>`` (supervised). A placeholder expands to the input projection's token count;
+signal tokens are single added tokens.
+"""
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+import torch
+
+IGNORE_INDEX = -100
+SYSTEM = "You are a helpful assistant that understands and generates text, images, videos and audio."
+PLACEHOLDERS = {"image": "<image>", "video": "<video>", "audio": "<audio>"}
+N_SIGNAL = {"image": 4, "video": 24, "audio": 8}
+SIGNAL_PREFIX = {"image": "IMG", "video": "VID", "audio": "AUD"}
+SIGNAL_TOKENS = {m: [f"[{SIGNAL_PREFIX[m]}{i}]" for i in range(n)] for m, n in N_SIGNAL.items()}
+MODALITIES = ("image", "video", "audio")
+
+X2T_PROMPTS = {"image": ["Describe this image.", "What is in this picture?", "Give a short caption."],
+               "video": ["Describe this video.", "What happens in this clip?"],
+               "audio": ["Describe this sound.", "What do you hear?"]}
+T2X_PROMPTS = {"image": ["Generate an image of {c}.", "Show me a picture: {c}.", "Draw {c}."],
+               "video": ["Generate a video of {c}.", "Make a clip: {c}."],
+               "audio": ["Generate the sound of {c}.", "Play audio: {c}."]}
+T2X_REPLIES = {"image": "Here is the image.", "video": "Here is the video.", "audio": "Here is the audio."}
+
+
+def signal_run(modality: str) -> str:
+    return "".join(SIGNAL_TOKENS[modality])
+
+
+def turn_prefix(human: str) -> str:
+    return f"### Human: {human}\n### Assistant:"
+
+
+# --------------------------------------------------------------------------- validation
+def validate_record(rec, where: str = "record") -> dict:
+    """Raise ValueError naming ``where`` and the field when ``rec`` is not a well-formed dialogue."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: expected an object with 'conversations', got {type(rec).__name__}")  # noqa: TRY004
+    conv = rec.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        raise ValueError(f"{where}: 'conversations' must be a non-empty list of turns")
+    if len(conv) % 2:
+        raise ValueError(f"{where}: 'conversations' has {len(conv)} turns; expected human/gpt pairs")
+    for i, turn in enumerate(conv):
+        want = "human" if i % 2 == 0 else "gpt"
+        if not isinstance(turn, dict) or turn.get("from") != want or not isinstance(turn.get("value"), str):
+            raise ValueError(f"{where}: conversations[{i}] must be {{'from': '{want}', 'value': str}}, got {turn!r}")
+    media, targets = rec.get("media", {}), rec.get("targets", {})
+    for name, d in (("media", media), ("targets", targets)):
+        if not isinstance(d, dict) or any(k not in MODALITIES for k in d):
+            raise ValueError(f"{where}: {name!r} must map modalities {MODALITIES} to lists, got {d!r}")
+        for k, v in d.items():
+            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                raise ValueError(f"{where}: {name}[{k!r}] must be a list of strings")
+    human = "".join(t["value"] for t in conv[0::2])
+    gpt = "".join(t["value"] for t in conv[1::2])
+    for m in MODALITIES:
+        n = human.count(PLACEHOLDERS[m])
+        if gpt.count(PLACEHOLDERS[m]):
+            raise ValueError(f"{where}: a gpt turn holds {PLACEHOLDERS[m]}; inputs go in human turns")
+        if n != len(media.get(m, [])):
+            raise ValueError(f"{where}: {n} {PLACEHOLDERS[m]} placeholders but {len(media.get(m, []))} media['{m}'] paths")
+        toks = SIGNAL_TOKENS[m]
+        runs = gpt.count(signal_run(m))
+        if any(gpt.count(t) != runs for t in toks) or human.count(toks[0]):
+            raise ValueError(f"{where}: signal tokens {toks[0]}..{toks[-1]} must appear as complete runs in gpt turns")
+        if runs != len(targets.get(m, [])):
+            raise ValueError(f"{where}: {runs} {m} signal-token runs but {len(targets.get(m, []))} targets['{m}'] captions")
+    return rec
+
+
+# --------------------------------------------------------------------------- tokenization
+def tokenize_dialogue(rec: dict, tokenizer, n_input_tokens: int, max_length: int = 512,
+                      generation: bool = False) -> dict:
+    """``input_ids`` and ``labels`` (1-D) for one record; ``generation`` ends on the open assistant turn
+    (the last gpt turn, if any, is dropped)."""
+    conv = rec["conversations"]
+    placeholder_ids = {tokenizer.convert_tokens_to_ids(PLACEHOLDERS[m]) for m in MODALITIES}
+
+    def enc(text):
+        out = []
+        for t in tokenizer(text, add_special_tokens=False)["input_ids"]:
+            out += [t] * n_input_tokens if t in placeholder_ids else [t]
+        return out
+
+    ids = [tokenizer.bos_token_id] + enc(SYSTEM + "\n")
+    labels = [IGNORE_INDEX] * len(ids)
+    pairs = list(zip(conv[0::2], conv[1::2]))
+    if generation:
+        pairs = pairs[:-1] if len(conv) % 2 == 0 and conv and conv[-1]["from"] == "gpt" else pairs
+    for h, a in pairs:
+        p = enc(turn_prefix(h["value"]))
+        r = enc(" " + a["value"]) + [tokenizer.eos_token_id]
+        ids += p + r
+        labels += [IGNORE_INDEX] * len(p) + r
+    if generation:
+        last = conv[-1] if conv[-1]["from"] == "human" else conv[-2]
+        p = enc(turn_prefix(last["value"]))
+        ids += p
+        labels += [IGNORE_INDEX] * len(p)
+    if len(ids) > max_length:
+        raise ValueError(f"dialogue of {len(ids)} tokens exceeds max_length {max_length}; shorten it or raise "
+                         "max_length (truncating would cut placeholders or signal runs)")
+    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+
+
+# --------------------------------------------------------------------------- media
+class MediaLoader:
+    """Paths -> tensors in each encoder's input layout (root-relative paths stay inside ``root``)."""
+
+    def __init__(self, root, image_processor, video_frames: int = 4, audio_samples: int = 16000):
+        self.root = Path(root) if root is not None else None
+        self.ip, self.frames, self.samples = image_processor, video_frames, audio_samples
+
+    def _path(self, rel: str) -> Path:
+        from mmfast.utils.io import safe_join
+
+        return safe_join(self.root, rel, what="media path") if self.root is not None else Path(rel)
+
+    def image(self, rel) -> torch.Tensor:
+        from mmfast.utils.io import open_image
+
+        return self.ip(open_image(self._path(rel)))  # (3, S, S)
+
+    def video(self, rel) -> torch.Tensor:
+        from mmfast.data.media import read_video
+
+        frames = read_video(self._path(rel))
+        idx = torch.linspace(0, len(frames) - 1, self.frames).round().long().tolist()
+        return torch.stack([self.ip(frames[i]) for i in idx])  # (F, 3, S, S)
+
+    def audio(self, rel) -> torch.Tensor:
+        from mmfast.data.media import read_wav
+
+        x = torch.from_numpy(read_wav(self._path(rel))[0].copy())
+        x = x[: self.samples]
+        return torch.nn.functional.pad(x, (0, self.samples - x.shape[0]))  # (T,)
+
+    def load(self, modality: str, rel: str) -> torch.Tensor:
+        return getattr(self, modality)(rel)
+
+
+class DialogueDataset(torch.utils.data.Dataset):
+    def __init__(self, records, tokenizer, media: MediaLoader, n_input_tokens: int, max_length: int = 512):
+        self.records = [validate_record(r, f"record {i}") for i, r in enumerate(records)]
+        self.tok, self.media, self.n_in, self.max_length = tokenizer, media, n_input_tokens, max_length
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        rec = self.records[i]
+        item = tokenize_dialogue(rec, self.tok, self.n_in, self.max_length)
+        item["media"] = {m: [self.media.load(m, p) for p in ps] for m, ps in rec.get("media", {}).items()}
+        item["captions"] = rec.get("targets", {})
+        return item
+
+
+def collate(samples: list[dict], pad_id: int) -> dict:
+    """Right-padded ids / labels / mask; media stacked per modality in sample order; captions flattened."""
+    length = max(len(s["input_ids"]) for s in samples)
+    b = len(samples)
+    ids = torch.full((b, length), pad_id, dtype=torch.long)
+    labels = torch.full((b, length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros(b, length, dtype=torch.long)
+    for i, s in enumerate(samples):
+        n = len(s["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = s["input_ids"], s["labels"], 1
+    media, captions = {}, {}
+    for m in MODALITIES:
+        xs = [x for s in samples for x in s.get("media", {}).get(m, [])]
+        if xs:
+            media[m] = torch.stack(xs)
+        cs = [c for s in samples for c in s.get("captions", {}).get(m, [])]
+        if cs:
+            captions[m] = cs
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "media": media, "captions": captions}
+
+
+# --------------------------------------------------------------------------- stage data from a world
+def t2x_pairs(world, modality: str, split: str = "train") -> list[dict]:
+    """``[{"caption", "path"}]`` (path relative to ``world``) from ``t2x_{modality}.json``; for images a world
+    made without media falls back to ``captions_{split}.csv`` (first caption per image)."""
+    root = Path(world)
+    f = root / f"t2x_{modality}.json"
+    if f.is_file():
+        from mmfast.data.media import load_t2x_json
+
+        recs = load_t2x_json(f, root, modality)
+        return [{"caption": r["caption"], "path": r[f"{modality}_name"]} for r in recs if r.get("split", split) == split]
+    csv_path = root / f"captions_{split}.csv"
+    if modality == "image" and csv_path.is_file():
+        seen, out = set(), []
+        with open(csv_path, newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                if row["filepath"] not in seen:
+                    seen.add(row["filepath"])
+                    out.append({"caption": row["caption"], "path": row["filepath"]})
+        return out
+    raise FileNotFoundError(f"{f} not found (make the world with media, e.g. mmfast data synth without --no-media)")
+
+
+def x2t_record(modality: str, pair: dict, rng: random.Random) -> dict:
+    q = rng.choice(X2T_PROMPTS[modality])
+    return {"conversations": [{"from": "human", "value": f"{PLACEHOLDERS[modality]}\n{q}"},
+                              {"from": "gpt", "value": pair["caption"]}],
+            "media": {modality: [pair["path"]]}}
+
+
+def t2x_record(modality: str, pair: dict, rng: random.Random) -> dict:
+    q = rng.choice(T2X_PROMPTS[modality]).format(c=pair["caption"])
+    return {"conversations": [{"from": "human", "value": q},
+                              {"from": "gpt", "value": f"{T2X_REPLIES[modality]} {signal_run(modality)}"}],
+            "targets": {modality: [pair["caption"]]}}
+
+
+def stage_records(world, stage: int, modalities=("image",), split: str = "train", seed: int = 0,
+                  n_dialogues: int | None = None) -> list[dict]:
+    """Stage 1: X->text captioning; stage 2: text->X with signal tokens; stage 3: MosIT-style dialogues."""
+    rng = random.Random(seed)
+    pairs = {m: t2x_pairs(world, m, split) for m in modalities}
+    if stage == 1:
+        return [x2t_record(m, p, rng) for m in modalities for p in pairs[m]]
+    if stage == 2:
+        return [t2x_record(m, p, rng) for m in modalities for p in pairs[m]]
+    if stage == 3:
+        return mosit_dialogues(pairs, rng, n_dialogues or max(len(v) for v in pairs.values()))
+    raise ValueError(f"stage must be 1, 2 or 3, got {stage}")
+
+
+def mosit_dialogues(pairs: dict, rng: random.Random, n: int) -> list[dict]:
+    """Two-turn modality-switching dialogues: understand one medium, then produce another (or the same)."""
+    mods = [m for m, v in pairs.items() if v]
+    if not mods:
+        raise ValueError("no text<->media pairs to build dialogues from")
+    out = []
+    for _ in range(n):
+        src, dst = rng.choice(mods), rng.choice(mods)
+        a, b = rng.choice(pairs[src]), rng.choice(pairs[dst])
+        first = x2t_record(src, a, rng)
+        second = t2x_record(dst, b, rng)
+        out.append({"conversations": first["conversations"] + second["conversations"],
+                    "media": first["media"], "targets": second["targets"]})
+    return out
+
+
+__all__ = ["IGNORE_INDEX", "MODALITIES", "N_SIGNAL", "PLACEHOLDERS", "SIGNAL_TOKENS", "SYSTEM", "DialogueDataset",
+           "MediaLoader", "collate", "mosit_dialogues", "signal_run", "stage_records", "t2x_pairs",
+           "tokenize_dialogue", "validate_record"]

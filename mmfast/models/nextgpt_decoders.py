@@ -1,0 +1,219 @@
+"""NExT-GPT's frozen diffusion decoders (diffusers) and the output projections that condition them.
+
+Decoders, conditioned through ``prompt_embeds`` (the LLM never goes through their tokenizer at
+generation time):
+
+* image: ``StableDiffusionPipeline``, conditioning (B, 77, 768) for SD 1.5;
+* video: ``TextToVideoSDPipeline`` (ZeroScope / ModelScope layout), same conditioning shape;
+* audio: ``AudioLDMPipeline`` (present in diffusers 0.42; its conditioning is the CLAP text projection,
+  (B, D), fed to the UNet as a class embedding).
+
+``tiny`` presets build small UNets / VAEs / vocoders / text encoders from configs (random, frozen), with
+the tiny LLM's tokenizer standing in for each decoder's tokenizer; a string in the preset is a local
+pipeline directory loaded with ``local_files_only=True``. Nothing downloads.
+
+The output projection (stage 2) maps the signal tokens' last hidden states plus their input embeddings
+(B, S, H) -> Linear -> a small transformer where ``n_queries`` learned queries attend to them ->
+Linear -> (B, Q, C), the decoder's text-conditioning shape. :func:`text_condition` gives the decoder's
+own embedding of a caption, the target of the alignment loss.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+MODALITIES = ("image", "video", "audio")
+
+
+class OutputProjection(nn.Module):
+    """(B, S, H) signal-token states -> (B, Q, C) decoder conditioning."""
+
+    def __init__(self, in_dim: int, out_shape: tuple[int, int], width: int = 64, layers: int = 1, heads: int = 4):
+        super().__init__()
+        self.out_shape = tuple(out_shape)
+        n_q, c = self.out_shape
+        self.inp = nn.Linear(in_dim, width)
+        self.queries = nn.Parameter(torch.randn(n_q, width) * 0.02)
+        self.transformer = nn.Transformer(d_model=width, nhead=heads, num_encoder_layers=layers,
+                                          num_decoder_layers=layers, dim_feedforward=2 * width, dropout=0.0,
+                                          batch_first=True)
+        self.out = nn.Linear(width, c)
+
+    def forward(self, signal_hidden: torch.Tensor) -> torch.Tensor:
+        x = self.inp(signal_hidden.to(self.inp.weight.dtype))  # (B, S, W)
+        q = self.queries.unsqueeze(0).expand(x.shape[0], -1, -1)  # (B, Q, W)
+        return self.out(self.transformer(x, q))  # (B, Q, C)
+
+
+# --------------------------------------------------------------------------- tiny pipelines
+def _vae(channels: int, cfg: dict):
+    from diffusers import AutoencoderKL
+
+    blocks = tuple(cfg.get("vae_channels", (16, 32)))
+    return AutoencoderKL(in_channels=channels, out_channels=channels, block_out_channels=blocks,
+                         down_block_types=("DownEncoderBlock2D",) * len(blocks),
+                         up_block_types=("UpDecoderBlock2D",) * len(blocks), latent_channels=4,
+                         norm_num_groups=min(8, blocks[0]), layers_per_block=1)
+
+
+def _clip_text(cfg: dict, vocab: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    c = cfg["text_encoder"]
+    return CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=c["hidden_size"],
+                                        intermediate_size=2 * c["hidden_size"], num_hidden_layers=c["layers"],
+                                        num_attention_heads=c["heads"], max_position_embeddings=c["max_length"],
+                                        bos_token_id=0, eos_token_id=2, pad_token_id=1))
+
+
+def _tokenizer(tokenizer, max_length: int):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.model_max_length = max_length
+    return tok
+
+
+def _scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def tiny_image_pipeline(cfg: dict, tokenizer):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    d = cfg["text_encoder"]["hidden_size"]
+    ch = tuple(cfg.get("unet_channels", (16, 32)))
+    unet = UNet2DConditionModel(sample_size=cfg["latent_size"], in_channels=4, out_channels=4, block_out_channels=ch,
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=d,
+                                attention_head_dim=4, norm_num_groups=min(8, ch[0]))
+    return StableDiffusionPipeline(vae=_vae(3, cfg), text_encoder=_clip_text(cfg, len(tokenizer)),
+                                   tokenizer=_tokenizer(tokenizer, cfg["text_encoder"]["max_length"]), unet=unet,
+                                   scheduler=_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def tiny_video_pipeline(cfg: dict, tokenizer):
+    from diffusers import TextToVideoSDPipeline, UNet3DConditionModel
+
+    d = cfg["text_encoder"]["hidden_size"]
+    ch = tuple(cfg.get("unet_channels", (16, 32)))
+    unet = UNet3DConditionModel(sample_size=cfg["latent_size"], in_channels=4, out_channels=4, block_out_channels=ch,
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+                                up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), cross_attention_dim=d,
+                                attention_head_dim=4, norm_num_groups=min(8, ch[0]))
+    return TextToVideoSDPipeline(vae=_vae(3, cfg), text_encoder=_clip_text(cfg, len(tokenizer)),
+                                 tokenizer=_tokenizer(tokenizer, cfg["text_encoder"]["max_length"]), unet=unet,
+                                 scheduler=_scheduler())
+
+
+def tiny_audio_pipeline(cfg: dict, tokenizer):
+    from diffusers import AudioLDMPipeline, UNet2DConditionModel
+    from transformers import ClapTextConfig, ClapTextModelWithProjection, SpeechT5HifiGan, SpeechT5HifiGanConfig
+
+    c = cfg["text_encoder"]
+    d = c["projection_dim"]
+    ch = tuple(cfg.get("unet_channels", (16, 32)))
+    unet = UNet2DConditionModel(sample_size=cfg["latent_size"], in_channels=4, out_channels=4, block_out_channels=ch,
+                                layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=ch,
+                                class_embed_type="simple_projection", projection_class_embeddings_input_dim=d,
+                                class_embeddings_concat=True, attention_head_dim=4, norm_num_groups=min(8, ch[0]))
+    text = ClapTextModelWithProjection(ClapTextConfig(
+        vocab_size=len(tokenizer), hidden_size=c["hidden_size"], intermediate_size=2 * c["hidden_size"],
+        num_hidden_layers=c["layers"], num_attention_heads=c["heads"], projection_dim=d,
+        max_position_embeddings=c["max_length"] + 4, bos_token_id=0, eos_token_id=2, pad_token_id=1))
+    vae_scale = 2 ** (len(cfg.get("vae_channels", (16, 32))) - 1)
+    vocoder = SpeechT5HifiGan(SpeechT5HifiGanConfig(
+        model_in_dim=cfg["latent_size"] * vae_scale, sampling_rate=cfg.get("sample_rate", 16000),
+        upsample_initial_channel=16, upsample_rates=[4, 4], upsample_kernel_sizes=[8, 8],
+        resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1, 3]], normalize_before=False))
+    return AudioLDMPipeline(vae=_vae(1, cfg), text_encoder=text, tokenizer=_tokenizer(tokenizer, c["max_length"]),
+                            unet=unet, scheduler=_scheduler(), vocoder=vocoder)
+
+
+TINY_BUILDERS = {"image": tiny_image_pipeline, "video": tiny_video_pipeline, "audio": tiny_audio_pipeline}
+PIPELINE_CLASSES = {"image": "StableDiffusionPipeline", "video": "TextToVideoSDPipeline", "audio": "AudioLDMPipeline"}
+
+
+def load_pipeline(modality: str, spec, tokenizer):
+    """A frozen pipeline from a tiny config dict or a local directory."""
+    if isinstance(spec, str):
+        import diffusers
+
+        d = Path(spec)
+        if not d.is_dir():
+            raise FileNotFoundError(f"{modality} decoder directory not found: {d}")
+        pipe = getattr(diffusers, PIPELINE_CLASSES[modality]).from_pretrained(str(d), local_files_only=True)
+    else:
+        pipe = TINY_BUILDERS[modality](spec, tokenizer)
+    for name in ("vae", "text_encoder", "unet", "vocoder"):
+        m = getattr(pipe, name, None)
+        if m is not None:
+            m.requires_grad_(False).eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def condition_shape(modality: str, pipe) -> tuple[int, int]:
+    """(Q, C): the decoder's text conditioning per sample (Q = 1 for AudioLDM's pooled CLAP vector)."""
+    te = pipe.text_encoder.config
+    if modality == "audio":
+        return 1, te.projection_dim
+    return pipe.tokenizer.model_max_length, te.hidden_size
+
+
+@torch.no_grad()
+def text_condition(modality: str, pipe, captions: list[str], device=None) -> torch.Tensor:
+    """The decoder's own conditioning for ``captions``: (B, Q, C), the alignment target."""
+    tok = pipe.tokenizer
+    device = device or pipe.text_encoder.device
+    ids = tok(list(captions), padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt")
+    te = pipe.text_encoder
+    if modality == "audio":
+        out = te(ids.input_ids.to(device), attention_mask=ids.attention_mask.to(device)).text_embeds  # (B, C)
+        return nn.functional.normalize(out, dim=-1).unsqueeze(1)
+    return te(ids.input_ids.to(device))[0]  # (B, 77, C)
+
+
+def to_pipeline_embeds(modality: str, cond: torch.Tensor) -> torch.Tensor:
+    return cond[:, 0] if modality == "audio" else cond
+
+
+def diffusion_loss(modality: str, pipe, cond: torch.Tensor, target_media: torch.Tensor) -> torch.Tensor:
+    """Noise-prediction MSE of the frozen UNet conditioned on ``cond`` (image modality, (B, 3, S, S) in [-1, 1])."""
+    if modality != "image":
+        raise NotImplementedError(f"diffusion loss is implemented for images only, not {modality!r}")
+    vae, unet, sched = pipe.vae, pipe.unet, pipe.scheduler
+    latents = vae.encode(target_media.to(vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
+    noise = torch.randn_like(latents)
+    t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+    noisy = sched.add_noise(latents, noise, t)
+    pred = unet(noisy, t, encoder_hidden_states=cond.to(unet.dtype)).sample
+    return nn.functional.mse_loss(pred.float(), noise.float())
+
+
+@torch.no_grad()
+def decode(modality: str, pipe, cond: torch.Tensor, steps: int = 10, seed: int = 0, **kw):
+    """Run the pipeline on projected conditioning; numpy arrays: image (B, H, W, 3), video (B, F, H, W, 3)
+    in [0, 1], audio (B, T) waveforms."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    embeds = to_pipeline_embeds(modality, cond).to(pipe.text_encoder.dtype)
+    neg = torch.zeros_like(embeds)
+    common = {"prompt_embeds": embeds, "negative_prompt_embeds": neg, "num_inference_steps": steps,
+              "generator": gen, "guidance_scale": kw.pop("guidance_scale", 1.0)}
+    if modality == "image":
+        return pipe(output_type="np", **common, **kw).images
+    if modality == "video":
+        return pipe(output_type="np", num_frames=kw.pop("num_frames", 4), **common, **kw).frames
+    return pipe(audio_length_in_s=kw.pop("audio_length_in_s", 0.5), output_type="np", **common, **kw).audios
+
+
+__all__ = ["MODALITIES", "OutputProjection", "condition_shape", "decode", "diffusion_loss", "load_pipeline",
+           "text_condition", "tiny_audio_pipeline", "tiny_image_pipeline", "tiny_video_pipeline"]
