@@ -133,18 +133,23 @@ class NextGPT(nn.Module):
                             "target_modules": c.get("targets", ["q_proj", "v_proj"])}
         inject_adapter_in_model(LoraConfig(bias="none", **self.lora_config), self.llm.model)
 
-    def set_stage(self, stage: int) -> list[str]:
-        """Freeze everything, then unfreeze the stage's parameters; returns their names."""
+    def set_stage(self, stage: int, modalities=nd.MODALITIES) -> list[str]:
+        """Freeze everything, then unfreeze the stage's parameters (projections of ``modalities`` only, so
+        every trainable parameter gets a gradient each step); returns their names."""
         if stage not in (1, 2, 3):
             raise ValueError(f"stage must be 1, 2 or 3, got {stage}")
+        bad = [m for m in modalities if m not in nd.MODALITIES]
+        if bad:
+            raise ValueError(f"modalities {bad} are not in {nd.MODALITIES}")
         self.requires_grad_(False)
         for h in self._row_hooks:
             h.remove()
         self._row_hooks = []
-        if stage in (1, 3):
-            self.input_proj.requires_grad_(True)
-        if stage in (2, 3):
-            self.output_proj.requires_grad_(True)
+        for m in modalities:
+            if stage in (1, 3):
+                self.input_proj[m].requires_grad_(True)
+            if stage in (2, 3):
+                self.output_proj[m].requires_grad_(True)
         if stage == 2:
             self._train_new_rows()
         if stage == 3:
