@@ -1,0 +1,230 @@
+"""mmfast.models.nextgpt (tiny preset): encoders, projections, signal tokens, stages' trainable sets,
+tiny diffusers decoders, save/load, generation and the evaluation adapter contract."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+from mmfast.models import nextgpt as ng
+from mmfast.models import nextgpt_data as nd
+from mmfast.models import nextgpt_decoders as ndec
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(1)
+    return ng.build_nextgpt("tiny", seed=0, kernels=False)
+
+
+def _batch(m: ng.NextGPT, with_media=True, seed=0):
+    """Two dialogues: image in -> text + audio signal run; text -> image signal run."""
+    g = torch.Generator().manual_seed(seed)
+    recs = [
+        {"conversations": [{"from": "human", "value": "<image>\nWhat is it? <video>"},
+                           {"from": "gpt", "value": "a red cat. " + nd.signal_run("audio")}],
+         "media": {"image": ["a"], "video": ["v"]}, "targets": {"audio": ["the sound of a cat"]}},
+        {"conversations": [{"from": "human", "value": "Draw a blue dog. <audio>"},
+                           {"from": "gpt", "value": "Here is the image. " + nd.signal_run("image")}],
+         "media": {"audio": ["x"]}, "targets": {"image": ["a blue dog"]}},
+    ]
+    items = []
+    for r in recs:
+        nd.validate_record(r)
+        it = nd.tokenize_dialogue(r, m.tokenizer, m.n_input_tokens)
+        it["media"] = {"image": [torch.randn(3, 32, 32, generator=g)]} if "image" in r["media"] else {}
+        if "video" in r["media"]:
+            it["media"]["video"] = [torch.randn(5, 3, 32, 32, generator=g)]
+        if "audio" in r["media"]:
+            it["media"]["audio"] = [torch.randn(16000, generator=g) * 0.3]
+        it["captions"] = r["targets"]
+        items.append(it)
+    return nd.collate(items, m.tokenizer.pad_token_id)
+
+
+def test_signal_tokens_are_single_added_tokens(model):
+    tok = model.tokenizer
+    assert [len(v) for v in nd.SIGNAL_TOKENS.values()] == [4, 24, 8]
+    assert nd.SIGNAL_TOKENS["image"][0] == "[IMG0]" and nd.SIGNAL_TOKENS["video"][-1] == "[VID23]"
+    for m in nd.MODALITIES:
+        ids = tok(nd.signal_run(m), add_special_tokens=False)["input_ids"]
+        assert ids == model.signal_ids[m]
+        assert min(ids) >= model.base_vocab
+    assert model.llm.get_input_embeddings().num_embeddings == len(tok)
+    assert model.llm.get_output_embeddings().weight.shape[0] == len(tok)
+
+
+def test_encoders_shapes_and_errors(model):
+    enc = model.encoders
+    out = enc["image"](torch.randn(2, 3, 32, 32))
+    assert out.tokens.shape == (2, 16, 64) and out.pooled.shape == (2, 64)
+    v = enc["video"](torch.randn(2, 7, 3, 32, 32))
+    assert v.tokens.shape == (2, 16, 64) and v.pooled.shape == (2, 64)
+    # Video = mean over the sampled frames of the image encoder: a static clip equals its frame.
+    frame = torch.randn(1, 3, 32, 32)
+    still = enc["video"](frame.unsqueeze(1).expand(1, 4, 3, 32, 32).contiguous())
+    torch.testing.assert_close(still.pooled, enc["image"](frame).pooled, rtol=1e-5, atol=1e-5)
+    a = enc["audio"](torch.randn(2, 16000) * 0.3)
+    assert a.tokens.shape[0] == 2 and a.tokens.shape[2] == 64 and a.pooled.shape == (2, 64)
+    assert torch.isfinite(a.tokens).all()
+    with pytest.raises(ValueError, match="images must be"):
+        enc["image"](torch.randn(3, 32, 32))
+    with pytest.raises(ValueError, match="videos must be"):
+        enc["video"](torch.randn(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="audio must be"):
+        enc["audio"](torch.randn(2, 1, 16000))
+
+
+def test_output_projection_shapes_match_each_decoder(model):
+    h = model.llm.config.hidden_size
+    for m in nd.MODALITIES:
+        pipe = model.pipes[m]
+        n = len(model.signal_ids[m])
+        pred = model.output_proj[m](torch.randn(3, n, h))
+        target = ndec.text_condition(m, pipe, ["a red cat", "two dogs", "a bell"])
+        assert pred.shape == target.shape, m
+        if m == "audio":  # AudioLDM: pooled CLAP vector -> the UNet's class embedding input
+            assert pred.shape == (3, 1, pipe.unet.config.projection_class_embeddings_input_dim)
+        else:
+            assert pred.shape == (3, pipe.tokenizer.model_max_length, pipe.unet.config.cross_attention_dim)
+
+
+def test_tiny_pipelines_produce_finite_media(model):
+    shapes = {"image": (1, 32, 32, 3), "video": (1, 4, 16, 16, 3)}
+    for m in nd.MODALITIES:
+        cond = model.output_proj[m](torch.randn(1, len(model.signal_ids[m]), model.llm.config.hidden_size))
+        out = torch.as_tensor(ndec.decode(m, model.pipes[m], cond.detach(), steps=2))
+        assert torch.isfinite(out).all(), m
+        if m in shapes:
+            assert tuple(out.shape) == shapes[m]
+            assert 0 <= float(out.min()) and float(out.max()) <= 1
+        else:
+            assert out.dim() == 2 and out.shape[0] == 1 and out.shape[1] >= 1000  # 0.5 s at 16 kHz
+
+
+def test_loss_parts_and_errors(model):
+    batch = _batch(model)
+    out = model.loss(batch)
+    assert set(out) == {"lm", "align_audio", "align_image", "loss"}
+    assert all(torch.isfinite(v) for v in out.values())
+    torch.testing.assert_close(out["loss"], out["lm"] + out["align_audio"] + out["align_image"])
+    bad = dict(batch, media={k: v for k, v in batch["media"].items() if k != "image"})
+    with pytest.raises(ValueError, match="<image> tokens but no image inputs"):
+        model.loss(bad)
+    bad = dict(batch, captions={"audio": ["x", "y"], "image": ["z"]})
+    with pytest.raises(ValueError, match="signal-token runs but 2 target captions"):
+        model.loss(bad)
+
+
+def _step(model, stage, batch, modalities=nd.MODALITIES):
+    names = set(model.set_stage(stage, modalities))
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    model.loss(batch)["loss"].backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    return names, changed, before, after
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_only_the_stages_parameters_change(stage):
+    torch.set_num_threads(1)
+    m = ng.build_nextgpt("tiny", seed=0, kernels=False)
+    batch = _batch(m)
+    names, changed, before, after = _step(m, stage, batch)
+    assert changed, "nothing trained"
+    emb_key, head_key = "llm.model.embed_tokens.weight", "llm.lm_head.weight"
+    allowed = {"1": ("input_proj.",), "2": ("output_proj.",), "3": ("input_proj.", "output_proj.")}[str(stage)]
+    for k in changed:
+        ok = k.startswith(allowed) or (stage == 3 and "lora_" in k) or (stage == 2 and k in (emb_key, head_key))
+        assert ok, f"stage {stage} changed {k}"
+    # Encoders, LLM base (incl. LoRA's base layers) and decoders stay bit-identical.
+    for k in before:
+        if k.startswith(("encoders.", "decoders.")) or (k.startswith("llm.") and "lora_" not in k
+                                                          and k not in (emb_key, head_key)):
+            assert torch.equal(before[k], after[k]), k
+    old = [i for i in range(before[emb_key].shape[0]) if i not in m.new_ids]
+    for k in (emb_key, head_key):
+        assert torch.equal(before[k][old], after[k][old]), f"{k}: a pre-existing row changed"
+    if stage == 2:
+        sig = m.signal_ids["image"] + m.signal_ids["audio"]
+        assert not torch.equal(before[emb_key][sig], after[emb_key][sig])
+    if stage == 3:
+        assert any("lora_B" in k for k in changed)
+        assert not any(k in changed for k in (emb_key, head_key))
+
+
+def test_group_projection_makes_concept_tokens():
+    torch.set_num_threads(1)
+    m = ng.build_nextgpt("tiny", input_projection="group", seed=0, kernels=False)
+    assert m.n_input_tokens == 4
+    batch = _batch(m)
+    n_img = int((batch["input_ids"] == m.placeholder_ids["image"]).sum())
+    assert n_img == 4
+    assert torch.isfinite(m.loss(batch)["loss"])
+
+
+def test_save_load_reproduces_outputs(tmp_path):
+    torch.set_num_threads(1)
+    m = ng.build_nextgpt("tiny", seed=3, kernels=False)
+    batch = _batch(m, seed=1)
+    _step(m, 2, batch)
+    _step(m, 3, batch)  # LoRA + projections trained, signal rows trained
+    m.eval()
+    with torch.no_grad():
+        ref = m.loss(batch)
+        ref_cond = m.output_proj["image"](torch.ones(1, 4, m.llm.config.hidden_size))
+    m.save_pretrained(tmp_path / "ng")
+    import json
+
+    cfg = json.loads((tmp_path / "ng" / "config.json").read_text())
+    assert cfg["mmfast_model"] == "nextgpt" and cfg["lora_config"]["r"] == 8
+    back = ng.load_pretrained(tmp_path / "ng", device="cpu")
+    with torch.no_grad():
+        got = back.loss(batch)
+        cond = back.output_proj["image"](torch.ones(1, 4, back.llm.config.hidden_size))
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+    assert torch.equal(ref_cond, cond)
+    from mmfast.eval.adapters import detect_kind
+
+    assert detect_kind(tmp_path / "ng") == "nextgpt"
+    with pytest.raises(FileNotFoundError, match="missing config.json"):
+        ng.load_pretrained(tmp_path / "nothing")
+
+
+def test_generate_decodes_signal_runs_to_files(model, tmp_path):
+    from PIL import Image
+
+    head = model.llm.lm_head
+    try:
+        for m, suffix in (("image", ".png"), ("audio", ".wav"), ("video", ".gif")):
+            # Force the first signal token: a bias on its logit (the rest of the run is appended).
+            forced = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+            with torch.no_grad():
+                forced.weight.copy_(head.weight)
+                forced.bias.zero_()
+                forced.bias[model.signal_ids[m][0]] = 1e4
+            model.llm.lm_head = forced
+            r = model.generate("Make something.", images=[torch.randn(3, 32, 32)],
+                               max_new_tokens=len(model.signal_ids[m]), out_dir=tmp_path, steps=2)
+            assert r["token_ids"] == model.signal_ids[m]
+            assert r["conditions"][m].shape[0] == 1
+            (path,) = r[m]
+            assert path.endswith(suffix)
+            if m == "image":
+                assert Image.open(path).size == (32, 32)
+    finally:
+        model.llm.lm_head = head
+
+
+def test_answer_contract(model):
+    out = model.answer([None, torch.randn(3, 32, 32)], ["Is there a cat?", "What is it?"], max_new_tokens=3)
+    assert len(out) == 2 and all(isinstance(x, str) for x in out)
+    with pytest.raises(ValueError, match="pair one to one"):
+        model.answer([None], ["a", "b"])

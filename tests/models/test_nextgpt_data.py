@@ -1,0 +1,96 @@
+"""mmfast.models.nextgpt_data: dialogue validation, label masking, media loading and stage builders."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from mmfast.models import nextgpt_data as nd
+
+
+def _rec(**over):
+    rec = {"conversations": [{"from": "human", "value": "<image>\nWhat?"},
+                             {"from": "gpt", "value": "a cat " + nd.signal_run("audio")}],
+           "media": {"image": ["images/a.png"]}, "targets": {"audio": ["the sound of a cat"]}}
+    rec.update(over)
+    return rec
+
+
+@pytest.mark.parametrize("bad, match", [
+    ("not a dict", "expected an object"),
+    ({"conversations": []}, "non-empty list"),
+    (_rec(conversations=[{"from": "human", "value": "hi"}]), "human/gpt pairs"),
+    (_rec(conversations=[{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"}]), r"conversations\[0\]"),
+    (_rec(conversations=[{"from": "human", "value": 3}, {"from": "gpt", "value": "y"}]), r"conversations\[0\]"),
+    (_rec(media={"image": []}), "1 <image> placeholders but 0"),
+    (_rec(media={"smell": ["x"]}), "'media' must map"),
+    (_rec(targets={}), "1 audio signal-token runs but 0"),
+    (_rec(conversations=[{"from": "human", "value": "<image>"},
+                         {"from": "gpt", "value": "[AUD0][AUD1]"}], targets={}), "complete runs"),
+    (_rec(conversations=[{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "<video>"}]),
+     "gpt turn holds <video>"),
+])
+def test_malformed_dialogues_raise_clear_errors(bad, match):
+    with pytest.raises(ValueError, match=match):
+        nd.validate_record(bad, "record 7")
+    with pytest.raises(ValueError, match="record 7"):
+        nd.validate_record(bad, "record 7")
+
+
+def test_labels_cover_only_assistant_turns():
+    from mmfast.models.nextgpt import _build_llm
+
+    _, tok, _ = _build_llm("tiny")
+    tok.add_tokens([t for m in nd.MODALITIES for t in nd.SIGNAL_TOKENS[m]] + ["<audio>", "<video>"],
+                   special_tokens=True)
+    item = nd.tokenize_dialogue(_rec(), tok, n_input_tokens=3)
+    ids, labels = item["input_ids"], item["labels"]
+    assert int((ids == tok.convert_tokens_to_ids("<image>")).sum()) == 3
+    sup = ids[labels != nd.IGNORE_INDEX].tolist()
+    assert sup[-1] == tok.eos_token_id
+    assert tok.decode(sup[:-1], skip_special_tokens=False).strip() == "a cat " + nd.signal_run("audio")
+    gen = nd.tokenize_dialogue(_rec(), tok, 3, generation=True)
+    assert tok.decode(gen["input_ids"][-6:]).endswith("### Assistant:")
+    assert (gen["labels"] == nd.IGNORE_INDEX).all()
+    with pytest.raises(ValueError, match="exceeds max_length"):
+        nd.tokenize_dialogue(_rec(), tok, 3, max_length=5)
+
+
+def test_stage_builders_and_media(tmp_path):
+    from mmfast.data.synthetic import make_world
+    from mmfast.models.llava_data import ImageProcessor
+
+    make_world(tmp_path, 12, 32, seed=0, media=True, n_videos=3, audio_per_class=2)
+    mods = ("image", "audio", "video")
+    s1 = nd.stage_records(tmp_path, 1, mods)
+    s2 = nd.stage_records(tmp_path, 2, mods)
+    s3 = nd.stage_records(tmp_path, 3, mods, n_dialogues=10)
+    for recs in (s1, s2, s3):
+        for i, r in enumerate(recs):
+            nd.validate_record(r, f"record {i}")
+    assert all(r["media"] and "targets" not in r for r in s1)
+    assert all(r["targets"] and not r.get("media") for r in s2)
+    assert len(s3) == 10 and all(len(r["conversations"]) == 4 for r in s3)
+    loader = nd.MediaLoader(tmp_path, ImageProcessor(32, aspect="resize"), video_frames=4, audio_samples=8000)
+    by_mod = {m: next(r for r in s1 if m in r["media"]) for m in mods}
+    assert loader.load("image", by_mod["image"]["media"]["image"][0]).shape == (3, 32, 32)
+    assert loader.load("video", by_mod["video"]["media"]["video"][0]).shape == (4, 3, 32, 32)
+    assert loader.load("audio", by_mod["audio"]["media"]["audio"][0]).shape == (8000,)
+    with pytest.raises(ValueError):
+        loader.load("image", "../outside.png")
+    # A world made without media still gives image pairs (from captions_train.csv).
+    make_world(tmp_path / "nomedia", 12, 32, seed=0, media=False)
+    assert nd.t2x_pairs(tmp_path / "nomedia", "image")
+    with pytest.raises(FileNotFoundError, match="t2x_audio.json"):
+        nd.t2x_pairs(tmp_path / "nomedia", "audio")
+
+
+def test_collate_pads_and_stacks():
+    a = {"input_ids": torch.tensor([1, 2, 3]), "labels": torch.tensor([-100, 2, 3]),
+         "media": {"image": [torch.zeros(3, 4, 4)]}, "captions": {"image": ["x"]}}
+    b = {"input_ids": torch.tensor([1, 2]), "labels": torch.tensor([-100, 2]), "media": {}, "captions": {}}
+    out = nd.collate([a, b], pad_id=0)
+    assert out["input_ids"].tolist() == [[1, 2, 3], [1, 2, 0]]
+    assert out["labels"][1, 2] == nd.IGNORE_INDEX and out["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert out["media"]["image"].shape == (1, 3, 4, 4) and out["captions"] == {"image": ["x"]}
