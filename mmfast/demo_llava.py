@@ -18,10 +18,10 @@ POPE_SETTINGS = ("random", "popular", "adversarial")
 
 
 def add_args(p) -> None:
-    p.add_argument("--llava-steps1", type=int, default=60, help="LLaVA stage-1 steps")
-    p.add_argument("--llava-steps2", type=int, default=150, help="LLaVA stage-2 (LoRA) steps")
+    p.add_argument("--llava-steps1", type=int, default=40, help="LLaVA stage-1 steps")
+    p.add_argument("--llava-steps2", type=int, default=300, help="LLaVA stage-2 (LoRA) steps")
     p.add_argument("--llava-batch-size", type=int, default=16, help="per rank")
-    p.add_argument("--llava-lr2", type=float, default=2e-3, help="stage-2 LoRA learning rate")
+    p.add_argument("--llava-lr2", type=float, default=3e-3, help="stage-2 LoRA learning rate")
     p.add_argument("--llava-lora-r", type=int, default=64)
     p.add_argument("--llava-eval-questions", type=int, default=200)
     p.add_argument("--pope-images", type=int, default=60, help="POPE images per setting (x6 questions)")
@@ -69,6 +69,8 @@ def llava_stage2(ctx) -> dict:
             "--out", str(s2), "--steps", str(a.llava_steps2), "--batch-size", str(a.llava_batch_size),
             "--pretrain-mm-projector", str(s1 / "mm_projector.bin"), "--lora", "--lora-r", str(a.llava_lora_r),
             "--lora-alpha", str(2 * a.llava_lora_r), "--lora-dropout", "0", "--merge-lora",
+            # The tiny LLM was never pretrained: its embeddings and head train in full beside LoRA.
+            "--lora-modules-to-save", "lm_head,embed_tokens",
             "--lr", str(a.llava_lr2), "--mm-projector-lr", "1e-3", "--group-by-modality-length",
             "--seed", str(a.seed), "--log-every", "5", "--threads", "1"]
     r = _train(argv, s2)

@@ -82,6 +82,9 @@ def parse_args(argv=None):
     p.add_argument("--lora-alpha", type=int, default=16)
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--merge-lora", action="store_true", help="save LoRA merged into the weights")
+    p.add_argument("--lora-modules-to-save", default="",
+                   help="comma-separated modules trained in full beside LoRA (peft modules_to_save), e.g. "
+                        "lm_head,embed_tokens for an LLM that was never pretrained (the tiny preset)")
     p.add_argument("--no-kernels", action="store_true", help="plain transformers (no mmfast.patch / fused loss)")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--seed", type=int, default=0)
@@ -107,11 +110,13 @@ def build(args, device):
                            vision_select_feature=args.vision_select_feature, kernels=kernels,
                            image_attention=args.image_attention, image_aspect_ratio=args.image_aspect_ratio,
                            model_max_length=args.model_max_length, seed=args.seed, device=device)
-    if args.stage == 1:
-        llava.template = "plain"
+    # Stage 1 trains with `plain`; the config keeps the chat template the model will be tuned and used with.
     if args.template:
         llava.template = args.template
-    llava.config.mmfast_template = llava.template if args.stage == 2 else llava.config.mmfast_template
+    if args.stage == 2:
+        llava.config.mmfast_template = llava.template
+    elif not args.template:
+        llava.template = "plain"
     model = llava.model
     if args.pretrain_mm_projector:
         load_projector(model, args.pretrain_mm_projector)
@@ -138,8 +143,9 @@ def lora_targets(model) -> list[str]:
 def lora_config(args, model):
     from peft import LoraConfig
 
+    extra = [m.strip() for m in args.lora_modules_to_save.split(",") if m.strip()]
     return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, bias="none",
-                      target_modules=lora_targets(model))
+                      target_modules=lora_targets(model), modules_to_save=extra or None)
 
 
 def add_lora(model, args):
@@ -277,8 +283,7 @@ def export(args, llava, state: dict, out_dir: Path) -> None:
                            vision_select_feature=args.vision_select_feature, kernels=False,
                            image_attention=args.image_attention, image_aspect_ratio=args.image_aspect_ratio,
                            model_max_length=llava.model_max_length, tokenizer=llava.tokenizer, device="cpu")
-    fresh.template = llava.template
-    fresh.config.mmfast_template = llava.template
+    fresh.template = llava.config.mmfast_template  # the chat template (stage 1 trained with `plain`)
     target, peft_model = fresh.model, None
     if args.stage == 2 and args.lora:
         peft_model = add_lora(fresh.model, args)
@@ -291,7 +296,7 @@ def export(args, llava, state: dict, out_dir: Path) -> None:
     elif peft_model is not None:
         peft_model.save_pretrained(str(out_dir))  # adapter_config.json + adapter_model.safetensors
         fresh.model = peft_model.unload()
-    fresh.model.config.mmfast_template = llava.template
+    fresh.model.config.mmfast_template = fresh.template
     fresh.save_pretrained(out_dir)
 
 

@@ -137,6 +137,7 @@ class Llava:
         """llava-hf layout: ``config.json`` (+ ``mmfast_model: llava``), safetensors, tokenizer and processor."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        self.config.mmfast_template, self.config.mmfast_image_attention = self.template, self.image_attention
         self.model.save_pretrained(str(out), state_dict=state_dict)
         self.tokenizer.save_pretrained(str(out))
         try:
@@ -236,6 +237,18 @@ def cache_len(cache) -> int:
     return 0 if cache is None else int(cache.get_seq_length())
 
 
+def _active_linear(module):
+    """The Linear that runs: peft's ``modules_to_save`` wrapper (a trainable copy of the LM head) is
+    looked through, so the fused loss reads the weight being trained."""
+    copies = getattr(module, "modules_to_save", None)
+    if isinstance(copies, nn.ModuleDict) and not getattr(module, "disable_adapters", False):
+        for name in getattr(module, "active_adapters", []) or []:
+            if name in copies:
+                return copies[name]
+        return module.original_module
+    return module
+
+
 def llava_loss(model, batch: dict, fused: bool = True, image_attention: str = "causal") -> torch.Tensor:
     """Mean next-token cross-entropy over the supervised tokens (labels != -100); ``fused`` computes it
     with :func:`mmfast.ops.fused_linear_cross_entropy`, never forming the (tokens, vocab) logits."""
@@ -248,7 +261,7 @@ def llava_loss(model, batch: dict, fused: bool = True, image_attention: str = "c
     if not bool(keep.any()):
         return hidden.sum() * 0.0  # nothing supervised (all truncated): a zero that keeps the graph
     h, target = h[keep], target[keep]  # only supervised rows reach the LM head
-    head = model.lm_head
+    head = _active_linear(model.lm_head)
     if not fused:
         return nn.functional.cross_entropy(head(h).float(), target)  # (T, V) logits
     from mmfast.models.patch import backend_of
