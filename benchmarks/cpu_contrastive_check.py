@@ -2,7 +2,9 @@
 
 Each provider runs in a fresh subprocess so that its peak memory (ru_maxrss after the first
 fwd+bwd minus ru_maxrss once the inputs exist) is its own. Times are wall-clock fwd+bwd, median
-of ``--reps`` runs after one warm-up. The real harness is ``mmfast bench`` (mmfast/bench/).
+of ``--reps`` runs after one warm-up, plus the process CPU seconds of the same runs (on a shared
+machine wall time includes waiting for a core; CPU time does not). The real harness is
+``mmfast bench`` (mmfast/bench/).
 
     .venv/bin/python benchmarks/cpu_contrastive_check.py --n 16384 --d 256 --threads 2
 """
@@ -48,20 +50,21 @@ def _child(args) -> dict:
     }
     fn = fns[args.provider]
     base = _rss_mib()
-    times = []
+    times, cpu = [], []
     for _ in range(args.reps + 1):
         a.grad = b.grad = scale.grad = None
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = fn()
         loss.backward()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         del loss
         if len(times) == 1:
             peak = _rss_mib() - base
     return {
         "provider": args.provider, "n": args.n, "d": args.d, "dtype": args.dtype, "threads": args.threads,
         "median_s": statistics.median(times[1:]), "min_s": min(times[1:]), "max_s": max(times[1:]),
-        "first_s": times[0], "extra_peak_mib": peak,
+        "first_s": times[0], "cpu_s": statistics.median(cpu[1:]), "extra_peak_mib": peak,
     }
 
 
@@ -90,9 +93,12 @@ def main(argv=None) -> int:
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         r = rows[-1]
         print(f"{prov:>9}: median {r['median_s']:.3f} s (min {r['min_s']:.3f}, max {r['max_s']:.3f}, "
-              f"first {r['first_s']:.3f}), extra peak {r['extra_peak_mib']:.0f} MiB", flush=True)
+              f"first {r['first_s']:.3f}), cpu {r['cpu_s']:.3f} s, extra peak {r['extra_peak_mib']:.0f} MiB",
+              flush=True)
     if len(rows) >= 2:
-        print(f"speed-up {rows[0]['provider']}/{rows[1]['provider']}: {rows[0]['median_s'] / rows[1]['median_s']:.2f}x")
+        r0, r1 = rows[0], rows[1]
+        print(f"speed-up {r0['provider']}/{r1['provider']}: wall {r0['median_s'] / r1['median_s']:.2f}x, "
+              f"cpu {r0['cpu_s'] / r1['cpu_s']:.2f}x")
     return 0
 
 
