@@ -7,6 +7,7 @@ and cut-outs never erase the background or objects underneath.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -200,15 +201,25 @@ def color_distance(a, b) -> float:
     return float(np.sqrt(sum((float(x) - float(y)) ** 2 for x, y in zip(a, b))))
 
 
-def background(rng: np.random.Generator, size: int, base: tuple[int, int, int]) -> Image.Image:
-    """A base colour with a random linear gradient and mild pixel noise."""
+@functools.lru_cache(maxsize=8)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
+    return yy, xx
+
+
+def background(
+    rng: np.random.Generator, size: int, base: tuple[int, int, int], scale: int = 1
+) -> Image.Image:
+    """A base colour with a random linear gradient and mild pixel noise, drawn at ``size`` and
+    enlarged ``scale`` times by pixel repetition (a later box downsample gives the pixels back)."""
+    yy, xx = _grid(size)
     ang = rng.uniform(0, 2 * np.pi)
     ramp = np.cos(ang) * xx + np.sin(ang) * yy  # (S, S), in [-1.4, 1.4]
     tint = rng.uniform(-25, 25, size=3).astype(np.float32)
-    arr = np.asarray(base, np.float32)[None, None, :] + ramp[..., None] * tint[None, None, :]
-    arr += rng.normal(0, rng.uniform(2, 9), size=arr.shape).astype(np.float32)
-    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+    arr = np.asarray(base, np.float32)[None, None, :] + ramp[..., None] * tint[None, None, :]  # (S, S, 3)
+    arr += rng.uniform(1, 4.5) * rng.standard_normal(arr.shape, dtype=np.float32)
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+    return img if scale == 1 else img.resize((size * scale, size * scale), Image.NEAREST)
 
 
 def object_mask(cls: str, canvas: int, box: Box) -> Image.Image:

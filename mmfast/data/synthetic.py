@@ -19,6 +19,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -99,7 +100,7 @@ def sample_scene(seed: int, index: int, size: int) -> tuple[dict, Image.Image]:
     tw, gw = _theme_weights(theme), zipf_prior()
 
     canvas = size * SUPERSAMPLE
-    img = _draw.background(rng, canvas, bg)
+    img = _draw.background(rng, size, bg, scale=SUPERSAMPLE)
     placed: list[tuple[float, float, float, float]] = []
     objects = []
     for k in range(n):
@@ -150,6 +151,40 @@ def _png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def _render(args: tuple[int, int, int, int]) -> list[tuple[dict, bytes]]:
+    """Scenes and PNG bytes of images ``start..stop-1`` (a worker's chunk)."""
+    seed, start, stop, size = args
+    out = []
+    for i in range(start, stop):
+        scene, img = sample_scene(seed, i, size)
+        out.append((scene, _png_bytes(img)))
+    return out
+
+
+def _render_all(seed: int, n: int, size: int, workers: int):
+    """Yield ``(index, scene, png)`` in index order; each image depends only on (seed, index), so the
+    bytes are the same for any number of workers."""
+    chunk = max(1, min(50, -(-n // (4 * max(workers, 1)))))  # a few chunks per worker, at most 50 images
+    jobs = [(seed, s, min(s + chunk, n), size) for s in range(0, n, chunk)]
+    if workers <= 1 or len(jobs) <= 1:
+        results = map(_render, jobs)
+        pool = None
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn: the parent may hold torch/OpenMP threads that fork would copy in a bad state.
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        results = pool.map(_render, jobs)
+    try:
+        for (_, start, _, _), chunk_out in zip(jobs, results):
+            for k, (scene, png) in enumerate(chunk_out):
+                yield start + k, scene, png
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+
 def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
     with atomic_open(path, "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
@@ -198,6 +233,7 @@ def make_world(
     audio_per_class: int = 4,
     video_frames: int = 8,
     shard_size: int = 0,
+    workers: int | None = None,
     overwrite: bool = True,
 ) -> dict:
     """Write the world to ``out_dir`` and return a summary (counts, paths, seconds taken).
@@ -206,7 +242,8 @@ def make_world(
     text->media pairs (the image-side files are the same either way). ``shard_size > 0`` also packs
     each caption CSV into webdataset shards ``shards/{split}-NNNNNN.tar`` of that many samples.
     Writing over an older world leaves its extra files (say, images past the new count) in place;
-    no index file refers to them.
+    no index file refers to them. ``workers`` processes draw the images (default: up to 2 for
+    worlds of 400+ images); the output does not depend on it.
     """
     if n_images < 2:
         raise ValueError(f"n_images must be >= 2 (one train and one val image), got {n_images}")
@@ -229,11 +266,12 @@ def make_world(
     from mmfast.data import _worldfiles  # the text-heavy writers live beside this module
 
     splits: dict[str, list[tuple[int, str, dict]]] = {"train": [], "val": []}
-    for i in range(n_images):
+    if workers is None:
+        workers = min(2, os.cpu_count() or 1) if n_images >= 400 else 1
+    for i, scene, png in _render_all(seed, n_images, image_size, workers):
         split, j = ("train", i) if i < n_train else ("val", i - n_train)
-        scene, img = sample_scene(seed, i, image_size)
         rel = f"images/{split}_{j:06d}.png"
-        (out / rel).write_bytes(_png_bytes(img))
+        (out / rel).write_bytes(png)
         splits[split].append((i + 1, rel, scene))
 
     atomic_write_json(out / "classes.json", CLASSES)
@@ -295,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--shard-size", type=int, default=0, help="also write webdataset shards of this many samples"
     )
+    p.add_argument("--workers", type=int, default=None, help="processes drawing images (default: up to 2)")
     p.add_argument("--force", action="store_true", help="write into a non-empty folder")
     a = p.parse_args(argv)
     try:
@@ -307,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             captions_per_image=a.captions_per_image,
             media=not a.no_media,
             shard_size=a.shard_size,
+            workers=a.workers,
             overwrite=a.force,
         )
     except (ValueError, FileExistsError) as e:
