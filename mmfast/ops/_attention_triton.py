@@ -273,16 +273,37 @@ def _fwd_configs():
             for bm, bn, w, st in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)]]
 
 
+def fixed_config(kind: str, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) that fit H100/H200 shared memory (227 KiB per block).
+
+    fp32 tiles take twice the bytes and more staging (sm_90 compiles of the fp32 forward at D=128,
+    128×64, 3 stages use 225 KiB), so fp32 always gets these small tiles, tuned or not."""
+    d = block_d(head_dim)
+    if dtype == torch.float32:
+        if kind == "fwd":
+            return (64, 64, 4, 2) if d <= 128 else (32, 32, 4, 2)
+        return (32, 64, 4, 2) if d <= 128 else (16, 32, 4, 1)
+    if kind == "fwd":
+        return (128, 64, 4, 3) if d <= 64 else (128, 64, 8, 3) if d <= 128 else (64, 64, 4, 2)
+    return (64, 64, 4, 2) if d <= 128 else (32, 64, 4, 2)
+
+
+def as_config(bm, bn, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
 def prune_by_head_dim(configs, named_args, **kwargs):
-    """Keep block shapes whose q/k/v tiles fit shared memory for this head dim (H100/H200: 228 KiB)."""
+    """Keep block shapes whose tiles fit shared memory for this head dim and dtype."""
     d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    if named_args["Q"].dtype == torch.float32:
+        return [as_config(*fixed_config("fwd", d, torch.float32))]
     if d >= 256:
         keep = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
     elif d > 64:
         keep = [c for c in configs if c.kwargs["BLOCK_N"] <= 64 or c.num_warps == 8]
     else:
         keep = configs
-    return keep or configs[-1:]
+    return keep or [as_config(*fixed_config("fwd", d, named_args["Q"].dtype))]
 
 
 if not AUTOTUNE:
@@ -309,18 +330,14 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def launch_meta(kind: str, head_dim: int) -> dict:
+def launch_meta(kind: str, head_dim: int, dtype: torch.dtype) -> dict:
     """Launch parameters for ``kind`` ("fwd" | "bwd"): fixed block sizes under the interpreter, none
     when autotuning, else a fixed config that fits H100/H200 shared memory for this head dim."""
     if INTERPRET:
         return {"BLOCK_M": INTERPRET_BLOCK_M, "BLOCK_N": INTERPRET_BLOCK_N}
     if AUTOTUNE:
         return {}
-    d = block_d(head_dim)
-    if kind == "fwd":
-        bm, bn, warps, stages = (128, 64, 4, 3) if d <= 64 else (128, 64, 8, 3) if d <= 128 else (64, 64, 4, 2)
-    else:
-        bm, bn, warps, stages = (64, 64, 4, 2) if d <= 128 else (32, 64, 4, 2)
+    bm, bn, warps, stages = fixed_config(kind, head_dim, dtype)
     return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
 
 
@@ -367,6 +384,6 @@ def attn_fwd(q, k, v, p):
         p.scale, p.softcap if p.softcap > 0 else 1.0, p.window_left, p.window_right, p.dropout_p, p.seed,
         IS_VARLEN=varlen, HAS_SEQUSED=p.seqused_k is not None, BAND=p.band, HAS_PREFIX=p.prefix is not None,
         HAS_SOFTCAP=p.softcap > 0, HAS_DROPOUT=p.dropout_p > 0, UPCAST=upcast(q.dtype),
-        DOT_PREC=dot_precision(q.dtype), BLOCK_D=block_d(head_dim), **launch_meta("fwd", head_dim),
+        DOT_PREC=dot_precision(q.dtype), BLOCK_D=block_d(head_dim), **launch_meta("fwd", head_dim, q.dtype),
     )
     return out, lse, (m_row, il_row)

@@ -21,9 +21,11 @@ import triton.language as tl
 from mmfast.ops._attention_triton import (
     AUTOTUNE,
     INTERPRET,
+    as_config,
     block_d,
     dot_precision,
     dropout_keep,
+    fixed_config,
     key_block_ranges,
     launch_meta,
     lowp,
@@ -281,21 +283,20 @@ def _dq_kernel(
 
 
 def _bwd_configs():
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [(64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2)]
-    ]
+    return [as_config(bm, bn, w, s) for bm, bn, w, s in [(64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2)]]
 
 
 def _prune_bwd(configs, named_args, **kwargs):
     d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    if named_args["Q"].dtype == torch.float32:
+        return [as_config(*fixed_config("bwd", d, torch.float32))]
     if d >= 256:
         keep = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32]
     elif d > 64:
         keep = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128]
     else:
         keep = configs
-    return keep or configs[-1:]
+    return keep or [as_config(*fixed_config("bwd", d, named_args["Q"].dtype))]
 
 
 _KEY = ["BLOCK_D", "BAND", "HAS_PREFIX", "HAS_SOFTCAP", "HAS_DROPOUT", "IS_VARLEN"]
@@ -333,7 +334,7 @@ def attn_bwd(do, q, k, v, out, stats, p):
     flags = dict(
         IS_VARLEN=varlen, HAS_SEQUSED=p.seqused_k is not None, BAND=p.band, HAS_PREFIX=p.prefix is not None,
         HAS_SOFTCAP=p.softcap > 0, HAS_DROPOUT=p.dropout_p > 0, UPCAST=upcast(q.dtype),
-        DOT_PREC=dot_precision(q.dtype), BLOCK_D=block_d(head_dim), **launch_meta("bwd", head_dim),
+        DOT_PREC=dot_precision(q.dtype), BLOCK_D=block_d(head_dim), **launch_meta("bwd", head_dim, q.dtype),
     )
     _dkdv[lambda meta: (triton.cdiv(p.max_seqlen_k, meta["BLOCK_N"]), batch * n_kv)](
         q, k, v, do, m_row, il_row, delta, dk, dv, *common, *strides3(dk, varlen), *strides3(dv, varlen), *lse_strides,
