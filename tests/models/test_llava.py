@@ -188,3 +188,11 @@ def test_chat_one_shot(tmp_path, tiny, capsys):
     expected = tiny.answer([_image()], ["What is it?"], max_new_tokens=3)[0]
     assert capsys.readouterr().out.strip().splitlines()[-1] == expected  # (a DeepSpeed import may log first)
     assert main(["--model", str(tmp_path / "nope")]) == 2
+
+
+def test_patched_generation_equals_plain(tiny):
+    """KV-cache decoding through mmfast attention (left padding packed out) gives the same tokens."""
+    fast = ml.build_llava("tiny", kernels=True, seed=0)
+    images = [_image(), None]
+    prompts = [tiny.prompt("What is it?"), tiny.prompt("Hello there, how are you?", with_image=False)]
+    assert fast.generate(images, prompts, max_new_tokens=6) == tiny.generate(images, prompts, max_new_tokens=6)
