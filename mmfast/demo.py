@@ -99,6 +99,14 @@ STAGES += [
     Stage("pope", demo_llava.pope, "POPE random / popular / adversarial on the tiny LLaVA"),
 ]
 
+from mmfast import demo_nextgpt  # noqa: E402
+
+STAGES += [
+    Stage("nextgpt_stage1", demo_nextgpt.nextgpt_stage1, "tiny NExT-GPT stage 1 (input projection), ZeRO-2"),
+    Stage("nextgpt_stage2", demo_nextgpt.nextgpt_stage2, "tiny NExT-GPT stage 2 (output projection, signal tokens)"),
+    Stage("nextgpt_eval", demo_nextgpt.nextgpt_eval, "text->image with the tiny SD decoder, CLIPSIM with the demo's CLIP"),
+]
+
 
 # --------------------------------------------------------------------------- driver
 def write_summary(path: Path, new: dict) -> dict:
@@ -136,6 +144,7 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=64, help="per rank")
     p.add_argument("--lr", type=float, default=2e-3)
     demo_llava.add_args(p)
+    demo_nextgpt.add_args(p)
     return p.parse_args(argv)
 
 

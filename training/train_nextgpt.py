@@ -54,6 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--model", "--config", dest="model", default="tiny", help="preset name (tiny, vicuna7b)")
     p.add_argument("--init-from", default=None, help="a saved NExT-GPT directory (the previous stage's final/)")
     p.add_argument("--input-projection", default=None, choices=("linear", "group"))
+    p.add_argument("--image-encoder", default=None, help="CLIP directory / open_clip export for images and video")
     p.add_argument("--data", required=True, help="synthetic-world folder or a dialogue JSON file")
     p.add_argument("--media-root", default=None)
     p.add_argument("--modalities", default="image", help="comma-separated: image,audio,video")
@@ -86,7 +87,8 @@ def build(args, device) -> ng.NextGPT:
     if args.init_from:
         model = ng.load_pretrained(args.init_from, device="cpu", kernels=False)
     else:
-        model = ng.build_nextgpt(args.model, input_projection=args.input_projection, kernels=False, seed=args.seed)
+        model = ng.build_nextgpt(args.model, input_projection=args.input_projection, image_encoder=args.image_encoder,
+                                 kernels=False, seed=args.seed)
     model.set_stage(args.stage, args.modalities)
     model.to(device)
     if kernels:

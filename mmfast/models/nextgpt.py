@@ -260,9 +260,10 @@ class NextGPT(nn.Module):
         train["new_rows.head"] = state[head_key][self.new_ids].clone()
         parts = {k: v for k, v in state.items() if "lora_" not in k and (
             (k.startswith("llm.") and self._llm_random)
-            or (k.startswith("encoders.") and not isinstance(self.cfg["encoders"]["image"], str))
+            or (k.startswith(("encoders.image.", "encoders.audio.")) and not isinstance(
+                self.cfg["encoders"][k.split(".")[1]], str))
             or (k.startswith("decoders.") and not isinstance(self.cfg["decoders"][k.split(".")[1]], str)))}
-        parts = {k.replace("base_layer.", ""): v for k, v in parts.items() if not k.startswith("encoders.video.")}
+        parts = {k.replace("base_layer.", ""): v for k, v in parts.items()}  # encoders.video shares image's
         for name, sd in ((TRAINABLE_FILE, train), (COMPONENTS_FILE, parts)):
             if sd:
                 with atomic_open(out / name, "wb") as f:
@@ -278,12 +279,16 @@ def _safetensors_bytes(sd: dict) -> bytes:
     return save({k: v.contiguous() for k, v in sd.items()})
 
 
-def build_nextgpt(preset: str | dict = "tiny", *, input_projection: str | None = None, kernels: bool | None = None,
-                  device=None, dtype=None, seed: int | None = None, backend: str | None = None) -> NextGPT:
-    """A NExT-GPT from a preset name (``tiny``, ``vicuna7b``) or a config dict."""
+def build_nextgpt(preset: str | dict = "tiny", *, input_projection: str | None = None, image_encoder=None,
+                  kernels: bool | None = None, device=None, dtype=None, seed: int | None = None,
+                  backend: str | None = None) -> NextGPT:
+    """A NExT-GPT from a preset name (``tiny``, ``vicuna7b``) or a config dict; ``image_encoder`` replaces the
+    preset's image (and video) encoder with a local CLIP directory or open_clip export."""
     cfg = dict(load_preset(preset) if isinstance(preset, str) else preset)
     if input_projection is not None:
         cfg["input_projection"] = input_projection
+    if image_encoder is not None:
+        cfg["encoders"] = {**cfg["encoders"], "image": str(Path(image_encoder).resolve())}
     if seed is not None:
         torch.manual_seed(seed)
     device = torch.device(device) if device is not None else torch.device("cpu")

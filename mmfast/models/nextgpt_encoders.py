@@ -63,7 +63,7 @@ class ImageEncoder(nn.Module):
         if llava_vision.is_open_clip_dir(d):
             config, sd, _, _ = llava_vision.open_clip_vision(d)
             model = CLIPVisionModel(config)
-            inner = model.vision_model
+            inner = getattr(model, "vision_model", model)  # transformers 5 dropped the wrapper
             missing, unexpected = inner.load_state_dict(sd, strict=False)
             if unexpected or [k for k in missing if not k.endswith("position_ids")]:
                 raise ValueError(f"{d}: converted vision weights do not fit (missing {missing}, unexpected {unexpected})")

@@ -228,3 +228,19 @@ def test_answer_contract(model):
     assert len(out) == 2 and all(isinstance(x, str) for x in out)
     with pytest.raises(ValueError, match="pair one to one"):
         model.answer([None], ["a", "b"])
+
+
+def test_image_encoder_from_an_open_clip_export(tmp_path):
+    """The demo's CLIP (an open_clip export) becomes the image/video encoder: every ViT weight must fit."""
+    from mmfast.models import nextgpt_encoders as nenc
+    from mmfast.models.clip import create_model, save_pretrained
+
+    clip = create_model("tiny", device="cpu", kernels=False)
+    save_pretrained(clip, tmp_path / "clip")
+    enc = nenc.ImageEncoder.from_pretrained(tmp_path / "clip")
+    w = clip.visual.conv1.weight
+    assert torch.equal(enc.model.get_input_embeddings().weight, w)
+    out = enc(torch.randn(2, 3, enc.image_size, enc.image_size))
+    assert out.tokens.shape[:2] == (2, (enc.image_size // w.shape[-1]) ** 2) and torch.isfinite(out.pooled).all()
+    with pytest.raises(FileNotFoundError, match="image encoder directory"):
+        nenc.ImageEncoder.from_pretrained(tmp_path / "missing")

@@ -1,0 +1,138 @@
+"""NExT-GPT stages of ``mmfast demo`` (see :mod:`mmfast.demo`), on the world's text<->image pairs.
+
+* ``nextgpt_stage1``: encoding-side alignment (input projection, captioning LM loss), ZeRO-2 on 2 ranks.
+  The image encoder is the CLIP the demo trained (its ViT as a transformers ``CLIPVisionModel``, frozen),
+  or the tiny preset's own tower when the CLIP stages did not run.
+* ``nextgpt_stage2``: decoding-side alignment (output projection + signal-token rows; LM loss on the
+  reply and the per-token Euclidean alignment loss against the tiny Stable Diffusion's text encoder).
+* ``nextgpt_eval``: text->image on held-out captions. The reply ``Here is the image. [IMG0]..[IMG3]`` is
+  teacher-forced so every prompt yields an image (the free-generation rate of ``[IMG0]`` is reported
+  separately); images come from the frozen tiny ``StableDiffusionPipeline`` and are scored with the
+  demo's CLIP: CLIPSIM = mean cosine(image, its prompt), and the same on mismatched (rolled) pairs.
+  The tiny decoder is random and frozen, so the two scores are expected to be close: the numbers check
+  the plumbing, not image quality (a pretrained Stable Diffusion directory gives the real measurement).
+"""
+from __future__ import annotations
+
+import json
+import time
+
+
+def add_args(p) -> None:
+    p.add_argument("--nextgpt-steps1", type=int, default=40, help="NExT-GPT stage-1 steps")
+    p.add_argument("--nextgpt-steps2", type=int, default=60, help="NExT-GPT stage-2 steps")
+    p.add_argument("--nextgpt-batch-size", type=int, default=8, help="per rank")
+    p.add_argument("--nextgpt-eval-prompts", type=int, default=32)
+    p.add_argument("--nextgpt-diffusion-steps", type=int, default=10)
+
+
+def _dirs(ctx):
+    return ctx.out / "nextgpt_stage1", ctx.out / "nextgpt_stage2"
+
+
+def _clip_dir(ctx):
+    d = ctx.clip_run / "final"
+    return d if (d / "open_clip_config.json").is_file() else None
+
+
+def _train(argv, out) -> dict:
+    from mmfast.train_launch import nextgpt_main
+
+    t0 = time.perf_counter()
+    rc = nextgpt_main(argv)
+    if rc != 0:
+        raise RuntimeError(f"NExT-GPT training failed (exit code {rc}); see the output above")
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    tail = rows[-3:]  # the last logged steps, averaged: one batch is noisy
+    mean = {k: sum(r[k] for r in tail) / len(tail) for k in tail[-1] if k in ("loss", "lm", "align_image")}
+    return {"seconds": time.perf_counter() - t0, "first": rows[0], **mean}
+
+
+def _common(ctx, stage: int, out) -> list[str]:
+    a = ctx.args
+    return ["--nproc", str(a.nproc), "--stage", str(stage), "--data", str(ctx.world), "--out", str(out),
+            "--batch-size", str(a.nextgpt_batch_size), "--seed", str(a.seed), "--log-every", "5", "--threads", "1"]
+
+
+def nextgpt_stage1(ctx) -> dict:
+    s1, _ = _dirs(ctx)
+    clip = _clip_dir(ctx)
+    argv = _common(ctx, 1, s1) + ["--model", "tiny", "--steps", str(ctx.args.nextgpt_steps1), "--lr", "2e-3"]
+    if clip is not None:
+        argv += ["--image-encoder", str(clip)]
+    r = _train(argv, s1)
+    return {"nextgpt_stage1_final_loss": round(r["loss"], 4), "nextgpt_stage1_first_loss": round(r["first"]["loss"], 4),
+            "nextgpt_stage1_seconds": round(r["seconds"], 1), "nextgpt_image_encoder": str(clip or "tiny preset")}
+
+
+def nextgpt_stage2(ctx) -> dict:
+    s1, s2 = _dirs(ctx)
+    argv = _common(ctx, 2, s2) + ["--init-from", str(s1 / "final"), "--steps", str(ctx.args.nextgpt_steps2),
+                                  "--lr", "2e-3"]
+    r = _train(argv, s2)
+    return {"nextgpt_stage2_alignment_loss": round(r["align_image"], 4),
+            "nextgpt_stage2_first_alignment_loss": round(r["first"]["align_image"], 4),
+            "nextgpt_stage2_final_loss": round(r["loss"], 4), "nextgpt_stage2_seconds": round(r["seconds"], 1)}
+
+
+def _conditions(model, captions):
+    """Teacher-forced text->image conditioning (N, Q, C) for ``captions``."""
+    import random
+
+    import torch
+
+    from mmfast.models import nextgpt_data as nd
+
+    rng = random.Random(0)
+    items = [nd.tokenize_dialogue(nd.t2x_record("image", {"caption": c, "path": ""}, rng), model.tokenizer,
+                                  model.n_input_tokens) for c in captions]
+    batch = nd.collate(items, model.tokenizer.pad_token_id)
+    with torch.no_grad():
+        hidden, emb = model.hidden(batch["input_ids"], batch["attention_mask"], {})
+        return model.output_proj["image"](model.signal_states("image", batch["input_ids"], hidden, emb))
+
+
+def nextgpt_eval(ctx) -> dict:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from mmfast.models import nextgpt_data as nd
+    from mmfast.models import nextgpt_decoders as ndec
+    from mmfast.models.nextgpt import load_pretrained
+
+    a = ctx.args
+    _, s2 = _dirs(ctx)
+    model = load_pretrained(s2 / "final", device="cpu", kernels=False)
+    pairs = nd.t2x_pairs(ctx.world, "image", "val")[: a.nextgpt_eval_prompts]
+    captions = [p["caption"] for p in pairs]
+    cond = _conditions(model, captions)
+    images = ndec.decode("image", model.pipes["image"], cond, steps=a.nextgpt_diffusion_steps, seed=a.seed)
+    samples = ctx.out / "nextgpt_samples"
+    samples.mkdir(parents=True, exist_ok=True)
+    pil = [Image.fromarray((np.clip(x, 0, 1) * 255).round().astype(np.uint8)) for x in images]
+    for i, im in enumerate(pil[:8]):
+        im.save(samples / f"val_{i:02d}.png")
+    n_free = min(8, len(captions))
+    emitted = 0
+    for c in captions[:n_free]:
+        ids = model.generate(nd.T2X_PROMPTS["image"][0].format(c=c), max_new_tokens=12, decode=False)["token_ids"]
+        emitted += model.signal_ids["image"][0] in ids
+    out = {"nextgpt_eval_prompts": len(captions), "nextgpt_signal_emit_rate": round(emitted / max(1, n_free), 3)}
+    clip_dir = _clip_dir(ctx)
+    if clip_dir is None:
+        return {**out, "nextgpt_clipsim": None, "nextgpt_clipsim_random_pairs": None}
+    from mmfast.models.clip import create_model, get_tokenizer, get_transforms
+
+    clip = create_model(None, pretrained=clip_dir, device="cpu", kernels=False).eval()
+    tf = get_transforms(clip, is_train=False)
+    with torch.no_grad():
+        img = clip.encode_image(torch.stack([tf(im) for im in pil]), normalize=True).float()  # (N, E)
+        txt = clip.encode_text(get_tokenizer(clip)(captions), normalize=True).float()  # (N, E)
+    matched = (img * txt).sum(-1)
+    mismatched = (img * txt.roll(1, dims=0)).sum(-1)
+    return {**out, "nextgpt_clipsim": round(float(matched.mean()), 4),
+            "nextgpt_clipsim_random_pairs": round(float(mismatched.mean()), 4)}
+
+
+__all__ = ["add_args", "nextgpt_eval", "nextgpt_stage1", "nextgpt_stage2"]
