@@ -267,18 +267,16 @@ def llava_loss(model, batch: dict, fused: bool = True, image_attention: str = "c
     from mmfast.models.patch import backend_of
     from mmfast.ops import fused_linear_cross_entropy
 
-    box = {}
-
-    def head_forward(x):  # runs inside the head's __call__, so a ZeRO-3 partitioned weight is gathered
-        box["loss"] = fused_linear_cross_entropy(x, head.weight, target, head.bias, backend=backend_of(model))
-        return x.new_empty(x.shape[0], 0)
+    def head_forward(x):
+        # Runs inside the head's __call__ and returns the loss itself: DeepSpeed ZeRO-3 gathers the
+        # partitioned weight for this forward, and again before this output's backward needs it.
+        return fused_linear_cross_entropy(x, head.weight, target, head.bias, backend=backend_of(model))
 
     head.forward = head_forward
     try:
-        head(h)
+        return head(h)
     finally:
         del head.forward
-    return box["loss"]
 
 
 class LlavaLossModule(nn.Module):
