@@ -8,6 +8,7 @@ machine wall time includes waiting for a core; CPU time does not). The real harn
 
     .venv/bin/python benchmarks/cpu_contrastive_check.py --n 16384 --d 256 --threads 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,9 +63,17 @@ def _child(args) -> dict:
         if len(times) == 1:
             peak = _rss_mib() - base
     return {
-        "provider": args.provider, "n": args.n, "d": args.d, "dtype": args.dtype, "threads": args.threads,
-        "median_s": statistics.median(times[1:]), "min_s": min(times[1:]), "max_s": max(times[1:]),
-        "first_s": times[0], "cpu_s": statistics.median(cpu[1:]), "extra_peak_mib": peak,
+        "provider": args.provider,
+        "n": args.n,
+        "d": args.d,
+        "dtype": args.dtype,
+        "threads": args.threads,
+        "median_s": statistics.median(times[1:]),
+        "min_s": min(times[1:]),
+        "max_s": max(times[1:]),
+        "first_s": times[0],
+        "cpu_s": statistics.median(cpu[1:]),
+        "extra_peak_mib": peak,
     }
 
 
@@ -86,19 +95,23 @@ def main(argv=None) -> int:
         if prov not in PROVIDERS:
             p.error(f"unknown provider {prov!r}; expected some of {PROVIDERS}")
         cmd = [sys.executable, __file__, "--provider", prov, *(argv if argv is not None else sys.argv[1:])]
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        out = subprocess.run(cmd, check=False, capture_output=True, text=True)
         if out.returncode != 0:
             print(out.stderr, file=sys.stderr)
             return out.returncode
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         r = rows[-1]
-        print(f"{prov:>9}: median {r['median_s']:.3f} s (min {r['min_s']:.3f}, max {r['max_s']:.3f}, "
-              f"first {r['first_s']:.3f}), cpu {r['cpu_s']:.3f} s, extra peak {r['extra_peak_mib']:.0f} MiB",
-              flush=True)
+        print(
+            f"{prov:>9}: median {r['median_s']:.3f} s (min {r['min_s']:.3f}, max {r['max_s']:.3f}, "
+            f"first {r['first_s']:.3f}), cpu {r['cpu_s']:.3f} s, extra peak {r['extra_peak_mib']:.0f} MiB",
+            flush=True,
+        )
     if len(rows) >= 2:
         r0, r1 = rows[0], rows[1]
-        print(f"speed-up {r0['provider']}/{r1['provider']}: wall {r0['median_s'] / r1['median_s']:.2f}x, "
-              f"cpu {r0['cpu_s'] / r1['cpu_s']:.2f}x")
+        print(
+            f"speed-up {r0['provider']}/{r1['provider']}: wall {r0['median_s'] / r1['median_s']:.2f}x, "
+            f"cpu {r0['cpu_s'] / r1['cpu_s']:.2f}x"
+        )
     return 0
 
 

@@ -488,7 +488,9 @@ at::Tensor siglip_fwd(const at::Tensor& a, const at::Tensor& b, const at::Tensor
   sweep(
       p, nt, [](int, int64_t, int64_t) {},
       [&](int t, int64_t i0, int64_t bm, int64_t j0, int64_t bn, at::Tensor& tile, const at::Tensor&,
-          const at::Tensor&) { loss[t] += siglip_fwd_tile(tile.data_ptr<float>(), bm, bn, p.s, p.beta, i0 + p.off - j0); },
+          const at::Tensor&) {
+        loss[t] += siglip_fwd_tile(tile.data_ptr<float>(), bm, bn, p.s, p.beta, i0 + p.off - j0);
+      },
       [](int, int64_t, int64_t) {});
   double total = 0.0;
   for (double v : loss) total += v;

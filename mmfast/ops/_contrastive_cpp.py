@@ -6,6 +6,7 @@ ImportError when the extension is missing or was built without the contrastive k
 dispatcher reports that as the reason the ``cpp`` backend is unavailable. The contract (shapes,
 sums not means) is in :mod:`mmfast.ops.contrastive`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,7 +18,9 @@ if not hasattr(_C, "contrastive_clip_fwd"):
     raise ImportError("mmfast._C has no contrastive kernels; rebuild it: python setup.py build_ext --inplace")
 
 
-def clip_fwd(a: torch.Tensor, b: torch.Tensor, scale, bias, label_smoothing: float, offset: int, symmetric: bool):
+def clip_fwd(
+    a: torch.Tensor, b: torch.Tensor, scale, bias, label_smoothing: float, offset: int, symmetric: bool
+):
     """-> (loss_sum fp32 0-d, lse_row fp64 (M,), lse_col fp64 (K,) or None)."""
     return _C.contrastive_clip_fwd(
         a.contiguous(), b.contiguous(), scale, bias, float(label_smoothing), int(offset), bool(symmetric)

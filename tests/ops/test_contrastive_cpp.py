@@ -5,6 +5,7 @@ using PyTorch's own result in the features' dtype as the yardstick (mmfast.testi
 Shapes cover one row, odd sizes, several row blocks / column tiles with ragged edges (the kernel
 tiles 256×256), and a large feature dim.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -21,8 +22,11 @@ def _cpp_kernels():
     try:
         return importlib.import_module("mmfast.ops._contrastive_cpp")
     except ImportError as e:
-        pytest.skip(f"mmfast._C with the contrastive kernels is not built ({e}); run "
-                    "`python setup.py build_ext --inplace`", allow_module_level=True)
+        pytest.skip(
+            f"mmfast._C with the contrastive kernels is not built ({e}); run "
+            "`python setup.py build_ext --inplace`",
+            allow_module_level=True,
+        )
 
 
 K = _cpp_kernels()
@@ -123,9 +127,14 @@ RECT = [(13, 40, 0), (13, 40, 27), (1, 5, 4), (300, 600, 260), (37, 300, 263)]
 def test_clip_rows_sum_with_offset(m, k, offset, dtype):
     a, b = _features(m, k, 19, dtype, seed=m + k + offset, offset=offset)
     _check(
-        lambda a, b, s, bias: C.clip_rows_sum(a, b, s, bias, label_smoothing=0.1, offset=offset, backend="cpp"),
+        lambda a, b, s, bias: C.clip_rows_sum(
+            a, b, s, bias, label_smoothing=0.1, offset=offset, backend="cpp"
+        ),
         lambda a, b, s, bias: C.clip_rows_reference(a, b, s, bias, 0.1, offset),
-        a, b, torch.tensor(30.0), torch.tensor(0.5),
+        a,
+        b,
+        torch.tensor(30.0),
+        torch.tensor(0.5),
     )
 
 
@@ -136,7 +145,10 @@ def test_siglip_sum_with_offset(m, k, offset, dtype):
     _check(
         lambda a, b, s, bias: C.siglip_sum(a, b, s, bias, offset=offset, backend="cpp"),
         lambda a, b, s, bias: C.siglip_sum_reference(a, b, s, bias, offset),
-        a, b, torch.tensor(10.0), torch.tensor(-10.0),
+        a,
+        b,
+        torch.tensor(10.0),
+        torch.tensor(-10.0),
     )
 
 
@@ -145,7 +157,10 @@ def test_clip_rows_sum_without_bias():
     _check(
         lambda a, b, s, bias: C.clip_rows_sum(a, b, s, bias, offset=2, backend="cpp"),
         lambda a, b, s, bias: C.clip_rows_reference(a, b, s, bias, 0.0, 2),
-        a, b, torch.tensor(10.0), None,
+        a,
+        b,
+        torch.tensor(10.0),
+        None,
     )
 
 
@@ -203,7 +218,17 @@ def _ok():
         (lambda a, b, s, c: (a.to("meta"), b.to("meta"), s, c), "CPU tensors"),
         (lambda a, b, s, c: (a[:0], b, s, c), "at least one row"),
     ],
-    ids=["strided", "1-D", "dim-mismatch", "dtype-mismatch", "fp64", "scale-dtype", "bias-shape", "meta", "empty"],
+    ids=[
+        "strided",
+        "1-D",
+        "dim-mismatch",
+        "dtype-mismatch",
+        "fp64",
+        "scale-dtype",
+        "bias-shape",
+        "meta",
+        "empty",
+    ],
 )
 def test_extension_rejects_bad_input(mutate, match):
     a, b, s, c = mutate(*_ok())
@@ -249,11 +274,14 @@ def test_torch_compile_traces_the_cpp_backend(kind):
     a, b = _features(37, 37, 19, torch.float32, seed=5)
     s, beta = torch.tensor(10.0), torch.tensor(-2.0)
     if kind == "clip":
+
         def fn(a, b, s, bias):
             return C.clip_loss(a, b, s, bias, label_smoothing=0.1, backend="cpp")
     else:
+
         def fn(a, b, s, bias):
             return C.siglip_loss(a, b, s, bias, backend="cpp")
+
     eager = _grads(fn, a, b, s, beta)
     compiled = _grads(torch.compile(fn, backend="aot_eager", fullgraph=True), a, b, s, beta)
     for name in eager:
