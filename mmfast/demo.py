@@ -59,7 +59,7 @@ def clip_train(ctx: DemoContext) -> dict:
     argv = ["--nproc", str(a.nproc), "--config", a.clip_model, "--data", str(ctx.world), "--out", str(ctx.clip_run),
             "--deepspeed-config", "zero2", "--steps", str(a.steps), "--batch-size", str(a.batch_size),
             "--lr", str(a.lr), "--warmup", str(max(1, a.steps // 10)), "--seed", str(a.seed),
-            "--log-every", "10", "--threads", "1"]
+            "--log-every", "10"]
     t0 = time.perf_counter()
     rc = clip_main(argv)
     wall = time.perf_counter() - t0
