@@ -388,7 +388,7 @@ def main(argv=None) -> int:
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if rank == 0 and (step % args.log_every == 0 or step == total):
             now = time.perf_counter()
-            row = {"step": step, "loss": float(loss), "lr": scheduler.get_last_lr()[0],
+            row = {"step": step, "loss": float(loss.detach()), "lr": scheduler.get_last_lr()[-1],  # the LLM group (stage 1: projector)
                    "tokens_per_s": round(tok_last / max(now - t_last, 1e-9), 1),
                    "memory_mb": round(peak_memory_mb(device), 1), "time": round(now - t_start, 3)}
             with open(metrics_path, "a", encoding="utf-8") as f:
