@@ -19,12 +19,12 @@ POPE_SETTINGS = ("random", "popular", "adversarial")
 
 def add_args(p) -> None:
     p.add_argument("--llava-steps1", type=int, default=40, help="LLaVA stage-1 steps")
-    p.add_argument("--llava-steps2", type=int, default=300, help="LLaVA stage-2 (LoRA) steps")
+    p.add_argument("--llava-steps2", type=int, default=150, help="LLaVA stage-2 (LoRA) steps")
     p.add_argument("--llava-batch-size", type=int, default=16, help="per rank")
     p.add_argument("--llava-lr2", type=float, default=3e-3, help="stage-2 LoRA learning rate")
     p.add_argument("--llava-lora-r", type=int, default=64)
-    p.add_argument("--llava-eval-questions", type=int, default=200)
-    p.add_argument("--pope-images", type=int, default=60, help="POPE images per setting (x6 questions)")
+    p.add_argument("--llava-eval-questions", type=int, default=100)
+    p.add_argument("--pope-images", type=int, default=30, help="POPE images per setting (x6 questions)")
 
 
 def _dirs(ctx):
