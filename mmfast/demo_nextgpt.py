@@ -2,7 +2,9 @@
 
 * ``nextgpt_stage1``: encoding-side alignment (input projection, captioning LM loss), ZeRO-2 on 2 ranks.
   The image encoder is the CLIP the demo trained (its ViT as a transformers ``CLIPVisionModel``, frozen),
-  or the tiny preset's own tower when the CLIP stages did not run.
+  and the LLM the tiny LLaVA's tuned language model (stage 2, LoRA merged; it has read the world's
+  text), as NExT-GPT starts from a pretrained Vicuna. Without those stages the tiny preset's random
+  parts stand in.
 * ``nextgpt_stage2``: decoding-side alignment (output projection + signal-token rows; LM loss on the
   reply and the per-token Euclidean alignment loss against the tiny Stable Diffusion's text encoder).
 * ``nextgpt_eval``: text->image on held-out captions. The reply ``Here is the image. [IMG0]..[IMG3]`` is
@@ -35,6 +37,11 @@ def _clip_dir(ctx):
     return d if (d / "open_clip_config.json").is_file() else None
 
 
+def _llava_dir(ctx):
+    d = ctx.out / "llava_stage2" / "final"
+    return d if (d / "config.json").is_file() else None
+
+
 def _train(argv, out) -> dict:
     from mmfast.train_launch import nextgpt_main
 
@@ -60,8 +67,11 @@ def nextgpt_stage1(ctx) -> dict:
     argv = _common(ctx, 1, s1) + ["--model", "tiny", "--steps", str(ctx.args.nextgpt_steps1), "--lr", "2e-3"]
     if clip is not None:
         argv += ["--image-encoder", str(clip)]
+    llm = _llava_dir(ctx)
+    if llm is not None:
+        argv += ["--llm", str(llm)]
     r = _train(argv, s1)
-    return {"nextgpt_stage1_final_loss": round(r["loss"], 4), "nextgpt_stage1_first_loss": round(r["first"]["loss"], 4),
+    return {"nextgpt_llm": str(llm or "tiny preset"), "nextgpt_stage1_final_loss": round(r["loss"], 4), "nextgpt_stage1_first_loss": round(r["first"]["loss"], 4),
             "nextgpt_stage1_seconds": round(r["seconds"], 1), "nextgpt_image_encoder": str(clip or "tiny preset")}
 
 

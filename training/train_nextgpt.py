@@ -55,6 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--init-from", default=None, help="a saved NExT-GPT directory (the previous stage's final/)")
     p.add_argument("--input-projection", default=None, choices=("linear", "group"))
     p.add_argument("--image-encoder", default=None, help="CLIP directory / open_clip export for images and video")
+    p.add_argument("--llm", default=None, help="LLaMA/Vicuna or llava-hf directory replacing the preset's LLM")
     p.add_argument("--data", required=True, help="synthetic-world folder or a dialogue JSON file")
     p.add_argument("--media-root", default=None)
     p.add_argument("--modalities", default="image", help="comma-separated: image,audio,video")
@@ -88,7 +89,7 @@ def build(args, device) -> ng.NextGPT:
         model = ng.load_pretrained(args.init_from, device="cpu", kernels=False)
     else:
         model = ng.build_nextgpt(args.model, input_projection=args.input_projection, image_encoder=args.image_encoder,
-                                 kernels=False, seed=args.seed)
+                                 llm=args.llm, kernels=False, seed=args.seed)
     model.set_stage(args.stage, args.modalities)
     model.to(device)
     if kernels:
@@ -122,9 +123,22 @@ class StageModule(torch.nn.Module):
 
     def forward(self, input_ids, labels, attention_mask, media, captions):
         out = self.model.loss({"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-                               "media": media, "captions": captions}, self.align_weight, self.diffusion_weight)
+                               "media": media, "captions": captions}, self.align_weight, self.diffusion_weight,
+                              touch_all=True)
         self.parts = {k: float(v.detach()) for k, v in out.items()}
         return out["loss"]
+
+
+LOGGED = ("loss", "lm", *(f"align_{m}" for m in nd.MODALITIES), "diffusion_image")
+
+
+def mean_over_ranks(parts: dict, device) -> dict:
+    """Each loss part averaged over the ranks whose batch had it (the global batch's loss)."""
+    import torch.distributed as dist
+
+    v = torch.tensor([[parts.get(k, 0.0), float(k in parts)] for k in LOGGED], dtype=torch.float64, device=device)
+    dist.all_reduce(v)
+    return {k: float(v[i, 0] / v[i, 1]) for i, k in enumerate(LOGGED) if v[i, 1] > 0}
 
 
 def save_checkpoint(engine, out: Path, step: int, rank: int) -> None:
@@ -196,8 +210,10 @@ def main(argv=None) -> int:
         engine.backward(loss)
         engine.step()
         step += 1
+        if step % args.log_every == 0 or step == args.steps:
+            parts = mean_over_ranks(module.parts, device)  # a collective: every rank logs the same steps
         if rank == 0 and (step % args.log_every == 0 or step == args.steps):
-            row = {"step": step, **module.parts, "lr": scheduler.get_last_lr()[0],
+            row = {"step": step, **parts, "lr": scheduler.get_last_lr()[0],
                    "memory_mb": round(peak_memory_mb(device), 1), "time": round(time.perf_counter() - t_start, 3)}
             with open(metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")

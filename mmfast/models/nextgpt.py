@@ -49,6 +49,9 @@ def _build_llm(spec):
     """(LlamaForCausalLM, tokenizer, built_from_config): an LLaVA preset name's LLM or a local directory."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if isinstance(spec, str) and Path(spec).is_dir() and json.loads(
+            (Path(spec) / "config.json").read_text(encoding="utf-8")).get("model_type") == "llava":
+        return (*_llm_of_llava(spec), False)
     if isinstance(spec, str) and Path(spec).is_dir():
         llm = AutoModelForCausalLM.from_pretrained(spec, local_files_only=True)
         tok = AutoTokenizer.from_pretrained(spec, local_files_only=True)
@@ -60,6 +63,19 @@ def _build_llm(spec):
     cfg = AutoConfig.for_model(**pre["llm"])
     cfg.vocab_size = len(tok)
     return AutoModelForCausalLM.from_config(cfg), tok, True
+
+
+def _llm_of_llava(path):
+    """The language model (+ LM head) and tokenizer of a llava-hf directory (e.g. the demo's tuned LLaVA)."""
+    from transformers import AutoModelForCausalLM
+
+    from mmfast.models.llava import load_pretrained as load_llava
+
+    lv = load_llava(path, device="cpu", kernels=False)
+    llm = AutoModelForCausalLM.from_config(lv.model.config.text_config)
+    llm.model.load_state_dict(lv.model.model.language_model.state_dict())
+    llm.lm_head.load_state_dict(lv.model.lm_head.state_dict())
+    return llm, lv.tokenizer
 
 
 class NextGPT(nn.Module):
@@ -219,8 +235,12 @@ class NextGPT(nn.Module):
             return fused_linear_cross_entropy(h, head.weight, target, None, backend=backend_of(self.llm))
         return nn.functional.cross_entropy(head(h).float(), target)
 
-    def loss(self, batch: dict, align_weight: float = 1.0, diffusion_weight: float = 0.0) -> dict:
-        """LM loss on supervised tokens, plus per modality the alignment loss (and optional diffusion loss)."""
+    def loss(self, batch: dict, align_weight: float = 1.0, diffusion_weight: float = 0.0,
+             touch_all: bool = False) -> dict:
+        """LM loss on supervised tokens, plus per modality the alignment loss (and optional diffusion loss).
+
+        ``touch_all`` adds a zero-weighted pass through every trainable projection the batch did not use, so
+        data-parallel ranks with different modalities in their batches reduce the same gradients."""
         ids = batch["input_ids"].to(self.device)
         mask = batch.get("attention_mask")
         hidden, emb = self.hidden(ids, mask.to(self.device) if mask is not None else None, batch.get("media", {}))
@@ -236,12 +256,54 @@ class NextGPT(nn.Module):
             if diffusion_weight and m == "image" and "target_images" in batch:
                 out["diffusion_image"] = ndec.diffusion_loss(m, self.pipes[m], pred, batch["target_images"])
                 total = total + diffusion_weight * out["diffusion_image"]
+        if touch_all:
+            total = total + 0.0 * self._unused_projections(batch.get("media", {}), out, hidden)
         out["loss"] = total
         return out
+
+    def _unused_projections(self, media: dict, out: dict, hidden) -> torch.Tensor:
+        zero = hidden.new_zeros(())
+        for m in nd.MODALITIES:
+            ip, op = self.input_proj[m], self.output_proj[m]
+            x = media.get(m)
+            if (x is None or x.numel() == 0) and any(p.requires_grad for p in ip.parameters()):
+                d = self.encoders[m].dim
+                zero = zero + ip(nenc.EncoderOutput(hidden.new_zeros(1, 1, d), hidden.new_zeros(1, d))).sum()
+            if f"align_{m}" not in out and any(p.requires_grad for p in op.parameters()):
+                zero = zero + op(hidden.new_zeros(1, 1, hidden.shape[-1])).sum()
+        return zero
 
     def forward(self, input_ids, labels, attention_mask=None, media=None, captions=None):
         return self.loss({"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
                           "media": media or {}, "captions": captions or {}})["loss"]
+
+    # ---- inference (mmfast.models.nextgpt_generate)
+    def generate(self, text: str, images=None, audios=None, videos=None, **kw) -> dict:
+        """Greedy reply to ``text`` (+ media); signal-token runs are decoded to media (files under ``out_dir``)."""
+        from mmfast.models.nextgpt_generate import generate
+
+        return generate(self, text, images, audios, videos, **kw)
+
+    def answer(self, images, questions, max_new_tokens: int = 16) -> list[str]:
+        """One greedy text answer per (image, question); the evaluation adapters' contract."""
+        from mmfast.models.nextgpt_generate import answer
+
+        return answer(self, images, questions, max_new_tokens)
+
+    def load_trainable(self, sd: dict, src="trainable weights") -> None:
+        """Projections, LoRA and new-token rows from :data:`TRAINABLE_FILE` (or a gathered state dict)."""
+        rows = {k: sd[k] for k in ("new_rows.embed", "new_rows.head") if k in sd}
+        if len(rows) != 2:
+            raise ValueError(f"{src}: missing new_rows.embed / new_rows.head")
+        rest = {k: v for k, v in sd.items() if k not in rows}
+        own = self.state_dict()
+        missing = [k for k in own if (k.startswith(("input_proj.", "output_proj.")) or "lora_" in k) and k not in rest]
+        if missing:
+            raise ValueError(f"{src}: weights missing for {missing[:5]}")
+        _load_into(self, rest, src)
+        with torch.no_grad():
+            self.llm.get_input_embeddings().weight[self.new_ids] = rows["new_rows.embed"].to(self.llm.dtype)
+            self.llm.get_output_embeddings().weight[self.new_ids] = rows["new_rows.head"].to(self.llm.dtype)
 
     # ---- persistence
     def save_pretrained(self, out_dir, state: dict | None = None) -> Path:
@@ -280,13 +342,16 @@ def _safetensors_bytes(sd: dict) -> bytes:
 
 
 def build_nextgpt(preset: str | dict = "tiny", *, input_projection: str | None = None, image_encoder=None,
-                  kernels: bool | None = None, device=None, dtype=None, seed: int | None = None,
+                  llm=None, kernels: bool | None = None, device=None, dtype=None, seed: int | None = None,
                   backend: str | None = None) -> NextGPT:
     """A NExT-GPT from a preset name (``tiny``, ``vicuna7b``) or a config dict; ``image_encoder`` replaces the
-    preset's image (and video) encoder with a local CLIP directory or open_clip export."""
+    preset's image (and video) encoder with a local CLIP directory or open_clip export, ``llm`` its LLM with a
+    LLaMA/Vicuna directory or a llava-hf directory (its language model)."""
     cfg = dict(load_preset(preset) if isinstance(preset, str) else preset)
     if input_projection is not None:
         cfg["input_projection"] = input_projection
+    if llm is not None:
+        cfg["llm"] = str(Path(llm).resolve()) if Path(llm).is_dir() else llm
     if image_encoder is not None:
         cfg["encoders"] = {**cfg["encoders"], "image": str(Path(image_encoder).resolve())}
     if seed is not None:
@@ -350,27 +415,11 @@ def _load_into(model: NextGPT, sd: dict, src) -> None:
             own[k].copy_(v)
 
 
-def _load_trainable(self: NextGPT, sd: dict, src="trainable weights") -> None:
-    """Projections, LoRA and new-token rows from :data:`TRAINABLE_FILE` (or a gathered state dict)."""
-    rows = {k: sd[k] for k in ("new_rows.embed", "new_rows.head") if k in sd}
-    if len(rows) != 2:
-        raise ValueError(f"{src}: missing new_rows.embed / new_rows.head")
-    rest = {k: v for k, v in sd.items() if k not in rows}
-    own = self.state_dict()
-    missing = [k for k in own if (k.startswith(("input_proj.", "output_proj.")) or "lora_" in k) and k not in rest]
-    if missing:
-        raise ValueError(f"{src}: weights missing for {missing[:5]}")
-    _load_into(self, rest, src)
-    with torch.no_grad():
-        self.llm.get_input_embeddings().weight[self.new_ids] = rows["new_rows.embed"].to(self.llm.dtype)
-        self.llm.get_output_embeddings().weight[self.new_ids] = rows["new_rows.head"].to(self.llm.dtype)
+def chat_main(argv: list[str] | None = None) -> int:
+    """``mmfast chat`` for a NExT-GPT directory (see :mod:`mmfast.models.nextgpt_generate`)."""
+    from mmfast.models.nextgpt_generate import chat_main as run
 
+    return run(argv)
 
-NextGPT.load_trainable = _load_trainable
-
-from mmfast.models.nextgpt_generate import answer, chat_main, generate  # noqa: E402
-
-NextGPT.generate = generate
-NextGPT.answer = answer
 
 __all__ = ["NextGPT", "build_nextgpt", "chat_main", "list_presets", "load_preset", "load_pretrained"]

@@ -114,7 +114,12 @@ def tiny_video_pipeline(cfg: dict, tokenizer):
 
 def tiny_audio_pipeline(cfg: dict, tokenizer):
     from diffusers import AudioLDMPipeline, UNet2DConditionModel
-    from transformers import ClapTextConfig, ClapTextModelWithProjection, SpeechT5HifiGan, SpeechT5HifiGanConfig
+    from transformers import (
+        ClapTextConfig,
+        ClapTextModelWithProjection,
+        SpeechT5HifiGan,
+        SpeechT5HifiGanConfig,
+    )
 
     c = cfg["text_encoder"]
     d = c["projection_dim"]

@@ -136,7 +136,7 @@ def test_only_the_stages_parameters_change(stage):
     torch.set_num_threads(1)
     m = ng.build_nextgpt("tiny", seed=0, kernels=False)
     batch = _batch(m)
-    names, changed, before, after = _step(m, stage, batch)
+    _, changed, before, after = _step(m, stage, batch)
     assert changed, "nothing trained"
     emb_key, head_key = "llm.model.embed_tokens.weight", "llm.lm_head.weight"
     allowed = {"1": ("input_proj.",), "2": ("output_proj.",), "3": ("input_proj.", "output_proj.")}[str(stage)]
@@ -244,3 +244,47 @@ def test_image_encoder_from_an_open_clip_export(tmp_path):
     assert out.tokens.shape[:2] == (2, (enc.image_size // w.shape[-1]) ** 2) and torch.isfinite(out.pooled).all()
     with pytest.raises(FileNotFoundError, match="image encoder directory"):
         nenc.ImageEncoder.from_pretrained(tmp_path / "missing")
+
+
+def test_touch_all_gives_every_trainable_parameter_a_gradient():
+    """Data-parallel ranks must reduce the same gradients whatever modalities their batch holds."""
+    torch.set_num_threads(1)
+    m = ng.build_nextgpt("tiny", seed=0, kernels=False)
+    m.set_stage(3)
+    batch = _batch(m)
+    batch = dict(batch, input_ids=batch["input_ids"][1:], labels=batch["labels"][1:],
+                 attention_mask=batch["attention_mask"][1:], media={"audio": batch["media"]["audio"]},
+                 captions={"image": batch["captions"]["image"]})
+    out = m.loss(batch, touch_all=True)
+    out["loss"].backward()
+    missing = [n for n, p in m.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing[:5]
+    assert float(m.output_proj["video"].out.weight.grad.abs().max()) == 0.0  # zero-weighted: no effect
+
+
+def test_llm_from_a_llava_directory(tmp_path):
+    from mmfast.models.llava import build_llava
+
+    lv = build_llava("tiny", kernels=False, seed=0)
+    lv.save_pretrained(tmp_path / "llava")
+    m = ng.build_nextgpt("tiny", llm=tmp_path / "llava", seed=1, kernels=False)
+    src = lv.model.model.language_model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(m.llm.model.layers[0].self_attn.q_proj.weight, src)
+    n = lv.model.lm_head.weight.shape[0]
+    assert torch.equal(m.llm.lm_head.weight[:n], lv.model.lm_head.weight)
+    assert m.tokenizer.convert_tokens_to_ids("[IMG0]") >= n
+
+
+def test_kernels_patch_the_llm_and_agree_with_plain(model):
+    """kernels=True: mmfast.patch on the LLM (attention, RMSNorm, fused linear cross-entropy) gives the
+    same losses as plain transformers, in fp32."""
+    from mmfast.models.patch import patched_rules
+
+    fast = ng.build_nextgpt("tiny", seed=0, kernels=True)
+    assert {"hf.attention", "hf.rms_norm"} <= set(patched_rules(fast.llm))
+    fast.load_state_dict(model.state_dict())
+    batch = _batch(model)
+    with torch.no_grad():
+        ref, got = model.loss(batch), fast.loss(batch)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], msg=k)

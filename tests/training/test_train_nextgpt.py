@@ -1,5 +1,5 @@
 """training/train_nextgpt.py: the three stages on 2 CPU ranks (DeepSpeed ZeRO-2, gloo), chained through
-``final/``, each lowering its loss; frozen parts stay bit-identical; resume from a checkpoint."""
+``final/``, each lowering its global-batch loss; frozen parts stay bit-identical; resume from a checkpoint."""
 from __future__ import annotations
 
 import json
@@ -31,7 +31,7 @@ def _run(*args, nproc=2):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "mmfast.cli", "train", "nextgpt", "--nproc", str(nproc), *map(str, args),
            "--batch-size", "2", "--max-samples", "4", "--threads", "1", "--log-every", "1", "--lr", "1e-2"]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
@@ -43,6 +43,17 @@ def _tensors(d: Path, name: str) -> dict:
     from mmfast.utils.io import load_state_dict
 
     return load_state_dict(d / name)
+
+
+def _eval_loss(model_dir: Path, world: Path, stage: int) -> float:
+    from mmfast.models import nextgpt_data as nd
+    from mmfast.models.nextgpt import load_pretrained
+
+    model = load_pretrained(model_dir, device="cpu")
+    recs = nd.stage_records(world, stage, ("image", "audio", "video"), seed=0)[:4]  # the script's first 4
+    ds = nd.DialogueDataset(recs, model.tokenizer, model.media_loader(world), model.n_input_tokens)
+    with torch.no_grad():
+        return float(model.loss(nd.collate([ds[i] for i in range(len(ds))], model.tokenizer.pad_token_id))["loss"])
 
 
 @pytest.mark.slow
@@ -57,8 +68,10 @@ def test_three_stages_on_two_ranks_lower_their_losses(world, tmp_path):
     assert l2[-1] < l2[0] and a2[-1] < a2[0], (l2, a2)
     _run("--stage", "3", "--init-from", s2 / "final", "--data", world, "--out", s3, "--steps", 6,
          "--modalities", "image,audio,video")
-    l3 = _losses(s3)
-    assert l3[-1] < l3[0], l3
+    # Stage 3's batches mix modalities differently on each rank from step to step, so its logged loss is
+    # noisy: compare the loss on the same dialogues before (stage 2's model) and after.
+    before, after = _eval_loss(s2 / "final", world, 3), _eval_loss(s3 / "final", world, 3)
+    assert after < before, (before, after)
     summary = json.loads((s3 / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["zero_stage"] == 2 and summary["steps"] == 6
 
