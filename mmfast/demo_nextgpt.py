@@ -21,7 +21,7 @@ import time
 
 
 def add_args(p) -> None:
-    p.add_argument("--nextgpt-steps1", type=int, default=40, help="NExT-GPT stage-1 steps")
+    p.add_argument("--nextgpt-steps1", type=int, default=60, help="NExT-GPT stage-1 steps")
     p.add_argument("--nextgpt-steps2", type=int, default=60, help="NExT-GPT stage-2 steps")
     p.add_argument("--nextgpt-batch-size", type=int, default=8, help="per rank")
     p.add_argument("--nextgpt-eval-prompts", type=int, default=32)
@@ -64,7 +64,7 @@ def _common(ctx, stage: int, out) -> list[str]:
 def nextgpt_stage1(ctx) -> dict:
     s1, _ = _dirs(ctx)
     clip = _clip_dir(ctx)
-    argv = _common(ctx, 1, s1) + ["--model", "tiny", "--steps", str(ctx.args.nextgpt_steps1), "--lr", "2e-3"]
+    argv = _common(ctx, 1, s1) + ["--model", "tiny", "--steps", str(ctx.args.nextgpt_steps1), "--lr", "5e-3"]
     if clip is not None:
         argv += ["--image-encoder", str(clip)]
     llm = _llava_dir(ctx)

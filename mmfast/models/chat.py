@@ -35,7 +35,8 @@ def reply(llava, conversations: list[dict], image, args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)  # NExT-GPT's own options (--audio, --out-dir, ...) pass through
     from mmfast.eval.adapters import detect_kind
 
     try:
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         from mmfast.models import nextgpt
 
         return int(nextgpt.chat_main(argv) or 0)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if kind not in ("llava", "llava-hf"):
         print(f"mmfast chat: {args.model} holds a {kind!r} model; chat knows llava and nextgpt", file=sys.stderr)
         return 2

@@ -288,3 +288,15 @@ def test_kernels_patch_the_llm_and_agree_with_plain(model):
         ref, got = model.loss(batch), fast.loss(batch)
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], msg=k)
+
+
+def test_mmfast_chat_routes_a_nextgpt_directory(model, tmp_path, capsys):
+    from mmfast.models.chat import main as chat_main
+
+    model.save_pretrained(tmp_path / "ng")
+    rc = chat_main(["--model", str(tmp_path / "ng"), "--prompt", "Hello", "--max-new-tokens", "3",
+                    "--out-dir", str(tmp_path / "gen"), "--device", "cpu"])
+    assert rc == 0
+    assert capsys.readouterr().out.endswith("\n")  # one reply printed (a random tiny LLM may say little)
+    rc = chat_main(["--model", str(tmp_path / "ng"), "--prompt", "x", "--image", str(tmp_path / "missing.png")])
+    assert rc == 2

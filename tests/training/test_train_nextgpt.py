@@ -100,3 +100,12 @@ def test_three_stages_on_two_ranks_lower_their_losses(world, tmp_path):
 
     model = load_pretrained(s3 / "final", device="cpu")
     assert model.lora_config is not None and len(model.answer([None], ["Draw a cat."], max_new_tokens=2)) == 1
+
+
+def test_demo_lists_the_nextgpt_stages():
+    from mmfast import demo
+
+    names = [s.name for s in demo.STAGES]
+    assert names[-3:] == ["nextgpt_stage1", "nextgpt_stage2", "nextgpt_eval"]
+    args = demo.parse_args(["--nextgpt-steps1", "3"])
+    assert args.nextgpt_steps1 == 3 and args.nextgpt_eval_prompts > 0
