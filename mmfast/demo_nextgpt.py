@@ -13,6 +13,8 @@
   demo's CLIP: CLIPSIM = mean cosine(image, its prompt), and the same on mismatched (rolled) pairs.
   The tiny decoder is random and frozen, so the two scores are expected to be close: the numbers check
   the plumbing, not image quality (a pretrained Stable Diffusion directory gives the real measurement).
+  The LLM stays frozen in stages 1-2, so it has not learnt to answer with ``[IMG0]`` by itself (that is
+  stage 3's instruction tuning): ``nextgpt_signal_emit_rate`` is expected near 0 here.
 """
 from __future__ import annotations
 
