@@ -121,9 +121,10 @@ class StageModule(torch.nn.Module):
         self.model, self.align_weight, self.diffusion_weight = model, align_weight, diffusion_weight
         self.parts: dict = {}
 
-    def forward(self, input_ids, labels, attention_mask, media, captions):
+    def forward(self, input_ids, labels, attention_mask, media, captions, target_images=None):
         out = self.model.loss({"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-                               "media": media, "captions": captions}, self.align_weight, self.diffusion_weight,
+                               "media": media, "captions": captions, "target_images": target_images},
+                              self.align_weight, self.diffusion_weight,
                               touch_all=True)
         self.parts = {k: float(v.detach()) for k, v in out.items()}
         return out["loss"]
@@ -167,8 +168,10 @@ def main(argv=None) -> int:
 
     model = build(args, device)
     recs, root = records(args)
+    sd = model.pipes["image"]
+    target_size = sd.unet.config.sample_size * sd.vae_scale_factor if args.diffusion_weight > 0 else 0
     dataset = nd.DialogueDataset(recs, model.tokenizer, model.media_loader(root), model.n_input_tokens,
-                                 int(model.cfg.get("max_length", 512)))
+                                 int(model.cfg.get("max_length", 512)), target_size=target_size)
     module = StageModule(model, args.align_weight, args.diffusion_weight)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
@@ -206,7 +209,7 @@ def main(argv=None) -> int:
     for batch in loader:
         media = {m: x.to(device, dtype=dtype) for m, x in batch["media"].items()}
         loss = engine(batch["input_ids"].to(device), batch["labels"].to(device), batch["attention_mask"].to(device),
-                      media, batch["captions"])
+                      media, batch["captions"], batch.get("target_images"))
         engine.backward(loss)
         engine.step()
         step += 1

@@ -253,8 +253,11 @@ class NextGPT(nn.Module):
             target = ndec.text_condition(m, self.pipes[m], caps, self.device).to(pred.dtype)
             out[f"align_{m}"] = (pred - target).norm(dim=-1).mean()
             total = total + align_weight * out[f"align_{m}"]
-            if diffusion_weight and m == "image" and "target_images" in batch:
-                out["diffusion_image"] = ndec.diffusion_loss(m, self.pipes[m], pred, batch["target_images"])
+            if diffusion_weight and m == "image":
+                if batch.get("target_images") is None:
+                    raise ValueError("diffusion_weight > 0 needs batch['target_images'] (the records' target_media)")
+                out["diffusion_image"] = ndec.diffusion_loss(m, self.pipes[m], pred,
+                                                             batch["target_images"].to(self.device))
                 total = total + diffusion_weight * out["diffusion_image"]
         if touch_all:
             total = total + 0.0 * self._unused_projections(batch.get("media", {}), out, hidden)

@@ -59,8 +59,8 @@ def validate_record(rec, where: str = "record") -> dict:
         want = "human" if i % 2 == 0 else "gpt"
         if not isinstance(turn, dict) or turn.get("from") != want or not isinstance(turn.get("value"), str):
             raise ValueError(f"{where}: conversations[{i}] must be {{'from': '{want}', 'value': str}}, got {turn!r}")
-    media, targets = rec.get("media", {}), rec.get("targets", {})
-    for name, d in (("media", media), ("targets", targets)):
+    media, targets, target_media = rec.get("media", {}), rec.get("targets", {}), rec.get("target_media", {})
+    for name, d in (("media", media), ("targets", targets), ("target_media", target_media)):
         if not isinstance(d, dict) or any(k not in MODALITIES for k in d):
             raise ValueError(f"{where}: {name!r} must map modalities {MODALITIES} to lists, got {d!r}")
         for k, v in d.items():
@@ -80,6 +80,8 @@ def validate_record(rec, where: str = "record") -> dict:
             raise ValueError(f"{where}: signal tokens {toks[0]}..{toks[-1]} must appear as complete runs in gpt turns")
         if runs != len(targets.get(m, [])):
             raise ValueError(f"{where}: {runs} {m} signal-token runs but {len(targets.get(m, []))} targets['{m}'] captions")
+        if m in target_media and len(target_media[m]) != runs:
+            raise ValueError(f"{where}: {runs} {m} signal-token runs but {len(target_media[m])} target_media['{m}'] paths")
     return rec
 
 
@@ -155,9 +157,23 @@ class MediaLoader:
 
 
 class DialogueDataset(torch.utils.data.Dataset):
-    def __init__(self, records, tokenizer, media: MediaLoader, n_input_tokens: int, max_length: int = 512):
+    """Tokenized records with their media; ``target_size`` > 0 also loads ``target_media`` images as
+    (3, S, S) tensors in [-1, 1] (the diffusion loss's targets)."""
+
+    def __init__(self, records, tokenizer, media: MediaLoader, n_input_tokens: int, max_length: int = 512,
+                 target_size: int = 0):
         self.records = [validate_record(r, f"record {i}") for i, r in enumerate(records)]
         self.tok, self.media, self.n_in, self.max_length = tokenizer, media, n_input_tokens, max_length
+        self.target_size = target_size
+
+    def _target_image(self, rel) -> torch.Tensor:
+        import numpy as np
+        from PIL import Image
+
+        from mmfast.utils.io import open_image
+
+        im = open_image(self.media._path(rel)).convert("RGB").resize((self.target_size,) * 2, Image.BICUBIC)
+        return torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)  # (3, S, S)
 
     def __len__(self):
         return len(self.records)
@@ -167,6 +183,8 @@ class DialogueDataset(torch.utils.data.Dataset):
         item = tokenize_dialogue(rec, self.tok, self.n_in, self.max_length)
         item["media"] = {m: [self.media.load(m, p) for p in ps] for m, ps in rec.get("media", {}).items()}
         item["captions"] = rec.get("targets", {})
+        if self.target_size and "image" in rec.get("target_media", {}):
+            item["target_images"] = [self._target_image(p) for p in rec["target_media"]["image"]]
         return item
 
 
@@ -188,7 +206,11 @@ def collate(samples: list[dict], pad_id: int) -> dict:
         cs = [c for s in samples for c in s.get("captions", {}).get(m, [])]
         if cs:
             captions[m] = cs
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "media": media, "captions": captions}
+    out = {"input_ids": ids, "labels": labels, "attention_mask": mask, "media": media, "captions": captions}
+    targets = [x for s in samples for x in s.get("target_images", [])]
+    if targets:
+        out["target_images"] = torch.stack(targets)  # (R_image, 3, S, S), in signal-run order
+    return out
 
 
 # --------------------------------------------------------------------------- stage data from a world
@@ -225,7 +247,7 @@ def t2x_record(modality: str, pair: dict, rng: random.Random) -> dict:
     q = rng.choice(T2X_PROMPTS[modality]).format(c=pair["caption"])
     return {"conversations": [{"from": "human", "value": q},
                               {"from": "gpt", "value": f"{T2X_REPLIES[modality]} {signal_run(modality)}"}],
-            "targets": {modality: [pair["caption"]]}}
+            "targets": {modality: [pair["caption"]]}, "target_media": {modality: [pair["path"]]}}
 
 
 def stage_records(world, stage: int, modalities=("image",), split: str = "train", seed: int = 0,
@@ -254,7 +276,7 @@ def mosit_dialogues(pairs: dict, rng: random.Random, n: int) -> list[dict]:
         first = x2t_record(src, a, rng)
         second = t2x_record(dst, b, rng)
         out.append({"conversations": first["conversations"] + second["conversations"],
-                    "media": first["media"], "targets": second["targets"]})
+                    "media": first["media"], "targets": second["targets"], "target_media": second["target_media"]})
     return out
 
 

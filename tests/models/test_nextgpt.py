@@ -300,3 +300,20 @@ def test_mmfast_chat_routes_a_nextgpt_directory(model, tmp_path, capsys):
     assert capsys.readouterr().out.endswith("\n")  # one reply printed (a random tiny LLM may say little)
     rc = chat_main(["--model", str(tmp_path / "ng"), "--prompt", "x", "--image", str(tmp_path / "missing.png")])
     assert rc == 2
+
+
+def test_optional_diffusion_loss_trains_the_output_projection(model):
+    batch = _batch(model)
+    model.set_stage(2, ("image",))
+    with pytest.raises(ValueError, match="target_images"):
+        model.loss(batch, diffusion_weight=1.0)
+    batch["target_images"] = torch.rand(1, 3, 32, 32) * 2 - 1  # one image signal run in the batch
+    out = model.loss(batch, diffusion_weight=1.0)
+    assert torch.isfinite(out["diffusion_image"]) and float(out["diffusion_image"]) > 0
+    model.zero_grad(set_to_none=True)
+    out["diffusion_image"].backward()
+    g = model.output_proj["image"].out.weight.grad
+    assert g is not None and float(g.abs().max()) > 0
+    assert all(p.grad is None for p in model.decoders.parameters())  # the decoder stays frozen
+    model.zero_grad(set_to_none=True)
+    model.set_stage(1)

@@ -26,6 +26,7 @@ def _rec(**over):
     (_rec(media={"image": []}), "1 <image> placeholders but 0"),
     (_rec(media={"smell": ["x"]}), "'media' must map"),
     (_rec(targets={}), "1 audio signal-token runs but 0"),
+    (_rec(target_media={"audio": ["a.wav", "b.wav"]}), "but 2 target_media"),
     (_rec(conversations=[{"from": "human", "value": "<image>"},
                          {"from": "gpt", "value": "[AUD0][AUD1]"}], targets={}), "complete runs"),
     (_rec(conversations=[{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "<video>"}]),
@@ -38,12 +39,17 @@ def test_malformed_dialogues_raise_clear_errors(bad, match):
         nd.validate_record(bad, "record 7")
 
 
-def test_labels_cover_only_assistant_turns():
+def _tok():
     from mmfast.models.nextgpt import _build_llm
 
     _, tok, _ = _build_llm("tiny")
     tok.add_tokens([t for m in nd.MODALITIES for t in nd.SIGNAL_TOKENS[m]] + ["<audio>", "<video>"],
                    special_tokens=True)
+    return tok
+
+
+def test_labels_cover_only_assistant_turns():
+    tok = _tok()
     item = nd.tokenize_dialogue(_rec(), tok, n_input_tokens=3)
     ids, labels = item["input_ids"], item["labels"]
     assert int((ids == tok.convert_tokens_to_ids("<image>")).sum()) == 3
@@ -71,6 +77,10 @@ def test_stage_builders_and_media(tmp_path):
             nd.validate_record(r, f"record {i}")
     assert all(r["media"] and "targets" not in r for r in s1)
     assert all(r["targets"] and not r.get("media") for r in s2)
+    ds = nd.DialogueDataset(s2[:2], _tok(), nd.MediaLoader(tmp_path, ImageProcessor(32, aspect="resize")), 1,
+                            target_size=16)
+    batch = nd.collate([ds[0], ds[1]], 0)
+    assert batch["target_images"].shape == (2, 3, 16, 16) and -1 <= float(batch["target_images"].min())
     assert len(s3) == 10 and all(len(r["conversations"]) == 4 for r in s3)
     loader = nd.MediaLoader(tmp_path, ImageProcessor(32, aspect="resize"), video_frames=4, audio_samples=8000)
     by_mod = {m: next(r for r in s1 if m in r["media"]) for m in mods}
