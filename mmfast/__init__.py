@@ -26,4 +26,4 @@ def __getattr__(name: str):
     return getattr(obj, attr) if attr else obj
 
 
-__all__ = ["__version__", *_LAZY]
+__all__ = ["__version__"] + list(_LAZY)

@@ -9,8 +9,8 @@ import os
 if os.environ.get("MMFAST_TEST_CUDA") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -38,4 +38,4 @@ def __getattr__(name: str):
     return getattr(importlib.import_module(f"mmfast.ops.{mod}"), name)
 
 
-__all__ = ["BACKENDS", "BackendUnavailableError", *_EXPORTS]
+__all__ = ["BACKENDS", "BackendUnavailableError"] + list(_EXPORTS)

@@ -17,8 +17,8 @@ naming them. Nothing falls back silently.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -41,7 +41,7 @@ class Facts:
     extra: dict = field(default_factory=dict)
 
     @staticmethod
-    def of(tensors: Sequence[torch.Tensor], **extra) -> "Facts":
+    def of(tensors: Sequence[torch.Tensor], **extra) -> Facts:
         t = [x for x in tensors if isinstance(x, torch.Tensor)]
         if not t:
             raise ValueError("dispatch needs at least one tensor argument")
@@ -50,16 +50,17 @@ class Facts:
 
 # --------------------------------------------------------------------------- environment probes
 def _triton_import_error() -> str | None:
+    # Any failure (ImportError, a missing driver library's OSError, ...) becomes a refusal reason.
     try:
         import triton  # noqa: F401
-    except Exception as e:  # pragma: no cover - depends on the machine
+    except Exception as e:  # noqa: BLE001  # pragma: no cover - depends on the machine
         return f"triton is not importable ({type(e).__name__}: {e})"
     return None
 
 
 def cpp_extension():
     """Return ``mmfast._C`` or raise ImportError with the reason."""
-    from mmfast import _C  # noqa: F401  (built from csrc/ by `pip install` / `make`)
+    from mmfast import _C  # built from csrc/ by `pip install` / `make`
 
     return _C
 
@@ -67,7 +68,7 @@ def cpp_extension():
 def _cpp_import_error() -> str | None:
     try:
         cpp_extension()
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - a stale or broken build must become a reason, not a crash
         return f"the C++ extension mmfast._C is not built or failed to load ({type(e).__name__}: {e})"
     return None
 
@@ -212,7 +213,7 @@ def info_lines() -> list[str]:
         import triton
 
         lines.append(f"triton {triton.__version__}")
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - `mmfast info` reports whatever failed
         lines.append(f"triton: not importable ({type(e).__name__})")
     lines.append(f"TRITON_INTERPRET at import: {'1' if _INTERPRET_AT_IMPORT else 'unset'}")
     err = _cpp_import_error()

@@ -320,9 +320,9 @@ def siglip_loss(
 
 __all__: list[str] = [
     "clip_loss",
-    "siglip_loss",
     "clip_loss_reference",
-    "siglip_loss_reference",
     "clip_rows_sum",
+    "siglip_loss",
+    "siglip_loss_reference",
     "siglip_sum",
 ]

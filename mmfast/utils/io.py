@@ -4,9 +4,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 # Decoded images larger than this many pixels are refused (decompression bombs).
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
