@@ -11,11 +11,11 @@ import math
 
 import pytest
 import torch
+from contrastive_helpers import check_against_reference, features, loss_and_grads
 
 import mmfast.ops._contrastive_triton as ctri
 from mmfast.ops import BackendUnavailableError
 from mmfast.ops import contrastive as C
-from mmfast.testing import assert_error_bound
 
 
 def _cpp_importable() -> bool:
@@ -41,41 +41,6 @@ def _backend(name: str, triton_backend: str) -> str:
     if name == "cpp" and triton_backend == "triton":
         pytest.skip("the cpp backend runs on CPU tensors; this run tests CUDA")
     return triton_backend if name == "triton_interpret" else name
-
-
-# --------------------------------------------------------------------------- inputs
-def _features(m, k, d, dtype, *, seed, offset=0, unit=True, device="cpu"):
-    """Paired, unnormalised features: b's positive rows are noisy copies of a's, row norms vary."""
-    g = torch.Generator().manual_seed(seed)
-    a = torch.randn(m, d, generator=g, dtype=torch.float64)
-    b = torch.randn(k, d, generator=g, dtype=torch.float64)
-    b[offset : offset + m] = 0.8 * a + 0.6 * b[offset : offset + m]
-    if unit:  # |a_i| around 1 (as after a projection head), but not normalised
-        a = a / math.sqrt(d) * (0.5 + 1.5 * torch.rand(m, 1, generator=g, dtype=torch.float64))
-        b = b / math.sqrt(d) * (0.5 + 1.5 * torch.rand(k, 1, generator=g, dtype=torch.float64))
-    return a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
-
-
-def _grads(fn, a, b, scale, bias):
-    leaves = [t.detach().clone().requires_grad_() for t in (a, b, scale)]
-    leaves.append(None if bias is None else bias.detach().clone().requires_grad_())
-    loss = fn(*leaves)
-    want = [t for t in leaves if t is not None]
-    grads = torch.autograd.grad(loss, want)
-    out = {"loss": loss.detach(), "d_image": grads[0], "d_text": grads[1], "d_scale": grads[2]}
-    if bias is not None:
-        out["d_bias"] = grads[3]
-    return out
-
-
-def _check(fn, ref_fn, a, b, scale, bias):
-    """fn (the backend under test, in a's dtype) vs ref_fn in fp64, yardstick: ref_fn in a's dtype."""
-    got = _grads(fn, a, b, scale, bias)
-    f64 = [None if t is None else t.double() for t in (a, b, scale, bias)]
-    ref = _grads(ref_fn, *f64)
-    lowp = _grads(ref_fn, a, b, scale, bias)
-    for name in ref:
-        assert_error_bound(got[name], ref[name], lowp[name], name=name)
 
 
 # --------------------------------------------------------------------------- symmetric losses
@@ -109,11 +74,11 @@ def _loss_fns(case, backend):
 def test_loss_and_grads_match_fp64(backend, case, dtype, shape, device, triton_backend):
     n, d = shape
     _, _, scale, bias, unit = CASES[case]
-    a, b = _features(n, n, d, dtype, seed=n * 1000 + d, unit=unit, device=device)
+    a, b = features(n, n, d, dtype, seed=n * 1000 + d, unit=unit, device=device)
     s = torch.tensor(scale, device=device)
     beta = None if bias is None else torch.tensor(bias, device=device)
     fn, ref_fn = _loss_fns(case, _backend(backend, triton_backend))
-    _check(fn, ref_fn, a, b, s, beta)
+    check_against_reference(fn, ref_fn, a, b, s, beta)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -121,24 +86,24 @@ def test_loss_and_grads_match_fp64(backend, case, dtype, shape, device, triton_b
 def test_large_d_not_power_of_two(case, dtype, device, triton_backend):
     """N=300, d=1152: several row/column blocks with ragged edges, d walked in many masked chunks."""
     _, _, scale, bias, unit = CASES[case]
-    a, b = _features(300, 300, 1152, dtype, seed=7, unit=unit, device=device)
+    a, b = features(300, 300, 1152, dtype, seed=7, unit=unit, device=device)
     s = torch.tensor(scale, device=device)
     beta = None if bias is None else torch.tensor(bias, device=device)
     fn, ref_fn = _loss_fns(case, triton_backend)
-    _check(fn, ref_fn, a, b, s, beta)
+    check_against_reference(fn, ref_fn, a, b, s, beta)
 
 
 @pytest.mark.parametrize("case", ["clip_smooth_bias_s100", "siglip"])
 def test_fp16_and_non_contiguous(case, device, triton_backend):
     """fp16 operands, and features that are strided views (the kernels take explicit strides)."""
     _, _, scale, bias, unit = CASES[case]
-    a, b = _features(37, 37, 38, torch.float16, seed=3, unit=unit, device=device)
+    a, b = features(37, 37, 38, torch.float16, seed=3, unit=unit, device=device)
     a, b = a[:, ::2], b.t().contiguous().t()[:, 1::2]  # (37, 19) views: column stride 2
     assert not a.is_contiguous() and not b.is_contiguous()
     s = torch.tensor(scale, device=device)
     beta = None if bias is None else torch.tensor(bias, device=device)
     fn, ref_fn = _loss_fns(case, triton_backend)
-    _check(fn, ref_fn, a, b, s, beta)
+    check_against_reference(fn, ref_fn, a, b, s, beta)
 
 
 # --------------------------------------------------------------------------- rectangular pieces
@@ -149,10 +114,10 @@ RECT = [(13, 40, 0), (13, 40, 20), (13, 40, 27), (37, 37, 0), (1, 5, 4)]
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_clip_rows_sum_with_offset(backend, dtype, m, k, offset, device, triton_backend):
-    a, b = _features(m, k, 19, dtype, seed=m + k + offset, offset=offset, device=device)
+    a, b = features(m, k, 19, dtype, seed=m + k + offset, offset=offset, device=device)
     s, beta = torch.tensor(30.0, device=device), torch.tensor(0.5, device=device)
     be = _backend(backend, triton_backend)
-    _check(
+    check_against_reference(
         lambda a, b, s, bias: C.clip_rows_sum(a, b, s, bias, label_smoothing=0.1, offset=offset, backend=be),
         lambda a, b, s, bias: C.clip_rows_reference(a, b, s, bias, 0.1, offset),
         a, b, s, beta,
@@ -163,10 +128,10 @@ def test_clip_rows_sum_with_offset(backend, dtype, m, k, offset, device, triton_
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_siglip_sum_with_offset(backend, dtype, m, k, offset, device, triton_backend):
-    a, b = _features(m, k, 19, dtype, seed=m * k + offset, offset=offset, device=device)
+    a, b = features(m, k, 19, dtype, seed=m * k + offset, offset=offset, device=device)
     s, beta = torch.tensor(10.0, device=device), torch.tensor(-10.0, device=device)
     be = _backend(backend, triton_backend)
-    _check(
+    check_against_reference(
         lambda a, b, s, bias: C.siglip_sum(a, b, s, bias, offset=offset, backend=be),
         lambda a, b, s, bias: C.siglip_sum_reference(a, b, s, bias, offset),
         a, b, s, beta,
@@ -174,7 +139,7 @@ def test_siglip_sum_with_offset(backend, dtype, m, k, offset, device, triton_bac
 
 
 def test_clip_rows_sum_without_bias_has_no_bias_grad(device, triton_backend):
-    a, b = _features(5, 9, 16, torch.float32, seed=1, offset=2, device=device)
+    a, b = features(5, 9, 16, torch.float32, seed=1, offset=2, device=device)
     a.requires_grad_()
     s = torch.tensor(10.0, device=device, requires_grad=True)
     loss = C.clip_rows_sum(a, b, s, None, offset=2, backend=triton_backend)
@@ -190,7 +155,7 @@ def test_split_backward_matches_fp64(kind, m, k, offset, monkeypatch, device, tr
     """The deterministic two-launch backward (db from the transposed problem) meets the same bound."""
     monkeypatch.setenv("MMFAST_CONTRASTIVE_BWD", "split")
     assert ctri._bwd_mode() == "split"
-    a, b = _features(m, k, 19, torch.float32, seed=m + k, offset=offset, device=device)
+    a, b = features(m, k, 19, torch.float32, seed=m + k, offset=offset, device=device)
     s, beta = torch.tensor(30.0, device=device), torch.tensor(-3.0, device=device)
     if kind == "clip":
         fn = lambda a, b, s, bias: C.clip_loss(a, b, s, bias, label_smoothing=0.1, backend=triton_backend)
@@ -206,7 +171,7 @@ def test_split_backward_matches_fp64(kind, m, k, offset, monkeypatch, device, tr
     else:
         fn = lambda a, b, s, bias: C.siglip_sum(a, b, s, bias, offset=offset, backend=triton_backend)
         ref = lambda a, b, s, bias: C.siglip_sum_reference(a, b, s, bias, offset)
-    _check(fn, ref, a, b, s, beta)
+    check_against_reference(fn, ref, a, b, s, beta)
 
 
 def test_backward_mode_selection(monkeypatch):
@@ -225,7 +190,7 @@ def test_backward_mode_selection(monkeypatch):
 def test_kernel_returns_lse_stats(device, triton_backend):
     """clip_fwd's row/column log-sum-exp equal the fp64 ones (the distributed loss relies on them)."""
     k = C._kernels(triton_backend)
-    a, b = _features(37, 37, 19, torch.float32, seed=11, device=device)
+    a, b = features(37, 37, 19, torch.float32, seed=11, device=device)
     s, beta = torch.tensor(20.0, device=device), torch.tensor(-1.0, device=device)
     _, lse_row, lse_col = k.clip_fwd(a, b, s, beta, 0.0, 0, True)
     z = 20.0 * a.double() @ b.double().t() - 1.0
@@ -254,7 +219,7 @@ def test_no_buffer_scales_with_n_squared(kind, monkeypatch, device, triton_backe
 
     monkeypatch.setattr(ctri, "_out", recording_out)
     n, d = 256, 16
-    a, b = _features(n, n, d, torch.float32, seed=4, device=device)
+    a, b = features(n, n, d, torch.float32, seed=4, device=device)
     a.requires_grad_()
     s = torch.tensor(10.0, device=device)
     if kind == "clip":
@@ -280,7 +245,7 @@ def test_torch_compile_traces_the_loss(kind, backend, device, triton_backend):
     without Inductor, so it works on CPU; fullgraph=True proves there is no graph break."""
     torch._dynamo.reset()
     be = _backend(backend, triton_backend)
-    a, b = _features(37, 37, 19, torch.float32, seed=5, device=device)
+    a, b = features(37, 37, 19, torch.float32, seed=5, device=device)
     s, beta = torch.tensor(10.0, device=device), torch.tensor(-2.0, device=device)
     if kind == "clip":
         def fn(a, b, s, bias):
@@ -288,8 +253,8 @@ def test_torch_compile_traces_the_loss(kind, backend, device, triton_backend):
     else:
         def fn(a, b, s, bias):
             return C.siglip_loss(a, b, s, bias, backend=be)
-    eager = _grads(fn, a, b, s, beta)
-    compiled = _grads(torch.compile(fn, backend="aot_eager", fullgraph=True), a, b, s, beta)
+    eager = loss_and_grads(fn, a, b, s, beta)
+    compiled = loss_and_grads(torch.compile(fn, backend="aot_eager", fullgraph=True), a, b, s, beta)
     for name in eager:
         torch.testing.assert_close(compiled[name], eager[name], rtol=0, atol=0, msg=name)
 
@@ -298,7 +263,7 @@ def test_custom_ops_pass_opcheck(device, triton_backend):
     """Schema, fake-tensor, autograd-registration and AOT-dispatch checks of the registered ops."""
     from mmfast.ops import _contrastive_library  # noqa: F401  (registers the ops)
 
-    a, b = _features(9, 9, 16, torch.float32, seed=2, device=device)
+    a, b = features(9, 9, 16, torch.float32, seed=2, device=device)
     a.requires_grad_()
     b.requires_grad_()
     s = torch.tensor(10.0, device=device, requires_grad=True)
@@ -446,8 +411,8 @@ def test_cuda_bf16_large_batch(case, device, triton_backend):
     if device != "cuda":
         pytest.skip("runs in the GPU suite (MMFAST_TEST_CUDA=1)")
     _, _, scale, bias, unit = CASES[case]
-    a, b = _features(4096, 4096, 768, torch.bfloat16, seed=0, unit=unit, device=device)
+    a, b = features(4096, 4096, 768, torch.bfloat16, seed=0, unit=unit, device=device)
     s = torch.tensor(scale, device=device)
     beta = None if bias is None else torch.tensor(bias, device=device)
     fn, ref_fn = _loss_fns(case, triton_backend)
-    _check(fn, ref_fn, a, b, s, beta)
+    check_against_reference(fn, ref_fn, a, b, s, beta)

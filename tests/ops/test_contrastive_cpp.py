@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from contrastive_helpers import check_against_reference, features, loss_and_grads
 
 from mmfast.ops import contrastive as C
 from mmfast.testing import assert_error_bound
@@ -37,42 +38,6 @@ DTYPES = [torch.float32, torch.bfloat16]
 
 
 # --------------------------------------------------------------------------- helpers
-def _features(m, k, d, dtype, *, seed, offset=0, unit=True):
-    """Paired features: b's positive rows are noisy copies of a's; row norms vary around 1."""
-    g = torch.Generator().manual_seed(seed)
-    a = torch.randn(m, d, generator=g, dtype=torch.float64)
-    b = torch.randn(k, d, generator=g, dtype=torch.float64)
-    b[offset : offset + m] = 0.8 * a + 0.6 * b[offset : offset + m]
-    if unit:
-        a = a / math.sqrt(d) * (0.5 + 1.5 * torch.rand(m, 1, generator=g, dtype=torch.float64))
-        b = b / math.sqrt(d) * (0.5 + 1.5 * torch.rand(k, 1, generator=g, dtype=torch.float64))
-    return a.to(dtype), b.to(dtype)
-
-
-def _grads(fn, a, b, scale, bias):
-    leaves = [t.detach().clone().requires_grad_() for t in (a, b, scale)]
-    leaves.append(None if bias is None else bias.detach().clone().requires_grad_())
-    loss = fn(*leaves)
-    want = [t for t in leaves if t is not None]
-    grads = torch.autograd.grad(loss, want)
-    out = {"loss": loss.detach(), "d_image": grads[0], "d_text": grads[1], "d_scale": grads[2]}
-    if bias is not None:
-        out["d_bias"] = grads[3]
-    return out
-
-
-def _check(fn, ref_fn, a, b, scale, bias):
-    """fn (cpp backend, a's dtype) vs ref_fn in fp64; yardstick: ref_fn (PyTorch) in a's dtype."""
-    got = _grads(fn, a, b, scale, bias)
-    ref = _grads(ref_fn, *[None if t is None else t.double() for t in (a, b, scale, bias)])
-    lowp = _grads(ref_fn, a, b, scale, bias)
-    assert set(got) == set(ref)
-    for name in ref:
-        if name != "loss":  # the fused loss is always fp32; gradients come back in their inputs' dtype
-            assert got[name].dtype == lowp[name].dtype, name
-        assert_error_bound(got[name], ref[name], lowp[name], name=name)
-
-
 def _clip(ls):
     return (
         lambda a, b, s, bias: C.clip_loss(a, b, s, bias, label_smoothing=ls, backend="cpp"),
@@ -92,9 +57,9 @@ def _siglip():
 )
 def test_clip_loss(shape, dtype, ls, scale, bias):
     n, d = shape
-    a, b = _features(n, n, d, dtype, seed=n * 1000 + d)
+    a, b = features(n, n, d, dtype, seed=n * 1000 + d)
     beta = None if bias is None else torch.tensor(bias)
-    _check(*_clip(ls), a, b, torch.tensor(scale), beta)
+    check_against_reference(*_clip(ls), a, b, torch.tensor(scale), beta)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"N{s[0]}d{s[1]}")
@@ -102,20 +67,20 @@ def test_clip_loss(shape, dtype, ls, scale, bias):
 @pytest.mark.parametrize("scale,bias", [(10.0, -10.0), (math.exp(4.6), 3.0)], ids=["s10b-10", "s100b3"])
 def test_siglip_loss(shape, dtype, scale, bias):
     n, d = shape
-    a, b = _features(n, n, d, dtype, seed=n * 7 + d)
-    _check(*_siglip(), a, b, torch.tensor(scale), torch.tensor(bias))
+    a, b = features(n, n, d, dtype, seed=n * 7 + d)
+    check_against_reference(*_siglip(), a, b, torch.tensor(scale), torch.tensor(bias))
 
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 def test_unnormalised_features_and_fp16(kind):
     """Large logits (|z| in the hundreds) and fp16 operands: the online log-sum-exp must not overflow."""
     for dtype in (torch.float32, torch.float16):
-        a, b = _features(70, 70, 33, dtype, seed=5, unit=False)
+        a, b = features(70, 70, 33, dtype, seed=5, unit=False)
         s = torch.tensor(math.exp(4.6))
         if kind == "clip":
-            _check(*_clip(0.1), a, b, s, torch.tensor(-1.0))
+            check_against_reference(*_clip(0.1), a, b, s, torch.tensor(-1.0))
         else:
-            _check(*_siglip(), a, b, s, torch.tensor(-4.0))
+            check_against_reference(*_siglip(), a, b, s, torch.tensor(-4.0))
 
 
 # --------------------------------------------------------------------------- rectangular pieces
@@ -125,8 +90,8 @@ RECT = [(13, 40, 0), (13, 40, 27), (1, 5, 4), (300, 600, 260), (37, 300, 263)]
 @pytest.mark.parametrize("m,k,offset", RECT, ids=lambda x: str(x))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_clip_rows_sum_with_offset(m, k, offset, dtype):
-    a, b = _features(m, k, 19, dtype, seed=m + k + offset, offset=offset)
-    _check(
+    a, b = features(m, k, 19, dtype, seed=m + k + offset, offset=offset)
+    check_against_reference(
         lambda a, b, s, bias: C.clip_rows_sum(
             a, b, s, bias, label_smoothing=0.1, offset=offset, backend="cpp"
         ),
@@ -141,8 +106,8 @@ def test_clip_rows_sum_with_offset(m, k, offset, dtype):
 @pytest.mark.parametrize("m,k,offset", RECT, ids=lambda x: str(x))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_siglip_sum_with_offset(m, k, offset, dtype):
-    a, b = _features(m, k, 19, dtype, seed=m * k + offset, offset=offset)
-    _check(
+    a, b = features(m, k, 19, dtype, seed=m * k + offset, offset=offset)
+    check_against_reference(
         lambda a, b, s, bias: C.siglip_sum(a, b, s, bias, offset=offset, backend="cpp"),
         lambda a, b, s, bias: C.siglip_sum_reference(a, b, s, bias, offset),
         a,
@@ -153,8 +118,8 @@ def test_siglip_sum_with_offset(m, k, offset, dtype):
 
 
 def test_clip_rows_sum_without_bias():
-    a, b = _features(5, 9, 16, torch.float32, seed=1, offset=2)
-    _check(
+    a, b = features(5, 9, 16, torch.float32, seed=1, offset=2)
+    check_against_reference(
         lambda a, b, s, bias: C.clip_rows_sum(a, b, s, bias, offset=2, backend="cpp"),
         lambda a, b, s, bias: C.clip_rows_reference(a, b, s, bias, 0.0, 2),
         a,
@@ -167,7 +132,7 @@ def test_clip_rows_sum_without_bias():
 # --------------------------------------------------------------------------- kernel internals
 def test_lse_stats_match_fp64():
     """clip_fwd's row/column log-sum-exp (the distributed loss relies on them), across tiles."""
-    a, b = _features(300, 300, 24, torch.float32, seed=11)
+    a, b = features(300, 300, 24, torch.float32, seed=11)
     s, beta = torch.tensor(20.0), torch.tensor(-1.0)
     _, lse_row, lse_col = K.clip_fwd(a, b, s, beta, 0.0, 0, True)
     z64 = 20.0 * a.double() @ b.double().t() - 1.0
@@ -179,7 +144,7 @@ def test_lse_stats_match_fp64():
 
 def test_deterministic_and_single_thread():
     """Same inputs, same bits (no racy accumulation); one thread (other row-block split) is also right."""
-    a, b = _features(600, 600, 40, torch.float32, seed=3)
+    a, b = features(600, 600, 40, torch.float32, seed=3)
     s, beta = torch.tensor(30.0), torch.tensor(-2.0)
 
     def run():
@@ -193,15 +158,15 @@ def test_deterministic_and_single_thread():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        _check(*_clip(0.1), a, b, s, beta)
-        _check(*_siglip(), a, b, s, beta)
+        check_against_reference(*_clip(0.1), a, b, s, beta)
+        check_against_reference(*_siglip(), a, b, s, beta)
     finally:
         torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------- bad input
 def _ok():
-    a, b = _features(4, 6, 8, torch.float32, seed=0)
+    a, b = features(4, 6, 8, torch.float32, seed=0)
     return a, b, torch.tensor(10.0), torch.tensor(0.0)
 
 
@@ -258,7 +223,7 @@ def test_extension_rejects_bad_problem():
 
 def test_public_api_wrapper_makes_inputs_contiguous():
     """The Python wrapper hands strided views to the extension as contiguous copies."""
-    a, b = _features(37, 37, 38, torch.float32, seed=2)
+    a, b = features(37, 37, 38, torch.float32, seed=2)
     av, bv = a[:, ::2], b[:, 1::2]
     s, beta = torch.tensor(10.0), torch.tensor(-3.0)
     got = C.siglip_loss(av, bv, s, beta, backend="cpp")
@@ -271,7 +236,7 @@ def test_torch_compile_traces_the_cpp_backend(kind):
     """Dynamo + AOTAutograd (aot_eager) over the mmfast:: custom ops with backend="cpp": no graph
     break, and the compiled loss and gradients are bit-identical to eager."""
     torch._dynamo.reset()
-    a, b = _features(37, 37, 19, torch.float32, seed=5)
+    a, b = features(37, 37, 19, torch.float32, seed=5)
     s, beta = torch.tensor(10.0), torch.tensor(-2.0)
     if kind == "clip":
 
@@ -282,7 +247,7 @@ def test_torch_compile_traces_the_cpp_backend(kind):
         def fn(a, b, s, bias):
             return C.siglip_loss(a, b, s, bias, backend="cpp")
 
-    eager = _grads(fn, a, b, s, beta)
-    compiled = _grads(torch.compile(fn, backend="aot_eager", fullgraph=True), a, b, s, beta)
+    eager = loss_and_grads(fn, a, b, s, beta)
+    compiled = loss_and_grads(torch.compile(fn, backend="aot_eager", fullgraph=True), a, b, s, beta)
     for name in eager:
         torch.testing.assert_close(compiled[name], eager[name], rtol=0, atol=0, msg=name)
