@@ -207,26 +207,18 @@ def providers(device: str, names: list[str] | None = None) -> dict:
 # --------------------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmfast bench attention", description=__doc__.split("\n\n")[0])
-    dev = p.add_mutually_exclusive_group()
-    dev.add_argument("--gpu", action="store_true", help="run on CUDA (default when available)")
-    dev.add_argument("--cpu", action="store_true", help="run on CPU even when CUDA is available")
+    harness.add_common_args(p, "attention")
     p.add_argument("--quick", action="store_true", help="only the first cases (GPU: ViT-B and LLaVA 2k)")
     p.add_argument("--cases", help="comma-separated case names (see the module docstring)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default bf16 on GPU, fp32 on CPU")
-    p.add_argument("--providers", help="comma-separated subset of providers")
-    p.add_argument("--modes", default="fwd,fwd+bwd", help="comma-separated: fwd, fwd+bwd")
-    p.add_argument("--budget-s", type=float, help="stop measuring after this many seconds (rest: skipped rows)")
-    p.add_argument("--out", help="CSV path (default benchmarks/results/attention_<device>.csv)")
-    p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.gpu and not torch.cuda.is_available():
-        print("mmfast bench attention: --gpu given but torch.cuda is not available", file=sys.stderr)
+    device = harness.pick_device(args, "mmfast bench attention")
+    if device is None:
         return 2
-    device = "cuda" if (args.gpu or (torch.cuda.is_available() and not args.cpu)) else "cpu"
     gpu = device == "cuda"
     base = GPU_CASES if gpu else CPU_CASES
     if args.cases:
@@ -239,12 +231,11 @@ def main(argv: list[str] | None = None) -> int:
         base = [known[w] for w in wanted]
     elif args.quick:
         base = [base[0], base[2]] if gpu else base[:2]
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if any(m not in ("fwd", "fwd+bwd") for m in modes):
-        print(f"--modes must be fwd and/or fwd+bwd, got {args.modes!r}", file=sys.stderr)
+    modes = harness.modes_of(args)
+    if modes is None:
         return 2
     dtype = args.dtype or ("bf16" if gpu else "fp32")
-    names = [n.strip() for n in args.providers.split(",")] if args.providers else None
+    names = harness.provider_names(args)
     if names is None and not gpu and args.quick:
         names = ["mmfast", "sdpa"]  # flex compiles for minutes on CPU
     table = providers(device, names)

@@ -127,27 +127,19 @@ def flops(case: dict, mode: str) -> float:
 # --------------------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmfast bench contrastive", description=__doc__.split("\n\n")[0])
-    dev = p.add_mutually_exclusive_group()
-    dev.add_argument("--gpu", action="store_true", help="run on CUDA (default when available)")
-    dev.add_argument("--cpu", action="store_true", help="run on CPU even when CUDA is available")
+    harness.add_common_args(p, "contrastive")
     p.add_argument("--quick", action="store_true", help="small sweep (about a minute on CPU)")
     p.add_argument("--sizes", help="comma-separated batch sizes N (overrides the defaults)")
     p.add_argument("--dim", type=int, help="feature dim d (CPU default 256, GPU 768)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="feature dtype (CPU default fp32, GPU bf16)")
-    p.add_argument("--providers", help="comma-separated subset of providers")
-    p.add_argument("--modes", default="fwd,fwd+bwd", help="comma-separated: fwd, fwd+bwd")
-    p.add_argument("--budget-s", type=float, help="stop measuring after this many seconds (rest: skipped rows)")
-    p.add_argument("--out", help="CSV path (default benchmarks/results/contrastive_<device>.csv)")
-    p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.gpu and not torch.cuda.is_available():
-        print("mmfast bench contrastive: --gpu given but torch.cuda is not available", file=sys.stderr)
+    device = harness.pick_device(args, "mmfast bench contrastive")
+    if device is None:
         return 2
-    device = "cuda" if (args.gpu or (torch.cuda.is_available() and not args.cpu)) else "cpu"
     gpu = device == "cuda"
     if args.sizes:
         try:
@@ -159,12 +151,13 @@ def main(argv: list[str] | None = None) -> int:
         sizes = (GPU_QUICK_SIZES if args.quick else GPU_SIZES) if gpu else (CPU_QUICK_SIZES if args.quick else CPU_SIZES)
     dim = args.dim or (GPU_DIM if gpu else (CPU_QUICK_DIM if args.quick else CPU_DIM))
     dtype = args.dtype or ("bf16" if gpu else "fp32")
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in ("fwd", "fwd+bwd")]
-    if bad or not sizes or any(s <= 0 for s in sizes) or dim <= 0:
-        print(f"bad arguments: modes {bad or modes}, sizes {sizes}, dim {dim}", file=sys.stderr)
+    modes = harness.modes_of(args)
+    if modes is None:
         return 2
-    names = [n.strip() for n in args.providers.split(",")] if args.providers else None
+    if not sizes or any(s <= 0 for s in sizes) or dim <= 0:
+        print(f"bad arguments: sizes {sizes}, dim {dim}", file=sys.stderr)
+        return 2
+    names = harness.provider_names(args)
     if names is None and args.quick and not gpu:
         names = ["mmfast-cpp", "torch-eager", "open_clip"]  # torch.compile's first call alone takes a minute
     table = providers(device, names)

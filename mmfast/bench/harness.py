@@ -26,6 +26,7 @@ part are recorded as skipped.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import ctypes
 import datetime as _dt
@@ -36,6 +37,7 @@ import os
 import platform
 import re
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields
@@ -192,6 +194,49 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(e).lower()
 
 
+# --------------------------------------------------------------------------- CLI pieces
+MODES = ("fwd", "fwd+bwd")
+
+
+def add_common_args(p: argparse.ArgumentParser, bench: str, out_help: str | None = None) -> argparse.ArgumentParser:
+    """The arguments every ``mmfast bench <bench>`` takes: --gpu/--cpu, --providers, --modes,
+    --budget-s, --out (``out_help`` when the default CSV path is not ``{bench}_<device>.csv``) and
+    --no-plot. Read them back with :func:`pick_device`, :func:`modes_of`, :func:`provider_names`."""
+    dev = p.add_mutually_exclusive_group()
+    dev.add_argument("--gpu", action="store_true", help="run on CUDA (default when available)")
+    dev.add_argument("--cpu", action="store_true", help="run on CPU even when CUDA is available")
+    p.add_argument("--providers", help="comma-separated subset of providers")
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES))
+    p.add_argument("--budget-s", type=float, help="stop measuring after this many seconds (rest: skipped rows)")
+    p.add_argument("--out", help=out_help or f"CSV path (default benchmarks/results/{bench}_<device>.csv)")
+    p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
+    return p
+
+
+def pick_device(args: argparse.Namespace, prog: str) -> str | None:
+    """"cuda" for --gpu or, without --cpu, when CUDA is available; else "cpu". None (after saying
+    why on stderr) when --gpu is given without CUDA: the caller exits with status 2."""
+    if args.gpu and not torch.cuda.is_available():
+        print(f"{prog}: --gpu given but torch.cuda is not available", file=sys.stderr)
+        return None
+    return "cuda" if (args.gpu or (torch.cuda.is_available() and not args.cpu)) else "cpu"
+
+
+def modes_of(args: argparse.Namespace) -> list[str] | None:
+    """--modes as a list (empty items dropped). None (after saying why on stderr) when one is not in
+    :data:`MODES`: the caller exits with status 2."""
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if any(m not in MODES for m in modes):
+        print(f"--modes must be fwd and/or fwd+bwd, got {args.modes!r}", file=sys.stderr)
+        return None
+    return modes
+
+
+def provider_names(args: argparse.Namespace) -> list[str] | None:
+    """--providers as a list, None when not given (the benchmark's default set)."""
+    return [n.strip() for n in args.providers.split(",")] if args.providers else None
+
+
 # --------------------------------------------------------------------------- sweep
 def run(
     bench: str,
@@ -343,4 +388,7 @@ def plot_rows(rows: list[Row], png: str | os.PathLike, title: str = "") -> Path 
     return png
 
 
-__all__ = ["COLUMNS", "Row", "append_csv", "device_name", "device_slug", "format_table", "measure", "plot_rows", "run"]
+__all__ = [
+    "COLUMNS", "MODES", "Row", "add_common_args", "append_csv", "device_name", "device_slug", "format_table",
+    "measure", "modes_of", "pick_device", "plot_rows", "provider_names", "run",
+]

@@ -205,34 +205,26 @@ def grads_mib(op: str, case: dict) -> float:
 # --------------------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmfast bench projection", description=__doc__.split("\n\n")[0])
-    dev = p.add_mutually_exclusive_group()
-    dev.add_argument("--gpu", action="store_true", help="run on CUDA (default when available)")
-    dev.add_argument("--cpu", action="store_true", help="run on CPU even when CUDA is available")
+    harness.add_common_args(p, "projection", out_help="one CSV for every sweep instead of one per sweep under "
+                            "--out-dir (its PNG shows the last sweep)")
     p.add_argument("--op", default="all", choices=["all", *SWEEPS], help="which sweep (default: all)")
     p.add_argument("--quick", action="store_true", help="one case per sweep (the GPU targets' shapes on CUDA)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="CPU default fp32, GPU bf16")
     p.add_argument("--size", action="append", default=[],
                    help="override a size of every case, e.g. --size T=4096 --size V=32000")
-    p.add_argument("--providers", help="comma-separated subset of providers")
-    p.add_argument("--modes", default="fwd,fwd+bwd", help="comma-separated: fwd, fwd+bwd")
-    p.add_argument("--budget-s", type=float, help="stop measuring after this many seconds (rest: skipped rows)")
     p.add_argument("--out-dir", default="benchmarks/results", help="CSV/PNG directory (one CSV per sweep)")
-    p.add_argument("--out", help="one CSV for every sweep instead (its PNG shows the last sweep)")
-    p.add_argument("--no-plot", action="store_true")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.gpu and not torch.cuda.is_available():
-        print("mmfast bench projection: --gpu given but torch.cuda is not available", file=sys.stderr)
+    device = harness.pick_device(args, "mmfast bench projection")
+    if device is None:
         return 2
-    device = "cuda" if (args.gpu or (torch.cuda.is_available() and not args.cpu)) else "cpu"
     gpu = device == "cuda"
     dtype = args.dtype or ("bf16" if gpu else "fp32")
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if any(m not in ("fwd", "fwd+bwd") for m in modes):
-        print(f"--modes must be fwd and/or fwd+bwd, got {args.modes!r}", file=sys.stderr)
+    modes = harness.modes_of(args)
+    if modes is None:
         return 2
     overrides = {}
     for s in args.size:
@@ -241,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--size must look like NAME=positive_int, got {s!r}", file=sys.stderr)
             return 2
         overrides[k.strip()] = int(v)
-    names = [n.strip() for n in args.providers.split(",")] if args.providers else None
+    names = harness.provider_names(args)
     ok = False
     t0 = time.monotonic()
     for op in (SWEEPS if args.op == "all" else [args.op]):

@@ -81,3 +81,64 @@ def test_contrastive_cli_tiny_sweep(tmp_path):
     assert all(not r["error"] and float(r["median_ms"]) > 0 and float(r["tflops"]) > 0 for r in table)
     assert {r["provider"] for r in table} == {"mmfast-reference", "torch-eager"}
     assert main(["--cpu", "--sizes", "x"]) == 2
+
+
+# --------------------------------------------------------------------------- the CLIs' shared arguments
+BENCH_CLIS = ["attention", "contrastive", "projection"]
+
+
+def _cli(name):
+    import importlib
+
+    return importlib.import_module(f"mmfast.bench.{name}")
+
+
+def _gpu_suite_bench_args():
+    """``bench WHAT LIMIT ARGS...`` lines of benchmarks/gpu_suite.sh -> {WHAT: ["--gpu", *ARGS]}."""
+    import shlex
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_suite.sh"
+    calls = {}
+    for line in script.read_text().splitlines():
+        if line.startswith("bench ") and not line.startswith("bench()"):
+            what, _limit, *args = shlex.split(line)[1:]
+            calls[what] = ["--gpu", *args]
+    return calls
+
+
+@pytest.mark.parametrize("name", BENCH_CLIS)
+def test_gpu_suite_arguments_parse(name):
+    argv = _gpu_suite_bench_args()[name]
+    args = _cli(name)._parser().parse_args(argv)
+    assert args.gpu and not args.cpu and args.budget_s > 0
+    assert args.providers is None or harness.provider_names(args) == argv[argv.index("--providers") + 1].split(",")
+    assert harness.modes_of(args) == list(harness.MODES)
+
+
+@pytest.mark.parametrize("name", BENCH_CLIS)
+def test_cli_usage_errors(name, capsys):
+    main = _cli(name).main
+    assert main(["--cpu", "--modes", "fwd,bwd"]) == 2
+    assert "--modes must be fwd and/or fwd+bwd" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--gpu", "--cpu"])  # mutually exclusive
+    if not torch.cuda.is_available():
+        assert main(["--gpu"]) == 2
+        assert f"mmfast bench {name}: --gpu given but torch.cuda is not available" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, argv", [
+    ("attention", ["--cases", "vit_tiny", "--providers", "sdpa"]),
+    ("projection", ["--op", "layernorm", "--size", "M=8", "--size", "N=16",
+                    "--providers", "mmfast-reference,torch-eager"]),
+])
+def test_cli_common_args_reach_the_sweep(name, argv, tmp_path):
+    out = tmp_path / "b.csv"
+    assert _cli(name).main(["--cpu", *argv, "--modes", "fwd", "--budget-s", "60", "--out", str(out), "--no-plot"]) == 0
+    with open(out) as f:
+        table = list(csv.DictReader(f))
+    providers = set(argv[argv.index("--providers") + 1].split(","))
+    assert table and {r["provider"] for r in table} == providers
+    assert all(r["mode"] == "fwd" and not r["error"] and float(r["median_ms"]) > 0 for r in table)
+    assert not list(tmp_path.glob("*.png"))
