@@ -3,11 +3,17 @@
 TRITON_INTERPRET=1 is set before mmfast (and Triton) are imported so that the Triton kernels run
 under the interpreter on CPU tensors. On a CUDA machine set MMFAST_TEST_CUDA=1 to keep the compiled
 kernels instead (benchmarks/gpu_suite.sh does).
+
+MMFAST_ATTN_AUTOTUNE=0 (unless already set): the attention kernels launch fixed per-head-dim configs
+instead of autotuning every shape and mask combination, which keeps the GPU suite's tests inside
+its time box. mmfast.ops._attention_triton reads it once, at import, so it is set here, before any
+test module imports mmfast (no effect under the interpreter, which never autotunes).
 """
 import os
 
 if os.environ.get("MMFAST_TEST_CUDA") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("MMFAST_ATTN_AUTOTUNE", "0")
 
 import pytest
 import torch
