@@ -5,11 +5,13 @@ partitioned, trainable ``lm_head.weight``. Two optimizer steps per model (the se
 ``num_items_in_batch``) must give the unpatched model's losses on each rank, its first-step full
 gradients and its parameters after both steps. The ranks run as subprocesses (zero3_patch_train_worker.py).
 """
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,24 +29,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_ranks(case: str, backend: str) -> list[dict]:
+def _run_ranks(case: str, backend: str, logs: Path) -> list[dict]:
     port = str(_free_port())
-    procs = []
-    for rank in range(WORLD):
-        env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank),
-                   LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), case, backend], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    with contextlib.ExitStack() as stack:
+        procs = []
+        for rank in range(WORLD):
+            env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                       RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), TRITON_INTERPRET="1",
+                       OMP_NUM_THREADS="1")
+            # Files, not pipes: the wait below never drains a pipe, and DeepSpeed logs plenty.
+            out = stack.enter_context(open(logs / f"rank{rank}.out", "w"))
+            err = stack.enter_context(open(logs / f"rank{rank}.err", "w"))
+            procs.append(subprocess.Popen([sys.executable, str(WORKER), case, backend], env=env, stdout=out,
+                                          stderr=err))
+            stack.callback(lambda p=procs[-1]: p.poll() is None and p.kill())
+        deadline = time.monotonic() + 600
+        # A rank that fails leaves the other blocked in a collective: stop waiting at the first failure.
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            if any(p.poll() not in (None, 0) for p in procs):
+                break
+            time.sleep(0.5)
     outs = []
-    try:
-        for rank, p in enumerate(procs):
-            stdout, stderr = p.communicate(timeout=600)
-            assert p.returncode == 0, f"rank {rank}: {stderr[-3000:]}"
-            outs.append(json.loads(stdout.strip().splitlines()[-1]))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    for rank, p in enumerate(procs):
+        p.wait()
+        stderr = (logs / f"rank{rank}.err").read_text()
+        assert p.returncode == 0, f"rank {rank} (rc {p.returncode}): {stderr[-3000:]}"
+        outs.append(json.loads((logs / f"rank{rank}.out").read_text().strip().splitlines()[-1]))
     return outs
 
 
@@ -58,8 +68,8 @@ def _assert_close(diffs: dict, scales: dict, what: str):
 @pytest.mark.slow
 @pytest.mark.parametrize("case, backend", [("untied", "triton_interpret"), ("tied", "reference"),
                                            ("zero_init", "reference")])
-def test_patched_llama_full_finetune_zero3(case, backend):
-    outs = _run_ranks(case, backend)
+def test_patched_llama_full_finetune_zero3(case, backend, tmp_path):
+    outs = _run_ranks(case, backend, tmp_path)
     assert [o["rank"] for o in outs] == list(range(WORLD))
     assert outs[0]["loss"][0] != outs[1]["loss"][0], "both ranks saw the same batch"
     for o in outs:
