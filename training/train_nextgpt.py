@@ -65,6 +65,11 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8, help="per-rank micro batch")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=None, help="(stage 1/2: 1e-3, stage 3: 2e-4)")
+    p.add_argument("--signal-lr", type=float, default=None,
+                   help="stage 2: lr of the signal-token embedding / LM-head rows (default: --lr)")
+    p.add_argument("--negatives", type=float, default=0.5,
+                   help="stage 2 from a world: share of pairs also given as X->text records, so the signal "
+                        "tokens learn when not to start")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--align-weight", type=float, default=1.0)
     p.add_argument("--diffusion-weight", type=float, default=0.0, help="stage 2: add the image noise-prediction loss")
@@ -103,7 +108,7 @@ def build(args, device) -> ng.NextGPT:
 def records(args) -> tuple[list[dict], Path]:
     src = Path(args.data)
     if src.is_dir():
-        recs = nd.stage_records(src, args.stage, args.modalities, seed=args.seed)
+        recs = nd.stage_records(src, args.stage, args.modalities, seed=args.seed, negatives=args.negatives)
         root = src
     else:
         recs = read_json(src, what="dialogue JSON file")
@@ -111,6 +116,15 @@ def records(args) -> tuple[list[dict], Path]:
             raise ValueError(f"{src}: expected a list of dialogue records, got {type(recs).__name__}")
         root = Path(args.media_root) if args.media_root else src.parent
     return (recs[: args.max_samples] if args.max_samples else recs), root
+
+
+def param_groups(model: ng.NextGPT, params: list, lr: float, signal_lr: float | None) -> list[dict]:
+    """Projections / LoRA at ``lr``; the embedding and LM-head matrices (trainable in stage 2 for the added
+    rows only, through a gradient mask) at ``signal_lr``."""
+    rows = {id(model.llm.get_input_embeddings().weight), id(model.llm.get_output_embeddings().weight)}
+    groups = [{"params": [p for p in params if id(p) not in rows], "lr": lr},
+              {"params": [p for p in params if id(p) in rows], "lr": lr if signal_lr is None else signal_lr}]
+    return [g for g in groups if g["params"]]
 
 
 class StageModule(torch.nn.Module):
@@ -174,7 +188,8 @@ def main(argv=None) -> int:
                                  int(model.cfg.get("max_length", 512)), target_size=target_size)
     module = StageModule(model, args.align_weight, args.diffusion_weight)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(param_groups(model, params, lr, args.signal_lr), lr=lr, betas=(0.9, 0.999),
+                                  eps=1e-8, weight_decay=0.0)
     scheduler = cosine_with_warmup(optimizer, args.warmup if args.warmup is not None else max(1, args.steps // 10),
                                    args.steps)
     engine, _, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,

@@ -80,13 +80,17 @@ def _llm_of_llava(path):
 
 class NextGPT(nn.Module):
     def __init__(self, cfg: dict, kernels: bool = False, backend: str | None = None):
+        from transformers import AddedToken
+
         super().__init__()
         self.cfg = cfg
         self.llm, self.tokenizer, self._llm_random = _build_llm(cfg["llm"])
         tok = self.tokenizer
         self.base_vocab = len(tok)
         new = [p for p in nd.PLACEHOLDERS.values() if p not in tok.get_vocab()]
-        new += [t for m in nd.MODALITIES for t in nd.SIGNAL_TOKENS[m]]
+        # lstrip: a signal token swallows the space before it, so " [IMG0]" is one token; otherwise a lone
+        # space token would stand between the prompt and the run, and the LLM (frozen in stage 2) cannot learn it.
+        new += [AddedToken(t, special=True, lstrip=True) for m in nd.MODALITIES for t in nd.SIGNAL_TOKENS[m]]
         tok.add_tokens(new, special_tokens=True)
         if tok.pad_token is None:
             tok.pad_token = tok.unk_token

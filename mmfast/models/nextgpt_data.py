@@ -10,7 +10,7 @@ A record (MosIT-style, also used for stages 1 and 2)::
 
 Prompt format (Vicuna v0 style, as NExT-GPT): ``SYSTEM`` then per turn ``### Human: {h}\\n### Assistant:``
 (masked) and `` {a}</s>`` (supervised). A placeholder expands to the input projection's token count;
-signal tokens are single added tokens.
+signal tokens are single added tokens that swallow the space before them.
 """
 from __future__ import annotations
 
@@ -243,22 +243,38 @@ def x2t_record(modality: str, pair: dict, rng: random.Random) -> dict:
             "media": {modality: [pair["path"]]}}
 
 
-def t2x_record(modality: str, pair: dict, rng: random.Random) -> dict:
+def t2x_record(modality: str, pair: dict, rng: random.Random, reply_text: bool = True) -> dict:
+    """A text->X request; the reply is ``Here is the image. [IMG0]..[IMG3]``, or with ``reply_text=False``
+    only the signal run (stage 2: the LLM is frozen, so the run must follow the prompt directly for the LM
+    loss to teach the signal-token rows to start it)."""
     q = rng.choice(T2X_PROMPTS[modality]).format(c=pair["caption"])
-    return {"conversations": [{"from": "human", "value": q},
-                              {"from": "gpt", "value": f"{T2X_REPLIES[modality]} {signal_run(modality)}"}],
+    reply = f"{T2X_REPLIES[modality]} {signal_run(modality)}" if reply_text else signal_run(modality)
+    return {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": reply}],
             "targets": {modality: [pair["caption"]]}, "target_media": {modality: [pair["path"]]}}
 
 
 def stage_records(world, stage: int, modalities=("image",), split: str = "train", seed: int = 0,
-                  n_dialogues: int | None = None) -> list[dict]:
-    """Stage 1: X->text captioning; stage 2: text->X with signal tokens; stage 3: MosIT-style dialogues."""
+                  n_dialogues: int | None = None, negatives: float = 0.5) -> list[dict]:
+    """Stage 1: X->text captioning; stage 2: text->X answered by the signal run alone (LM loss on the signal
+    tokens and the closing ``</s>``) plus X->text captioning records for a ``negatives`` share of the pairs;
+    stage 3: MosIT-style dialogues (text, then the run).
+
+    The negatives matter because only the signal-token rows learn in stage 2: without replies that start
+    with ordinary text, the cheapest solution is an ``[IMG0]`` row that fires after every prompt."""
     rng = random.Random(seed)
     pairs = {m: t2x_pairs(world, m, split) for m in modalities}
     if stage == 1:
         return [x2t_record(m, p, rng) for m in modalities for p in pairs[m]]
     if stage == 2:
-        return [t2x_record(m, p, rng) for m in modalities for p in pairs[m]]
+        if not 0.0 <= negatives <= 1.0:
+            raise ValueError(f"negatives must be a share in [0, 1], got {negatives}")
+        recs = []
+        for m in modalities:  # a negative follows its pair, so a --max-samples prefix keeps the mix
+            for p in pairs[m]:
+                recs.append(t2x_record(m, p, rng, reply_text=False))
+                if rng.random() < negatives:
+                    recs.append(x2t_record(m, p, rng))
+        return recs
     if stage == 3:
         return mosit_dialogues(pairs, rng, n_dialogues or max(len(v) for v in pairs.values()))
     raise ValueError(f"stage must be 1, 2 or 3, got {stage}")

@@ -1,7 +1,7 @@
 """NExT-GPT inference: greedy decoding with a KV cache, signal-token runs, decoding and saving media.
 
 When the LLM emits the first token of a signal run (``[IMG0]``), the rest of the run is appended as is
-(NExT-GPT's runs are fixed-length); after generation one full forward gives every run's hidden states,
+(NExT-GPT's runs are fixed-length; the later tokens of a run are never sampled on their own); after generation one full forward gives every run's hidden states,
 the output projection turns them into decoder conditioning and the frozen pipeline produces PNG / GIF /
 WAV files under ``out_dir``.
 
@@ -83,10 +83,14 @@ def generate(self, text: str, images=None, audios=None, videos=None, history: li
     cache = DynamicCache(config=llm.config)
     out = llm.model(inputs_embeds=self.embed(ids, media), cache=cache, use_cache=True)
     first = {self.signal_ids[m][0]: m for m in nd.MODALITIES}
+    # A run's later tokens are appended with its first one, so they may never start a step themselves.
+    rest = torch.tensor([i for m in nd.MODALITIES for i in self.signal_ids[m][1:]], device=self.device)
     eos = self.tokenizer.eos_token_id
     new: list[int] = []
     while len(new) < max_new_tokens:
-        nxt = int(llm.lm_head(out.last_hidden_state[:, -1]).argmax(-1))
+        logits = llm.lm_head(out.last_hidden_state[:, -1])  # (1, V)
+        logits[:, rest] = float("-inf")
+        nxt = int(logits.argmax(-1))
         if nxt == eos:
             break
         step = [nxt] + (self.signal_ids[first[nxt]][1:] if nxt in first else [])

@@ -52,6 +52,10 @@ def test_signal_tokens_are_single_added_tokens(model):
     for m in nd.MODALITIES:
         ids = tok(nd.signal_run(m), add_special_tokens=False)["input_ids"]
         assert ids == model.signal_ids[m]
+        # The run swallows the space before it: no lone space token between a reply's text and its run.
+        assert tok(" " + nd.signal_run(m), add_special_tokens=False)["input_ids"] == ids
+        assert tok("Here. " + nd.signal_run(m), add_special_tokens=False)["input_ids"][-len(ids) - 1:] == \
+            tok("Here.", add_special_tokens=False)["input_ids"][-1:] + ids
         assert min(ids) >= model.base_vocab
     assert model.llm.get_input_embeddings().num_embeddings == len(tok)
     assert model.llm.get_output_embeddings().weight.shape[0] == len(tok)
@@ -219,6 +223,12 @@ def test_generate_decodes_signal_runs_to_files(model, tmp_path):
             assert path.endswith(suffix)
             if m == "image":
                 assert Image.open(path).size == (32, 32)
+        # A run's later tokens never start a step on their own, however high their logit.
+        with torch.no_grad():
+            forced.bias.zero_()
+            forced.bias[model.signal_ids["image"][1]] = 1e4
+        r = model.generate("Make something.", max_new_tokens=3, decode=False)
+        assert model.signal_ids["image"][1] not in r["token_ids"]
     finally:
         model.llm.lm_head = head
 
@@ -317,3 +327,61 @@ def test_optional_diffusion_loss_trains_the_output_projection(model):
     assert all(p.grad is None for p in model.decoders.parameters())  # the decoder stays frozen
     model.zero_grad(set_to_none=True)
     model.set_stage(1)
+
+
+def _reply_start_logp(m, batch):
+    """log p([IMG0]) where each reply starts (B,), and the mean NLL of the supervised signal tokens."""
+    with torch.no_grad():
+        hidden, _ = m.hidden(batch["input_ids"], batch["attention_mask"], batch["media"])
+        logp = m.llm.lm_head(hidden[:, :-1]).float().log_softmax(-1)  # (B, L-1, V)
+    target = batch["labels"][:, 1:]
+    first = (target != nd.IGNORE_INDEX).int().argmax(1)  # (B,)
+    start = logp[torch.arange(len(first)), first, m.signal_ids["image"][0]]
+    sig = torch.isin(target, torch.tensor(m.signal_ids["image"]))
+    nll = -logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)[sig].mean()
+    return start, float(nll)
+
+
+def test_stage2_teaches_the_llm_to_start_signal_runs(tmp_path):
+    """Stage 2 on a world's text->image pairs: the [IMG0] row learns to open the reply to an image request
+    (and less so a captioning reply, the stage's negatives); only the output projection and the added
+    tokens' rows change."""
+    from mmfast.data.synthetic import make_world
+    from mmfast.models.llava_data import ImageProcessor
+
+    torch.set_num_threads(1)
+    make_world(tmp_path, 12, 32, seed=0, media=False)
+    m = ng.build_nextgpt("tiny", seed=0, kernels=False)
+    recs = nd.stage_records(tmp_path, 2, ("image",), negatives=0.5)
+    assert any("media" in r for r in recs) and all(r["conversations"][1]["value"] == nd.signal_run("image")
+                                                   for r in recs if "targets" in r)
+    ds = nd.DialogueDataset(recs, m.tokenizer, nd.MediaLoader(tmp_path, ImageProcessor(32, aspect="resize")),
+                            m.n_input_tokens)
+    batch = nd.collate([ds[i] for i in range(len(ds))], m.tokenizer.pad_token_id)
+    asks = torch.isin(batch["input_ids"], torch.tensor(m.signal_ids["image"])).any(1)  # (B,) text->image rows
+    assert 0 < int((~asks).sum()) < int(asks.sum())
+    start0, nll0 = _reply_start_logp(m, batch)
+    names = m.set_stage(2, ("image",))
+    assert {n for n in names if not n.startswith("output_proj.image.")} <= {"llm.model.embed_tokens.weight",
+                                                                            "llm.lm_head.weight"}
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    rows = [m.llm.get_input_embeddings().weight, m.llm.get_output_embeddings().weight]
+    opt = torch.optim.AdamW([{"params": [p for p in m.output_proj["image"].parameters()]},
+                             {"params": rows, "lr": 2e-2}], lr=2e-3, weight_decay=0.0)
+    for _ in range(60):
+        m.loss(batch)["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    start1, nll1 = _reply_start_logp(m, batch)
+    assert nll1 < 0.5 * nll0, (nll0, nll1)
+    assert float(start1[asks].mean()) > float(start0[asks].mean()) + 2.0
+    assert float(start1[asks].min()) > float(start1[~asks].max())  # image requests, not captioning, open a run
+    after = m.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    emb_head = ("llm.model.embed_tokens.weight", "llm.lm_head.weight")
+    assert changed == set(names) | set(emb_head), changed ^ (set(names) | set(emb_head))
+    old = torch.ones(len(m.tokenizer), dtype=torch.bool)
+    old[m.new_ids] = False
+    for k in emb_head:
+        assert torch.equal(before[k][old], after[k][old]), f"{k}: a pre-existing row changed"
+    m.set_stage(1)

@@ -76,7 +76,12 @@ def test_stage_builders_and_media(tmp_path):
         for i, r in enumerate(recs):
             nd.validate_record(r, f"record {i}")
     assert all(r["media"] and "targets" not in r for r in s1)
-    assert all(r["targets"] and not r.get("media") for r in s2)
+    t2x = [r for r in s2 if r.get("targets")]
+    assert all(not r.get("media") and r["conversations"][1]["value"] in map(nd.signal_run, mods) for r in t2x)
+    n_pairs = sum(len(nd.t2x_pairs(tmp_path, m)) for m in mods)
+    assert len(t2x) == n_pairs and 0 < len(s2) - len(t2x) < n_pairs  # X->text negatives for a share
+    assert all(r["media"] and len(r["media"]) == 1 for r in s2 if not r.get("targets"))
+    assert len(nd.stage_records(tmp_path, 2, mods, negatives=0.0)) == n_pairs
     ds = nd.DialogueDataset(s2[:2], _tok(), nd.MediaLoader(tmp_path, ImageProcessor(32, aspect="resize")), 1,
                             target_size=16)
     batch = nd.collate([ds[0], ds[1]], 0)
