@@ -72,7 +72,8 @@ def parse_args(argv=None):
                         "tokens learn when not to start")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--align-weight", type=float, default=1.0)
-    p.add_argument("--diffusion-weight", type=float, default=0.0, help="stage 2: add the image noise-prediction loss")
+    p.add_argument("--diffusion-weight", type=float, default=0.0,
+                   help="stage 2: add the decoders' noise-prediction loss (image, video and audio)")
     p.add_argument("--no-kernels", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=0)
@@ -135,16 +136,16 @@ class StageModule(torch.nn.Module):
         self.model, self.align_weight, self.diffusion_weight = model, align_weight, diffusion_weight
         self.parts: dict = {}
 
-    def forward(self, input_ids, labels, attention_mask, media, captions, target_images=None):
+    def forward(self, input_ids, labels, attention_mask, media, captions, target_media=None):
         out = self.model.loss({"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-                               "media": media, "captions": captions, "target_images": target_images},
+                               "media": media, "captions": captions, "target_media": target_media},
                               self.align_weight, self.diffusion_weight,
                               touch_all=True)
         self.parts = {k: float(v.detach()) for k, v in out.items()}
         return out["loss"]
 
 
-LOGGED = ("loss", "lm", *(f"align_{m}" for m in nd.MODALITIES), "diffusion_image")
+LOGGED = ("loss", "lm", *(f"align_{m}" for m in nd.MODALITIES), *(f"diffusion_{m}" for m in nd.MODALITIES))
 
 
 def mean_over_ranks(parts: dict, device) -> dict:
@@ -182,10 +183,10 @@ def main(argv=None) -> int:
 
     model = build(args, device)
     recs, root = records(args)
-    sd = model.pipes["image"]
-    target_size = sd.unet.config.sample_size * sd.vae_scale_factor if args.diffusion_weight > 0 else 0
+    sizes = {m: model.pipes[m].unet.config.sample_size * model.pipes[m].vae_scale_factor for m in args.modalities}
     dataset = nd.DialogueDataset(recs, model.tokenizer, model.media_loader(root), model.n_input_tokens,
-                                 int(model.cfg.get("max_length", 512)), target_size=target_size)
+                                 int(model.cfg.get("max_length", 512)),
+                                 target_sizes=sizes if args.diffusion_weight > 0 else None)
     module = StageModule(model, args.align_weight, args.diffusion_weight)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups(model, params, lr, args.signal_lr), lr=lr, betas=(0.9, 0.999),
@@ -224,7 +225,7 @@ def main(argv=None) -> int:
     for batch in loader:
         media = {m: x.to(device, dtype=dtype) for m, x in batch["media"].items()}
         loss = engine(batch["input_ids"].to(device), batch["labels"].to(device), batch["attention_mask"].to(device),
-                      media, batch["captions"], batch.get("target_images"))
+                      media, batch["captions"], batch["target_media"])
         engine.backward(loss)
         engine.step()
         step += 1

@@ -257,12 +257,13 @@ class NextGPT(nn.Module):
             target = ndec.text_condition(m, self.pipes[m], caps, self.device).to(pred.dtype)
             out[f"align_{m}"] = (pred - target).norm(dim=-1).mean()
             total = total + align_weight * out[f"align_{m}"]
-            if diffusion_weight and m == "image":
-                if batch.get("target_images") is None:
-                    raise ValueError("diffusion_weight > 0 needs batch['target_images'] (the records' target_media)")
-                out["diffusion_image"] = ndec.diffusion_loss(m, self.pipes[m], pred,
-                                                             batch["target_images"].to(self.device))
-                total = total + diffusion_weight * out["diffusion_image"]
+            if diffusion_weight:
+                tm = (batch.get("target_media") or {}).get(m)
+                if tm is None:
+                    raise ValueError(f"diffusion_weight > 0 needs batch['target_media'][{m!r}] (the records' "
+                                     "target_media, loaded by DialogueDataset with target_sizes)")
+                out[f"diffusion_{m}"] = ndec.diffusion_loss(m, self.pipes[m], pred, tm.to(self.device))
+                total = total + diffusion_weight * out[f"diffusion_{m}"]
         if touch_all:
             total = total + 0.0 * self._unused_projections(batch.get("media", {}), out, hidden)
         out["loss"] = total

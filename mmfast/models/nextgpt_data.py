@@ -157,23 +157,40 @@ class MediaLoader:
 
 
 class DialogueDataset(torch.utils.data.Dataset):
-    """Tokenized records with their media; ``target_size`` > 0 also loads ``target_media`` images as
-    (3, S, S) tensors in [-1, 1] (the diffusion loss's targets)."""
+    """Tokenized records with their media; ``target_sizes`` ({modality: pixels}, audio: any value) also loads
+    ``target_media`` for the diffusion loss: images (3, S, S) and videos (F, 3, S, S, ``video_frames`` frames)
+    in [-1, 1], audio (T,) waveforms cut or padded to ``audio_samples``."""
 
     def __init__(self, records, tokenizer, media: MediaLoader, n_input_tokens: int, max_length: int = 512,
-                 target_size: int = 0):
+                 target_sizes: dict | None = None):
         self.records = [validate_record(r, f"record {i}") for i, r in enumerate(records)]
         self.tok, self.media, self.n_in, self.max_length = tokenizer, media, n_input_tokens, max_length
-        self.target_size = target_size
+        self.target_sizes = dict(target_sizes or {})
+        bad = [m for m in self.target_sizes if m not in MODALITIES]
+        if bad:
+            raise ValueError(f"target_sizes: unknown modalities {bad}; expected some of {MODALITIES}")
 
-    def _target_image(self, rel) -> torch.Tensor:
+    @staticmethod
+    def _pixels(im, size: int) -> torch.Tensor:
         import numpy as np
         from PIL import Image
 
-        from mmfast.utils.io import open_image
-
-        im = open_image(self.media._path(rel)).convert("RGB").resize((self.target_size,) * 2, Image.BICUBIC)
+        im = im.convert("RGB").resize((size, size), Image.BICUBIC)
         return torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)  # (3, S, S)
+
+    def _target(self, modality: str, rel: str) -> torch.Tensor:
+        size = self.target_sizes[modality]
+        if modality == "image":
+            from mmfast.utils.io import open_image
+
+            return self._pixels(open_image(self.media._path(rel)), size)
+        if modality == "video":
+            from mmfast.data.media import read_video
+
+            frames = read_video(self.media._path(rel))
+            idx = torch.linspace(0, len(frames) - 1, self.media.frames).round().long().tolist()
+            return torch.stack([self._pixels(frames[i], size) for i in idx])  # (F, 3, S, S)
+        return self.media.audio(rel)  # (T,)
 
     def __len__(self):
         return len(self.records)
@@ -183,13 +200,14 @@ class DialogueDataset(torch.utils.data.Dataset):
         item = tokenize_dialogue(rec, self.tok, self.n_in, self.max_length)
         item["media"] = {m: [self.media.load(m, p) for p in ps] for m, ps in rec.get("media", {}).items()}
         item["captions"] = rec.get("targets", {})
-        if self.target_size and "image" in rec.get("target_media", {}):
-            item["target_images"] = [self._target_image(p) for p in rec["target_media"]["image"]]
+        item["target_media"] = {m: [self._target(m, p) for p in ps]
+                                for m, ps in rec.get("target_media", {}).items() if m in self.target_sizes}
         return item
 
 
 def collate(samples: list[dict], pad_id: int) -> dict:
-    """Right-padded ids / labels / mask; media stacked per modality in sample order; captions flattened."""
+    """Right-padded ids / labels / mask; media and target media stacked per modality in sample order;
+    captions flattened."""
     length = max(len(s["input_ids"]) for s in samples)
     b = len(samples)
     ids = torch.full((b, length), pad_id, dtype=torch.long)
@@ -206,11 +224,13 @@ def collate(samples: list[dict], pad_id: int) -> dict:
         cs = [c for s in samples for c in s.get("captions", {}).get(m, [])]
         if cs:
             captions[m] = cs
-    out = {"input_ids": ids, "labels": labels, "attention_mask": mask, "media": media, "captions": captions}
-    targets = [x for s in samples for x in s.get("target_images", [])]
-    if targets:
-        out["target_images"] = torch.stack(targets)  # (R_image, 3, S, S), in signal-run order
-    return out
+    targets = {}
+    for m in MODALITIES:
+        xs = [x for s in samples for x in s.get("target_media", {}).get(m, [])]
+        if xs:
+            targets[m] = torch.stack(xs)  # (R_m, ...), in signal-run order
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "media": media, "captions": captions,
+            "target_media": targets}
 
 
 # --------------------------------------------------------------------------- stage data from a world

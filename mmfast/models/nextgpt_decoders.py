@@ -191,16 +191,71 @@ def to_pipeline_embeds(modality: str, cond: torch.Tensor) -> torch.Tensor:
     return cond[:, 0] if modality == "audio" else cond
 
 
+def audio_mel(pipe, waveforms: torch.Tensor) -> torch.Tensor:
+    """(B, T) waveforms -> (B, 1, frames, n_mels) log-mel spectrograms in the AudioLDM VAE's layout.
+
+    The mel layout is the vocoder's: ``model_in_dim`` mel bins, hop = the vocoder's total upsampling (160
+    samples at 16 kHz for AudioLDM), FFT window the next power of two >= 4 hops (1024 there), 0 .. sr/2 Hz,
+    Slaney filters, log of the clamped magnitude (AudioLDM's TacotronSTFT recipe). Frames are zero-padded
+    to what the VAE and UNet downsampling divide."""
+    import math
+
+    from transformers.audio_utils import mel_filter_bank
+
+    voc = pipe.vocoder.config
+    sr, n_mels = int(voc.sampling_rate), int(voc.model_in_dim)
+    hop = int(math.prod(voc.upsample_rates))
+    n_fft = 1 << (4 * hop - 1).bit_length()
+    fb = torch.as_tensor(mel_filter_bank(num_frequency_bins=n_fft // 2 + 1, num_mel_filters=n_mels, min_frequency=0.0,
+                                         max_frequency=sr / 2, sampling_rate=sr, norm="slaney", mel_scale="slaney"),
+                         dtype=torch.float32, device=waveforms.device)  # (F, M)
+    x = waveforms.float()
+    spec = torch.stft(x, n_fft, hop_length=hop, window=torch.hann_window(n_fft, device=x.device),
+                      return_complex=True).abs()  # (B, F, frames)
+    mel = torch.log(torch.clamp(spec.transpose(1, 2) @ fb, min=1e-5))  # (B, frames, M)
+    mult = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    mel = nn.functional.pad(mel, (0, 0, 0, -mel.shape[1] % mult), value=math.log(1e-5))
+    return mel.unsqueeze(1)  # (B, 1, frames, M)
+
+
+def _encode(vae, x: torch.Tensor) -> torch.Tensor:
+    return vae.encode(x.to(vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
+
+
 def diffusion_loss(modality: str, pipe, cond: torch.Tensor, target_media: torch.Tensor) -> torch.Tensor:
-    """Noise-prediction MSE of the frozen UNet conditioned on ``cond`` (image modality, (B, 3, S, S) in [-1, 1])."""
-    if modality != "image":
-        raise NotImplementedError(f"diffusion loss is implemented for images only, not {modality!r}")
+    """Noise-prediction MSE of the frozen UNet on the target media's latents, conditioned as the pipeline
+    conditions on ``prompt_embeds`` = the projected ``cond`` (R, Q, C):
+
+    * image: ``target_media`` (R, 3, S, S) in [-1, 1]; ``encoder_hidden_states=cond``;
+    * video: (R, F, 3, S, S) in [-1, 1]; frames encoded one by one, latents (R, 4, F, h, w) as the
+      pipeline lays them out; ``encoder_hidden_states=cond``;
+    * audio: (R, T) waveforms -> log-mel (:func:`audio_mel`) -> latents; AudioLDM feeds its pooled text
+      embedding as ``class_labels`` (no cross-attention context), so ``class_labels=cond[:, 0]``.
+    """
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+    want = {"image": 4, "video": 5, "audio": 2}[modality]
+    if target_media.dim() != want or target_media.shape[0] != cond.shape[0]:
+        raise ValueError(f"{modality} diffusion targets must be {want}-D with {cond.shape[0]} items (one per "
+                         f"signal run), got {tuple(target_media.shape)}")
     vae, unet, sched = pipe.vae, pipe.unet, pipe.scheduler
-    latents = vae.encode(target_media.to(vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
+    with torch.no_grad():  # the VAE is frozen and the target needs no gradient
+        if modality == "image":
+            latents = _encode(vae, target_media)  # (R, 4, h, w)
+        elif modality == "video":
+            r, f = target_media.shape[:2]
+            lat = _encode(vae, target_media.flatten(0, 1))  # (R·F, 4, h, w)
+            latents = lat.reshape(r, f, *lat.shape[1:]).permute(0, 2, 1, 3, 4)  # (R, 4, F, h, w)
+        else:
+            latents = _encode(vae, audio_mel(pipe, target_media))  # (R, 4, frames/v, M/v)
     noise = torch.randn_like(latents)
     t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
     noisy = sched.add_noise(latents, noise, t)
-    pred = unet(noisy, t, encoder_hidden_states=cond.to(unet.dtype)).sample
+    embeds = to_pipeline_embeds(modality, cond).to(unet.dtype)
+    if modality == "audio":
+        pred = unet(noisy, t, encoder_hidden_states=None, class_labels=embeds).sample
+    else:
+        pred = unet(noisy, t, encoder_hidden_states=embeds).sample
     return nn.functional.mse_loss(pred.float(), noise.float())
 
 
@@ -220,5 +275,5 @@ def decode(modality: str, pipe, cond: torch.Tensor, steps: int = 10, seed: int =
     return pipe(audio_length_in_s=kw.pop("audio_length_in_s", 0.5), output_type="np", **common, **kw).audios
 
 
-__all__ = ["MODALITIES", "OutputProjection", "condition_shape", "decode", "diffusion_loss", "load_pipeline",
+__all__ = ["MODALITIES", "OutputProjection", "audio_mel", "condition_shape", "decode", "diffusion_loss", "load_pipeline",
            "text_condition", "tiny_audio_pipeline", "tiny_image_pipeline", "tiny_video_pipeline"]

@@ -312,21 +312,43 @@ def test_mmfast_chat_routes_a_nextgpt_directory(model, tmp_path, capsys):
     assert rc == 2
 
 
-def test_optional_diffusion_loss_trains_the_output_projection(model):
-    batch = _batch(model)
-    model.set_stage(2, ("image",))
-    with pytest.raises(ValueError, match="target_images"):
+@pytest.mark.parametrize("modality", ["image", "video", "audio"])
+def test_optional_diffusion_loss_trains_the_output_projection(model, modality):
+    """Noise-prediction loss through each frozen tiny decoder: finite, its gradient reaches the output
+    projection (and nothing else), the decoder's weights stay bit-identical after an optimizer step."""
+    g = torch.Generator().manual_seed(1)
+    rec = {"conversations": [{"from": "human", "value": "Make one."},
+                             {"from": "gpt", "value": nd.signal_run(modality)}], "targets": {modality: ["a red cat"]}}
+    batch = nd.collate([{**nd.tokenize_dialogue(rec, model.tokenizer, model.n_input_tokens), "media": {},
+                         "captions": rec["targets"]}], model.tokenizer.pad_token_id)
+    model.set_stage(2, (modality,))
+    with pytest.raises(ValueError, match=f"target_media'\\]\\['{modality}'"):
         model.loss(batch, diffusion_weight=1.0)
-    batch["target_images"] = torch.rand(1, 3, 32, 32) * 2 - 1  # one image signal run in the batch
+    target = {"image": lambda: torch.rand(1, 3, 32, 32, generator=g) * 2 - 1,
+              "video": lambda: torch.rand(1, 4, 3, 16, 16, generator=g) * 2 - 1,
+              "audio": lambda: torch.randn(1, 4000, generator=g) * 0.3}[modality]()
+    batch["target_media"] = {modality: target}
+    before = {k: v.clone() for k, v in model.decoders[modality].state_dict().items()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     out = model.loss(batch, diffusion_weight=1.0)
-    assert torch.isfinite(out["diffusion_image"]) and float(out["diffusion_image"]) > 0
+    d = out[f"diffusion_{modality}"]
+    assert torch.isfinite(d) and float(d) > 0
     model.zero_grad(set_to_none=True)
-    out["diffusion_image"].backward()
-    g = model.output_proj["image"].out.weight.grad
-    assert g is not None and float(g.abs().max()) > 0
-    assert all(p.grad is None for p in model.decoders.parameters())  # the decoder stays frozen
+    d.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and float(p.grad.abs().max()) > 0}
+    emb = "llm.model.embed_tokens.weight"  # the signal tokens' input embeddings feed the projection too
+    assert f"output_proj.{modality}.out.weight" in grads
+    assert all(n.startswith(f"output_proj.{modality}.") or n == emb for n in grads), sorted(grads)[:5]
+    rows = model.llm.get_input_embeddings().weight.grad.abs().sum(-1).nonzero().flatten().tolist()
+    assert set(rows) <= set(model.signal_ids[modality])
+    opt.step()
     model.zero_grad(set_to_none=True)
+    after = model.decoders[modality].state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ValueError, match="one per signal run"):
+        ndec.diffusion_loss(modality, model.pipes[modality], out["align_" + modality].new_zeros(2, 1, 1), target)
     model.set_stage(1)
+
 
 
 def _reply_start_logp(m, batch):

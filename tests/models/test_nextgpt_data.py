@@ -82,10 +82,20 @@ def test_stage_builders_and_media(tmp_path):
     assert len(t2x) == n_pairs and 0 < len(s2) - len(t2x) < n_pairs  # X->text negatives for a share
     assert all(r["media"] and len(r["media"]) == 1 for r in s2 if not r.get("targets"))
     assert len(nd.stage_records(tmp_path, 2, mods, negatives=0.0)) == n_pairs
-    ds = nd.DialogueDataset(s2[:2], _tok(), nd.MediaLoader(tmp_path, ImageProcessor(32, aspect="resize")), 1,
-                            target_size=16)
-    batch = nd.collate([ds[0], ds[1]], 0)
-    assert batch["target_images"].shape == (2, 3, 16, 16) and -1 <= float(batch["target_images"].min())
+    # Diffusion-loss targets: one per signal run, in each decoder's input layout.
+    one = [next(r for r in t2x if m in r["targets"]) for m in mods]
+    ds = nd.DialogueDataset(one + one[:1], _tok(), nd.MediaLoader(tmp_path, ImageProcessor(32, aspect="resize"),
+                                                                  video_frames=3, audio_samples=4000), 1,
+                            target_sizes={"image": 16, "video": 8, "audio": 0})
+    tm = nd.collate([ds[i] for i in range(len(ds))], 0)["target_media"]
+    assert tm["image"].shape == (2, 3, 16, 16) and tm["video"].shape == (1, 3, 3, 8, 8) and tm["audio"].shape == (1, 4000)
+    for m in ("image", "video"):
+        assert -1 <= float(tm[m].min()) and float(tm[m].max()) <= 1 and float(tm[m].std()) > 0
+    assert nd.collate([ds[0]], 0)["target_media"].keys() == {"image"}
+    plain = nd.DialogueDataset(one, _tok(), nd.MediaLoader(tmp_path, ImageProcessor(32, aspect="resize")), 1)
+    assert plain[0]["target_media"] == {}  # loaded only when asked for
+    with pytest.raises(ValueError, match="unknown modalities"):
+        nd.DialogueDataset(one, _tok(), plain.media, 1, target_sizes={"text": 8})
     assert len(s3) == 10 and all(len(r["conversations"]) == 4 for r in s3)
     loader = nd.MediaLoader(tmp_path, ImageProcessor(32, aspect="resize"), video_frames=4, audio_samples=8000)
     by_mod = {m: next(r for r in s1 if m in r["media"]) for m in mods}

@@ -102,6 +102,27 @@ def test_three_stages_on_two_ranks_lower_their_losses(world, tmp_path):
     assert model.lora_config is not None and len(model.answer([None], ["Draw a cat."], max_new_tokens=2)) == 1
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_stage2_with_the_diffusion_loss_on_every_decoder(world, tmp_path):
+    """--diffusion-weight: the records' target media (image, video frames, audio) reach each frozen UNet."""
+    from mmfast.models import nextgpt_data as nd
+
+    s1, s2 = tmp_path / "s1", tmp_path / "s2"
+    mods = ("image", "audio", "video")
+    recs = nd.stage_records(world, 2, mods, negatives=0.0)
+    recs = [next(r for r in recs if m in r["targets"]) for m in mods] + recs[:1]  # every decoder in 4 records
+    (tmp_path / "t2x.json").write_text(json.dumps(recs))
+    _run("--stage", "1", "--model", "tiny", "--data", world, "--out", s1, "--steps", 1, nproc=1)
+    _run("--stage", "2", "--init-from", s1 / "final", "--data", tmp_path / "t2x.json", "--media-root", world,
+         "--out", s2, "--steps", 2, "--modalities", ",".join(mods), "--diffusion-weight", 0.1,  # 2 x 2 records
+         nproc=1)
+    rows = [json.loads(x) for x in (s2 / "metrics.jsonl").read_text().splitlines()]
+    seen = {k for r in rows for k in r if k.startswith("diffusion_")}
+    assert seen == {"diffusion_image", "diffusion_audio", "diffusion_video"}, rows
+    assert all(r[k] > 0 and r[k] < float("inf") for r in rows for k in seen if k in r)
+
+
 def test_demo_lists_the_nextgpt_stages():
     from mmfast import demo
 
