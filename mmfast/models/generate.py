@@ -1,16 +1,27 @@
-"""Batched generation for :class:`mmfast.models.llava.Llava`: left-padded prompts, a KV cache, greedy or
-top-p sampling, stopping at the template's separator (or EOS).
+"""Batched generation for :class:`mmfast.models.llava.Llava`: a KV cache, greedy or top-p sampling,
+stopping at the template's separator (or EOS).
 
-With ``use_cache=True`` the prompt is run once and each new token attends over the cached keys and
-values (transformers' ``DynamicCache``; under ``mmfast.patch`` the attention is mmfast's). With
-``use_cache=False`` every step recomputes the whole sequence: slower, and the oracle the cached path
-is tested against.
+Three ways to compute each step's next-token logits (``cache=`` / ``use_cache=``):
+
+* ``"mmfast"`` (``"auto"`` picks it when the model is patched with mmfast attention): prompts are
+  right-padded into a :class:`mmfast.models.kv_cache.MmfastKVCache` preallocated for prompt +
+  ``max_new_tokens``. The prefill is causal over the padded batch, so the pad tokens at the end of a row
+  never affect its real tokens; each row's logits are read at its own last real token and the cache's
+  per-row lengths are set to the prompt lengths. Every decode step then appends one token per row at its
+  own position (position id = row length) through :func:`mmfast.ops.flash_attn_with_kvcache`: no
+  padding mask, no concatenation.
+* ``"dynamic"`` (``"auto"`` for unpatched models): left-padded prompts with a padding mask and
+  transformers' ``DynamicCache``.
+* ``use_cache=False``: every step recomputes the whole left-padded sequence: slow, the oracle the
+  cached paths are tested against.
 """
 from __future__ import annotations
 
 import torch
 
 from mmfast.models.llava_templates import IMAGE_TOKEN, get_template
+
+CACHES = ("auto", "mmfast", "dynamic")
 
 
 def _sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, gen) -> torch.Tensor:
@@ -26,8 +37,9 @@ def _sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: fl
     return order.gather(-1, pick).squeeze(-1)
 
 
-def _batch(llava, images, prompts):
-    """Left-padded ids (B, L), attention mask (B, L) and the stacked images of the rows that have one."""
+def _rows(llava, images, prompts):
+    """Token ids of each prompt (``<image>`` expanded to the patch count) and the stacked images of the rows
+    that have one."""
     tok = llava.tokenizer
     rows = []
     pixel = []
@@ -42,28 +54,130 @@ def _batch(llava, images, prompts):
         rows.append(ids)
         if img is not None:
             pixel.append(llava.image_processor(img))
+    return rows, (torch.stack(pixel) if pixel else None)
+
+
+def _pad(rows, pad: int, left: bool, device):
+    """Padded ids (B, L) and attention mask (B, L), padding on the left or the right."""
     length = max(len(r) for r in rows)
-    pad = llava.pad_token_id
-    input_ids = torch.tensor([[pad] * (length - len(r)) + r for r in rows], dtype=torch.long)
-    mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
-    return input_ids, mask, (torch.stack(pixel) if pixel else None)
+    ids, mask = [], []
+    for r in rows:
+        fill = [pad] * (length - len(r))
+        ids.append(fill + r if left else r + fill)
+        mask.append([0] * len(fill) + [1] * len(r) if left else [1] * len(r) + [0] * len(fill))
+    return (torch.tensor(ids, dtype=torch.long, device=device), torch.tensor(mask, dtype=torch.long, device=device))
+
+
+class _LeftPadded:
+    """Left-padded prompts under a padding mask: transformers' DynamicCache, or no cache (recompute)."""
+
+    def __init__(self, llava, rows, pixel, use_cache: bool):
+        from transformers import DynamicCache
+
+        from mmfast.models.llava import merge_embeddings
+
+        self.llava, self.model, self.use_cache = llava, llava.model, use_cache
+        self.ids, self.mask = _pad(rows, llava.pad_token_id, True, llava.device)
+        self.embeds = merge_embeddings(self.model, self.ids, pixel)  # (B, L, D): the images are encoded once
+        self.positions = (self.mask.cumsum(1) - 1).clamp(min=0)  # (B, L): left padding does not shift positions
+        self.cache = DynamicCache(config=self.model.config.text_config) if use_cache else None
+
+    def _logits(self, ids, position_ids, embeds) -> torch.Tensor:
+        from mmfast.models.llava import forward_hidden
+
+        out = forward_hidden(self.model, ids, self.mask, None, image_attention=self.llava.image_attention,
+                             cache=self.cache, position_ids=position_ids, use_cache=self.use_cache,
+                             inputs_embeds=embeds)
+        return self.model.lm_head(out.last_hidden_state[:, -1])  # (B, V)
+
+    def prefill(self) -> torch.Tensor:
+        return self._logits(self.ids, self.positions, self.embeds)
+
+    def step(self, nxt: torch.Tensor) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], 1)
+        step_emb = self.model.model.get_input_embeddings()(nxt[:, None])  # (B, 1, D)
+        if self.use_cache:
+            pos = self.positions[:, -1:] + 1
+            self.positions = torch.cat([self.positions, pos], 1)
+            return self._logits(nxt[:, None], pos, step_emb)
+        self.ids = torch.cat([self.ids, nxt[:, None]], 1)
+        self.embeds = torch.cat([self.embeds, step_emb], 1)
+        self.positions = (self.mask.cumsum(1) - 1).clamp(min=0)
+        return self._logits(self.ids, self.positions, self.embeds)
+
+
+class _RightPadded:
+    """Right-padded prompts in an :class:`MmfastKVCache`; decode steps go through flash_attn_with_kvcache."""
+
+    def __init__(self, llava, rows, pixel, max_new_tokens: int):
+        from mmfast.models.kv_cache import MmfastKVCache
+        from mmfast.models.llava import merge_embeddings
+
+        self.llava, self.model = llava, llava.model
+        self.ids, _ = _pad(rows, llava.pad_token_id, False, llava.device)
+        self.lens = torch.tensor([len(r) for r in rows], dtype=torch.int32, device=llava.device)  # (B,)
+        self.embeds = merge_embeddings(self.model, self.ids, pixel)  # (B, L, D)
+        b, length = self.ids.shape
+        self.cache = MmfastKVCache(self.model.config, b, length + max_new_tokens)
+
+    def _hidden(self, ids, position_ids, embeds) -> torch.Tensor:
+        from mmfast.models.llava import forward_hidden
+
+        return forward_hidden(self.model, ids, None, None, image_attention=self.llava.image_attention,
+                              cache=self.cache, position_ids=position_ids, use_cache=True,
+                              inputs_embeds=embeds).last_hidden_state  # (B, S, D)
+
+    def prefill(self) -> torch.Tensor:
+        b, length = self.ids.shape
+        positions = torch.arange(length, device=self.ids.device).expand(b, length)  # (B, L)
+        hidden = self._hidden(self.ids, positions, self.embeds)
+        self.cache.set_lengths(self.lens)  # the pad tokens' keys are overwritten by the next tokens
+        last = hidden[torch.arange(b, device=hidden.device), self.lens.long() - 1]  # (B, D)
+        return self.model.lm_head(last)  # (B, V)
+
+    def step(self, nxt: torch.Tensor) -> torch.Tensor:
+        pos = self.cache.lengths().long()[:, None]  # (B, 1): each row continues at its own length
+        step_emb = self.model.model.get_input_embeddings()(nxt[:, None])  # (B, 1, D)
+        return self.model.lm_head(self._hidden(nxt[:, None], pos, step_emb)[:, -1])
+
+
+def cache_kind(llava, cache: str = "auto", use_cache: bool = True) -> str:
+    """``"mmfast"``, ``"dynamic"`` or ``"none"``: the decoding path :func:`generate` takes."""
+    from mmfast.models.llava import _uses_mmfast_attention
+
+    if cache not in CACHES:
+        raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
+    patched = _uses_mmfast_attention(llava.model)
+    if not use_cache:
+        if cache != "auto":
+            raise ValueError(f"use_cache=False recomputes every step; it takes no cache={cache!r}")
+        return "none"
+    if cache == "mmfast" and not patched:
+        raise ValueError("cache='mmfast' decodes through mmfast's flash_attn_with_kvcache and needs the model "
+                         "patched with mmfast attention (build with kernels=True); use cache='dynamic'")
+    if cache == "auto":
+        return "mmfast" if patched else "dynamic"
+    return cache
 
 
 @torch.inference_mode()
 def generate(llava, images, prompts, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
-             top_p: float = 1.0, use_cache: bool = True, seed: int | None = None, stop: str | None = None) -> list[str]:
+             top_p: float = 1.0, use_cache: bool = True, seed: int | None = None, stop: str | None = None,
+             cache: str = "auto") -> list[str]:
     """Continue each prompt (already formatted with the template); returns the new text of each row,
-    cut before the stop string (default: the template's separator)."""
-    from transformers import DynamicCache
+    cut before the stop string (default: the template's separator).
 
-    from mmfast.models.llava import forward_hidden, merge_embeddings
-
+    ``cache``: ``"auto"`` (mmfast's preallocated cache when the model is patched, else transformers'),
+    ``"mmfast"`` or ``"dynamic"``; ``use_cache=False`` recomputes every step instead."""
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts; they pair one to one")
     if not prompts:
         return []
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    kind = cache_kind(llava, cache, use_cache)
     model = llava.model
     device = llava.device
     stop = stop if stop is not None else get_template(llava.template).stop_str
@@ -72,22 +186,18 @@ def generate(llava, images, prompts, max_new_tokens: int = 64, do_sample: bool =
     if do_sample:
         gen = torch.Generator(device=device)
         gen.manual_seed(0 if seed is None else seed)
-    input_ids, mask, pixel = _batch(llava, images, prompts)
-    input_ids, mask = input_ids.to(device), mask.to(device)
+    rows, pixel = _rows(llava, images, prompts)
     if pixel is not None:
         pixel = pixel.to(device, next(model.model.vision_tower.parameters()).dtype)
-    b = input_ids.shape[0]
-    embeds = merge_embeddings(model, input_ids, pixel)  # (B, L, D): the images are encoded once
-    emb_layer = model.model.get_input_embeddings()
-    cache = DynamicCache(config=model.config.text_config) if use_cache else None
-    positions = (mask.cumsum(1) - 1).clamp(min=0)  # (B, L): left padding does not shift positions
-    out = forward_hidden(model, input_ids, mask, None, image_attention=llava.image_attention, cache=cache,
-                         position_ids=positions, use_cache=use_cache, inputs_embeds=embeds)
+    if kind == "mmfast":
+        decoder = _RightPadded(llava, rows, pixel, max_new_tokens)
+    else:
+        decoder = _LeftPadded(llava, rows, pixel, use_cache=kind == "dynamic")
+    b = len(rows)
+    logits = decoder.prefill()  # (B, V)
     new = [[] for _ in range(b)]
     done = torch.zeros(b, dtype=torch.bool, device=device)
-    ids_all = input_ids
     for step in range(max_new_tokens):
-        logits = model.lm_head(out.last_hidden_state[:, -1])  # (B, V)
         nxt = _sample(logits, do_sample, temperature, top_p, gen)  # (B,)
         nxt = torch.where(done, torch.full_like(nxt, llava.pad_token_id), nxt)
         for i in range(b):
@@ -98,19 +208,7 @@ def generate(llava, images, prompts, max_new_tokens: int = 64, do_sample: bool =
                     done[i] = True
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=device)], 1)
-        ids_all = torch.cat([ids_all, nxt[:, None]], 1)
-        step_emb = emb_layer(nxt[:, None])  # (B, 1, D)
-        if use_cache:
-            pos = positions[:, -1:] + 1
-            positions = torch.cat([positions, pos], 1)
-            out = forward_hidden(model, nxt[:, None], mask, None, image_attention=llava.image_attention, cache=cache,
-                                 position_ids=pos, use_cache=True, inputs_embeds=step_emb)
-        else:
-            embeds = torch.cat([embeds, step_emb], 1)
-            positions = (mask.cumsum(1) - 1).clamp(min=0)
-            out = forward_hidden(model, ids_all, mask, None, image_attention=llava.image_attention,
-                                 position_ids=positions, inputs_embeds=embeds)
+        logits = decoder.step(nxt)
     texts = []
     for ids in new:
         text = llava.tokenizer.decode(ids, skip_special_tokens=False)
@@ -123,4 +221,4 @@ def generate(llava, images, prompts, max_new_tokens: int = 64, do_sample: bool =
     return texts
 
 
-__all__ = ["generate"]
+__all__ = ["CACHES", "cache_kind", "generate"]

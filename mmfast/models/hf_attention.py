@@ -12,6 +12,10 @@ packing the valid tokens and calling the varlen kernel (as transformers' flash-a
 mask pattern (packed sequences, or/and mask functions, sliding windows) arrives as transformers' 4-D
 boolean mask; the attention accepts it only when it equals the causal/bidirectional(/window) pattern
 with no padding, and raises otherwise rather than computing a different function.
+
+Decoding: when the model kwarg ``mmfast_kv_cache`` holds an :class:`mmfast.models.kv_cache.MmfastKVCache`
+(preallocated per-layer caches with per-row lengths), the attention appends the new keys/values to it and
+attends through :func:`mmfast.ops.flash_attn_with_kvcache`; no padding mask is needed there.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from mmfast.ops.attention import flash_attn_func, flash_attn_varlen_func, visibl
 
 NAME = "mmfast"
 PREFIX_KWARG = "mmfast_prefix_len"  # model kwarg: (B,) prefix lengths of a prefix-LM mask
+KV_CACHE_KWARG = "mmfast_kv_cache"  # model kwarg: an mmfast.models.kv_cache.MmfastKVCache
 _BACKEND = {"value": None}  # backend forced by `register(backend=...)` / mmfast.patch(..., backend=...)
 
 
@@ -76,6 +81,22 @@ def _unpadded(query, key, value, kv_mask, causal, kwargs, prefix=None):
     return full.reshape(b, sq, h, d)
 
 
+def _with_kv_cache(module, cache, q, k, v, attention_mask, causal, prefix, op_kwargs):
+    from mmfast.models.kv_cache import MmfastKVCache
+
+    if not isinstance(cache, MmfastKVCache):
+        raise TypeError(f"{KV_CACHE_KWARG} must be an mmfast.models.kv_cache.MmfastKVCache, got {type(cache).__name__}")
+    if attention_mask is not None:
+        # Rows of different lengths are per-row cache lengths here, never a padding mask.
+        raise ValueError(f"mmfast attention with {KV_CACHE_KWARG} takes no attention_mask (got shape "
+                         f"{tuple(attention_mask.shape)}): right-pad the prompts and set the cache's lengths")
+    if op_kwargs["dropout_p"]:
+        raise ValueError(f"{KV_CACHE_KWARG} is for inference; got attention dropout {op_kwargs['dropout_p']}")
+    return cache.attend(module.layer_idx, q, k, v, causal=causal, softmax_scale=op_kwargs["softmax_scale"],
+                        window_size=op_kwargs["window_size"], softcap=op_kwargs.get("softcap", 0.0),
+                        prefix=prefix, backend=op_kwargs["backend"])
+
+
 def mmfast_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                              is_causal=None, softcap=None, sliding_window=None, **kwargs):
     """transformers attention interface: query (B, H, Sq, D), key/value (B, Hk, Sk, D) → ((B, Sq, H, D), None)."""
@@ -90,6 +111,9 @@ def mmfast_attention_forward(module, query, key, value, attention_mask, dropout:
                      "backend": _BACKEND["value"]}
     if softcap:
         op_kwargs["softcap"] = float(softcap)
+    kv_cache = kwargs.get(KV_CACHE_KWARG)
+    if kv_cache is not None:
+        return _with_kv_cache(module, kv_cache, q, k, v, attention_mask, causal, prefix, op_kwargs), None
     if attention_mask is not None and attention_mask.dim() == 2:
         return _unpadded(q, k, v, attention_mask, causal, op_kwargs, prefix), None
     if attention_mask is not None:
@@ -112,4 +136,4 @@ def register(backend: str | None = None) -> str:
     return NAME
 
 
-__all__ = ["NAME", "mmfast_attention_forward", "register"]
+__all__ = ["KV_CACHE_KWARG", "NAME", "PREFIX_KWARG", "mmfast_attention_forward", "register"]

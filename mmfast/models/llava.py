@@ -214,10 +214,19 @@ def _uses_mmfast_attention(model) -> bool:
 
 def forward_hidden(model, input_ids, attention_mask=None, pixel_values=None, *, image_attention="causal",
                    cache=None, position_ids=None, use_cache=False, inputs_embeds=None):
-    """The language model's output on merged embeddings (``last_hidden_state`` (B, L, D), cache)."""
+    """The language model's output on merged embeddings (``last_hidden_state`` (B, L, D), cache).
+
+    ``cache`` may be a transformers cache or an :class:`mmfast.models.kv_cache.MmfastKVCache` (needs
+    mmfast attention and no ``attention_mask``: right-padded rows at per-row positions)."""
     if inputs_embeds is None:
         inputs_embeds = merge_embeddings(model, input_ids, pixel_values)
     kwargs = {}
+    ours = _is_mmfast_cache(cache)
+    if ours:
+        if not _uses_mmfast_attention(model):
+            raise ValueError("an MmfastKVCache needs the model patched with mmfast attention (kernels=True / "
+                             "mmfast.patch); use transformers' DynamicCache for this model")
+        kwargs.update(cache.attention_kwargs())
     mask = attention_mask
     if image_attention == "bidirectional" and cache_len(cache) == 0:
         if attention_mask is None:
@@ -229,8 +238,19 @@ def forward_hidden(model, input_ids, attention_mask=None, pixel_values=None, *, 
             kwargs[PREFIX_KWARG] = (prefix - pads).clamp(min=0)
         else:
             mask = prefix_mask_4d(attention_mask, prefix, inputs_embeds.dtype)
-    return model.model.language_model(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids,
-                                      cache=cache, use_cache=use_cache, **kwargs)
+    out = model.model.language_model(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids,
+                                     cache=cache, use_cache=use_cache, **kwargs)
+    if ours:
+        cache.check_consumed()
+    return out
+
+
+def _is_mmfast_cache(cache) -> bool:
+    if cache is None:
+        return False
+    from mmfast.models.kv_cache import MmfastKVCache
+
+    return isinstance(cache, MmfastKVCache)
 
 
 def cache_len(cache) -> int:

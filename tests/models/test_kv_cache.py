@@ -1,0 +1,90 @@
+"""MmfastKVCache on a tiny patched LLaMA: right-padded prefill + per-row decode equals full forwards."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import mmfast
+from mmfast.models.kv_cache import MmfastKVCache
+
+
+def _llama(backend: str | None, patched: bool = True):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(config).eval()
+    return mmfast.patch(model, backend=backend) if patched else model
+
+
+def _decode_with_cache(model, rows, n_new):
+    """Right-padded prefill of ``rows`` then ``n_new`` fed tokens per row; per-row logits of every step."""
+    b, length = len(rows), max(len(r) for r in rows)
+    ids = torch.tensor([r + [0] * (length - len(r)) for r in rows])  # (B, L) right padded with a real token
+    lens = torch.tensor([len(r) for r in rows])
+    cache = MmfastKVCache(model.config, b, length + n_new)
+    pos = torch.arange(length).expand(b, length)
+    out = model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True, **cache.attention_kwargs())
+    cache.check_consumed()
+    cache.set_lengths(lens)
+    steps = [out.logits[torch.arange(b), lens - 1]]  # (B, V)
+    fed = torch.randint(1, model.config.vocab_size, (b, n_new), generator=torch.Generator().manual_seed(1))
+    for t in range(n_new - 1):
+        pos = cache.lengths().long()[:, None]  # (B, 1)
+        assert torch.equal(pos[:, 0], lens + t)
+        out = model(input_ids=fed[:, t : t + 1], position_ids=pos, cache=cache, use_cache=True,
+                    **cache.attention_kwargs())
+        steps.append(out.logits[:, -1])
+    return torch.stack(steps, 1), fed  # (B, n_new, V)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_right_padded_decode_equals_full_forward(backend, triton_backend):
+    backend = triton_backend if backend == "triton" else backend
+    model = _llama(backend)
+    g = torch.Generator().manual_seed(2)
+    rows = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (7, 3, 5)]
+    n_new = 4
+    with torch.no_grad():
+        logits, fed = _decode_with_cache(model, rows, n_new)
+        for i, r in enumerate(rows):
+            # The oracle: row i alone, unpadded, through the same patched model without a cache.
+            full = model(input_ids=torch.tensor([r + fed[i, : n_new - 1].tolist()])).logits[0]  # (S, V)
+            want = full[len(r) - 1 :]  # (n_new, V)
+            torch.testing.assert_close(logits[i], want, rtol=1e-4, atol=1e-4)
+
+
+def test_unpatched_model_is_refused_not_silently_wrong():
+    model = _llama(None, patched=False)
+    cache = MmfastKVCache(model.config, 1, 8)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="attention did not use it"):
+        model(input_ids=torch.tensor([[1, 2, 3]]), cache=cache, use_cache=True)
+
+
+def test_patched_model_without_the_kwarg_is_refused():
+    model = _llama("reference")
+    cache = MmfastKVCache(model.config, 1, 8)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="mmfast_kv_cache"):
+        model(input_ids=torch.tensor([[1, 2, 3]]), cache=cache, use_cache=True)
+
+
+def test_cache_errors():
+    model = _llama("reference")
+    with pytest.raises(ValueError, match="max_len"):
+        MmfastKVCache(model.config, 2, 0)
+    cache = MmfastKVCache(model.config, 2, 4)
+    with pytest.raises(ValueError, match="prefill"):
+        cache.set_lengths(torch.tensor([1, 2]))
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="batch size 2"):
+            model(input_ids=torch.tensor([[1, 2, 3]]), cache=cache, use_cache=True, **cache.attention_kwargs())
+        cache = MmfastKVCache(model.config, 2, 4)
+        model(input_ids=torch.tensor([[1, 2, 3], [4, 5, 6]]), cache=cache, use_cache=True, **cache.attention_kwargs())
+        with pytest.raises(ValueError, match="shape \\(2,\\)"):
+            cache.set_lengths(torch.tensor([1]))
+        with pytest.raises(ValueError, match="overflows the cache's max_len=4"):
+            model(input_ids=torch.tensor([[1, 2], [3, 4]]), cache=cache, use_cache=True, **cache.attention_kwargs())
