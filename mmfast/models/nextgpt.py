@@ -114,7 +114,7 @@ class NextGPT(nn.Module):
         op = cfg.get("output_projection", {})
         self.output_proj = nn.ModuleDict({
             m: ndec.OutputProjection(hidden, ndec.condition_shape(m, self.pipes[m]), op.get("width", 64),
-                                     op.get("layers", 1), op.get("heads", 4)) for m in nd.MODALITIES})
+                                     op.get("layers", 1), op.get("heads", 4), op.get("ffn")) for m in nd.MODALITIES})
         self.lora_config = None
         self.kernels, self.backend = kernels, backend
         self.llm.requires_grad_(False)

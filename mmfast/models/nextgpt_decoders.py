@@ -30,14 +30,15 @@ MODALITIES = ("image", "video", "audio")
 class OutputProjection(nn.Module):
     """(B, S, H) signal-token states -> (B, Q, C) decoder conditioning."""
 
-    def __init__(self, in_dim: int, out_shape: tuple[int, int], width: int = 64, layers: int = 1, heads: int = 4):
+    def __init__(self, in_dim: int, out_shape: tuple[int, int], width: int = 64, layers: int = 1, heads: int = 4,
+                 ffn: int | None = None):
         super().__init__()
         self.out_shape = tuple(out_shape)
         n_q, c = self.out_shape
         self.inp = nn.Linear(in_dim, width)
         self.queries = nn.Parameter(torch.randn(n_q, width) * 0.02)
         self.transformer = nn.Transformer(d_model=width, nhead=heads, num_encoder_layers=layers,
-                                          num_decoder_layers=layers, dim_feedforward=2 * width, dropout=0.0,
+                                          num_decoder_layers=layers, dim_feedforward=ffn or 2 * width, dropout=0.0,
                                           batch_first=True)
         self.out = nn.Linear(width, c)
 
