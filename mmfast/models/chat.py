@@ -21,6 +21,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", default="auto", choices=("auto", "mmfast", "dynamic"),
+                   help="KV cache: mmfast's (flash_attn_with_kvcache; auto when the model runs mmfast kernels) "
+                        "or transformers' DynamicCache")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
     return p
@@ -31,7 +34,8 @@ def reply(llava, conversations: list[dict], image, args) -> str:
 
     prompt = format_conversation(conversations, llava.template)
     return llava.generate([image], [prompt], max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                          temperature=max(args.temperature, 1e-5), top_p=args.top_p, seed=args.seed)[0]
+                          temperature=max(args.temperature, 1e-5), top_p=args.top_p, seed=args.seed,
+                          cache=getattr(args, "cache", "auto"))[0]
 
 
 def main(argv: list[str] | None = None) -> int:

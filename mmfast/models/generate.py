@@ -51,6 +51,8 @@ def _rows(llava, images, prompts):
         ids = []
         for t in tok(p, add_special_tokens=True)["input_ids"]:
             ids += [t] * llava.n_image_tokens if t == llava.config.image_token_id else [t]
+        if not ids:
+            raise ValueError(f"prompt {i} is empty (no tokens)")
         rows.append(ids)
         if img is not None:
             pixel.append(llava.image_processor(img))

@@ -21,18 +21,18 @@ def _llama(backend: str | None, patched: bool = True):
     return mmfast.patch(model, backend=backend) if patched else model
 
 
-def _decode_with_cache(model, rows, n_new):
+def _decode_with_cache(model, rows, n_new, device):
     """Right-padded prefill of ``rows`` then ``n_new`` fed tokens per row; per-row logits of every step."""
     b, length = len(rows), max(len(r) for r in rows)
-    ids = torch.tensor([r + [0] * (length - len(r)) for r in rows])  # (B, L) right padded with a real token
-    lens = torch.tensor([len(r) for r in rows])
+    ids = torch.tensor([r + [0] * (length - len(r)) for r in rows], device=device)  # (B, L), a real token pads
+    lens = torch.tensor([len(r) for r in rows], device=device)
     cache = MmfastKVCache(model.config, b, length + n_new)
-    pos = torch.arange(length).expand(b, length)
+    pos = torch.arange(length, device=device).expand(b, length)
     out = model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True, **cache.attention_kwargs())
     cache.check_consumed()
     cache.set_lengths(lens)
     steps = [out.logits[torch.arange(b), lens - 1]]  # (B, V)
-    fed = torch.randint(1, model.config.vocab_size, (b, n_new), generator=torch.Generator().manual_seed(1))
+    fed = torch.randint(1, model.config.vocab_size, (b, n_new), generator=torch.Generator().manual_seed(1)).to(device)
     for t in range(n_new - 1):
         pos = cache.lengths().long()[:, None]  # (B, 1)
         assert torch.equal(pos[:, 0], lens + t)
@@ -43,17 +43,17 @@ def _decode_with_cache(model, rows, n_new):
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_right_padded_decode_equals_full_forward(backend, triton_backend):
+def test_right_padded_decode_equals_full_forward(backend, triton_backend, device):
     backend = triton_backend if backend == "triton" else backend
-    model = _llama(backend)
+    model = _llama(backend).to(device)
     g = torch.Generator().manual_seed(2)
     rows = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (7, 3, 5)]
     n_new = 4
     with torch.no_grad():
-        logits, fed = _decode_with_cache(model, rows, n_new)
+        logits, fed = _decode_with_cache(model, rows, n_new, device)
         for i, r in enumerate(rows):
             # The oracle: row i alone, unpadded, through the same patched model without a cache.
-            full = model(input_ids=torch.tensor([r + fed[i, : n_new - 1].tolist()])).logits[0]  # (S, V)
+            full = model(input_ids=torch.tensor([r + fed[i, : n_new - 1].tolist()], device=device)).logits[0]
             want = full[len(r) - 1 :]  # (n_new, V)
             torch.testing.assert_close(logits[i], want, rtol=1e-4, atol=1e-4)
 

@@ -142,3 +142,16 @@ def test_stops_at_the_template_separator(fast, monkeypatch):
     assert len(steps) == 4  # no decode step after every row emitted the separator
     assert stopped == free
     assert "###" not in "".join(stopped)
+
+
+def test_chat_cache_option(fast):
+    from mmfast.models.chat import _parser, reply
+
+    conv = [{"from": "human", "value": "<image>\nWhat is it?"}]
+    texts = set()
+    for cache in ("mmfast", "dynamic"):
+        args = _parser().parse_args(["--model", "unused", "--cache", cache, "--max-new-tokens", "4"])
+        texts.add(reply(fast, conv, _image(), args))
+    assert len(texts) == 1
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--model", "unused", "--cache", "static"])
