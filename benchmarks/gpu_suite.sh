@@ -131,7 +131,8 @@ s.loader.exec_module(u.module_from_spec(s)); print(\"mmfast._C loads\")'"
 # 4. the tests that touch CUDA: MMFAST_TEST_CUDA_ONLY keeps those marked `gpu` or taking the
 #    `device`/`triton_backend` fixtures (tests/conftest.py); CPU-only tests already ran in CI.
 step "pytest (CUDA tests)" 200 env MMFAST_TEST_CUDA_ONLY=1 "$PY" -m pytest -q -p no:cacheprovider \
-    -m "gpu or not slow" -n 4 --timeout 120 --maxfail=10 -rfE tests/ops tests/nn
+    -m "gpu or not slow" -n 4 --timeout 120 --maxfail=10 -rfE tests/ops tests/nn \
+    tests/models/test_kv_cache.py tests/models/test_llava_generate.py
 
 # 5. benchmarks. --budget-s keeps each inside its slot (rows past it are written as skipped).
 bench contrastive 120 --out "$RES/contrastive.csv" --budget-s 100
