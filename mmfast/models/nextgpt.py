@@ -254,8 +254,9 @@ class NextGPT(nn.Module):
             pred = self.output_proj[m](self.signal_states(m, ids, hidden, emb))  # (R, Q, C)
             if pred.shape[0] != len(caps):
                 raise ValueError(f"{m}: {pred.shape[0]} signal-token runs but {len(caps)} target captions")
-            target = ndec.text_condition(m, self.pipes[m], caps, self.device).to(pred.dtype)
-            out[f"align_{m}"] = (pred - target).norm(dim=-1).mean()
+            target = ndec.text_condition(m, self.pipes[m], caps, self.device)
+            # Reduced in fp32: in bf16 the mean of (R, Q) norms would keep only 8 mantissa bits.
+            out[f"align_{m}"] = (pred.float() - target.float()).norm(dim=-1).mean()
             total = total + align_weight * out[f"align_{m}"]
             if diffusion_weight:
                 tm = (batch.get("target_media") or {}).get(m)

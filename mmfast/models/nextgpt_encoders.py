@@ -136,9 +136,10 @@ class AudioEncoder(nn.Module):
 
     def features(self, wave: torch.Tensor) -> torch.Tensor:
         """(N, T) waveforms -> (N, max_frames, n_mels) log-mel, cut or zero-padded in time."""
-        spec = torch.stft(wave.float(), self.n_fft, self.hop, window=self.window, return_complex=True)
+        # fp32 whatever the module's dtype: a bf16 cast (DeepSpeed's bf16 engine) also casts these buffers.
+        spec = torch.stft(wave.float(), self.n_fft, self.hop, window=self.window.float(), return_complex=True)
         power = spec.abs().pow(2).transpose(1, 2)  # (N, frames, F)
-        logmel = torch.log(power @ self.mel + 1e-6)  # (N, frames, M)
+        logmel = torch.log(power @ self.mel.float() + 1e-6)  # (N, frames, M)
         logmel = (logmel + 4.0) / 8.0  # roughly unit scale, as AST's normalisation intends
         t = logmel.shape[1]
         if t >= self.max_frames:

@@ -123,6 +123,39 @@ def test_stage2_with_the_diffusion_loss_on_every_decoder(world, tmp_path):
     assert all(r[k] > 0 and r[k] < float("inf") for r in rows for k in seen if k in r)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_stage2_in_bf16_as_on_gpu(world, tmp_path):
+    """The GPU path's DeepSpeed bf16 engine (module cast to bf16, fp32 master weights), run on CPU through a
+    ZeRO-2 config with bf16 forced on; audio inputs (the X->text negatives) go through the bf16 encoder."""
+    cfg = json.loads((ROOT / "training" / "configs" / "zero2.json").read_text())
+    cfg["bf16"] = {"enabled": True}
+    (tmp_path / "z2bf16.json").write_text(json.dumps(cfg))
+    out = tmp_path / "s2"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "mmfast.cli", "train", "nextgpt", "--nproc", "1", "--stage", "2", "--model", "tiny",
+           "--data", str(world), "--out", str(out), "--modalities", "audio,image", "--negatives", "1",
+           "--deepspeed-config", str(tmp_path / "z2bf16.json"), "--steps", "3", "--batch-size", "2",
+           "--max-samples", "6", "--threads", "1", "--log-every", "1", "--lr", "1e-2"]
+    r = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "torch.bfloat16" in r.stdout
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(0 < r["loss"] < float("inf") for r in rows), rows
+    trained = _tensors(out / "final", "trainable.safetensors")
+    assert trained["new_rows.head"].dtype == torch.float32  # DeepSpeed's fp32 masters, not bf16-rounded copies
+    assert all(torch.isfinite(v).all() for v in trained.values())
+
+    from mmfast.models import nextgpt_data as nd
+    from mmfast.models.nextgpt import load_pretrained
+
+    model = load_pretrained(out / "final", device="cpu")  # back in fp32
+    recs = nd.stage_records(world, 2, ("audio",), negatives=1.0)[:2]
+    ds = nd.DialogueDataset(recs, model.tokenizer, model.media_loader(world), model.n_input_tokens)
+    with torch.no_grad():
+        assert torch.isfinite(model.loss(nd.collate([ds[0], ds[1]], model.tokenizer.pad_token_id))["loss"])
+
+
 def test_demo_lists_the_nextgpt_stages():
     from mmfast import demo
 
