@@ -86,7 +86,7 @@ def nextgpt_stage2(ctx) -> dict:
     # The signal-token rows start from random and must outscore the frozen LLM's first reply token within a
     # hundred steps: they get a larger lr than the output projection.
     argv = _common(ctx, 2, s2) + ["--init-from", str(s1 / "final"), "--steps", str(ctx.args.nextgpt_steps2),
-                                  "--lr", "2e-3", "--signal-lr", "1e-2"]
+                                  "--lr", "2e-3", "--signal-lr", "2e-2"]
     r = _train(argv, s2)
     return {"nextgpt_stage2_alignment_loss": round(r["align_image"], 4),
             "nextgpt_stage2_first_alignment_loss": round(r["first"]["align_image"], 4),
@@ -165,4 +165,4 @@ def nextgpt_eval(ctx) -> dict:
             "nextgpt_clipsim_random_pairs": round(float(mismatched.mean()), 4)}
 
 
-__all__ = ["add_args", "nextgpt_eval", "nextgpt_stage1", "nextgpt_stage2"]
+__all__ = ["add_args", "emit_rates", "nextgpt_eval", "nextgpt_stage1", "nextgpt_stage2"]

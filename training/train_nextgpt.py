@@ -67,7 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None, help="(stage 1/2: 1e-3, stage 3: 2e-4)")
     p.add_argument("--signal-lr", type=float, default=None,
                    help="stage 2: lr of the signal-token embedding / LM-head rows (default: --lr)")
-    p.add_argument("--negatives", type=float, default=0.5,
+    p.add_argument("--negatives", type=float, default=1.0,
                    help="stage 2 from a world: share of pairs also given as X->text records, so the signal "
                         "tokens learn when not to start")
     p.add_argument("--warmup", type=int, default=None)

@@ -274,7 +274,7 @@ def t2x_record(modality: str, pair: dict, rng: random.Random, reply_text: bool =
 
 
 def stage_records(world, stage: int, modalities=("image",), split: str = "train", seed: int = 0,
-                  n_dialogues: int | None = None, negatives: float = 0.5) -> list[dict]:
+                  n_dialogues: int | None = None, negatives: float = 1.0) -> list[dict]:
     """Stage 1: X->text captioning; stage 2: text->X answered by the signal run alone (LM loss on the signal
     tokens and the closing ``</s>``) plus X->text captioning records for a ``negatives`` share of the pairs;
     stage 3: MosIT-style dialogues (text, then the run).

@@ -79,7 +79,9 @@ def test_stage_builders_and_media(tmp_path):
     t2x = [r for r in s2 if r.get("targets")]
     assert all(not r.get("media") and r["conversations"][1]["value"] in map(nd.signal_run, mods) for r in t2x)
     n_pairs = sum(len(nd.t2x_pairs(tmp_path, m)) for m in mods)
-    assert len(t2x) == n_pairs and 0 < len(s2) - len(t2x) < n_pairs  # X->text negatives for a share
+    assert len(t2x) == n_pairs and len(s2) == 2 * n_pairs  # by default every pair is also an X->text negative
+    half = nd.stage_records(tmp_path, 2, mods, negatives=0.5)
+    assert n_pairs < len(half) < 2 * n_pairs
     assert all(r["media"] and len(r["media"]) == 1 for r in s2 if not r.get("targets"))
     assert len(nd.stage_records(tmp_path, 2, mods, negatives=0.0)) == n_pairs
     # Diffusion-loss targets: one per signal run, in each decoder's input layout.

@@ -156,6 +156,30 @@ def test_stage2_in_bf16_as_on_gpu(world, tmp_path):
         assert torch.isfinite(model.loss(nd.collate([ds[0], ds[1]], model.tokenizer.pad_token_id))["loss"])
 
 
+def test_demo_emission_rates_count_signal_runs(world):
+    from mmfast.demo_nextgpt import emit_rates
+    from mmfast.models import nextgpt_data as nd
+    from mmfast.models.nextgpt import build_nextgpt
+
+    torch.set_num_threads(1)
+    m = build_nextgpt("tiny", seed=0, kernels=False)
+    pairs = nd.t2x_pairs(world, "image", "val")[:2]
+    img0 = m.signal_ids["image"][0]
+    with torch.no_grad():
+        m.llm.lm_head.weight[img0] = 0.0  # [IMG0] can never win: no runs
+    assert emit_rates(m, world, pairs, max_new_tokens=2) == {
+        "nextgpt_signal_emit_rate": 0.0, "nextgpt_signal_emit_rate_captioning": 0.0, "nextgpt_emit_prompts": 2}
+    head = m.llm.lm_head  # every reply opens with [IMG0]: a bias on its logit
+    forced = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        forced.weight.copy_(head.weight)
+        forced.bias.zero_()
+        forced.bias[img0] = 1e4
+    m.llm.lm_head = forced
+    got = emit_rates(m, world, pairs, max_new_tokens=2)
+    assert got["nextgpt_signal_emit_rate"] == 1.0 and got["nextgpt_signal_emit_rate_captioning"] == 1.0
+
+
 def test_demo_lists_the_nextgpt_stages():
     from mmfast import demo
 
