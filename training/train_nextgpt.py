@@ -121,10 +121,11 @@ def records(args) -> tuple[list[dict], Path]:
 
 def param_groups(model: ng.NextGPT, params: list, lr: float, signal_lr: float | None) -> list[dict]:
     """Projections / LoRA at ``lr``; the embedding and LM-head matrices (trainable in stage 2 for the added
-    rows only, through a gradient mask) at ``signal_lr``."""
+    rows only, through a gradient mask) at ``signal_lr`` and never weight-decayed (decay would move every row)."""
     rows = {id(model.llm.get_input_embeddings().weight), id(model.llm.get_output_embeddings().weight)}
     groups = [{"params": [p for p in params if id(p) not in rows], "lr": lr},
-              {"params": [p for p in params if id(p) in rows], "lr": lr if signal_lr is None else signal_lr}]
+              {"params": [p for p in params if id(p) in rows], "lr": lr if signal_lr is None else signal_lr,
+               "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
 

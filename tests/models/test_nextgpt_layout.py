@@ -1,4 +1,5 @@
-"""The ``vicuna7b`` preset's layout on the meta device: no weight is allocated and nothing is read from disk.
+"""The ``vicuna7b`` preset: its layout on the meta device (no weight is allocated, nothing is read from disk),
+and its code path (every part a local directory) with tiny parts saved in the real checkpoints' layouts.
 
 The preset names local checkpoint directories; their architectures are the public ``config.json`` values
 below, so the test builds each part from them with the library's own constructors (LoRA through
@@ -131,3 +132,48 @@ def test_vicuna7b_trains_about_one_percent(layout):
     assert 33e6 < lora < 34e6, lora  # r = 32 on q/k/v/o of 32 layers: 33.5M, as the original
     share = trainable / total
     assert 0.008 < share < 0.015, (trainable, total, share)
+
+
+def test_a_preset_of_local_directories_builds_trains_and_reloads(tmp_path):
+    """The GPU preset's code path (every part a local directory, as ``vicuna7b`` names them), exercised with
+    tiny parts saved the way the real checkpoints are laid out: LLaMA + tokenizer folder, CLIP vision and AST
+    folders, diffusers pipeline folders. Nothing is copied into the NExT-GPT save but the trainable weights."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    llm, tok, _ = ng._build_llm("tiny")
+    llm.save_pretrained(tmp_path / "vicuna")
+    tok.save_pretrained(tmp_path / "vicuna")
+    tiny = ng.build_nextgpt("tiny", seed=0, kernels=False)
+    tiny.encoders["image"].model.save_pretrained(tmp_path / "clip")
+    tiny.encoders["audio"].model.save_pretrained(tmp_path / "ast")
+    for m in nd.MODALITIES:
+        tiny.pipes[m].save_pretrained(tmp_path / f"decoder_{m}")
+    cfg = {**ng.load_preset("tiny"), "llm": str(tmp_path / "vicuna"),
+           "encoders": {"image": str(tmp_path / "clip"), "audio": str(tmp_path / "ast"), "video_frames": 4},
+           "decoders": {m: str(tmp_path / f"decoder_{m}") for m in nd.MODALITIES}}
+    model = ng.build_nextgpt(cfg, kernels=False)
+    assert model.base_vocab == len(tok) and len(model.new_ids) == 2 + 4 + 24 + 8  # <image> is already there
+    assert torch.equal(model.llm.model.layers[0].self_attn.q_proj.weight, llm.model.layers[0].self_attn.q_proj.weight)
+    for m in nd.MODALITIES:
+        assert torch.equal(model.pipes[m].unet.conv_in.weight, tiny.pipes[m].unet.conv_in.weight)
+        assert model.output_proj[m].out_shape == tiny.output_proj[m].out_shape
+    rec = {"conversations": [{"from": "human", "value": "<audio>\nDraw it."},
+                             {"from": "gpt", "value": nd.signal_run("image")}],
+           "media": {"audio": ["a"]}, "targets": {"image": ["a red cat"]}}
+    batch = nd.collate([{**nd.tokenize_dialogue(rec, model.tokenizer, model.n_input_tokens),
+                         "media": {"audio": [torch.randn(16000) * 0.3]}, "captions": rec["targets"]}],
+                       model.tokenizer.pad_token_id)
+    model.set_stage(2)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    model.loss(batch)["loss"].backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        ref = model.loss(batch)
+    model.save_pretrained(tmp_path / "ng")
+    assert not (tmp_path / "ng" / ng.COMPONENTS_FILE).exists()  # every frozen part comes from its folder
+    back = ng.load_pretrained(tmp_path / "ng", device="cpu")
+    with torch.no_grad():
+        got = back.loss(batch)
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
