@@ -7,8 +7,8 @@ Every encoder maps a batch of one modality to ``EncoderOutput(tokens (N, P, D), 
   :mod:`mmfast.models.llava_vision`).
 * ``VideoEncoder``: the image encoder over ``frames`` uniformly sampled frames, mean-pooled over time
   (tokens and pooled vector), as NExT-GPT feeds ImageBind's vision branch.
-* ``AudioEncoder``: a transformers ``ASTModel`` over log-mel features computed here with
-  ``transformers.audio_utils.mel_filter_bank`` (no torchaudio needed).
+* ``AudioEncoder``: a transformers ``ASTModel`` over the features of transformers' ``ASTFeatureExtractor``
+  (the checkpoint's own when loaded from a directory; no torchaudio needed).
 
 ImageBind is not packaged anywhere installable; an encoder with the same ``forward`` / ``dim`` contract
 (for instance ImageBind's towers loaded from a local checkpoint) can be passed to ``NextGPT`` instead.
@@ -101,21 +101,27 @@ class VideoEncoder(nn.Module):
 
 
 class AudioEncoder(nn.Module):
-    """AST over log-mel features; input (N, T) mono waveforms at ``sample_rate``."""
+    """AST over its own input features; input (N, T) mono waveforms at ``sample_rate``.
+
+    Features come from transformers' ``ASTFeatureExtractor`` (Kaldi-style 128-bin log-mel fbank, 25 ms / 10 ms
+    frames, normalised with AudioSet's mean and std; numpy, no torchaudio needed): the checkpoint's own
+    ``preprocessor_config.json`` when loaded from a directory, else one matching the config's mel bins and
+    frame count."""
 
     modality = "audio"
 
-    def __init__(self, model, sample_rate: int = 16000, n_fft: int = 400, hop: int = 160):
+    def __init__(self, model, sample_rate: int = 16000, feature_extractor=None):
         super().__init__()
-        from transformers.audio_utils import mel_filter_bank
+        from transformers import ASTFeatureExtractor
 
-        self.model, self.sample_rate, self.n_fft, self.hop = model, sample_rate, n_fft, hop
+        self.model, self.sample_rate = model, sample_rate
         cfg = model.config
         self.dim, self.n_mels, self.max_frames = cfg.hidden_size, cfg.num_mel_bins, cfg.max_length
-        mel = mel_filter_bank(num_frequency_bins=n_fft // 2 + 1, num_mel_filters=self.n_mels, min_frequency=20.0,
-                              max_frequency=sample_rate / 2, sampling_rate=sample_rate, norm=None, mel_scale="htk")
-        self.register_buffer("mel", torch.as_tensor(mel, dtype=torch.float32), persistent=False)  # (F, M)
-        self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
+        self.fe = feature_extractor or ASTFeatureExtractor(num_mel_bins=cfg.num_mel_bins, max_length=cfg.max_length,
+                                                           sampling_rate=sample_rate)
+        if (self.fe.num_mel_bins, self.fe.max_length) != (self.n_mels, self.max_frames):
+            raise ValueError(f"AST feature extractor gives {self.fe.num_mel_bins} mel bins x {self.fe.max_length} "
+                             f"frames but the model expects {self.n_mels} x {self.max_frames}")
 
     @classmethod
     def from_config(cls, cfg: dict) -> AudioEncoder:
@@ -127,24 +133,21 @@ class AudioEncoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path) -> AudioEncoder:
-        from transformers import ASTModel
+        from transformers import ASTFeatureExtractor, ASTModel
 
         d = Path(path)
         if not d.is_dir():
             raise FileNotFoundError(f"audio encoder directory not found: {d}")
-        return cls(ASTModel.from_pretrained(str(d), local_files_only=True))
+        model = ASTModel.from_pretrained(str(d), local_files_only=True)
+        fe = ASTFeatureExtractor.from_pretrained(str(d), local_files_only=True) \
+            if (d / "preprocessor_config.json").is_file() else None
+        return cls(model, sample_rate=fe.sampling_rate if fe is not None else 16000, feature_extractor=fe)
 
     def features(self, wave: torch.Tensor) -> torch.Tensor:
-        """(N, T) waveforms -> (N, max_frames, n_mels) log-mel, cut or zero-padded in time."""
-        # fp32 whatever the module's dtype: a bf16 cast (DeepSpeed's bf16 engine) also casts these buffers.
-        spec = torch.stft(wave.float(), self.n_fft, self.hop, window=self.window.float(), return_complex=True)
-        power = spec.abs().pow(2).transpose(1, 2)  # (N, frames, F)
-        logmel = torch.log(power @ self.mel.float() + 1e-6)  # (N, frames, M)
-        logmel = (logmel + 4.0) / 8.0  # roughly unit scale, as AST's normalisation intends
-        t = logmel.shape[1]
-        if t >= self.max_frames:
-            return logmel[:, : self.max_frames]
-        return nn.functional.pad(logmel, (0, 0, 0, self.max_frames - t))
+        """(N, T) waveforms -> (N, max_frames, n_mels) normalised log-mel fbank, cut or zero-padded in time."""
+        waves = [w.detach().float().cpu().numpy() for w in wave]  # fp32 whatever the module's dtype
+        out = self.fe(waves, sampling_rate=self.sample_rate, return_tensors="pt")["input_values"]
+        return out.to(wave.device)
 
     def forward(self, wave: torch.Tensor) -> EncoderOutput:
         if wave.dim() != 2:

@@ -71,9 +71,19 @@ def test_encoders_shapes_and_errors(model):
     frame = torch.randn(1, 3, 32, 32)
     still = enc["video"](frame.unsqueeze(1).expand(1, 4, 3, 32, 32).contiguous())
     torch.testing.assert_close(still.pooled, enc["image"](frame).pooled, rtol=1e-5, atol=1e-5)
-    a = enc["audio"](torch.randn(2, 16000) * 0.3)
+    wave = torch.randn(2, 16000) * 0.3
+    a = enc["audio"](wave)
     assert a.tokens.shape[0] == 2 and a.tokens.shape[2] == 64 and a.pooled.shape == (2, 64)
     assert torch.isfinite(a.tokens).all()
+    # AST sees its own feature extractor's Kaldi fbank: (N, max_length frames, mel bins), AudioSet-normalised.
+    from transformers import ASTFeatureExtractor
+
+    feats = enc["audio"].features(wave)
+    assert feats.shape == (2, 64, 32)
+    fe = ASTFeatureExtractor(num_mel_bins=32, max_length=64)
+    torch.testing.assert_close(feats[1], fe(wave[1].numpy(), sampling_rate=16000, return_tensors="pt")["input_values"][0])
+    with pytest.raises(ValueError, match="mel bins"):
+        type(enc["audio"])(enc["audio"].model, feature_extractor=ASTFeatureExtractor(num_mel_bins=128, max_length=64))
     with pytest.raises(ValueError, match="images must be"):
         enc["image"](torch.randn(3, 32, 32))
     with pytest.raises(ValueError, match="videos must be"):

@@ -146,6 +146,9 @@ def test_a_preset_of_local_directories_builds_trains_and_reloads(tmp_path):
     tiny = ng.build_nextgpt("tiny", seed=0, kernels=False)
     tiny.encoders["image"].model.save_pretrained(tmp_path / "clip")
     tiny.encoders["audio"].model.save_pretrained(tmp_path / "ast")
+    from transformers import ASTFeatureExtractor
+
+    ASTFeatureExtractor(num_mel_bins=32, max_length=64, mean=-3.0).save_pretrained(tmp_path / "ast")
     for m in nd.MODALITIES:
         tiny.pipes[m].save_pretrained(tmp_path / f"decoder_{m}")
     cfg = {**ng.load_preset("tiny"), "llm": str(tmp_path / "vicuna"),
@@ -154,6 +157,7 @@ def test_a_preset_of_local_directories_builds_trains_and_reloads(tmp_path):
     model = ng.build_nextgpt(cfg, kernels=False)
     assert model.base_vocab == len(tok) and len(model.new_ids) == 2 + 4 + 24 + 8  # <image> is already there
     assert torch.equal(model.llm.model.layers[0].self_attn.q_proj.weight, llm.model.layers[0].self_attn.q_proj.weight)
+    assert model.encoders["audio"].fe.mean == -3.0  # the checkpoint's own feature extractor
     for m in nd.MODALITIES:
         assert torch.equal(model.pipes[m].unet.conv_in.weight, tiny.pipes[m].unet.conv_in.weight)
         assert model.output_proj[m].out_shape == tiny.output_proj[m].out_shape
