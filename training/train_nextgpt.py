@@ -184,7 +184,9 @@ def main(argv=None) -> int:
 
     model = build(args, device)
     recs, root = records(args)
-    sizes = {m: model.pipes[m].unet.config.sample_size * model.pipes[m].vae_scale_factor for m in args.modalities}
+    # Target pixels: the UNet's native latent size x the VAE factor (audio targets are waveforms: no size).
+    sizes = {m: 0 if m == "audio" else model.pipes[m].unet.config.sample_size * model.pipes[m].vae_scale_factor
+             for m in args.modalities}
     dataset = nd.DialogueDataset(recs, model.tokenizer, model.media_loader(root), model.n_input_tokens,
                                  int(model.cfg.get("max_length", 512)),
                                  target_sizes=sizes if args.diffusion_weight > 0 else None)
