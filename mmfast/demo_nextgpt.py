@@ -57,7 +57,7 @@ def _train(argv, out) -> dict:
         raise RuntimeError(f"NExT-GPT training failed (exit code {rc}); see the output above")
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     tail = rows[-3:]  # the last logged steps, averaged: one batch is noisy
-    mean = {k: sum(r[k] for r in tail) / len(tail) for k in tail[-1] if k in ("loss", "lm", "align_image")}
+    mean = {k: sum(r[k] for r in tail) / len(tail) for k in tail[-1] if k in ("loss", "lm", "lm_signal", "align_image")}
     return {"seconds": time.perf_counter() - t0, "first": rows[0], **mean}
 
 
@@ -90,6 +90,8 @@ def nextgpt_stage2(ctx) -> dict:
     r = _train(argv, s2)
     return {"nextgpt_stage2_alignment_loss": round(r["align_image"], 4),
             "nextgpt_stage2_first_alignment_loss": round(r["first"]["align_image"], 4),
+            "nextgpt_stage2_signal_lm_loss": round(r["lm_signal"], 4),
+            "nextgpt_stage2_first_signal_lm_loss": round(r["first"]["lm_signal"], 4),
             "nextgpt_stage2_final_loss": round(r["loss"], 4), "nextgpt_stage2_seconds": round(r["seconds"], 1)}
 
 

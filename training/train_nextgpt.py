@@ -146,7 +146,7 @@ class StageModule(torch.nn.Module):
         return out["loss"]
 
 
-LOGGED = ("loss", "lm", *(f"align_{m}" for m in nd.MODALITIES), *(f"diffusion_{m}" for m in nd.MODALITIES))
+LOGGED = ("loss", "lm", "lm_signal", *(f"align_{m}" for m in nd.MODALITIES), *(f"diffusion_{m}" for m in nd.MODALITIES))
 
 
 def mean_over_ranks(parts: dict, device) -> dict:

@@ -239,16 +239,33 @@ class NextGPT(nn.Module):
             return fused_linear_cross_entropy(h, head.weight, target, None, backend=backend_of(self.llm))
         return nn.functional.cross_entropy(head(h).float(), target)
 
+    @torch.no_grad()
+    def signal_lm_loss(self, hidden, labels) -> torch.Tensor | None:
+        """Detached cross-entropy over the positions whose target is a signal token (a diagnostic: how well the
+        LLM starts and continues runs); None when the batch supervises none."""
+        target = labels[:, 1:]  # (B, L-1)
+        ids = torch.tensor([i for m in nd.MODALITIES for i in self.signal_ids[m]], device=labels.device)
+        keep = torch.isin(target, ids)
+        if not bool(keep.any()):
+            return None
+        logits = self.llm.get_output_embeddings()(hidden[:, :-1][keep])  # (N_signal, V)
+        return nn.functional.cross_entropy(logits.float(), target[keep])
+
     def loss(self, batch: dict, align_weight: float = 1.0, diffusion_weight: float = 0.0,
              touch_all: bool = False) -> dict:
-        """LM loss on supervised tokens, plus per modality the alignment loss (and optional diffusion loss).
+        """LM loss on supervised tokens, plus per modality the alignment loss (and optional diffusion loss);
+        ``lm_signal`` (logged, not in ``loss``) is the LM loss restricted to the signal tokens.
 
         ``touch_all`` adds a zero-weighted pass through every trainable projection the batch did not use, so
         data-parallel ranks with different modalities in their batches reduce the same gradients."""
         ids = batch["input_ids"].to(self.device)
         mask = batch.get("attention_mask")
         hidden, emb = self.hidden(ids, mask.to(self.device) if mask is not None else None, batch.get("media", {}))
-        out = {"lm": self.lm_loss(hidden, batch["labels"].to(self.device))}
+        labels = batch["labels"].to(self.device)
+        out = {"lm": self.lm_loss(hidden, labels)}
+        signal = self.signal_lm_loss(hidden, labels)
+        if signal is not None:
+            out["lm_signal"] = signal
         total = out["lm"]
         for m, caps in batch.get("captions", {}).items():
             pred = self.output_proj[m](self.signal_states(m, ids, hidden, emb))  # (R, Q, C)

@@ -122,7 +122,8 @@ def test_tiny_pipelines_produce_finite_media(model):
 def test_loss_parts_and_errors(model):
     batch = _batch(model)
     out = model.loss(batch)
-    assert set(out) == {"lm", "align_audio", "align_image", "loss"}
+    assert set(out) == {"lm", "lm_signal", "align_audio", "align_image", "loss"}
+    assert not out["lm_signal"].requires_grad  # logged only: the signal tokens' share of the LM loss
     assert all(torch.isfinite(v) for v in out.values())
     torch.testing.assert_close(out["loss"], out["lm"] + out["align_audio"] + out["align_image"])
     bad = dict(batch, media={k: v for k, v in batch["media"].items() if k != "image"})
@@ -406,6 +407,8 @@ def test_stage2_teaches_the_llm_to_start_signal_runs(tmp_path):
         opt.zero_grad(set_to_none=True)
     start1, nll1 = _reply_start_logp(m, batch)
     assert nll1 < 0.5 * nll0, (nll0, nll1)
+    with torch.no_grad():  # the logged lm_signal is the same quantity
+        torch.testing.assert_close(m.loss(batch)["lm_signal"], torch.tensor(nll1))
     assert float(start1[asks].mean()) > float(start0[asks].mean()) + 2.0
     assert float(start1[asks].min()) > float(start1[~asks].max())  # image requests, not captioning, open a run
     after = m.state_dict()
