@@ -99,7 +99,7 @@ STAGES += [
     Stage("pope", demo_llava.pope, "POPE random / popular / adversarial on the tiny LLaVA"),
 ]
 
-from mmfast import demo_nextgpt  # noqa: E402
+from mmfast import demo_nextgpt
 
 STAGES += [
     Stage("nextgpt_stage1", demo_nextgpt.nextgpt_stage1, "tiny NExT-GPT stage 1 (input projection), ZeRO-2"),
@@ -136,7 +136,9 @@ def parse_args(argv):
     p.add_argument("--only", default=None, help="comma-separated stage names (default: all): "
                    + ", ".join(s.name for s in STAGES))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--images", type=int, default=2000, help="synthetic world size (train + val)")
+    # 10,000 images (8,000 train): with 2,000 the tiny CLIP overfits its 1,600 training images (zero-shot
+    # top-1 0.555 on train vs 0.44 on val); the world costs ~9 s to draw and each step reads fresh images.
+    p.add_argument("--images", type=int, default=10000, help="synthetic world size (train + val)")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--clip-model", default="tiny")
