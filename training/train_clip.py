@@ -365,6 +365,8 @@ def main(argv=None) -> int:
             "steps": step, "train_seconds": round(train_seconds, 3), "device": str(device), "dtype": str(dtype),
             "loss_backend": loss_backend, "kernels": clip.mmfast_kernels, "param_checksums": sums,
             "final": None if args.no_export else str(out / "final"),
+            # The open_clip transformers that recompute activations in backward (read off the modules).
+            "grad_checkpointing": sorted(n for n, m in clip.named_modules() if getattr(m, "grad_checkpointing", False)),
         })
     dist.barrier()
     return 0

@@ -240,3 +240,32 @@ def test_siglip_single_process_zero0(world, tmp_path):
     assert rows[0]["loss_reference"] == pytest.approx(rows[0]["loss"], rel=1e-5)
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["zero_stage"] == 0 and summary["final"] is None and not (run / "final").exists()
+
+
+@pytest.mark.slow
+def test_resume_latest_continues_exactly_and_grad_checkpointing_changes_nothing(world, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    common = ["--data", world, "--deepspeed-config", "zero0", "--grad-checkpointing", "--no-export", "--steps", 6]
+    _run([*common, "--out", run, "--save-every", 2], nproc=1)
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step6"
+    # As if killed between steps 4 and 6: the newest checkpoint is step4; restart in the same folder.
+    shutil.rmtree(run / "checkpoints" / "step6")
+    (run / "checkpoints" / "latest").write_text("step4")
+    _run([*common, "--out", run, "--resume", "latest"], nproc=1)
+    ckpt = json.loads((run / "train_summary.json").read_text())["grad_checkpointing"]
+    assert any("visual" in n for n in ckpt) and any("visual" not in n for n in ckpt), ckpt  # both towers
+    rows = _metrics(run)  # the uninterrupted steps 1..6, then the resumed 5..6 appended
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 5, 6]
+    assert [r["loss"] for r in rows[6:]] == [r["loss"] for r in rows[4:6]]
+    assert [r["lr"] for r in rows[6:]] == [r["lr"] for r in rows[4:6]]
+    # Without checkpointing the activations are kept instead of recomputed: the same losses on every
+    # step (so the same updates: recomputation replays the same ops); the flag trades time for memory.
+    plain = tmp_path / "plain"
+    _run(["--data", world, "--deepspeed-config", "zero0", "--no-export", "--out", plain, "--steps", 6], nproc=1)
+    rp = _metrics(plain)
+    assert json.loads((plain / "train_summary.json").read_text())["grad_checkpointing"] == []
+    assert [r["step"] for r in rp] == [1, 2, 3, 4, 5, 6]
+    for k in range(6):
+        assert rp[k]["loss"] == pytest.approx(rows[k]["loss"], rel=1e-6)
