@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling clip_data.py
 
 from clip_data import SeededPairs, ShardedBatches, open_source
 
+from mmfast.distributed.deepspeed_shm import buffer_path, release_shm_buffer
 from mmfast.models import clip as mclip
 from mmfast.utils.io import atomic_torch_save, atomic_write_json
 
@@ -84,6 +85,9 @@ def init_distributed():
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
+    if acc.device_name() != "cuda":
+        dist.barrier()  # every rank has mapped every peer's shm allreduce buffer: the names can go
+        release_shm_buffer(rank)
     if acc.device_name() == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -366,6 +370,8 @@ def main(argv=None) -> int:
             "loss_backend": loss_backend, "kernels": clip.mmfast_kernels, "param_checksums": sums,
             "final": None if args.no_export else str(out / "final"),
             # The open_clip transformers that recompute activations in backward (read off the modules).
+            # DeepSpeed's CPU shm allreduce files of this run still in /dev/shm (released after init).
+            "shm_buffers_left": [p.name for p in map(buffer_path, range(world)) if p.exists()],
             "grad_checkpointing": sorted(n for n, m in clip.named_modules() if getattr(m, "grad_checkpointing", False)),
         })
     dist.barrier()

@@ -179,6 +179,7 @@ def test_zero2_two_ranks_train_and_resume_exactly(world, tmp_path):
     _run(["--data", world, "--out", a, "--deepspeed-config", "zero2", "--steps", 8, "--save-every", 4])
     _check_run(a, 8, 2)
     summary = json.loads((a / "train_summary.json").read_text())
+    assert summary["shm_buffers_left"] == []  # DeepSpeed's /dev/shm allreduce files do not leak
     assert summary["loss_backend"] != "reference" or "cpp" not in _available_backends()
     assert (a / "checkpoints" / "step4" / "rng_rank1.pt").is_file()
 
@@ -269,3 +270,17 @@ def test_resume_latest_continues_exactly_and_grad_checkpointing_changes_nothing(
     assert [r["step"] for r in rp] == [1, 2, 3, 4, 5, 6]
     for k in range(6):
         assert rp[k]["loss"] == pytest.approx(rows[k]["loss"], rel=1e-6)
+
+
+def test_shm_buffer_name_and_release(tmp_path):
+    from mmfast.distributed.deepspeed_shm import buffer_path, release_shm_buffer
+
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29611"}
+    path = buffer_path(1, tmp_path, env)
+    assert path.name == f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_29611_1"  # DeepSpeed's shm.cpp naming
+    path.write_bytes(b"x")
+    other = buffer_path(0, tmp_path, env)
+    other.write_bytes(b"x")
+    assert release_shm_buffer(1, tmp_path, env) is True and not path.exists()
+    assert other.exists()  # only this rank's own file
+    assert release_shm_buffer(1, tmp_path, env) is False
