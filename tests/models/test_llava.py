@@ -8,15 +8,9 @@ import torch
 
 pytest.importorskip("transformers")
 
+from llava_helpers import square_image as _image
+
 from mmfast.models import llava as ml
-
-
-def _image(color=(200, 30, 30), size=(40, 30)):
-    from PIL import Image
-
-    img = Image.new("RGB", size, (20, 120, 200))
-    img.paste(Image.new("RGB", (12, 12), color), (5, 5))
-    return img
 
 
 def _batch(llava):
