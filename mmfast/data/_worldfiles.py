@@ -20,6 +20,7 @@ BRIEF_PROMPTS = [
     "Summarize the image in a few words.",
     "What does this image show?",
 ]
+YESNO_TURNS = 4  # questions per yes/no record: more grounded decisions per image forward
 
 
 def _human_first(question: str, rng) -> str:
@@ -35,13 +36,15 @@ def _record(rid: str, rel: str, kind: str, qa: list[tuple[str, str]], rng) -> di
     return {"id": rid, "image": rel, "type": kind, "conversations": conv}
 
 
-def absent_object(scene: dict, rng, prior: np.ndarray, classes: list[str], themes: dict) -> tuple[str, str]:
-    """An absent class, drawn like POPE's negatives: random, popular or adversarial (co-occurring)."""
+def absent_object(scene: dict, rng, prior: np.ndarray, classes: list[str], themes: dict,
+                  asked: frozenset = frozenset()) -> tuple[str, str]:
+    """An absent class not in ``asked``, drawn like POPE's negatives: random, popular or adversarial
+    (co-occurring)."""
     present = {o["cls"] for o in scene["objects"]}
-    absent = [c for c in classes if c not in present]
+    absent = [c for c in classes if c not in present and c not in asked]
     mode = ("random", "popular", "adversarial")[int(rng.integers(3))]
     if mode == "adversarial":
-        cands = [c for c in themes[scene["theme"]][0] if c not in present]
+        cands = [c for c in themes[scene["theme"]][0] if c in absent]
         if cands:
             return cands[int(rng.integers(len(cands)))], mode
         mode = "popular"
@@ -51,16 +54,26 @@ def absent_object(scene: dict, rng, prior: np.ndarray, classes: list[str], theme
     return absent[int(rng.integers(len(absent)))], mode
 
 
-def yesno_turns(scene: dict, rng, prior, classes, themes) -> list[tuple[str, str]]:
-    """One question about a present object and one about an absent one, in random order."""
-    objs = scene["objects"]
-    yes = objs[int(rng.integers(len(objs)))]["cls"]
-    no, _ = absent_object(scene, rng, prior, classes, themes)
-    qa = [
-        (f"Is there {_text.article(yes)} in the image?", f"Yes, there is {_text.article(yes)} in the image."),
-        (f"Is there {_text.article(no)} in the image?", f"No, there is no {no} in the image."),
-    ]
-    return qa if rng.random() < 0.5 else qa[::-1]
+def yesno_turns(scene: dict, rng, prior, classes, themes, turns: int = YESNO_TURNS) -> list[tuple[str, str]]:
+    """Up to ``turns`` questions about distinct classes, each answered yes or no with probability 1/2 on
+    its own (at most two per present class, so few answers are forced to "no" once every present class
+    has been asked about).
+
+    Independent answers matter: with exactly one yes and one no per image, the second answer follows
+    from the first and a model learns that shortcut instead of looking at the image."""
+    present = list(dict.fromkeys(o["cls"] for o in scene["objects"]))
+    asked: set[str] = set()
+    qa = []
+    for _ in range(min(turns, 2 * len(present))):
+        left = [c for c in present if c not in asked]
+        if left and rng.random() < 0.5:
+            c = left[int(rng.integers(len(left)))]
+            qa.append((f"Is there {_text.article(c)} in the image?", f"Yes, there is {_text.article(c)} in the image."))
+        else:
+            c, _ = absent_object(scene, rng, prior, classes, themes, frozenset(asked))
+            qa.append((f"Is there {_text.article(c)} in the image?", f"No, there is no {c} in the image."))
+        asked.add(c)
+    return qa
 
 
 def write_llava(out: Path, split: str, items: list[tuple[int, str, dict]], seed: int) -> None:
@@ -108,7 +121,7 @@ Captions name classes with plain words, so zero-shot prompts like "a photo of a 
 | `captions_{{train,val}}.csv` | `filepath,caption` (CLIP): per image, one phrasing of the main object, then whole-scene ones (counts, colours, relations) |
 | `zeroshot_{{train,val}}.csv` | `filepath,label,class`: the main object's class |
 | `objects_{{train,val}}.jsonl` | `{{"image", "objects"}}` per line (POPE's input) |
-| `llava_instruct_{{train,val}}.json` | LLaVA conversations: conversation, detail, reasoning, yesno (balanced) |
+| `llava_instruct_{{train,val}}.json` | LLaVA conversations: conversation, detail, reasoning, yesno (up to 4 independent yes/no questions per image; about 40 % yes) |
 | `llava_pretrain_{{train,val}}.json` | LLaVA caption pairs (`<image>` + brief caption) for projector pre-training |
 {media}{shards}| `classes.json` | list of class names |
 """

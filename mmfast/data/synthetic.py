@@ -44,6 +44,8 @@ THEMES: dict[str, tuple[list[str], list[tuple[int, int, int]]]] = {
 }
 THEME_NAMES = list(THEMES)
 N_OBJECTS_P = np.array([0.15, 0.2, 0.25, 0.2, 0.2])  # P(1..5 objects)
+MAIN_SCALE = (0.46, 0.62)  # side of the main object / image side
+OTHER_SCALE = (0.18, 0.3)  # side of each other object / image side
 
 
 def zipf_prior() -> np.ndarray:
@@ -106,7 +108,7 @@ def sample_scene(seed: int, index: int, size: int) -> tuple[dict, Image.Image]:
     for k in range(n):
         cls = CLASSES[int(rng.choice(len(CLASSES), p=tw if rng.random() < THEME_P else gw))]
         # The main object is clearly the largest; the rest are small enough to fit around it.
-        s = size * (rng.uniform(0.46, 0.62) if k == 0 else rng.uniform(0.18, 0.3))
+        s = size * rng.uniform(*(MAIN_SCALE if k == 0 else OTHER_SCALE))
         asp = _draw.ASPECT.get(cls, 1.0)
         w, h = (s, s / asp) if asp >= 1 else (s * asp, s)
         box = None

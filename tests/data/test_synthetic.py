@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from mmfast.data import synthetic
+from mmfast.data._worldfiles import YESNO_TURNS
 from mmfast.data.coco import load_coco, load_objects_jsonl
 from mmfast.data.imagetext import ImageTextDataset
 from mmfast.data.llava import load_llava_json
@@ -122,13 +123,13 @@ def test_main_object_is_the_largest_and_captions_name_it(world):
     assert image.size == (64, 64) and isinstance(text, str)
 
 
-def test_llava_files_parse_and_yes_no_is_balanced(world):
+def test_llava_files_parse_and_yes_no_answers_are_grounded_and_independent(world):
     objects = {
         r["image"]: set(r["objects"])
         for split in ("train", "val")
         for r in load_objects_jsonl(world / f"objects_{split}.jsonl")
     }
-    kinds, answers = Counter(), Counter()
+    kinds, answers, pairs = Counter(), Counter(), Counter()
     for split in ("train", "val"):
         recs = load_llava_json(world / f"llava_instruct_{split}.json", world)
         assert len({r["id"] for r in recs}) == len(recs)
@@ -138,17 +139,26 @@ def test_llava_files_parse_and_yes_no_is_balanced(world):
             kinds[r["type"]] += 1
             if r["type"] != "yesno":
                 continue
+            asked, said = [], []
             for q, a in zip(r["conversations"][::2], r["conversations"][1::2]):
                 name = q["value"].replace("<image>", "").split("Is there a")[-1].strip()
                 name = name.removeprefix("n ").split(" in the image")[0]
                 yes = a["value"].startswith("Yes")
                 assert yes == (name in objects[r["image"]]), (q, a, objects[r["image"]])
+                asked.append(name)
+                said.append(yes)
                 answers[yes] += 1
+            n_present = len(objects[r["image"]])
+            assert len(said) == min(YESNO_TURNS, 2 * n_present) and len(set(asked)) == len(asked), r
+            pairs[tuple(said[:2])] += 1
         pre = load_llava_json(world / f"llava_pretrain_{split}.json", world)
         assert all(len(r["conversations"]) == 2 and "<image>" in r["conversations"][0]["value"] for r in pre)
     assert set(kinds) == {"conversation", "detail", "reasoning", "yesno"}
     assert len(set(kinds.values())) == 1
-    assert answers[True] == answers[False] == N
+    total = answers[True] + answers[False]
+    assert total >= 2 * N and 0.35 <= answers[True] / total <= 0.65, answers
+    # No shortcut: a later answer is not the negation of the earlier one (both agreeing pairs occur).
+    assert pairs[(True, True)] > 0 and pairs[(False, False)] > 0, pairs
 
 
 def test_audio_video_and_t2x(world):
