@@ -113,7 +113,11 @@ def llava_eval(ctx) -> dict:
         print(f"  [{r['image']}] Q: {q}\n    A: {ans}\n    (reference: {r['conversations'][1]['value']})")
     for q, ans in list(zip(questions, answers))[:3]:
         print(f"  Q: {q}  A: {ans}")
-    return {"llava_yesno_accuracy": round(acc, 4), "llava_yesno_questions": n}
+    # The yes-ratio of the answers shows a model that says "no" to everything (its accuracy is then the
+    # share of "no" labels, not chance).
+    yes_ratio = sum(p == "yes" for p in preds) / max(1, n)
+    return {"llava_yesno_accuracy": round(acc, 4), "llava_yesno_yes_ratio": round(yes_ratio, 4),
+            "llava_yesno_questions": n}
 
 
 def pope(ctx) -> dict:

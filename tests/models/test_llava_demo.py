@@ -37,6 +37,7 @@ def test_llava_eval_and_pope_stages(ctx):
 
     keys = demo_llava.llava_eval(ctx)
     assert keys["llava_yesno_questions"] == 6 and 0.0 <= keys["llava_yesno_accuracy"] <= 1.0
+    assert 0.0 <= keys["llava_yesno_yes_ratio"] <= 1.0
     keys = demo_llava.pope(ctx)
     for s in ("random", "popular", "adversarial"):
         for k in ("f1", "accuracy", "yes_ratio"):
