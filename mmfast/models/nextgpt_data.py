@@ -256,10 +256,23 @@ def t2x_pairs(world, modality: str, split: str = "train") -> list[dict]:
     raise FileNotFoundError(f"{f} not found (make the world with media, e.g. mmfast data synth without --no-media)")
 
 
-def x2t_record(modality: str, pair: dict, rng: random.Random) -> dict:
+def image_descriptions(world, split: str = "train") -> dict[str, str]:
+    """Image path (relative to ``world``) -> the world's detailed description of it (the reply of its LLaVA
+    ``detail`` record); empty when the world has no ``llava_instruct_{split}.json``."""
+    f = Path(world) / f"llava_instruct_{split}.json"
+    if not f.is_file():
+        return {}
+    from mmfast.data.llava import load_llava_json
+
+    return {r["image"]: r["conversations"][1]["value"] for r in load_llava_json(f, world, check_images=False)
+            if r.get("type") == "detail" and len(r["conversations"]) >= 2}
+
+
+def x2t_record(modality: str, pair: dict, rng: random.Random, reply: str | None = None) -> dict:
+    """An X->text captioning record: the pair's caption as the reply, or ``reply`` when given."""
     q = rng.choice(X2T_PROMPTS[modality])
     return {"conversations": [{"from": "human", "value": f"{PLACEHOLDERS[modality]}\n{q}"},
-                              {"from": "gpt", "value": pair["caption"]}],
+                              {"from": "gpt", "value": pair["caption"] if reply is None else reply}],
             "media": {modality: [pair["path"]]}}
 
 
@@ -288,12 +301,16 @@ def stage_records(world, stage: int, modalities=("image",), split: str = "train"
     if stage == 2:
         if not 0.0 <= negatives <= 1.0:
             raise ValueError(f"negatives must be a share in [0, 1], got {negatives}")
+        described = image_descriptions(world, split) if "image" in modalities else {}
         recs = []
         for m in modalities:  # a negative follows its pair, so a --max-samples prefix keeps the mix
             for p in pairs[m]:
                 recs.append(t2x_record(m, p, rng, reply_text=False))
                 if rng.random() < negatives:
-                    recs.append(x2t_record(m, p, rng))
+                    # Half the image negatives end like the LLM's own descriptions: the signal rows must lose to
+                    # </s> where the frozen LLM ends its replies, not only where short captions end.
+                    desc = described.get(p["path"]) if m == "image" else None
+                    recs.append(x2t_record(m, p, rng, reply=desc if desc and rng.random() < 0.5 else None))
         return recs
     if stage == 3:
         return mosit_dialogues(pairs, rng, n_dialogues or max(len(v) for v in pairs.values()))

@@ -121,3 +121,27 @@ def test_collate_pads_and_stacks():
     assert out["input_ids"].tolist() == [[1, 2, 3], [1, 2, 0]]
     assert out["labels"][1, 2] == nd.IGNORE_INDEX and out["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert out["media"]["image"].shape == (1, 3, 4, 4) and out["captions"] == {"image": ["x"]}
+
+
+def test_stage2_image_negatives_end_like_the_world_descriptions(tmp_path):
+    """Half the image negatives reply with the world's detailed description of that image (the style the
+    LLaVA-tuned LLM generates), the rest with the caption; without LLaVA files only captions are used."""
+    import json
+
+    from mmfast.data.synthetic import make_world
+
+    make_world(tmp_path, 40, 32, seed=0, media=False)
+    described = nd.image_descriptions(tmp_path)
+    detail = [r for r in json.loads((tmp_path / "llava_instruct_train.json").read_text()) if r["type"] == "detail"]
+    assert described and described == {r["image"]: r["conversations"][1]["value"] for r in detail}
+    captions = {p["path"]: p["caption"] for p in nd.t2x_pairs(tmp_path, "image")}
+    recs = nd.stage_records(tmp_path, 2, ("image",), negatives=1.0)
+    replies = [(r["media"]["image"][0], r["conversations"][1]["value"]) for r in recs if "media" in r]
+    assert len(replies) == len(captions)
+    n_desc = sum(text == described[path] for path, text in replies)
+    n_capt = sum(text == captions[path] for path, text in replies)
+    assert n_desc + n_capt == len(replies) and 0 < n_desc < len(replies), (n_desc, n_capt)
+    (tmp_path / "llava_instruct_train.json").unlink()
+    assert nd.image_descriptions(tmp_path) == {}
+    recs = nd.stage_records(tmp_path, 2, ("image",), negatives=1.0)
+    assert all(r["conversations"][1]["value"] == captions[r["media"]["image"][0]] for r in recs if "media" in r)
