@@ -408,22 +408,24 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
         lens = cache_seqlens.to(device=q.device, dtype=torch.int32)
     if (k is None) != (v is None):
         raise ValueError("pass both k and v to append, or neither")
+    # The longest row, read on the host once per call (a device sync on a GPU); an int length needs none.
+    top = cache_seqlens if isinstance(cache_seqlens, int) else 0 if cache_seqlens is None else int(lens.max())
     with torch.no_grad():
         if k is not None:
             if k.shape != v.shape or k.dim() != 4 or k.shape[0] != b or k.shape[2:] != k_cache.shape[2:]:
                 raise ValueError(f"k/v must be (batch, seqlen_new, {k_cache.shape[2]}, {k_cache.shape[3]}) "
                                  f"with batch {b}, got {tuple(k.shape)} and {tuple(v.shape)}")
             snew = k.shape[1]
-            if int(lens.max()) + snew > smax:
-                raise ValueError(f"appending {snew} tokens to cache lengths up to {int(lens.max())} overflows "
+            if top + snew > smax:
+                raise ValueError(f"appending {snew} tokens to cache lengths up to {top} overflows "
                                  f"the cache capacity {smax}")
             pos = lens.long()[:, None] + torch.arange(snew, device=q.device)  # (B, Snew)
             rows = torch.arange(b, device=q.device)[:, None].expand_as(pos)
             k_cache[rows, pos] = k.to(k_cache.dtype)
             v_cache[rows, pos] = v.to(v_cache.dtype)
             lens = lens + snew
-        if int(lens.max()) > smax:
-            raise ValueError(f"cache_seqlens up to {int(lens.max())} exceed the cache capacity {smax}")
+        elif top > smax:
+            raise ValueError(f"cache_seqlens up to {top} exceed the cache capacity {smax}")
         p = _params(q, k_cache, softmax_scale, causal, window_size, softcap, 0.0, 0, q.shape[1], smax, None,
                     seqused_k=lens)
         chosen = _select(q, backend)
