@@ -280,3 +280,22 @@ def test_reference_backend_is_the_oracle():
     s = s.masked_fill(torch.ones(19, 19, dtype=torch.bool).triu(1), float("-inf"))
     manual = torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v)
     torch.testing.assert_close(out.double(), manual, rtol=1e-5, atol=1e-6)
+
+
+def test_kvcache_rejects_overflowing_lengths():
+    """Appending past the cache capacity, or lengths beyond it, raise before anything is written."""
+    b, smax, h, d = 2, 8, 2, 16
+    q = torch.randn(b, 1, h, d)
+    kc, vc = torch.randn(b, smax, h, d), torch.randn(b, smax, h, d)
+    k, v = torch.randn(b, 2, h, d), torch.randn(b, 2, h, d)
+    before = kc.clone()
+    with pytest.raises(ValueError, match="appending 2 tokens to cache lengths up to 7 overflows"):
+        flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=torch.tensor([3, 7]), backend="reference")
+    with pytest.raises(ValueError, match="appending 2 tokens to cache lengths up to 7 overflows"):
+        flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=7, backend="reference")
+    assert torch.equal(kc, before)
+    with pytest.raises(ValueError, match="cache_seqlens up to 9 exceed the cache capacity 8"):
+        flash_attn_with_kvcache(q, kc, vc, cache_seqlens=torch.tensor([9, 1]), backend="reference")
+    out = flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=torch.tensor([6, 0]), backend="reference")
+    assert out.shape == q.shape and torch.isfinite(out).all()
+    assert torch.equal(kc[0, 6:], k[0]) and torch.equal(kc[1, :2], k[1])
