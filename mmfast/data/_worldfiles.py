@@ -56,8 +56,8 @@ def absent_object(scene: dict, rng, prior: np.ndarray, classes: list[str], theme
 
 def yesno_turns(scene: dict, rng, prior, classes, themes, turns: int = YESNO_TURNS) -> list[tuple[str, str]]:
     """Up to ``turns`` questions about distinct classes, each answered yes or no with probability 1/2 on
-    its own (at most two per present class, so few answers are forced to "no" once every present class
-    has been asked about).
+    its own. An image gets at most twice as many questions as it has classes, so few answers are forced
+    to "no" because every present class was already asked about.
 
     Independent answers matter: with exactly one yes and one no per image, the second answer follows
     from the first and a model learns that shortcut instead of looking at the image."""
