@@ -85,13 +85,12 @@ def init_distributed():
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    if acc.device_name() != "cuda":
-        dist.barrier()  # every rank has mapped every peer's shm allreduce buffer: the names can go
-        release_shm_buffer(rank)
     if acc.device_name() == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     else:
+        dist.barrier()  # every rank has mapped every peer's shm allreduce buffer: the names can go
+        release_shm_buffer(rank)
         device = torch.device("cpu")
     return rank, world, device
 
@@ -372,9 +371,9 @@ def main(argv=None) -> int:
             "steps": step, "train_seconds": round(train_seconds, 3), "device": str(device), "dtype": str(dtype),
             "loss_backend": loss_backend, "kernels": clip.mmfast_kernels, "param_checksums": sums,
             "final": None if args.no_export else str(out / "final"),
-            # The open_clip transformers that recompute activations in backward (read off the modules).
             # DeepSpeed's CPU shm allreduce files of this run still in /dev/shm (released after init).
             "shm_buffers_left": [p.name for p in map(buffer_path, range(world)) if p.exists()],
+            # The open_clip transformers that recompute activations in backward (read off the modules).
             "grad_checkpointing": sorted(n for n, m in clip.named_modules() if getattr(m, "grad_checkpointing", False)),
         })
     dist.barrier()
