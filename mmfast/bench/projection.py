@@ -236,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     names = harness.provider_names(args)
     ok = False
     t0 = time.monotonic()
-    for op in (SWEEPS if args.op == "all" else [args.op]):
+    ops = list(SWEEPS) if args.op == "all" else [args.op]
+    for i, op in enumerate(ops):
         x_key, g_cases, g_quick, c_cases, c_quick = SWEEPS[op]
         base = (g_quick if args.quick else g_cases) if gpu else (c_quick if args.quick else c_cases)
         bad = [k for k in overrides if k not in base[0]]
@@ -247,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
                  for c in base]
         cases = list({tuple(sorted(c.items())): c for c in cases}.values())
         out = Path(args.out) if args.out else Path(args.out_dir) / f"projection_{op}_{harness.device_slug(device)}.csv"
-        budget = None if args.budget_s is None else max(0.0, args.budget_s - (time.monotonic() - t0))
+        # Each sweep gets an equal share of what is left, so the first cannot starve the others.
+        budget = None if args.budget_s is None else \
+            max(0.0, args.budget_s - (time.monotonic() - t0)) / (len(ops) - i)
         table = providers(op, device, names)
         if names is None and not gpu:
             table.pop("torch-compile", None)  # the first compile alone dominates a CPU sweep
