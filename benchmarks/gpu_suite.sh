@@ -101,10 +101,12 @@ skip() {
 bench() {
     local what=$1 limit=$2
     shift 2
+    local name="bench $what" prev=""
+    for a in "$@"; do [[ $prev == --op ]] && name+=" $a"; prev=$a; done
     if [[ -f mmfast/bench/$what.py ]]; then
-        step "bench $what" "$limit" "$PY" -m mmfast.cli bench "$what" --gpu "$@"
+        step "$name" "$limit" "$PY" -m mmfast.cli bench "$what" --gpu "$@"
     else
-        skip "bench $what" "mmfast/bench/$what.py not written yet"
+        skip "$name" "mmfast/bench/$what.py not written yet"
     fi
 }
 
@@ -123,18 +125,23 @@ step "environment" 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_v
 
 # 3. benchmarks first (the GPU alone; nothing else running). --budget-s keeps each inside its
 #    slot (rows past it are written as skipped); the step limit leaves room for a last compile.
-# >>> projection benchmark: the issue's target shapes, mmfast vs eager, Liger, torch.compile (last).
-bench projection 85 --out-dir "$RES" --quick --providers mmfast-triton,torch-eager,liger,torch-compile --budget-s 65
-# >>> CLIP training step: ViT-B-16, batch 256, bf16, mmfast vs open_clip.
+# >>> projection (#4): the issue's target shapes. FLCE: mmfast (default, 256 MiB chunks, bf16 dW)
+#     vs eager, Liger, torch.compile (last); then the projector and LayerNorm, and a LayerNorm
+#     backward tile sweep.
+bench projection 65 --op flce --out "$RES/projection_flce.csv" --quick --budget-s 50 \
+    --providers mmfast-triton,mmfast-triton-c256,mmfast-triton-bf16dw,torch-eager,liger,torch-compile
+bench projection 25 --op projector --out "$RES/projection_projector.csv" --quick --budget-s 16 \
+    --providers mmfast-triton,mmfast-triton-recompute,torch-eager,torch-compile
+bench projection 25 --op layernorm --out "$RES/projection_layernorm.csv" --quick --budget-s 16 \
+    --providers mmfast-triton,torch-eager,liger,torch-compile
+step "sweep norm_bwd" 15 "$PY" benchmarks/sweep_norm_bwd.py --out "$RES/sweep_norm_bwd.csv"
+# >>> CLIP training step (#6): ViT-B-16, batch 256, bf16, mmfast vs open_clip.
 step "bench train_clip" 65 "$PY" benchmarks/bench_train_clip.py --gpu --model ViT-B-16 --batch 256 \
     --reps 5 --budget-s 55 --out "$RES/train_clip.csv"
-# >>> LLaVA training step: LLaVA-1.5-7B shapes (ViT-L/14-336, 576 image tokens, LLaMA-7B) truncated
-#     to 2 layers, seq 2048, bf16, mmfast vs transformers SDPA.
-step "bench train_llava" 55 "$PY" benchmarks/bench_train_llava.py --gpu --shape llava7b-trunc --layers 2 \
-    --batch 1 --reps 5 --budget-s 45 --out "$RES/train_llava.csv"
-bench contrastive 45 --out "$RES/contrastive.csv" --budget-s 35
-bench attention 40 --out "$RES/attention.csv" --budget-s 30 --cases vit_b16,llava_2k,vit_l14_336,llama_4k \
-    --providers mmfast,sdpa-flash,sdpa-cudnn,flash-attn
+# >>> LLaVA training step (#7): LLaVA-1.5-7B shapes (ViT-L/14-336, 576 image tokens, LLaMA-7B)
+#     truncated to 2 layers, seq 2048, bf16, mmfast vs transformers SDPA.
+step "bench train_llava" 45 "$PY" benchmarks/bench_train_llava.py --gpu --shape llava7b-trunc --layers 2 \
+    --batch 1 --reps 5 --budget-s 35 --out "$RES/train_llava.csv"
 
 # 4. the C++ extension (CPU kernels; the GPU steps do not use it): check that it builds and loads
 #    against this machine's torch, in the background beside the tests, into /tmp (the tree's build
@@ -146,14 +153,20 @@ s.loader.exec_module(u.module_from_spec(s)); print(\"mmfast._C loads\")'"
 
 # 5. the tests that touch CUDA: MMFAST_TEST_CUDA_ONLY keeps those marked `gpu` or taking the
 #    `device`/`triton_backend` fixtures (tests/conftest.py); CPU-only tests already ran in CI.
-#    -v: one line per test as it ends, so a run cut by the time limit still says what passed.
-step "pytest (CUDA tests)" 120 env MMFAST_TEST_CUDA_ONLY=1 "$PY" -m pytest -v -p no:cacheprovider \
-    -m "gpu or not slow" -n 6 --timeout 100 --maxfail=25 -rfE tests/ops tests/nn \
-    tests/models/test_kv_cache.py tests/models/test_llava_generate.py
+#    -v: one line per test as it ends, and MMFAST_TEST_FAILLOG writes each failure's traceback to
+#    failures.log as it happens, so a run cut by the time limit still says what passed and why not.
+step "pytest (CUDA tests)" 110 env MMFAST_TEST_CUDA_ONLY=1 MMFAST_TEST_FAILLOG="$OUT/failures.log" \
+    "$PY" -m pytest -v -p no:cacheprovider -m "gpu or not slow" -n 12 --timeout 100 --maxfail=40 -rfE \
+    tests/ops tests/nn tests/models/test_kv_cache.py tests/models/test_llava_generate.py
+
+# 6. the kernels of resolved issues, in what time is left: contrastive (#2) and attention (#3).
+bench contrastive 35 --out "$RES/contrastive.csv" --budget-s 25 --providers mmfast-triton,open_clip,inf_cl
+bench attention 35 --out "$RES/attention.csv" --budget-s 25 --cases vit_b16,llava_2k \
+    --providers mmfast,sdpa-flash,sdpa-cudnn
 
 bg_wait
 
-# 6. summary: the step table, then one line per benchmark row.
+# 7. summary: the step table, then one line per benchmark row.
 {
     echo
     echo "================ GPU suite: $(($(date +%s) - T0))s ================"
@@ -164,6 +177,9 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.csv"))):
     print(f"\n{os.path.basename(path)}")
     with open(path) as f:
         for r in csv.DictReader(f):
+            if "error" not in r:  # not a harness CSV (a sweep): its columns as they are
+                print("  " + "  ".join(f"{k}={v}" for k, v in r.items()))
+                continue
             if r["error"]:
                 res = r["error"][:60]
             else:

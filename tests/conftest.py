@@ -51,3 +51,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_runtest_logreport(report):
+    # MMFAST_TEST_FAILLOG=PATH (the GPU suite): append each failure's traceback to PATH the moment
+    # it is reported, so a run cut short by its time limit still says why its failures failed.
+    # Written by the xdist controller only (workers forward their reports to it).
+    path = os.environ.get("MMFAST_TEST_FAILLOG")
+    if path and report.failed and "PYTEST_XDIST_WORKER" not in os.environ:
+        with open(path, "a") as f:
+            f.write(f"\n===== {report.nodeid} ({report.when})\n{report.longreprtext}\n")

@@ -7,7 +7,8 @@ Forward, one program per row (N ≤ 65536 columns, held in registers):
     RMSNorm:   μ = 0,       rstd = 1/√(mean(s²) + eps), ŝ = s rstd
     y = ŝ · w + b
 
-Backward, each program walks a contiguous block of rows and keeps fp32 partial sums of dw, db:
+Backward, each program walks a contiguous block of rows, a tile of BLOCK_M rows per step (about
+4096 elements in flight), and keeps fp32 partial sums of dw, db:
 
     g = dy · w,   dx = rstd (g − ŝ mean(g ŝ) − mean(g)) (+ d(new residual)),  mean(g) only for LayerNorm
     dw = Σ_rows dy ŝ,  db = Σ_rows dy
@@ -66,45 +67,56 @@ def _norm_bwd_kernel(
     dw_ptr, db_ptr,  # (programs, N) fp32 out: partial sums
     M, N, rows_per_prog,
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_DS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """Each program walks its ``rows_per_prog`` rows (a multiple of BLOCK_M) BLOCK_M at a time, so
+    a (BLOCK_M, BLOCK_N) tile of loads is in flight per step rather than one row."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
+    cmask = cols < N
     if HAS_W:
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    dw = tl.zeros([BLOCK_N], tl.float32)
-    db = tl.zeros([BLOCK_N], tl.float32)
+        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    dw = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    db = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     start = pid * rows_per_prog
     end = tl.minimum(start + rows_per_prog, M)
-    for r in range(start, end):
-        row = tl.zeros([], tl.int64) + r  # int64 offsets (also an int under the interpreter)
-        s = tl.load(s_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(rstd_ptr + row)
+    for r0 in range(start, end, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        rmask = rows < end
+        mask = rmask[:, None] & cmask[None, :]
+        off = rows[:, None].to(tl.int64) * N + cols[None, :]
+        s = tl.load(s_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)[:, None]
         if IS_RMS:
             sh = s * rstd
         else:
-            sh = tl.where(mask, (s - tl.load(mean_ptr + row)) * rstd, 0.0)
+            mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)[:, None]
+            sh = tl.where(mask, (s - mean) * rstd, 0.0)
         g = dy
         if HAS_W:
             g = dy * w
-        c1 = tl.sum(g * sh, 0) / N
+        c1 = (tl.sum(g * sh, 1) / N)[:, None]
         if IS_RMS:
             dx = (g - sh * c1) * rstd
         else:
-            dx = (g - sh * c1 - tl.sum(g, 0) / N) * rstd
+            dx = (g - sh * c1 - (tl.sum(g, 1) / N)[:, None]) * rstd
         if HAS_DS:
-            dx += tl.load(ds_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + row * N + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            dx += tl.load(ds_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         dw += dy * sh
         db += dy
-    tl.store(dw_ptr + pid * N + cols, dw, mask=mask)
-    tl.store(db_ptr + pid * N + cols, db, mask=mask)
+    tl.store(dw_ptr + pid * N + cols, tl.sum(dw, 0), mask=cmask)
+    tl.store(db_ptr + pid * N + cols, tl.sum(db, 0), mask=cmask)
 
 
-def _warps(block_n: int) -> int:
-    return max(1, min(16, block_n // 256))
+_TILE = 4096  # backward: elements of (rows, columns) per program step
+_BWD_MAX_WARPS = 8  # backward: warps per program at most (the 4096-element tile: 148 registers, no spills)
+
+
+def _warps(elements: int) -> int:
+    """Warps for a row (forward) or a tile (backward) of this many elements: 8 per warp-thread pass."""
+    return max(1, min(16, elements // 256))
 
 
 @functools.cache
@@ -137,17 +149,19 @@ def norm_bwd(s, weight, dy, ds, mean, rstd, is_rms, dx_dtype):
     """Returns dx (M, N) in ``dx_dtype`` and the fp32 column sums dw, db (N,)."""
     M, N = s.shape
     dx = torch.empty(M, N, device=s.device, dtype=dx_dtype)
-    progs = max(1, min(_programs(s.device), M))
-    rows = triton.cdiv(M, progs) if M else 1
+    block = triton.next_power_of_2(N)
+    block_m = max(1, min(16, _TILE // block))  # about _TILE elements per step
+    progs = max(1, min(_programs(s.device), triton.cdiv(M, block_m)))
+    rows = triton.cdiv(triton.cdiv(M, progs), block_m) * block_m if M else block_m
+    progs = max(1, triton.cdiv(M, rows))
     dw = torch.empty(progs, N, device=s.device, dtype=torch.float32)
     db = torch.empty(progs, N, device=s.device, dtype=torch.float32)
     if M:
-        block = triton.next_power_of_2(N)
         _norm_bwd_kernel[(progs,)](
             s, weight if weight is not None else s, dy, ds if ds is not None else dy, dx, mean, rstd,
             dw, db, M, N, rows,
             IS_RMS=is_rms, HAS_W=weight is not None, HAS_DS=ds is not None,
-            BLOCK_N=block, num_warps=_warps(block),
+            BLOCK_M=block_m, BLOCK_N=block, num_warps=min(_BWD_MAX_WARPS, _warps(block_m * block)),
         )
         return dx, dw.sum(0), db.sum(0)
     return dx, dw.new_zeros(N), db.new_zeros(N)

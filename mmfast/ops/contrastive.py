@@ -184,6 +184,21 @@ def _as_scalar(x, name, like: torch.Tensor, required: bool) -> torch.Tensor | No
     return x.reshape(())
 
 
+def _autocast_features(image_features, text_features):
+    """Under ``torch.autocast`` features of two different float dtypes (say bf16 from a fused head
+    and fp32 from ``F.normalize``, which CUDA autocast runs in fp32) are both cast to the autocast
+    dtype, as the ``image @ text.T`` of an unfused loss would be. Otherwise: unchanged (a mismatch
+    is then reported by ``_check_features``)."""
+    a, b = image_features, text_features
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.dtype == b.dtype:
+        return a, b
+    dev = a.device.type
+    if not (a.is_floating_point() and b.is_floating_point() and torch.is_autocast_enabled(dev)):
+        return a, b
+    dt = torch.get_autocast_dtype(dev)
+    return a.to(dt), b.to(dt)
+
+
 def _check_features(image_features, text_features, *, square=True):
     for name, t in (("image_features", image_features), ("text_features", text_features)):
         if not isinstance(t, torch.Tensor):
@@ -270,6 +285,7 @@ def clip_loss(
     global batch, and the loss and gradients are those of the concatenated batch.
     ``return_stats=True`` also returns a dict with the row/column log-sum-exp (single process).
     """
+    image_features, text_features = _autocast_features(image_features, text_features)
     _check_features(image_features, text_features)
     if not 0.0 <= float(label_smoothing) < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
@@ -308,6 +324,7 @@ def siglip_loss(
     backend: str | None = None,
 ):
     """SigLIP sigmoid loss ``-Σ_ij log σ(y_ij · S_ij) / N``, y = 2·I − 1, S = scale · I Tᵀ + bias."""
+    image_features, text_features = _autocast_features(image_features, text_features)
     _check_features(image_features, text_features)
     scale = _as_scalar(logit_scale, "logit_scale", image_features, True)
     bias = _as_scalar(logit_bias, "logit_bias", image_features, True)

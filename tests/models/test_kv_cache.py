@@ -31,7 +31,7 @@ def _decode_with_cache(model, rows, n_new, device):
     out = model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True, **cache.attention_kwargs())
     cache.check_consumed()
     cache.set_lengths(lens)
-    steps = [out.logits[torch.arange(b), lens - 1]]  # (B, V)
+    steps = [out.logits[torch.arange(b, device=device), lens - 1]]  # (B, V)
     fed = torch.randint(1, model.config.vocab_size, (b, n_new), generator=torch.Generator().manual_seed(1)).to(device)
     for t in range(n_new - 1):
         pos = cache.lengths().long()[:, None]  # (B, 1)

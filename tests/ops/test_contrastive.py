@@ -94,6 +94,26 @@ def test_large_d_not_power_of_two(case, dtype, device, triton_backend):
 
 
 @pytest.mark.parametrize("case", ["clip_smooth_bias_s100", "siglip"])
+def test_mixed_dtypes_under_autocast(case, device, triton_backend):
+    """Under autocast, bf16 image and fp32 text features (a fused head beside F.normalize, which CUDA
+    autocast runs in fp32) are both cast to bf16, as an unfused ``image @ text.T`` would be; without
+    autocast the mismatch is an error naming both dtypes."""
+    _, _, scale, bias, unit = CASES[case]
+    a, b = features(37, 37, 19, torch.float32, seed=11, unit=unit, device=device)
+    s = torch.tensor(scale, device=device)
+    beta = None if bias is None else torch.tensor(bias, device=device)
+    fn, _ = _loss_fns(case, triton_backend)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        mixed = loss_and_grads(fn, a.bfloat16(), b, s, beta)
+    same = loss_and_grads(fn, a.bfloat16(), b.bfloat16(), s, beta)
+    assert mixed["d_image"].dtype == torch.bfloat16 and mixed["d_text"].dtype == torch.float32
+    for name in same:
+        torch.testing.assert_close(mixed[name].float(), same[name].float(), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="image_features dtype torch.bfloat16 != text_features dtype torch.float32"):
+        fn(a.bfloat16(), b, s, beta)
+
+
+@pytest.mark.parametrize("case", ["clip_smooth_bias_s100", "siglip"])
 def test_fp16_and_non_contiguous(case, device, triton_backend):
     """fp16 operands, and features that are strided views (the kernels take explicit strides)."""
     _, _, scale, bias, unit = CASES[case]

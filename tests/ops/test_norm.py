@@ -83,14 +83,14 @@ def test_norm_validation():
 def test_modules_match_torch(device, triton_backend):
     from mmfast.nn import LayerNorm, RMSNorm
 
-    ln = torch.nn.LayerNorm(19)
+    ln = torch.nn.LayerNorm(19, device=device)
     torch.nn.init.normal_(ln.weight)
     torch.nn.init.normal_(ln.bias)
-    ours = LayerNorm(19, backend=triton_backend)
+    ours = LayerNorm(19, backend=triton_backend).to(device)
     ours.load_state_dict(ln.state_dict())
-    x = torch.randn(5, 19)
+    x = torch.randn(5, 19, device=device)
     torch.testing.assert_close(ours(x), ln(x), rtol=1e-5, atol=1e-5)
-    rms = RMSNorm(19, backend=triton_backend)
+    rms = RMSNorm(19, backend=triton_backend).to(device)
     y, s = rms(x, residual=x)
     torch.testing.assert_close(s, 2 * x)
     torch.testing.assert_close(y, rms_norm_reference(2 * x, rms.weight), rtol=1e-5, atol=1e-5)

@@ -264,9 +264,9 @@ def test_flce_small_budget_blocks(dtype, device, triton_backend, monkeypatch):
 
 def test_flce_dweight_in_weight_dtype(device, triton_backend):
     g = torch.Generator().manual_seed(5)
-    h = torch.randn(37, 19, generator=g, device=device, requires_grad=True)
-    w = torch.randn(300, 19, generator=g, device=device, requires_grad=True)
-    t = torch.randint(0, 300, (37,), generator=g, device=device)
+    h = torch.randn(37, 19, generator=g).to(device).requires_grad_()
+    w = torch.randn(300, 19, generator=g).to(device).requires_grad_()
+    t = torch.randint(0, 300, (37,), generator=g).to(device)
     flce(h, w, t, backend=triton_backend, chunk_size=8, dweight_fp32=False).backward()
     h2, w2 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     flce_ref(h2, w2, t).backward()
@@ -274,16 +274,17 @@ def test_flce_dweight_in_weight_dtype(device, triton_backend):
     torch.testing.assert_close(h.grad.double(), h2.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_flce_and_norm_under_torch_compile(triton_backend):
+def test_flce_and_norm_under_torch_compile(device, triton_backend):
     """torch.compile traces through the autograd Functions; the kernels stay opaque custom ops."""
     from mmfast.ops.norm import rms_norm
 
-    h = torch.randn(2, 5, 19, requires_grad=True)
-    w = torch.randn(50, 19, requires_grad=True)
-    nw = torch.randn(19, requires_grad=True)
-    t = torch.randint(0, 50, (2, 5))
+    h = torch.randn(2, 5, 19, device=device, requires_grad=True)
+    w = torch.randn(50, 19, device=device, requires_grad=True)
+    nw = torch.randn(19, device=device, requires_grad=True)
+    t = torch.randint(0, 50, (2, 5), device=device)
 
-    w1, w2 = torch.randn(23, 19, requires_grad=True), torch.randn(19, 23, requires_grad=True)
+    w1 = torch.randn(23, 19, device=device, requires_grad=True)
+    w2 = torch.randn(19, 23, device=device, requires_grad=True)
 
     def f(h, w, nw, t):
         h = mlp_projector(h, [(w1, None), (w2, None)], recompute=True, backend=triton_backend)
@@ -299,13 +300,14 @@ def test_flce_and_norm_under_torch_compile(triton_backend):
         torch.testing.assert_close(a, b)
 
 
-def test_autocast_casts_like_f_linear(triton_backend):
+def test_autocast_casts_like_f_linear(device, triton_backend):
     """Under autocast (fp32 parameters, bf16 compute) the ops cast as F.linear would; grads reach the fp32 leaves."""
-    h = torch.randn(37, 19, requires_grad=True)
-    w = torch.randn(100, 19, requires_grad=True)
-    t = torch.randint(0, 100, (37,))
-    w1, w2 = torch.randn(33, 19, requires_grad=True), torch.randn(19, 33, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    h = torch.randn(37, 19, device=device, requires_grad=True)
+    w = torch.randn(100, 19, device=device, requires_grad=True)
+    t = torch.randint(0, 100, (37,), device=device)
+    w1 = torch.randn(33, 19, device=device, requires_grad=True)
+    w2 = torch.randn(19, 33, device=device, requires_grad=True)
+    with torch.autocast(device, dtype=torch.bfloat16):
         loss = flce(h, w, t, backend=triton_backend)
         proj = mlp_projector(h, [(w1, None), (w2, None)], backend=triton_backend)
         emb = linear_l2_normalize(h, w1, backend=triton_backend)
@@ -317,21 +319,22 @@ def test_autocast_casts_like_f_linear(triton_backend):
         assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
 
 
-def test_nn_modules(triton_backend):
+def test_nn_modules(device, triton_backend):
     from mmfast.nn import FusedLinearCrossEntropyLoss, LinearL2Normalize, MLPProjector
 
     g = torch.Generator().manual_seed(7)
-    h = torch.randn(2, 9, 19, generator=g)
-    w = torch.randn(50, 19, generator=g)
-    t = torch.randint(0, 50, (2, 9), generator=g)
+    h = torch.randn(2, 9, 19, generator=g).to(device)
+    w = torch.randn(50, 19, generator=g).to(device)
+    t = torch.randint(0, 50, (2, 9), generator=g).to(device)
     loss = FusedLinearCrossEntropyLoss(label_smoothing=0.1, z_loss=1e-3, backend=triton_backend)(h, w, t)
     ref = flce_ref(h.double(), w.double(), t, label_smoothing=0.1, z_loss=1e-3)
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
 
-    head = LinearL2Normalize(19, 7, bias=True, backend=triton_backend)
+    head = LinearL2Normalize(19, 7, bias=True, backend=triton_backend).to(device)
     torch.testing.assert_close(head(h), F.normalize(F.linear(h, head.weight, head.bias), dim=-1, eps=1e-6))
 
-    proj = MLPProjector(19, 11, hidden_dim=13, depth=3, act="gelu_pytorch_tanh", recompute=True, backend=triton_backend)
+    proj = MLPProjector(19, 11, hidden_dim=13, depth=3, act="gelu_pytorch_tanh", recompute=True,
+                        backend=triton_backend).to(device)
     seq = torch.nn.Sequential(getattr(proj, "0"), torch.nn.GELU("tanh"), getattr(proj, "2"),
                               torch.nn.GELU("tanh"), getattr(proj, "4"))
     torch.testing.assert_close(proj(h), seq(h), rtol=1e-5, atol=1e-6)
