@@ -19,6 +19,8 @@ class's method.
 * ``open_clip.linear_l2_normalize`` (projection): open_clip's ``encode_image``/``encode_text`` with
   ``normalize=True`` (what ``CLIP.forward`` uses): image projection + L2 fused; text when the
   text projection is an ``nn.Linear`` (a raw projection matrix keeps open_clip's own path).
+* ``open_clip.mlp`` (projection): each residual block's ``mlp`` (``c_fc`` → ``nn.GELU`` → ``c_proj``)
+  → :func:`mlp_projector` with ``recompute=True`` (QuickGELU blocks keep open_clip's path).
 * ``hf.rms_norm`` (norm): HF RMSNorm modules (``weight`` + ``variance_epsilon``) → :func:`rms_norm`.
 * ``layer_norm`` (norm): every ``nn.LayerNorm`` over one dimension (HF CLIP, open_clip's subclasses)
   → :func:`layer_norm`.
@@ -284,6 +286,30 @@ def _patch_sequential_projectors(model: torch.nn.Module):
     return set_forwards(targets)
 
 
+def _patch_open_clip_mlps(model: torch.nn.Module):
+    """open_clip's transformer MLPs (``mlp = Sequential(c_fc, gelu, c_proj)`` in every residual block,
+    both towers) → :func:`mlp_projector` with ``recompute=True``: the bias + GELU in one pass, and only
+    the pre-activation kept for the backward (the GELU output, 4× width, is recomputed there)."""
+    from mmfast.ops.projection import mlp_projector
+
+    targets = []
+    for name, m in model.named_modules():
+        if name.rsplit(".", 1)[-1] != "mlp" or not isinstance(m, torch.nn.Sequential):
+            continue
+        parts = dict(m.named_children())
+        fc, act, proj = parts.get("c_fc"), parts.get("gelu"), parts.get("c_proj")
+        if (set(parts) != {"c_fc", "gelu", "c_proj"} or not isinstance(fc, torch.nn.Linear)
+                or not isinstance(proj, torch.nn.Linear) or type(act) is not torch.nn.GELU):
+            continue  # QuickGELU (OpenAI weights), scale_fc's inner LayerNorm: open_clip's own path
+
+        def forward(x, _fc=fc, _proj=proj, _act="gelu_tanh" if act.approximate == "tanh" else "gelu"):
+            return mlp_projector(x, [(_fc.weight, _fc.bias), (_proj.weight, _proj.bias)], _act, recompute=True,
+                                 backend=backend_of(model))
+
+        targets.append((m, forward))
+    return set_forwards(targets)
+
+
 # --------------------------------------------------------------------------- norms
 def _patch_rms_norms(model: torch.nn.Module):
     from mmfast.ops.norm import rms_norm
@@ -327,6 +353,7 @@ RULES: list[PatchRule] = [
     PatchRule("llava.mm_projector_sequential", "projection", (), _patch_sequential_projectors),
     PatchRule("clip.linear_l2_normalize", "projection", ("clip",), _patch_hf_clip_heads),
     PatchRule("open_clip.linear_l2_normalize", "projection", ("open_clip",), _patch_open_clip_heads),
+    PatchRule("open_clip.mlp", "projection", ("open_clip",), _patch_open_clip_mlps),
     PatchRule("hf.rms_norm", "norm", _LM_TYPES, _patch_rms_norms),
     PatchRule("layer_norm", "norm", ("clip", "clip_vision_model", "clip_text_model", "llava", "open_clip"),
               _patch_layer_norms),

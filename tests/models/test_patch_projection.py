@@ -141,8 +141,21 @@ def test_open_clip_layer_norms(triton_backend):
         txt = m.encode_text(ids, normalize=True)
         return (img @ txt.t()).logsumexp(-1).mean()
 
-    _compare(model, run, triton_backend, ["layer_norm", "open_clip.linear_l2_normalize"])
+    _compare(model, run, triton_backend, ["layer_norm", "open_clip.linear_l2_normalize", "open_clip.mlp"])
     assert all("encode_image" not in vars(m) for m in model.modules())
+
+
+def test_open_clip_mlp_rule_skips_quick_gelu(triton_backend):
+    """OpenAI-style QuickGELU blocks are not an erf/tanh GELU: the MLP rule leaves them alone."""
+    open_clip = pytest.importorskip("open_clip")
+    model = open_clip.CLIP(
+        embed_dim=32, quick_gelu=True,
+        vision_cfg=open_clip.CLIPVisionCfg(layers=1, width=64, head_width=32, image_size=32, patch_size=8),
+        text_cfg=open_clip.CLIPTextCfg(context_length=9, vocab_size=64, width=64, heads=2, layers=1),
+    )
+    mmfast.patch(model, kinds=("projection",), backend=triton_backend)
+    assert "open_clip.mlp" not in patched_rules(model)
+    assert all("forward" not in vars(m) for n, m in model.named_modules() if n.endswith("mlp"))
 
 
 def test_open_clip_linear_text_head(triton_backend):

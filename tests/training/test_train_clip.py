@@ -136,12 +136,12 @@ def world(tmp_path_factory):
     return out
 
 
-def _run(args, launcher="deepspeed", nproc=2, timeout=600):
+def _run(args, launcher="deepspeed", nproc=2, timeout=600, kernels=False):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled CPU kernels, not the interpreter
     env["PYTHONPATH"] = str(ROOT)
     cmd = [sys.executable, "-m", "mmfast.cli", "train", "clip", "--nproc", str(nproc), "--launcher", launcher,
            "--config", "tiny", "--batch-size", "8", "--lr", "2e-3", "--warmup", "1", "--threads", "1",
-           "--log-every", "1", "--no-kernels", *map(str, args)]
+           "--log-every", "1", *([] if kernels else ["--no-kernels"]), *map(str, args)]
     proc = subprocess.run(cmd, check=False, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
@@ -221,6 +221,26 @@ def test_zero3_two_ranks_torchrun_trains_and_exports(world, tmp_path):
     with torch.no_grad():
         txt = model.encode_text(get_tokenizer(model)(["a red star"]), normalize=True)
     torch.testing.assert_close(txt.norm(dim=-1), torch.ones(1))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_zero3_with_kernels_matches_plain_open_clip(world, tmp_path):
+    """The patched model (fused attention, norms, MLPs, heads) under ZeRO-3 on 2 ranks: its MLP and
+    head weights are partitioned (above the preset's persistence threshold) and are only read inside
+    forwards mmfast replaced; the losses equal those of the unpatched model."""
+    runs = {}
+    for kernels in (False, True):
+        run = tmp_path / f"z3k{int(kernels)}"
+        _run(["--data", world, "--out", run, "--deepspeed-config", "zero3", "--steps", 3, "--no-export"],
+             launcher="torchrun", kernels=kernels)
+        runs[kernels] = run
+    summary = json.loads((runs[True] / "train_summary.json").read_text())
+    assert {"open_clip.mlp", "open_clip.attention", "layer_norm"} <= set(summary["kernels"])
+    plain, fused = _metrics(runs[False]), _metrics(runs[True])
+    assert [r["step"] for r in fused] == [1, 2, 3]
+    for a, b in zip(plain, fused):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
 
 
 def _available_backends():
