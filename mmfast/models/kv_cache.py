@@ -1,10 +1,13 @@
 """A preallocated KV cache for decoding with :func:`mmfast.ops.flash_attn_with_kvcache`.
 
     cache = MmfastKVCache(model.config, batch_size=B, max_len=L + max_new_tokens)
-    out = model(inputs_embeds=x, position_ids=pos, cache=cache, **cache.attention_kwargs())  # prefill
+    kw = {**cache_kwargs(model, cache), **cache.attention_kwargs()}
+    out = model(inputs_embeds=x, position_ids=pos, **kw)  # prefill
     cache.set_lengths(prompt_lengths)                   # right padding: forget the pad tokens' keys
-    out = model(inputs_embeds=x1, position_ids=cache.lengths()[:, None], cache=cache,
-                **cache.attention_kwargs())              # one token per row, each at its own position
+    out = model(inputs_embeds=x1, position_ids=cache.lengths()[:, None], **kw)  # one token per row, at its own position
+
+``cache_kwargs`` names the cache argument as the installed transformers spells it (``cache`` in recent
+releases, ``past_key_values`` before).
 
 Each layer holds keys and values (B, Smax, Hk, D) and per-row lengths (B,). A forward appends Snew
 tokens to every row at that row's own length: the layer's attention (mmfast's, registered as
@@ -21,6 +24,9 @@ keyword argument was not passed) the next ``update`` (or :meth:`MmfastKVCache.ch
 instead of letting the model attend over the new tokens only.
 """
 from __future__ import annotations
+
+import functools
+import inspect
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -170,4 +176,16 @@ class MmfastKVCache(Cache):
             layer.set_lengths(lengths)
 
 
-__all__ = ["MmfastKVCache", "MmfastKVLayer"]
+@functools.cache
+def _cache_arg(forward) -> str:
+    params = inspect.signature(forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwargs(model: torch.nn.Module, cache) -> dict:
+    """``{name: cache}`` for ``model(...)``: transformers renamed ``past_key_values`` to ``cache`` (5.2x); a
+    cache passed under the other name would go unseen into ``**kwargs`` while the model made its own."""
+    return {_cache_arg(type(model).forward): cache}
+
+
+__all__ = ["MmfastKVCache", "MmfastKVLayer", "cache_kwargs"]

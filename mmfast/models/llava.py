@@ -238,8 +238,11 @@ def forward_hidden(model, input_ids, attention_mask=None, pixel_values=None, *, 
             kwargs[PREFIX_KWARG] = (prefix - pads).clamp(min=0)
         else:
             mask = prefix_mask_4d(attention_mask, prefix, inputs_embeds.dtype)
-    out = model.model.language_model(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids,
-                                     cache=cache, use_cache=use_cache, **kwargs)
+    from mmfast.models.kv_cache import cache_kwargs
+
+    lm = model.model.language_model
+    out = lm(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids, use_cache=use_cache,
+             **cache_kwargs(lm, cache), **kwargs)
     if ours:
         cache.check_consumed()
     return out

@@ -71,6 +71,8 @@ def generate(self, text: str, images=None, audios=None, videos=None, history: li
     """``{"text", "token_ids", "conditions": {m: (R, Q, C)}, "<modality>": arrays or saved paths}``."""
     from transformers import DynamicCache
 
+    from mmfast.models.kv_cache import cache_kwargs
+
     media = _media_tensors(self, images, audios, videos)
     seen = "".join(t["value"] for t in history or []) + text  # placeholders already written stay as they are
     prefix = "".join(nd.PLACEHOLDERS[m] + "\n" for m, x in media.items() for _ in range(len(x))
@@ -81,7 +83,8 @@ def generate(self, text: str, images=None, audios=None, videos=None, history: li
                                generation=True)["input_ids"].to(self.device)[None]  # (1, L)
     llm = self.llm
     cache = DynamicCache(config=llm.config)
-    out = llm.model(inputs_embeds=self.embed(ids, media), cache=cache, use_cache=True)
+    kw = cache_kwargs(llm.model, cache)
+    out = llm.model(inputs_embeds=self.embed(ids, media), use_cache=True, **kw)
     first = {self.signal_ids[m][0]: m for m in nd.MODALITIES}
     # A run's later tokens are appended with its first one, so they may never start a step themselves.
     rest = torch.tensor([i for m in nd.MODALITIES for i in self.signal_ids[m][1:]], device=self.device)
@@ -98,7 +101,7 @@ def generate(self, text: str, images=None, audios=None, videos=None, history: li
         if "###" in self.tokenizer.decode(new[-4:], skip_special_tokens=True):
             break
         t = torch.tensor([step], device=self.device)
-        out = llm.model(inputs_embeds=llm.get_input_embeddings()(t), cache=cache, use_cache=True)
+        out = llm.model(inputs_embeds=llm.get_input_embeddings()(t), use_cache=True, **kw)
     text_out = self.tokenizer.decode(new, skip_special_tokens=True).split("###")[0].strip()
     result = {"text": text_out, "token_ids": new, "conditions": {}}
     full = torch.cat([ids, torch.tensor([new], dtype=torch.long, device=self.device)], 1) if new else ids

@@ -7,7 +7,7 @@ import torch
 pytest.importorskip("transformers")
 
 import mmfast
-from mmfast.models.kv_cache import MmfastKVCache
+from mmfast.models.kv_cache import MmfastKVCache, cache_kwargs
 
 
 def _llama(backend: str | None, patched: bool = True):
@@ -28,7 +28,7 @@ def _decode_with_cache(model, rows, n_new, device):
     lens = torch.tensor([len(r) for r in rows], device=device)
     cache = MmfastKVCache(model.config, b, length + n_new)
     pos = torch.arange(length, device=device).expand(b, length)
-    out = model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True, **cache.attention_kwargs())
+    out = model(input_ids=ids, position_ids=pos, **cache_kwargs(model, cache), use_cache=True, **cache.attention_kwargs())
     cache.check_consumed()
     cache.set_lengths(lens)
     steps = [out.logits[torch.arange(b, device=device), lens - 1]]  # (B, V)
@@ -36,7 +36,7 @@ def _decode_with_cache(model, rows, n_new, device):
     for t in range(n_new - 1):
         pos = cache.lengths().long()[:, None]  # (B, 1)
         assert torch.equal(pos[:, 0], lens + t)
-        out = model(input_ids=fed[:, t : t + 1], position_ids=pos, cache=cache, use_cache=True,
+        out = model(input_ids=fed[:, t : t + 1], position_ids=pos, **cache_kwargs(model, cache), use_cache=True,
                     **cache.attention_kwargs())
         steps.append(out.logits[:, -1])
     return torch.stack(steps, 1), fed  # (B, n_new, V)
@@ -62,14 +62,14 @@ def test_unpatched_model_is_refused_not_silently_wrong():
     model = _llama(None, patched=False)
     cache = MmfastKVCache(model.config, 1, 8)
     with torch.no_grad(), pytest.raises(RuntimeError, match="attention did not use it"):
-        model(input_ids=torch.tensor([[1, 2, 3]]), cache=cache, use_cache=True)
+        model(input_ids=torch.tensor([[1, 2, 3]]), **cache_kwargs(model, cache), use_cache=True)
 
 
 def test_patched_model_without_the_kwarg_is_refused():
     model = _llama("reference")
     cache = MmfastKVCache(model.config, 1, 8)
     with torch.no_grad(), pytest.raises(RuntimeError, match="mmfast_kv_cache"):
-        model(input_ids=torch.tensor([[1, 2, 3]]), cache=cache, use_cache=True)
+        model(input_ids=torch.tensor([[1, 2, 3]]), **cache_kwargs(model, cache), use_cache=True)
 
 
 def test_cache_errors():
@@ -81,10 +81,28 @@ def test_cache_errors():
         cache.set_lengths(torch.tensor([1, 2]))
     with torch.no_grad():
         with pytest.raises(ValueError, match="batch size 2"):
-            model(input_ids=torch.tensor([[1, 2, 3]]), cache=cache, use_cache=True, **cache.attention_kwargs())
+            model(input_ids=torch.tensor([[1, 2, 3]]), **cache_kwargs(model, cache), use_cache=True, **cache.attention_kwargs())
         cache = MmfastKVCache(model.config, 2, 4)
-        model(input_ids=torch.tensor([[1, 2, 3], [4, 5, 6]]), cache=cache, use_cache=True, **cache.attention_kwargs())
+        model(input_ids=torch.tensor([[1, 2, 3], [4, 5, 6]]), **cache_kwargs(model, cache), use_cache=True, **cache.attention_kwargs())
         with pytest.raises(ValueError, match="shape \\(2,\\)"):
             cache.set_lengths(torch.tensor([1]))
         with pytest.raises(ValueError, match="overflows the cache's max_len=4"):
-            model(input_ids=torch.tensor([[1, 2], [3, 4]]), cache=cache, use_cache=True, **cache.attention_kwargs())
+            model(input_ids=torch.tensor([[1, 2], [3, 4]]), **cache_kwargs(model, cache), use_cache=True, **cache.attention_kwargs())
+
+
+def test_cache_kwargs_follow_the_installed_transformers_spelling():
+    """transformers renamed ``past_key_values`` to ``cache``; the cache must go in under the name the model's
+    forward takes (under the other name it would vanish into ``**kwargs`` while the model made its own)."""
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None, **kwargs):
+            return past_key_values
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None, use_cache=None, **kwargs):
+            return cache
+
+    marker = object()
+    assert cache_kwargs(Old(), marker) == {"past_key_values": marker}
+    assert cache_kwargs(New(), marker) == {"cache": marker}
+    assert Old()(**cache_kwargs(Old(), marker)) is marker and New()(**cache_kwargs(New(), marker)) is marker
