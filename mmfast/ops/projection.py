@@ -118,7 +118,8 @@ def fused_linear_cross_entropy(
     hidden (..., H), weight (V, H), target (...) int64, bias (V,). ``reduction="mean"`` averages over
     rows whose target is not ``ignore_index`` (0, not NaN, when there are none); the z-loss term
     ``z_loss · lse²`` is added per non-ignored row before the reduction. ``chunk_size`` overrides
-    the rows per chunk (default: as many as fit ``MMFAST_FLCE_CHUNK_MB`` MiB of logits).
+    the rows per chunk (default: as many as fit 256 MiB of logits on CUDA, 64 MiB elsewhere, or
+    ``MMFAST_FLCE_CHUNK_MB`` MiB when set).
     ``dweight_fp32`` (default) sums the chunks' weight gradients in an fp32 (V, H) buffer; False
     accumulates in the weight's dtype instead (one rounding per chunk, no V×H×4-byte buffer).
     """
@@ -155,7 +156,7 @@ def fused_linear_cross_entropy(
             raise ValueError(f"target has class indices outside [0, {V}) that are not ignore_index={ignore_index}, "
                              f"e.g. {int(t[bad][0])}")
     chosen = _select(FLCE_OP, hidden, backend, row_width=None)
-    chunk = int(chunk_size) if chunk_size else chunk_rows(h.shape[0], V, h.element_size())
+    chunk = int(chunk_size) if chunk_size else chunk_rows(h.shape[0], V, h.element_size(), device=h.device)
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     with torch.autocast(hidden.device.type, enabled=False):

@@ -259,6 +259,7 @@ def test_flce_small_budget_blocks(dtype, device, triton_backend, monkeypatch):
     import mmfast.ops._flce as flce_mod
 
     monkeypatch.setattr(flce_mod, "DEFAULT_CHUNK_BYTES", 16 * 1024)
+    monkeypatch.setattr(flce_mod, "CUDA_CHUNK_BYTES", 16 * 1024)
     _flce_case(device, dtype, triton_backend, 37, 19, 1000, "smooth")
 
 
