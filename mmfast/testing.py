@@ -43,3 +43,72 @@ def assert_error_bound(
     err = max_err(out, ref)
     bound = factor * max_err(torch_lowp, ref) + atol
     assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e} (torch lowp error x{factor} + {atol:.1e})"
+
+
+class LiveBytes:
+    """Peak bytes of tensor storage allocated *inside* the ``with`` block and alive at once, on any
+    device, counted from the tensors torch's dispatcher hands out (a ``TorchDispatchMode``): what the
+    code path keeps alive, independent of a caching allocator. An op's output that shares storage
+    with one of its inputs (a view, an in-place or ``out=`` op) is not new memory; it keeps a tracked
+    storage alive as long as it lives.
+
+        with LiveBytes() as lb:
+            loss = fn(x); loss.backward()
+        lb.peak  # bytes
+    """
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                out = func(*args, **kwargs)
+                flat_in = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+                for t in (*args, *kwargs.values()):
+                    if isinstance(t, (tuple, list)):
+                        flat_in += [u for u in t if isinstance(u, torch.Tensor)]
+                inputs = {t.untyped_storage().data_ptr() for t in flat_in}
+                for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                    if isinstance(t, torch.Tensor):
+                        tracker._track(t, inputs)
+                return out
+
+        self._mode = _Mode()
+        self._refs: dict[int, int] = {}
+        self._size: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _track(self, t: torch.Tensor, inputs: set[int]) -> None:
+        import weakref
+
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key == 0:
+            return
+        if key in inputs and key not in self._refs:
+            return  # an alias of memory allocated before the block
+        if key not in self._refs:
+            self._refs[key] = 0
+            self._size[key] = storage.nbytes()
+            self.current += self._size[key]
+            self.peak = max(self.peak, self.current)
+        self._refs[key] += 1
+        weakref.finalize(t, self._release, key)
+
+    def _release(self, key: int) -> None:
+        self._refs[key] -= 1
+        if self._refs[key] == 0:
+            del self._refs[key]
+            self.current -= self._size.pop(key)
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        return False

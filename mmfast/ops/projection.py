@@ -237,8 +237,10 @@ def mlp_projector_reference(x, params, act="gelu"):
 
 class _MLPFunction(torch.autograd.Function):
     """Forward: per hidden layer ``y = a Wᵀ`` then one pass ``u = y + b, h = gelu(u)`` (u kept); the last
-    layer is ``addmm``. Backward, per layer from the top: ``dh = g W``, one pass ``du = dh · gelu'(u)``
-    (re-emitting ``h`` when recomputing), ``dW = gᵀ a``, ``db = Σ_rows g``."""
+    layer is ``addmm``. Backward, per layer from the top: ``dW = gᵀ a``, ``db = Σ_rows g``, ``dh = g W``,
+    one pass ``du = dh · gelu'(u)`` in place over dh. When recomputing, ``a = h = gelu(u)`` is rebuilt
+    for ``dW`` and freed before ``dh`` is allocated, so the two (rows × hidden) buffers never coexist:
+    the backward peaks at two of them (u and h, then u and dh) instead of three."""
 
     @staticmethod
     def forward(ctx, x, approx, recompute, *params):
@@ -266,16 +268,22 @@ class _MLPFunction(torch.autograd.Function):
         dws, dbs = [None] * n, [None] * n
         g = g.contiguous()
         for i in range(n - 1, -1, -1):
-            if i > 0:
-                dh = torch.mm(g, ws[i])  # (M, N_{i-1}); becomes du in place
-                h = _gelu_bwd_op(us[i - 1], dh, approx, recompute)
-                a = h if recompute else hs[i - 1]
-            else:
-                a, dh = x, (torch.mm(g, ws[0]) if ctx.needs_input_grad[0] else None)
             if needs[2 * i]:
+                if i == 0:
+                    a = x
+                elif recompute:
+                    a = _bias_gelu_op(us[i - 1], None, approx, False)  # h = gelu(u), a new buffer
+                else:
+                    a = hs[i - 1]
                 dws[i] = torch.mm(g.t(), a)
+                a = None  # a recomputed h is freed here, before dh exists
             if has_b[i] and needs[2 * i + 1]:
                 dbs[i] = g.sum(0)
+            if i > 0:
+                dh = torch.mm(g, ws[i])  # (M, N_{i-1}); becomes du in place
+                _gelu_bwd_op(us[i - 1], dh, approx, False)
+            else:
+                dh = torch.mm(g, ws[0]) if ctx.needs_input_grad[0] else None
             g = dh
         grads = [v for pair in zip(dws, dbs) for v in pair]
         return (g, None, None, *grads)

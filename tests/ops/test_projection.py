@@ -340,3 +340,43 @@ def test_nn_modules(device, triton_backend):
                               torch.nn.GELU("tanh"), getattr(proj, "4"))
     torch.testing.assert_close(proj(h), seq(h), rtol=1e-5, atol=1e-6)
     assert set(proj.state_dict()) == {f"{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}
+
+
+def test_live_bytes_counts_what_is_alive_at_once():
+    from mmfast.testing import LiveBytes
+
+    before = torch.randn(1000)  # allocated before the block: not counted
+    with LiveBytes() as lb:
+        a = torch.empty(250)  # 1000 bytes
+        b = a.view(25, 10)  # a view: no new storage
+        del a, b
+        c = torch.empty(500) + before[:500]  # the empty's 2000 bytes are freed once the sum exists
+        del c
+    assert lb.peak == 4000 and lb.current == 0
+
+
+def test_projector_recompute_backward_keeps_two_activations(device, triton_backend):
+    """With recompute, the backward rebuilds h = gelu(u) for dW and frees it before dh exists: at most
+    out, u and one of (h, dh) are alive at once (three (M, N) buffers, plus the small ones), where
+    torch's unfused MLP holds four (out, u, h, dh) in its backward."""
+    from mmfast.testing import LiveBytes
+
+    M, K, N = 512, 16, 64
+    g_ = torch.Generator().manual_seed(3)
+    x, w1, b1 = torch.randn(M, K, generator=g_), torch.randn(N, K, generator=g_), torch.randn(N, generator=g_)
+    w2, b2, dy = torch.randn(N, N, generator=g_), torch.randn(N, generator=g_), torch.randn(M, N, generator=g_)
+    leaves = [t.to(device).requires_grad_() for t in (x, w1, b1, w2, b2)]
+    dy = dy.to(device)
+    grads_bytes = sum(t.numel() * 4 for t in leaves)
+    unit = M * N * 4
+    with LiveBytes() as ours:
+        out = mlp_projector(leaves[0], [(leaves[1], leaves[2]), (leaves[3], leaves[4])], recompute=True,
+                            backend=triton_backend)
+        got = torch.autograd.grad(out, leaves, dy)
+    with LiveBytes() as eager:
+        out = F.linear(F.gelu(F.linear(leaves[0], leaves[1], leaves[2])), leaves[3], leaves[4])
+        want = torch.autograd.grad(out, leaves, dy)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert ours.peak <= 3 * unit + grads_bytes, (ours.peak / unit, eager.peak / unit)
+    assert eager.peak >= 4 * unit  # the yardstick: torch keeps one more (M, N) buffer alive
