@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,11 +42,31 @@ class FlashAttention(nn.Module):
                 f"window_size={self.window_size}, softcap={self.softcap}, backend={self.backend}")
 
 
+# id(mask) -> (weak reference to it, its version counter, sq, sk, answer): models pass the same mask
+# buffer every layer and step, and reading the answer off the device is a host sync that stalls the
+# launch queue each time. (Keyed by id, not by the tensor: tensors compare elementwise.)
+_CAUSAL_SEEN: dict[int, tuple] = {}
+
+
 def mask_is_causal(mask: torch.Tensor, sq: int, sk: int) -> bool:
-    """True when ``mask`` (additive or boolean, (Sq, Sk) or (Sk, Sk) with Sq = Sk) hides exactly j > i."""
+    """True when ``mask`` (additive or boolean, (Sq, Sk) or (Sk, Sk) with Sq = Sk) hides exactly j > i.
+    Remembered per mask tensor until it is modified in place, so the check costs one device sync per
+    mask rather than one per call."""
     if mask.dim() != 2 or mask.shape[0] < sq or mask.shape[1] < sk:
         return False
-    mask = mask[:sq, :sk]
+    key = id(mask)
+    seen = _CAUSAL_SEEN.get(key)
+    if seen is not None and seen[0]() is mask and seen[1:4] == (mask._version, sq, sk):
+        return seen[4]
+    answer = _mask_is_causal(mask[:sq, :sk], sq, sk)
+    if not torch.compiler.is_compiling():
+        if seen is None or seen[0]() is not mask:
+            weakref.finalize(mask, _CAUSAL_SEEN.pop, key, None)
+        _CAUSAL_SEEN[key] = (weakref.ref(mask), mask._version, sq, sk, answer)
+    return answer
+
+
+def _mask_is_causal(mask: torch.Tensor, sq: int, sk: int) -> bool:
     upper = torch.ones(sq, sk, dtype=torch.bool, device=mask.device).triu(1)
     if mask.dtype == torch.bool:
         return bool(torch.equal(mask, upper))

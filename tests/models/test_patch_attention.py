@@ -221,3 +221,29 @@ def test_registry_basics():
         mmfast.patch(model, kinds=("bogus",))
     with pytest.raises(ValueError, match="kind"):
         P.PatchRule("x", "bogus", (), lambda m: None)
+
+
+def test_causal_mask_check_syncs_once_per_mask():
+    """open_clip passes the same causal mask buffer to every text layer at every step; reading the check's
+    answer off the device is a host sync, so it is made once per mask (and again after an in-place edit)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mmfast.nn.attention import mask_is_causal
+
+    class CountSyncs(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                CountSyncs.n += 1
+            return func(*args, **(kwargs or {}))
+
+    mask = torch.full((7, 7), float("-inf")).triu(1)
+    with CountSyncs():
+        first = mask_is_causal(mask, 7, 7)
+        n_first = CountSyncs.n
+        assert all(mask_is_causal(mask, 7, 7) for _ in range(5)) and CountSyncs.n == n_first > 0
+        assert first and not mask_is_causal(torch.zeros(7, 7), 7, 7)
+        mask[0, 1] = 0.0  # edited in place: checked again, and now it is not causal
+        assert not mask_is_causal(mask, 7, 7)
+        assert mask_is_causal(torch.full((9, 9), float("-inf")).triu(1), 5, 5)  # a causal corner
