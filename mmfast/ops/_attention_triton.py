@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mmfast.ops._host import cdiv, next_pow2
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # MMFAST_ATTN_AUTOTUNE=0 launches fixed per-head-dim configs instead of tuning (e.g. GPU test runs, where
 # tuning every mask combination would dominate the time).
@@ -327,7 +329,7 @@ def upcast(dtype: torch.dtype) -> bool:
 
 
 def block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_pow2(head_dim))
 
 
 def launch_meta(kind: str, head_dim: int, dtype: torch.dtype) -> dict:
@@ -371,7 +373,7 @@ def attn_fwd(q, k, v, p):
     dummy = p.dummy_int(q.device)
 
     def grid(meta):
-        return (triton.cdiv(p.max_seqlen_q, meta["BLOCK_M"]), batch * n_heads)
+        return (cdiv(p.max_seqlen_q, meta["BLOCK_M"]), batch * n_heads)
 
     _fwd[grid](
         q, k, v, out, lse, m_row, il_row,

@@ -35,6 +35,7 @@ from mmfast.ops._attention_triton import (
     upcast,
     visible_mask,
 )
+from mmfast.ops._host import cdiv
 
 
 @triton.jit
@@ -336,11 +337,11 @@ def attn_bwd(do, q, k, v, out, stats, p):
         HAS_SOFTCAP=p.softcap > 0, HAS_DROPOUT=p.dropout_p > 0, UPCAST=upcast(q.dtype),
         DOT_PREC=dot_precision(q.dtype), BLOCK_D=block_d(head_dim), **launch_meta("bwd", head_dim, q.dtype),
     )
-    _dkdv[lambda meta: (triton.cdiv(p.max_seqlen_k, meta["BLOCK_N"]), batch * n_kv)](
+    _dkdv[lambda meta: (cdiv(p.max_seqlen_k, meta["BLOCK_N"]), batch * n_kv)](
         q, k, v, do, m_row, il_row, delta, dk, dv, *common, *strides3(dk, varlen), *strides3(dv, varlen), *lse_strides,
         p.max_seqlen_q, p.max_seqlen_k, n_heads, n_kv, n_heads // n_kv, head_dim, *scalars, **flags,
     )
-    _dq[lambda meta: (triton.cdiv(p.max_seqlen_q, meta["BLOCK_M"]), batch * n_heads)](
+    _dq[lambda meta: (cdiv(p.max_seqlen_q, meta["BLOCK_M"]), batch * n_heads)](
         q, k, v, do, m_row, il_row, delta, dq, *common, *strides3(dq, varlen), *lse_strides,
         p.max_seqlen_q, p.max_seqlen_k, n_heads, n_heads // n_kv, head_dim, *scalars, **flags,
     )

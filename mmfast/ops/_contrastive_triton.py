@@ -47,6 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mmfast.ops._host import cdiv, next_pow2
 from mmfast.testing import poison_
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -314,9 +315,9 @@ def _cfg(a: torch.Tensor, M: int, K: int, D: int, phase: str) -> dict:
     else:
         bm, bn, bd, warps, stages = 128, 64, 32, 8, 2
     # tl.dot needs every dimension >= 16; smaller problems get smaller (power-of-two) blocks.
-    bm = min(bm, max(16, triton.next_power_of_2(M)))
-    bn = min(bn, max(16, triton.next_power_of_2(K)))
-    bd = min(bd, max(16, triton.next_power_of_2(D)))
+    bm = min(bm, max(16, next_pow2(M)))
+    bn = min(bn, max(16, next_pow2(K)))
+    bd = min(bd, max(16, next_pow2(D)))
     return {"BM": bm, "BN": bn, "BD": bd, "num_warps": warps, "num_stages": stages}
 
 
@@ -349,7 +350,7 @@ def clip_fwd(a, b, scale, bias, label_smoothing, offset, symmetric):
     M, D = a.shape
     K = b.shape[0]
     cfg = _cfg(a, M, K, D, "fwd")
-    R = triton.cdiv(M, cfg["BM"])
+    R = cdiv(M, cfg["BM"])
     dev = a.device
     smooth = float(label_smoothing)
     row_out = _out((M,), dev)
@@ -371,7 +372,7 @@ def clip_fwd(a, b, scale, bias, label_smoothing, offset, symmetric):
     if symmetric:
         lse_col, col_out = _out((K,), dev, dtype=torch.float64), _out((K,), dev)
         bn = 128 if not _INTERPRET else 32
-        _col_kernel[(triton.cdiv(K, bn),)](
+        _col_kernel[(cdiv(K, bn),)](
             pm, pl, pc, zpos, lse_col, col_out, R, M, K, smooth, SMOOTH=smooth > 0, BN=bn
         )
         loss = loss + col_out.sum(dtype=torch.float64)
@@ -393,7 +394,7 @@ def _launch_bwd(a, b, scale, bias, grad, lse_row, lse_col, smooth, offset, row_c
     M, D = a.shape
     K = b.shape[0]
     cfg = _cfg(a, M, K, D, "bwd")
-    R = triton.cdiv(M, cfg["BM"])
+    R = cdiv(M, cfg["BM"])
     dev = a.device
     da = _out((M, D), dev)
     dscale_part = _out((R,), dev)
@@ -444,7 +445,7 @@ def siglip_fwd(a, b, scale, bias, offset):
     M, D = a.shape
     K = b.shape[0]
     cfg = _cfg(a, M, K, D, "fwd")
-    R = triton.cdiv(M, cfg["BM"])
+    R = cdiv(M, cfg["BM"])
     row_out = _out((M,), a.device)
     _fwd_kernel[(R,)](
         a, b, scale, bias, row_out, row_out, row_out, row_out, row_out, row_out,
@@ -462,6 +463,6 @@ def extra_memory_bytes(M: int, K: int, D: int, symmetric: bool, label_smoothing:
     """Scratch the kernels allocate beyond O(M + K) vectors, for the docs and the benchmark."""
     bm_f = _cfg(torch.empty(0, dtype=dtype), M, K, D, "fwd")["BM"]
     et_bytes = 8 if dtype == torch.float32 else 4  # partials are kept in the elementwise dtype
-    fwd = (2 + (label_smoothing > 0)) * triton.cdiv(M, bm_f) * K * et_bytes if symmetric else 0
+    fwd = (2 + (label_smoothing > 0)) * cdiv(M, bm_f) * K * et_bytes if symmetric else 0
     bwd = (M + K) * D * 4  # fp32 da / db accumulators
     return {"fwd": fwd, "bwd": bwd}

@@ -23,6 +23,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from mmfast.ops._dispatch import eager_fast
+
 # Bytes of one chunk's logits in the GEMM dtype; the row pass and the three GEMMs all work on it.
 # MMFAST_FLCE_CHUNK_MB sets both. CUDA: 256 MiB. On an H100 (bf16, T=8192, H=4096, V=32064,
 # benchmarks/results/nvidia-h100-80gb-hbm3/run2) forward + backward took 10.5 ms at 256 MiB against
@@ -227,6 +229,9 @@ def _(hidden, weight, bias, target, scale, per_row, ignore_index, smoothing, z_l
     )
 
 
+_flce_call = eager_fast(_flce_op)
+
+
 # --------------------------------------------------------------------------- autograd
 class FLCEFunction(torch.autograd.Function):
     """Returns the reduced loss (0-d fp32) for "mean"/"sum", the per-row losses (T,) fp32 for "none"."""
@@ -246,14 +251,14 @@ class FLCEFunction(torch.autograd.Function):
         else:
             scale = one
         if reduction == "none" or not any_grad:
-            rows, _, _, _, _ = _flce_op(
+            rows, _, _, _, _ = _flce_call(
                 hidden, weight, bias, target, one, False, ignore_index, smoothing, z_loss, softcap,
                 False, False, False, chunk, backend, dw_fp32,
             )
             if any_grad:
                 ctx.save_for_backward(hidden, weight, bias, target)
             return rows if reduction == "none" else (rows.sum() * scale).reshape(())
-        rows, _, dh, dw, db = _flce_op(
+        rows, _, dh, dw, db = _flce_call(
             hidden, weight, bias, target, scale, False, ignore_index, smoothing, z_loss, softcap,
             need_dh, need_dw, need_db, chunk, backend, dw_fp32,
         )
@@ -267,7 +272,7 @@ class FLCEFunction(torch.autograd.Function):
         ignore_index, smoothing, z_loss, softcap, chunk, backend, need_dh, need_dw, need_db, dw_fp32 = ctx.cfg
         if ctx.reduction == "none":
             hidden, weight, bias, target = ctx.saved_tensors
-            _, _, dh, dw, db = _flce_op(
+            _, _, dh, dw, db = _flce_call(
                 hidden, weight, bias, target, grad.float().contiguous(), True, ignore_index, smoothing,
                 z_loss, softcap, need_dh, need_dw, need_db, chunk, backend, dw_fp32,
             )

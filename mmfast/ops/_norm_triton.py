@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mmfast.ops._host import cdiv, next_pow2
+
 
 @triton.jit
 def _norm_fwd_kernel(
@@ -135,7 +137,7 @@ def norm_fwd(x, residual, weight, bias, eps, is_rms, residual_dtype):
     mean = torch.empty(M, device=x.device, dtype=torch.float32)
     rstd = torch.empty(M, device=x.device, dtype=torch.float32)
     if M:
-        block = triton.next_power_of_2(N)
+        block = next_pow2(N)
         _norm_fwd_kernel[(M,)](
             x, residual if residual is not None else x, weight if weight is not None else x,
             bias if bias is not None else x, y, s if s is not None else y, mean, rstd, N, float(eps),
@@ -149,11 +151,11 @@ def norm_bwd(s, weight, dy, ds, mean, rstd, is_rms, dx_dtype):
     """Returns dx (M, N) in ``dx_dtype`` and the fp32 column sums dw, db (N,)."""
     M, N = s.shape
     dx = torch.empty(M, N, device=s.device, dtype=dx_dtype)
-    block = triton.next_power_of_2(N)
+    block = next_pow2(N)
     block_m = max(1, min(16, _TILE // block))  # about _TILE elements per step
-    progs = max(1, min(_programs(s.device), triton.cdiv(M, block_m)))
-    rows = triton.cdiv(triton.cdiv(M, progs), block_m) * block_m if M else block_m
-    progs = max(1, triton.cdiv(M, rows))
+    progs = max(1, min(_programs(s.device), cdiv(M, block_m)))
+    rows = cdiv(cdiv(M, progs), block_m) * block_m if M else block_m
+    progs = max(1, cdiv(M, rows))
     dw = torch.empty(progs, N, device=s.device, dtype=torch.float32)
     db = torch.empty(progs, N, device=s.device, dtype=torch.float32)
     if M:

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mmfast.ops._host import cdiv, next_pow2
+
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 _INV_SQRT_2 = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
@@ -103,7 +105,7 @@ def ce_rows(logits, target, loss, lse, scale, per_row, *, ignore_index, smoothin
     if C == 0:
         return
     assert logits.stride(1) == 1
-    block = min(4096, triton.next_power_of_2(V))
+    block = min(4096, next_pow2(V))
     _ce_rows_kernel[(C,)](
         logits,
         logits.stride(0),
@@ -192,7 +194,7 @@ def _gelu_bwd_kernel(
 
 
 def _grid2d(M, N, bm, bn):
-    return (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    return (cdiv(M, bm), cdiv(N, bn))
 
 
 def bias_gelu_fwd(y, bias, approximate: bool, store_u: bool):
@@ -271,7 +273,7 @@ def bias_l2_fwd(y, bias, eps):
     if M:
         _bias_l2_fwd_kernel[(M,)](
             y, bias if bias is not None else y, out, rnorm, N, float(eps),
-            HAS_BIAS=bias is not None, BLOCK_N=triton.next_power_of_2(N),
+            HAS_BIAS=bias is not None, BLOCK_N=next_pow2(N),
         )
     return out, rnorm
 
@@ -280,5 +282,5 @@ def l2_bwd(out, dout, rnorm, eps):
     """Overwrite the contiguous ``dout`` with the gradient w.r.t. the pre-normalisation rows."""
     M, N = out.shape
     if M:
-        _l2_bwd_kernel[(M,)](out, dout, rnorm, N, float(eps), BLOCK_N=triton.next_power_of_2(N))
+        _l2_bwd_kernel[(M,)](out, dout, rnorm, N, float(eps), BLOCK_N=next_pow2(N))
     return dout

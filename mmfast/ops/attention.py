@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmfast.ops._dispatch import Facts, Op, check_backend_name, register
+from mmfast.ops._dispatch import Facts, Op, check_backend_name, eager_fast, register
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _REFERENCE_DTYPES = (*_SUPPORTED_DTYPES, torch.float64)  # fp64: the oracle, reference backend only
@@ -259,13 +259,17 @@ def _(dout, q, k, v, *rest):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+_fwd_call = eager_fast(_fwd_op)
+_bwd_call = eager_fast(_bwd_op)
+
+
 class _FlashAttnFn(torch.autograd.Function):
     """(out, lse) through the Triton kernels; lse is not differentiable."""
 
     @staticmethod
     def forward(ctx, q, k, v, p):
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        out, lse, m_row, il_row = torch.ops.mmfast.flash_attn_fwd(q, k, v, *_p_args(p))
+        out, lse, m_row, il_row = _fwd_call(q, k, v, *_p_args(p))
         ctx.save_for_backward(q, k, v, out, m_row, il_row)
         ctx.p = p
         ctx.mark_non_differentiable(lse)
@@ -275,7 +279,7 @@ class _FlashAttnFn(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, m_row, il_row = ctx.saved_tensors
         dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-        dq, dk, dv = torch.ops.mmfast.flash_attn_bwd(dout, q, k, v, out, m_row, il_row, *_p_args(ctx.p))
+        dq, dk, dv = _bwd_call(dout, q, k, v, out, m_row, il_row, *_p_args(ctx.p))
         return dq, dk, dv, None
 
 
@@ -431,7 +435,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
         chosen = _select(q, backend)
         if chosen == "reference":
             return _reference(q, k_cache, v_cache, p)[0]
-        return torch.ops.mmfast.flash_attn_fwd(q, k_cache, v_cache, *_p_args(p))[0]
+        return _fwd_call(q, k_cache, v_cache, *_p_args(p))[0]
 
 
 __all__ = [

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mmfast.ops._dispatch import Facts, Op, check_backend_name, register
+from mmfast.ops._dispatch import Facts, Op, check_backend_name, eager_fast, register
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_N = 65536
@@ -105,12 +105,16 @@ def _(s, weight, dy, ds, mean, rstd, is_rms):
     return dy.new_empty(s.shape), torch.empty(N, **f32), torch.empty(N, **f32)
 
 
+_norm_fwd_call = eager_fast(_norm_fwd_op)
+_norm_bwd_call = eager_fast(_norm_bwd_op)
+
+
 class _NormFunction(torch.autograd.Function):
     """Returns (y, s): s is the new residual (an empty tensor when no residual was given)."""
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps, is_rms):
-        y, s, mean, rstd = _norm_fwd_op(x, residual, weight, bias, eps, is_rms)
+        y, s, mean, rstd = _norm_fwd_call(x, residual, weight, bias, eps, is_rms)
         ctx.save_for_backward(s if residual is not None else x, weight, mean, rstd)
         ctx.cfg = (is_rms, residual is not None, None if residual is None else residual.dtype,
                    None if bias is None else bias.dtype)
@@ -124,7 +128,7 @@ class _NormFunction(torch.autograd.Function):
         s, weight, mean, rstd = ctx.saved_tensors
         is_rms, has_res, res_dtype, bias_dtype = ctx.cfg
         ds = ds.contiguous() if (has_res and ds is not None) else None
-        dx, dw, db = _norm_bwd_op(s, weight, dy.contiguous(), ds, mean, rstd, is_rms)
+        dx, dw, db = _norm_bwd_call(s, weight, dy.contiguous(), ds, mean, rstd, is_rms)
         dres = None
         if has_res and ctx.needs_input_grad[1]:
             dres = dx.to(res_dtype) if res_dtype != dx.dtype else dx.clone()

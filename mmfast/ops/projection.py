@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mmfast.ops._dispatch import Facts, Op, check_backend_name, register
+from mmfast.ops._dispatch import Facts, Op, check_backend_name, eager_fast, register
 from mmfast.ops._flce import (
     DEFAULT_CHUNK_BYTES,
     FLCEFunction,
@@ -218,6 +218,12 @@ def _(out, dout, rnorm, eps):
     return None
 
 
+_bias_gelu_call = eager_fast(_bias_gelu_op)
+_gelu_bwd_call = eager_fast(_gelu_bwd_op)
+_bias_l2_call = eager_fast(_bias_l2_op)
+_l2_bwd_call = eager_fast(_l2_bwd_op)
+
+
 # --------------------------------------------------------------------------- MLP projector
 def _gelu_approx(act: str) -> bool:
     if act not in _GELU_APPROX:
@@ -249,7 +255,7 @@ class _MLPFunction(torch.autograd.Function):
         us, hs = [], []
         for w, b in zip(ws[:-1], bs[:-1]):
             y = torch.mm(a, w.t())  # (M, N); becomes u in place
-            a = _bias_gelu_op(y, b, approx, True)
+            a = _bias_gelu_call(y, b, approx, True)
             us.append(y)
             hs.append(None if recompute else a)
         out = torch.mm(a, ws[-1].t()) if bs[-1] is None else torch.addmm(bs[-1], a, ws[-1].t())
@@ -272,7 +278,7 @@ class _MLPFunction(torch.autograd.Function):
                 if i == 0:
                     a = x
                 elif recompute:
-                    a = _bias_gelu_op(us[i - 1], None, approx, False)  # h = gelu(u), a new buffer
+                    a = _bias_gelu_call(us[i - 1], None, approx, False)  # h = gelu(u), a new buffer
                 else:
                     a = hs[i - 1]
                 dws[i] = torch.mm(g.t(), a)
@@ -281,7 +287,7 @@ class _MLPFunction(torch.autograd.Function):
                 dbs[i] = g.sum(0)
             if i > 0:
                 dh = torch.mm(g, ws[i])  # (M, N_{i-1}); becomes du in place
-                _gelu_bwd_op(us[i - 1], dh, approx, False)
+                _gelu_bwd_call(us[i - 1], dh, approx, False)
             else:
                 dh = torch.mm(g, ws[0]) if ctx.needs_input_grad[0] else None
             g = dh
@@ -339,7 +345,7 @@ def bias_gelu(y: torch.Tensor, bias: torch.Tensor | None = None, act: str = "gel
         u = y if bias is None else y + bias
         return F.gelu(u, approximate="tanh" if approx else "none")
     y2 = y.reshape(-1, y.shape[-1]).contiguous()
-    return _bias_gelu_op(y2, bias, approx, False).reshape(y.shape)  # store_u=False: y is only read
+    return _bias_gelu_call(y2, bias, approx, False).reshape(y.shape)  # store_u=False: y is only read
 
 
 # --------------------------------------------------------------------------- linear + L2 normalise
@@ -351,7 +357,7 @@ class _LinearL2Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
         y = torch.mm(x, weight.t())  # (M, D)
-        out, rnorm = _bias_l2_op(y, bias, eps)
+        out, rnorm = _bias_l2_call(y, bias, eps)
         ctx.save_for_backward(x, weight, out, rnorm)
         ctx.eps = eps
         ctx.has_bias = bias is not None
@@ -362,7 +368,7 @@ class _LinearL2Function(torch.autograd.Function):
     def backward(ctx, g):
         x, weight, out, rnorm = ctx.saved_tensors
         dy = g.contiguous().clone()  # (M, D); becomes the gradient w.r.t. y in place
-        _l2_bwd_op(out, dy, rnorm, ctx.eps)
+        _l2_bwd_call(out, dy, rnorm, ctx.eps)
         dx = torch.mm(dy, weight) if ctx.needs_input_grad[0] else None
         dw = torch.mm(dy.t(), x) if ctx.needs_input_grad[1] else None
         db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None

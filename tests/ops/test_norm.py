@@ -94,3 +94,27 @@ def test_modules_match_torch(device, triton_backend):
     y, s = rms(x, residual=x)
     torch.testing.assert_close(s, 2 * x)
     torch.testing.assert_close(y, rms_norm_reference(2 * x, rms.weight), rtol=1e-5, atol=1e-5)
+
+
+def test_eager_calls_skip_the_custom_op_dispatcher(device, triton_backend):
+    """In eager mode the kernels' custom ops run their bodies directly (the dispatcher round trip cost
+    more host time than a small norm kernel takes); under torch.compile they stay custom ops (see
+    test_projection.py's compile test). Same results either way."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mmfast.ops.norm import _norm_fwd_call, layer_norm
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(4)
+    x, w, b = (torch.randn(*s, generator=g).to(device) for s in ((5, 19), (19,), (19,)))
+    with Record():
+        y = layer_norm(x, w, b, 1e-5, backend=triton_backend)
+    assert seen and not any("mmfast" in name for name in seen), seen
+    via_op = _norm_fwd_call.op(x, None, w, b, 1e-5, False)[0]
+    torch.testing.assert_close(y, via_op, rtol=0, atol=0)
