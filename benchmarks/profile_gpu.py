@@ -14,6 +14,14 @@ import time
 
 import torch
 
+_OUT = None  # --out: rewritten after each profile, so a run cut by its time limit keeps what it has
+
+
+def _flush(out):
+    if _OUT:
+        with open(_OUT, "w") as f:
+            f.write("\n\n".join(out) + "\n")
+
 
 def _profile(name, step, iters, out):
     from torch.profiler import ProfilerActivity, profile
@@ -39,6 +47,7 @@ def _profile(name, step, iters, out):
         table = events.table(sort_by=key, row_limit=15, max_name_column_width=60)
         out.append(f"-- by {key}\n{table}")
         print("\n".join(table.splitlines()[:8]))
+    _flush(out)
 
 
 def main(argv=None) -> int:
@@ -49,6 +58,8 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("profile_gpu: needs CUDA", file=sys.stderr)
         return 2
+    global _OUT
+    _OUT = a.out
     out: list[str] = []
     rc = 0
     try:
@@ -68,32 +79,21 @@ def main(argv=None) -> int:
         print(out[-1])
         rc = 1
     try:
-        from mmfast.models.clip import create_model, get_tokenizer
-        from mmfast.ops import clip_loss
+        from pathlib import Path
 
-        torch.manual_seed(0)
-        model = create_model("ViT-B-16", device="cuda", kernels=True).train()
-        images = torch.randn(a.batch, 3, 224, 224, device="cuda")
-        texts = get_tokenizer(model)([f"a photo of {i} red stars" for i in range(a.batch)]).to("cuda")
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_train_clip import (
+            _setup,  # the benchmark's own step: the model, data and optimizer it times
+        )
 
-        def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                img = model.encode_image(images, normalize=True)
-                txt = model.encode_text(texts, normalize=True)
-                loss = clip_loss(img, txt, model.logit_scale.exp())
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        _profile(f"CLIP ViT-B/16 train step, batch {a.batch}, bf16 autocast (mmfast kernels)", step, 3, out)
+        case = {"batch": a.batch, "model": "ViT-B-16", "dtype": "bf16", "device": "cuda", "grad_ckpt": False}
+        _profile(f"CLIP ViT-B/16 train step, batch {a.batch}, bf16 autocast (mmfast kernels)",
+                 _setup(True)(case, "train_step"), 3, out)
     except Exception as e:  # noqa: BLE001
         out.append(f"CLIP profile failed: {type(e).__name__}: {e}")
         print(out[-1])
         rc = 1
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write("\n\n".join(out) + "\n")
+    _flush(out)
     return rc
 
 

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     gbytes = 5 * a.rows * a.cols * 2 / 1e9
     for r in rows:
         r["gbps"] = gbytes / (r["ms"] * 1e-3)
-        print(f"{r['provider']:<14} tile {str(r['tile']):>5} warps<={str(r['max_warps']):>2}  "
+        print(f"{r['provider']:<14} tile {r['tile']!s:>5} warps<={r['max_warps']!s:>2}  "
               f"{r['ms']:.4f} ms  {r['gbps']:7.1f} GB/s  rel.err {r['rel_err']:.1e}")
     if a.out:
         with open(a.out, "w", newline="") as f:

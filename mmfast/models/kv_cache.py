@@ -4,7 +4,7 @@
     kw = {**cache_kwargs(model, cache), **cache.attention_kwargs()}
     out = model(inputs_embeds=x, position_ids=pos, **kw)  # prefill
     cache.set_lengths(prompt_lengths)                   # right padding: forget the pad tokens' keys
-    out = model(inputs_embeds=x1, position_ids=cache.lengths()[:, None], **kw)  # one token per row, at its own position
+    out = model(inputs_embeds=x1, position_ids=cache.lengths()[:, None], **kw)  # a token per row, at its length
 
 ``cache_kwargs`` names the cache argument as the installed transformers spells it (``cache`` in recent
 releases, ``past_key_values`` before).

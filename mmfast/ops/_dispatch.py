@@ -180,6 +180,18 @@ OP_MODULES = (
 )
 
 
+def autocast_inputs(*tensors):
+    """Under ``torch.autocast`` cast the float tensors (None passes through) to the autocast dtype, as a
+    matmul such as ``F.linear`` would (differentiably); the kernels then run with autocast off.
+    Outside autocast: unchanged."""
+    t0 = next(t for t in tensors if t is not None)
+    dev = t0.device.type
+    if not torch.is_autocast_enabled(dev):
+        return tensors
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dt) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
 def eager_fast(op):
     """``op`` (a ``torch.library.custom_op``) as torch.compile needs it, cheaper in eager mode.
 

@@ -30,7 +30,7 @@ import importlib
 import torch
 import torch.nn.functional as F
 
-from mmfast.ops._dispatch import Facts, Op, check_backend_name, register
+from mmfast.ops._dispatch import Facts, Op, autocast_inputs, check_backend_name, register
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -192,11 +192,7 @@ def _autocast_features(image_features, text_features):
     a, b = image_features, text_features
     if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.dtype == b.dtype:
         return a, b
-    dev = a.device.type
-    if not (a.is_floating_point() and b.is_floating_point() and torch.is_autocast_enabled(dev)):
-        return a, b
-    dt = torch.get_autocast_dtype(dev)
-    return a.to(dt), b.to(dt)
+    return autocast_inputs(a, b)
 
 
 def _check_features(image_features, text_features, *, square=True):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mmfast.ops._dispatch import Facts, Op, check_backend_name, eager_fast, register
+from mmfast.ops._dispatch import Facts, Op, autocast_inputs, check_backend_name, eager_fast, register
 from mmfast.ops._flce import (
     DEFAULT_CHUNK_BYTES,
     FLCEFunction,
@@ -86,17 +86,6 @@ def _check_float(name, t, like=None):
             raise ValueError(f"{name} is on {t.device} but the input is on {like.device}")
 
 
-def _autocast(*tensors):
-    """Under ``torch.autocast`` cast the float tensors to the autocast dtype, as ``F.linear`` would
-    (differentiably); the kernels then run with autocast off. Outside autocast: unchanged."""
-    t0 = next(t for t in tensors if t is not None)
-    dev = t0.device.type
-    if not torch.is_autocast_enabled(dev):
-        return tensors
-    dt = torch.get_autocast_dtype(dev)
-    return tuple(t.to(dt) if t is not None and t.is_floating_point() else t for t in tensors)
-
-
 # --------------------------------------------------------------------------- fused linear cross-entropy
 def fused_linear_cross_entropy(
     hidden: torch.Tensor,
@@ -123,7 +112,7 @@ def fused_linear_cross_entropy(
     ``dweight_fp32`` (default) sums the chunks' weight gradients in an fp32 (V, H) buffer; False
     accumulates in the weight's dtype instead (one rounding per chunk, no V×H×4-byte buffer).
     """
-    hidden, weight, bias = _autocast(hidden, weight, bias)
+    hidden, weight, bias = autocast_inputs(hidden, weight, bias)
     _check_float("hidden", hidden)
     _check_float("weight", weight, hidden)
     if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
@@ -305,7 +294,7 @@ def mlp_projector(x: torch.Tensor, params, act: str = "gelu", *, recompute: bool
     approx = _gelu_approx(act)
     params = [(w, b) for w, b in params]
     if params:
-        flat = _autocast(x, *[t for pair in params for t in pair])
+        flat = autocast_inputs(x, *[t for pair in params for t in pair])
         x, params = flat[0], list(zip(flat[1::2], flat[2::2]))
     _check_float("x", x)
     if not params:
@@ -378,7 +367,7 @@ class _LinearL2Function(torch.autograd.Function):
 def linear_l2_normalize(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                         eps: float = 1e-6, *, backend: str | None = None):
     """CLIP's projection head: ``y = x Wᵀ + b``, returned as ``y / max(‖y‖₂, eps)`` row-wise."""
-    x, weight, bias = _autocast(x, weight, bias)
+    x, weight, bias = autocast_inputs(x, weight, bias)
     _check_float("x", x)
     _check_float("weight", weight, x)
     if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
