@@ -6,6 +6,8 @@ for values that PyTorch happens to compute exactly.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 
@@ -83,8 +85,6 @@ class LiveBytes:
         self.peak = 0
 
     def _track(self, t: torch.Tensor, inputs: set[int]) -> None:
-        import weakref
-
         storage = t.untyped_storage()
         key = storage.data_ptr()
         if key == 0:

@@ -157,23 +157,27 @@ def _setup(op, make_fn):
     return setup
 
 
-def providers(op: str, device: str, names: list[str] | None = None) -> dict:
+def _table(op: str, device: str) -> dict:
     fused = "triton" if device == "cuda" else "reference"
     table = {
         f"mmfast-{fused}": _setup(op, lambda: _mmfast_fn(op, fused)),
         "torch-eager": _setup(op, lambda: EAGER[op]),
         "torch-compile": _setup(op, lambda: torch.compile(EAGER[op], dynamic=False)),
     }
-    if op == "flce":  # the memory/time knobs: bigger chunks (fewer fp32 dW passes), dW summed in bf16
+    if op == "flce":  # the memory/time knobs: smaller chunks (more fp32 dW passes), dW summed in bf16
         table[f"mmfast-{fused}-c64"] = _setup(op, lambda: _mmfast_fn(op, fused, chunk_mib=64))
         table[f"mmfast-{fused}-bf16dw"] = _setup(op, lambda: _mmfast_fn(op, fused, dweight_fp32=False))
     if op == "projector":  # the GELU output recomputed in backward instead of stored
         table[f"mmfast-{fused}-recompute"] = _setup(op, lambda: _mmfast_fn(op, fused, recompute=True))
     if op != "projector":
         table["liger"] = _setup(op, lambda: _liger_fn(op))
+    return table
+
+
+def providers(op: str, device: str, names: list[str] | None = None) -> dict:
+    table = _table(op, device)
     if names:
-        known = {f"mmfast-{fused}", f"mmfast-{fused}-c64", f"mmfast-{fused}-bf16dw", f"mmfast-{fused}-recompute",
-                 "torch-eager", "torch-compile", "liger"}
+        known = set().union(*(_table(o, device) for o in SWEEPS))  # a name of any sweep is valid
         unknown = [n for n in names if n not in known]
         if unknown:
             raise SystemExit(f"unknown provider(s) {unknown}; choose from {sorted(known)}")
