@@ -75,6 +75,10 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=None, help="(stage 1: 1e-3, stage 2: 2e-5)")
     p.add_argument("--mm-projector-lr", type=float, default=None, help="stage 2 projector lr (default --lr)")
+    p.add_argument("--tune-vision-tower", action="store_true",
+                   help="stage 2: train the vision tower too (LLaVA-NeXT's unfreeze_mm_vision_tower)")
+    p.add_argument("--vision-tower-lr", type=float, default=None,
+                   help="its lr (LLaVA-NeXT's mm_vision_tower_lr; default --lr)")
     p.add_argument("--wd", type=float, default=0.0)
     p.add_argument("--warmup-ratio", type=float, default=0.03)
     p.add_argument("--lora", action="store_true", help="stage 2: LoRA on every LLM Linear instead of full tuning")
@@ -98,6 +102,8 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if a.stage == 1 and a.lora:
         p.error("--lora is for stage 2 (stage 1 trains the projector only)")
+    if a.stage == 1 and a.tune_vision_tower:
+        p.error("--tune-vision-tower is for stage 2 (stage 1 trains the projector only)")
     return a
 
 
@@ -128,6 +134,8 @@ def build(args, device):
         model.model.language_model.requires_grad_(True)
         model.lm_head.requires_grad_(True)
     model.model.multi_modal_projector.requires_grad_(True)
+    if args.tune_vision_tower:
+        model.model.vision_tower.requires_grad_(True)
     if args.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return llava, peft_model
@@ -243,11 +251,13 @@ class StageModule(torch.nn.Module):
 
 
 def param_groups(model, args):
-    proj, rest = [], []
+    proj, tower, rest = [], [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (proj if "multi_modal_projector" in name else rest).append(p)
+            (proj if "multi_modal_projector" in name else tower if "vision_tower" in name else rest).append(p)
     groups = [{"params": proj, "lr": args.mm_projector_lr or args.lr, "weight_decay": 0.0}]
+    if tower:
+        groups.append({"params": tower, "lr": args.vision_tower_lr or args.lr, "weight_decay": args.wd})
     if rest:
         groups.append({"params": rest, "lr": args.lr, "weight_decay": args.wd})
     return groups

@@ -46,6 +46,34 @@ def test_mm_projector_file_round_trip(tmp_path):
 def test_stage1_rejects_lora():
     with pytest.raises(SystemExit):
         train_llava.parse_args(["--stage", "1", "--lora", "--data", "x", "--out", "y"])
+    with pytest.raises(SystemExit):
+        train_llava.parse_args(["--stage", "1", "--tune-vision-tower", "--data", "x", "--out", "y"])
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_tune_vision_tower_trains_the_tower_at_its_own_lr(lora):
+    args = train_llava.parse_args(["--stage", "2", "--data", "x", "--out", "y", "--no-kernels", "--lr", "2e-3",
+                                   "--tune-vision-tower", "--vision-tower-lr", "1e-4"] + (["--lora"] if lora else []))
+    llava, _ = train_llava.build(args, "cpu")
+    tower = list(llava.model.model.vision_tower.parameters())
+    assert tower and all(p.requires_grad for p in tower)
+    groups = train_llava.param_groups(llava.model, args)
+    ids = {id(p) for p in tower}
+    tower_groups = [g for g in groups if any(id(p) in ids for p in g["params"])]
+    assert len(tower_groups) == 1 and tower_groups[0]["lr"] == 1e-4
+    assert {id(p) for p in tower_groups[0]["params"]} == ids
+    assert all(g["lr"] == 2e-3 for g in groups if g is not tower_groups[0])  # projector and LLM: --lr
+    # The gradient reaches the tower through the projected features: the patch embedding and every layer
+    # up to the selected one (-2: the last layer's output is not used).
+    ml.image_features(llava.model, torch.randn(2, 3, 32, 32)).square().mean().backward()
+    vision = llava.model.model.vision_tower  # a CLIPVisionTransformer
+    used = [vision.embeddings.patch_embedding.weight] + [p for layer in vision.encoder.layers[:-1]
+                                                         for p in layer.parameters()]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in used)
+
+    frozen, _ = train_llava.build(train_llava.parse_args(["--stage", "2", "--data", "x", "--out", "y", "--no-kernels"]),
+                                  "cpu")
+    assert not any(p.requires_grad for p in frozen.model.model.vision_tower.parameters())
 
 
 # --------------------------------------------------------------------------- 2-rank runs
@@ -91,7 +119,7 @@ def test_two_ranks_stage1_zero2_then_stage2_lora_zero3(world, tmp_path):
 
     _run(["--stage", 2, "--data", world, "--out", s2, "--steps", 2, "--lora", "--lora-r", 4, "--merge-lora",
           "--pretrain-mm-projector", s1 / "mm_projector.bin", "--lr", "1e-2", "--mm-projector-lr", "1e-3",
-          "--grad-checkpointing", "--group-by-modality-length"])
+          "--grad-checkpointing", "--group-by-modality-length", "--tune-vision-tower", "--vision-tower-lr", "1e-2"])
     summary = json.loads((s2 / "train_summary.json").read_text())
     assert summary["zero_stage"] == 3 and summary["lora"] and summary["template"] == "vicuna_v1"
     final = ml.load_pretrained(s2 / "final", device="cpu", kernels=False)
@@ -101,6 +129,8 @@ def test_two_ranks_stage1_zero2_then_stage2_lora_zero3(world, tmp_path):
     q = final.model.model.language_model.layers[0].self_attn.q_proj.weight
     assert not torch.equal(q, init.model.model.language_model.layers[0].self_attn.q_proj.weight)  # LoRA merged in
     assert torch.equal(final.model.lm_head.weight, init.model.lm_head.weight)  # LoRA leaves the head alone
+    tower, tower0 = final.model.model.vision_tower.state_dict(), init.model.model.vision_tower.state_dict()
+    assert any(not torch.equal(tower[k], tower0[k]) for k in tower0)  # --tune-vision-tower: exported trained
     out = final.answer([None], ["Is there a cat?"], max_new_tokens=3)
     assert len(out) == 1 and isinstance(out[0], str)
 
@@ -122,3 +152,6 @@ def test_two_ranks_stage2_full_zero3_and_resume(world, tmp_path):
         torch.testing.assert_close(fa[k], fb[k], msg=k)
     init = ml.build_llava("tiny", kernels=False, seed=0)
     assert not torch.equal(fa["lm_head.weight"], init.model.lm_head.weight)  # full tuning trains the head
+    for k, v in init.model.state_dict().items():
+        if "vision_tower" in k:
+            assert torch.equal(fa[k], v), k  # the tower stays frozen without --tune-vision-tower
