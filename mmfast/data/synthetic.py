@@ -5,7 +5,7 @@ backgrounds. Class frequencies follow a Zipf prior over the category-id order, a
 to a *theme* (sky, street, garden, table, pond) whose classes it draws more often, so objects co-occur
 the way COCO's do: POPE's popular (frequent) and adversarial (co-occurring) negatives are harder than
 random ones. Every image has one main object, clearly the largest, whose class is its label for
-zero-shot classification.
+zero-shot classification; the small ones sit on an 8x8 grid, the tiny CLIP's patches (``GRID``).
 
 Same seed -> byte-identical files: each image draws from its own generator seeded by
 ``(seed, index)``, and every writer emits a fixed order.
@@ -46,6 +46,12 @@ THEME_NAMES = list(THEMES)
 N_OBJECTS_P = np.array([0.15, 0.2, 0.25, 0.2, 0.2])  # P(1..5 objects)
 MAIN_SCALE = (0.46, 0.62)  # side of the main object / image side
 OTHER_SCALE = (0.18, 0.3)  # side of each other object / image side
+# The small objects sit centred in a 2x2 block of an 8x8 grid (4 px at 32 px: the tiny CLIP's patches).
+# A ViT this small does not learn translation-invariant recognition of 6-10 px icons in a CPU-minutes
+# budget. Object presence on held-out images with >= 3 objects, AUC, unaligned -> on the grid: the tiny
+# ViT trained from scratch on it for 600 steps 0.83 -> 0.94 (a 6-layer CNN, unaligned: 0.998); an MLP
+# probe of the frozen demo CLIP's layer -2 patches 0.81 -> 0.90.
+GRID = 8
 
 
 def zipf_prior() -> np.ndarray:
@@ -92,6 +98,13 @@ def _overlap(a, b) -> float:
     return ix * iy / max(1e-6, min(a[2] * a[3], b[2] * b[3]))
 
 
+def _snap(v: float, extent: float, size: int) -> float:
+    """Centre a small object's extent in the 2-cell block of the ``GRID`` nearest to ``v``."""
+    cell = size / GRID
+    start = min(max(round(v / cell), 0), GRID - 2) * cell
+    return min(max(start + (2 * cell - extent) / 2, 0.0), size - extent)
+
+
 def sample_scene(seed: int, index: int, size: int) -> tuple[dict, Image.Image]:
     """One image and its scene record. Depends only on (seed, index, size)."""
     rng = np.random.default_rng([seed, index])
@@ -114,6 +127,8 @@ def sample_scene(seed: int, index: int, size: int) -> tuple[dict, Image.Image]:
         box = None
         for _ in range(30):
             x, y = rng.uniform(1, size - 1 - w), rng.uniform(1, size - 1 - h)
+            if k > 0:
+                x, y = _snap(x, w, size), _snap(y, h, size)
             if all(_overlap((x, y, w, h), p) <= 0.2 for p in placed):
                 box = (x, y, w, h)
                 break
