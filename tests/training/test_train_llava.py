@@ -43,7 +43,7 @@ def test_mm_projector_file_round_trip(tmp_path):
         train_llava.load_projector(b.model, str(tmp_path / "nope.bin"))
 
 
-def test_stage1_rejects_lora():
+def test_stage1_rejects_the_stage2_options():
     with pytest.raises(SystemExit):
         train_llava.parse_args(["--stage", "1", "--lora", "--data", "x", "--out", "y"])
     with pytest.raises(SystemExit):
