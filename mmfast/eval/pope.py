@@ -205,10 +205,10 @@ def parse_pope(text: str) -> str:
 
 
 def parse_strict(text: str) -> str:
-    """Case-insensitive: "yes"/"no" when the first word is yes/no, otherwise "other"."""
-    m = re.match(r"\W*([A-Za-z]+)", text)
-    w = m.group(1).lower() if m else ""
-    return w if w in ("yes", "no") else "other"
+    """Case-insensitive: the first whole word that is "yes" or "no" decides ("A cup, yes." is yes,
+    "No, there is a dog." no); "other" when there is none ("Not really", "There is not one")."""
+    m = re.search(r"\b(yes|no)\b", text, flags=re.IGNORECASE)
+    return m.group(1).lower() if m else "other"
 
 
 def load_lines(src: Any, what: str) -> tuple[list[dict], str | None]:

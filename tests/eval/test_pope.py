@@ -205,6 +205,10 @@ def test_official_parser_tricky_answers():
         ("", "yes", "other"),             # empty answers count as yes officially
         ("I cannot tell", "yes", "other"),
         ("Nope", "yes", "other"),
+        ("A cup, yes.", "yes", "yes"),    # the synthetic world's answer forms: object first
+        ("A cup? No.", "no", "no"),
+        ("Cannot say yes or no", "no", "yes"),   # official: any "no"; strict: the first yes/no word
+        ("yesterday, nothing", "yes", "other"),  # whole words only
     ]
     for text, official, strict in cases:
         assert parse_pope(text) == official, text
