@@ -20,7 +20,10 @@ BRIEF_PROMPTS = [
     "Summarize the image in a few words.",
     "What does this image show?",
 ]
-YESNO_TURNS = 4  # questions per yes/no record: more grounded decisions per image forward
+YESNO_TURNS = 8  # at most, per yes/no record: more grounded decisions per image forward
+# How the absent class of a "no" question is drawn. LLaVA's instruction data asks about absent things
+# without seeking hard negatives; popular and adversarial negatives are POPE's test, not its training.
+NEGATIVE_MODES = ("random",)
 
 
 def _human_first(question: str, rng) -> str:
@@ -36,51 +39,55 @@ def _record(rid: str, rel: str, kind: str, qa: list[tuple[str, str]], rng) -> di
     return {"id": rid, "image": rel, "type": kind, "conversations": conv}
 
 
-def absent_object(scene: dict, rng, prior: np.ndarray, classes: list[str], themes: dict,
-                  asked: frozenset = frozenset()) -> tuple[str, str]:
-    """An absent class not in ``asked``, drawn like POPE's negatives: random, popular or adversarial
-    (co-occurring)."""
+def absent_object(scene: dict, rng, classes: list[str], asked: frozenset = frozenset()) -> str:
+    """A uniformly random class that is not in the image and not in ``asked``. LLaVA's instruction data
+    asks about absent things without seeking hard negatives: POPE's popular and adversarial negatives
+    are its test, and a model trained on random ones shows the paper's gap between the settings."""
     present = {o["cls"] for o in scene["objects"]}
     absent = [c for c in classes if c not in present and c not in asked]
-    mode = ("random", "popular", "adversarial")[int(rng.integers(3))]
-    if mode == "adversarial":
-        cands = [c for c in themes[scene["theme"]][0] if c in absent]
-        if cands:
-            return cands[int(rng.integers(len(cands)))], mode
-        mode = "popular"
-    if mode == "popular":
-        top = sorted(absent, key=lambda c: -prior[classes.index(c)])[:3]
-        return top[int(rng.integers(len(top)))], mode
-    return absent[int(rng.integers(len(absent)))], mode
+    return absent[int(rng.integers(len(absent)))]
 
 
-def yesno_turns(scene: dict, rng, prior, classes, themes, turns: int = YESNO_TURNS) -> list[tuple[str, str]]:
+def yesno_turns(scene: dict, rng, classes, turns: int = YESNO_TURNS) -> list[tuple[str, str]]:
     """Up to ``turns`` questions about distinct classes, each answered yes or no with probability 1/2 on
-    its own. An image gets at most twice as many questions as it has classes, so few answers are forced
-    to "no" because every present class was already asked about.
+    its own, until every present class has been asked about (so no answer is forced to "no" and about
+    half the answers are "yes": a model polled by POPE, half yes, is not pushed towards "no").
 
     Independent answers matter: with exactly one yes and one no per image, the second answer follows
     from the first and a model learns that shortcut instead of looking at the image."""
     present = list(dict.fromkeys(o["cls"] for o in scene["objects"]))
     asked: set[str] = set()
     qa = []
-    for _ in range(min(turns, 2 * len(present))):
-        left = [c for c in present if c not in asked]
-        if left and rng.random() < 0.5:
+    while len(qa) < turns and any(c not in asked for c in present):
+        if rng.random() < 0.5:
+            left = [c for c in present if c not in asked]
             c = left[int(rng.integers(len(left)))]
-            qa.append((f"Is there {_text.article(c)} in the image?", f"Yes, there is {_text.article(c)} in the image."))
+            qa.append((f"Is there {_text.article(c)} in the image?", yesno_answer(c, True)))
         else:
-            c, _ = absent_object(scene, rng, prior, classes, themes, frozenset(asked))
-            qa.append((f"Is there {_text.article(c)} in the image?", f"No, there is no {c} in the image."))
+            c = absent_object(scene, rng, classes, frozenset(asked))
+            qa.append((f"Is there {_text.article(c)} in the image?", yesno_answer(c, False)))
         asked.add(c)
     return qa
 
 
+def yesno_answer(cls: str, present: bool) -> str:
+    """"A cup, yes." / "A cup? No.": the object is named first and the verdict is the very next token.
+
+    A tiny LLM then decides at the position whose input is the object's own token: one attention step
+    from there to the image tokens. "Yes, there is a cup" decides before the object is named, so the
+    answer position must first fetch the object from the question (two hops), which the 2-layer demo
+    LLM learns more slowly. Held-out yes/no accuracy of the demo LLaVA trained on yes/no alone (40k-image
+    world, batch 32, lr 1e-3): after 150 steps 0.68-0.71 with the verdict right after the object vs 0.57
+    for "A cup? Yes."; after 600 steps 0.71-0.74 vs 0.70, and 0.69 for a bare "Yes" / "No".
+    POPE's parser reads both forms right: "no" appears only in the negative one."""
+    name = _text.article(cls)
+    return f"{name[0].upper()}{name[1:]}, yes." if present else f"{name[0].upper()}{name[1:]}? No."
+
+
 def write_llava(out: Path, split: str, items: list[tuple[int, str, dict]], seed: int) -> None:
     """``llava_instruct_{split}.json`` (4 records per image) and ``llava_pretrain_{split}.json``."""
-    from mmfast.data.synthetic import CLASSES, THEMES, class_prior
+    from mmfast.data.synthetic import CLASSES
 
-    prior = class_prior()
     instruct, pretrain = [], []
     for image_id, rel, scene in items:
         rng = np.random.default_rng([seed, image_id, 2])
@@ -94,7 +101,7 @@ def write_llava(out: Path, split: str, items: list[tuple[int, str, dict]], seed:
             _record(f"{base}_reasoning", rel, "reasoning", _text.reasoning_turns(scene, rng), rng)
         )
         instruct.append(
-            _record(f"{base}_yesno", rel, "yesno", yesno_turns(scene, rng, prior, CLASSES, THEMES), rng)
+            _record(f"{base}_yesno", rel, "yesno", yesno_turns(scene, rng, CLASSES), rng)
         )
         brief = [(BRIEF_PROMPTS[int(rng.integers(len(BRIEF_PROMPTS)))], _text.captions(scene, rng, 1)[0])]
         pretrain.append(_record(base, rel, "caption", brief, rng))
@@ -121,7 +128,7 @@ Captions name classes with plain words, so zero-shot prompts like "a photo of a 
 | `captions_{{train,val}}.csv` | `filepath,caption` (CLIP): per image, one phrasing of the main object, then whole-scene ones (counts, colours, relations) |
 | `zeroshot_{{train,val}}.csv` | `filepath,label,class`: the main object's class |
 | `objects_{{train,val}}.jsonl` | `{{"image", "objects"}}` per line (POPE's input) |
-| `llava_instruct_{{train,val}}.json` | LLaVA conversations: conversation, detail, reasoning, yesno (up to 4 independent yes/no questions per image; about 40 % yes) |
+| `llava_instruct_{{train,val}}.json` | LLaVA conversations: conversation, detail, reasoning, yesno (up to 8 independent yes/no questions per image, until every present class was asked; half yes; answers name the object first: "A cup, yes." / "A cup? No.") |
 | `llava_pretrain_{{train,val}}.json` | LLaVA caption pairs (`<image>` + brief caption) for projector pre-training |
 {media}{shards}| `classes.json` | list of class names |
 """

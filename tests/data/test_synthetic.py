@@ -16,6 +16,7 @@ from mmfast.data.imagetext import ImageTextDataset
 from mmfast.data.llava import load_llava_json
 from mmfast.data.media import load_t2x_json, read_video, read_wav
 from mmfast.data.synthetic import CLASSES, make_world
+from mmfast.eval.pope import parse_pope
 
 N = 40
 
@@ -157,13 +158,16 @@ def test_llava_files_parse_and_yes_no_answers_are_grounded_and_independent(world
             for q, a in zip(r["conversations"][::2], r["conversations"][1::2]):
                 name = q["value"].replace("<image>", "").split("Is there a")[-1].strip()
                 name = name.removeprefix("n ").split(" in the image")[0]
-                yes = a["value"].startswith("Yes")
+                yes = parse_pope(a["value"]) == "yes"
+                assert a["value"] == (f"A{'n' if name[0] in 'aeiou' else ''} {name}" + (", yes." if yes else "? No."))
                 assert yes == (name in objects[r["image"]]), (q, a, objects[r["image"]])
                 asked.append(name)
                 said.append(yes)
                 answers[yes] += 1
             n_present = len(objects[r["image"]])
-            assert len(said) == min(YESNO_TURNS, 2 * n_present) and len(set(asked)) == len(asked), r
+            assert 1 <= len(said) <= YESNO_TURNS and len(set(asked)) == len(asked), r
+            if len(said) < YESNO_TURNS:  # it stops once every present class was asked about
+                assert sum(said) == n_present and said[-1], r
             pairs[tuple(said[:2])] += 1
         pre = load_llava_json(world / f"llava_pretrain_{split}.json", world)
         assert all(len(r["conversations"]) == 2 and "<image>" in r["conversations"][0]["value"] for r in pre)
