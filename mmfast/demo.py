@@ -94,7 +94,7 @@ from mmfast import demo_llava  # its stages only; heavy imports happen inside th
 
 STAGES += [
     Stage("llava_stage1", demo_llava.llava_stage1, "tiny LLaVA stage 1 (projector, plain), ZeRO-2"),
-    Stage("llava_stage2", demo_llava.llava_stage2, "tiny LLaVA stage 2 (LoRA, vicuna_v1), ZeRO-3"),
+    Stage("llava_stage2", demo_llava.llava_stage2, "tiny LLaVA stage 2 (full tuning, vicuna_v1), ZeRO-2"),
     Stage("llava_eval", demo_llava.llava_eval, "held-out questions and yes/no accuracy"),
     Stage("pope", demo_llava.pope, "POPE random / popular / adversarial on the tiny LLaVA"),
 ]

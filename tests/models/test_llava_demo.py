@@ -46,3 +46,23 @@ def test_llava_eval_and_pope_stages(ctx):
         assert len(lines) == 4 * 3 * 2  # images x positives x (yes, no)
     scores = json.loads((ctx.out / "pope" / "scores.json").read_text())
     assert set(scores["results"]) == {"random", "popular", "adversarial"}
+
+
+def test_stage2_mixture_keeps_every_yes_no_record_and_a_share_of_the_rest(ctx, tmp_path):
+    from mmfast.data.llava import load_llava_json
+    from mmfast.demo_llava import stage2_mixture
+
+    world = ctx.out / "world"
+    src = load_llava_json(world / "llava_instruct_train.json")
+    n_yesno = sum(r["type"] == "yesno" for r in src)
+    counts = stage2_mixture(world, tmp_path / "mix.json", 0.5, seed=0)
+    mix = load_llava_json(tmp_path / "mix.json", world)  # images resolve against the world folder
+    assert counts["yesno"] == n_yesno > 0 and sum(counts.values()) == len(mix)
+    others = len(src) - n_yesno
+    assert 0.3 * others <= len(mix) - n_yesno <= 0.7 * others
+    assert all("image_path" in r and r in src for r in mix)  # whole records, unchanged
+    again = stage2_mixture(world, tmp_path / "again.json", 0.5, seed=0)
+    assert again == counts and (tmp_path / "again.json").read_bytes() == (tmp_path / "mix.json").read_bytes()
+    assert stage2_mixture(world, tmp_path / "none.json", 0.0, seed=0) == {"yesno": n_yesno}
+    with pytest.raises(ValueError, match="other_share"):
+        stage2_mixture(world, tmp_path / "bad.json", 1.5, seed=0)
