@@ -76,6 +76,7 @@ def stage2_mixture(world, out, other_share: float, seed: int) -> dict:
     The tiny LLM starts untrained and has a few hundred steps: spent mostly on grounded yes/no
     questions it learns to look at the image; spread evenly over the long descriptions it does not."""
     import random
+    from collections import Counter
 
     from mmfast.data.llava import load_llava_json
     from mmfast.utils.io import atomic_write_json
@@ -88,10 +89,7 @@ def stage2_mixture(world, out, other_share: float, seed: int) -> dict:
     for r in mix:
         r.pop("image_path", None)  # resolved again against --image-folder
     atomic_write_json(out, mix, indent=None)
-    counts: dict[str, int] = {}
-    for r in mix:
-        counts[r.get("type", "?")] = counts.get(r.get("type", "?"), 0) + 1
-    return counts
+    return dict(Counter(r.get("type", "?") for r in mix))
 
 
 def llava_stage2(ctx) -> dict:

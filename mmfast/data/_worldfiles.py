@@ -21,9 +21,6 @@ BRIEF_PROMPTS = [
     "What does this image show?",
 ]
 YESNO_TURNS = 8  # at most, per yes/no record: more grounded decisions per image forward
-# How the absent class of a "no" question is drawn. LLaVA's instruction data asks about absent things
-# without seeking hard negatives; popular and adversarial negatives are POPE's test, not its training.
-NEGATIVE_MODES = ("random",)
 
 
 def _human_first(question: str, rng) -> str:
