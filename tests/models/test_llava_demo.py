@@ -66,3 +66,31 @@ def test_stage2_mixture_keeps_every_yes_no_record_and_a_share_of_the_rest(ctx, t
     assert stage2_mixture(world, tmp_path / "none.json", 0.0, seed=0) == {"yesno": n_yesno}
     with pytest.raises(ValueError, match="other_share"):
         stage2_mixture(world, tmp_path / "bad.json", 1.5, seed=0)
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ([], {"--image-attention": "causal"}),
+    (["--llava-image-attention", "bidirectional", "--llava-vision-tower-lr", "2e-4"],
+     {"--image-attention": "bidirectional", "--tune-vision-tower": None, "--vision-tower-lr": "0.0002"}),
+])
+def test_stage2_passes_attention_and_tower_options_to_the_trainer(ctx, monkeypatch, extra, expected):
+    from mmfast import demo, demo_llava
+
+    seen = {}
+
+    def fake_train(argv, out):
+        seen["argv"] = argv
+        return {"seconds": 1.0, "loss": 0.5, "tokens_per_s": 10.0}
+
+    monkeypatch.setattr(demo_llava, "_train", fake_train)
+    args = demo.parse_args(["--out", str(ctx.out), *extra])
+    keys = demo_llava.llava_stage2(type(ctx)(ctx.out, args))
+    argv = seen["argv"]
+    for flag, value in expected.items():
+        assert flag in argv
+        if value is not None:
+            assert argv[argv.index(flag) + 1] == value
+    if not extra:
+        assert "--tune-vision-tower" not in argv and "--vision-tower-lr" not in argv
+    assert argv[argv.index("--batch-size") + 1] == str(args.llava_batch_size)
+    assert keys["llava_stage2_final_loss"] == 0.5 and keys["llava_stage2_records_yesno"] > 0
