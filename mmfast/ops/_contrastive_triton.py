@@ -206,13 +206,17 @@ def _bwd_kernel(
     M, K, D, offset, smooth,
     stride_am, stride_ad, stride_bk, stride_bd,
     HAS_BIAS: tl.constexpr, SIGLIP: tl.constexpr, ROW_CE: tl.constexpr, COL_CE: tl.constexpr,
-    DB: tl.constexpr,
+    DB: tl.constexpr, SWAP: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, EXACT: tl.constexpr,
 ):
     """G = ∂loss/∂z per tile; da_rows = g·s·Σ_tiles G b, db += g·s·Gᵀ a (DB), dscale = g·Σ G⊙(a·b).
     CLIP's G sums the row CE term (ROW_CE, lse over columns) and the column CE term (COL_CE, lse
-    over rows); the split backward runs this kernel a second time on the transposed problem."""
+    over rows); the split backward runs this kernel a second time on the transposed problem, with
+    SWAP: each S tile is then computed in the forward's orientation (a_cols · b_rowsᵀ, transposed).
+    A GEMM in the other orientation may sum in another order (numpy's BLAS under the interpreter
+    does), and a 1-ulp change of S, times a logit scale of up to 100, moves exp(z − lse) against the
+    forward's lse by enough to break the error bound (d_text 4.3e-5 vs 6.0e-6 for PyTorch's fp32)."""
     ET: tl.constexpr = tl.float64 if EXACT else tl.float32
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
@@ -237,8 +241,12 @@ def _bwd_kernel(
         cols = n0 + tl.arange(0, BN)
         cmask = cols < K
         cols64 = cols.to(tl.int64)
-        acc = _s_tile(a_ptr, b_ptr, rows64, rmask, cols64, cmask, D, stride_am, stride_ad,
-                      stride_bk, stride_bd, BM, BN, BD, UPCAST, PRECISION)
+        if SWAP:
+            acc = tl.trans(_s_tile(b_ptr, a_ptr, cols64, cmask, rows64, rmask, D, stride_bk, stride_bd,
+                                   stride_am, stride_ad, BN, BM, BD, UPCAST, PRECISION))
+        else:
+            acc = _s_tile(a_ptr, b_ptr, rows64, rmask, cols64, cmask, D, stride_am, stride_ad,
+                          stride_bk, stride_bd, BM, BN, BD, UPCAST, PRECISION)
         z = _logits(acc, s, beta, EXACT)  # (BM, BN)
         valid = rmask[:, None] & cmask[None, :]
         pos = cols[None, :] == rows[:, None] + offset
@@ -389,8 +397,10 @@ def _bwd_mode() -> str:
     return mode or ("split" if torch.are_deterministic_algorithms_enabled() else "fused")
 
 
-def _launch_bwd(a, b, scale, bias, grad, lse_row, lse_col, smooth, offset, row_ce, col_ce, siglip, db):
-    """One backward launch over rows of ``a``; returns (da fp32, dscale partials, dbias partials)."""
+def _launch_bwd(a, b, scale, bias, grad, lse_row, lse_col, smooth, offset, row_ce, col_ce, siglip, db,
+                swap=False):
+    """One backward launch over rows of ``a``; returns (da fp32, dscale partials, dbias partials).
+    ``swap``: ``a``, ``b`` are the forward's ``b``, ``a`` (the split backward's second launch)."""
     M, D = a.shape
     K = b.shape[0]
     cfg = _cfg(a, M, K, D, "bwd")
@@ -405,7 +415,7 @@ def _launch_bwd(a, b, scale, bias, grad, lse_row, lse_col, smooth, offset, row_c
         da, da if db is None else db, dscale_part, dbias_part,
         M, K, D, int(offset), float(smooth), *_strides(a, b),
         HAS_BIAS=bias is not None, SIGLIP=siglip, ROW_CE=row_ce, COL_CE=col_ce, DB=db is not None,
-        **_flags(a), **cfg,
+        SWAP=swap, **_flags(a), **cfg,
     )
     return da, dscale_part, dbias_part
 
@@ -425,7 +435,7 @@ def _bwd(a, b, scale, bias, grad, lse_row, lse_col, smooth, offset, symmetric, s
         # Transposed: rows are b's, the positive of row j is column j − offset, the roles of the
         # row and column CE terms (and of their lse vectors) swap. Its dscale partials repeat ours.
         db, _, _ = _launch_bwd(
-            b, a, scale, bias, grad, lse_col, lse_row, smooth, -offset, col_ce, row_ce, siglip, None
+            b, a, scale, bias, grad, lse_col, lse_row, smooth, -offset, col_ce, row_ce, siglip, None, swap=True
         )
     dscale = dscale_part.sum(dtype=torch.float64).float()
     if siglip:

@@ -380,8 +380,9 @@ for kernel, in_t, phase, consts in [
     (T._fwd_kernel, in_t, "fwd", dict(SIGLIP=siglip, SYMMETRIC=not siglip, SMOOTH=not siglip))
     for in_t in ("*bf16", "*fp32") for siglip in (False, True)
 ] + [
-    (T._bwd_kernel, in_t, "bwd", dict(SIGLIP=siglip, ROW_CE=not siglip, COL_CE=not siglip, DB=True))
-    for in_t in ("*bf16", "*fp32") for siglip in (False, True)
+    # the fused backward (db by atomics), and the split backward's transposed launch (SWAP)
+    (T._bwd_kernel, in_t, "bwd", dict(SIGLIP=siglip, ROW_CE=not siglip, COL_CE=not siglip, DB=not swap, SWAP=swap))
+    for in_t in ("*bf16", "*fp32") for siglip in (False, True) for swap in (False, True)
 ]:
     import torch
     dtype = torch.bfloat16 if in_t == "*bf16" else torch.float32
