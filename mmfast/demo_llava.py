@@ -21,7 +21,7 @@ POPE_SETTINGS = ("random", "popular", "adversarial")
 def add_args(p) -> None:
     p.add_argument("--llava-steps1", type=int, default=40, help="LLaVA stage-1 steps")
     # Stage 2 underfits (yes/no accuracy on training images = held-out): at a fixed budget, more and smaller
-    # steps help; 1000 x 8 per rank beat 500 x 16 (POPE random F1 0.752 vs 0.726) for +10 s.
+    # steps help; 1000 x 8 per rank beat 500 x 16 (POPE random F1 0.752 vs 0.726) for +8 s.
     p.add_argument("--llava-steps2", type=int, default=1000, help="LLaVA stage-2 steps")
     p.add_argument("--llava-batch-size", type=int, default=8, help="per rank")
     p.add_argument("--llava-lr2", type=float, default=1e-3, help="stage-2 learning rate")
