@@ -79,7 +79,7 @@ def stage2_mixture(world, out, other_share: float, seed: int) -> dict:
     """Write the stage-2 data mixture (like LLaVA-1.5's mix of instruction and VQA sets): every yes/no
     record of the world and a seeded ``other_share`` of each other type. Returns the count per type.
 
-    The tiny LLM starts untrained and has a few hundred steps: spent mostly on grounded yes/no
+    The tiny LLM starts untrained and has about a thousand small steps: spent mostly on grounded yes/no
     questions it learns to look at the image; spread evenly over the long descriptions it does not."""
     import random
     from collections import Counter

@@ -78,7 +78,8 @@ def yesno_answer(cls: str, present: bool) -> str:
     for "A cup? Yes."; after 600 steps 0.71-0.74 vs 0.70, and 0.69 for a bare "Yes" / "No".
     POPE's parser reads both forms right: "no" appears only in the negative one."""
     name = _text.article(cls)
-    return f"{name[0].upper()}{name[1:]}, yes." if present else f"{name[0].upper()}{name[1:]}? No."
+    name = name[0].upper() + name[1:]
+    return f"{name}, yes." if present else f"{name}? No."
 
 
 def write_llava(out: Path, split: str, items: list[tuple[int, str, dict]], seed: int) -> None:
