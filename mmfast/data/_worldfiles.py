@@ -114,7 +114,8 @@ Every media path inside these files is relative to this folder.
 
 {n_train} train and {n_val} val images of {classes} icon classes (`classes.json`, in category-id
 order: class i has COCO category id i+1 and zero-shot label i). Each image has 1-5 objects; the first
-(main) object is clearly the largest and is the image's zero-shot label. Class frequencies follow a
+(main) object is clearly the largest and is the image's zero-shot label. Objects sit on a 4x4 grid
+(the tiny CLIP's patches): each small one centred in a cell, the main one in a 2x2 block. Class frequencies follow a
 Zipf prior over the category-id order; each image has a theme (sky, street, garden, table, pond) whose
 classes appear together more often, so POPE's popular and adversarial negatives are harder than random.
 Captions name classes with plain words, so zero-shot prompts like "a photo of a {{class}}" work.

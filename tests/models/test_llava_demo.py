@@ -69,9 +69,11 @@ def test_stage2_mixture_keeps_every_yes_no_record_and_a_share_of_the_rest(ctx, t
 
 
 @pytest.mark.parametrize("extra, expected", [
-    ([], {"--image-attention": "causal"}),
-    (["--llava-image-attention", "bidirectional", "--llava-vision-tower-lr", "2e-4"],
-     {"--image-attention": "bidirectional", "--tune-vision-tower": None, "--vision-tower-lr": "0.0002"}),
+    ([], {"--image-attention": "causal", "--vision-select-feature": "cls_patch"}),
+    (["--llava-image-attention", "bidirectional", "--llava-vision-tower-lr", "2e-4",
+      "--llava-vision-select-feature", "patch"],
+     {"--image-attention": "bidirectional", "--tune-vision-tower": None, "--vision-tower-lr": "0.0002",
+      "--vision-select-feature": "patch"}),
 ])
 def test_stage2_passes_attention_and_tower_options_to_the_trainer(ctx, monkeypatch, extra, expected):
     from mmfast import demo, demo_llava
@@ -94,3 +96,23 @@ def test_stage2_passes_attention_and_tower_options_to_the_trainer(ctx, monkeypat
         assert "--tune-vision-tower" not in argv and "--vision-tower-lr" not in argv
     assert argv[argv.index("--batch-size") + 1] == str(args.llava_batch_size)
     assert keys["llava_stage2_final_loss"] == 0.5 and keys["llava_stage2_records_yesno"] > 0
+
+
+@pytest.mark.parametrize("choice", [None, "patch"])
+def test_stage1_uses_the_same_image_tokens_as_stage2(ctx, monkeypatch, choice):
+    """Stage 1 trains the projector for the image tokens stage 2 gets: the class token too, by default."""
+    from mmfast import demo, demo_llava
+
+    seen = {}
+
+    def fake_train(argv, out):
+        seen["argv"] = argv
+        return {"seconds": 1.0, "loss": 0.5, "tokens_per_s": 10.0}
+
+    monkeypatch.setattr(demo_llava, "_train", fake_train)
+    extra = [] if choice is None else ["--llava-vision-select-feature", choice]
+    args = demo.parse_args(["--out", str(ctx.out), *extra])
+    demo_llava.llava_stage1(type(ctx)(ctx.out, args))
+    argv = seen["argv"]
+    assert argv[argv.index("--vision-select-feature") + 1] == (choice or "cls_patch")
+    assert argv[argv.index("--stage") + 1] == "1"
