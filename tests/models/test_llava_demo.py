@@ -46,6 +46,22 @@ def test_llava_eval_and_pope_stages(ctx):
         assert len(lines) == 4 * 3 * 2  # images x positives x (yes, no)
     scores = json.loads((ctx.out / "pope" / "scores.json").read_text())
     assert set(scores["results"]) == {"random", "popular", "adversarial"}
+    assert keys["pope_images"] == 4
+
+
+def test_pope_stage_asks_about_as_many_images_as_the_world_has(ctx, capsys):
+    """--pope-images above the held-out images with 3+ objects: those images, and a printed note."""
+    from mmfast import demo_llava
+    from mmfast.eval.pope import load_annotations
+
+    eligible = sum(len(r["objects"]) >= 3 for r in load_annotations(ctx.world / "objects_val.jsonl"))
+    assert 1 <= eligible < 50
+    big = type(ctx)(ctx.out, argparse.Namespace(seed=0, pope_images=50))
+    keys = demo_llava.pope(big)
+    assert keys["pope_images"] == eligible
+    assert f"only {eligible} held-out images have 3+ objects" in capsys.readouterr().out
+    lines = (ctx.out / "pope" / "answers_random.jsonl").read_text().splitlines()
+    assert len(lines) == eligible * 3 * 2
 
 
 def test_stage2_mixture_keeps_every_yes_no_record_and_a_share_of_the_rest(ctx, tmp_path):
