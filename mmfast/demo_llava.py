@@ -16,6 +16,7 @@ import json
 import time
 
 POPE_SETTINGS = ("random", "popular", "adversarial")
+POPE_POSITIVES = 3  # the paper's: images with at least 3 objects, each asked about 3 of them
 
 
 def add_args(p) -> None:
@@ -184,14 +185,16 @@ def pope(ctx) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     adapter = get_adapter(s2 / "final", device="cpu", dtype="float32", max_new_tokens=8)
     records = P.load_annotations(ctx.world / "objects_val.jsonl")
-    n_images = min(ctx.args.pope_images, sum(len(r["objects"]) >= 3 for r in records))
+    n_images = min(ctx.args.pope_images, sum(len(r["objects"]) >= POPE_POSITIVES for r in records))
     if n_images < ctx.args.pope_images:  # a smaller --images world: fewer POPE images, said out loud
-        print(f"  POPE: only {n_images} held-out images have 3+ objects; asking about those, not {ctx.args.pope_images}")
+        print(f"  POPE: only {n_images} held-out images have {POPE_POSITIVES}+ objects; asking about those, "
+              f"not {ctx.args.pope_images}")
     if n_images < 1:
-        raise RuntimeError("POPE needs held-out images with at least 3 objects; the world has none (raise --images)")
+        raise RuntimeError(f"POPE needs held-out images with at least {POPE_POSITIVES} objects; the world has none "
+                           "(raise --images)")
     results, keys = {}, {"pope_images": n_images}
     for setting in POPE_SETTINGS:
-        qs = P.build_questions(records, setting, num_images=n_images, num_positive=3, seed=ctx.args.seed)
+        qs = P.build_questions(records, setting, num_images=n_images, num_positive=POPE_POSITIVES, seed=ctx.args.seed)
         P.write_jsonl(out / f"questions_{setting}.jsonl", qs)
         answers = out / f"answers_{setting}.jsonl"
         if answers.exists():

@@ -140,11 +140,11 @@ def sample_scene(seed: int, index: int, size: int) -> tuple[dict, Image.Image]:
         # by drawing the small one smaller (not below OTHER_SCALE), in the same cell. Dropping it instead
         # thinned out the themes' co-occurrences (the sky theme's lift fell below 1.5).
         res = None
+        cx, cy = box[0] + w / 2, box[1] + h / 2
         for shrink in (1.0, 0.85, 0.7):
             if shrink < 1.0 and max(w, h) * shrink < OTHER_SCALE[0] * size:
                 break
-            cx, cy = box[0] + box[2] / 2, box[1] + box[3] / 2
-            bw, bh = box[2] * shrink, box[3] * shrink
+            bw, bh = w * shrink, h * shrink
             x, y = (cx - bw / 2) * SUPERSAMPLE, (cy - bh / 2) * SUPERSAMPLE
             res = _draw.shape(cls, canvas, (x, y, x + bw * SUPERSAMPLE, y + bh * SUPERSAMPLE))
             if res is not None and objects and res[2] >= 0.7 * objects[0]["area"] * SUPERSAMPLE**2:
