@@ -84,15 +84,10 @@ def test_stage2_mixture_keeps_every_yes_no_record_and_a_share_of_the_rest(ctx, t
         stage2_mixture(world, tmp_path / "bad.json", 1.5, seed=0)
 
 
-@pytest.mark.parametrize("extra, expected", [
-    ([], {"--image-attention": "causal", "--vision-select-feature": "cls_patch"}),
-    (["--llava-image-attention", "bidirectional", "--llava-vision-tower-lr", "2e-4",
-      "--llava-vision-select-feature", "patch"],
-     {"--image-attention": "bidirectional", "--tune-vision-tower": None, "--vision-tower-lr": "0.0002",
-      "--vision-select-feature": "patch"}),
-])
-def test_stage2_passes_attention_and_tower_options_to_the_trainer(ctx, monkeypatch, extra, expected):
-    from mmfast import demo, demo_llava
+@pytest.fixture
+def trainer_argv(monkeypatch):
+    """The argv a demo stage hands the LLaVA trainer, which is not run (the stages train in `make demo`)."""
+    from mmfast import demo_llava
 
     seen = {}
 
@@ -101,9 +96,22 @@ def test_stage2_passes_attention_and_tower_options_to_the_trainer(ctx, monkeypat
         return {"seconds": 1.0, "loss": 0.5, "tokens_per_s": 10.0}
 
     monkeypatch.setattr(demo_llava, "_train", fake_train)
+    return seen
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ([], {"--image-attention": "causal", "--vision-select-feature": "cls_patch"}),
+    (["--llava-image-attention", "bidirectional", "--llava-vision-tower-lr", "2e-4",
+      "--llava-vision-select-feature", "patch"],
+     {"--image-attention": "bidirectional", "--tune-vision-tower": None, "--vision-tower-lr": "0.0002",
+      "--vision-select-feature": "patch"}),
+])
+def test_stage2_passes_attention_and_tower_options_to_the_trainer(ctx, trainer_argv, extra, expected):
+    from mmfast import demo, demo_llava
+
     args = demo.parse_args(["--out", str(ctx.out), *extra])
     keys = demo_llava.llava_stage2(type(ctx)(ctx.out, args))
-    argv = seen["argv"]
+    argv = trainer_argv["argv"]
     for flag, value in expected.items():
         assert flag in argv
         if value is not None:
@@ -115,20 +123,13 @@ def test_stage2_passes_attention_and_tower_options_to_the_trainer(ctx, monkeypat
 
 
 @pytest.mark.parametrize("choice", [None, "patch"])
-def test_stage1_uses_the_same_image_tokens_as_stage2(ctx, monkeypatch, choice):
+def test_stage1_uses_the_same_image_tokens_as_stage2(ctx, trainer_argv, choice):
     """Stage 1 trains the projector for the image tokens stage 2 gets: the class token too, by default."""
     from mmfast import demo, demo_llava
 
-    seen = {}
-
-    def fake_train(argv, out):
-        seen["argv"] = argv
-        return {"seconds": 1.0, "loss": 0.5, "tokens_per_s": 10.0}
-
-    monkeypatch.setattr(demo_llava, "_train", fake_train)
     extra = [] if choice is None else ["--llava-vision-select-feature", choice]
     args = demo.parse_args(["--out", str(ctx.out), *extra])
     demo_llava.llava_stage1(type(ctx)(ctx.out, args))
-    argv = seen["argv"]
+    argv = trainer_argv["argv"]
     assert argv[argv.index("--vision-select-feature") + 1] == (choice or "cls_patch")
     assert argv[argv.index("--stage") + 1] == "1"
