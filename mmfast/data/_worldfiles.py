@@ -124,7 +124,7 @@ Captions name classes with plain words, so zero-shot prompts like "a photo of a 
 |---|---|
 | `images/{{train,val}}_NNNNNN.png` | RGB PNG |
 | `annotations/instances_{{train,val}}.json` | COCO instances (bbox [x, y, w, h], area, iscrowd; colour in `attributes`) |
-| `captions_{{train,val}}.csv` | `filepath,caption` (CLIP): per image, one phrasing of the main object, then whole-scene ones (counts, colours, relations) |
+| `captions_{{train,val}}.csv` | `filepath,caption` (CLIP): per image, phrasings of the whole scene that name every object (counts, colours); the first names the main object alone for about 15 % of the images with several objects (always, with one) |
 | `zeroshot_{{train,val}}.csv` | `filepath,label,class`: the main object's class |
 | `objects_{{train,val}}.jsonl` | `{{"image", "objects"}}` per line (POPE's input) |
 | `llava_instruct_{{train,val}}.json` | LLaVA conversations: conversation, detail, reasoning, yesno (up to 8 independent yes/no questions per image, until every present class was asked; half yes; answers name the object first: "A cup, yes." / "A cup? No.") |

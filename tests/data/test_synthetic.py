@@ -147,6 +147,32 @@ def test_main_object_is_the_largest_and_captions_name_it(world):
     assert image.size == (64, 64) and isinstance(text, str)
 
 
+def _names_all(caption: str, scene: dict) -> bool:
+    return all(o["cls"] in caption for o in scene["objects"])  # plurals contain the singular ("crosses")
+
+
+def test_captions_of_busy_scenes_name_every_object():
+    from mmfast.data import _text
+
+    scenes = [s for s in _scenes(600) if len(s["objects"]) > 1]
+    rng = np.random.default_rng(0)
+    firsts = []
+    for s in scenes:
+        caps = _text.captions(s, rng, 2)
+        assert len(set(caps)) == 2 and s["objects"][0]["cls"] in caps[0]
+        # The small objects are named in at least one caption: the CLIP learns them only from those.
+        assert any(_names_all(c, s) for c in caps), caps
+        firsts.append(_names_all(caps[0], s))
+        more = _text.captions(s, rng, 7)  # past the listings come the other phrasings, still distinct
+        assert len(more) == len(set(more)) >= 4
+    main_only = 1 - np.mean(firsts)
+    # A main-only first caption with probability MAIN_CAPTION_P (a "big X with ..." listing names all too).
+    se = np.sqrt(_text.MAIN_CAPTION_P * (1 - _text.MAIN_CAPTION_P) / len(scenes))
+    assert abs(main_only - _text.MAIN_CAPTION_P) < 4 * se + 0.02, (main_only, len(scenes))
+    single = next(s for s in _scenes(50) if len(s["objects"]) == 1)
+    assert all(single["objects"][0]["cls"] in c for c in _text.captions(single, rng, 4))
+
+
 def test_llava_files_parse_and_yes_no_answers_are_grounded_and_independent(world):
     objects = {
         r["image"]: set(r["objects"])
