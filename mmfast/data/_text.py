@@ -11,9 +11,9 @@ _PLURAL = {"cross": "crosses", "fish": "fish"}
 # Share of multi-object images whose first caption names the main object alone; the others are described
 # whole (like COCO's captions, which name most of what is in the picture). The demo's CLIP learns the small
 # objects only from captions that name them, and its LLaVA can only answer POPE about what the tower learned.
-# Measured (2026-11-27, demo defaults, one run each): share 1.0 -> 0.0 of a main-only first caption gave
-# zero-shot top-1 0.994 / 0.963 / 0.968 / 0.832 at 1.0 / 0.15 / 0.3 / 0.0, and POPE random F1 0.784 /
-# 0.819 / 0.802 / 0.844 (presence-probe AUC of the frozen patches 0.985 / 0.989 / 0.988 / 0.990).
+# Measured (2026-11-27, demo defaults, one run each), share 1.0 / 0.3 / 0.15 / 0.0: CLIP zero-shot top-1
+# 0.994 / 0.968 / 0.963 / 0.832, POPE random F1 0.784 / 0.802 / 0.819 / 0.844, presence-probe AUC of the
+# frozen patches 0.985 / 0.988 / 0.989 / 0.990 (the old captions, a main-only one first always: 0.965).
 MAIN_CAPTION_P = 0.15
 
 
