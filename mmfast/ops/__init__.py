@@ -17,6 +17,10 @@ _EXPORTS = {
     # attention.py
     "flash_attn_func": "attention",
     "flash_attn_varlen_func": "attention",
+    "flash_attn_qkvpacked_func": "attention",
+    "flash_attn_kvpacked_func": "attention",
+    "flash_attn_varlen_qkvpacked_func": "attention",
+    "flash_attn_varlen_kvpacked_func": "attention",
     "flash_attn_with_kvcache": "attention",
     "attention_reference": "attention",
     # projection.py

@@ -3,6 +3,7 @@
 Math (one head, one sequence; qa = i + Sk - Sq aligns causal masks bottom-right as flash-attn does):
 
     s_ij = scale · q_i·k_j                       (or softcap · tanh(scale · q_i·k_j / softcap))
+           - slope_h · |qa - j|                   (ALiBi, when slopes are given; flash-attn's bias)
     visible(i, j) = j < Sk
                     ∧ [ (qa - wl ≤ j ≤ qa + wr)  ∨  (qa < P ∧ j < P) ]    (band; prefix-LM block)
     lse_i = log Σ_{j visible} exp(s_ij)           (+inf for a row that sees nothing; its output is 0)
@@ -14,7 +15,10 @@ base-2 exponentials) and never stores the S×S scores. Key blocks that are visib
 the query block skip the mask arithmetic; only the band edges and the sequence tail pay for it.
 
 Layouts: dense q/k/v are (B, S, H, D); packed (varlen) ones are (total, H, D) with ``cu_seqlens``
-offsets. GQA maps query head h to key/value head h // (H // Hk). ``lse`` is fp32 (B, H, Sq) dense or
+offsets. The KV-cache forms read k/v rows through ``kv_batch_idx`` (cache row of batch row b), start
+each row's keys at ``leftpad[b]`` and, with a block table, read them from pages: logical key position
+t of row b lives in page ``block_table[b, t // page_size]`` at slot ``t % page_size`` of a
+(num_pages, page_size, Hk, D) cache. GQA maps query head h to key/value head h // (H // Hk). ``lse`` is fp32 (B, H, Sq) dense or
 (H, total_q) packed, as flash-attn returns it.
 
 Dropout keeps an element when a 32-bit integer hash of (seed, batch·head, i·Sk + j) is ≥ p·2³²; the
@@ -74,6 +78,26 @@ def visible_mask(qa, cols, seqlen_k, wl, wr, prefix, BAND: tl.constexpr, HAS_PRE
             band = band | ((qa < prefix) & (cols < prefix))
         ok = ok & band
     return ok
+
+
+@triton.jit
+def alibi_bias(slope, qa, cols):
+    """ALiBi bias in log2 units, -slope·|qa - j|·log2(e), on broadcastable (query, key) index tensors."""
+    dist = (qa - cols).to(tl.float32)
+    return -(slope * 1.4426950408889634) * tl.abs(dist)
+
+
+@triton.jit
+def kv_offsets(cols, k_start, sk, bt_base, page_size, stride_kp, stride_ks, stride_vp, stride_vs,
+               PAGED: tl.constexpr):
+    """Element offsets of key/value rows ``cols`` (relative to the sequence's first key) from the k/v
+    base pointers: contiguous rows, or pages looked up in the block table."""
+    if PAGED:
+        pos = k_start + cols
+        page = tl.load(bt_base + pos // page_size, mask=cols < sk, other=0).to(tl.int64)
+        slot = pos % page_size
+        return page * stride_kp + slot * stride_ks, page * stride_vp + slot * stride_vs
+    return cols * stride_ks, cols * stride_vs
 
 
 @triton.jit
@@ -151,23 +175,25 @@ def lowp(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_d, head_dim,
                qa, rows, sk, wl, wr, prefix, qk_scale, softcap, dropout_p, seed, bh,
-               n_start, n_end,
+               n_start, n_end, slope, k_start, bt_base, page_size, stride_kp, stride_vp,
                MASKED: tl.constexpr, BAND: tl.constexpr, HAS_PREFIX: tl.constexpr,
-               HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-               UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+               HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_ALIBI: tl.constexpr,
+               PAGED: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     d_ok = offs_d < head_dim
     for n in range(n_start, n_end, BLOCK_N):
         cols = n + offs_n
+        k_off, v_off = kv_offsets(cols, k_start, sk, bt_base, page_size, stride_kp, stride_ks, stride_vp,
+                                  stride_vs, PAGED)
         if MASKED:
             kv_ok = cols < sk
-            kT = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None],
+            kT = tl.load(k_base + k_off[None, :] + offs_d[:, None],
                          mask=kv_ok[None, :] & d_ok[:, None], other=0.0)  # (D, BN)
-            v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :],
+            v = tl.load(v_base + v_off[:, None] + offs_d[None, :],
                         mask=kv_ok[:, None] & d_ok[None, :], other=0.0)  # (BN, D)
         else:
-            kT = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None], mask=d_ok[:, None], other=0.0)
-            v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+            kT = tl.load(k_base + k_off[None, :] + offs_d[:, None], mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_base + v_off[:, None] + offs_d[None, :], mask=d_ok[None, :], other=0.0)
         qk = mm(q, kT, UPCAST, DOT_PREC)  # (BM, BN) fp32
         if HAS_SOFTCAP:
             # softcap·tanh(x/softcap), tanh written with exp so it compiles on every Triton version.
@@ -176,6 +202,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_d, h
             s = t * (softcap * 1.4426950408889634)
         else:
             s = qk * qk_scale
+        if HAS_ALIBI:
+            s += alibi_bias(slope, qa[:, None], cols[None, :])
         if MASKED:
             ok = visible_mask(qa[:, None], cols[None, :], sk, wl, wr, prefix, BAND, HAS_PREFIX)
             s = tl.where(ok, s, float("-inf"))
@@ -195,16 +223,18 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_d, h
 # seqlen args stay runtime values even when 1 (Triton would otherwise make them constexpr).
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "seed"])
 def _fwd_kernel(
-    Q, K, V, O, LSE, MROW, ILROW, CU_Q, CU_K, SEQUSED_K, PREFIX,
+    Q, K, V, O, LSE, MROW, ILROW, CU_Q, CU_K, SEQUSED_K, PREFIX, ALIBI, KV_IDX, LEFTPAD, BLOCK_TABLE,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh, stride_ls,
+    stride_btb, page_size,
     seqlen_q, seqlen_k, n_heads, group, head_dim,
     sm_scale, softcap, window_left, window_right, dropout_p, seed,
     IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, BAND: tl.constexpr, HAS_PREFIX: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_KV_IDX: tl.constexpr,
+    HAS_LEFTPAD: tl.constexpr, PAGED: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0)
@@ -213,6 +243,18 @@ def _fwd_kernel(
     h = bh % n_heads
     hk = h // group
     q_start, sq, k_start, sk = seq_bounds(CU_Q, CU_K, SEQUSED_K, b, seqlen_q, seqlen_k, IS_VARLEN, HAS_SEQUSED)
+    if PAGED:
+        k_start = k_start * 0  # a paged sequence's keys start at logical position 0 of its block-table row
+    if HAS_LEFTPAD:
+        pad = tl.load(LEFTPAD + b)
+        k_start = k_start + pad
+        sk = sk - pad
+    kb = b
+    if HAS_KV_IDX:
+        kb = tl.load(KV_IDX + b)
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(ALIBI + b * n_heads + h)
     m0 = start_m * BLOCK_M
     if m0 >= sq:
         return
@@ -223,8 +265,13 @@ def _fwd_kernel(
     q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh + q_start.to(tl.int64) * stride_qs
     q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :],
                 mask=q_ok[:, None] & d_ok[None, :], other=0.0)  # (BM, D)
-    k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh + k_start.to(tl.int64) * stride_ks
-    v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh + k_start.to(tl.int64) * stride_vs
+    bt_base = BLOCK_TABLE + b.to(tl.int64) * stride_btb
+    if PAGED:  # rows are found through the block table (kv_offsets); the page stride is stride_kb
+        k_base = K + hk * stride_kh
+        v_base = V + hk * stride_vh
+    else:
+        k_base = K + kb.to(tl.int64) * stride_kb + hk * stride_kh + k_start.to(tl.int64) * stride_ks
+        v_base = V + kb.to(tl.int64) * stride_vb + hk * stride_vh + k_start.to(tl.int64) * stride_vs
 
     off = sk - sq
     qa = offs_m + off  # (BM,) query positions on the key axis
@@ -242,16 +289,19 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_d, head_dim,
                                qa, offs_m, sk, window_left, window_right, prefix, qk_scale, softcap,
-                               dropout_p, seed, bh, n_lo, n_full_start,
-                               True, BAND, HAS_PREFIX, HAS_SOFTCAP, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_N)
+                               dropout_p, seed, bh, n_lo, n_full_start, slope, k_start, bt_base, page_size,
+                               stride_kb, stride_vb, True, BAND, HAS_PREFIX, HAS_SOFTCAP, HAS_DROPOUT,
+                               HAS_ALIBI, PAGED, UPCAST, DOT_PREC, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_d, head_dim,
                                qa, offs_m, sk, window_left, window_right, prefix, qk_scale, softcap,
-                               dropout_p, seed, bh, n_full_start, n_full_end,
-                               False, BAND, HAS_PREFIX, HAS_SOFTCAP, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_N)
+                               dropout_p, seed, bh, n_full_start, n_full_end, slope, k_start, bt_base, page_size,
+                               stride_kb, stride_vb, False, BAND, HAS_PREFIX, HAS_SOFTCAP, HAS_DROPOUT,
+                               HAS_ALIBI, PAGED, UPCAST, DOT_PREC, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_d, head_dim,
                                qa, offs_m, sk, window_left, window_right, prefix, qk_scale, softcap,
-                               dropout_p, seed, bh, n_full_end, hi,
-                               True, BAND, HAS_PREFIX, HAS_SOFTCAP, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_N)
+                               dropout_p, seed, bh, n_full_end, hi, slope, k_start, bt_base, page_size,
+                               stride_kb, stride_vb, True, BAND, HAS_PREFIX, HAS_SOFTCAP, HAS_DROPOUT,
+                               HAS_ALIBI, PAGED, UPCAST, DOT_PREC, BLOCK_N)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -313,7 +363,7 @@ if not AUTOTUNE:
 else:
     _fwd = triton.autotune(
         configs=_fwd_configs(),
-        key=["BLOCK_D", "BAND", "HAS_PREFIX", "HAS_SOFTCAP", "HAS_DROPOUT", "IS_VARLEN"],
+        key=["BLOCK_D", "BAND", "HAS_PREFIX", "HAS_SOFTCAP", "HAS_DROPOUT", "IS_VARLEN", "HAS_ALIBI", "PAGED"],
         prune_configs_by={"early_config_prune": prune_by_head_dim},
     )(_fwd_kernel)
 
@@ -375,17 +425,27 @@ def attn_fwd(q, k, v, p):
     def grid(meta):
         return (cdiv(p.max_seqlen_q, meta["BLOCK_M"]), batch * n_heads)
 
+    paged = p.block_table is not None
     _fwd[grid](
         q, k, v, out, lse, m_row, il_row,
         p.cu_seqlens_q if varlen else dummy, p.cu_seqlens_k if varlen else dummy,
         p.seqused_k if p.seqused_k is not None else dummy,
         p.prefix if p.prefix is not None else dummy,
-        *strides3(q, varlen), *strides3(k, varlen), *strides3(v, varlen), *strides3(out, varlen),
-        *lse_strides,
+        *kv_extras(p, dummy),
+        *strides3(q, varlen), *strides3(k, varlen and not paged), *strides3(v, varlen and not paged),
+        *strides3(out, varlen), *lse_strides,
+        p.block_table.stride(0) if paged else 0, p.page_size if paged else 1,
         p.max_seqlen_q, p.max_seqlen_k, n_heads, n_heads // k.shape[-2], head_dim,
         p.scale, p.softcap if p.softcap > 0 else 1.0, p.window_left, p.window_right, p.dropout_p, p.seed,
         IS_VARLEN=varlen, HAS_SEQUSED=p.seqused_k is not None, BAND=p.band, HAS_PREFIX=p.prefix is not None,
-        HAS_SOFTCAP=p.softcap > 0, HAS_DROPOUT=p.dropout_p > 0, UPCAST=upcast(q.dtype),
-        DOT_PREC=dot_precision(q.dtype), BLOCK_D=block_d(head_dim), **launch_meta("fwd", head_dim, q.dtype),
+        HAS_SOFTCAP=p.softcap > 0, HAS_DROPOUT=p.dropout_p > 0, HAS_ALIBI=p.alibi is not None,
+        HAS_KV_IDX=p.kv_batch_idx is not None, HAS_LEFTPAD=p.leftpad is not None, PAGED=paged,
+        UPCAST=upcast(q.dtype), DOT_PREC=dot_precision(q.dtype), BLOCK_D=block_d(head_dim),
+        **launch_meta("fwd", head_dim, q.dtype),
     )
     return out, lse, (m_row, il_row)
+
+
+def kv_extras(p, dummy) -> tuple:
+    """(ALIBI, KV_IDX, LEFTPAD, BLOCK_TABLE) kernel arguments: the tensors, or ``dummy`` where absent."""
+    return tuple(t if t is not None else dummy for t in (p.alibi, p.kv_batch_idx, p.leftpad, p.block_table))

@@ -3,6 +3,8 @@
 With p_ij = exp2(s_ij·log2(e) - m_i) / l_i recomputed from the forward's row max and sum, z the
 dropout keep-mask scaled by 1/(1-p_drop), δ_i = do_i·o_i, and c_ij = 1 - tanh² (softcap) or 1:
 
+    (s_ij includes the ALiBi bias -slope·|qa - j| when slopes are given; it is constant in q, k, v)
+
     dv_j = Σ_i z_ij p_ij do_i
     ds_ij = p_ij (z_ij do_i·v_j - δ_i) c_ij
     dq_i = scale Σ_j ds_ij k_j          (kernel _dq: one program per query block and query head)
@@ -21,6 +23,7 @@ import triton.language as tl
 from mmfast.ops._attention_triton import (
     AUTOTUNE,
     INTERPRET,
+    alibi_bias,
     as_config,
     block_d,
     dot_precision,
@@ -51,9 +54,10 @@ def _scores(qk, qk_scale, softcap, HAS_SOFTCAP: tl.constexpr):
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, m_base, il_base, delta_base, stride_qs, stride_dos, stride_ls,
                 offs_n, offs_d, d_ok, sq, sk, off, window_left, window_right, prefix, qk_scale, softcap,
-                dropout_p, seed, bh, m_start, m_end,
+                dropout_p, seed, bh, m_start, m_end, slope,
                 MASKED: tl.constexpr, BAND: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr):
+                HAS_DROPOUT: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+                BLOCK_M: tl.constexpr):
     """Accumulate dk, dv (BN, D) over query blocks [m_start, m_end) of one query head."""
     offs_mb = tl.arange(0, BLOCK_M)
     for m in range(m_start, m_end, BLOCK_M):
@@ -74,6 +78,8 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, m_base, il_base, delta_base, stri
             il_row = tl.load(il_base + rows * stride_ls)
             delta = tl.load(delta_base + rows * stride_ls)
         sT, cT = _scores(mm(k, qT, UPCAST, DOT_PREC), qk_scale, softcap, HAS_SOFTCAP)  # (BN, BM)
+        if HAS_ALIBI:
+            sT += alibi_bias(slope, (rows + off)[None, :], offs_n[:, None])
         pT = tl.exp2(sT - m_row[None, :]) * il_row[None, :]
         if MASKED:
             # visible() with keys on the row axis and queries on the column axis.
@@ -95,7 +101,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, m_base, il_base, delta_base, stri
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "seed"])
 def _dkdv_kernel(
-    Q, K, V, DO, MROW, ILROW, DELTA, DK, DV, CU_Q, CU_K, SEQUSED_K, PREFIX,
+    Q, K, V, DO, MROW, ILROW, DELTA, DK, DV, CU_Q, CU_K, SEQUSED_K, PREFIX, ALIBI,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -106,8 +112,8 @@ def _dkdv_kernel(
     seqlen_q, seqlen_k, n_heads, n_kv_heads, group, head_dim,
     sm_scale, softcap, window_left, window_right, dropout_p, seed,
     IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, BAND: tl.constexpr, HAS_PREFIX: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -161,21 +167,24 @@ def _dkdv_kernel(
     for g in range(group):
         h = hk * group + g
         bh = b * n_heads + h
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = tl.load(ALIBI + bh)
         q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh + q_start.to(tl.int64) * stride_qs
         do_base = DO + b.to(tl.int64) * stride_dob + h * stride_doh + q_start.to(tl.int64) * stride_dos
         l_off = b.to(tl.int64) * stride_lb + h * stride_lh + q_start.to(tl.int64) * stride_ls
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, MROW + l_off, ILROW + l_off, DELTA + l_off,
                              stride_qs, stride_dos, stride_ls, offs_n, offs_d, d_ok, sq, sk, off, window_left,
                              window_right, prefix, qk_scale, softcap, dropout_p, seed, bh, m_lo, m_full_start,
-                             True, BAND, HAS_PREFIX, HAS_SOFTCAP, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_M)
+                             slope, True, BAND, HAS_PREFIX, HAS_SOFTCAP, HAS_DROPOUT, HAS_ALIBI, UPCAST, DOT_PREC, BLOCK_M)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, MROW + l_off, ILROW + l_off, DELTA + l_off,
                              stride_qs, stride_dos, stride_ls, offs_n, offs_d, d_ok, sq, sk, off, window_left,
                              window_right, prefix, qk_scale, softcap, dropout_p, seed, bh, m_full_start, m_full_end,
-                             False, BAND, HAS_PREFIX, HAS_SOFTCAP, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_M)
+                             slope, False, BAND, HAS_PREFIX, HAS_SOFTCAP, HAS_DROPOUT, HAS_ALIBI, UPCAST, DOT_PREC, BLOCK_M)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, MROW + l_off, ILROW + l_off, DELTA + l_off,
                              stride_qs, stride_dos, stride_ls, offs_n, offs_d, d_ok, sq, sk, off, window_left,
                              window_right, prefix, qk_scale, softcap, dropout_p, seed, bh, m_full_end, m_hi,
-                             True, BAND, HAS_PREFIX, HAS_SOFTCAP, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_M)
+                             slope, True, BAND, HAS_PREFIX, HAS_SOFTCAP, HAS_DROPOUT, HAS_ALIBI, UPCAST, DOT_PREC, BLOCK_M)
     dk = dk * sm_scale
     dk_ptrs = DK + b.to(tl.int64) * stride_dkb + hk * stride_dkh + (k_start + offs_n)[:, None].to(tl.int64) * stride_dks
     dv_ptrs = DV + b.to(tl.int64) * stride_dvb + hk * stride_dvh + (k_start + offs_n)[:, None].to(tl.int64) * stride_dvs
@@ -187,9 +196,10 @@ def _dkdv_kernel(
 
 @triton.jit
 def _dq_inner(dq, q, do, m_row, il_row, delta, k_base, v_base, stride_ks, stride_vs, rows, qa, offs_d, d_ok, sk,
-              window_left, window_right, prefix, qk_scale, softcap, dropout_p, seed, bh, n_start, n_end,
+              window_left, window_right, prefix, qk_scale, softcap, dropout_p, seed, bh, n_start, n_end, slope,
               MASKED: tl.constexpr, BAND: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-              HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+              HAS_DROPOUT: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+              BLOCK_N: tl.constexpr):
     """Accumulate dq (BM, D) over key blocks [n_start, n_end)."""
     offs_nb = tl.arange(0, BLOCK_N)
     for n in range(n_start, n_end, BLOCK_N):
@@ -204,6 +214,8 @@ def _dq_inner(dq, q, do, m_row, il_row, delta, k_base, v_base, stride_ks, stride
             k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=d_ok[None, :], other=0.0)
             vT = tl.load(v_base + cols[None, :] * stride_vs + offs_d[:, None], mask=d_ok[:, None], other=0.0)
         s, c = _scores(mm(q, tl.trans(k), UPCAST, DOT_PREC), qk_scale, softcap, HAS_SOFTCAP)  # (BM, BN)
+        if HAS_ALIBI:
+            s += alibi_bias(slope, qa[:, None], cols[None, :])
         p = tl.exp2(s - m_row[:, None]) * il_row[:, None]
         if MASKED:
             ok = visible_mask(qa[:, None], cols[None, :], sk, window_left, window_right, prefix, BAND, HAS_PREFIX)
@@ -219,7 +231,7 @@ def _dq_inner(dq, q, do, m_row, il_row, delta, k_base, v_base, stride_ks, stride
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "seed"])
 def _dq_kernel(
-    Q, K, V, DO, MROW, ILROW, DELTA, DQ, CU_Q, CU_K, SEQUSED_K, PREFIX,
+    Q, K, V, DO, MROW, ILROW, DELTA, DQ, CU_Q, CU_K, SEQUSED_K, PREFIX, ALIBI,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -229,8 +241,8 @@ def _dq_kernel(
     seqlen_q, seqlen_k, n_heads, group, head_dim,
     sm_scale, softcap, window_left, window_right, dropout_p, seed,
     IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, BAND: tl.constexpr, HAS_PREFIX: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -258,6 +270,9 @@ def _dq_kernel(
 
     off = sk - sq
     qa = rows + off
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(ALIBI + bh)
     prefix = 0
     if HAS_PREFIX:
         prefix = tl.minimum(tl.load(PREFIX + b), sk)
@@ -270,13 +285,13 @@ def _dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dq = _dq_inner(dq, q, do, m_row, il_row, delta, k_base, v_base, stride_ks, stride_vs, rows, qa, offs_d, d_ok,
                    sk, window_left, window_right, prefix, qk_scale, softcap, dropout_p, seed, bh, n_lo, n_full_start,
-                   True, BAND, HAS_PREFIX, HAS_SOFTCAP, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_N)
+                   slope, True, BAND, HAS_PREFIX, HAS_SOFTCAP, HAS_DROPOUT, HAS_ALIBI, UPCAST, DOT_PREC, BLOCK_N)
     dq = _dq_inner(dq, q, do, m_row, il_row, delta, k_base, v_base, stride_ks, stride_vs, rows, qa, offs_d, d_ok,
                    sk, window_left, window_right, prefix, qk_scale, softcap, dropout_p, seed, bh, n_full_start,
-                   n_full_end, False, BAND, HAS_PREFIX, HAS_SOFTCAP, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_N)
+                   n_full_end, slope, False, BAND, HAS_PREFIX, HAS_SOFTCAP, HAS_DROPOUT, HAS_ALIBI, UPCAST, DOT_PREC, BLOCK_N)
     dq = _dq_inner(dq, q, do, m_row, il_row, delta, k_base, v_base, stride_ks, stride_vs, rows, qa, offs_d, d_ok,
                    sk, window_left, window_right, prefix, qk_scale, softcap, dropout_p, seed, bh, n_full_end, hi,
-                   True, BAND, HAS_PREFIX, HAS_SOFTCAP, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_N)
+                   slope, True, BAND, HAS_PREFIX, HAS_SOFTCAP, HAS_DROPOUT, HAS_ALIBI, UPCAST, DOT_PREC, BLOCK_N)
     dq = dq * sm_scale
     dq_ptrs = DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + (q_start + rows)[:, None].to(tl.int64) * stride_dqs
     tl.store(dq_ptrs + offs_d[None, :], lowp(dq, DQ.dtype.element_ty, UPCAST).to(DQ.dtype.element_ty),
@@ -300,7 +315,7 @@ def _prune_bwd(configs, named_args, **kwargs):
     return keep or [as_config(*fixed_config("bwd", d, named_args["Q"].dtype))]
 
 
-_KEY = ["BLOCK_D", "BAND", "HAS_PREFIX", "HAS_SOFTCAP", "HAS_DROPOUT", "IS_VARLEN"]
+_KEY = ["BLOCK_D", "BAND", "HAS_PREFIX", "HAS_SOFTCAP", "HAS_DROPOUT", "IS_VARLEN", "HAS_ALIBI"]
 if not AUTOTUNE:
     _dkdv, _dq = _dkdv_kernel, _dq_kernel
 else:
@@ -329,12 +344,14 @@ def attn_bwd(do, q, k, v, out, stats, p):
     common = [
         p.cu_seqlens_q if varlen else dummy, p.cu_seqlens_k if varlen else dummy,
         p.seqused_k if p.seqused_k is not None else dummy, p.prefix if p.prefix is not None else dummy,
+        p.alibi if p.alibi is not None else dummy,
         *strides3(q, varlen), *strides3(k, varlen), *strides3(v, varlen), *strides3(do, varlen),
     ]
     scalars = [p.scale, p.softcap if p.softcap > 0 else 1.0, p.window_left, p.window_right, p.dropout_p, p.seed]
     flags = dict(
         IS_VARLEN=varlen, HAS_SEQUSED=p.seqused_k is not None, BAND=p.band, HAS_PREFIX=p.prefix is not None,
-        HAS_SOFTCAP=p.softcap > 0, HAS_DROPOUT=p.dropout_p > 0, UPCAST=upcast(q.dtype),
+        HAS_SOFTCAP=p.softcap > 0, HAS_DROPOUT=p.dropout_p > 0, HAS_ALIBI=p.alibi is not None,
+        UPCAST=upcast(q.dtype),
         DOT_PREC=dot_precision(q.dtype), BLOCK_D=block_d(head_dim), **launch_meta("bwd", head_dim, q.dtype),
     )
     _dkdv[lambda meta: (cdiv(p.max_seqlen_k, meta["BLOCK_N"]), batch * n_kv)](

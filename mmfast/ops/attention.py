@@ -55,17 +55,32 @@ class AttnParams:
     cu_seqlens_q: torch.Tensor | None = None  # int32 (B+1,)
     cu_seqlens_k: torch.Tensor | None = None
     seqused_k: torch.Tensor | None = None  # int32 (B,): keys used per batch row (kv cache)
+    alibi: torch.Tensor | None = None  # fp32 (B, H) contiguous: ALiBi slopes
+    kv_batch_idx: torch.Tensor | None = None  # int32 (B,): cache row of each batch row (kv cache)
+    leftpad: torch.Tensor | None = None  # int32 (B,): first key of each row (kv cache)
+    block_table: torch.Tensor | None = None  # int32 (B, max_pages): paged k/v (num_pages, page_size, Hk, D)
+    page_size: int = 0
 
     def dummy_int(self, device) -> torch.Tensor:
         return torch.zeros(1, dtype=torch.int32, device=device)
 
 
-def _resolve_window(window_size, causal: bool, prefix: bool, big: int) -> tuple[bool, int, int]:
+def _window_pair(window_size) -> tuple[int, int]:
+    """(left, right) from a tuple, a list or a 2-element tensor (flash-attn's tests pass all three)."""
+    if isinstance(window_size, torch.Tensor):
+        if window_size.numel() != 2 or window_size.dtype.is_floating_point:
+            raise ValueError(f"window_size must be a pair (left, right) of ints, got {window_size!r}")
+        window_size = window_size.reshape(2).tolist()
     if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2):
         raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}")
     wl, wr = (int(w) for w in window_size)
     if wl < -1 or wr < -1:
         raise ValueError(f"window_size entries must be >= -1 (-1: unbounded), got {window_size!r}")
+    return wl, wr
+
+
+def _resolve_window(window_size, causal: bool, prefix: bool, big: int) -> tuple[bool, int, int]:
+    wl, wr = _window_pair(window_size)
     if causal or prefix:
         wr = 0
     band = causal or prefix or wl >= 0 or wr >= 0
@@ -106,6 +121,15 @@ def visible_reference(sq: int, sk: int, wl: int, wr: int, band: bool, prefix: in
     return ok
 
 
+def alibi_bias_reference(slopes: torch.Tensor, sq: int, sk: int) -> torch.Tensor:
+    """(B, H, Sq, Sk) ALiBi bias -slope·|i + Sk - Sq - j| for (B, H) slopes (flash-attn's documented bias,
+    causal or not; flash-attn's CUDA kernel adds slope·j under causal instead, which differs per query row
+    by a constant: the same softmax, outputs and gradients, a different lse)."""
+    qa = torch.arange(sq, device=slopes.device)[:, None] + (sk - sq)
+    j = torch.arange(sk, device=slopes.device)[None, :]
+    return -slopes[:, :, None, None] * (qa - j).abs().to(slopes.dtype)
+
+
 def _reference_dense(q, k, v, p: AttnParams, batch_offset: int, prefix_list, n_heads_total: int):
     """(B, Sq, H, D) attention by materialising the scores; returns (out, lse (B, H, Sq) fp32)."""
     b, sq, h, _d = q.shape
@@ -114,9 +138,12 @@ def _reference_dense(q, k, v, p: AttnParams, batch_offset: int, prefix_list, n_h
         k = k.repeat_interleave(h // hk, dim=2)
         v = v.repeat_interleave(h // hk, dim=2)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D)
-    s = (qt @ kt.transpose(-1, -2)).float() * p.scale  # (B, H, Sq, Sk); scores rounded to q's dtype first
+    s = qt @ kt.transpose(-1, -2)  # (B, H, Sq, Sk); scores rounded to q's dtype first
+    s = s.to(torch.promote_types(s.dtype, torch.float32)) * p.scale
     if p.softcap > 0:
         s = p.softcap * torch.tanh(s / p.softcap)
+    if p.alibi is not None:
+        s = s + alibi_bias_reference(p.alibi[batch_offset : batch_offset + b], sq, sk).to(s.dtype)
     masks = []
     for i in range(b):
         pre = None if prefix_list is None else min(prefix_list[i], sk)
@@ -136,15 +163,28 @@ def _reference_dense(q, k, v, p: AttnParams, batch_offset: int, prefix_list, n_h
     return out.transpose(1, 2), lse
 
 
+def _cache_row(cache: torch.Tensor, p: AttnParams, i: int, end: int) -> torch.Tensor:
+    """Keys (or values) 0..end of batch row ``i`` of a kv cache as a (1, end, Hk, D) tensor: the cache row
+    ``kv_batch_idx[i]``, or the pages of ``block_table[i]``."""
+    if p.block_table is not None:
+        pages = p.block_table[i, : -(-end // p.page_size)].long()
+        return cache[pages].reshape(1, -1, *cache.shape[2:])[:, :end]
+    row = i if p.kv_batch_idx is None else int(p.kv_batch_idx[i])
+    return cache[row : row + 1, :end]
+
+
 def _reference(q, k, v, p: AttnParams):
     """Dense or packed reference with the same (out, lse) layouts as the kernels."""
     prefix_list = None if p.prefix is None else [int(x) for x in p.prefix.tolist()]
     if p.cu_seqlens_q is None:
-        if p.seqused_k is None:
+        if p.seqused_k is None and p.block_table is None and p.kv_batch_idx is None and p.leftpad is None:
             return _reference_dense(q, k, v, p, 0, prefix_list, q.shape[2])
+        used = p.seqused_k.tolist() if p.seqused_k is not None else [k.shape[1]] * q.shape[0]
         outs, lses = [], []
-        for i, used in enumerate(p.seqused_k.tolist()):
-            o, lse = _reference_dense(q[i : i + 1], k[i : i + 1, :used], v[i : i + 1, :used], p, i,
+        for i, end in enumerate(used):
+            start = 0 if p.leftpad is None else int(p.leftpad[i])
+            ki, vi = _cache_row(k, p, i, end)[:, start:], _cache_row(v, p, i, end)[:, start:]
+            o, lse = _reference_dense(q[i : i + 1], ki, vi, p, i,
                                       None if prefix_list is None else prefix_list[i : i + 1], q.shape[2])
             outs.append(o)
             lses.append(lse)
@@ -152,21 +192,61 @@ def _reference(q, k, v, p: AttnParams):
     cq, ck = p.cu_seqlens_q.tolist(), p.cu_seqlens_k.tolist()
     outs, lses = [], []
     for i in range(len(cq) - 1):
-        o, lse = _reference_dense(q[None, cq[i] : cq[i + 1]], k[None, ck[i] : ck[i + 1]], v[None, ck[i] : ck[i + 1]],
+        if p.block_table is not None:
+            ki, vi = _cache_row(k, p, i, ck[i + 1] - ck[i]), _cache_row(v, p, i, ck[i + 1] - ck[i])
+        else:
+            ki, vi = k[None, ck[i] : ck[i + 1]], v[None, ck[i] : ck[i + 1]]
+        o, lse = _reference_dense(q[None, cq[i] : cq[i + 1]], ki, vi,
                                   p, i, None if prefix_list is None else prefix_list[i : i + 1], q.shape[1])
         outs.append(o[0])
         lses.append(lse[0])
     return torch.cat(outs), torch.cat(lses, dim=-1)  # (T, H, D), (H, T)
 
 
+def _probs_reference(q, k, v, p: AttnParams) -> torch.Tensor:
+    """flash-attn's ``S_dmask`` for ``return_attn_probs``: (B, H, Sq, Sk) softmax probabilities in q's dtype,
+    0 where masked, negated where dropout dropped the entry (varlen: (B, H, max_seqlen_q, max_seqlen_k),
+    each sequence top-left). Materialises the scores: O(B·H·Sq·Sk) memory and one extra pass."""
+    with torch.no_grad():
+        if p.cu_seqlens_q is None:
+            seqs = [(q[i : i + 1], k[i : i + 1]) for i in range(q.shape[0])]
+        else:
+            cq, ck = p.cu_seqlens_q.tolist(), p.cu_seqlens_k.tolist()
+            seqs = [(q[None, cq[i] : cq[i + 1]], k[None, ck[i] : ck[i + 1]]) for i in range(len(cq) - 1)]
+        h = q.shape[-2]
+        probs = q.new_zeros((len(seqs), h, p.max_seqlen_q, p.max_seqlen_k))
+        prefix_list = None if p.prefix is None else [int(x) for x in p.prefix.tolist()]
+        for i, (qi, ki) in enumerate(seqs):
+            sq, sk = qi.shape[1], ki.shape[1]
+            kk = ki.repeat_interleave(h // ki.shape[2], dim=2)
+            s = torch.einsum("bqhd,bkhd->bhqk", qi, kk)
+            s = s.to(torch.promote_types(s.dtype, torch.float32)) * p.scale
+            if p.softcap > 0:
+                s = p.softcap * torch.tanh(s / p.softcap)
+            if p.alibi is not None:
+                s = s + alibi_bias_reference(p.alibi[i : i + 1], sq, sk).to(s.dtype)
+            pre = None if prefix_list is None else min(prefix_list[i], sk)
+            vis = visible_reference(sq, sk, p.window_left, p.window_right, p.band, pre, q.device)
+            s = s.masked_fill(~vis, float("-inf"))
+            lse = torch.logsumexp(s, -1, keepdim=True)
+            prob = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse))
+            if p.dropout_p > 0:
+                bh = i * h + torch.arange(h, device=q.device)
+                keep = dropout_keep_reference(p.seed, bh, sq, sk, p.dropout_p, q.device)[None]
+                prob = torch.where(keep, prob, -prob)
+            probs[i, :, :sq, :sk] = prob[0].to(q.dtype)
+        return probs
+
+
 def attention_reference(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                        prefix_len=None, dropout_p=0.0, dropout_seed=0, return_lse=False):
+                        prefix_len=None, dropout_p=0.0, dropout_seed=0, return_lse=False, alibi_slopes=None):
     """Plain-PyTorch attention over (B, S, H, D) tensors with every mask of :func:`flash_attn_func`.
 
     Computes in the inputs' dtype (scores upcast to fp32 for the softmax, as eager attention does);
     pass fp64 tensors for an oracle."""
     p = _params(q, k, softmax_scale, causal, window_size, softcap, dropout_p, dropout_seed,
-                q.shape[1], k.shape[1], _prefix_tensor(prefix_len, q.shape[0], q.device, "prefix_len"))
+                q.shape[1], k.shape[1], _prefix_tensor(prefix_len, q.shape[0], q.device, "prefix_len"),
+                alibi=_alibi(alibi_slopes, q.shape[0], q.shape[2], q.device))
     out, lse = _reference(q, k, v, p)
     return (out, lse) if return_lse else out
 
@@ -214,17 +294,21 @@ ATTENTION_OP = register(Op("flash_attention", impls={**_BACKEND_MODULES, "refere
 # The kernels sit behind opaque custom ops, so torch.compile traces through calls to them (it sees the
 # ops and their fake shapes, never the Triton launches).
 _P_SCHEMA = ("Tensor? cu_q, Tensor? cu_k, Tensor? seqused_k, Tensor? prefix, int max_q, int max_k, float scale, "
-             "bool band, int wl, int wr, float softcap, float dropout_p, int seed")
+             "bool band, int wl, int wr, float softcap, float dropout_p, int seed, Tensor? alibi, "
+             "Tensor? kv_batch_idx, Tensor? leftpad, Tensor? block_table, int page_size")
 
 
 def _p_args(p: AttnParams) -> tuple:
     return (p.cu_seqlens_q, p.cu_seqlens_k, p.seqused_k, p.prefix, p.max_seqlen_q, p.max_seqlen_k, p.scale,
-            p.band, p.window_left, p.window_right, p.softcap, p.dropout_p, p.seed)
+            p.band, p.window_left, p.window_right, p.softcap, p.dropout_p, p.seed, p.alibi, p.kv_batch_idx,
+            p.leftpad, p.block_table, p.page_size)
 
 
-def _p_from(cu_q, cu_k, seqused_k, prefix, max_q, max_k, scale, band, wl, wr, softcap, dropout_p, seed):
+def _p_from(cu_q, cu_k, seqused_k, prefix, max_q, max_k, scale, band, wl, wr, softcap, dropout_p, seed, alibi,
+            kv_batch_idx, leftpad, block_table, page_size):
     return AttnParams(scale, band, wl, wr, softcap, dropout_p, seed, max_q, max_k, prefix=prefix,
-                      cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, seqused_k=seqused_k)
+                      cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, seqused_k=seqused_k, alibi=alibi,
+                      kv_batch_idx=kv_batch_idx, leftpad=leftpad, block_table=block_table, page_size=page_size)
 
 
 _TRITON_FWD = "mmfast.ops._attention_triton"
@@ -284,25 +368,27 @@ class _FlashAttnFn(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------- validation
-def _check_qkv(q, k, v, packed: bool):
-    dims = 3 if packed else 4
-    layout = "(total, heads, headdim)" if packed else "(batch, seqlen, heads, headdim)"
-    for name, t in (("q", q), ("k", k), ("v", v)):
+def _check_qkv(q, k, v, packed: bool, paged: bool = False, names=("q", "k", "v")):
+    """q is (B, S, H, D), or (T, H, D) when ``packed``; k/v are like q, or 4-D caches/pages when ``paged``."""
+    q_dims = 3 if packed else 4
+    layouts = {3: "(total, heads, headdim)", 4: "(batch, seqlen, heads, headdim)"}
+    kv_dims = 4 if paged else q_dims
+    for name, t, dims in zip(names, (q, k, v), (q_dims, kv_dims, kv_dims)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != dims:
-            raise ValueError(f"{name} must be {dims}-D {layout}, got shape {tuple(t.shape)}")
+            raise ValueError(f"{name} must be {dims}-D {layouts[dims]}, got shape {tuple(t.shape)}")
         if t.dtype not in _REFERENCE_DTYPES:
             raise TypeError(f"{name} has dtype {t.dtype}; expected float16, bfloat16 or float32 "
                             "(float64 with backend='reference')")
         if t.device != q.device or t.dtype != q.dtype:
-            raise ValueError(f"{name} is {t.dtype} on {t.device} but q is {q.dtype} on {q.device}")
+            raise ValueError(f"{name} is {t.dtype} on {t.device} but {names[0]} is {q.dtype} on {q.device}")
     if k.shape != v.shape:
-        raise ValueError(f"k shape {tuple(k.shape)} != v shape {tuple(v.shape)}")
-    if not packed and k.shape[0] != q.shape[0]:
+        raise ValueError(f"{names[1]} shape {tuple(k.shape)} != {names[2]} shape {tuple(v.shape)}")
+    if not packed and not paged and k.shape[0] != q.shape[0]:
         raise ValueError(f"q has batch {q.shape[0]} but k has batch {k.shape[0]}")
     if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"q head dim {q.shape[-1]} != k head dim {k.shape[-1]}")
+        raise ValueError(f"q head dim {q.shape[-1]} != {names[1]} head dim {k.shape[-1]}")
     if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
         raise ValueError(f"head dim {q.shape[-1]} is outside 1..{MAX_HEAD_DIM}")
     h, hk = q.shape[-2], k.shape[-2]
@@ -322,6 +408,23 @@ def _prefix_tensor(prefix, batch: int, device, name: str) -> torch.Tensor | None
     if prefix.dtype.is_floating_point or (prefix < 0).any():
         raise ValueError(f"{name} must hold non-negative integers")
     return prefix.to(device=device, dtype=torch.int32)
+
+
+def _alibi(slopes, batch: int, heads: int, device) -> torch.Tensor | None:
+    """ALiBi slopes as a contiguous fp32 (batch, heads) tensor; flash-attn takes (heads,) or (batch, heads)."""
+    if slopes is None:
+        return None
+    if not isinstance(slopes, torch.Tensor):
+        raise TypeError(f"alibi_slopes must be a torch.Tensor of shape ({heads},) or ({batch}, {heads}), "
+                        f"got {type(slopes).__name__}")
+    if slopes.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes must be float32 (as flash-attn requires), got {slopes.dtype}")
+    if tuple(slopes.shape) not in ((heads,), (batch, heads)):
+        raise ValueError(f"alibi_slopes must have shape ({heads},) or ({batch}, {heads}) (nheads = {heads}), "
+                         f"got {tuple(slopes.shape)}")
+    if slopes.device != device:
+        raise ValueError(f"alibi_slopes is on {slopes.device}, expected {device}")
+    return slopes.expand(batch, heads).contiguous()
 
 
 def _params(q, k, scale, causal, window_size, softcap, dropout_p, seed, max_q, max_k, prefix, **seq) -> AttnParams:
@@ -350,98 +453,350 @@ def _run(q, k, v, p: AttnParams, backend):
 
 
 # --------------------------------------------------------------------------- public API
-def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                    softcap=0.0, return_lse=False, *, prefix_len=None, dropout_seed=None, backend=None):
-    """Attention over (batch, seqlen, heads, headdim) tensors; k/v may have fewer heads (GQA).
-
-    ``prefix_len``: int or (batch,) tensor, the prefix-LM mask. Returns out (like q), and with
-    ``return_lse`` also the fp32 (batch, heads, seqlen_q) log-sum-exp."""
-    _check_qkv(q, k, v, packed=False)
-    prefix = _prefix_tensor(prefix_len, q.shape[0], q.device, "prefix_len")
-    p = _params(q, k, softmax_scale, causal, window_size, softcap, dropout_p, dropout_seed,
-                q.shape[1], k.shape[1], prefix)
-    out, lse = _run(q, k, v, p, backend)
+# flash-attn 2.8's functions, parameter for parameter and default for default; mmfast's own parameters
+# (prefix_len(s), dropout_seed, backend, return_lse) are keyword-only, after flash-attn's.
+#
+# ``deterministic`` is accepted and always holds: the backward has no atomics (dk/dv and dq are each
+# reduced by one program in a fixed order), so two backward passes are bitwise equal whatever the flag.
+#
+# ``return_attn_probs=True`` returns (out, softmax_lse, S_dmask) as flash-attn does. S_dmask follows
+# flash-attn: an empty tensor unless dropout_p > 0; with dropout it is the (batch, nheads, seqlen_q,
+# seqlen_k) softmax probabilities in q's dtype, 0 where masked and negated where dropout dropped the entry
+# (flash-attn: "negative means dropped"; ours are normalised, flash-attn's are "possibly with different
+# scaling" and padded to multiples of 128). It is computed by a second, plain-PyTorch pass that
+# materialises the scores: O(batch·nheads·seqlen_q·seqlen_k) memory and time, for tests only.
+def _finish(q, k, v, p: AttnParams, backend, return_attn_probs: bool, return_lse: bool, forward_only=False):
+    if forward_only:
+        out, lse = _run_forward_only(q, k, v, p, backend)
+    else:
+        out, lse = _run(q, k, v, p, backend)
+    if return_attn_probs:
+        s_dmask = _probs_reference(q.detach(), k.detach(), v, p) if p.dropout_p > 0 else q.new_empty((0,))
+        return out, lse, s_dmask
     return (out, lse) if return_lse else out
 
 
-def _check_cu(cu, name: str, total: int, device) -> torch.Tensor:
+def _run_forward_only(q, k, v, p: AttnParams, backend):
+    """(out, lse) without autograd (paged k/v, kv cache)."""
+    chosen = _select(q, backend)
+    with torch.no_grad():
+        if chosen == "reference":
+            return _reference(q, k, v, p)
+        q = q if q.stride(-1) == 1 else q.contiguous()
+        out, lse, _m, _il = _fwd_call(q, k, v, *_p_args(p))
+        return out, lse
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, prefix_len=None,
+                    dropout_seed=None, backend=None, return_lse=False):
+    """flash-attn's ``flash_attn_func``: q (batch, seqlen_q, nheads, headdim), k/v (batch, seqlen_k, nheads_k,
+    headdim) with nheads_k dividing nheads (GQA/MQA). Returns out like q; with ``return_attn_probs`` also the
+    fp32 (batch, nheads, seqlen_q) log-sum-exp and S_dmask (see above).
+
+    ``alibi_slopes``: fp32 (nheads,) or (batch, nheads); adds -slope·|i + seqlen_k - seqlen_q - j| to the
+    score of query i and key j. mmfast extensions: ``prefix_len`` (int or (batch,) tensor, the prefix-LM
+    mask), ``dropout_seed``, ``backend``, ``return_lse`` (returns (out, lse)); fp32 inputs are computed in
+    full fp32."""
+    _check_qkv(q, k, v, packed=False)
+    prefix = _prefix_tensor(prefix_len, q.shape[0], q.device, "prefix_len")
+    p = _params(q, k, softmax_scale, causal, window_size, softcap, dropout_p, dropout_seed,
+                q.shape[1], k.shape[1], prefix, alibi=_alibi(alibi_slopes, q.shape[0], q.shape[2], q.device))
+    return _finish(q, k, v, p, backend, return_attn_probs, return_lse)
+
+
+def _unpack(t, name: str, dims: int, n: int, axis: int, layout: str):
+    if not isinstance(t, torch.Tensor) or t.dim() != dims or t.shape[axis] != n:
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be {dims}-D {layout}, got {shape}")
+    return t.unbind(axis)
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                              prefix_len=None, dropout_seed=None, backend=None, return_lse=False):
+    """flash-attn's ``flash_attn_qkvpacked_func``: qkv (batch, seqlen, 3, nheads, headdim)."""
+    q, k, v = _unpack(qkv, "qkv", 5, 3, 2, "(batch, seqlen, 3, nheads, headdim)")
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs, prefix_len=prefix_len, dropout_seed=dropout_seed,
+                           backend=backend, return_lse=return_lse)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                             prefix_len=None, dropout_seed=None, backend=None, return_lse=False):
+    """flash-attn's ``flash_attn_kvpacked_func``: q (batch, seqlen_q, nheads, headdim), kv (batch, seqlen_k,
+    2, nheads_k, headdim)."""
+    k, v = _unpack(kv, "kv", 5, 2, 2, "(batch, seqlen_k, 2, nheads_k, headdim)")
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs, prefix_len=prefix_len, dropout_seed=dropout_seed,
+                           backend=backend, return_lse=return_lse)
+
+
+def _check_cu(cu, name: str, total: int | None, device) -> torch.Tensor:
     if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 2 or cu.dtype.is_floating_point:
         raise ValueError(f"{name} must be a 1-D integer tensor (batch+1,) of offsets, got {cu!r}")
     if cu.device != device:
         raise ValueError(f"{name} is on {cu.device}, expected {device}")
-    if int(cu[0]) != 0 or int(cu[-1]) != total or (cu[1:] < cu[:-1]).any():
-        raise ValueError(f"{name} must rise from 0 to {total} (the packed length), got {cu.tolist()}")
+    if int(cu[0]) != 0 or (total is not None and int(cu[-1]) != total) or (cu[1:] < cu[:-1]).any():
+        to = "" if total is None else f" to {total} (the packed length)"
+        raise ValueError(f"{name} must rise from 0{to}, got {cu.tolist()}")
     return cu.to(torch.int32)
 
 
+def _check_block_table(block_table, batch: int, num_pages: int, page_size: int, starts, ends, device):
+    """The block table as contiguous int32 after checking its shape, capacity and the pages in use."""
+    if (not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or block_table.dtype.is_floating_point
+            or block_table.dtype == torch.bool):
+        raise ValueError("block_table must be a 2-D integer tensor (batch, max_num_blocks_per_seq), got "
+                         f"{tuple(block_table.shape) if isinstance(block_table, torch.Tensor) else block_table!r}")
+    if block_table.shape[0] != batch:
+        raise ValueError(f"block_table has {block_table.shape[0]} rows but the batch has {batch} sequences")
+    if block_table.device != device:
+        raise ValueError(f"block_table is on {block_table.device}, expected {device}")
+    capacity = block_table.shape[1] * page_size
+    top = int(ends.max()) if ends.numel() else 0
+    if top > capacity:
+        raise ValueError(f"block_table has room for {capacity} tokens per sequence ({block_table.shape[1]} pages "
+                         f"of {page_size}) but a sequence needs {top}")
+    j = torch.arange(block_table.shape[1], device=device)[None]
+    used = (j * page_size < ends[:, None]) & ((j + 1) * page_size > starts[:, None])
+    bad = used & ((block_table < 0) | (block_table >= num_pages))
+    if bool(bad.any()):
+        row, col = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"block_table[{row}, {col}] = {int(block_table[row, col])} is not a page index in "
+                         f"0..{num_pages - 1} (the k/v caches hold {num_pages} pages)")
+    return block_table.to(torch.int32).contiguous()
+
+
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                           return_lse=False, *, prefix_lens=None, dropout_seed=None, backend=None):
-    """Attention over packed sequences: q (total_q, H, D), k/v (total_k, Hk, D); sequence i is rows
-    ``cu_seqlens[i]:cu_seqlens[i+1]``. lse (with ``return_lse``) is (H, total_q) fp32."""
-    _check_qkv(q, k, v, packed=True)
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, block_table=None, *, prefix_lens=None,
+                           dropout_seed=None, backend=None, return_lse=False):
+    """flash-attn's ``flash_attn_varlen_func`` over packed sequences: q (total_q, nheads, headdim), k/v
+    (total_k, nheads_k, headdim); sequence i is rows ``cu_seqlens[i]:cu_seqlens[i+1]``. lse is (nheads,
+    total_q) fp32. With ``block_table`` (batch, max_pages) k/v are paged caches (num_pages, page_size,
+    nheads_k, headdim), sequence i's keys being the first ``cu_seqlens_k[i+1] - cu_seqlens_k[i]`` slots of its
+    pages (forward only, as flash-attn). ``prefix_lens``: (batch,) prefix-LM lengths (mmfast)."""
+    paged = block_table is not None
+    _check_qkv(q, k, v, packed=True, paged=paged)
     cu_q = _check_cu(cu_seqlens_q, "cu_seqlens_q", q.shape[0], q.device)
-    cu_k = _check_cu(cu_seqlens_k, "cu_seqlens_k", k.shape[0], q.device)
+    cu_k = _check_cu(cu_seqlens_k, "cu_seqlens_k", None if paged else k.shape[0], q.device)
     if cu_q.numel() != cu_k.numel():
         raise ValueError(f"cu_seqlens_q has {cu_q.numel()} entries but cu_seqlens_k has {cu_k.numel()}")
     lens_q, lens_k = cu_q.diff(), cu_k.diff()
     if int(lens_q.max()) > int(max_seqlen_q) or int(lens_k.max()) > int(max_seqlen_k):
         raise ValueError(f"max_seqlen_q/k ({max_seqlen_q}, {max_seqlen_k}) are below the longest sequences "
                          f"({int(lens_q.max())}, {int(lens_k.max())})")
-    prefix = _prefix_tensor(prefix_lens, cu_q.numel() - 1, q.device, "prefix_lens")
+    batch = cu_q.numel() - 1
+    extra = {}
+    if paged:
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            raise ValueError("flash_attn_varlen_func with block_table is forward only (as flash-attn's); run it "
+                             "under torch.no_grad() or detach q/k/v")
+        extra = {"block_table": _check_block_table(block_table, batch, k.shape[0], k.shape[1],
+                                                   torch.zeros_like(lens_k), lens_k, q.device),
+                 "page_size": k.shape[1]}
+    prefix = _prefix_tensor(prefix_lens, batch, q.device, "prefix_lens")
     p = _params(q, k, softmax_scale, causal, window_size, softcap, dropout_p, dropout_seed,
-                max_seqlen_q, max_seqlen_k, prefix, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
-    out, lse = _run(q, k, v, p, backend)
-    return (out, lse) if return_lse else out
+                max_seqlen_q, max_seqlen_k, prefix, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                alibi=_alibi(alibi_slopes, batch, q.shape[1], q.device), **extra)
+    return _finish(q, k, v, p, backend, return_attn_probs, return_lse, forward_only=paged)
 
 
-def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, softmax_scale=None,
-                            causal=True, window_size=(-1, -1), softcap=0.0, *, backend=None):
-    """Decoding step: write k/v (B, Snew, Hk, D) into the caches (B, Smax, Hk, D) at ``cache_seqlens``
-    (int or (B,) tensor of current lengths; None = 0) in place, then attend q (B, Sq, H, D) over the
-    first ``cache_seqlens + Snew`` cached keys of each row. Forward only (no autograd)."""
-    _check_qkv(q, k_cache, v_cache, packed=False)
-    b, smax = k_cache.shape[0], k_cache.shape[1]
-    if cache_seqlens is None:
-        lens = torch.zeros(b, dtype=torch.int32, device=q.device)
-    elif isinstance(cache_seqlens, int):
-        lens = torch.full((b,), cache_seqlens, dtype=torch.int32, device=q.device)
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                                     return_attn_probs=False, *, prefix_lens=None, dropout_seed=None, backend=None,
+                                     return_lse=False):
+    """flash-attn's ``flash_attn_varlen_qkvpacked_func``: qkv (total, 3, nheads, headdim)."""
+    q, k, v = _unpack(qkv, "qkv", 4, 3, 1, "(total, 3, nheads, headdim)")
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale,
+                                  causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+                                  prefix_lens=prefix_lens, dropout_seed=dropout_seed, backend=backend,
+                                  return_lse=return_lse)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                                    prefix_lens=None, dropout_seed=None, backend=None, return_lse=False):
+    """flash-attn's ``flash_attn_varlen_kvpacked_func``: q (total_q, nheads, headdim), kv (total_k, 2, nheads_k,
+    headdim)."""
+    k, v = _unpack(kv, "kv", 4, 2, 1, "(total_k, 2, nheads_k, headdim)")
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs, prefix_lens=prefix_lens, dropout_seed=dropout_seed,
+                                  backend=backend, return_lse=return_lse)
+
+
+# --------------------------------------------------------------------------- kv cache
+def _index_vector(t, name: str, batch: int, device) -> torch.Tensor | None:
+    """A (batch,) non-negative integer tensor as int32, or None."""
+    if t is None:
+        return None
+    if (not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() != batch or t.dtype.is_floating_point
+            or t.dtype == torch.bool):
+        raise ValueError(f"{name} must be a ({batch},) integer tensor, got "
+                         f"{tuple(t.shape) if isinstance(t, torch.Tensor) else t!r}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+    if bool((t < 0).any()):
+        raise ValueError(f"{name} must be >= 0, got {t.tolist()}")
+    return t.to(torch.int32)
+
+
+def apply_rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
+                           interleaved: bool) -> torch.Tensor:
+    """Rotary embedding of the first ``2·cos.shape[1]`` channels of x (B, S, H, D) at positions pos (B, S),
+    in fp32, as flash-attn applies it: interleaved pairs (0, 1), (2, 3), … or GPT-NeoX halves
+    (i, i + rotary_dim/2)."""
+    rd = 2 * cos.shape[1]
+    c = cos.float()[pos][:, :, None, :]  # (B, S, 1, rd/2)
+    s = sin.float()[pos][:, :, None, :]
+    xr = x[..., :rd].float()
+    if interleaved:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        rot = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
     else:
-        if cache_seqlens.dim() != 1 or cache_seqlens.numel() != b or cache_seqlens.dtype.is_floating_point:
-            raise ValueError(f"cache_seqlens must be an int or a (batch,) integer tensor, got {cache_seqlens!r}")
-        lens = cache_seqlens.to(device=q.device, dtype=torch.int32)
+        x1, x2 = xr[..., : rd // 2], xr[..., rd // 2 :]
+        rot = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+    return torch.cat((rot.to(x.dtype), x[..., rd:]), dim=-1)
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False,
+                            *, backend=None):
+    """flash-attn's ``flash_attn_with_kvcache`` (forward only, no autograd).
+
+    q (batch, seqlen_q, nheads, headdim). k_cache/v_cache (batch_cache, seqlen_cache, nheads_k, headdim), or
+    with ``block_table`` (batch, max_pages) int32 a paged cache (num_pages, page_size, nheads_k, headdim)
+    whose row b holds logical position t in page ``block_table[b, t // page_size]`` (any page size; flash-attn
+    requires multiples of 256). ``cache_seqlens``: int or (batch,) int32, each row's length before this call
+    (None: the whole cache). New k/v (batch, seqlen_new, nheads_k, headdim) are written in place at
+    positions cache_seqlens… (after rotary on k), then q attends over keys ``cache_leftpad[b]`` (default 0)
+    to ``cache_seqlens[b] + seqlen_new``, with the mask aligned to that range's end. ``cache_batch_idx``
+    picks the cache row of each batch row. ``rotary_cos/sin`` (seqlen_ro, rotary_dim / 2): rotate the new
+    k at positions cache_seqlens + i and q at cache_seqlens + i when causal or local, else all at
+    cache_seqlens. ``num_splits`` is accepted and ignored (no split-K: one program per query block and head
+    walks all the row's keys). Returns out, or (out, softmax_lse (batch, nheads, seqlen_q) fp32)."""
+    paged = block_table is not None
+    _check_qkv(q, k_cache, v_cache, packed=False, paged=True, names=("q", "k_cache", "v_cache"))
+    b, sq, h, d = q.shape
+    hk = k_cache.shape[2]
+    dev = q.device
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got stride {t.stride(-1)}")
+    if not isinstance(num_splits, int) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0: heuristic), got {num_splits!r}")
+    if paged:
+        if cache_batch_idx is not None:
+            raise ValueError("cache_batch_idx cannot be combined with block_table: the block table maps each "
+                             "batch row to its pages")
+        page_size = k_cache.shape[1]
+        if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2:
+            raise ValueError("block_table must be a 2-D integer tensor (batch, max_num_blocks_per_seq), got "
+                             f"{tuple(block_table.shape) if isinstance(block_table, torch.Tensor) else block_table!r}")
+        capacity = block_table.shape[1] * page_size
+        batch_idx = None
+    else:
+        capacity = k_cache.shape[1]
+        batch_idx = _index_vector(cache_batch_idx, "cache_batch_idx", b, dev)
+        if batch_idx is None and k_cache.shape[0] != b:
+            raise ValueError(f"k_cache has batch {k_cache.shape[0]} but q has batch {b}; pass cache_batch_idx to "
+                             "pick cache rows")
+        if batch_idx is not None and bool((batch_idx >= k_cache.shape[0]).any()):
+            raise ValueError(f"cache_batch_idx must index the {k_cache.shape[0]} cache rows, got {batch_idx.tolist()}")
     if (k is None) != (v is None):
         raise ValueError("pass both k and v to append, or neither")
-    # The longest row, read on the host once per call (a device sync on a GPU); an int length needs none.
-    top = cache_seqlens if isinstance(cache_seqlens, int) else 0 if cache_seqlens is None else int(lens.max())
+    if cache_seqlens is None:
+        if k is not None:
+            raise ValueError("cache_seqlens is required to append k/v (None means the whole cache is in use)")
+        lens = torch.full((b,), capacity, dtype=torch.int32, device=dev)
+        top = capacity
+    elif isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        if cache_seqlens < 0:
+            raise ValueError(f"cache_seqlens must be >= 0, got {cache_seqlens}")
+        lens = torch.full((b,), cache_seqlens, dtype=torch.int32, device=dev)
+        top = cache_seqlens
+    else:
+        lens = _index_vector(cache_seqlens, "cache_seqlens", b, dev)
+        # The longest row, read on the host once per call (a device sync on a GPU); an int length needs none.
+        top = int(lens.max())
+    snew = 0
+    if k is not None:
+        if (k.shape != v.shape or k.dim() != 4 or k.shape[0] != b or k.shape[2:] != k_cache.shape[2:]
+                or k.dtype != k_cache.dtype):
+            raise ValueError(f"k/v must be {k_cache.dtype} (batch, seqlen_new, {hk}, {k_cache.shape[3]}) with batch "
+                             f"{b}, got {k.dtype} {tuple(k.shape)} and {v.dtype} {tuple(v.shape)}")
+        snew = k.shape[1]
+    if not paged:
+        if snew and top + snew > capacity:
+            raise ValueError(f"appending {snew} tokens to cache lengths up to {top} overflows "
+                             f"the cache capacity {capacity}")
+        if top > capacity:
+            raise ValueError(f"cache_seqlens up to {top} exceed the cache capacity {capacity}")
+    ends = lens + snew
+    leftpad = _index_vector(cache_leftpad, "cache_leftpad", b, dev)
+    if leftpad is not None and bool((leftpad > lens).any()):
+        raise ValueError(f"cache_leftpad ({leftpad.tolist()}) must not exceed cache_seqlens ({lens.tolist()})")
+    table = None
+    if paged:
+        starts = torch.zeros_like(lens) if leftpad is None else leftpad
+        table = _check_block_table(block_table, b, k_cache.shape[0], page_size, starts, ends, dev)
+    wl, wr = _window_pair(window_size)
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("pass both rotary_cos and rotary_sin, or neither")
+    if rotary_cos is not None:
+        if k is None:
+            raise ValueError("rotary_cos/rotary_sin rotate the new keys: pass k and v as well (as flash-attn)")
+        if rotary_cos.dim() != 2 or rotary_cos.shape != rotary_sin.shape or not 0 < 2 * rotary_cos.shape[1] <= d:
+            raise ValueError(f"rotary_cos/rotary_sin must both be (seqlen_ro, rotary_dim / 2) with rotary_dim <= {d}, "
+                             f"got {tuple(rotary_cos.shape)} and {tuple(rotary_sin.shape)}")
+        base = lens.long()[:, None]
+        if causal or (wl, wr) != (-1, -1):
+            q_pos = base + torch.arange(sq, device=dev)
+        else:
+            q_pos = base.expand(b, sq)
+        k_pos = base + torch.arange(snew, device=dev)
+        need = max(int(q_pos.max()), int(k_pos.max())) + 1
+        if need > rotary_cos.shape[0]:
+            raise ValueError(f"rotary_cos/rotary_sin have {rotary_cos.shape[0]} positions but position {need - 1} "
+                             "is needed (cache_seqlens + seqlen)")
+        q = apply_rotary_reference(q, rotary_cos, rotary_sin, q_pos, rotary_interleaved)
+        k = apply_rotary_reference(k, rotary_cos, rotary_sin, k_pos, rotary_interleaved)
     with torch.no_grad():
         if k is not None:
-            if k.shape != v.shape or k.dim() != 4 or k.shape[0] != b or k.shape[2:] != k_cache.shape[2:]:
-                raise ValueError(f"k/v must be (batch, seqlen_new, {k_cache.shape[2]}, {k_cache.shape[3]}) "
-                                 f"with batch {b}, got {tuple(k.shape)} and {tuple(v.shape)}")
-            snew = k.shape[1]
-            if top + snew > smax:
-                raise ValueError(f"appending {snew} tokens to cache lengths up to {top} overflows "
-                                 f"the cache capacity {smax}")
-            pos = lens.long()[:, None] + torch.arange(snew, device=q.device)  # (B, Snew)
-            rows = torch.arange(b, device=q.device)[:, None].expand_as(pos)
-            k_cache[rows, pos] = k.to(k_cache.dtype)
-            v_cache[rows, pos] = v.to(v_cache.dtype)
-            lens = lens + snew
-        elif top > smax:
-            raise ValueError(f"cache_seqlens up to {top} exceed the cache capacity {smax}")
-        p = _params(q, k_cache, softmax_scale, causal, window_size, softcap, 0.0, 0, q.shape[1], smax, None,
-                    seqused_k=lens)
-        chosen = _select(q, backend)
-        if chosen == "reference":
-            return _reference(q, k_cache, v_cache, p)[0]
-        return _fwd_call(q, k_cache, v_cache, *_p_args(p))[0]
+            pos = lens.long()[:, None] + torch.arange(snew, device=dev)  # (B, Snew)
+            if paged:
+                page = table.long().gather(1, pos // page_size)
+                slot = pos % page_size
+                k_cache[page, slot] = k
+                v_cache[page, slot] = v
+            else:
+                rows = (torch.arange(b, device=dev) if batch_idx is None else batch_idx.long())[:, None]
+                rows = rows.expand_as(pos)
+                k_cache[rows, pos] = k
+                v_cache[rows, pos] = v
+        p = _params(q, k_cache, softmax_scale, causal, (wl, wr), softcap, 0.0, 0, sq, capacity, None,
+                    seqused_k=ends, alibi=_alibi(alibi_slopes, b, h, dev), kv_batch_idx=batch_idx,
+                    leftpad=leftpad, block_table=table, page_size=page_size if paged else 0)
+        out, lse = _run_forward_only(q, k_cache, v_cache, p, backend)
+    return (out, lse) if return_softmax_lse else out
 
 
 __all__ = [
     "AttnParams",
+    "alibi_bias_reference",
+    "apply_rotary_reference",
     "attention_reference",
     "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
     "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
     "flash_attn_with_kvcache",
 ]

@@ -208,11 +208,11 @@ def test_kvcache_decoding_equals_full_attention(hk, device, triton_backend):
     k_cache = torch.full((b, 32, hk, d), float("nan"), device=device, dtype=torch.float16)
     v_cache = torch.full((b, 32, hk, d), float("nan"), device=device, dtype=torch.float16)
     outs = [flash_attn_with_kvcache(q[:, :prompt], k_cache, v_cache, k[:, :prompt], v[:, :prompt],
-                                    cache_seqlens=0, backend=triton_backend)]
+                                    cache_seqlens=0, causal=True, backend=triton_backend)]
     for t in range(prompt, s):
         outs.append(flash_attn_with_kvcache(q[:, t : t + 1], k_cache, v_cache, k[:, t : t + 1], v[:, t : t + 1],
                                             cache_seqlens=torch.full((b,), t, dtype=torch.int32, device=device),
-                                            backend=triton_backend))
+                                            causal=True, backend=triton_backend))
     decoded = torch.cat(outs, dim=1)
     full = flash_attn_func(q, k, v, causal=True, backend=triton_backend)
     ref = attention_reference(q.double(), k.double(), v.double(), causal=True)
@@ -228,7 +228,7 @@ def test_kvcache_ragged_lengths(device, triton_backend):
     v_cache = torch.randn((3, 40, 2, 32), generator=gen).to(device=device, dtype=torch.bfloat16)
     q = torch.randn((3, 1, 4, 32), generator=gen).to(device=device, dtype=torch.bfloat16)
     lens = torch.tensor([5, 39, 17], dtype=torch.int32, device=device)
-    out = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, backend=triton_backend)
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, causal=True, backend=triton_backend)
     for i, n in enumerate(lens.tolist()):
         args = (q[i : i + 1], k_cache[i : i + 1, :n], v_cache[i : i + 1, :n])
         ref = attention_reference(*(t.double() for t in args), causal=True)
