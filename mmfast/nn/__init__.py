@@ -6,6 +6,8 @@ import importlib
 _EXPORTS = {
     "ClipLoss": "loss",
     "SigLipLoss": "loss",
+    "CoCaLoss": "loss",
+    "DistillClipLoss": "loss",
     "FlashAttention": "attention",
     "MultiheadAttention": "attention",
     "MLPProjector": "projection",

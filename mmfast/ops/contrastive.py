@@ -22,6 +22,20 @@ as fp32 0-d tensors. ``lse_row``/``lse_col`` are the row/column log-sum-exp in f
 backward's ``exp(z − lse)`` does not lose the bits an fp32 rounding of a large lse would cost;
 callers hand them back to the same backend's ``clip_bwd``.
 The ``reference`` backend is plain PyTorch autograd over the full logits.
+
+Distillation (open_clip's ``DistillClipLoss`` term) is its own op, ``clip_distill``: with student
+logits ``S = s·a bᵀ`` and teacher logits ``T = t·c eᵀ`` (M, K), one side is
+``Σ_i −Σ_j softmax(T)_ij log_softmax(S)_ij`` and the symmetric loss averages the image→text and
+text→image sides. Backends ``triton``/``triton_interpret`` (``_distill_triton.py``) and ``reference``
+(``_distill_blockwise.py``: row blocks in PyTorch, also fp64) implement, never storing (M, K):
+
+    distill_fwd(a, b, scale, c, e, tscale) -> (loss_sum fp64 0-d, lse_s, lse_t, mu: fp64 (M,))
+    distill_bwd(a, b, scale, c, e, tscale, lse_s, lse_t, mu, grad, teacher)
+        -> (da, db, dscale, dc, de, dtscale)      # the teacher's three are None unless ``teacher``
+
+``scale``/``tscale`` arrive as fp32 0-d tensors (fp64 for fp64 features); the loss sum is fp64 (so
+that the mean is rounded once, to the caller's dtype), ``dscale``/``dtscale`` fp32 (fp64 for fp64
+features), feature gradients in the features' dtype.
 """
 from __future__ import annotations
 
@@ -262,6 +276,145 @@ def siglip_sum(a, b, scale, bias, *, offset=0, backend=None):
     return _siglip_apply(a, b, scale, bias, int(offset), chosen)
 
 
+# --------------------------------------------------------------------------- distillation
+_DISTILL_MODULES = {
+    "triton": "mmfast.ops._distill_triton",
+    "triton_interpret": "mmfast.ops._distill_triton",
+    "reference": "mmfast.ops._distill_blockwise",
+}
+
+
+def _distill_supports(backend: str, facts: Facts) -> list[str]:
+    ok = _SUPPORTED_DTYPES + ((torch.float64,) if backend == "reference" else ())
+    reasons = []
+    if facts.dtype not in ok:
+        reasons.append(f"dtype {facts.dtype} is not one of {', '.join(str(d).replace('torch.', '') for d in ok)}")
+    other = facts.extra.get("teacher_dtype")
+    if other is not None and other not in ok:
+        reasons.append(f"teacher dtype {other} is not one of {', '.join(str(d).replace('torch.', '') for d in ok)}")
+    if backend in _DISTILL_MODULES:
+        try:
+            importlib.import_module(_DISTILL_MODULES[backend])
+        except ImportError as e:
+            reasons.append(f"kernel module for {backend} failed to import ({e})")
+    return reasons
+
+
+DISTILL_OP = register(Op(
+    "clip_distill",
+    impls={**_DISTILL_MODULES, "reference": "row blocks in PyTorch (never the N×N logits; also fp64)"},
+    supports=_distill_supports, example=_example,
+))
+
+
+class _DistillFn(torch.autograd.Function):
+    """Σ_i of the row cross-entropy between the teacher's and the student's row softmax."""
+
+    @staticmethod
+    def forward(ctx, a, b, scale, c, e, tscale, backend):
+        k = importlib.import_module(_DISTILL_MODULES[backend])
+        sdt = torch.float64 if a.dtype == torch.float64 else torch.float32
+        tdt = torch.float64 if c.dtype == torch.float64 else torch.float32
+        s = scale.detach().to(sdt).reshape(())
+        t = tscale.detach().to(tdt).reshape(())
+        with torch.autocast(a.device.type, enabled=False):  # the blockwise path's matmuls stay fp32
+            loss, lse_s, lse_t, mu = k.distill_fwd(a, b, s, c, e, t)
+        ctx.save_for_backward(a, b, s, c, e, t, lse_s, lse_t, mu)
+        ctx.cfg = (backend, scale.dtype, tscale.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, s, c, e, t, lse_s, lse_t, mu = ctx.saved_tensors
+        backend, sdt, tdt = ctx.cfg
+        need = ctx.needs_input_grad
+        teacher = any(need[3:6])
+        with torch.autocast(a.device.type, enabled=False):
+            da, db, ds, dc, de, dt = importlib.import_module(_DISTILL_MODULES[backend]).distill_bwd(
+                a, b, s, c, e, t, lse_s, lse_t, mu, grad.reshape(()), teacher
+            )
+        return (
+            da if need[0] else None, db if need[1] else None, ds.to(sdt) if need[2] else None,
+            dc if need[3] else None, de if need[4] else None, dt.to(tdt) if need[5] else None, None,
+        )
+
+
+@torch.compiler.disable  # an opaque graph break under torch.compile (no custom op for this one yet)
+def _distill_apply(a, b, scale, c, e, tscale, backend):
+    return _DistillFn.apply(a, b, scale, c, e, tscale, backend)
+
+
+def _check_pair(x, y, nx, ny):
+    for name, v in ((nx, x), (ny, y)):
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(v).__name__}")
+        if v.dim() != 2:
+            raise ValueError(f"{name} must be 2-D (batch, dim), got shape {tuple(v.shape)}")
+        if v.dtype not in _SUPPORTED_DTYPES + (torch.float64,):
+            raise TypeError(f"{name} has dtype {v.dtype}; expected float32, float16, bfloat16 or float64")
+        if v.shape[0] == 0:
+            raise ValueError(f"{name} is empty (batch size 0)")
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"{nx} dim {x.shape[1]} != {ny} dim {y.shape[1]}")
+    if x.dtype != y.dtype:
+        raise TypeError(f"{nx} dtype {x.dtype} != {ny} dtype {y.dtype}")
+    if x.device != y.device:
+        raise ValueError(f"{nx} on {x.device} but {ny} on {y.device}")
+
+
+def clip_distill_rows_sum(a, b, logit_scale, c, e, teacher_logit_scale, *, backend=None):
+    """``Σ_i −Σ_j softmax(T)_ij · log_softmax(S)_ij`` (an fp64 0-d tensor) with ``S = s·a bᵀ`` (student) and ``T = t·c eᵀ``
+    (teacher), both (M, K), computed without either. ``a``/``b`` and ``c``/``e`` may differ in width
+    and dtype from each other; every input may require grad (the teacher's gradients are only
+    computed when asked for)."""
+    a, b = _autocast_features(a, b)
+    c, e = _autocast_features(c, e)
+    _check_pair(a, b, "image_features", "text_features")
+    _check_pair(c, e, "dist_image_features", "dist_text_features")
+    if c.shape[0] != a.shape[0] or e.shape[0] != b.shape[0]:
+        raise ValueError(
+            f"teacher features have {c.shape[0]} x {e.shape[0]} rows but the student's have "
+            f"{a.shape[0]} x {b.shape[0]}; they must describe the same batch"
+        )
+    if c.device != a.device:
+        raise ValueError(f"teacher features on {c.device} but student features on {a.device}")
+    scale = _as_scalar(logit_scale, "logit_scale", a, True)
+    tscale = _as_scalar(teacher_logit_scale, "dist_logit_scale", a, True)
+    check_backend_name(backend)
+    chosen = DISTILL_OP.select(Facts(a.device.type, a.dtype, {"teacher_dtype": c.dtype}), backend)
+    return _distill_apply(a.contiguous(), b.contiguous(), scale, c.contiguous(), e.contiguous(), tscale, chosen)
+
+
+def clip_distill_loss(
+    image_features, text_features, logit_scale, dist_image_features, dist_text_features, dist_logit_scale,
+    *, backend=None,
+):
+    """open_clip's ``DistillClipLoss`` distillation term: the mean over the image→text rows and over
+    the text→image rows of the cross-entropy between the teacher's and the student's softmax,
+    averaged over both directions, in fp32 (fp64 for fp64 features). O(N·d) extra memory: the N×N
+logits are never built. Two one-sided passes (rows, then the transposed problem)."""
+    n = image_features.shape[0] if isinstance(image_features, torch.Tensor) else 0
+    rows = clip_distill_rows_sum(image_features, text_features, logit_scale, dist_image_features,
+                                 dist_text_features, dist_logit_scale, backend=backend)
+    cols = clip_distill_rows_sum(text_features, image_features, logit_scale, dist_text_features,
+                                 dist_image_features, dist_logit_scale, backend=backend)
+    out = torch.float64 if torch.float64 in (image_features.dtype, dist_image_features.dtype) else torch.float32
+    return ((rows + cols) / (2 * n)).to(out)
+
+
+def clip_distill_loss_reference(
+    image_features, text_features, logit_scale, dist_image_features, dist_text_features, dist_logit_scale
+):
+    """The same over the full logits, as open_clip computes it (the test oracle)."""
+    s = logit_scale * image_features @ text_features.t()
+    t = dist_logit_scale * dist_image_features @ dist_text_features.t()
+
+    def side(tl, sl):
+        return -(tl.softmax(dim=1) * sl.log_softmax(dim=1)).sum(dim=1).mean(dim=0)
+
+    return (side(t, s) + side(t.t(), s.t())) / 2
+
+
 # --------------------------------------------------------------------------- public API
 def clip_loss(
     image_features: torch.Tensor,
@@ -332,6 +485,9 @@ def siglip_loss(
 
 
 __all__: list[str] = [
+    "clip_distill_loss",
+    "clip_distill_loss_reference",
+    "clip_distill_rows_sum",
     "clip_loss",
     "clip_loss_reference",
     "clip_rows_sum",
