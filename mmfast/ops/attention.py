@@ -4,6 +4,7 @@ Layout (batch, seqlen, heads, headdim), as flash-attn. For one head of one seque
 ``qa = i + Sk - Sq`` (causal masks align bottom-right when Sq ≠ Sk):
 
     s_ij = scale · q_i·k_j                     softcap > 0:  s_ij = softcap · tanh(scale · q_i·k_j / softcap)
+    alibi_slopes:  s_ij -= slope_h · |qa - j|  (flash-attn's documented bias, causal or not)
     visible(i, j) = (qa - wl ≤ j ≤ qa + wr)  ∨  (qa < P ∧ j < P)
     o_i = Σ_j dropout(softmax_j(s_ij | visible)) · v_j,       lse_i = log Σ_{j visible} exp(s_ij)
 
@@ -18,6 +19,16 @@ of a seed: pass ``dropout_seed=`` or the seed is drawn from torch's default CPU 
 
 dtypes: fp16 and bf16 (fp32 accumulation), and fp32, which the Triton kernels compute in full fp32
 (``input_precision="ieee"``), not tf32. Head dims 1–256 (the Triton kernels pad to a power of two).
+
+The public functions are flash-attn 2.8's, name for name, position for position, default for default
+(``flash_attn_func``, ``flash_attn_varlen_func``, the qkv/kv-packed forms, ``flash_attn_with_kvcache``;
+also importable as :mod:`mmfast.compat.flash_attn`); mmfast's own parameters (``prefix_len(s)``,
+``dropout_seed``, ``backend``, ``return_lse``) are keyword-only. Where results can differ from flash-attn's:
+the lse with causal ALiBi (flash-attn's CUDA kernel adds slope·j there, a per-row constant away from the
+documented bias: same outputs and gradients); S_dmask is normalised and unpadded (see ``_finish``).
+``deterministic`` always holds (the backward has no atomics). ``flash_attn_with_kvcache`` also takes a
+paged cache of any page size (flash-attn: multiples of 256) and cache_leftpad together with a block table
+(flash-attn refuses the pair); ``num_splits`` is accepted and ignored (no split-K).
 
 Backends: ``triton`` (CUDA), ``triton_interpret`` (the same kernels on CPU, tests), ``reference``
 (plain PyTorch, any device; materialises the S×S scores).
