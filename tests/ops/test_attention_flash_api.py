@@ -258,6 +258,15 @@ def test_return_attn_probs_with_dropout(triton_backend):
     # out is the kept probabilities (scaled by 1/(1-p)) times v.
     manual = torch.einsum("bhqk,bkhd->bqhd", s_dmask.clamp(min=0).double() / 0.75, v.double())
     torch.testing.assert_close(out.double(), manual, rtol=1e-4, atol=1e-5)
+    # varlen: (batch, H, max_seqlen_q, max_seqlen_k), each sequence top-left, the same entries per sequence.
+    cu = torch.tensor([0, 20, 32], dtype=torch.int32)
+    qv, kv_, vv = (torch.cat([t[0], t[0, :12]]) for t in (q, k, v))
+    _o, lse_v, s_v = flash_attn_varlen_func(qv, kv_, vv, cu, cu, 20, 20, 0.25, None, True, return_attn_probs=True,
+                                            dropout_seed=5, backend=triton_backend)
+    assert s_v.shape == (2, 2, 20, 20) and lse_v.shape == (2, 32)
+    assert torch.equal(s_v[0], s_dmask[0]) and (s_v[1, :, 12:] == 0).all() and (s_v[1, :, :, 12:] == 0).all()
+    keep1 = dropout_keep_reference(5, torch.arange(2, 4), 12, 12, 0.25, "cpu")  # sequence 1's heads, its length
+    assert ((s_v[1, :, :12, :12] < 0) == (~keep1 & causal[:12, :12])).all()
 
 
 def test_alibi_bad_values_name_the_argument():
