@@ -25,9 +25,13 @@ bytes of fp32 accumulators. FLOPs, one side: forward 2·M·K·(d + d'), backward
 The symmetric loss (image→text and text→image) is two one-sided calls, the second on the transposed
 problem (b, a, e, c): each call's backward recomputes its tiles in the orientation its forward used.
 
-Precision: as the contrastive kernels (``_contrastive_triton.py``): fp32 inputs use ieee dots and
-fp64 elementwise math; 16-bit inputs native dots with fp32 accumulation and fp32 elementwise math, G
-rounded to the input dtype before its GEMMs; under the interpreter bf16 operands are upcast first.
+Precision. fp32 inputs: the logit tiles are fp64 dots (DMMA on sm_80+, as fast there as ieee fp32
+FMA) and the elementwise math fp64. Why: at open_clip's clamp (scale 100) the teacher's gradient
+``−P ⊙ (S − μ)`` amplifies the rounding of T — an fp32 dot's error there is as large as PyTorch's own
+fp32 error, so two fp32 computations land anywhere within 4x of each other; fp64 tiles remove that
+term. 16-bit inputs: native dots with fp32 accumulation (exact products) and fp32 elementwise math.
+The gradient GEMMs take G rounded to the input dtype (fp32 accumulation). Under the interpreter bf16
+operands are upcast before ``tl.dot`` (it multiplies raw bf16 bits).
 """
 from __future__ import annotations
 
@@ -50,15 +54,23 @@ _NEG = tl.constexpr(-1.0e30)
 
 @triton.jit
 def _tile(x_ptr, y_ptr, rows, rmask, cols, cmask, D, sxm, sxd, syk, syd,
-          BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """x_rows · y_colsᵀ as a (BM, BN) fp32 tile, d walked in masked chunks of BD."""
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+          BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+          F64: tl.constexpr):
+    """x_rows · y_colsᵀ as a (BM, BN) tile, d walked in masked chunks of BD: fp64 products and sums
+    when F64 (fp32 inputs), else the input dtype's MMA with fp32 accumulation."""
+    if F64:
+        acc = tl.zeros((BM, BN), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
     for d0 in range(0, D, BD):
         ds = d0 + tl.arange(0, BD)
         dm = ds < D
         xt = tl.load(x_ptr + rows[:, None] * sxm + ds[None, :] * sxd, mask=rmask[:, None] & dm[None, :], other=0.0)
         yt = tl.load(y_ptr + cols[None, :] * syk + ds[:, None] * syd, mask=dm[:, None] & cmask[None, :], other=0.0)
-        if UPCAST:
+        if F64:
+            xt = xt.to(tl.float64)
+            yt = yt.to(tl.float64)
+        elif UPCAST:
             xt = xt.to(tl.float32)
             yt = yt.to(tl.float32)
         acc = tl.dot(xt, yt, acc, input_precision=PRECISION)
@@ -81,6 +93,7 @@ def _fwd_kernel(
     sam, sad, sbk, sbd, scm, scd, sek, sed,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDT: tl.constexpr,
     UPS: tl.constexpr, UPT: tl.constexpr, PRECS: tl.constexpr, PRECT: tl.constexpr, EXACT: tl.constexpr,
+    F64S: tl.constexpr, F64T: tl.constexpr,
 ):
     ET: tl.constexpr = tl.float64 if EXACT else tl.float32
     pid = tl.program_id(0)
@@ -98,8 +111,8 @@ def _fwd_kernel(
         cols = n0 + tl.arange(0, BN)
         cmask = cols < K
         cols64 = cols.to(tl.int64)
-        acc_s = _tile(a_ptr, b_ptr, rows64, rmask, cols64, cmask, D, sam, sad, sbk, sbd, BM, BN, BD, UPS, PRECS)
-        acc_t = _tile(c_ptr, e_ptr, rows64, rmask, cols64, cmask, DT, scm, scd, sek, sed, BM, BN, BDT, UPT, PRECT)
+        acc_s = _tile(a_ptr, b_ptr, rows64, rmask, cols64, cmask, D, sam, sad, sbk, sbd, BM, BN, BD, UPS, PRECS, F64S)
+        acc_t = _tile(c_ptr, e_ptr, rows64, rmask, cols64, cmask, DT, scm, scd, sek, sed, BM, BN, BDT, UPT, PRECT, F64T)
         zs = tl.where(cmask[None, :], s * acc_s.to(ET), _NEG)
         zt = tl.where(cmask[None, :], t * acc_t.to(ET), _NEG)
         ms_new = tl.maximum(m_s, tl.max(zs, axis=1))
@@ -153,6 +166,7 @@ def _bwd_kernel(
     TEACHER: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDT: tl.constexpr,
     UPS: tl.constexpr, UPT: tl.constexpr, PRECS: tl.constexpr, PRECT: tl.constexpr, EXACT: tl.constexpr,
+    F64S: tl.constexpr, F64T: tl.constexpr,
 ):
     ET: tl.constexpr = tl.float64 if EXACT else tl.float32
     pid = tl.program_id(0)
@@ -174,8 +188,8 @@ def _bwd_kernel(
         cmask = cols < K
         cols64 = cols.to(tl.int64)
         valid = rmask[:, None] & cmask[None, :]
-        acc_s = _tile(a_ptr, b_ptr, rows64, rmask, cols64, cmask, D, sam, sad, sbk, sbd, BM, BN, BD, UPS, PRECS)
-        acc_t = _tile(c_ptr, e_ptr, rows64, rmask, cols64, cmask, DT, scm, scd, sek, sed, BM, BN, BDT, UPT, PRECT)
+        acc_s = _tile(a_ptr, b_ptr, rows64, rmask, cols64, cmask, D, sam, sad, sbk, sbd, BM, BN, BD, UPS, PRECS, F64S)
+        acc_t = _tile(c_ptr, e_ptr, rows64, rmask, cols64, cmask, DT, scm, scd, sek, sed, BM, BN, BDT, UPT, PRECT, F64T)
         zs = s * acc_s.to(ET)
         zt = t * acc_t.to(ET)
         q = tl.exp((zs - hs[:, None]) - ls[:, None])
@@ -219,19 +233,11 @@ def _cfg(a: torch.Tensor, c: torch.Tensor, M: int, K: int, phase: str) -> dict:
     }
 
 
-def _prec(x: torch.Tensor) -> str:
-    if x.dtype == torch.float32 and not _INTERPRET:
-        p = os.environ.get("MMFAST_CONTRASTIVE_FP32_PRECISION", "ieee")
-        if p not in ("ieee", "tf32"):
-            raise ValueError(f"MMFAST_CONTRASTIVE_FP32_PRECISION={p!r}; expected 'ieee' or 'tf32'")
-        return p
-    return "ieee"
-
-
 def _flags(a, c) -> dict:
     return {
         "UPS": _INTERPRET and a.dtype == torch.bfloat16, "UPT": _INTERPRET and c.dtype == torch.bfloat16,
-        "PRECS": _prec(a), "PRECT": _prec(c), "EXACT": torch.float32 in (a.dtype, c.dtype),
+        "PRECS": "ieee", "PRECT": "ieee", "EXACT": torch.float32 in (a.dtype, c.dtype),
+        "F64S": a.dtype == torch.float32, "F64T": c.dtype == torch.float32,
     }
 
 
