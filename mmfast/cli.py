@@ -14,9 +14,9 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "attention"): ("mmfast.bench.attention:main", "benchmark flash attention"),
     ("bench", "projection"): ("mmfast.bench.projection:main", "benchmark the fused projection ops"),
     ("data", "synth"): ("mmfast.data.synthetic:main", "generate the synthetic multimodal world"),
-    ("train", "clip"): ("mmfast.train_launch:clip_main", "train CLIP with DeepSpeed"),
-    ("train", "llava"): ("mmfast.train_launch:llava_main", "train LLaVA with DeepSpeed"),
-    ("train", "nextgpt"): ("mmfast.train_launch:nextgpt_main", "train NExT-GPT with DeepSpeed"),
+    ("train", "clip"): ("mmfast.training.launch:clip_main", "train CLIP with DeepSpeed"),
+    ("train", "llava"): ("mmfast.training.launch:llava_main", "train LLaVA with DeepSpeed"),
+    ("train", "nextgpt"): ("mmfast.training.launch:nextgpt_main", "train NExT-GPT with DeepSpeed"),
     ("eval", "zeroshot"): ("mmfast.eval.zeroshot:main", "zero-shot classification"),
     ("eval", "linear-probe"): ("mmfast.eval.zeroshot:linear_probe_main", "linear probe on frozen features"),
     ("eval", "pope", "build"): ("mmfast.eval.pope:build_main", "build POPE question files"),
@@ -28,9 +28,10 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
 }
 
 
-def _usage() -> str:
-    rows = [f"  mmfast {' '.join(k):<22} {help_}" for k, (_, help_) in COMMANDS.items()]
-    return "usage: mmfast COMMAND [ARGS]\n\ncommands:\n" + "\n".join(rows)
+def _usage(prefix: tuple[str, ...] = ()) -> str:
+    rows = [f"  mmfast {' '.join(k):<22} {help_}" for k, (_, help_) in COMMANDS.items() if k[:len(prefix)] == prefix]
+    head = " ".join(("mmfast", *prefix))
+    return f"usage: {head} COMMAND [ARGS]\n\ncommands:\n" + "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +52,16 @@ def main(argv: list[str] | None = None) -> int:
                     return 2
                 raise
             return int(getattr(module, fn)(argv[n:]) or 0)
+    # A command group ("mmfast train", "mmfast eval pope --help"): list what it holds.
+    for n in range(min(3, len(argv)), 0, -1):
+        prefix = tuple(argv[:n])
+        if any(k[:n] == prefix for k in COMMANDS):
+            rest = argv[n:]
+            if not rest or rest[0] in ("-h", "--help", "help"):
+                print(_usage(prefix))
+                return 0
+            print(f"mmfast: unknown command {' '.join(argv[:n + 1])!r}\n\n{_usage(prefix)}", file=sys.stderr)
+            return 2
     print(f"mmfast: unknown command {' '.join(argv[:3])!r}\n\n{_usage()}", file=sys.stderr)
     return 2
 

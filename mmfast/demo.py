@@ -53,7 +53,7 @@ def clip_world(ctx: DemoContext) -> dict:
 
 
 def clip_train(ctx: DemoContext) -> dict:
-    from mmfast.train_launch import clip_main
+    from mmfast.training.launch import clip_main
 
     a = ctx.args
     argv = ["--nproc", str(a.nproc), "--config", a.clip_model, "--data", str(ctx.world), "--out", str(ctx.clip_run),
@@ -61,7 +61,7 @@ def clip_train(ctx: DemoContext) -> dict:
             "--lr", str(a.lr), "--warmup", str(max(1, a.steps // 10)), "--seed", str(a.seed),
             "--log-every", "10"]
     t0 = time.perf_counter()
-    rc = clip_main(argv)
+    rc = clip_main([*argv, "--overwrite"])  # the demo owns its run folders: a rerun starts afresh
     wall = time.perf_counter() - t0
     if rc != 0:
         raise RuntimeError(f"CLIP training failed (exit code {rc}); see the output above")

@@ -61,10 +61,10 @@ def _vision_args(ctx) -> list[str]:
 
 
 def _train(argv: list[str], out) -> dict:
-    from mmfast.train_launch import llava_main
+    from mmfast.training.launch import llava_main
 
     t0 = time.perf_counter()
-    rc = llava_main(argv)
+    rc = llava_main([*argv, "--overwrite"])  # the demo owns its run folders: a rerun starts afresh
     if rc != 0:
         raise RuntimeError(f"LLaVA training failed (exit code {rc}); see the output above")
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

@@ -49,10 +49,10 @@ def _llava_dir(ctx):
 
 
 def _train(argv, out) -> dict:
-    from mmfast.train_launch import nextgpt_main
+    from mmfast.training.launch import nextgpt_main
 
     t0 = time.perf_counter()
-    rc = nextgpt_main(argv)
+    rc = nextgpt_main([*argv, "--overwrite"])  # the demo owns its run folders: a rerun starts afresh
     if rc != 0:
         raise RuntimeError(f"NExT-GPT training failed (exit code {rc}); see the output above")
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

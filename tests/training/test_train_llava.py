@@ -13,12 +13,10 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("deepspeed")
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "training"))
-
-import train_llava
-
 from mmfast.models import llava as ml
+from mmfast.training import llava as train_llava
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_lora_targets_follow_llavas_rule():
