@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-import mmfast.compat.flash_attn as flash_attn
+from mmfast.compat import flash_attn
 from mmfast.compat.flash_attn import (
     flash_attn_func,
     flash_attn_kvpacked_func,
@@ -155,7 +155,7 @@ def test_alibi_head_slopes_window_softcap(triton_backend):
     q, k, v = (_randn((b, s, h, d), torch.bfloat16, gen, True) for _ in range(3))
     slopes = torch.tensor([0.5, 0.0625])
     dout = _randn((b, s, h, d), torch.bfloat16, gen)
-    kw = dict(window_size=(21, 6), softcap=5.0)
+    kw = {"window_size": (21, 6), "softcap": 5.0}
     _check_fwd_bwd(lambda q, k, v: flash_attn_func(q, k, v, alibi_slopes=slopes, backend=triton_backend, **kw),
                    lambda q, k, v: _attn_batch(q, k, v, slopes, window=(21, 6), softcap=5.0)[0], (q, k, v), dout)
 
@@ -246,7 +246,7 @@ def test_return_attn_probs_with_dropout(triton_backend):
     q, k, v = (_randn((1, 20, 2, 16), torch.float32, gen) for _ in range(3))
     out, lse, s_dmask = flash_attn_func(q, k, v, 0.25, None, True, return_attn_probs=True, dropout_seed=5,
                                         backend=triton_backend)
-    assert s_dmask.shape == (1, 2, 20, 20) and s_dmask.dtype == q.dtype
+    assert s_dmask.shape == (1, 2, 20, 20) and s_dmask.dtype == q.dtype and lse.shape == (1, 2, 20)
     from mmfast.ops.attention import dropout_keep_reference
 
     keep = dropout_keep_reference(5, torch.arange(2), 20, 20, 0.25, "cpu")[None]
@@ -452,7 +452,7 @@ def test_kvcache_bad_values_name_the_argument():
 def test_varlen_block_table_forward(triton_backend):
     """flash_attn_varlen_func(block_table=...): keys read from pages, as the contiguous call computes."""
     gen = torch.Generator().manual_seed(25)
-    lens_q, lens_k, h, d, page = [3, 1], [20, 9], 2, 32, 8
+    lens_k, h, d, page = [20, 9], 2, 32, 8
     cu_q = torch.tensor([0, 3, 4], dtype=torch.int32)
     cu_k = torch.tensor([0, 20, 29], dtype=torch.int32)
     q = _randn((4, h, d), torch.float16, gen)
