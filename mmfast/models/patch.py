@@ -14,7 +14,9 @@ Rules read the backend chosen for this model with :func:`backend_of`.
 """
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -153,6 +155,18 @@ def replace_modules(
     return undo
 
 
+def keep_signature(fn: Callable, original: Callable) -> Callable:
+    """Make the replacement ``fn`` look like ``original`` to introspection (``functools.wraps`` plus an explicit
+    ``__signature__``): transformers' ``generate`` reads ``inspect.signature(model.forward)`` to decide which
+    arguments (``logits_to_keep``, ``inputs_embeds``, ``position_ids``, ...) the model takes."""
+    functools.update_wrapper(fn, original, updated=())
+    try:
+        fn.__signature__ = inspect.signature(original)
+    except (TypeError, ValueError):  # a builtin without a signature: keep fn's own
+        pass
+    return fn
+
+
 def set_attributes(targets: list[tuple[object, str, object]]) -> Callable[[], None] | None:
     """Set ``obj.attr = value`` for each triple; returns an undo restoring the previous values."""
     if not targets:
@@ -178,6 +192,7 @@ __all__ = [
     "PatchRule",
     "all_rules",
     "backend_of",
+    "keep_signature",
     "model_type_of",
     "patch",
     "patched_rules",

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mmfast.models.patch import PatchRule, backend_of
+from mmfast.models.patch import PatchRule, backend_of, keep_signature
 
 _LM_TYPES = ("llama", "mistral", "qwen2", "llava")
 _IGNORE = -100
@@ -46,14 +46,15 @@ def _config_value(model, name):
 
 
 def set_forwards(targets):
-    """Give each module an instance-level ``forward``; the undo deletes it again (the class's method
-    shows through), or restores an instance ``forward`` that was there before."""
+    """Give each module an instance-level ``forward`` with the signature of the one it replaces; the undo
+    deletes it again (the class's method shows through), or restores an instance ``forward`` that was
+    there before."""
     if not targets:
         return None
     missing = object()
     saved = [(m, vars(m).get("forward", missing)) for m, _ in targets]
     for m, fn in targets:
-        m.forward = fn
+        m.forward = keep_signature(fn, m.forward)
 
     def undo():
         for m, old in reversed(saved):
@@ -248,11 +249,12 @@ def _patch_open_clip_heads(model: torch.nn.Module):
 
 
 def _set_methods(targets):
-    """Instance-level methods ``(obj, name, fn)``; the undo removes them (the class's show through)."""
+    """Instance-level methods ``(obj, name, fn)`` with the replaced methods' signatures; the undo removes
+    them (the class's show through)."""
     missing = object()
     saved = [(obj, name, vars(obj).get(name, missing)) for obj, name, _ in targets]
     for obj, name, fn in targets:
-        setattr(obj, name, fn)
+        setattr(obj, name, keep_signature(fn, getattr(obj, name)))
 
     def undo():
         for obj, name, old in reversed(saved):
