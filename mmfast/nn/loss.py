@@ -385,7 +385,31 @@ class DistillClipLoss(ClipLoss):
     gathered as open_clip gathers them (local_loss / gather_with_grad; O(N·d)), then the same kernel
     runs on the gathered batch (local_loss: this rank's rows against every rank's columns).
     ``dist_loss(teacher_logits, student_logits)`` is open_clip's method over given logits.
+    mmfast-only keywords as ``ClipLoss``'s, plus ``distill_backend`` (the distillation op's backend:
+    ``triton``, ``triton_interpret`` or ``reference``; None = auto; ``backend`` applies to the
+    contrastive term).
     """
+
+    def __init__(
+        self,
+        local_loss=False,
+        gather_with_grad=False,
+        cache_labels=False,
+        rank=0,
+        world_size=1,
+        use_horovod=False,
+        *,
+        label_smoothing: float = 0.0,
+        backend: str | None = None,
+        distill_backend: str | None = None,
+        group=None,
+    ):
+        super().__init__(
+            local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=cache_labels,
+            rank=rank, world_size=world_size, use_horovod=use_horovod,
+            label_smoothing=label_smoothing, backend=backend, group=group,
+        )
+        self.distill_backend = distill_backend
 
     def dist_loss(self, teacher_logits, student_logits):
         return _dist_loss(teacher_logits, student_logits)
@@ -409,14 +433,14 @@ class DistillClipLoss(ClipLoss):
 
     def _distill(self, img, txt, scale, dimg, dtxt, dscale):
         if self.world_size == 1:
-            return clip_distill_loss(img, txt, scale, dimg, dtxt, dscale, backend=self.backend)
+            return clip_distill_loss(img, txt, scale, dimg, dtxt, dscale, backend=self.distill_backend)
         gather = (self.local_loss, self.gather_with_grad, self.rank, self.world_size, self.group)
         all_img, all_txt = _gather_features(img, txt, *gather)
         all_dimg, all_dtxt = _gather_features(dimg, dtxt, *gather)
         if not self.local_loss:
-            return clip_distill_loss(all_img, all_txt, scale, all_dimg, all_dtxt, dscale, backend=self.backend)
-        rows = clip_distill_rows_sum(img, all_txt, scale, dimg, all_dtxt, dscale, backend=self.backend)
-        cols = clip_distill_rows_sum(txt, all_img, scale, dtxt, all_dimg, dscale, backend=self.backend)
+            return clip_distill_loss(all_img, all_txt, scale, all_dimg, all_dtxt, dscale, backend=self.distill_backend)
+        rows = clip_distill_rows_sum(img, all_txt, scale, dimg, all_dtxt, dscale, backend=self.distill_backend)
+        cols = clip_distill_rows_sum(txt, all_img, scale, dtxt, all_dimg, dscale, backend=self.distill_backend)
         return (rows / img.shape[0] + cols / txt.shape[0]) / 2
 
 
