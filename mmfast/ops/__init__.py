@@ -14,6 +14,8 @@ _EXPORTS = {
     "siglip_loss": "contrastive",
     "clip_loss_reference": "contrastive",
     "siglip_loss_reference": "contrastive",
+    "clip_distill_loss": "contrastive",
+    "clip_distill_loss_reference": "contrastive",
     # attention.py
     "flash_attn_func": "attention",
     "flash_attn_varlen_func": "attention",
