@@ -280,6 +280,37 @@ def test_compile_fullgraph_static_cache_decode():
     torch.testing.assert_close(logits, eager_logits, rtol=1e-5, atol=1e-5)
 
 
+def test_generate_with_compile_fullgraph():
+    """generate's own compiled decode (StaticCache, CompileConfig(fullgraph=True)) with left padding."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    model = _model("llama", seed=25)
+    ids, mask = _inputs(padding="left", seed=26)
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False)
+    expected = _set(copy.deepcopy(model), "eager").generate(ids, **kw)
+    config = CompileConfig(fullgraph=True, backend="eager", mode=None)
+    config._compile_all_devices = True
+    torch._dynamo.reset()
+    got = _set(model, "mmfast").generate(ids, cache_implementation="static", compile_config=config, **kw)
+    assert torch.equal(got, expected)
+    assert hasattr(model, "_compiled_call")  # generate did compile the decode steps
+    assert hfa.PATHS["varlen"] > 0  # the prefill (not compiled) took the kernel; the decode steps were traced
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_left_padding_leaves_the_last_token_unchanged(kind):
+    """A row's logits do not depend on the padding put before it (given its own position ids)."""
+    model = _set(_model(kind, seed=27), "mmfast")
+    ids = torch.randint(0, V - 8, (2, 8), generator=torch.Generator().manual_seed(28))
+    plain = model(input_ids=ids).logits
+    pad = 4
+    padded = torch.cat([torch.zeros(2, pad, dtype=torch.long), ids], 1)
+    mask = torch.cat([torch.zeros(2, pad, dtype=torch.long), torch.ones_like(ids)], 1)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    out = model(input_ids=padded, attention_mask=mask, position_ids=pos).logits[:, pad:]
+    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- LLaVA and CLIP
 def _clip_vision(**kw):
     return dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, image_size=32,
@@ -295,8 +326,8 @@ def _llava():
     return transformers.LlavaForConditionalGeneration(config).eval()
 
 
-@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
-def test_llava_left_padded_generate_matches_eager(cache_kind):
+@pytest.mark.parametrize("cache_kind,how", [("dynamic", "impl"), ("static", "impl"), ("static", "patch")])
+def test_llava_left_padded_generate_matches_eager(cache_kind, how, triton_backend):
     model = _llava()
     gen = torch.Generator().manual_seed(19)
     text = torch.randint(0, V - 8, (2, 4), generator=gen)
@@ -312,7 +343,11 @@ def test_llava_left_padded_generate_matches_eager(cache_kind):
         ids, pixel_values=pixels.double(), past_key_values=_cache(model.model.language_model, cache_kind, 40), **kw)
     low = _set(model, "eager").generate(ids, pixel_values=pixels,
                                         past_key_values=_cache(model.model.language_model, cache_kind, 40), **kw)
-    _set(model, "mmfast")
+    if how == "impl":
+        _set(model, "mmfast")
+    else:
+        mmfast.patch(model, backend=triton_backend)
+        assert model.config.text_config._attn_implementation == "mmfast"
     ours = model.generate(ids, pixel_values=pixels,
                           past_key_values=_cache(model.model.language_model, cache_kind, 40), **kw)
     assert torch.equal(ours.sequences, ref.sequences)
