@@ -161,10 +161,12 @@ def entry(main):
 
 # --------------------------------------------------------------------------- processes
 def _start_time(pid: int) -> str | None:
+    """The start time of live process ``pid`` (None once it is gone, or dead and not yet reaped)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
+    return None if fields[0] in ("Z", "X") else fields[19]
 
 
 def watch_supervisor(pid: int, poll_s: float = 0.5) -> threading.Thread | None:
