@@ -78,10 +78,14 @@ def _mask_interface(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, ma
     if plain and aligned and not compiling:
         if attention_mask is None:
             return None
-        window = attention_mask[:, kv_offset:kv_offset + kv_length] if attention_mask.shape[1] >= kv_offset + kv_length \
+        keys = attention_mask[:, kv_offset:kv_offset + kv_length] if attention_mask.shape[1] >= kv_offset + kv_length \
             else None
-        if window is not None and bool(window.all()):
+        if keys is not None and bool(keys.all()):
             return None
+        if keys is not None:
+            # (batch, kv_len) key padding with the queries the last q_len keys: the attention packs the valid
+            # tokens in O(batch·kv_len), without a (q_len, kv_len) mask.
+            return keys.bool()
     kwargs = {k: v for k, v in kwargs.items() if k not in ("allow_is_causal_skip", "allow_is_bidirectional_skip")}
     mask = mu.sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
                         mask_function=mask_function or mu.causal_mask_function, attention_mask=attention_mask,
@@ -136,7 +140,7 @@ def _bool_mask(mask: torch.Tensor) -> torch.Tensor | None:
     return m == 0
 
 
-def _varlen_plan(q_seq, k_seq, n_seq, causal, window, prefix):
+def _varlen_plan(q_seq, k_seq, n_seq, causal, window, prefix, implied=True):
     """Gather layout of a varlen call where query (b, i) belongs to packed sequence ``q_seq[b, i]`` and key
     (b, j) to ``k_seq[b, j]`` (-1: left out); sequences appear in increasing order, row-major. Returns the
     plan and the (B, Sq, Sk) mask it computes."""
@@ -151,6 +155,11 @@ def _varlen_plan(q_seq, k_seq, n_seq, causal, window, prefix):
     rank_k = torch.full_like(kf, -1)
     rank_q[q_idx] = torch.arange(q_idx.numel(), device=dev) - cu_q[qf[q_idx]]
     rank_k[k_idx] = torch.arange(k_idx.numel(), device=dev) - cu_k[kf[k_idx]]
+    plan = {"kind": "varlen", "q_idx": q_idx, "k_idx": k_idx, "cu_q": cu_q.to(torch.int32),
+            "cu_k": cu_k.to(torch.int32), "max_q": int(lens_q.max()) if n_seq else 0,
+            "max_k": int(lens_k.max()) if n_seq else 0, "prefix": None if prefix is None else prefix.to(torch.int32)}
+    if not implied:
+        return plan, None
     rank_q, rank_k = rank_q.view_as(q_seq), rank_k.view_as(k_seq)
     qs = q_seq.clamp(min=0)
     qa = rank_q + (lens_k - lens_q)[qs]  # bottom-right alignment inside each sequence
@@ -159,9 +168,6 @@ def _varlen_plan(q_seq, k_seq, n_seq, causal, window, prefix):
     if prefix is not None:
         p = prefix.to(dev, torch.long)[qs][:, :, None]
         vis = vis | ((qa[:, :, None] < p) & (rank_k[:, None, :] < p))
-    plan = {"kind": "varlen", "q_idx": q_idx, "k_idx": k_idx, "cu_q": cu_q.to(torch.int32),
-            "cu_k": cu_k.to(torch.int32), "max_q": int(lens_q.max()) if n_seq else 0,
-            "max_k": int(lens_k.max()) if n_seq else 0, "prefix": None if prefix is None else prefix.to(torch.int32)}
     return plan, same & vis
 
 
@@ -195,6 +201,32 @@ def _plan(mask4, b, sq, sk, causal, window, prefix):
         except (AttributeError, RuntimeError):
             return plan
     cache[key] = plan
+    return plan
+
+
+def _plan_2d(keys, b, sq, sk, window, prefix):
+    """(B, Sk) key padding, queries the last Sq keys: one varlen sequence per row over its valid tokens. Exact
+    for causal and bidirectional masks whatever the holes; with a sliding window only when each row's valid
+    tokens are one run (a window counts positions, the packed kernel counts tokens). None otherwise."""
+    try:
+        version = keys._version
+    except RuntimeError:  # an inference tensor
+        version = None
+    key = ("2d", sq, sk, window, None if prefix is None else tuple(prefix.tolist()), version)
+    cache = getattr(keys, _PLANS_ATTR, None)
+    if cache is not None and key in cache:
+        return cache[key]
+    kv = keys.bool()
+    plan = None
+    runs = kv[:, :1].sum(1) + (kv[:, 1:] & ~kv[:, :-1]).sum(1)
+    if sq <= sk and ((window[0] < 0 and window[1] < 0) or not bool((runs > 1).any())):
+        rowid = torch.arange(b, device=kv.device)[:, None]
+        plan = _varlen_plan(torch.where(kv[:, sk - sq:], rowid, -1), torch.where(kv, rowid, -1), b, False, window,
+                            prefix, implied=False)[0]
+    try:
+        setattr(keys, _PLANS_ATTR, {**(cache or {}), key: plan})
+    except (AttributeError, RuntimeError):
+        pass
     return plan
 
 
@@ -344,6 +376,11 @@ def mmfast_attention_forward(module, query, key, value, attention_mask, dropout:
             if attention_mask.shape != (b, sk):
                 raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)} does not match "
                                  f"(batch, kv_len) = ({b}, {sk})")
+            want = _weights_requested(kwargs)
+            plan2 = None if want or _compiling() else _plan_2d(attention_mask, b, sq, sk, window, prefix)
+            if plan2 is not None and kwargs.get("cu_seq_lens_q") is None:
+                PATHS["varlen"] += 1
+                return _unpadded(q, k, v, plan2, causal, op_kwargs), None
             keys = attention_mask.bool()
             mask4 = (_pattern(b, sq, sk, causal, window, None, q.device) & keys[:, None, :])[:, None]
             setattr(mask4, _QUERY_VALID_ATTR, keys[:, -sq:] if sq <= sk else None)

@@ -205,15 +205,16 @@ class _Module(torch.nn.Module):
     layer_idx = 0
 
 
-def _direct(mask4, causal=True, sliding_window=None, seed=13, want=False):
-    """mmfast_attention_forward vs a dense fp64 computation of the same mask."""
+def _direct(mask4, causal=True, sliding_window=None, seed=13, want=False, call_mask=None, rows=None):
+    """mmfast_attention_forward (given ``call_mask``, default ``mask4``) vs a dense fp64 computation of mask4."""
     gen = torch.Generator().manual_seed(seed)
     b, sq, sk = mask4.shape[0], mask4.shape[2], mask4.shape[3]
     q = torch.randn(b, 4, sq, 16, generator=gen)
     k, v = (torch.randn(b, 2, sk, 16, generator=gen) for _ in range(2))
     mod = _Module()
     mod.is_causal = causal
-    out, w = hfa.mmfast_attention_forward(mod, q, k, v, mask4, sliding_window=sliding_window,
+    out, w = hfa.mmfast_attention_forward(mod, q, k, v, mask4 if call_mask is None else call_mask,
+                                          sliding_window=sliding_window,
                                           output_attentions=want)
 
     def dense(dt):
@@ -227,6 +228,9 @@ def _direct(mask4, causal=True, sliding_window=None, seed=13, want=False):
         return (p @ vv).transpose(1, 2), p
 
     (ref, pref), (low, plow) = dense(torch.float64), dense(torch.float32)
+    if rows is not None:  # (B, Sq) query rows that are tokens; padding rows are not compared
+        keep = rows[:, :, None, None]
+        ref, low, out = (t.masked_fill(~keep, 0) for t in (ref, low, out))
     assert_error_bound(out, ref, low, name="out")
     if want:
         assert_error_bound(w, pref, plow, name="weights")
@@ -240,6 +244,19 @@ def test_chunked_attention_mask():
     mask4 = mu.sdpa_mask(2, 11, 11, mask_function=fn, allow_is_causal_skip=False)
     _direct(mask4)
     assert hfa.PATHS["varlen"] == 1 and hfa.PATHS["dense"] == 0  # chunks are segments: the kernel
+
+
+@pytest.mark.parametrize("sliding_window", [None, 3])
+def test_2d_padding_mask_with_holes(sliding_window):
+    """A (batch, kv_len) mask with padding inside a row (right-padded prompt, then new tokens): packing is exact
+    without a window; with a window over the hole it is not, and the exact path takes over."""
+    keys = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 1, 1]], dtype=torch.bool)
+    i = torch.arange(7)
+    band = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - (sliding_window or 99))
+    mask4 = (band[None] & keys[:, None, :])[:, None]
+    out = _direct(mask4, sliding_window=sliding_window, call_mask=keys, rows=keys)
+    assert hfa.PATHS["varlen" if sliding_window is None else "dense"] == 1, dict(hfa.PATHS)
+    assert out.shape == (2, 7, 4, 16)
 
 
 def test_any_mask_is_computed_exactly():
