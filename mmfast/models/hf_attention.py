@@ -270,7 +270,7 @@ def _agrees(implied, target, must) -> bool:
 def _dense(q, k, v, allowed, bias, scale, softcap, dropout, want_weights):
     """Exact attention with the scores materialised: q (B, Sq, H, D), k/v (B, Sk, Hk, D); ``allowed``
     (B, Sq, Sk) bool or None, ``bias`` (B, 1, Sq, Sk) additive or None. Returns (out, weights or None)."""
-    b, sq, h, d = q.shape
+    h, d = q.shape[2], q.shape[3]
     hk = k.shape[2]
     if hk != h:
         k = k.repeat_interleave(h // hk, dim=2)
@@ -439,7 +439,6 @@ def mmfast_attention_forward(module, query, key, value, attention_mask, dropout:
 
 def _prefix_block(allowed, qvalid, prefix):
     """The prefix-LM block of the varlen path (per row, counted over the row's valid keys), as (B, Sq, Sk)."""
-    b, sq, sk = allowed.shape
     kv = allowed.any(1)
     rank_k = kv.long().cumsum(1) - 1
     q_rows = allowed.any(-1) if qvalid is None else qvalid.to(allowed.device) & allowed.any(-1)

@@ -115,8 +115,8 @@ def test_cached_forward_matches_eager(kind, padding, cache_kind):
 def test_generate_matches_eager(kind, cache_kind, how, triton_backend):
     model = _model(kind, seed=3)
     ids, mask = _inputs(padding="left", seed=4)
-    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, output_scores=True,
-              return_dict_in_generate=True)
+    kw = {"attention_mask": mask, "max_new_tokens": 6, "do_sample": False, "output_scores": True,
+              "return_dict_in_generate": True}
     ref = _set(copy.deepcopy(model).double(), "sdpa").generate(
         ids, past_key_values=_cache(model, cache_kind), **kw)
     low = _set(model, "eager").generate(ids, past_key_values=_cache(model, cache_kind), **kw)
@@ -303,7 +303,7 @@ def test_generate_with_compile_fullgraph():
 
     model = _model("llama", seed=25)
     ids, mask = _inputs(padding="left", seed=26)
-    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False)
+    kw = {"attention_mask": mask, "max_new_tokens": 5, "do_sample": False}
     expected = _set(copy.deepcopy(model), "eager").generate(ids, **kw)
     config = CompileConfig(fullgraph=True, backend="eager", mode=None)
     config._compile_all_devices = True
@@ -354,8 +354,8 @@ def test_llava_left_padded_generate_matches_eager(cache_kind, how, triton_backen
     mask[1, :3] = 0
     ids[0, :3] = torch.randint(0, V - 8, (3,), generator=gen)
     pixels = torch.randn(2, 3, 32, 32, generator=gen)
-    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, output_scores=True,
-              return_dict_in_generate=True)
+    kw = {"attention_mask": mask, "max_new_tokens": 4, "do_sample": False, "output_scores": True,
+              "return_dict_in_generate": True}
     ref = _set(copy.deepcopy(model).double(), "sdpa").generate(
         ids, pixel_values=pixels.double(), past_key_values=_cache(model.model.language_model, cache_kind, 40), **kw)
     low = _set(model, "eager").generate(ids, pixel_values=pixels,
