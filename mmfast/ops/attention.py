@@ -30,18 +30,39 @@ documented bias: same outputs and gradients); S_dmask is normalised and unpadded
 paged cache of any page size (flash-attn: multiples of 256) and cache_leftpad together with a block table
 (flash-attn refuses the pair); ``num_splits`` is accepted and ignored (no split-K).
 
-Backends: ``triton`` (CUDA), ``triton_interpret`` (the same kernels on CPU, tests), ``reference``
-(plain PyTorch, any device; materialises the S×S scores).
+Backends (the contract: :mod:`mmfast.ops._dispatch`; one module each under :mod:`mmfast.ops.backends`):
+``triton`` (CUDA) and ``triton_interpret`` (the same kernels on CPU, tests): every mask and feature;
+``sdpa_cudnn``, ``sdpa_flash``, ``sdpa_efficient``, ``sdpa_math`` (PyTorch SDPA pinned to one kernel),
+``flex`` (FlexAttention with a block mask), ``flash_attn`` (the flash-attn package, when it imports) and
+``reference`` (plain PyTorch, any device; materialises the S×S scores). Each vendor backend refuses, with
+the reason, what it cannot do (softcap, ALiBi, seeded dropout, varlen, prefix-LM, kv caches, the lse...).
+Explicit-backward backends (Triton)::
+
+    forward(q, k, v, p: AttnParams) -> (out like q, lse fp32, saved: tuple of tensors)
+    backward(dout, q, k, v, out, saved, p) -> (dq, dk, dv)
+
+``AUTOGRAD`` backends (vendor kernels with their own backward, and the reference)::
+
+    forward(q, k, v, p: AttnParams, need_lse) -> (out like q, lse fp32 or None when not need_lse)
+
+q/k/v arrive as the public functions take them ((B, S, H, D), or (T, H, D) with ``p.cu_seqlens_q``; paged
+k/v with ``p.block_table``); lse is (B, H, Sq), or (H, T) packed, +inf on rows that see no key.
+The facts a backend is asked about (``Facts.extra``): head_dim, heads, kv_heads, batch, seqlen_q, seqlen_k,
+mask ("full" | "causal" | "window" | "prefix"), softcap, alibi, dropout, varlen, kvcache, paged, need_lse,
+grad, empty_rows (some query row sees no key). ``auto``: the preference table's row for the device family
+and the shape class ``<mask>/<s256|s512|s1k|s2k|s4k|long>/<train|infer>`` (``decode/...`` for kv caches),
+then the default order: triton, triton_interpret, reference, flash_attn, sdpa_cudnn, sdpa_flash,
+sdpa_efficient, flex, sdpa_math (mmfast's kernels first, which take every call on CUDA; a vendor kernel runs
+by default only where the table measured it faster). ``mmfast info --explain attention --shape B,S,H,D ...`` shows the choice.
 """
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
 
 import torch
 
-from mmfast.ops._dispatch import Facts, Op, check_backend_name, eager_fast, register
+from mmfast.ops._dispatch import Backend, Facts, Op, check_backend_name, register
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _REFERENCE_DTYPES = (*_SUPPORTED_DTYPES, torch.float64)  # fp64: the oracle, reference backend only
@@ -263,119 +284,96 @@ def attention_reference(q, k, v, softmax_scale=None, causal=False, window_size=(
 
 
 # --------------------------------------------------------------------------- backends and dispatch
-_BACKEND_MODULES = {"triton": "mmfast.ops._attention_triton", "triton_interpret": "mmfast.ops._attention_triton"}
+def _seq_bucket(n: int) -> str:
+    for limit, name in ((256, "s256"), (512, "s512"), (1024, "s1k"), (2048, "s2k"), (4096, "s4k")):
+        if n <= limit:
+            return name
+    return "long"
 
 
-def _import_error(module: str) -> str | None:
-    try:
-        importlib.import_module(module)
-    except ImportError as e:
-        return f"kernel module {module} failed to import ({e})"
-    return None
-
-
-# Checked once, at import, so that backend selection is plain Python torch.compile can trace.
-_KERNEL_IMPORT_ERRORS = {m: _import_error(m) for m in set(_BACKEND_MODULES.values())}
-
-
-def _supports(backend: str, facts: Facts) -> list[str]:
-    reasons = []
-    if backend == "reference":
-        if facts.dtype not in _REFERENCE_DTYPES:
-            reasons.append(f"dtype {facts.dtype} is not a floating-point dtype the reference handles")
-    elif facts.dtype not in _SUPPORTED_DTYPES:
-        reasons.append(f"dtype {facts.dtype} is not one of float32/float16/bfloat16")
-    d = facts.extra.get("head_dim")
-    if d is not None and not 1 <= d <= MAX_HEAD_DIM:
-        reasons.append(f"head dim {d} is outside 1..{MAX_HEAD_DIM}")
-    if backend in _BACKEND_MODULES and _KERNEL_IMPORT_ERRORS[_BACKEND_MODULES[backend]]:
-        reasons.append(_KERNEL_IMPORT_ERRORS[_BACKEND_MODULES[backend]])
-    return reasons
+def shape_class(facts: Facts) -> str:
+    """The preference table's row for a call: ``<mask>/<length bucket>/<train|infer>``."""
+    f = facts.extra
+    sq, sk = f.get("seqlen_q", 0), f.get("seqlen_k", 0)
+    if f.get("kvcache") or f.get("paged"):
+        return f"decode/{_seq_bucket(sk)}/infer"
+    mask = ("varlen-" if f.get("varlen") else "") + f.get("mask", "full")
+    return f"{mask}/{_seq_bucket(max(sq, sk))}/{'train' if f.get('grad') else 'infer'}"
 
 
 def _example(device: str) -> Facts:
-    return Facts(device, torch.bfloat16 if device == "cuda" else torch.float32, {"head_dim": 64})
+    return Facts(device, torch.bfloat16 if device == "cuda" else torch.float32,
+                 {"head_dim": 64, "heads": 12, "kv_heads": 12, "batch": 256, "seqlen_q": 197, "seqlen_k": 197,
+                  "mask": "full", "grad": True})
 
 
-ATTENTION_OP = register(Op("flash_attention", impls={**_BACKEND_MODULES, "reference": "plain PyTorch, S×S scores"},
-                           supports=_supports, example=_example))
+def _supports(backend: str, facts: Facts) -> list[str]:
+    d = facts.extra.get("head_dim")
+    if d is not None and not 1 <= d <= MAX_HEAD_DIM:
+        return [f"head dim {d} is outside 1..{MAX_HEAD_DIM}"]
+    return []
 
 
-# --------------------------------------------------------------------------- torch.library ops
-# The kernels sit behind opaque custom ops, so torch.compile traces through calls to them (it sees the
-# ops and their fake shapes, never the Triton launches).
-_P_SCHEMA = ("Tensor? cu_q, Tensor? cu_k, Tensor? seqused_k, Tensor? prefix, int max_q, int max_k, float scale, "
-             "bool band, int wl, int wr, float softcap, float dropout_p, int seed, Tensor? alibi, "
-             "Tensor? kv_batch_idx, Tensor? leftpad, Tensor? block_table, int page_size")
+_B = "mmfast.ops.backends"
+ATTENTION_OP = register(Op("flash_attention", supports=_supports, example=_example, shape_class=shape_class))
+ATTENTION_OP.add("triton", f"{_B}.attention_triton:TRITON")
+ATTENTION_OP.add("triton_interpret", f"{_B}.attention_triton:INTERPRET")
+ATTENTION_OP.add("reference", Backend(forward=lambda q, k, v, p, need_lse=False: _reference(q, k, v, p),
+                                      dtypes=_REFERENCE_DTYPES, doc="plain PyTorch, S×S scores"))
+ATTENTION_OP.add("flash_attn", f"{_B}.attention_flash_attn:FLASH_ATTN")
+ATTENTION_OP.add("sdpa_cudnn", f"{_B}.attention_sdpa:CUDNN")
+ATTENTION_OP.add("sdpa_flash", f"{_B}.attention_sdpa:FLASH")
+ATTENTION_OP.add("sdpa_efficient", f"{_B}.attention_sdpa:EFFICIENT")
+ATTENTION_OP.add("flex", f"{_B}.attention_flex:FLEX")
+ATTENTION_OP.add("sdpa_math", f"{_B}.attention_sdpa:MATH")
 
 
-def _p_args(p: AttnParams) -> tuple:
-    return (p.cu_seqlens_q, p.cu_seqlens_k, p.seqused_k, p.prefix, p.max_seqlen_q, p.max_seqlen_k, p.scale,
-            p.band, p.window_left, p.window_right, p.softcap, p.dropout_p, p.seed, p.alibi, p.kv_batch_idx,
-            p.leftpad, p.block_table, p.page_size)
-
-
-def _p_from(cu_q, cu_k, seqused_k, prefix, max_q, max_k, scale, band, wl, wr, softcap, dropout_p, seed, alibi,
-            kv_batch_idx, leftpad, block_table, page_size):
-    return AttnParams(scale, band, wl, wr, softcap, dropout_p, seed, max_q, max_k, prefix=prefix,
-                      cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, seqused_k=seqused_k, alibi=alibi,
-                      kv_batch_idx=kv_batch_idx, leftpad=leftpad, block_table=block_table, page_size=page_size)
-
-
-_TRITON_FWD = "mmfast.ops._attention_triton"
-
-
-@torch.library.custom_op("mmfast::flash_attn_fwd", mutates_args=(),
-                         schema=f"(Tensor q, Tensor k, Tensor v, {_P_SCHEMA}) -> (Tensor, Tensor, Tensor, Tensor)")
-def _fwd_op(q, k, v, *p):
-    out, lse, (m_row, il_row) = importlib.import_module(_TRITON_FWD).attn_fwd(q, k, v, _p_from(*p))
-    return out, lse, m_row, il_row
-
-
-@_fwd_op.register_fake
-def _(q, k, v, cu_q, *rest):
-    if cu_q is not None:
-        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)  # (H, T)
+def _facts(q, k, p: AttnParams, need_lse: bool, grad: bool) -> Facts:
+    """The call as the backends see it (see the module docstring for the keys)."""
+    big = p.max_seqlen_q + p.max_seqlen_k + 1
+    wl, wr = p.window_left, p.window_right
+    if not p.band:
+        mask = "full"
+    elif p.prefix is not None:
+        mask = "prefix"
+    elif wr == 0 and wl >= big:
+        mask = "causal"
     else:
-        lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)  # (B, H, Sq)
-    return torch.empty_like(q), lse, torch.empty_like(lse), torch.empty_like(lse)
-
-
-@torch.library.custom_op(
-    "mmfast::flash_attn_bwd", mutates_args=(),
-    schema=f"(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor m_row, Tensor il_row, {_P_SCHEMA})"
-    " -> (Tensor, Tensor, Tensor)")
-def _bwd_op(dout, q, k, v, out, m_row, il_row, *p):
-    return importlib.import_module(_TRITON_FWD + "_bwd").attn_bwd(dout, q, k, v, out, (m_row, il_row), _p_from(*p))
-
-
-@_bwd_op.register_fake
-def _(dout, q, k, v, *rest):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-_fwd_call = eager_fast(_fwd_op)
-_bwd_call = eager_fast(_bwd_op)
+        mask = "window"
+    packed = p.cu_seqlens_q is not None
+    kvcache = p.seqused_k is not None or p.leftpad is not None or p.kv_batch_idx is not None
+    # A query row sees no key when the band ends before key 0 (bottom-right alignment, Sq > Sk + wr),
+    # unless a prefix block covers it; per-sequence lengths (varlen, caches) are not inspected here.
+    empty = p.band and p.prefix is None and not packed and p.max_seqlen_k - p.max_seqlen_q + min(wr, big) < 0
+    return Facts(q.device.type, q.dtype, {
+        "head_dim": q.shape[-1], "heads": q.shape[-2], "kv_heads": k.shape[-2],
+        "batch": (p.cu_seqlens_q.shape[0] - 1) if packed else q.shape[0],
+        "seqlen_q": p.max_seqlen_q, "seqlen_k": p.max_seqlen_k, "mask": mask,
+        "softcap": p.softcap > 0, "alibi": p.alibi is not None, "dropout": p.dropout_p > 0, "varlen": packed,
+        "kvcache": kvcache, "paged": p.block_table is not None, "need_lse": bool(need_lse), "grad": bool(grad),
+        "empty_rows": bool(empty or p.max_seqlen_k == 0),
+    })
 
 
 class _FlashAttnFn(torch.autograd.Function):
-    """(out, lse) through the Triton kernels; lse is not differentiable."""
+    """(out, lse) through an explicit-backward backend; lse is not differentiable."""
 
     @staticmethod
-    def forward(ctx, q, k, v, p):
+    def forward(ctx, q, k, v, p, be):
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        out, lse, m_row, il_row = _fwd_call(q, k, v, *_p_args(p))
-        ctx.save_for_backward(q, k, v, out, m_row, il_row)
+        out, lse, saved = be.forward(q, k, v, p)
+        ctx.save_for_backward(q, k, v, out, *saved)
         ctx.p = p
+        ctx.be = be
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, m_row, il_row = ctx.saved_tensors
+        q, k, v, out, *saved = ctx.saved_tensors
         dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-        dq, dk, dv = _bwd_call(dout, q, k, v, out, m_row, il_row, *_p_args(ctx.p))
-        return dq, dk, dv, None
+        dq, dk, dv = ctx.be.backward(dout, q, k, v, out, tuple(saved), ctx.p)
+        return dq, dk, dv, None, None
 
 
 # --------------------------------------------------------------------------- validation
@@ -451,16 +449,17 @@ def _params(q, k, scale, causal, window_size, softcap, dropout_p, seed, max_q, m
                       int(max_q), int(max_k), prefix=prefix, **seq)
 
 
-def _select(q, backend):
+def _backend(q, k, p: AttnParams, backend, need_lse: bool, grad: bool):
     check_backend_name(backend)
-    return ATTENTION_OP.select(Facts.of([q], head_dim=q.shape[-1]), backend)
+    return ATTENTION_OP.backend(ATTENTION_OP.select(_facts(q, k, p, need_lse, grad), backend))
 
 
-def _run(q, k, v, p: AttnParams, backend):
-    chosen = _select(q, backend)
-    if chosen == "reference":
-        return _reference(q, k, v, p)
-    return _FlashAttnFn.apply(q, k, v, p)
+def _run(q, k, v, p: AttnParams, backend, need_lse: bool = True):
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    be = _backend(q, k, p, backend, need_lse, grad)
+    if not be.backward:  # AUTOGRAD backends: differentiable as they are
+        return be.forward(q, k, v, p, need_lse)
+    return _FlashAttnFn.apply(q, k, v, p, be)
 
 
 # --------------------------------------------------------------------------- public API
@@ -477,24 +476,25 @@ def _run(q, k, v, p: AttnParams, backend):
 # scaling" and padded to multiples of 128). It is computed by a second, plain-PyTorch pass that
 # materialises the scores: O(batch·nheads·seqlen_q·seqlen_k) memory and time, for tests only.
 def _finish(q, k, v, p: AttnParams, backend, return_attn_probs: bool, return_lse: bool, forward_only=False):
+    need_lse = return_lse or return_attn_probs
     if forward_only:
-        out, lse = _run_forward_only(q, k, v, p, backend)
+        out, lse = _run_forward_only(q, k, v, p, backend, need_lse)
     else:
-        out, lse = _run(q, k, v, p, backend)
+        out, lse = _run(q, k, v, p, backend, need_lse)
     if return_attn_probs:
         s_dmask = _probs_reference(q.detach(), k.detach(), v, p) if p.dropout_p > 0 else q.new_empty((0,))
         return out, lse, s_dmask
     return (out, lse) if return_lse else out
 
 
-def _run_forward_only(q, k, v, p: AttnParams, backend):
+def _run_forward_only(q, k, v, p: AttnParams, backend, need_lse: bool = True):
     """(out, lse) without autograd (paged k/v, kv cache)."""
-    chosen = _select(q, backend)
+    be = _backend(q, k, p, backend, need_lse, False)
     with torch.no_grad():
-        if chosen == "reference":
-            return _reference(q, k, v, p)
+        if not be.backward:
+            return be.forward(q, k, v, p, need_lse)
         q = q if q.stride(-1) == 1 else q.contiguous()
-        out, lse, _m, _il = _fwd_call(q, k, v, *_p_args(p))
+        out, lse, _saved = be.forward(q, k, v, p)
         return out, lse
 
 
@@ -794,8 +794,63 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         p = _params(q, k_cache, softmax_scale, causal, (wl, wr), softcap, 0.0, 0, sq, capacity, None,
                     seqused_k=ends, alibi=_alibi(alibi_slopes, b, h, dev), kv_batch_idx=batch_idx,
                     leftpad=leftpad, block_table=table, page_size=page_size if paged else 0)
-        out, lse = _run_forward_only(q, k_cache, v_cache, p, backend)
+        out, lse = _run_forward_only(q, k_cache, v_cache, p, backend, return_softmax_lse)
     return (out, lse) if return_softmax_lse else out
+
+
+# --------------------------------------------------------------------------- `mmfast info --explain attention`
+def explain_facts(argv: list[str]):
+    """Parse ``mmfast info --explain attention`` options into (Facts, op name, fake machine facts)."""
+    import argparse
+    from types import SimpleNamespace
+
+    ap = argparse.ArgumentParser(prog="mmfast info --explain attention",
+                                 description="Which attention backend auto picks for one call, and why.")
+    ap.add_argument("--shape", required=True, help="B,S,H,D (batch, seqlen, heads, head dim)")
+    ap.add_argument("--seqlen-k", type=int, help="keys per row (default: S)")
+    ap.add_argument("--kv-heads", type=int, help="k/v heads (GQA; default: H)")
+    ap.add_argument("--causal", action="store_true")
+    ap.add_argument("--window", help="L,R (-1: unbounded)")
+    ap.add_argument("--prefix", type=int, help="prefix-LM length (implies causal)")
+    ap.add_argument("--softcap", type=float, default=0.0)
+    ap.add_argument("--alibi", action="store_true")
+    ap.add_argument("--dropout", type=float, default=0.0)
+    ap.add_argument("--varlen", action="store_true", help="packed sequences (cu_seqlens)")
+    ap.add_argument("--kvcache", action="store_true", help="flash_attn_with_kvcache (per-row lengths)")
+    ap.add_argument("--paged", action="store_true", help="paged k/v (block_table)")
+    ap.add_argument("--lse", action="store_true", help="the call returns the log-sum-exp")
+    ap.add_argument("--no-grad", action="store_true", help="inference (no backward)")
+    ap.add_argument("--dtype", default=None, help="bfloat16 (default on cuda) | float16 | float32")
+    ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda when --family is given)")
+    ap.add_argument("--family", help="explain as on a CUDA card of this family (sm90, sm80, ...), "
+                                     "whatever this machine has")
+    a = ap.parse_args(argv)
+    try:
+        b, sq, h, d = (int(x) for x in a.shape.replace("x", ",").split(","))
+    except ValueError:
+        ap.error(f"--shape must be B,S,H,D, got {a.shape!r}")
+    device = a.device or ("cuda" if a.family else "cpu")
+    dtype = getattr(torch, a.dtype or ("bfloat16" if device == "cuda" else "float32"))
+    sk = a.seqlen_k or sq
+    hk = a.kv_heads or h
+    q = SimpleNamespace(device=SimpleNamespace(type=device), dtype=dtype, shape=(b, sq, h, d))
+    k = SimpleNamespace(shape=(b, sk, hk, d))
+    window = tuple(int(x) for x in a.window.split(",")) if a.window else (-1, -1)
+    prefix = torch.full((b,), a.prefix, dtype=torch.int32) if a.prefix is not None else None
+    extra = {}
+    if a.varlen:
+        cu = torch.arange(0, (b + 1) * sq, sq, dtype=torch.int32)
+        extra.update(cu_seqlens_q=cu, cu_seqlens_k=torch.arange(0, (b + 1) * sk, sk, dtype=torch.int32))
+    if a.kvcache or a.paged:
+        extra["seqused_k"] = torch.full((b,), sk, dtype=torch.int32)
+    if a.paged:
+        extra.update(block_table=torch.zeros((b, 1), dtype=torch.int32), page_size=sk)
+    if a.alibi:
+        extra["alibi"] = torch.zeros((b, h))
+    p = _params(q, k, None, a.causal, window, a.softcap, a.dropout, 0, sq, sk, prefix, **extra)
+    facts = _facts(q, k, p, a.lse, not a.no_grad)
+    fake = {"cuda_available": True, "arch": a.family} if a.family else {}
+    return facts, ATTENTION_OP.name, fake
 
 
 __all__ = [

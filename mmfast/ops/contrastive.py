@@ -39,12 +39,18 @@ features), feature gradients in the features' dtype.
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 import torch.nn.functional as F
 
-from mmfast.ops._dispatch import Facts, Op, autocast_inputs, check_backend_name, register
+from mmfast.ops._dispatch import (
+    Backend,
+    Facts,
+    KernelBackend,
+    Op,
+    autocast_inputs,
+    check_backend_name,
+    register,
+)
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -85,37 +91,39 @@ def siglip_loss_reference(image_features, text_features, logit_scale, logit_bias
 
 
 # --------------------------------------------------------------------------- backends
-# Backend name -> module implementing the contract above (imported on first use).
-_BACKEND_MODULES = {
-    "triton": "mmfast.ops._contrastive_triton",
-    "triton_interpret": "mmfast.ops._contrastive_triton",
-    "cpp": "mmfast.ops._contrastive_cpp",
-}
-
-
-def _kernels(backend: str):
-    return importlib.import_module(_BACKEND_MODULES[backend])
-
-
+# One registration line per backend; the registration order is auto's default order. Each backend's
+# forward/backward are the contract's clip_fwd/clip_bwd (siglip_fwd/siglip_bwd for SIGLIP_OP).
 def _supports(backend: str, facts: Facts) -> list[str]:
-    reasons = []
     if facts.dtype not in _SUPPORTED_DTYPES:
-        reasons.append(f"dtype {facts.dtype} is not one of float32/float16/bfloat16")
-    if backend in _BACKEND_MODULES:
-        try:
-            _kernels(backend)
-        except ImportError as e:
-            reasons.append(f"kernel module for {backend} failed to import ({e})")
-    return reasons
+        return [f"dtype {facts.dtype} is not one of float32/float16/bfloat16"]
+    return []
 
 
 def _example(device: str) -> Facts:
     return Facts(device, torch.bfloat16 if device == "cuda" else torch.float32)
 
 
-_IMPLS = {**_BACKEND_MODULES, "reference": "plain PyTorch over the full logits"}
-CLIP_OP = register(Op("clip_loss", impls=dict(_IMPLS), supports=_supports, example=_example))
-SIGLIP_OP = register(Op("siglip_loss", impls=dict(_IMPLS), supports=_supports, example=_example))
+def _kernel(module, fwd, bwd, **kw):
+    return KernelBackend(module, fwd, bwd, **kw)
+
+
+_TRI, _CPP = "mmfast.ops._contrastive_triton", "mmfast.ops._contrastive_cpp"
+CLIP_OP = register(Op("clip_loss", supports=_supports, example=_example))
+CLIP_OP.add("triton", _kernel(_TRI, "clip_fwd", "clip_bwd", devices=("cuda",), needs=("triton",)))
+CLIP_OP.add("triton_interpret", _kernel(_TRI, "clip_fwd", "clip_bwd", devices=("cpu",), needs=("triton_interpret",)))
+CLIP_OP.add("cpp", _kernel(_CPP, "clip_fwd", "clip_bwd", devices=("cpu",), needs=("cpp",)))
+CLIP_OP.add("reference", Backend(doc="plain PyTorch over the full logits", dtypes=_SUPPORTED_DTYPES))
+SIGLIP_OP = register(Op("siglip_loss", supports=_supports, example=_example))
+SIGLIP_OP.add("triton", _kernel(_TRI, "siglip_fwd", "siglip_bwd", devices=("cuda",), needs=("triton",)))
+SIGLIP_OP.add("triton_interpret", _kernel(_TRI, "siglip_fwd", "siglip_bwd", devices=("cpu",),
+                                          needs=("triton_interpret",)))
+SIGLIP_OP.add("cpp", _kernel(_CPP, "siglip_fwd", "siglip_bwd", devices=("cpu",), needs=("cpp",)))
+SIGLIP_OP.add("reference", Backend(doc="plain PyTorch over the full logits", dtypes=_SUPPORTED_DTYPES))
+
+
+def _kernels(backend: str):
+    """The module implementing the contract for ``backend`` (clip and siglip share one per backend)."""
+    return CLIP_OP.backend(backend).impl()
 
 
 # --------------------------------------------------------------------------- autograd
@@ -277,11 +285,7 @@ def siglip_sum(a, b, scale, bias, *, offset=0, backend=None):
 
 
 # --------------------------------------------------------------------------- distillation
-_DISTILL_MODULES = {
-    "triton": "mmfast.ops._distill_triton",
-    "triton_interpret": "mmfast.ops._distill_triton",
-    "reference": "mmfast.ops._distill_blockwise",
-}
+_DISTILL_TRITON = "mmfast.ops._distill_triton"
 
 
 def _distill_supports(backend: str, facts: Facts) -> list[str]:
@@ -292,19 +296,17 @@ def _distill_supports(backend: str, facts: Facts) -> list[str]:
     other = facts.extra.get("teacher_dtype")
     if other is not None and other not in ok:
         reasons.append(f"teacher dtype {other} is not one of {', '.join(str(d).replace('torch.', '') for d in ok)}")
-    if backend in _DISTILL_MODULES:
-        try:
-            importlib.import_module(_DISTILL_MODULES[backend])
-        except ImportError as e:
-            reasons.append(f"kernel module for {backend} failed to import ({e})")
     return reasons
 
 
-DISTILL_OP = register(Op(
-    "clip_distill",
-    impls={**_DISTILL_MODULES, "reference": "row blocks in PyTorch (never the N×N logits; also fp64)"},
-    supports=_distill_supports, example=_example,
-))
+_ALL_DT = (*_SUPPORTED_DTYPES, torch.float64)  # dtypes are checked by _distill_supports (fp64: reference only)
+DISTILL_OP = register(Op("clip_distill", supports=_distill_supports, example=_example))
+DISTILL_OP.add("triton", KernelBackend(_DISTILL_TRITON, "distill_fwd", "distill_bwd", devices=("cuda",),
+                                       needs=("triton",), dtypes=_ALL_DT))
+DISTILL_OP.add("triton_interpret", KernelBackend(_DISTILL_TRITON, "distill_fwd", "distill_bwd", devices=("cpu",),
+                                                 needs=("triton_interpret",), dtypes=_ALL_DT))
+DISTILL_OP.add("reference", KernelBackend("mmfast.ops._distill_blockwise", "distill_fwd", "distill_bwd", dtypes=_ALL_DT,
+                                          doc="row blocks in PyTorch (never the N×N logits; also fp64)"))
 
 
 class _DistillFn(torch.autograd.Function):
@@ -312,7 +314,7 @@ class _DistillFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, b, scale, c, e, tscale, backend):
-        k = importlib.import_module(_DISTILL_MODULES[backend])
+        k = DISTILL_OP.backend(backend).impl()
         sdt = torch.float64 if a.dtype == torch.float64 else torch.float32
         tdt = torch.float64 if c.dtype == torch.float64 else torch.float32
         s = scale.detach().to(sdt).reshape(())
@@ -330,7 +332,7 @@ class _DistillFn(torch.autograd.Function):
         need = ctx.needs_input_grad
         teacher = any(need[3:6])
         with torch.autocast(a.device.type, enabled=False):
-            da, db, ds, dc, de, dt = importlib.import_module(_DISTILL_MODULES[backend]).distill_bwd(
+            da, db, ds, dc, de, dt = DISTILL_OP.backend(backend).impl().distill_bwd(
                 a, b, s, c, e, t, lse_s, lse_t, mu, grad.reshape(()), teacher
             )
         return (

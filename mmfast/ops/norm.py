@@ -5,45 +5,32 @@
     RMSNorm:   y = s / √(mean(s²) + eps) · w
 
 The statistics are fp32 whatever the input dtype; ``y`` has ``x``'s dtype and the new residual has
-``residual``'s dtype (keep the residual stream in fp32 by passing an fp32 residual). Kernels live in
-:mod:`mmfast.ops._norm_triton`; the ``reference`` backend is plain PyTorch (any device) and the test
-oracle. The kernel path is registered as ``mmfast::norm_fwd`` / ``mmfast::norm_bwd`` custom ops so
-torch.compile keeps it as one opaque call per direction.
+``residual``'s dtype (keep the residual stream in fp32 by passing an fp32 residual).
+
+Backend contract (see :mod:`mmfast.ops._dispatch`). Explicit-backward backends (``triton``,
+``triton_interpret``: :mod:`mmfast.ops.backends.norm_triton`) take 2-D contiguous rows::
+
+    forward(x (M, N), residual (M, N) | None, weight | None, bias | None, eps, is_rms) -> (y, s, mean, rstd)
+    backward(s, weight, dy, ds | None, mean, rstd, is_rms) -> (dx, dw fp32, db fp32)
+
+``s`` is the new residual (an empty tensor without one), ``mean``/``rstd`` fp32 (M,). ``AUTOGRAD`` backends
+(``torch``: :mod:`mmfast.ops.backends.norm_torch`; ``reference``: below) take the public call:
+``forward(x, weight, bias, eps, residual)`` (LayerNorm) / ``forward(x, weight, eps, residual)`` (RMSNorm).
+Default order: triton, triton_interpret, reference, torch (a torch backend runs by default only where
+the preference table measured it faster).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from mmfast.ops._dispatch import Facts, Op, check_backend_name, eager_fast, register
+from mmfast.ops._dispatch import Backend, Facts, Op, check_backend_name, register
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_MAX_N = 65536
-
-
-def _supports(backend: str, facts: Facts) -> list[str]:
-    reasons = []
-    if facts.dtype not in _SUPPORTED_DTYPES:
-        reasons.append(f"dtype {facts.dtype} is not one of float32/float16/bfloat16")
-    if backend in ("triton", "triton_interpret"):
-        n = facts.extra.get("n")
-        if n is not None and n > _MAX_N:
-            reasons.append(f"normalised size {n} > {_MAX_N} (one row per program)")
-        try:
-            import mmfast.ops._norm_triton  # noqa: F401
-        except ImportError as e:
-            reasons.append(f"kernel module failed to import ({e})")
-    return reasons
 
 
 def _example(device: str) -> Facts:
     return Facts(device, torch.bfloat16 if device == "cuda" else torch.float32, {"n": 4096})
-
-
-_TRITON = "mmfast.ops._norm_triton"
-_IMPLS = {"triton": _TRITON, "triton_interpret": _TRITON, "reference": "plain PyTorch"}
-LAYER_NORM_OP = register(Op("layer_norm", impls=dict(_IMPLS), supports=_supports, example=_example))
-RMS_NORM_OP = register(Op("rms_norm", impls=dict(_IMPLS), supports=_supports, example=_example))
 
 
 # --------------------------------------------------------------------------- reference
@@ -67,57 +54,38 @@ def rms_norm_reference(x, weight=None, eps=1e-6, residual=None):
     return y if residual is None else (y, s)
 
 
-# --------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("mmfast::norm_fwd", mutates_args=())
-def _norm_fwd_op(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
-    bias: torch.Tensor | None, eps: float, is_rms: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from mmfast.ops._norm_triton import norm_fwd
-
-    y, s, mean, rstd = norm_fwd(x, residual, weight, bias, eps, is_rms,
-                                residual.dtype if residual is not None else x.dtype)
-    return y, (s if s is not None else x.new_empty(0)), mean, rstd
-
-
-@_norm_fwd_op.register_fake
-def _(x, residual, weight, bias, eps, is_rms):
-    M = x.shape[0]
-    f32 = {"device": x.device, "dtype": torch.float32}
-    s = residual.new_empty(residual.shape) if residual is not None else x.new_empty(0)
-    return x.new_empty(x.shape), s, torch.empty(M, **f32), torch.empty(M, **f32)
+# --------------------------------------------------------------------------- backends
+_TRITON = "mmfast.ops.backends.norm_triton"
+LAYER_NORM_OP = register(Op("layer_norm", example=_example))
+LAYER_NORM_OP.add("triton", f"{_TRITON}:TRITON")
+LAYER_NORM_OP.add("triton_interpret", f"{_TRITON}:INTERPRET")
+LAYER_NORM_OP.add("reference", Backend(forward=layer_norm_reference, doc="plain PyTorch, statistics in fp32"))
+LAYER_NORM_OP.add("torch", "mmfast.ops.backends.norm_torch:LAYER")
+RMS_NORM_OP = register(Op("rms_norm", example=_example))
+RMS_NORM_OP.add("triton", f"{_TRITON}:TRITON")
+RMS_NORM_OP.add("triton_interpret", f"{_TRITON}:INTERPRET")
+RMS_NORM_OP.add("reference", Backend(forward=rms_norm_reference, doc="plain PyTorch, statistics in fp32"))
+RMS_NORM_OP.add("torch", "mmfast.ops.backends.norm_torch:RMS")
 
 
-@torch.library.custom_op("mmfast::norm_bwd", mutates_args=())
-def _norm_bwd_op(
-    s: torch.Tensor, weight: torch.Tensor | None, dy: torch.Tensor, ds: torch.Tensor | None,
-    mean: torch.Tensor, rstd: torch.Tensor, is_rms: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from mmfast.ops._norm_triton import norm_bwd
+def __getattr__(name):  # the custom-op launchers moved to the triton backend module
+    if name in ("_norm_fwd_call", "_norm_bwd_call"):
+        from mmfast.ops.backends import norm_triton
 
-    return norm_bwd(s, weight, dy, ds, mean, rstd, is_rms, dy.dtype)
-
-
-@_norm_bwd_op.register_fake
-def _(s, weight, dy, ds, mean, rstd, is_rms):
-    N = s.shape[1]
-    f32 = {"device": s.device, "dtype": torch.float32}
-    return dy.new_empty(s.shape), torch.empty(N, **f32), torch.empty(N, **f32)
-
-
-_norm_fwd_call = eager_fast(_norm_fwd_op)
-_norm_bwd_call = eager_fast(_norm_bwd_op)
+        return getattr(norm_triton, name[1:])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class _NormFunction(torch.autograd.Function):
     """Returns (y, s): s is the new residual (an empty tensor when no residual was given)."""
 
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps, is_rms):
-        y, s, mean, rstd = _norm_fwd_call(x, residual, weight, bias, eps, is_rms)
+    def forward(ctx, x, residual, weight, bias, eps, is_rms, backend):
+        y, s, mean, rstd = backend.forward(x, residual, weight, bias, eps, is_rms)
         ctx.save_for_backward(s if residual is not None else x, weight, mean, rstd)
         ctx.cfg = (is_rms, residual is not None, None if residual is None else residual.dtype,
                    None if bias is None else bias.dtype)
+        ctx.backend = backend
         if residual is None:
             ctx.mark_non_differentiable(s)
         return y, s
@@ -128,13 +96,13 @@ class _NormFunction(torch.autograd.Function):
         s, weight, mean, rstd = ctx.saved_tensors
         is_rms, has_res, res_dtype, bias_dtype = ctx.cfg
         ds = ds.contiguous() if (has_res and ds is not None) else None
-        dx, dw, db = _norm_bwd_call(s, weight, dy.contiguous(), ds, mean, rstd, is_rms)
+        dx, dw, db = ctx.backend.backward(s, weight, dy.contiguous(), ds, mean, rstd, is_rms)
         dres = None
         if has_res and ctx.needs_input_grad[1]:
             dres = dx.to(res_dtype) if res_dtype != dx.dtype else dx.clone()
         dw = dw.to(weight.dtype) if (weight is not None and ctx.needs_input_grad[2]) else None
         db = db.to(bias_dtype) if (bias_dtype is not None and ctx.needs_input_grad[3]) else None
-        return (dx if ctx.needs_input_grad[0] else None), dres, dw, db, None, None
+        return (dx if ctx.needs_input_grad[0] else None), dres, dw, db, None, None, None
 
 
 # --------------------------------------------------------------------------- public API
@@ -170,17 +138,15 @@ def _run(op, x, weight, bias, eps, residual, is_rms, backend):
     check_backend_name(backend)
     if not float(eps) > 0:
         raise ValueError(f"{op.name}: eps must be > 0, got {eps}")
-    chosen = op.select(Facts.of([x], n=x.shape[-1]), backend)
-    if chosen == "reference":
-        if is_rms:
-            return rms_norm_reference(x, weight, eps, residual)
-        return layer_norm_reference(x, weight, bias, eps, residual)
+    be = op.backend(op.select(Facts.of([x], n=x.shape[-1]), backend))
+    if not be.backward:  # AUTOGRAD: the backend's forward is the public call, differentiable
+        return be.forward(x, weight, eps, residual) if is_rms else be.forward(x, weight, bias, eps, residual)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()  # (M, N)
     r2 = residual.reshape(-1, shape[-1]).contiguous() if residual is not None else None
     w = weight.contiguous() if weight is not None else None
     b = bias.contiguous() if bias is not None else None
-    y, s = _NormFunction.apply(x2, r2, w, b, float(eps), is_rms)
+    y, s = _NormFunction.apply(x2, r2, w, b, float(eps), is_rms, be)
     if residual is None:
         return y.reshape(shape)
     return y.reshape(shape), s.reshape(shape)

@@ -10,16 +10,30 @@ and CLIP's linear + L2-normalise head.
   one row pass after the GEMM, and the backward ``dy = (g − o (g·o)) / ‖y‖`` one row pass before
   the two gradient GEMMs.
 
-Backends: ``triton`` (CUDA), ``triton_interpret`` (the same kernels under Triton's interpreter) and
-``reference`` (plain PyTorch, any device: for the FLCE this is the same chunked algorithm with the
-row pass in PyTorch, so the CPU path never holds the (T × V) logits either). No ``cpp`` backend.
+Backends (contract: :mod:`mmfast.ops._dispatch`; default order = registration order below):
+``triton`` (CUDA), ``triton_interpret`` (the same kernels under Triton's interpreter; both in
+:mod:`mmfast.ops.backends.projection_triton`, whose docstring gives the explicit forward/backward
+signatures), ``torch`` (the plain composition, :mod:`mmfast.ops.backends.projection_torch`; autograd runs
+the backward) and ``reference`` (plain PyTorch, any device: for the FLCE this is the same chunked algorithm
+with the row pass in PyTorch, so the CPU path never holds the (T × V) logits either; for the projector and
+the L2 head the composition, as the oracle). ``AUTOGRAD`` backends take the public call's arguments.
+For the FLCE the chunked driver and its autograd glue are :mod:`mmfast.ops._flce`; a backend there is
+the row pass (``ce_rows``), which computes the loss and the logits' gradient in one pass.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from mmfast.ops._dispatch import Facts, Op, autocast_inputs, check_backend_name, eager_fast, register
+from mmfast.ops._dispatch import (
+    Backend,
+    Facts,
+    KernelBackend,
+    Op,
+    autocast_inputs,
+    check_backend_name,
+    register,
+)
 from mmfast.ops._flce import (
     DEFAULT_CHUNK_BYTES,
     FLCEFunction,
@@ -31,42 +45,30 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _GELU_APPROX = {"gelu": False, "gelu_new": True, "gelu_tanh": True, "gelu_pytorch_tanh": True}
 
 
-def _supports(backend: str, facts: Facts) -> list[str]:
-    reasons = []
-    if facts.dtype not in _SUPPORTED_DTYPES:
-        reasons.append(f"dtype {facts.dtype} is not one of float32/float16/bfloat16")
-    if backend in ("triton", "triton_interpret"):
-        try:
-            import mmfast.ops._projection_triton  # noqa: F401
-        except ImportError as e:
-            reasons.append(f"kernel module failed to import ({e})")
-        n = facts.extra.get("row_width")
-        if n is not None and n > 65536:
-            reasons.append(f"row width {n} > 65536 (one row per program)")
-    return reasons
-
-
 def _example(device: str) -> Facts:
     return Facts(device, torch.bfloat16 if device == "cuda" else torch.float32)
 
 
-_TRITON = "mmfast.ops._projection_triton"
-FLCE_OP = register(Op(
-    "fused_linear_cross_entropy",
-    impls={"triton": _TRITON, "triton_interpret": _TRITON,
-           "reference": "chunked plain PyTorch (the CPU path; never holds the T×V logits)"},
-    supports=_supports, example=_example,
-))
-MLP_OP = register(Op(
-    "mlp_projector",
-    impls={"triton": _TRITON, "triton_interpret": _TRITON, "reference": "nn.functional Linear/GELU chain"},
-    supports=_supports, example=_example,
-))
-L2_OP = register(Op(
-    "linear_l2_normalize",
-    impls={"triton": _TRITON, "triton_interpret": _TRITON, "reference": "F.normalize(F.linear(...))"},
-    supports=_supports, example=_example,
-))
+_TRI = "mmfast.ops.backends.projection_triton"
+_TORCH = "mmfast.ops.backends.projection_torch"
+FLCE_OP = register(Op("fused_linear_cross_entropy", example=_example))
+FLCE_OP.add("triton", f"{_TRI}:FLCE_TRITON")
+FLCE_OP.add("triton_interpret", f"{_TRI}:FLCE_INTERPRET")
+FLCE_OP.add("reference", KernelBackend("mmfast.ops._flce", "ce_rows_torch", "ce_rows_torch",
+                                       doc="chunked plain PyTorch (the CPU path; never holds the T×V logits)"))
+FLCE_OP.add("torch", f"{_TORCH}:FLCE")
+MLP_OP = register(Op("mlp_projector", example=_example))
+MLP_OP.add("triton", f"{_TRI}:MLP_TRITON")
+MLP_OP.add("triton_interpret", f"{_TRI}:MLP_INTERPRET")
+MLP_OP.add("reference", Backend(forward=lambda x, params, act="gelu": mlp_projector_reference(x, params, act),
+                                doc="nn.functional Linear/GELU chain"))
+MLP_OP.add("torch", f"{_TORCH}:MLP")
+L2_OP = register(Op("linear_l2_normalize", example=_example))
+L2_OP.add("triton", f"{_TRI}:L2_TRITON")
+L2_OP.add("triton_interpret", f"{_TRI}:L2_INTERPRET")
+L2_OP.add("reference", Backend(forward=lambda x, w, b=None, eps=1e-6: linear_l2_normalize_reference(x, w, b, eps),
+                               doc="F.normalize(F.linear(...))"))
+L2_OP.add("torch", f"{_TORCH}:L2")
 
 
 def _select(op: Op, t: torch.Tensor, backend: str | None, **extra) -> str:
@@ -145,6 +147,10 @@ def fused_linear_cross_entropy(
             raise ValueError(f"target has class indices outside [0, {V}) that are not ignore_index={ignore_index}, "
                              f"e.g. {int(t[bad][0])}")
     chosen = _select(FLCE_OP, hidden, backend, row_width=None)
+    be = FLCE_OP.backend(chosen)
+    if not be.backward:  # AUTOGRAD: the plain composition
+        return be.forward(hidden, weight, target, bias, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                          reduction=reduction, z_loss=z_loss, softcap=softcap)
     chunk = int(chunk_size) if chunk_size else chunk_rows(h.shape[0], V, h.element_size(), device=h.device)
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -154,63 +160,6 @@ def fused_linear_cross_entropy(
             None if softcap is None else float(softcap), reduction, chunk, chosen, bool(dweight_fp32),
         )
     return out.reshape(target.shape) if reduction == "none" else out
-
-
-# --------------------------------------------------------------------------- custom ops (kernel launchers)
-# Opaque to torch.compile; each declares the buffer it overwrites in place.
-@torch.library.custom_op("mmfast::bias_gelu_fwd", mutates_args=("y",))
-def _bias_gelu_op(y: torch.Tensor, bias: torch.Tensor | None, approximate: bool, store_u: bool) -> torch.Tensor:
-    from mmfast.ops._projection_triton import bias_gelu_fwd
-
-    return bias_gelu_fwd(y, bias, approximate, store_u)
-
-
-@_bias_gelu_op.register_fake
-def _(y, bias, approximate, store_u):
-    return torch.empty_like(y)
-
-
-@torch.library.custom_op("mmfast::gelu_bwd", mutates_args=("dh",))
-def _gelu_bwd_op(u: torch.Tensor, dh: torch.Tensor, approximate: bool, recompute_h: bool) -> torch.Tensor:
-    from mmfast.ops._projection_triton import gelu_bwd
-
-    h = gelu_bwd(u, dh, approximate, recompute_h)
-    return h if h is not None else u.new_empty(0)
-
-
-@_gelu_bwd_op.register_fake
-def _(u, dh, approximate, recompute_h):
-    return torch.empty_like(u) if recompute_h else u.new_empty(0)
-
-
-@torch.library.custom_op("mmfast::bias_l2_fwd", mutates_args=())
-def _bias_l2_op(y: torch.Tensor, bias: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    from mmfast.ops._projection_triton import bias_l2_fwd
-
-    return bias_l2_fwd(y, bias, eps)
-
-
-@_bias_l2_op.register_fake
-def _(y, bias, eps):
-    return torch.empty_like(y), y.new_empty(y.shape[0], dtype=torch.float32)
-
-
-@torch.library.custom_op("mmfast::l2_bwd", mutates_args=("dout",))
-def _l2_bwd_op(out: torch.Tensor, dout: torch.Tensor, rnorm: torch.Tensor, eps: float) -> None:
-    from mmfast.ops._projection_triton import l2_bwd
-
-    l2_bwd(out, dout, rnorm, eps)
-
-
-@_l2_bwd_op.register_fake
-def _(out, dout, rnorm, eps):
-    return None
-
-
-_bias_gelu_call = eager_fast(_bias_gelu_op)
-_gelu_bwd_call = eager_fast(_gelu_bwd_op)
-_bias_l2_call = eager_fast(_bias_l2_op)
-_l2_bwd_call = eager_fast(_l2_bwd_op)
 
 
 # --------------------------------------------------------------------------- MLP projector
@@ -231,57 +180,23 @@ def mlp_projector_reference(x, params, act="gelu"):
 
 
 class _MLPFunction(torch.autograd.Function):
-    """Forward: per hidden layer ``y = a Wᵀ`` then one pass ``u = y + b, h = gelu(u)`` (u kept); the last
-    layer is ``addmm``. Backward, per layer from the top: ``dW = gᵀ a``, ``db = Σ_rows g``, ``dh = g W``,
-    one pass ``du = dh · gelu'(u)`` in place over dh. When recomputing, ``a = h = gelu(u)`` is rebuilt
-    for ``dW`` and freed before ``dh`` is allocated, so the two (rows × hidden) buffers never coexist:
-    the backward peaks at two of them (u and h, then u and dh) instead of three."""
+    """The explicit-backward backends' glue (see :mod:`mmfast.ops.backends.projection_triton`)."""
 
     @staticmethod
-    def forward(ctx, x, approx, recompute, *params):
+    def forward(ctx, be, approx, recompute, x, *params):
         ws, bs = params[0::2], params[1::2]
-        a = x  # (M, K)
-        us, hs = [], []
-        for w, b in zip(ws[:-1], bs[:-1]):
-            y = torch.mm(a, w.t())  # (M, N); becomes u in place
-            a = _bias_gelu_call(y, b, approx, True)
-            us.append(y)
-            hs.append(None if recompute else a)
-        out = torch.mm(a, ws[-1].t()) if bs[-1] is None else torch.addmm(bs[-1], a, ws[-1].t())
-        ctx.save_for_backward(x, *ws, *us, *[h for h in hs if h is not None])
-        ctx.cfg = (approx, recompute, len(ws), tuple(b is not None for b in bs))
+        out, saved = be.forward(x, ws, bs, approx, recompute)
+        ctx.save_for_backward(*saved)
+        ctx.cfg = (be, approx, recompute, tuple(b is not None for b in bs))
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        approx, recompute, n, has_b = ctx.cfg
-        saved = ctx.saved_tensors
-        x, ws, us = saved[0], saved[1:1 + n], saved[1 + n:2 * n]
-        hs = list(saved[2 * n:]) if not recompute else [None] * (n - 1)
+        be, approx, recompute, has_b = ctx.cfg
         needs = ctx.needs_input_grad[3:]
-        dws, dbs = [None] * n, [None] * n
-        g = g.contiguous()
-        for i in range(n - 1, -1, -1):
-            if needs[2 * i]:
-                if i == 0:
-                    a = x
-                elif recompute:
-                    a = _bias_gelu_call(us[i - 1], None, approx, False)  # h = gelu(u), a new buffer
-                else:
-                    a = hs[i - 1]
-                dws[i] = torch.mm(g.t(), a)
-                a = None  # a recomputed h is freed here, before dh exists
-            if has_b[i] and needs[2 * i + 1]:
-                dbs[i] = g.sum(0)
-            if i > 0:
-                dh = torch.mm(g, ws[i])  # (M, N_{i-1}); becomes du in place
-                _gelu_bwd_call(us[i - 1], dh, approx, False)
-            else:
-                dh = torch.mm(g, ws[0]) if ctx.needs_input_grad[0] else None
-            g = dh
-        grads = [v for pair in zip(dws, dbs) for v in pair]
-        return (g, None, None, *grads)
+        dx, grads = be.backward(ctx.saved_tensors, g, approx, recompute, has_b, needs)
+        return (None, None, None, dx, *grads)
 
 
 def mlp_projector(x: torch.Tensor, params, act: str = "gelu", *, recompute: bool = False, backend: str | None = None):
@@ -309,13 +224,13 @@ def mlp_projector(x: torch.Tensor, params, act: str = "gelu", *, recompute: bool
             if tuple(b.shape) != (w.shape[0],):
                 raise ValueError(f"params[{i}].bias must be ({w.shape[0]},), got {tuple(b.shape)}")
         k = w.shape[0]
-    chosen = _select(MLP_OP, x, backend)
-    if chosen == "reference" or len(params) == 1:
-        return mlp_projector_reference(x, params, act)
+    be = MLP_OP.backend(_select(MLP_OP, x, backend))
+    if not be.backward or len(params) == 1:  # AUTOGRAD backends; one layer is one F.linear
+        return (be.forward if not be.backward else mlp_projector_reference)(x, params, act)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
     flat = [t.contiguous() if t is not None else None for pair in params for t in pair]
     with torch.autocast(x.device.type, enabled=False):
-        out = _MLPFunction.apply(x2, approx, bool(recompute), *flat)
+        out = _MLPFunction.apply(be, approx, bool(recompute), x2, *flat)
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
@@ -328,13 +243,13 @@ def bias_gelu(y: torch.Tensor, bias: torch.Tensor | None = None, act: str = "gel
         _check_float("bias", bias, y)
         if tuple(bias.shape) != (y.shape[-1],):
             raise ValueError(f"bias must be ({y.shape[-1]},), got {tuple(bias.shape)}")
-    chosen = _select(MLP_OP, y, backend)
+    be = MLP_OP.backend(_select(MLP_OP, y, backend))
     grad = torch.is_grad_enabled() and (y.requires_grad or (bias is not None and bias.requires_grad))
-    if chosen == "reference" or grad:
+    if not hasattr(be, "bias_gelu") or grad:
         u = y if bias is None else y + bias
         return F.gelu(u, approximate="tanh" if approx else "none")
     y2 = y.reshape(-1, y.shape[-1]).contiguous()
-    return _bias_gelu_call(y2, bias, approx, False).reshape(y.shape)  # store_u=False: y is only read
+    return be.bias_gelu(y2, bias, approx).reshape(y.shape)
 
 
 # --------------------------------------------------------------------------- linear + L2 normalise
@@ -344,24 +259,19 @@ def linear_l2_normalize_reference(x, weight, bias=None, eps=1e-6):
 
 class _LinearL2Function(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        y = torch.mm(x, weight.t())  # (M, D)
-        out, rnorm = _bias_l2_call(y, bias, eps)
-        ctx.save_for_backward(x, weight, out, rnorm)
-        ctx.eps = eps
-        ctx.has_bias = bias is not None
+    def forward(ctx, be, x, weight, bias, eps):
+        out, saved = be.forward(x, weight, bias, eps)
+        ctx.save_for_backward(*saved)
+        ctx.cfg = (be, eps, bias is not None)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        x, weight, out, rnorm = ctx.saved_tensors
-        dy = g.contiguous().clone()  # (M, D); becomes the gradient w.r.t. y in place
-        _l2_bwd_call(out, dy, rnorm, ctx.eps)
-        dx = torch.mm(dy, weight) if ctx.needs_input_grad[0] else None
-        dw = torch.mm(dy.t(), x) if ctx.needs_input_grad[1] else None
-        db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dw, db, None
+        be, eps, has_bias = ctx.cfg
+        need = ctx.needs_input_grad
+        dx, dw, db = be.backward(ctx.saved_tensors, g, eps, (need[1], need[2], has_bias and need[3]))
+        return None, dx, dw, db, None
 
 
 def linear_l2_normalize(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -378,12 +288,12 @@ def linear_l2_normalize(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
             raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
     if not float(eps) > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
-    chosen = _select(L2_OP, x, backend, row_width=weight.shape[0])
-    if chosen == "reference":
-        return linear_l2_normalize_reference(x, weight, bias, eps)
+    be = L2_OP.backend(_select(L2_OP, x, backend, row_width=weight.shape[0]))
+    if not be.backward:  # AUTOGRAD backends
+        return be.forward(x, weight, bias, eps)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     with torch.autocast(x.device.type, enabled=False):
-        out = _LinearL2Function.apply(x2, weight.contiguous(), bias, float(eps))
+        out = _LinearL2Function.apply(be, x2, weight.contiguous(), bias, float(eps))
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 

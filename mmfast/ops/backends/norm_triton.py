@@ -1,0 +1,74 @@
+"""LayerNorm / RMSNorm through the Triton kernels (:mod:`mmfast.ops._norm_triton`), behind
+``mmfast::norm_fwd`` / ``mmfast::norm_bwd`` custom ops so torch.compile keeps one opaque call per direction.
+
+Contract (explicit backward; see :mod:`mmfast.ops.norm`)::
+
+    forward(x (M, N), residual (M, N) | None, weight | None, bias | None, eps, is_rms)
+        -> (y, s, mean, rstd)        # s: x + residual in residual's dtype (empty without residual)
+    backward(s, weight, dy, ds | None, mean, rstd, is_rms) -> (dx, dw fp32, db fp32)
+"""
+from __future__ import annotations
+
+import torch
+
+from mmfast.ops._dispatch import Backend, Facts, eager_fast
+
+MAX_N = 65536
+
+
+@torch.library.custom_op("mmfast::norm_fwd", mutates_args=())
+def _norm_fwd_op(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
+    bias: torch.Tensor | None, eps: float, is_rms: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from mmfast.ops._norm_triton import norm_fwd
+
+    y, s, mean, rstd = norm_fwd(x, residual, weight, bias, eps, is_rms,
+                                residual.dtype if residual is not None else x.dtype)
+    return y, (s if s is not None else x.new_empty(0)), mean, rstd
+
+
+@_norm_fwd_op.register_fake
+def _(x, residual, weight, bias, eps, is_rms):
+    M = x.shape[0]
+    f32 = {"device": x.device, "dtype": torch.float32}
+    s = residual.new_empty(residual.shape) if residual is not None else x.new_empty(0)
+    return x.new_empty(x.shape), s, torch.empty(M, **f32), torch.empty(M, **f32)
+
+
+@torch.library.custom_op("mmfast::norm_bwd", mutates_args=())
+def _norm_bwd_op(
+    s: torch.Tensor, weight: torch.Tensor | None, dy: torch.Tensor, ds: torch.Tensor | None,
+    mean: torch.Tensor, rstd: torch.Tensor, is_rms: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from mmfast.ops._norm_triton import norm_bwd
+
+    return norm_bwd(s, weight, dy, ds, mean, rstd, is_rms, dy.dtype)
+
+
+@_norm_bwd_op.register_fake
+def _(s, weight, dy, ds, mean, rstd, is_rms):
+    N = s.shape[1]
+    f32 = {"device": s.device, "dtype": torch.float32}
+    return dy.new_empty(s.shape), torch.empty(N, **f32), torch.empty(N, **f32)
+
+
+norm_fwd_call = eager_fast(_norm_fwd_op)
+norm_bwd_call = eager_fast(_norm_bwd_op)
+
+
+class TritonNorm(Backend):
+    doc = "Triton kernels, one row per program (fused residual add)"
+
+    def supports(self, facts: Facts):
+        n = facts.get("n")
+        if n is not None and n > MAX_N:
+            return [f"normalised size {n} > {MAX_N} (one row per program)"]
+        return []
+
+    forward = staticmethod(norm_fwd_call)
+    backward = staticmethod(norm_bwd_call)
+
+
+TRITON = TritonNorm(devices=("cuda",), needs=("triton",))
+INTERPRET = TritonNorm(devices=("cpu",), needs=("triton_interpret",))
