@@ -12,8 +12,9 @@ checkout) under DeepSpeed's launcher, or torchrun (``--launcher torchrun``; alwa
 > 1: one ``mmfast train`` per node, torchrun's static rendezvous). The launcher and its ranks form
 their own process group: SIGINT/SIGTERM to ``mmfast train`` are forwarded to the whole group (SIGKILL
 after a grace period), and each rank exits by itself once ``mmfast train`` is gone, even after a
-SIGKILL (:func:`mmfast.training.engine.watch_supervisor`). On one node the rendezvous store listens on
-127.0.0.1 only, and gloo talks over the loopback interface.
+SIGKILL (:func:`mmfast.training.engine.watch_supervisor`). On one node under DeepSpeed's launcher the
+rendezvous store listens on 127.0.0.1 only (torch's TCPStore alone would bind every interface), and
+gloo talks over the loopback interface; torchrun starts an agent store of its own, on every interface.
 """
 from __future__ import annotations
 
