@@ -12,7 +12,7 @@ The target is ``"module:attribute"`` (imported the first time the backend is con
 becomes a refusal reason, never a crash) or a :class:`Backend` instance. Adding a backend is one new module
 holding the object plus that one registration line. A backend states:
 
-* ``devices`` — the torch device types it runs on; ``dtypes`` — the input dtypes it takes;
+* ``devices`` — the torch device types it runs on (None: any); ``dtypes`` — the input dtypes it takes;
 * ``needs`` — what it needs from the machine, among :data:`NEEDS` (``"triton"``: compiled Triton on a
   CUDA device; ``"triton_interpret"``: Triton's interpreter, i.e. ``TRITON_INTERPRET=1`` at import;
   ``"cpp"``: the ``mmfast._C`` extension; ``"cuda"``: a CUDA device);
@@ -41,9 +41,10 @@ Choosing a backend
    first, for the call's *device family* (``sm90``, ``sm80``, ..., ``cpu``; :func:`device_family`) and
    the op's *shape class* (``op.shape_class(facts)``, e.g. ``causal/s2k/train`` for attention); then the
    family's ``*`` row (the order over all the classes measured on that family);
-2. the op's default order: the order of its registration lines (documented in each family module). By
-   convention mmfast's kernels come first, then the reference, then vendor/``torch`` backends: a vendor
-   kernel runs by default only where the table measured it faster.
+2. the op's default order: the order of its registration lines, or the op's ``device_order`` for the
+   call's device type (documented in each family module). By convention mmfast's kernels come first,
+   then on CUDA the vendor kernels, then the reference; on CPU the reference comes before the vendor
+   kernels (CPU results stay those of the reference unless a CPU table row says otherwise).
 
 ``mmfast info`` lists every op and backend with its refusals; ``mmfast info --explain OP --shape ...``
 explains one call: the facts, the shape class, the table row used, the choice and every refusal.
@@ -245,7 +246,7 @@ class Backend:
     with keyword arguments) and override :meth:`supports`, ``forward`` and ``backward``."""
 
     name: str = ""  # set by Op.add
-    devices: tuple[str, ...] = ("cpu", "cuda")
+    devices: tuple[str, ...] | None = ("cpu", "cuda")  # None: any device
     dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
     needs: tuple[str, ...] = ()
     doc: str = ""
@@ -264,7 +265,7 @@ class Backend:
 
     def reasons(self, facts: Facts, e: Env | None = None) -> list[str]:
         reasons = []
-        if facts.device not in self.devices:
+        if self.devices is not None and facts.device not in self.devices:
             reasons.append(f"{_device_phrase(self.devices)}, got device '{facts.device}'")
         if facts.dtype not in self.dtypes:
             reasons.append(f"dtype {_dtype_name(facts.dtype)} is not one of "
@@ -345,14 +346,14 @@ class LegacyBackend(Backend):
                              "triton_interpret": (("cpu",), ("triton_interpret",)), "cpp": (("cpu",), ("cpp",))}
 
     def __init__(self, name: str, target: object):
-        devices, needs = self._ENVS.get(name, (("cpu", "cuda", "mps", "xpu", "meta"), ()))
+        devices, needs = self._ENVS.get(name, (None, ()))
         super().__init__(devices=devices, needs=needs, doc=str(target))
         self.dtypes = (*FLOAT_DTYPES, torch.float64)
         self.target = target
 
     def reasons(self, facts, e=None):
         reasons = super().reasons(facts, e)
-        if facts.device not in self.devices and self.devices == ("cpu",):
+        if self.devices == ("cpu",) and facts.device != "cpu":
             # keep the old wording for the CPU-only environments
             reasons[0] = (f"the interpreter runs on CPU tensors, got device '{facts.device}'"
                           if "triton_interpret" in self.needs
@@ -370,13 +371,16 @@ class Op:
 
     ``supports(backend_name, facts)`` adds op-wide reasons (say, input dtypes no backend takes);
     ``example(device)`` gives the Facts ``mmfast info`` shows when no call is at hand;
-    ``shape_class(facts)`` names the preference table's row for a call (None: one row, ``*``)."""
+    ``shape_class(facts)`` names the preference table's row for a call (None: one row, ``*``);
+    ``device_order`` gives a device type its own default order (say, the reference before CPU vendor
+    kernels on ``cpu``)."""
 
     name: str
     impls: dict[str, object] | None = None  # the old registration form: {backend name: target}
     supports: SupportsFn | None = None
     example: Callable[[str], Facts] | None = None
     shape_class: Callable[[Facts], str] | None = None
+    device_order: dict[str, tuple[str, ...]] | None = None  # per device type, overrides registration order
     _targets: dict[str, object] = field(default_factory=dict)
     _loaded: dict[str, Backend] = field(default_factory=dict)
 
@@ -401,6 +405,12 @@ class Op:
     def order(self) -> tuple[str, ...]:
         """The default order: registration order."""
         return tuple(self._targets)
+
+    def default_order(self, device: str) -> tuple[str, ...]:
+        """``device_order[device]`` when the op gives one (then the other backends in registration order),
+        else the registration order."""
+        first = tuple(b for b in (self.device_order or {}).get(device, ()) if b in self._targets)
+        return first + tuple(b for b in self._targets if b not in first)
 
     def backend(self, name: str) -> Backend:
         """The Backend object registered as ``name`` (imported on first use)."""
@@ -451,7 +461,7 @@ class Op:
                 names = row["order"] if isinstance(row, dict) else row
                 order += [n for n in names if n in self._targets and n not in order]
                 source.append(f"table {fam}/{key}")
-        order += [n for n in self.order if n not in order]
+        order += [n for n in self.default_order(facts.device) if n not in order]
         source.append("default order")
         return order, " then ".join(source)
 

@@ -51,9 +51,9 @@ The facts a backend is asked about (``Facts.extra``): head_dim, heads, kv_heads,
 mask ("full" | "causal" | "window" | "prefix"), softcap, alibi, dropout, varlen, kvcache, paged, need_lse,
 grad, empty_rows (some query row sees no key). ``auto``: the preference table's row for the device family
 and the shape class ``<mask>/<s256|s512|s1k|s2k|s4k|long>/<train|infer>`` (``decode/...`` for kv caches),
-then the default order: triton, triton_interpret, reference, flash_attn, sdpa_cudnn, sdpa_flash,
-sdpa_efficient, flex, sdpa_math (mmfast's kernels first, which take every call on CUDA; a vendor kernel runs
-by default only where the table measured it faster). ``mmfast info --explain attention --shape B,S,H,D ...`` shows the choice.
+then the default order: triton, triton_interpret, flash_attn, sdpa_cudnn, sdpa_flash, sdpa_efficient, flex,
+sdpa_math, reference (on CPU: triton_interpret, reference, then the others), so a vendor kernel runs by
+default only where the table measured it faster or where mmfast's kernels cannot run. ``mmfast info --explain attention --shape B,S,H,D ...`` shows the choice.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmfast.ops._dispatch import Backend, Facts, Op, check_backend_name, register
+from mmfast.ops._dispatch import AUTOGRAD, Backend, Facts, Op, check_backend_name, register
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _REFERENCE_DTYPES = (*_SUPPORTED_DTYPES, torch.float64)  # fp64: the oracle, reference backend only
@@ -315,17 +315,18 @@ def _supports(backend: str, facts: Facts) -> list[str]:
 
 
 _B = "mmfast.ops.backends"
-ATTENTION_OP = register(Op("flash_attention", supports=_supports, example=_example, shape_class=shape_class))
+ATTENTION_OP = register(Op("flash_attention", supports=_supports, example=_example, shape_class=shape_class,
+                           device_order={"cpu": ("triton_interpret", "reference")}))
 ATTENTION_OP.add("triton", f"{_B}.attention_triton:TRITON")
 ATTENTION_OP.add("triton_interpret", f"{_B}.attention_triton:INTERPRET")
-ATTENTION_OP.add("reference", Backend(forward=lambda q, k, v, p, need_lse=False: _reference(q, k, v, p),
-                                      dtypes=_REFERENCE_DTYPES, doc="plain PyTorch, S×S scores"))
 ATTENTION_OP.add("flash_attn", f"{_B}.attention_flash_attn:FLASH_ATTN")
 ATTENTION_OP.add("sdpa_cudnn", f"{_B}.attention_sdpa:CUDNN")
 ATTENTION_OP.add("sdpa_flash", f"{_B}.attention_sdpa:FLASH")
 ATTENTION_OP.add("sdpa_efficient", f"{_B}.attention_sdpa:EFFICIENT")
 ATTENTION_OP.add("flex", f"{_B}.attention_flex:FLEX")
 ATTENTION_OP.add("sdpa_math", f"{_B}.attention_sdpa:MATH")
+ATTENTION_OP.add("reference", Backend(devices=None, forward=lambda q, k, v, p, need_lse=False: _reference(q, k, v, p),
+                                      dtypes=_REFERENCE_DTYPES, doc="plain PyTorch, S×S scores"))
 
 
 def _facts(q, k, p: AttnParams, need_lse: bool, grad: bool) -> Facts:
@@ -457,7 +458,7 @@ def _backend(q, k, p: AttnParams, backend, need_lse: bool, grad: bool):
 def _run(q, k, v, p: AttnParams, backend, need_lse: bool = True):
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     be = _backend(q, k, p, backend, need_lse, grad)
-    if not be.backward:  # AUTOGRAD backends: differentiable as they are
+    if be.backward is AUTOGRAD:  # AUTOGRAD backends: differentiable as they are
         return be.forward(q, k, v, p, need_lse)
     return _FlashAttnFn.apply(q, k, v, p, be)
 
@@ -491,7 +492,7 @@ def _run_forward_only(q, k, v, p: AttnParams, backend, need_lse: bool = True):
     """(out, lse) without autograd (paged k/v, kv cache)."""
     be = _backend(q, k, p, backend, need_lse, False)
     with torch.no_grad():
-        if not be.backward:
+        if be.backward is AUTOGRAD:
             return be.forward(q, k, v, p, need_lse)
         q = q if q.stride(-1) == 1 else q.contiguous()
         out, lse, _saved = be.forward(q, k, v, p)

@@ -112,13 +112,13 @@ CLIP_OP = register(Op("clip_loss", supports=_supports, example=_example))
 CLIP_OP.add("triton", _kernel(_TRI, "clip_fwd", "clip_bwd", devices=("cuda",), needs=("triton",)))
 CLIP_OP.add("triton_interpret", _kernel(_TRI, "clip_fwd", "clip_bwd", devices=("cpu",), needs=("triton_interpret",)))
 CLIP_OP.add("cpp", _kernel(_CPP, "clip_fwd", "clip_bwd", devices=("cpu",), needs=("cpp",)))
-CLIP_OP.add("reference", Backend(doc="plain PyTorch over the full logits", dtypes=_SUPPORTED_DTYPES))
+CLIP_OP.add("reference", Backend(devices=None, doc="plain PyTorch over the full logits", dtypes=_SUPPORTED_DTYPES))
 SIGLIP_OP = register(Op("siglip_loss", supports=_supports, example=_example))
 SIGLIP_OP.add("triton", _kernel(_TRI, "siglip_fwd", "siglip_bwd", devices=("cuda",), needs=("triton",)))
 SIGLIP_OP.add("triton_interpret", _kernel(_TRI, "siglip_fwd", "siglip_bwd", devices=("cpu",),
                                           needs=("triton_interpret",)))
 SIGLIP_OP.add("cpp", _kernel(_CPP, "siglip_fwd", "siglip_bwd", devices=("cpu",), needs=("cpp",)))
-SIGLIP_OP.add("reference", Backend(doc="plain PyTorch over the full logits", dtypes=_SUPPORTED_DTYPES))
+SIGLIP_OP.add("reference", Backend(devices=None, doc="plain PyTorch over the full logits", dtypes=_SUPPORTED_DTYPES))
 
 
 def _kernels(backend: str):
@@ -305,7 +305,7 @@ DISTILL_OP.add("triton", KernelBackend(_DISTILL_TRITON, "distill_fwd", "distill_
                                        needs=("triton",), dtypes=_ALL_DT))
 DISTILL_OP.add("triton_interpret", KernelBackend(_DISTILL_TRITON, "distill_fwd", "distill_bwd", devices=("cpu",),
                                                  needs=("triton_interpret",), dtypes=_ALL_DT))
-DISTILL_OP.add("reference", KernelBackend("mmfast.ops._distill_blockwise", "distill_fwd", "distill_bwd", dtypes=_ALL_DT,
+DISTILL_OP.add("reference", KernelBackend("mmfast.ops._distill_blockwise", "distill_fwd", "distill_bwd", devices=None, dtypes=_ALL_DT,
                                           doc="row blocks in PyTorch (never the N×N logits; also fp64)"))
 
 

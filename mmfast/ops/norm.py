@@ -16,15 +16,14 @@ Backend contract (see :mod:`mmfast.ops._dispatch`). Explicit-backward backends (
 ``s`` is the new residual (an empty tensor without one), ``mean``/``rstd`` fp32 (M,). ``AUTOGRAD`` backends
 (``torch``: :mod:`mmfast.ops.backends.norm_torch`; ``reference``: below) take the public call:
 ``forward(x, weight, bias, eps, residual)`` (LayerNorm) / ``forward(x, weight, eps, residual)`` (RMSNorm).
-Default order: triton, triton_interpret, reference, torch (a torch backend runs by default only where
-the preference table measured it faster).
+Default order: triton, triton_interpret, torch, reference (CPU: triton_interpret, reference, torch).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from mmfast.ops._dispatch import Backend, Facts, Op, check_backend_name, register
+from mmfast.ops._dispatch import AUTOGRAD, Backend, Facts, Op, check_backend_name, register
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -56,16 +55,17 @@ def rms_norm_reference(x, weight=None, eps=1e-6, residual=None):
 
 # --------------------------------------------------------------------------- backends
 _TRITON = "mmfast.ops.backends.norm_triton"
-LAYER_NORM_OP = register(Op("layer_norm", example=_example))
+_CPU_ORDER = {"cpu": ("triton_interpret", "reference")}  # CPU results stay the reference's
+LAYER_NORM_OP = register(Op("layer_norm", example=_example, device_order=_CPU_ORDER))
 LAYER_NORM_OP.add("triton", f"{_TRITON}:TRITON")
 LAYER_NORM_OP.add("triton_interpret", f"{_TRITON}:INTERPRET")
-LAYER_NORM_OP.add("reference", Backend(forward=layer_norm_reference, doc="plain PyTorch, statistics in fp32"))
 LAYER_NORM_OP.add("torch", "mmfast.ops.backends.norm_torch:LAYER")
-RMS_NORM_OP = register(Op("rms_norm", example=_example))
+LAYER_NORM_OP.add("reference", Backend(devices=None, forward=layer_norm_reference, doc="plain PyTorch, statistics in fp32"))
+RMS_NORM_OP = register(Op("rms_norm", example=_example, device_order=_CPU_ORDER))
 RMS_NORM_OP.add("triton", f"{_TRITON}:TRITON")
 RMS_NORM_OP.add("triton_interpret", f"{_TRITON}:INTERPRET")
-RMS_NORM_OP.add("reference", Backend(forward=rms_norm_reference, doc="plain PyTorch, statistics in fp32"))
 RMS_NORM_OP.add("torch", "mmfast.ops.backends.norm_torch:RMS")
+RMS_NORM_OP.add("reference", Backend(devices=None, forward=rms_norm_reference, doc="plain PyTorch, statistics in fp32"))
 
 
 def __getattr__(name):  # the custom-op launchers moved to the triton backend module
@@ -139,7 +139,7 @@ def _run(op, x, weight, bias, eps, residual, is_rms, backend):
     if not float(eps) > 0:
         raise ValueError(f"{op.name}: eps must be > 0, got {eps}")
     be = op.backend(op.select(Facts.of([x], n=x.shape[-1]), backend))
-    if not be.backward:  # AUTOGRAD: the backend's forward is the public call, differentiable
+    if be.backward is AUTOGRAD:  # AUTOGRAD: the backend's forward is the public call, differentiable
         return be.forward(x, weight, eps, residual) if is_rms else be.forward(x, weight, bias, eps, residual)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()  # (M, N)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from mmfast.ops._dispatch import (
+    AUTOGRAD,
     Backend,
     Facts,
     KernelBackend,
@@ -54,21 +55,22 @@ _TORCH = "mmfast.ops.backends.projection_torch"
 FLCE_OP = register(Op("fused_linear_cross_entropy", example=_example))
 FLCE_OP.add("triton", f"{_TRI}:FLCE_TRITON")
 FLCE_OP.add("triton_interpret", f"{_TRI}:FLCE_INTERPRET")
-FLCE_OP.add("reference", KernelBackend("mmfast.ops._flce", "ce_rows_torch", "ce_rows_torch",
+FLCE_OP.add("reference", KernelBackend("mmfast.ops._flce", "ce_rows_torch", "ce_rows_torch", devices=None,
                                        doc="chunked plain PyTorch (the CPU path; never holds the T×V logits)"))
 FLCE_OP.add("torch", f"{_TORCH}:FLCE")
-MLP_OP = register(Op("mlp_projector", example=_example))
+_CPU_ORDER = {"cpu": ("triton_interpret", "reference")}  # CPU results stay the reference's
+MLP_OP = register(Op("mlp_projector", example=_example, device_order=_CPU_ORDER))
 MLP_OP.add("triton", f"{_TRI}:MLP_TRITON")
 MLP_OP.add("triton_interpret", f"{_TRI}:MLP_INTERPRET")
-MLP_OP.add("reference", Backend(forward=lambda x, params, act="gelu": mlp_projector_reference(x, params, act),
-                                doc="nn.functional Linear/GELU chain"))
 MLP_OP.add("torch", f"{_TORCH}:MLP")
-L2_OP = register(Op("linear_l2_normalize", example=_example))
+MLP_OP.add("reference", Backend(devices=None, forward=lambda x, params, act="gelu": mlp_projector_reference(x, params, act),
+                                doc="nn.functional Linear/GELU chain"))
+L2_OP = register(Op("linear_l2_normalize", example=_example, device_order=_CPU_ORDER))
 L2_OP.add("triton", f"{_TRI}:L2_TRITON")
 L2_OP.add("triton_interpret", f"{_TRI}:L2_INTERPRET")
-L2_OP.add("reference", Backend(forward=lambda x, w, b=None, eps=1e-6: linear_l2_normalize_reference(x, w, b, eps),
-                               doc="F.normalize(F.linear(...))"))
 L2_OP.add("torch", f"{_TORCH}:L2")
+L2_OP.add("reference", Backend(devices=None, forward=lambda x, w, b=None, eps=1e-6: linear_l2_normalize_reference(x, w, b, eps),
+                               doc="F.normalize(F.linear(...))"))
 
 
 def _select(op: Op, t: torch.Tensor, backend: str | None, **extra) -> str:
@@ -148,7 +150,7 @@ def fused_linear_cross_entropy(
                              f"e.g. {int(t[bad][0])}")
     chosen = _select(FLCE_OP, hidden, backend, row_width=None)
     be = FLCE_OP.backend(chosen)
-    if not be.backward:  # AUTOGRAD: the plain composition
+    if be.backward is AUTOGRAD:  # AUTOGRAD: the plain composition
         return be.forward(hidden, weight, target, bias, ignore_index=ignore_index, label_smoothing=label_smoothing,
                           reduction=reduction, z_loss=z_loss, softcap=softcap)
     chunk = int(chunk_size) if chunk_size else chunk_rows(h.shape[0], V, h.element_size(), device=h.device)
@@ -225,8 +227,8 @@ def mlp_projector(x: torch.Tensor, params, act: str = "gelu", *, recompute: bool
                 raise ValueError(f"params[{i}].bias must be ({w.shape[0]},), got {tuple(b.shape)}")
         k = w.shape[0]
     be = MLP_OP.backend(_select(MLP_OP, x, backend))
-    if not be.backward or len(params) == 1:  # AUTOGRAD backends; one layer is one F.linear
-        return (be.forward if not be.backward else mlp_projector_reference)(x, params, act)
+    if be.backward is AUTOGRAD or len(params) == 1:  # AUTOGRAD backends; one layer is one F.linear
+        return (be.forward if be.backward is AUTOGRAD else mlp_projector_reference)(x, params, act)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
     flat = [t.contiguous() if t is not None else None for pair in params for t in pair]
     with torch.autocast(x.device.type, enabled=False):
@@ -289,7 +291,7 @@ def linear_l2_normalize(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     if not float(eps) > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     be = L2_OP.backend(_select(L2_OP, x, backend, row_width=weight.shape[0]))
-    if not be.backward:  # AUTOGRAD backends
+    if be.backward is AUTOGRAD:  # AUTOGRAD backends
         return be.forward(x, weight, bias, eps)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     with torch.autocast(x.device.type, enabled=False):
