@@ -126,9 +126,11 @@ def _patch_causal_lm_loss(model: torch.nn.Module):
             loss = out[0].reshape(())
             return (loss, loss.new_empty(*box["shape"], 0)) + tuple(out[1:])
         loss = out["logits"].reshape(())
-        out["logits"] = loss.new_empty(*box["shape"], 0)
-        out["loss"] = loss
-        return out
+        # Rebuilt rather than `out["loss"] = loss`: a ModelOutput key set after construction goes to the
+        # end, so `to_tuple()` / indexing would no longer put the loss first as return_dict=False does.
+        fields = dict(out.items())
+        fields.update(loss=loss, logits=loss.new_empty(*box["shape"], 0))
+        return type(out)(**fields)
 
     return set_forwards([(model, forward)])
 
@@ -175,7 +177,9 @@ def _patch_hf_clip_heads(model: torch.nn.Module):
 
     def forward(input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, return_loss=None,
                 interpolate_pos_encoding=False, **kwargs):
-        kwargs.pop("return_dict", None)
+        return_dict = kwargs.pop("return_dict", None)
+        if return_dict is None:  # as transformers' can_return_tuple: the argument, else the config
+            return_dict = getattr(model.config, "return_dict", True)
         vision = model.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
                                     return_dict=True, **kwargs)
         text = model.text_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -187,11 +191,12 @@ def _patch_hf_clip_heads(model: torch.nn.Module):
         loss = contrastive(logits_per_text) if return_loss else None
         # The projected, unnormalised features are never formed: the towers' outputs keep their
         # own pooler_output (pre-projection), as CLIPVisionModel / CLIPTextModel return it.
-        return hf_clip.CLIPOutput(
+        out = hf_clip.CLIPOutput(
             loss=loss, logits_per_image=logits_per_text.t(), logits_per_text=logits_per_text,
             text_embeds=text_embeds, image_embeds=image_embeds, text_model_output=text,
             vision_model_output=vision,
         )
+        return out if return_dict else out.to_tuple()
 
     return set_forwards([(model, forward)])
 
