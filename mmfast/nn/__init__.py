@@ -15,6 +15,9 @@ _EXPORTS = {
     "LinearL2Normalize": "projection",
     "LayerNorm": "norm",
     "RMSNorm": "norm",
+    "ApplyRotary": "llama",
+    "SwiGLU": "llama",
+    "SwiGLUMLP": "llama",
 }
 
 

@@ -34,6 +34,12 @@ _EXPORTS = {
     # norm.py
     "layer_norm": "norm",
     "rms_norm": "norm",
+    # llama.py
+    "rotary_embedding": "llama",
+    "apply_rotary_pos_emb": "llama",
+    "swiglu": "llama",
+    "swiglu_down": "llama",
+    "add_rms_norm": "llama",
 }
 
 
