@@ -8,8 +8,23 @@ Math. For hidden rows ``h_i`` (T, H), weight ``W`` (V, H), bias ``b`` and target
 
 Algorithm. Tokens are processed in chunks of C rows, C chosen so the chunk's logits (C, V) fit a
 byte budget. Per chunk: ``logits = h_c Wᵀ (+ b)`` (cuBLAS), one row pass (a Triton kernel, or plain
-PyTorch on the reference backend) computes ℓ and overwrites the logits with ``s_i · dℓ_i/dx``, then
-``dh_c = dlogits W`` and ``dW += dlogitsᵀ h_c`` (accumulated in fp32), ``db += Σ_rows dlogits``.
+PyTorch on the reference backend) computes ℓ and lse and overwrites the logits with ``s_i · dℓ_i/dx``,
+then ``dh_c = dlogits W``. The weight gradient:
+
+* one chunk (or an fp32 weight, or ``dw_fp32=False``): ``dW += dlogitsᵀ h_c`` per chunk, into dW in
+  its own dtype (one chunk: that single GEMM's fp32 accumulation is the whole sum);
+* several chunks of a bf16/fp16 weight (``dw_fp32=True``, the default): a second pass over the
+  vocabulary in blocks of Vb rows, each block's logits for *all* T tokens ``(T, Vb) = h W_vbᵀ``
+  recomputed, turned into their gradient from the row pass's lse (``_flce_triton.ce_grad_block``) and
+  ``dW_vb = dlogits_vbᵀ h`` written by one GEMM whose fp32 accumulator spans every token: the sum over
+  tokens is fp32 and rounded once, as in an unchunked GEMM, with no (V, H) fp32 buffer. The cost is
+  one more logits GEMM (4 instead of 3 T·V·H products).
+  Extra memory, fwd + bwd (what the step allocates, the returned gradients included):
+  ``T·H·b (dh) + V·H·b (dW) + max(C·V, T·Vb)·b (one chunk or block of logits) + 12·T (fp32 loss, lse,
+  scale)`` bytes, b the element size: at T = 8192, H = 4096, V = 32064 bf16 with the 64 MiB budget
+  64 + 250.5 + 64 MiB ≈ 379 MiB (0.37 GiB); the former fp32 buffer and its cast held 501 + 250.5 MiB.
+
+``db += Σ_rows dlogits`` (fp32), per chunk or per vocabulary block.
 With reduction "mean"/"sum" the gradients are computed during the forward (s_i = 1/n or 1) and
 the backward only scales them by the incoming scalar gradient, so neither ``W`` nor the logits are
 kept for the backward (this is also what makes a ZeRO-3 partitioned ``W`` work: it is only read
@@ -25,14 +40,15 @@ import torch.nn.functional as F
 
 from mmfast.ops._dispatch import eager_fast
 
-# Bytes of one chunk's logits in the GEMM dtype; the row pass and the three GEMMs all work on it.
-# MMFAST_FLCE_CHUNK_MB sets both. CUDA: 256 MiB. On an H100 (bf16, T=8192, H=4096, V=32064,
-# benchmarks/results/nvidia-h100-80gb-hbm3/run2) forward + backward took 10.5 ms at 256 MiB against
-# 13.2 ms at 64 MiB: four times fewer passes over the fp32 dW sum, for 196 MiB more peak memory.
-# A LLaVA-length sequence (2048 tokens × 32000) is then one chunk, which needs no fp32 dW buffer at all.
+# Bytes of one chunk's (or vocabulary block's) logits in the GEMM dtype; MMFAST_FLCE_CHUNK_MB sets it.
+# 64 MiB everywhere: with the weight gradient summed by vocabulary blocks (see above) a larger budget no
+# longer saves passes over an fp32 dW sum, and 64 MiB keeps T = 8192, V = 32064 under 0.4 GiB extra.
+# CUDA_SINGLE_CHUNK_BYTES: on CUDA a sequence whose whole (T, V) logits fit it runs as one chunk (three
+# GEMMs, no vocabulary pass; a LLaVA-length 2048 × 32000 bf16 sequence is 125 MiB).
 _ENV_CHUNK_MB = os.environ.get("MMFAST_FLCE_CHUNK_MB")
 DEFAULT_CHUNK_BYTES = int(_ENV_CHUNK_MB or 64) << 20  # CPU and other devices
-CUDA_CHUNK_BYTES = int(_ENV_CHUNK_MB or 256) << 20
+CUDA_CHUNK_BYTES = int(_ENV_CHUNK_MB or 64) << 20
+CUDA_SINGLE_CHUNK_BYTES = int(_ENV_CHUNK_MB or 256) << 20
 
 
 def default_chunk_bytes(device: torch.device | str | None) -> int:
@@ -42,8 +58,11 @@ def default_chunk_bytes(device: torch.device | str | None) -> int:
 
 def chunk_rows(T: int, V: int, itemsize: int, budget: int | None = None, device=None) -> int:
     """Rows per chunk: as many as fit ``budget`` bytes (default: the device's) of (rows, V) logits, a
-    multiple of 16 when > 16."""
-    budget = default_chunk_bytes(device) if budget is None else budget
+    multiple of 16 when > 16. Default budget on CUDA: all T rows when they fit ``CUDA_SINGLE_CHUNK_BYTES``."""
+    if budget is None:
+        budget = default_chunk_bytes(device)
+        if torch.device(device or "cpu").type == "cuda" and T * V * itemsize <= CUDA_SINGLE_CHUNK_BYTES:
+            return max(1, T)
     c = max(1, budget // max(1, V * itemsize))
     if c > 16:
         c -= c % 16
@@ -98,6 +117,24 @@ def ce_rows_torch(logits, target, loss, lse, scale, per_row, *, ignore_index, sm
     logits.copy_(g * s[:, None])
 
 
+def ce_grad_block_torch(logits, target, lse, scale, per_row, v0, V, *, ignore_index, smoothing, z_loss, softcap):
+    """The reference backend's vocabulary-block pass: same contract as ``_flce_triton.ce_grad_block``."""
+    T, Vb = logits.shape
+    x = logits.float()
+    z = softcap * torch.tanh(x / softcap) if softcap is not None else x
+    valid = target != ignore_index
+    s = scale if per_row else scale.expand(T)
+    s = torch.where(valid, s, torch.zeros_like(s))
+    g = torch.exp(z - lse[:, None]) * (1.0 + 2.0 * z_loss * lse)[:, None] - smoothing / V
+    col = target - v0
+    hit = valid & (col >= 0) & (col < Vb)
+    rows = torch.arange(T, device=logits.device)[hit]
+    g[rows, col[hit]] -= 1.0 - smoothing
+    if softcap is not None:
+        g = g * (1.0 - (z / softcap) ** 2)
+    logits.copy_(g * s[:, None])
+
+
 def _row_pass(backend: str):
     if backend == "reference":
         return ce_rows_torch
@@ -106,36 +143,21 @@ def _row_pass(backend: str):
     return ce_rows
 
 
-# --------------------------------------------------------------------------- fp32 dW accumulation
-_ADDMM_F32_OK: dict = {}
+def _grad_block_pass(backend: str):
+    if backend == "reference":
+        return ce_grad_block_torch
+    from mmfast.ops._flce_triton import ce_grad_block
+
+    return ce_grad_block
 
 
-def _addmm_fp32_supported(device: torch.device) -> bool:
-    """Whether ``torch.addmm(..., out_dtype=torch.float32)`` (bf16/fp16 operands, fp32 accumulator
-    updated in the GEMM's epilogue) works on this device; probed once on a 16×16 case."""
-    key = (device.type, device.index)
-    if key not in _ADDMM_F32_OK:
-        ok = False
-        if device.type == "cuda":
-            try:
-                a = torch.randn(16, 16, device=device, dtype=torch.bfloat16)
-                c = torch.ones(16, 16, device=device, dtype=torch.float32)
-                torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
-                ok = bool(torch.allclose(c, 1 + a.float() @ a.float(), rtol=1e-3, atol=1e-3))
-            except (TypeError, RuntimeError, NotImplementedError):
-                ok = False
-        _ADDMM_F32_OK[key] = ok
-    return _ADDMM_F32_OK[key]
-
-
-def _accumulate_dw_fp32(dw, logits, h, v_block):
-    """dw (V, H) fp32 += logitsᵀ (V, C) @ h (C, H), bf16/fp16 operands."""
-    if _addmm_fp32_supported(dw.device):
-        torch.addmm(dw, logits.t(), h, out_dtype=torch.float32, out=dw)
-        return
-    V = dw.shape[0]
-    for v0 in range(0, V, v_block):  # (Vb, H) products, each rounded once, summed in fp32
-        dw[v0:v0 + v_block].add_(torch.mm(logits[:, v0:v0 + v_block].t(), h))
+def vocab_block_rows(T: int, V: int, chunk: int) -> int:
+    """Vocabulary rows per block of the dW pass: a (T, Vb) block no larger than a (chunk, V) chunk,
+    a multiple of 16 when > 16."""
+    vb = max(1, (chunk * V) // max(1, T))
+    if vb > 16:
+        vb -= vb % 16
+    return max(1, min(V, vb))
 
 
 # --------------------------------------------------------------------------- chunked driver
@@ -148,25 +170,20 @@ def flce_chunked(
     ``hidden`` (T, H) and ``weight`` (V, H) contiguous, same dtype; ``target`` (T,) int64;
     ``scale`` fp32, (T,) when ``per_row`` else (1,).
     """
-    T, H = hidden.shape
+    T = hidden.shape[0]
     V = weight.shape[0]
     dev = hidden.device
     row_pass = _row_pass(backend)
-    write_grad = need_dh or need_dw or need_db
     loss = torch.empty(T, device=dev, dtype=torch.float32)
     lse = torch.empty(T, device=dev, dtype=torch.float32)
     dh = torch.empty_like(hidden) if need_dh else hidden.new_empty(0)
     n_chunks = -(-T // chunk) if T else 0
-    # One chunk: the GEMM's own fp32 accumulation is the whole sum, write dW directly. Without
-    # dw_fp32 the chunks accumulate into dW in its own dtype (addmm rounds once per chunk).
-    direct_dw = weight.dtype == torch.float32 or n_chunks <= 1 or not dw_fp32
-    # Vocab rows per dW product when summing in fp32: bounds the product's temporary to ~half a chunk.
-    v_block = max(1, min(V, default_chunk_bytes(dev) // 2 // max(1, H * weight.element_size())))
-    if need_dw:
-        dw = (torch.zeros_like(weight) if direct_dw else torch.zeros(V, H, device=dev, dtype=torch.float32))
-    else:
-        dw = weight.new_empty(0)
+    # dW by vocabulary blocks (exact fp32 sum over tokens, no (V, H) fp32 buffer) when a low-precision
+    # weight's gradient would otherwise be summed over several chunks; else per chunk, in dW's dtype.
+    vocab_pass = need_dw and weight.dtype != torch.float32 and n_chunks > 1 and dw_fp32
+    dw = torch.zeros_like(weight) if need_dw and not vocab_pass else weight.new_empty(0)
     db = torch.zeros(V, device=dev, dtype=torch.float32) if need_db else weight.new_empty(0)
+    write_grad = need_dh or (need_dw and not vocab_pass) or (need_db and not vocab_pass)
     for s in range(0, T, chunk):
         e = min(T, s + chunk)
         h = hidden[s:e]  # (C, H)
@@ -177,15 +194,25 @@ def flce_chunked(
         )
         if need_dh:
             torch.mm(logits, weight, out=dh[s:e])
-        if need_dw:
-            if direct_dw:
-                dw.addmm_(logits.t(), h)
-            else:
-                _accumulate_dw_fp32(dw, logits, h, v_block)
-        if need_db:
+        if need_dw and not vocab_pass:
+            dw.addmm_(logits.t(), h)
+        if need_db and not vocab_pass:
             db.add_(logits.sum(0, dtype=torch.float32))
-    if need_dw and dw.dtype != weight.dtype:
-        dw = dw.to(weight.dtype)
+        logits = None
+    if vocab_pass:
+        grad_block = _grad_block_pass(backend)
+        dw = torch.empty_like(weight)
+        vb = vocab_block_rows(T, V, chunk)
+        for v0 in range(0, V, vb):
+            v1 = min(V, v0 + vb)
+            w = weight[v0:v1]  # (Vb, H)
+            logits = torch.mm(hidden, w.t()) if bias is None else torch.addmm(bias[v0:v1], hidden, w.t())  # (T, Vb)
+            grad_block(logits, target, lse, scale, per_row, v0, V, ignore_index=ignore_index, smoothing=smoothing,
+                       z_loss=z_loss, softcap=softcap)
+            torch.mm(logits.t(), hidden, out=dw[v0:v1])  # one GEMM over all T: fp32 sum, one rounding
+            if need_db:
+                db[v0:v1] = logits.sum(0, dtype=torch.float32)
+            logits = None
     return loss, lse, dh, dw, db
 
 
