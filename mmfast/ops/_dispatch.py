@@ -293,14 +293,22 @@ class KernelBackend(Backend):
         self.module = module
         self.fwd_name, self.bwd_name = forward or "", backward or ""
 
+    _mod = None
+
     def impl(self):
-        return importlib.import_module(self.module)
+        # cached: after the first call (selection makes it) this is an attribute read, which
+        # torch.compile traces (it cannot trace importlib)
+        if self._mod is None:
+            self._mod = importlib.import_module(self.module)
+        return self._mod
 
     def supports(self, facts: Facts) -> Iterable[str]:
         reasons = list(super().supports(facts))
         err = _module_error(self.module)
         if err:
             reasons.append(err)
+        else:
+            self.impl()
         return reasons
 
     @property
@@ -320,8 +328,8 @@ def _module_error(module: str) -> str | None:
         try:
             importlib.import_module(module)
             _MODULE_ERRORS[module] = None
-        except ImportError as e:
-            _MODULE_ERRORS[module] = f"module {module} failed to import ({e})"
+        except Exception as e:  # noqa: BLE001 - a broken module (ImportError, a driver's OSError) is a reason
+            _MODULE_ERRORS[module] = f"module {module} failed to import ({type(e).__name__}: {e})"
     return _MODULE_ERRORS[module]
 
 
@@ -420,8 +428,8 @@ class Op:
                 mod, _, attr = target.partition(":")
                 try:
                     obj = getattr(importlib.import_module(mod), attr)
-                except ImportError as e:
-                    obj = _Unloadable(f"module {mod} failed to import ({e})")
+                except Exception as e:  # noqa: BLE001 - refused with the reason, never a crash
+                    obj = _Unloadable(f"module {mod} failed to import ({type(e).__name__}: {e})")
             else:
                 obj = target
             if not obj.name:
@@ -494,6 +502,8 @@ class Op:
             r = self.reasons(b, facts)
             if not r:
                 if key is not None:
+                    if len(_SELECT_CACHE) >= 4096:  # many distinct shapes (varlen lengths): start over
+                        _SELECT_CACHE.clear()
                     _SELECT_CACHE[key] = b
                 return b
             refused[b] = r

@@ -92,13 +92,8 @@ def siglip_loss_reference(image_features, text_features, logit_scale, logit_bias
 
 # --------------------------------------------------------------------------- backends
 # One registration line per backend; the registration order is auto's default order. Each backend's
-# forward/backward are the contract's clip_fwd/clip_bwd (siglip_fwd/siglip_bwd for SIGLIP_OP).
-def _supports(backend: str, facts: Facts) -> list[str]:
-    if facts.dtype not in _SUPPORTED_DTYPES:
-        return [f"dtype {facts.dtype} is not one of float32/float16/bfloat16"]
-    return []
-
-
+# forward/backward are the contract's clip_fwd/clip_bwd (siglip_fwd/siglip_bwd for SIGLIP_OP); each backend
+# checks the dtypes (fp32/fp16/bf16) itself.
 def _example(device: str) -> Facts:
     return Facts(device, torch.bfloat16 if device == "cuda" else torch.float32)
 
@@ -108,17 +103,17 @@ def _kernel(module, fwd, bwd, **kw):
 
 
 _TRI, _CPP = "mmfast.ops._contrastive_triton", "mmfast.ops._contrastive_cpp"
-CLIP_OP = register(Op("clip_loss", supports=_supports, example=_example))
+CLIP_OP = register(Op("clip_loss", example=_example))
 CLIP_OP.add("triton", _kernel(_TRI, "clip_fwd", "clip_bwd", devices=("cuda",), needs=("triton",)))
 CLIP_OP.add("triton_interpret", _kernel(_TRI, "clip_fwd", "clip_bwd", devices=("cpu",), needs=("triton_interpret",)))
 CLIP_OP.add("cpp", _kernel(_CPP, "clip_fwd", "clip_bwd", devices=("cpu",), needs=("cpp",)))
-CLIP_OP.add("reference", Backend(devices=None, doc="plain PyTorch over the full logits", dtypes=_SUPPORTED_DTYPES))
-SIGLIP_OP = register(Op("siglip_loss", supports=_supports, example=_example))
+CLIP_OP.add("reference", Backend(devices=None, doc="plain PyTorch over the full logits"))
+SIGLIP_OP = register(Op("siglip_loss", example=_example))
 SIGLIP_OP.add("triton", _kernel(_TRI, "siglip_fwd", "siglip_bwd", devices=("cuda",), needs=("triton",)))
 SIGLIP_OP.add("triton_interpret", _kernel(_TRI, "siglip_fwd", "siglip_bwd", devices=("cpu",),
                                           needs=("triton_interpret",)))
 SIGLIP_OP.add("cpp", _kernel(_CPP, "siglip_fwd", "siglip_bwd", devices=("cpu",), needs=("cpp",)))
-SIGLIP_OP.add("reference", Backend(devices=None, doc="plain PyTorch over the full logits", dtypes=_SUPPORTED_DTYPES))
+SIGLIP_OP.add("reference", Backend(devices=None, doc="plain PyTorch over the full logits"))
 
 
 def _kernels(backend: str):

@@ -8,8 +8,9 @@ mmfast's masks become a ``mask_mod`` (bottom-right band, windows, prefix-LM per 
 document mask over the packed sequence) and softcap/ALiBi a ``score_mod``; GQA is ``enable_gqa``. On CUDA
 the function is compiled once per mask kind (``torch.compile(flex_attention)``; the first call of a kind
 pays the compile) and block masks are cached per shape; on CPU it runs eagerly (PyTorch's unfused path:
-a correctness path, not a fast one). Refused: mmfast's seeded dropout (flex has none), kv caches with
-per-row lengths / paged k/v, and on CUDA head dims that are not a power of two >= 16.
+a correctness path, not a fast one) and forward only (PyTorch has no FlexAttention backward on CPU).
+Refused: mmfast's seeded dropout (flex has none), kv caches with per-row lengths / paged k/v, a backward
+on CPU, and on CUDA head dims that are not a power of two >= 16.
 """
 from __future__ import annotations
 
@@ -132,6 +133,8 @@ class FlexAttention(Backend):
             r.append("dropout: FlexAttention has no dropout")
         if f.get("kvcache") or f.get("paged"):
             r.append("kv cache with per-row lengths / paged k/v: not mapped to FlexAttention")
+        if f.device != "cuda" and f.get("grad"):
+            r.append(f"backward on {f.device}: PyTorch's FlexAttention is inference-only there")
         d = f.get("head_dim")
         if f.device == "cuda" and d is not None and (d < 16 or d & (d - 1)):
             r.append(f"head dim {d}: compiled FlexAttention needs a power of two >= 16")
@@ -158,9 +161,20 @@ class FlexAttention(Backend):
             qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
         fn = _flex() if (q.device.type != "cuda" or torch.compiler.is_compiling()) else _compiled(kind)
         gqa = k.shape[-2] != q.shape[-2]
-        res = fn(qt, kt, vt, score_mod=score_mod, block_mask=block, scale=p.scale, enable_gqa=gqa,
-                 return_lse=need_lse)
-        o, lse = (res if need_lse else (res, None))
+        kw = {}
+        if need_lse:
+            try:
+                from torch.nn.attention.flex_attention import AuxRequest
+
+                kw["return_aux"] = AuxRequest(lse=True)
+            except ImportError:  # older PyTorch: the return_lse flag
+                kw["return_lse"] = True
+        res = fn(qt, kt, vt, score_mod=score_mod, block_mask=block, scale=p.scale, enable_gqa=gqa, **kw)
+        if not need_lse:
+            o, lse = res, None
+        else:
+            o, aux = res
+            lse = aux.lse if hasattr(aux, "lse") else aux
         o = o[0].transpose(0, 1) if packed else o.transpose(1, 2)
         if lse is not None:
             lse = lse[0] if packed else lse  # (H, T) / (B, H, Sq)
