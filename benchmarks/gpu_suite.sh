@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one-call GPU check (H100/H200, <= 7 minutes): the benchmarks, then the CUDA tests.
+# The one-call GPU check (H100/H200, <= 9.5 minutes): the benchmarks, then the CUDA tests.
 #
 #   device run:  bash benchmarks/gpu_suite.sh        (carry [".whl"] when wheels were fetched with
 #                                                     /work/shared/tools/device-wheels.sh)
@@ -22,7 +22,7 @@ RES=$OUT/results
 mkdir -p "$RES"
 : >"$LOG"
 PY=${PYTHON:-python3}
-SUITE_LIMIT_S=${SUITE_LIMIT_S:-420}
+SUITE_LIMIT_S=${SUITE_LIMIT_S:-560}
 SKIP_STEPS=${SKIP_STEPS:-}
 T0=$(date +%s)
 DEADLINE=$((T0 + SUITE_LIMIT_S))
@@ -134,6 +134,27 @@ bench projection 35 --op projector --out "$RES/projection_projector.csv" --quick
     --providers mmfast-triton,mmfast-triton-recompute,torch-eager,torch-compile
 bench projection 30 --op layernorm --out "$RES/projection_layernorm.csv" --quick --budget-s 22 \
     --providers mmfast-triton,torch-eager,liger,torch-compile
+# >>> attention (#22): the four shapes for every provider (fwd+bwd), then the prefix-LM row and decode
+#     (contiguous cache and paged through block_table), fwd only. Three calls so that FlexAttention's
+#     compiles (the last provider of each) cannot starve the prefix and decode rows. mmfast at its fixed
+#     configs (MMFAST_ATTN_AUTOTUNE=0), as the tests run it. Rows carry gemm_tflops (the card's bf16 GEMM
+#     rate), so the digest prints each row's TFLOP/s as a percent of it. Regenerate the preference table
+#     afterwards: python benchmarks/make_preferences.py (reads benchmarks/results/**/*.csv).
+if [[ -f mmfast/bench/attention.py ]]; then
+    step "bench attention shapes" 110 env MMFAST_ATTN_AUTOTUNE=0 "$PY" -m mmfast.cli bench attention --gpu \
+        --cases vit_b16,vit_l14_336,llava_2k,llama_4k --modes fwd+bwd --budget-s 95 --out "$RES/attention.csv" \
+        --providers mmfast-triton,mmfast-auto,sdpa-cudnn,sdpa-flash,sdpa-efficient,flash-attn,flex
+    step "bench attention prefix" 45 env MMFAST_ATTN_AUTOTUNE=0 "$PY" -m mmfast.cli bench attention --gpu \
+        --cases prefix_lm --modes fwd+bwd --budget-s 35 --out "$RES/attention_prefix.csv" \
+        --providers mmfast-triton,mmfast-auto,sdpa-efficient,sdpa,flex
+    step "bench attention decode" 30 env MMFAST_ATTN_AUTOTUNE=0 "$PY" -m mmfast.cli bench attention --gpu \
+        --cases decode,decode_paged --modes fwd --budget-s 22 --out "$RES/attention_decode.csv" \
+        --providers mmfast-triton,mmfast-auto,sdpa,sdpa-flash,sdpa-cudnn,sdpa-efficient,flash-attn
+    # the rule: mmfast-auto <= 1.03x the fastest backend on every row just measured (fails the step if not)
+    step "attention auto rule" 20 "$PY" benchmarks/make_preferences.py --rule --results "$RES"
+else
+    skip "bench attention" "mmfast/bench/attention.py not written yet"
+fi
 # >>> CLIP training step (#6): ViT-B-16, batch 256, bf16, mmfast vs open_clip.
 step "bench train_clip" 60 "$PY" benchmarks/bench_train_clip.py --gpu --model ViT-B-16 --batch 256 \
     --reps 5 --budget-s 50 --out "$RES/train_clip.csv"
@@ -185,8 +206,14 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.csv"))):
                 res = r["error"][:60]
             else:
                 tf = f"{float(r['tflops']):7.1f} TFLOP/s" if r["tflops"] else ""
+                prm = dict(kv.split("=", 1) for kv in r["params"].split(";") if "=" in kv)
+                gemm = prm.get("gemm_tflops")
+                if gemm and r["tflops"]:
+                    tf += f" ({100 * float(r['tflops']) / float(gemm):4.1f}% of bf16 GEMM)"
                 res = f"{float(r['median_ms']):9.3f} ms {float(r['peak_mem_mib'] or 'nan'):9.0f} MiB {tf}"
-            print(f"  {r['mode']:<8} {r['x_name']}={r['x']:<7} {r['provider']:<16} {res}")
+            prm = dict(kv.split("=", 1) for kv in r["params"].split(";") if "=" in kv)
+            where = prm["name"] if "name" in prm else f"{r['x_name']}={r['x']}"
+            print(f"  {r['mode']:<8} {where:<14} {r['provider']:<16} {res}")
 EOF
 } 2>&1 | tee -a "$LOG"
 
