@@ -63,7 +63,7 @@ def _signature(kernel, consts):
 
 
 def compile_one(kernel, consts, warps, stages):
-    fn = getattr(kernel, "fn", kernel)
+    fn = kernel  # the JITFunction (ASTSource reads its arg_names)
     src = ASTSource(fn, _signature(fn, consts), {(fn.arg_names.index(k),): v for k, v in consts.items()})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
@@ -77,31 +77,41 @@ def compile_one(kernel, consts, warps, stages):
     return {"registers": reg, "stack_bytes": stack, "local_bytes": local, "shared_bytes": shared}
 
 
-def configs(tiles: bool):
-    for d in (64, 128):
+def configs(tiles: bool, head_dims=(64, 128), masks=tuple(MASKS)):
+    for d in head_dims:
         bd = F.block_d(d)
         fixed = {"fwd": F.fixed_config("fwd", d, torch.bfloat16), "bwd": F.fixed_config("bwd", d, torch.bfloat16)}
-        for mask in MASKS:
+        for mask in masks:
             yield "fwd", d, bd, mask, fixed["fwd"], True
             yield "bwd_dkdv", d, bd, mask, fixed["bwd"], True
             yield "bwd_dq", d, bd, mask, fixed["bwd"], True
             if tiles:
                 for cfg in ((128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2)):
                     yield "fwd", d, bd, mask, cfg, False
-                for cfg in ((128, 64, 8, 2), (64, 128, 8, 2), (128, 128, 8, 2)):
+                for cfg in ((64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2), (128, 128, 8, 2)):
                     yield "bwd_dkdv", d, bd, mask, cfg, False
+                for cfg in ((64, 64, 8, 2), (128, 64, 8, 2)):
+                    yield "bwd_dq", d, bd, mask, cfg, False
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiles", action="store_true", help="also try larger Hopper tiles")
     ap.add_argument("--csv", help="write the table here")
+    ap.add_argument("--head-dims", default="64,128")
+    ap.add_argument("--masks", default=",".join(MASKS))
+    ap.add_argument("--kernels", default="fwd,bwd_dkdv,bwd_dq")
     args = ap.parse_args(argv)
+    head_dims = tuple(int(x) for x in args.head_dims.split(","))
+    masks = tuple(args.masks.split(","))
+    only = set(args.kernels.split(","))
     kernels = {"fwd": (F._fwd_kernel, FWD_OFF), "bwd_dkdv": (B._dkdv_kernel, {}), "bwd_dq": (B._dq_kernel, {})}
     rows, bad = [], 0
     print(f"{'kernel':<9} {'D':>4} {'mask':<7} {'BM':>4} {'BN':>4} {'warps':>5} {'stages':>6}  "
           f"{'regs':>5} {'spill':>6} {'smem KiB':>8}  fixed")
-    for name, d, bd, mask, (bm, bn, warps, stages), fixed in configs(args.tiles):
+    for name, d, bd, mask, (bm, bn, warps, stages), fixed in configs(args.tiles, head_dims, masks):
+        if name not in only:
+            continue
         kernel, extra = kernels[name]
         consts = {**OFF, **extra, **MASKS[mask], "BLOCK_D": bd, "BLOCK_M": bm, "BLOCK_N": bn}
         try:
