@@ -95,8 +95,6 @@ def _checkpointed_calls(model, ids):
     return len(calls)
 
 
-@pytest.mark.xfail(strict=True, reason="llama.decoder_layer_add_rms_norm binds an instance forward that bypasses "
-                   "transformers' GradientCheckpointingLayer wrapper (class forward): checkpointing is silently off")
 def test_decoder_layer_rule_keeps_gradient_checkpointing():
     """transformers' test_training_gradient_checkpointing under mmfast.patch: the decoder layers still run
     through their checkpoint function after the norm rules are applied."""
