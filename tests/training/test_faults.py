@@ -175,7 +175,8 @@ def test_a_corrupted_optimizer_shard_is_refused_with_its_name(saved, tmp_path, w
     assert (run2 / "train_summary.json").read_bytes() == summary  # nothing trained, nothing rewritten
 
 
-def _pids_with(text: str) -> list[int]:
+def _pids_with(*texts: str) -> list[int]:
+    """Processes whose command line holds every one of ``texts`` (other tests may train beside this one)."""
     pids = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit() and int(d.name) != os.getpid():
@@ -183,7 +184,7 @@ def _pids_with(text: str) -> list[int]:
                 cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if text in cmd:
+            if all(t in cmd for t in texts):
                 pids.append(int(d.name))
     return pids
 
@@ -219,7 +220,7 @@ def test_stopping_mmfast_train_stops_every_rank(world, tmp_path, sig):
         while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().strip()):
             assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
             time.sleep(0.5)
-        ranks = _pids_with("mmfast.training.clip --local_rank")
+        ranks = _pids_with("mmfast.training.clip --local_rank", str(run))
         assert len(ranks) == 2, ranks
         # One node: the rendezvous store and gloo listen on the loopback interface only.
         for pid in ranks:
