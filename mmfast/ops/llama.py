@@ -78,19 +78,28 @@ SWIGLU_OP.add("reference", Backend(forward=swiglu_reference, doc="F.silu(gate) *
 
 # --------------------------------------------------------------------------- autograd glue
 class _RotaryFunction(torch.autograd.Function):
+    """q, k in the caller's layout; ``transposed``: (B, S, H, D), viewed (B, H, S, D) inside (views and
+    reshapes made inside the Function are not autograd nodes: less host time per call)."""
+
     @staticmethod
-    def forward(ctx, q, k, cos, sin, be):
-        qo, ko = be.forward(q, k, cos, sin, False)
+    def forward(ctx, q, k, cos, sin, be, transposed):
+        if transposed:
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+        qo, ko = be.forward(_unit_last(q), _unit_last(k), cos, sin, False)
         ctx.save_for_backward(cos, sin)
-        ctx.be = be
-        return qo, ko
+        ctx.be, ctx.transposed = be, transposed
+        return (qo.transpose(1, 2), ko.transpose(1, 2)) if transposed else (qo, ko)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dqo, dko):
         cos, sin = ctx.saved_tensors
+        if ctx.transposed:
+            dqo, dko = dqo.transpose(1, 2), dko.transpose(1, 2)
         dq, dk = ctx.be.backward(_unit_last(dqo), _unit_last(dko), cos, sin)
-        return dq, dk, None, None, None
+        if ctx.transposed:
+            dq, dk = dq.transpose(1, 2), dk.transpose(1, 2)
+        return dq, dk, None, None, None, None
 
 
 class _SwiGLUFunction(torch.autograd.Function):
@@ -110,28 +119,32 @@ class _SwiGLUFunction(torch.autograd.Function):
 
 class _SwiGLUDownFunction(torch.autograd.Function):
     """out = a Wᵀ + b with a = silu(g)·u freed after the GEMM. Backward: da = dout W (a new buffer),
-    one pass turns da into dg in place and writes du and a again, then dW = doutᵀ a, db = Σ dout."""
+    one pass turns da into dg in place and writes du and a again, then dW = doutᵀ a, db = Σ dout.
+    g, u: (..., I) contiguous, flattened to rows inside (not autograd nodes)."""
 
     @staticmethod
     def forward(ctx, g, u, weight, bias, be):
-        a = be.forward(g, u)
+        g2, u2 = g.view(-1, g.shape[-1]), u.view(-1, u.shape[-1])
+        a = be.forward(g2, u2)
         out = torch.mm(a, weight.t()) if bias is None else torch.addmm(bias, a, weight.t())
         ctx.save_for_backward(g, u, weight)
         ctx.has_bias = bias is not None
         ctx.be = be
-        return out
+        return out.view(*g.shape[:-1], weight.shape[0])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         g, u, weight = ctx.saved_tensors
-        dout = dout.contiguous()
+        shape = g.shape
+        g, u = g.view(-1, shape[-1]), u.view(-1, shape[-1])
+        dout = dout.reshape(-1, dout.shape[-1]).contiguous()
         need_w = ctx.needs_input_grad[2]
         da = torch.mm(dout, weight)  # (M, I), ours: becomes dg in place
         dg, du, a = ctx.be.backward(g, u, da, True, need_w)
         dw = torch.mm(dout.t(), a) if need_w else None
         db = dout.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
-        return dg, du, dw, db, None
+        return dg.view(shape), du.view(shape), dw, db, None
 
 
 # --------------------------------------------------------------------------- public API
@@ -198,10 +211,7 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
     if inplace and not grad and qv.stride(-1) == 1 and kv.stride(-1) == 1:
         be.forward(qv, kv, cos3, sin3, True)
         return q, k
-    qo, ko = _RotaryFunction.apply(_unit_last(qv), _unit_last(kv), cos3, sin3, be)
-    if unsqueeze_dim == 2:
-        qo, ko = qo.transpose(1, 2), ko.transpose(1, 2)
-    return qo, ko
+    return _RotaryFunction.apply(q, k, cos3, sin3, be, unsqueeze_dim == 2)
 
 
 def apply_rotary_pos_emb(q, k, cos, sin, position_ids=None, unsqueeze_dim: int = 1, *, inplace: bool = False,
@@ -227,6 +237,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) 
     be = _backend(SWIGLU_OP, gate, backend)
     if not be.backward:
         return be.forward(gate, up)
+    if not torch.is_autocast_enabled(gate.device.type):  # the autocast context costs ~5 µs of host time
+        return _SwiGLUFunction.apply(gate.contiguous(), up.contiguous(), be)
     with torch.autocast(gate.device.type, enabled=False):
         return _SwiGLUFunction.apply(gate.contiguous(), up.contiguous(), be)
 
@@ -248,11 +260,11 @@ def swiglu_down(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias
     be = _backend(SWIGLU_OP, gate, backend)
     if not be.backward:
         return F.linear(be.forward(gate, up), weight, bias)
-    g2 = gate.reshape(-1, I).contiguous()
-    u2 = up.reshape(-1, I).contiguous()
+    g, u, w = gate.contiguous(), up.contiguous(), weight.contiguous()
+    if not torch.is_autocast_enabled(gate.device.type):
+        return _SwiGLUDownFunction.apply(g, u, w, bias, be)
     with torch.autocast(gate.device.type, enabled=False):
-        out = _SwiGLUDownFunction.apply(g2, u2, weight.contiguous(), bias, be)
-    return out.reshape(*gate.shape[:-1], weight.shape[0])
+        return _SwiGLUDownFunction.apply(g, u, w, bias, be)
 
 
 def add_rms_norm(x, residual, weight=None, eps: float = 1e-6, *, backend: str | None = None):

@@ -21,14 +21,22 @@ from mmfast.ops._dispatch import Backend, Facts, eager_fast
 MAX_HEAD_DIM = 256
 MAX_HEADS = 128
 
+_K = []  # the kernel module, imported on the first launch (an import statement per call costs ~1 µs)
+
+
+def _kernels():
+    if not _K:
+        import mmfast.ops._llama_triton as k
+
+        _K.append(k)
+    return _K[0]
+
 
 @torch.library.custom_op("mmfast::rope", mutates_args=())
 def _rope_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
              backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    from mmfast.ops._llama_triton import rope
-
     qo, ko = torch.empty_like(q), torch.empty_like(k)
-    rope(q, k, qo, ko, cos, sin, backward)
+    _kernels().rope(q, k, qo, ko, cos, sin, backward)
     return qo, ko
 
 
@@ -39,9 +47,7 @@ def _(q, k, cos, sin, backward):
 
 @torch.library.custom_op("mmfast::rope_", mutates_args=("q", "k"))
 def _rope_inplace_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    from mmfast.ops._llama_triton import rope
-
-    rope(q, k, q, k, cos, sin, False)
+    _kernels().rope(q, k, q, k, cos, sin, False)
 
 
 @_rope_inplace_op.register_fake
@@ -51,10 +57,8 @@ def _(q, k, cos, sin):
 
 @torch.library.custom_op("mmfast::swiglu_fwd", mutates_args=())
 def _swiglu_fwd_op(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    from mmfast.ops._llama_triton import swiglu_fwd
-
     a = torch.empty_like(g)
-    swiglu_fwd(g, u, a)
+    _kernels().swiglu_fwd(g, u, a)
     return a
 
 
@@ -67,11 +71,9 @@ def _(g, u):
 def _swiglu_bwd_op(g: torch.Tensor, u: torch.Tensor, da: torch.Tensor,
                    store_a: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dg, du, a), new tensors (a empty unless ``store_a``)."""
-    from mmfast.ops._llama_triton import swiglu_bwd
-
     dg, du = torch.empty_like(g), torch.empty_like(u)
     a = torch.empty_like(g) if store_a else g.new_empty(0)
-    swiglu_bwd(g, u, da, dg, du, a if store_a else None)
+    _kernels().swiglu_bwd(g, u, da, dg, du, a if store_a else None)
     return dg, du, a
 
 
@@ -84,11 +86,9 @@ def _(g, u, da, store_a):
 def _swiglu_bwd_inplace_op(g: torch.Tensor, u: torch.Tensor, da: torch.Tensor,
                            store_a: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Overwrites ``da`` with dg; returns (du, a) (a empty unless ``store_a``)."""
-    from mmfast.ops._llama_triton import swiglu_bwd
-
     du = torch.empty_like(u)
     a = torch.empty_like(g) if store_a else g.new_empty(0)
-    swiglu_bwd(g, u, da, da, du, a if store_a else None)
+    _kernels().swiglu_bwd(g, u, da, da, du, a if store_a else None)
     return du, a
 
 
