@@ -5,17 +5,22 @@ text tokens → backward → AdamW on the projector and the LLM (stage-2 full tu
 
 * ``transformers``: ``LlavaForConditionalGeneration`` with ``attn_implementation="sdpa"``, the LM head's
   full (tokens, vocab) logits and ``F.cross_entropy``;
-* ``mmfast``: the same model after ``mmfast.patch`` (flash attention, norms, projector) with the loss
-  from ``mmfast.ops.fused_linear_cross_entropy`` (no logits tensor).
+* ``mmfast``: the same model after ``mmfast.patch`` (flash attention, norms, the LLaMA fused set,
+  projector) with the loss from ``mmfast.ops.fused_linear_cross_entropy`` (no logits tensor);
+* ``liger`` (when ``liger_kernel`` is installed): transformers after ``apply_liger_kernel_to_llama``
+  (RoPE, RMSNorm, SwiGLU) with the loss from ``LigerFusedLinearCrossEntropyLoss``. Liger patches
+  ``transformers.models.llama`` for the whole process, so it always runs last.
 
 Shapes (weights random, the tokenizer irrelevant):
 * ``tiny`` (CPU default): the tiny preset, batch 8, 16 image + 112 text tokens, fp32;
 * ``llava7b-trunc`` (GPU default): LLaVA-1.5-7B's shapes — ViT-L/14-336 (576 image tokens), LLaMA-7B
-  (4096 wide, 32 heads, vocab 32000) — truncated to ``--layers`` layers of each, sequence 2048, bf16.
+  (4096 wide, 32 heads, vocab 32000) — truncated to ``--layers`` layers of each, sequence 2048, bf16;
+* ``anchor`` (issue #23's target shape): the same dimensions truncated to 4 LLM + 4 vision layers, batch 4,
+  sequence 2048 (576 image tokens), bf16, AdamW; providers transformers, mmfast, liger.
 
 Rows go to ``benchmarks/results/train_llava_<device>.csv``; tokens/s = batch·seq / step time.
 
-    python benchmarks/bench_train_llava.py [--gpu|--cpu] [--shape tiny|llava7b-trunc] [--batch 8] [--layers 2]
+    python benchmarks/bench_train_llava.py [--gpu|--cpu] [--shape tiny|llava7b-trunc|anchor] [--batch 8] [--layers 2]
 """
 from __future__ import annotations
 
@@ -27,18 +32,32 @@ import torch
 
 from mmfast.bench import harness
 
+ANCHOR = {"layers": 4, "vision_layers": 4, "batch": 4, "seq": 2048}
 
-def build_model(shape: str, layers: int, kernels: bool, device: str, dtype):
+
+def _liger():
+    """``(apply_liger_kernel_to_llama, LigerFusedLinearCrossEntropyLoss)``; ImportError when not installed."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss, apply_liger_kernel_to_llama
+
+    return apply_liger_kernel_to_llama, LigerFusedLinearCrossEntropyLoss
+
+
+def build_model(shape: str, layers: int, kernels: bool, device: str, dtype, vision_layers: int | None = None,
+                liger: bool = False):
     """(HF LLaVA model, vision image size, image tokens per image, text vocab)."""
     from mmfast.models import llava as ml
 
+    if liger:  # class-level patch of transformers' LLaMA, before the model is built
+        apply, _ = _liger()
+        apply(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
     if shape == "tiny":
         llava = ml.build_llava("tiny", kernels=kernels, seed=0, device=device)
         model = llava.model
     else:
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-        vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=layers + 1,
+        n_vision = vision_layers if vision_layers is not None else layers + 1
+        vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=n_vision,
                                   num_attention_heads=16, image_size=336, patch_size=14, hidden_act="quick_gelu")
         text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
                            num_attention_heads=32, num_key_value_heads=32, vocab_size=32064,
@@ -59,13 +78,27 @@ def build_model(shape: str, layers: int, kernels: bool, device: str, dtype):
     return model, v.image_size, (v.image_size // v.patch_size) ** 2, model.config.text_config.vocab_size
 
 
-def _setup(kernels: bool):
+def _liger_loss(model, batch):
+    """LLaVA's next-token loss with Liger's fused linear cross-entropy (no logits), as ``llava_loss``."""
+    from mmfast.models import llava as ml
+
+    _, LCE = _liger()
+    hidden = ml.forward_hidden(model, batch["input_ids"], batch.get("attention_mask"),
+                               batch.get("pixel_values")).last_hidden_state
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    target = batch["labels"][:, 1:].reshape(-1)
+    keep = target != -100
+    return LCE()(model.lm_head.weight, h[keep], target[keep])
+
+
+def _setup(kernels: bool, liger: bool = False):
     def setup(case: dict, mode: str):
         from mmfast.models import llava as ml
 
         device, b, seq = case["device"], case["batch"], case["seq"]
         dtype = torch.bfloat16 if case["dtype"] == "bf16" else torch.float32
-        model, size, n_img, vocab = build_model(case["shape"], case["layers"], kernels, device, dtype)
+        model, size, n_img, vocab = build_model(case["shape"], case["layers"], kernels, device, dtype,
+                                                case.get("vision_layers"), liger)
         if case["grad_ckpt"]:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
@@ -83,7 +116,7 @@ def _setup(kernels: bool):
                                 fused=device == "cuda")
 
         def step():
-            loss = ml.llava_loss(model, batch, fused=kernels)
+            loss = _liger_loss(model, batch) if liger else ml.llava_loss(model, batch, fused=kernels)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -99,12 +132,13 @@ def _parser() -> argparse.ArgumentParser:
     dev = p.add_mutually_exclusive_group()
     dev.add_argument("--gpu", action="store_true")
     dev.add_argument("--cpu", action="store_true")
-    p.add_argument("--shape", choices=("tiny", "llava7b-trunc"), help="CPU default tiny, GPU llava7b-trunc")
+    p.add_argument("--shape", choices=("tiny", "llava7b-trunc", "anchor"),
+                   help="CPU default tiny, GPU llava7b-trunc; anchor: 4+4 layers, batch 4, seq 2048")
     p.add_argument("--layers", type=int, default=2, help="LLM layers (and vision layers - 1) of llava7b-trunc")
     p.add_argument("--batch", help="comma-separated batch sizes (CPU default 8, GPU 1)")
     p.add_argument("--seq", type=int, default=None, help="tokens per sample (CPU 128, GPU 2048)")
     p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--providers", default="transformers,mmfast")
+    p.add_argument("--providers", help="comma-separated (default transformers,mmfast; anchor adds liger)")
     p.add_argument("--budget-s", type=float, default=None)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", help="CSV path (default benchmarks/results/train_llava_<device>.csv)")
@@ -120,19 +154,25 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if (a.gpu or (torch.cuda.is_available() and not a.cpu)) else "cpu"
     gpu = device == "cuda"
     shape = a.shape or ("llava7b-trunc" if gpu else "tiny")
+    anchor = shape == "anchor"
     seq = a.seq or (2048 if shape != "tiny" else 128)
+    layers = ANCHOR["layers"] if anchor else a.layers
     try:
-        batches = [int(x) for x in (a.batch or ("1" if gpu else "8")).split(",") if x.strip()]
+        batches = [int(x) for x in (a.batch or (str(ANCHOR["batch"]) if anchor else "1" if gpu else "8")).split(",")
+                   if x.strip()]
     except ValueError:
         print(f"--batch must be comma-separated integers, got {a.batch!r}", file=sys.stderr)
         return 2
-    table = {"transformers": _setup(False), "mmfast": _setup(True)}
-    names = [n.strip() for n in a.providers.split(",") if n.strip()]
+    table = {"transformers": _setup(False), "mmfast": _setup(True), "liger": _setup(False, liger=True)}
+    names = [n.strip() for n in (a.providers or ("transformers,mmfast,liger" if anchor else "transformers,mmfast"))
+             .split(",") if n.strip()]
+    names = [n for n in names if n != "liger"] + (["liger"] if "liger" in names else [])  # liger patches globally
     unknown = [n for n in names if n not in table]
     if unknown or not batches or min(batches) <= 0:
         print(f"bad arguments: providers {unknown or names} (known {list(table)}), batches {batches}", file=sys.stderr)
         return 2
-    cases = [{"batch": b, "seq": seq, "shape": shape, "layers": a.layers, "dtype": "bf16" if gpu else "fp32",
+    cases = [{"batch": b, "seq": seq, "shape": shape, "layers": layers,
+              "vision_layers": ANCHOR["vision_layers"] if anchor else None, "dtype": "bf16" if gpu else "fp32",
               "device": device, "grad_ckpt": a.grad_checkpointing} for b in batches]
     out = Path(a.out) if a.out else Path("benchmarks/results") / f"train_llava_{harness.device_slug(device)}.csv"
     rows = harness.run("train_llava", {n: table[n] for n in names}, cases, x_key="batch", device=device,
