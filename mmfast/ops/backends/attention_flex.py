@@ -175,7 +175,7 @@ class FlexAttention(Backend):
         else:
             o, aux = res
             lse = aux.lse if hasattr(aux, "lse") else aux
-        o = o[0].transpose(0, 1) if packed else o.transpose(1, 2)
+        o = (o[0].transpose(0, 1) if packed else o.transpose(1, 2)).contiguous()
         if lse is not None:
             lse = lse[0] if packed else lse  # (H, T) / (B, H, Sq)
             lse = torch.where(torch.isneginf(lse), float("inf"), lse.float())  # mmfast: +inf for empty rows

@@ -3,7 +3,7 @@
 
 Contract (``AUTOGRAD``: SDPA's own backward kernels run)::
 
-    forward(q, k, v, p: AttnParams, need_lse) -> (out like q (a (B, S, H, D) view), None)
+    forward(q, k, v, p: AttnParams, need_lse) -> (out (B, S, H, D) contiguous, None)
 
 What SDPA cannot do, refused with the reason: softcap, ALiBi slopes, mmfast's seeded dropout (SDPA draws
 its own mask), packed varlen (cu_seqlens), kv caches with per-row lengths / paged k/v, returning the
@@ -96,7 +96,8 @@ class SdpaAttention(Backend):
         with sdpa_kernel(self.kernel):
             o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=causal, scale=p.scale,
                                                enable_gqa=gqa)
-        return o.transpose(1, 2), None
+        # (B, S, H, D) as flash-attn returns it; a no-op copy when the kernel wrote q's layout (flash, cuDNN)
+        return o.transpose(1, 2).contiguous(), None
 
 
 CUDNN = SdpaAttention(kernel=SDPBackend.CUDNN_ATTENTION, takes_mask=False, native_gqa=False, max_head_dim=128,
