@@ -111,10 +111,12 @@ def fused_linear_cross_entropy(
     hidden (..., H), weight (V, H), target (...) int64, bias (V,). ``reduction="mean"`` averages over
     rows whose target is not ``ignore_index`` (0, not NaN, when there are none); the z-loss term
     ``z_loss · lse²`` is added per non-ignored row before the reduction. ``chunk_size`` overrides
-    the rows per chunk (default: as many as fit 256 MiB of logits on CUDA, 64 MiB elsewhere, or
-    ``MMFAST_FLCE_CHUNK_MB`` MiB when set).
-    ``dweight_fp32`` (default) sums the chunks' weight gradients in an fp32 (V, H) buffer; False
-    accumulates in the weight's dtype instead (one rounding per chunk, no V×H×4-byte buffer).
+    the rows per chunk (default: as many as fit 64 MiB of logits, or ``MMFAST_FLCE_CHUNK_MB`` MiB when
+    set; on CUDA all rows when the whole (T, V) logits fit 256 MiB).
+    ``dweight_fp32`` (default): with several chunks of a bf16/fp16 weight, the weight gradient is
+    summed over all tokens in fp32 and rounded once, by vocabulary blocks (one more logits GEMM, no
+    (V, H) fp32 buffer; see :mod:`mmfast.ops._flce`); False accumulates the chunks in the weight's
+    dtype (one rounding per chunk, no extra GEMM).
     """
     hidden, weight, bias = autocast_inputs(hidden, weight, bias)
     _check_float("hidden", hidden)
