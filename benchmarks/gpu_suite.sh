@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one-call GPU check (H100/H200, <= 9.5 minutes): the benchmarks, then the CUDA tests.
+# The one-call GPU check (H100/H200, <= 7 minutes): the benchmarks, then the CUDA tests.
 #
 #   device run:  bash benchmarks/gpu_suite.sh        (carry [".whl"] when wheels were fetched with
 #                                                     /work/shared/tools/device-wheels.sh)
@@ -11,6 +11,9 @@
 # written under $OUT/results/ while running). The last thing printed is the step table and a
 # digest of the benchmark rows.
 # SKIP_STEPS=build,pytest (prefixes of step names) skips steps, e.g. for a dry run without a GPU.
+# SUITE_ONLY=attention,pytest (words of step names) runs only the steps naming one of them (the wheel
+# install and the environment step always run), so an issue's device minutes go to its own rows.
+# Everything at once does not fit 7 minutes: give sections.
 # Exit status: 0 when every step passed, 1 otherwise.
 set -u
 
@@ -22,7 +25,8 @@ RES=$OUT/results
 mkdir -p "$RES"
 : >"$LOG"
 PY=${PYTHON:-python3}
-SUITE_LIMIT_S=${SUITE_LIMIT_S:-560}
+SUITE_LIMIT_S=${SUITE_LIMIT_S:-420}
+SUITE_ONLY=${SUITE_ONLY:-}
 SKIP_STEPS=${SKIP_STEPS:-}
 T0=$(date +%s)
 DEADLINE=$((T0 + SUITE_LIMIT_S))
@@ -44,14 +48,24 @@ record() {
     echo "=== $1: $status in ${3}s" | tee -a "$LOG"
 }
 
+# unselected NAME — true when SKIP_STEPS or SUITE_ONLY leave step NAME out.
+unselected() {
+    local tok
+    for tok in ${SKIP_STEPS//,/ }; do
+        [[ $1 == "$tok"* ]] && return 0
+    done
+    [[ -z $SUITE_ONLY || $1 == "install wheels" || $1 == "environment" ]] && return 1
+    for tok in ${SUITE_ONLY//,/ }; do
+        [[ $1 == *"$tok"* ]] && return 1
+    done
+    return 0
+}
+
 # step NAME LIMIT_S CMD...  — run CMD under timeout (capped by the suite deadline), log, record.
 step() {
     local name=$1 limit=$2
     shift 2
-    local tok
-    for tok in ${SKIP_STEPS//,/ }; do
-        if [[ $name == "$tok"* ]]; then skip "$name" "SKIP_STEPS"; return; fi
-    done
+    if unselected "$name"; then skip "$name" "SKIP_STEPS/SUITE_ONLY"; return; fi
     local left=$((DEADLINE - $(date +%s) - 15))
     if ((left < 10)); then
         STEPS+=("$name"); RESULTS+=("NOT RUN (suite time limit)     0s")
@@ -71,10 +85,7 @@ BG_PID="" BG_NAME="" BG_T=0 BG_LIMIT=0 BG_DIR=$(mktemp -d)
 bg_step() {
     BG_NAME=$1 BG_LIMIT=$2
     shift 2
-    local tok
-    for tok in ${SKIP_STEPS//,/ }; do
-        if [[ $BG_NAME == "$tok"* ]]; then skip "$BG_NAME" "SKIP_STEPS"; BG_NAME=""; return; fi
-    done
+    if unselected "$BG_NAME"; then skip "$BG_NAME" "SKIP_STEPS/SUITE_ONLY"; BG_NAME=""; return; fi
     local left=$((DEADLINE - $(date +%s) - 15))
     ((BG_LIMIT > left)) && BG_LIMIT=$((left > 1 ? left : 1))
     echo "=== $BG_NAME (background, limit ${BG_LIMIT}s): $*" | tee -a "$LOG"
