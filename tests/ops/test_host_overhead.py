@@ -72,8 +72,15 @@ def test_compiled_fwd_bwd_equals_eager(op, triton_backend, device):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+_CAPTURE_XFAIL = {
+    "fused_linear_cross_entropy": "the target range check reads the device (bool(bad.any()), a sync) on every "
+                                  "call: not capturable until it is skipped while a stream captures (projection.py)",
+}
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", [pytest.param(o, marks=pytest.mark.xfail(strict=True, reason=_CAPTURE_XFAIL[o]))
+                                if o in _CAPTURE_XFAIL else o for o in OPS])
 def test_cuda_graph_capture_fwd_bwd(op, device, triton_backend):
     """Forward + backward of each op captured in one CUDA graph; a replay on new input values gives what
     eager gives on them (no host reads, no allocations outside the graph's pool, no CPU syncs)."""
