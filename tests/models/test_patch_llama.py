@@ -157,3 +157,21 @@ def test_gradient_checkpointing_patched(triton_backend):
     mmfast.unpatch(model)
     model.zero_grad(set_to_none=True)
     _compare(model, run, triton_backend, ("norm", "attention", "projection"))
+
+
+def test_lora_wrapped_projections(triton_backend):
+    """peft LoRA on q/k and on the MLP's three projections: the rules still apply (SwiGLU fuses the
+    activation only, since down_proj is an adapter) and the patched model matches the unpatched one."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(_llama_config())
+    model = peft.get_peft_model(base, peft.LoraConfig(
+        r=4, target_modules=["q_proj", "k_proj", "gate_proj", "up_proj", "down_proj"], lora_dropout=0.0,
+        init_lora_weights=False)).base_model.model
+    ids = torch.randint(0, 97, (2, 9))
+    gy = torch.randn(2, 9, 97)
+
+    def run(m, dtype):
+        return (m(input_ids=ids).logits * gy.to(dtype)).sum()
+
+    _compare(model, run, triton_backend, ("norm", "attention", "projection"))
