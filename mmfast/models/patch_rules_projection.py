@@ -14,8 +14,10 @@ class's method.
 * ``llava.mm_projector_sequential`` (projection, any model type): a submodule named ``*mm_projector``
   that is an ``nn.Sequential`` of Linear/GELU/Linear… (the original LLaVA code) → :func:`mlp_projector`.
 * ``clip.linear_l2_normalize`` (projection): HF ``CLIPModel.forward`` with each projection head and
-  its L2 normalisation fused (:func:`linear_l2_normalize`); the towers' ``pooler_output`` in the
-  returned ``CLIPOutput`` is then the pre-projection pooled output.
+  its L2 normalisation fused (:func:`linear_l2_normalize`), for transformers whose towers' outputs
+  keep the pre-projection ``pooler_output`` (4.x). Transformers 5 returns the projected features
+  there (``get_*_features``), which the fused op never forms: the rule does not apply, so the
+  patched model returns exactly what transformers does.
 * ``open_clip.linear_l2_normalize`` (projection): open_clip's ``encode_image``/``encode_text`` with
   ``normalize=True`` (what ``CLIP.forward`` uses): image projection + L2 fused; text when the
   text projection is an ``nn.Linear`` (a raw projection matrix keeps open_clip's own path).
@@ -167,12 +169,27 @@ def _normalized_head(head: torch.nn.Linear, x, backend):
         head, lambda inp: linear_l2_normalize(inp, head.weight, head.bias, 1e-12, backend=backend), x)
 
 
+def hf_clip_towers_carry_projections() -> bool:
+    """Whether this transformers' ``CLIPModel.forward`` returns the *projected* features as its towers'
+    ``pooler_output`` (transformers 5: through ``get_image_features`` / ``get_text_features``)."""
+    import inspect
+
+    import transformers.models.clip.modeling_clip as hf_clip
+
+    try:
+        return "get_image_features" in inspect.getsource(hf_clip.CLIPModel.forward)
+    except (OSError, TypeError):  # no source to read: assume the newer layout, and leave it alone
+        return True
+
+
 def _patch_hf_clip_heads(model: torch.nn.Module):
     """HF ``CLIPModel.forward`` with each tower's projection and L2 normalisation as one op."""
     if type(model).__name__ != "CLIPModel" or not all(
         isinstance(getattr(model, n, None), torch.nn.Linear) for n in ("visual_projection", "text_projection")
     ):
         return None
+    if hf_clip_towers_carry_projections():
+        return None  # the outputs must carry the unnormalised projections, which the fused op never forms
     import transformers.models.clip.modeling_clip as hf_clip
 
     def forward(input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, return_loss=None,

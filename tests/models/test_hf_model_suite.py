@@ -64,11 +64,18 @@ def test_clip_heads_rule_honours_return_dict_false():
         ref = model(**inputs)
         ref64 = copy.deepcopy(model).double()(**{k: (v.double() if k == "pixel_values" else v)
                                                   for k, v in inputs.items()})
+    from mmfast.models.patch_rules_projection import hf_clip_towers_carry_projections
+
     mmfast.patch(model, kinds=("projection",))
     try:
-        assert "clip.linear_l2_normalize" in mmfast.models.patch.patched_rules(model)
+        carried = hf_clip_towers_carry_projections()
+        assert ("clip.linear_l2_normalize" in mmfast.models.patch.patched_rules(model)) != carried
         with torch.no_grad():
             out = model(**inputs)
+            full = model(**{**inputs, "return_dict": True})
+        if carried:  # transformers 5: the towers' pooler_output is the projected features, as unpatched
+            assert full.text_model_output.pooler_output.shape == (3, 24)
+            assert full.vision_model_output.pooler_output.shape == (3, 24)
         assert isinstance(ref, tuple) and isinstance(out, tuple)
         assert len(out) == len(ref)
         assert [type(o) for o in out] == [type(r) for r in ref]
