@@ -274,7 +274,10 @@ class Checkpointer:
         return sorted(found, key=lambda p: step_of(p.name), reverse=True)
 
     def _prune(self, keep_tag: str) -> None:
-        for p in self.complete()[self.keep:]:
+        """Keep the newest ``keep`` complete checkpoints up to this step. Later steps (left by an earlier
+        attempt this run was resumed from before) stay until this run saves those steps again."""
+        step = step_of(keep_tag)
+        for p in [p for p in self.complete() if step_of(p.name) <= step][self.keep:]:
             if p.name != keep_tag:
                 shutil.rmtree(p, ignore_errors=True)
 
@@ -305,8 +308,10 @@ class Checkpointer:
             if "ranks; this run has" in problems[0]:
                 raise CheckpointError(f"--resume latest: {problems[0]}")
             notes.append(f"checkpoint {tag} (latest) is damaged: " + "; ".join(problems[:5]))
+        # Damaged latest: the newest complete checkpoint before it (later ones are an older attempt's).
+        before = step_of(tag) if tag is not None and step_of(tag) is not None else None
         for folder in self.complete():
-            if folder.name == tag:
+            if folder.name == tag or (before is not None and step_of(folder.name) > before):
                 continue
             problems = verify(folder, self.world)
             if not problems:

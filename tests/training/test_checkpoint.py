@@ -84,6 +84,20 @@ def test_prune_keeps_the_newest_complete_checkpoints(tmp_path):
     c = _checkpointer(tmp_path)
     c._prune(keep_tag="step10")
     assert sorted(p.name for p in ckdir.iterdir()) == ["step10", "step3"]  # by step number, not by name
+    # Resumed from step 3, the run saves step 4: step 10 is an older attempt's, kept but not counted.
+    _fake_checkpoint(ckdir, 4)
+    c._prune(keep_tag="step4")
+    assert sorted(p.name for p in ckdir.iterdir()) == ["step10", "step3", "step4"]
+
+
+def test_a_damaged_latest_falls_back_before_it_not_to_a_later_attempt(tmp_path):
+    ckdir = tmp_path / "checkpoints"
+    for s in (2, 4, 20):  # step 20: left by an attempt this run resumed before
+        _fake_checkpoint(ckdir, s)
+    (ckdir / "latest").write_text("step4")
+    (ckdir / "step4" / "rng_rank0.pt").write_bytes(b"")
+    folder, notes = _checkpointer(tmp_path).resolve("latest")
+    assert folder == ckdir / "step2" and notes[-1] == "resuming from step2, the newest complete checkpoint"
 
 
 class _Planted:
