@@ -173,6 +173,10 @@ step "bench train_clip" 60 "$PY" benchmarks/bench_train_clip.py --gpu --model Vi
 #     truncated to 2 layers, seq 2048, bf16, mmfast vs transformers SDPA.
 step "bench train_llava" 55 "$PY" benchmarks/bench_train_llava.py --gpu --shape llava7b-trunc --layers 2 \
     --batch 1 --reps 5 --budget-s 40 --out "$RES/train_llava.csv"
+# >>> LLaVA anchor (#23): LLaVA-7B dims, 4 LLM + 4 vision layers, batch 4, seq 2048 (576 image tokens), bf16,
+#     AdamW: transformers SDPA, mmfast, Liger (last: it patches transformers process-wide).
+step "bench train_llava anchor" 90 "$PY" benchmarks/bench_train_llava.py --gpu --shape anchor \
+    --reps 5 --budget-s 75 --out "$RES/train_llava_anchor.csv"
 
 # 4. the C++ extension (CPU kernels; the GPU steps do not use it): check that it builds and loads
 #    against this machine's torch, in the background beside the tests, into /tmp (the tree's build
