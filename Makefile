@@ -5,7 +5,9 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 # torch/torchvision pair that open_clip needs; pip takes it from this machine's disk.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
-PYTEST_ARGS ?= -n 2 --timeout=900
+# worksteal: an idle worker takes queued tests from the other, so the long multi-process tests do not
+# leave one worker waiting at the end.
+PYTEST_ARGS ?= -n 2 --dist worksteal --timeout=900
 
 .PHONY: all install ext test test-fast demo bench gpu-suite lint clean
 
