@@ -9,7 +9,7 @@ import importlib
 import sys
 
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
-    ("info",): ("mmfast.ops._dispatch:info_main", "backends per op, and why the others were refused"),
+    ("info",): ("mmfast.ops._info:info_main", "backends per op, and why the others were refused"),
     ("bench", "contrastive"): ("mmfast.bench.contrastive:main", "benchmark the fused CLIP/SigLIP loss"),
     ("bench", "attention"): ("mmfast.bench.attention:main", "benchmark flash attention"),
     ("bench", "projection"): ("mmfast.bench.projection:main", "benchmark the fused projection ops"),

@@ -39,7 +39,7 @@ TARGET = 1.5
 def _interpret_ready() -> bool:
     if os.environ.get("TRITON_INTERPRET") != "1":
         return False
-    d = sys.modules.get("mmfast.ops._dispatch")
+    d = sys.modules.get("mmfast.ops._env")
     return d is None or getattr(d, "_INTERPRET_AT_IMPORT", False)
 
 

@@ -25,7 +25,9 @@ holding the object plus that one registration line. A backend states:
   autograd functions, or the plain composition's), so autograd runs it; otherwise ``backward`` is an
   explicit function the family's ``autograd.Function`` calls.
 
-The family module (``ops/<family>.py``) holds the public function, the reference and the autograd glue:
+The family module (``ops/<family>.py``; attention, the largest, splits it over ``attention.py``,
+``_attention_call.py`` and ``_attention_reference.py``) holds the public function, the reference and the
+autograd glue:
 it describes the call as :class:`Facts`, asks ``op.select(facts, backend)`` for a backend name and calls
 that backend's ``forward``/``backward`` without knowing which one it is.
 
@@ -46,8 +48,12 @@ Choosing a backend
    then on CUDA the vendor kernels, then the reference; on CPU the reference comes before the vendor
    kernels (CPU results stay those of the reference unless a CPU table row says otherwise).
 
-``mmfast info`` lists every op and backend with its refusals; ``mmfast info --explain OP --shape ...``
+``mmfast info`` (:mod:`mmfast.ops._info`) lists every op and backend with its refusals; ``mmfast info --explain OP --shape ...``
 explains one call: the facts, the shape class, the table row used, the choice and every refusal.
+
+Layout: :mod:`mmfast.ops._backend` holds :class:`Facts` and the :class:`Backend` classes,
+:mod:`mmfast.ops._env` the machine's facts, this module :class:`Op`, the choice, the preference table and
+the registry; :mod:`mmfast.ops._info` is ``mmfast info``.
 
 Facts about the machine come from :func:`env` (probed once); tests replace them with
 :func:`fake_env` (say, an sm90 card on a CPU-only machine) and the table with :func:`fake_preferences`.
@@ -58,315 +64,37 @@ import contextlib
 import importlib
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 
-# Every backend name an op may register (``backend=`` accepts these; ops refuse the ones they lack).
-BACKENDS = (
-    "triton", "triton_interpret", "cpp",
-    "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", "flex", "flash_attn",
-    "torch", "reference",
+from mmfast.ops._backend import (  # noqa: F401 - the contract's types, imported from here by the op modules
+    AUTOGRAD,
+    BACKENDS,
+    FLOAT_DTYPES,
+    Backend,
+    BackendUnavailableError,
+    Facts,
+    KernelBackend,
+    LegacyBackend,
+    _Autograd,
+    _dtype_name,
+    _Unloadable,
 )
-NEEDS = ("triton", "triton_interpret", "cpp", "cuda")
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from mmfast.ops._env import (  # noqa: F401 - machine facts, imported from here by tests and `mmfast info`
+    NEEDS,
+    Env,
+    cpp_extension,
+    device_family,
+    env,
+    env_token,
+    fake_env,
+    need_reasons,
+)
 
 PREFERENCES_PATH = Path(__file__).resolve().parent.parent / "configs" / "backend_preferences.json"
-
-# Read once, at import: this is what Triton itself does when it decorates our kernels.
-_INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-class BackendUnavailableError(RuntimeError):
-    """A backend was forced (``backend=...``) but cannot run this call."""
-
-
-class _Autograd:
-    """``Backend.backward = AUTOGRAD``: the forward is differentiable PyTorch; autograd runs its backward."""
-
-    def __repr__(self):
-        return "AUTOGRAD"
-
-    def __bool__(self):
-        return False
-
-
-AUTOGRAD = _Autograd()
-
-
-@dataclass(frozen=True)
-class Facts:
-    """What the backends need to know about a call: device, dtype, and op-specific ``extra`` (head dim,
-    masks, sequence lengths, whether gradients are needed, ...; each family documents its keys)."""
-
-    device: str  # "cpu" | "cuda" | ...
-    dtype: torch.dtype
-    extra: dict = field(default_factory=dict)
-
-    @staticmethod
-    def of(tensors: Sequence[torch.Tensor], **extra) -> Facts:
-        t = [x for x in tensors if isinstance(x, torch.Tensor)]
-        if not t:
-            raise ValueError("dispatch needs at least one tensor argument")
-        return Facts(device=t[0].device.type, dtype=t[0].dtype, extra=extra)
-
-    def get(self, key, default=None):
-        return self.extra.get(key, default)
-
-    def key(self) -> tuple:
-        """A hashable form (torch.compile passes it to a constant-folded selection)."""
-        return (self.device, self.dtype, tuple(sorted(self.extra.items())))
-
-    @staticmethod
-    def from_key(key: tuple) -> Facts:
-        return Facts(key[0], key[1], dict(key[2]))
-
-
-# --------------------------------------------------------------------------- the machine
-@dataclass(frozen=True)
-class Env:
-    """Facts about the machine that backends depend on. ``arch``: the CUDA device family (``sm90``...),
-    None without CUDA. ``triton_error``/``cpp_error``: why Triton / mmfast._C cannot load (None: they do)."""
-
-    cuda_available: bool
-    arch: str | None
-    interpret: bool
-    triton_error: str | None
-    cpp_error: str | None
-    torch_version: str = torch.__version__
-
-
-def _triton_import_error() -> str | None:
-    # Any failure (ImportError, a missing driver library's OSError, ...) becomes a refusal reason.
-    try:
-        import triton  # noqa: F401
-    except Exception as e:  # noqa: BLE001  # pragma: no cover - depends on the machine
-        return f"triton is not importable ({type(e).__name__}: {e})"
-    return None
-
-
-def cpp_extension():
-    """Return ``mmfast._C`` or raise ImportError with the reason."""
-    from mmfast import _C  # built from csrc/ by `pip install` / `make`
-
-    return _C
-
-
-def _cpp_import_error() -> str | None:
-    try:
-        cpp_extension()
-    except Exception as e:  # noqa: BLE001 - a stale or broken build must become a reason, not a crash
-        return f"the C++ extension mmfast._C is not built or failed to load ({type(e).__name__}: {e})"
-    return None
-
-
-def _probe_env() -> Env:
-    cuda = torch.cuda.is_available()
-    arch = None
-    if cuda:
-        major, minor = torch.cuda.get_device_capability(0)
-        arch = f"sm{major}{minor}"
-    return Env(cuda, arch, _INTERPRET_AT_IMPORT, _triton_import_error(), _cpp_import_error())
-
-
-_ENV: list[Env] = []  # probed on first use; fake_env pushes replacements
-
-
-def env() -> Env:
-    if not _ENV:
-        _ENV.append(_probe_env())
-    return _ENV[-1]
-
-
-@contextlib.contextmanager
-def fake_env(**changes):
-    """Pretend the machine differs (``cuda_available=True, arch="sm90"``, ``cpp_error="..."``...)."""
-    _ENV.append(replace(env(), **changes))
-    _SELECT_CACHE.clear()
-    try:
-        yield _ENV[-1]
-    finally:
-        _ENV.pop()
-        _SELECT_CACHE.clear()
-
-
-def device_family(device: str, e: Env | None = None) -> str:
-    """The preference table's key for a device: ``cpu``, or the CUDA card's ``smXY``."""
-    e = e or env()
-    if device == "cuda":
-        return e.arch or "cuda"
-    return device
-
-
-def need_reasons(need: str, e: Env | None = None) -> list[str]:
-    """Reasons, independent of the op, why the machine lacks ``need`` (one of :data:`NEEDS`)."""
-    e = e or env()
-    reasons = []
-    if need == "triton":
-        if e.triton_error:
-            reasons.append(e.triton_error)
-        if not e.cuda_available:
-            reasons.append("torch.cuda is not available")
-        if e.interpret:
-            reasons.append("TRITON_INTERPRET=1 is set: kernels were decorated for the interpreter")
-    elif need == "triton_interpret":
-        if e.triton_error:
-            reasons.append(e.triton_error)
-        if not e.interpret:
-            reasons.append("TRITON_INTERPRET=1 was not set when mmfast was imported")
-    elif need == "cpp":
-        if e.cpp_error:
-            reasons.append(e.cpp_error)
-    elif need == "cuda":
-        if not e.cuda_available:
-            reasons.append("torch.cuda is not available")
-    else:
-        raise ValueError(f"unknown need {need!r}; expected one of {NEEDS}")
-    return reasons
-
-
-def _dtype_name(d) -> str:
-    return str(d).replace("torch.", "")
-
-
-def _device_phrase(devices: tuple[str, ...]) -> str:
-    if devices == ("cuda",):
-        return "needs CUDA tensors"
-    if devices == ("cpu",):
-        return "runs on CPU tensors only"
-    return "runs on " + "/".join(devices) + " tensors"
-
-
-# --------------------------------------------------------------------------- backends
-class Backend:
-    """A backend of one op; see the module docstring for the contract. Subclass it (or instantiate it
-    with keyword arguments) and override :meth:`supports`, ``forward`` and ``backward``."""
-
-    name: str = ""  # set by Op.add
-    devices: tuple[str, ...] | None = ("cpu", "cuda")  # None: any device
-    dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
-    needs: tuple[str, ...] = ()
-    doc: str = ""
-    forward: Callable | None = None
-    backward: Callable | _Autograd | None = AUTOGRAD
-
-    def __init__(self, **attrs):
-        for k, v in attrs.items():
-            if not hasattr(type(self), k) and k not in ("check",):
-                raise TypeError(f"Backend has no attribute {k!r}")
-            setattr(self, k, v)
-
-    def supports(self, facts: Facts) -> Iterable[str]:
-        check = getattr(self, "check", None)
-        return check(facts) if check is not None else ()
-
-    def reasons(self, facts: Facts, e: Env | None = None) -> list[str]:
-        reasons = []
-        if self.devices is not None and facts.device not in self.devices:
-            reasons.append(f"{_device_phrase(self.devices)}, got device '{facts.device}'")
-        if facts.dtype not in self.dtypes:
-            reasons.append(f"dtype {_dtype_name(facts.dtype)} is not one of "
-                           + "/".join(_dtype_name(d) for d in self.dtypes))
-        for need in self.needs:
-            reasons.extend(need_reasons(need, e))
-        reasons.extend(self.supports(facts))
-        return reasons
-
-    def __repr__(self):
-        return f"<backend {self.name or type(self).__name__}>"
-
-
-class KernelBackend(Backend):
-    """A backend whose functions live in a module (imported on first use): ``forward``/``backward`` name
-    module attributes, and ``functions`` any others the family's contract asks for (``module`` is also
-    returned by :meth:`impl`, for families whose contract is a set of module functions)."""
-
-    module: str = ""
-    fwd_name: str = ""
-    bwd_name: str = ""
-
-    def __init__(self, module: str, forward: str | None = None, backward: str | None = None, **attrs):
-        super().__init__(**attrs)
-        self.module = module
-        self.fwd_name, self.bwd_name = forward or "", backward or ""
-
-    _mod = None
-
-    def impl(self):
-        # cached: after the first call (selection makes it) this is an attribute read, which
-        # torch.compile traces (it cannot trace importlib)
-        if self._mod is None:
-            self._mod = importlib.import_module(self.module)
-        return self._mod
-
-    def supports(self, facts: Facts) -> Iterable[str]:
-        reasons = list(super().supports(facts))
-        err = _module_error(self.module)
-        if err:
-            reasons.append(err)
-        else:
-            self.impl()
-        return reasons
-
-    @property
-    def forward(self):
-        return getattr(self.impl(), self.fwd_name) if self.fwd_name else None
-
-    @property
-    def backward(self):
-        return getattr(self.impl(), self.bwd_name) if self.bwd_name else AUTOGRAD
-
-
-_MODULE_ERRORS: dict[str, str | None] = {}
-
-
-def _module_error(module: str) -> str | None:
-    if module not in _MODULE_ERRORS:
-        try:
-            importlib.import_module(module)
-            _MODULE_ERRORS[module] = None
-        except Exception as e:  # noqa: BLE001 - a broken module (ImportError, a driver's OSError) is a reason
-            _MODULE_ERRORS[module] = f"module {module} failed to import ({type(e).__name__}: {e})"
-    return _MODULE_ERRORS[module]
-
-
-class _Unloadable(Backend):
-    """Stands for a registered backend whose module failed to import: it refuses every call."""
-
-    def __init__(self, why: str):
-        super().__init__()
-        self.why = why
-
-    def reasons(self, facts, e=None):
-        return [self.why]
-
-
-class LegacyBackend(Backend):
-    """A backend registered the old way (``Op(name, impls={backend: target})``): the environment the name
-    implies (``triton``: CUDA + compiled Triton; ``triton_interpret``: CPU + interpreter; ``cpp``: CPU +
-    mmfast._C; anything else: any device), no dtype or feature check of its own (the op's ``supports``
-    does that); the op module dispatches on the name itself."""
-
-    _ENVS: ClassVar[dict] = {"triton": (("cuda",), ("triton",)),
-                             "triton_interpret": (("cpu",), ("triton_interpret",)), "cpp": (("cpu",), ("cpp",))}
-
-    def __init__(self, name: str, target: object):
-        devices, needs = self._ENVS.get(name, (None, ()))
-        super().__init__(devices=devices, needs=needs, doc=str(target))
-        self.dtypes = (*FLOAT_DTYPES, torch.float64)
-        self.target = target
-
-    def reasons(self, facts, e=None):
-        reasons = super().reasons(facts, e)
-        if self.devices == ("cpu",) and facts.device != "cpu":
-            # keep the old wording for the CPU-only environments
-            reasons[0] = (f"the interpreter runs on CPU tensors, got device '{facts.device}'"
-                          if "triton_interpret" in self.needs
-                          else f"the C++ kernels run on CPU tensors, got device '{facts.device}'")
-        return reasons
 
 
 # --------------------------------------------------------------------------- ops
@@ -489,7 +217,7 @@ class Op:
                     f"(device={facts.device}, dtype={facts.dtype}): " + "; ".join(reasons)
                 )
             return backend
-        key = (self.name, facts.key(), id(_ENV[-1]) if _ENV else 0, id(_PREFS[-1]) if _PREFS else 0)
+        key = (self.name, facts.key(), env_token(), _PREFS_GENERATION[0])
         try:
             hit = _SELECT_CACHE.get(key)
         except TypeError:  # unhashable extra: no caching
@@ -525,18 +253,25 @@ class Op:
         if isinstance(row, dict) and row.get("ms"):
             lines.append("  measured: " + ", ".join(f"{b} {ms:.3f} ms" for b, ms in row["ms"].items())
                          + (f"  [{row['source']}]" if row.get("source") else ""))
-        chosen = None
+        verdicts = self.verdict_lines(facts, order, "could run (later in the order)")
+        lines += verdicts
+        if not any(v.startswith("  * ") for v in verdicts):
+            lines.append("  no backend can run this call")
+        return lines
+
+    def verdict_lines(self, facts: Facts, order: Iterable[str], later: str) -> list[str]:
+        """One line per backend of ``order``: the first that can run is chosen, ``later`` for the others
+        that could, and the reasons of every one that refuses."""
+        lines, chosen = [], False
         for b in order:
             r = self.reasons(b, facts)
-            if not r and chosen is None:
-                chosen = b
+            if not r and not chosen:
+                chosen = True
                 lines.append(f"  * {b:<17} chosen")
             elif not r:
-                lines.append(f"    {b:<17} could run (later in the order)")
+                lines.append(f"    {b:<17} {later}")
             else:
                 lines.append(f"    {b:<17} refused: {'; '.join(r)}")
-        if chosen is None:
-            lines.append("  no backend can run this call")
         return lines
 
 
@@ -569,6 +304,7 @@ def check_backend_name(backend: str | None) -> None:
 
 # --------------------------------------------------------------------------- the preference table
 _PREFS: list[dict] = []
+_PREFS_GENERATION = [0]  # bumped by every fake_preferences entry and exit (part of the selection cache key)
 
 
 def preferences() -> dict:
@@ -587,12 +323,12 @@ def fake_preferences(table: dict):
     """Use ``table`` (the ``ops`` part of the JSON) instead of the committed preference table."""
     preferences()
     _PREFS.append(table)
-    _SELECT_CACHE.clear()
+    _PREFS_GENERATION[0] += 1
     try:
         yield table
     finally:
         _PREFS.pop()
-        _SELECT_CACHE.clear()
+        _PREFS_GENERATION[0] += 1
 
 
 # --------------------------------------------------------------------------- registry
@@ -627,119 +363,3 @@ def registered_ops() -> dict[str, Op]:
                 raise
     return dict(_REGISTRY)
 
-
-# --------------------------------------------------------------------------- helpers for op modules
-def autocast_inputs(*tensors):
-    """Under ``torch.autocast`` cast the float tensors (None passes through) to the autocast dtype, as a
-    matmul such as ``F.linear`` would (differentiably); the kernels then run with autocast off.
-    Outside autocast: unchanged."""
-    t0 = next(t for t in tensors if t is not None)
-    dev = t0.device.type
-    if not torch.is_autocast_enabled(dev):
-        return tensors
-    dt = torch.get_autocast_dtype(dev)
-    return tuple(t.to(dt) if t is not None and t.is_floating_point() else t for t in tensors)
-
-
-def eager_fast(op):
-    """``op`` (a ``torch.library.custom_op``) as torch.compile needs it, cheaper in eager mode.
-
-    Under ``torch.compile`` the call goes through the custom op, which Dynamo traces as one opaque
-    node. In eager mode it runs the op's Python body directly: the same function on the same
-    arguments, without the dispatcher's round trip (schema checks and the Autograd-key redispatch),
-    which cost about 50 µs a call here, more than a small norm kernel takes on a GPU. The ops wrapped
-    this way are called inside an ``autograd.Function``, so autograd never sees them either way.
-    """
-    body = getattr(op, "_init_fn", None) or op
-
-    def call(*args, **kwargs):
-        if torch.compiler.is_compiling():
-            return op(*args, **kwargs)
-        return body(*args, **kwargs)
-
-    call.op = op
-    call.__name__ = getattr(body, "__name__", "op")
-    call.__doc__ = getattr(body, "__doc__", None)
-    return call
-
-
-# --------------------------------------------------------------------------- `mmfast info`
-def info_lines() -> list[str]:
-    e = env()
-    lines = [f"torch {torch.__version__}"]
-    try:
-        import triton
-
-        lines.append(f"triton {triton.__version__}")
-    except Exception as ex:  # noqa: BLE001 - `mmfast info` reports whatever failed
-        lines.append(f"triton: not importable ({type(ex).__name__})")
-    lines.append(f"TRITON_INTERPRET at import: {'1' if _INTERPRET_AT_IMPORT else 'unset'}")
-    lines.append("mmfast._C: " + ("loaded" if e.cpp_error is None else e.cpp_error))
-    cuda = e.cuda_available
-    lines.append("cuda: " + (f"{torch.cuda.get_device_name(0)} ({e.arch})" if cuda else "not available"))
-    lines.append(f"preference table: {PREFERENCES_PATH}")
-    devices = ["cpu"] + (["cuda"] if cuda else [])
-    for name, op in sorted(registered_ops().items()):
-        for dev in devices:
-            facts = op.example(dev) if op.example else Facts(dev, torch.float32)
-            lines.append(f"\n{name} [{dev}, {_dtype_name(facts.dtype)}]")
-            order, _ = op.candidates(facts)
-            chosen = None
-            for b in order:
-                r = op.reasons(b, facts)
-                if not r and chosen is None:
-                    chosen = b
-                    lines.append(f"  * {b:<17} chosen")
-                elif not r:
-                    lines.append(f"    {b:<17} available (lower priority)")
-                else:
-                    lines.append(f"    {b:<17} refused: {'; '.join(r)}")
-    return lines
-
-
-# Ops with an `--explain` parser: op name (or alias) -> "module:function" turning argv into Facts.
-EXPLAIN_PARSERS = {
-    "attention": "mmfast.ops.attention:explain_facts",
-    "flash_attention": "mmfast.ops.attention:explain_facts",
-}
-
-
-def info_main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    argv = list(argv or [])
-    if not argv or argv[0] in ("-h", "--help"):
-        if argv:
-            print("usage: mmfast info [--explain OP [--shape ...] [--family sm90] ...]\n\n"
-                  "Without arguments: every op's backends on this machine, and why each was refused.\n"
-                  "--explain OP ...: the backend auto picks for one call and every refusal; "
-                  f"OP one of {sorted(EXPLAIN_PARSERS)} or any registered op name "
-                  "(`mmfast info --explain attention --help` lists the call's options).")
-            return 0
-        print("\n".join(info_lines()))
-        return 0
-    p = argparse.ArgumentParser(prog="mmfast info", add_help=False)
-    p.add_argument("--explain", required=True)
-    args, rest = p.parse_known_args(argv)
-    op_name = args.explain
-    parser = EXPLAIN_PARSERS.get(op_name)
-    if parser is not None:
-        mod, _, fn = parser.partition(":")
-        facts, op_name, fake = getattr(importlib.import_module(mod), fn)(rest)
-    else:
-        ops = registered_ops()
-        if op_name not in ops:
-            print(f"mmfast info: unknown op {op_name!r}; choose from {sorted(set(ops) | set(EXPLAIN_PARSERS))}")
-            return 2
-        q = argparse.ArgumentParser(prog=f"mmfast info --explain {op_name}")
-        q.add_argument("--device", default="cpu")
-        q.add_argument("--dtype", default="float32")
-        q.add_argument("--family", help="pretend the CUDA card is of this family (sm90, sm80, ...)")
-        a = q.parse_args(rest)
-        facts = ops[op_name].example(a.device) if ops[op_name].example else Facts(a.device, torch.float32)
-        facts = Facts(a.device, getattr(torch, a.dtype), facts.extra)
-        fake = {"cuda_available": True, "arch": a.family} if a.family else {}
-    op = registered_ops()[op_name]
-    with fake_env(**fake) if fake else contextlib.nullcontext():
-        print("\n".join(op.explain(facts)))
-    return 0

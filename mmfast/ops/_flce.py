@@ -38,7 +38,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from mmfast.ops._dispatch import eager_fast
+from mmfast.ops._host import eager_fast
 
 # Bytes of one chunk's (or vocabulary block's) logits in the GEMM dtype; MMFAST_FLCE_CHUNK_MB sets it.
 # 64 MiB everywhere: with the weight gradient summed by vocabulary blocks (see above) a larger budget no

@@ -47,10 +47,10 @@ from mmfast.ops._dispatch import (
     Facts,
     KernelBackend,
     Op,
-    autocast_inputs,
     check_backend_name,
     register,
 )
+from mmfast.ops._host import autocast_inputs
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

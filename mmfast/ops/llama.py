@@ -33,7 +33,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mmfast.ops._dispatch import Backend, Facts, Op, autocast_inputs, check_backend_name, register
+from mmfast.ops._dispatch import Backend, Facts, Op, check_backend_name, register
+from mmfast.ops._host import autocast_inputs
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -31,7 +31,6 @@ from mmfast.ops._dispatch import (
     Facts,
     KernelBackend,
     Op,
-    autocast_inputs,
     check_backend_name,
     register,
 )
@@ -41,6 +40,7 @@ from mmfast.ops._flce import (
     chunk_rows,
     fused_linear_cross_entropy_reference,
 )
+from mmfast.ops._host import autocast_inputs
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _GELU_APPROX = {"gelu": False, "gelu_new": True, "gelu_tanh": True, "gelu_pytorch_tanh": True}

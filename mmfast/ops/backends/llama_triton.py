@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from mmfast.ops._dispatch import Backend, Facts, eager_fast
+from mmfast.ops._dispatch import Backend, Facts
+from mmfast.ops._host import eager_fast
 
 MAX_HEAD_DIM = 256
 MAX_HEADS = 128

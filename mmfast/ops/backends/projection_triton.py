@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from mmfast.ops._dispatch import Backend, Facts, KernelBackend, eager_fast
+from mmfast.ops._dispatch import Backend, Facts, KernelBackend
+from mmfast.ops._host import eager_fast
 
 MAX_ROW = 65536
 
