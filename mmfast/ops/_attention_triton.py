@@ -401,7 +401,7 @@ def strides3(t: torch.Tensor, varlen: bool):
 
 
 def attn_fwd(q, k, v, p):
-    """Run the forward kernel. ``p`` is the :class:`mmfast.ops.attention.AttnParams` of the call.
+    """Run the forward kernel. ``p`` is the :class:`mmfast.ops._attention_reference.AttnParams` of the call.
 
     Returns (out like q, lse fp32: (B, H, Sq) dense or (H, total_q) packed, row stats for the backward:
     (log2-domain max, 1 / sum) laid out like lse)."""

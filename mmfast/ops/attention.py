@@ -54,413 +54,40 @@ and the shape class ``<mask>/<s256|s512|s1k|s2k|s4k|long>/<train|infer>`` (``dec
 then the default order: triton, triton_interpret, flash_attn, sdpa_cudnn, sdpa_flash, sdpa_efficient, flex,
 sdpa_math, reference (on CPU: triton_interpret, reference, then the others), so a vendor kernel runs by
 default only where the table measured it faster or where mmfast's kernels cannot run. ``mmfast info --explain attention --shape B,S,H,D ...`` shows the choice.
+
+Layout: this module holds the public functions (flash-attn's, the kv cache, ``attention_reference``);
+:mod:`mmfast.ops._attention_call` the op's registration, the call's facts, argument checks and the
+autograd glue; :mod:`mmfast.ops._attention_reference` :class:`AttnParams` and the plain-PyTorch oracle.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 
-from mmfast.ops._dispatch import AUTOGRAD, Backend, Facts, Op, check_backend_name, register
-
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_REFERENCE_DTYPES = (*_SUPPORTED_DTYPES, torch.float64)  # fp64: the oracle, reference backend only
-MAX_HEAD_DIM = 256
-
-
-# --------------------------------------------------------------------------- parameters of a call
-@dataclass
-class AttnParams:
-    """Everything but the tensors q/k/v; windows are resolved (an unbounded side is a big number)."""
-
-    scale: float
-    band: bool  # any of causal / window: the band mask is on
-    window_left: int
-    window_right: int
-    softcap: float
-    dropout_p: float
-    seed: int
-    max_seqlen_q: int
-    max_seqlen_k: int
-    prefix: torch.Tensor | None = None  # int32 (B,)
-    cu_seqlens_q: torch.Tensor | None = None  # int32 (B+1,)
-    cu_seqlens_k: torch.Tensor | None = None
-    seqused_k: torch.Tensor | None = None  # int32 (B,): keys used per batch row (kv cache)
-    alibi: torch.Tensor | None = None  # fp32 (B, H) contiguous: ALiBi slopes
-    kv_batch_idx: torch.Tensor | None = None  # int32 (B,): cache row of each batch row (kv cache)
-    leftpad: torch.Tensor | None = None  # int32 (B,): first key of each row (kv cache)
-    block_table: torch.Tensor | None = None  # int32 (B, max_pages): paged k/v (num_pages, page_size, Hk, D)
-    page_size: int = 0
-
-    def dummy_int(self, device) -> torch.Tensor:
-        return torch.zeros(1, dtype=torch.int32, device=device)
-
-
-def _window_pair(window_size) -> tuple[int, int]:
-    """(left, right) from a tuple, a list or a 2-element tensor (flash-attn's tests pass all three)."""
-    if isinstance(window_size, torch.Tensor):
-        if window_size.numel() != 2 or window_size.dtype.is_floating_point:
-            raise ValueError(f"window_size must be a pair (left, right) of ints, got {window_size!r}")
-        window_size = window_size.reshape(2).tolist()
-    if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2):
-        raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}")
-    wl, wr = (int(w) for w in window_size)
-    if wl < -1 or wr < -1:
-        raise ValueError(f"window_size entries must be >= -1 (-1: unbounded), got {window_size!r}")
-    return wl, wr
-
-
-def _resolve_window(window_size, causal: bool, prefix: bool, big: int) -> tuple[bool, int, int]:
-    wl, wr = _window_pair(window_size)
-    if causal or prefix:
-        wr = 0
-    band = causal or prefix or wl >= 0 or wr >= 0
-    return band, big if wl < 0 else wl, big if wr < 0 else wr
-
-
-# --------------------------------------------------------------------------- reference (oracle)
-_M32 = 0xFFFFFFFF
-
-
-def _hash_u32(x: torch.Tensor) -> torch.Tensor:
-    """The kernels' 32-bit mixer on int64 tensors holding uint32 values (products wrap mod 2⁶⁴,
-    so their low 32 bits are the uint32 products)."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _M32
-    return x ^ (x >> 16)
-
-
-def dropout_keep_reference(seed: int, bh: torch.Tensor, sq: int, sk: int, p: float, device) -> torch.Tensor:
-    """Keep-mask (len(bh), sq, sk) identical to the kernels' for heads ``bh`` (= batch·H + head)."""
-    base = _hash_u32((int(seed) + bh.long() * 0x9E3779B9) & _M32)  # (n,)
-    lin = (torch.arange(sq, device=device)[:, None] * sk + torch.arange(sk, device=device)[None, :]) & _M32
-    r = _hash_u32(lin[None] ^ base[:, None, None])
-    return (r >> 8).double() * (1.0 / 16777216.0) >= p
-
-
-def visible_reference(sq: int, sk: int, wl: int, wr: int, band: bool, prefix: int | None, device) -> torch.Tensor:
-    """Boolean (Sq, Sk) mask of visible keys; see the module docstring."""
-    qa = torch.arange(sq, device=device)[:, None] + (sk - sq)
-    j = torch.arange(sk, device=device)[None, :]
-    if not band:
-        return torch.ones(sq, sk, dtype=torch.bool, device=device)
-    ok = (j >= qa - wl) & (j <= qa + wr)
-    if prefix is not None:
-        ok = ok | ((qa < prefix) & (j < prefix))
-    return ok
-
-
-def alibi_bias_reference(slopes: torch.Tensor, sq: int, sk: int) -> torch.Tensor:
-    """(B, H, Sq, Sk) ALiBi bias -slope·|i + Sk - Sq - j| for (B, H) slopes (flash-attn's documented bias,
-    causal or not; flash-attn's CUDA kernel adds slope·j under causal instead, which differs per query row
-    by a constant: the same softmax, outputs and gradients, a different lse)."""
-    qa = torch.arange(sq, device=slopes.device)[:, None] + (sk - sq)
-    j = torch.arange(sk, device=slopes.device)[None, :]
-    return -slopes[:, :, None, None] * (qa - j).abs().to(slopes.dtype)
-
-
-def _reference_dense(q, k, v, p: AttnParams, batch_offset: int, prefix_list, n_heads_total: int):
-    """(B, Sq, H, D) attention by materialising the scores; returns (out, lse (B, H, Sq) fp32)."""
-    b, sq, h, _d = q.shape
-    sk, hk = k.shape[1], k.shape[2]
-    if hk != h:
-        k = k.repeat_interleave(h // hk, dim=2)
-        v = v.repeat_interleave(h // hk, dim=2)
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D)
-    s = qt @ kt.transpose(-1, -2)  # (B, H, Sq, Sk); scores rounded to q's dtype first
-    s = s.to(torch.promote_types(s.dtype, torch.float32)) * p.scale
-    if p.softcap > 0:
-        s = p.softcap * torch.tanh(s / p.softcap)
-    if p.alibi is not None:
-        s = s + alibi_bias_reference(p.alibi[batch_offset : batch_offset + b], sq, sk).to(s.dtype)
-    masks = []
-    for i in range(b):
-        pre = None if prefix_list is None else min(prefix_list[i], sk)
-        masks.append(visible_reference(sq, sk, p.window_left, p.window_right, p.band, pre, q.device))
-    mask = torch.stack(masks)[:, None]  # (B, 1, Sq, Sk)
-    s = s.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)  # (B, H, Sq)
-    empty = torch.isinf(lse) & (lse < 0)
-    prob = torch.exp(s - torch.where(empty, 0.0, lse)[..., None])
-    if p.dropout_p > 0:
-        heads = torch.arange(h, device=q.device)
-        bh = (torch.arange(b, device=q.device)[:, None] + batch_offset) * n_heads_total + heads  # (B, H)
-        keep = dropout_keep_reference(p.seed, bh.reshape(-1), sq, sk, p.dropout_p, q.device).reshape(b, h, sq, sk)
-        prob = prob * keep / (1.0 - p.dropout_p)
-    out = prob.to(q.dtype) @ vt  # (B, H, Sq, D)
-    lse = lse.masked_fill(empty, float("inf"))
-    return out.transpose(1, 2), lse
-
-
-def _cache_row(cache: torch.Tensor, p: AttnParams, i: int, end: int) -> torch.Tensor:
-    """Keys (or values) 0..end of batch row ``i`` of a kv cache as a (1, end, Hk, D) tensor: the cache row
-    ``kv_batch_idx[i]``, or the pages of ``block_table[i]``."""
-    if p.block_table is not None:
-        pages = p.block_table[i, : -(-end // p.page_size)].long()
-        return cache[pages].reshape(1, -1, *cache.shape[2:])[:, :end]
-    row = i if p.kv_batch_idx is None else int(p.kv_batch_idx[i])
-    return cache[row : row + 1, :end]
-
-
-def _reference(q, k, v, p: AttnParams):
-    """Dense or packed reference with the same (out, lse) layouts as the kernels."""
-    prefix_list = None if p.prefix is None else [int(x) for x in p.prefix.tolist()]
-    if p.cu_seqlens_q is None:
-        if p.seqused_k is None and p.block_table is None and p.kv_batch_idx is None and p.leftpad is None:
-            return _reference_dense(q, k, v, p, 0, prefix_list, q.shape[2])
-        used = p.seqused_k.tolist() if p.seqused_k is not None else [k.shape[1]] * q.shape[0]
-        outs, lses = [], []
-        for i, end in enumerate(used):
-            start = 0 if p.leftpad is None else int(p.leftpad[i])
-            ki, vi = _cache_row(k, p, i, end)[:, start:], _cache_row(v, p, i, end)[:, start:]
-            o, lse = _reference_dense(q[i : i + 1], ki, vi, p, i,
-                                      None if prefix_list is None else prefix_list[i : i + 1], q.shape[2])
-            outs.append(o)
-            lses.append(lse)
-        return torch.cat(outs), torch.cat(lses)
-    cq, ck = p.cu_seqlens_q.tolist(), p.cu_seqlens_k.tolist()
-    outs, lses = [], []
-    for i in range(len(cq) - 1):
-        if p.block_table is not None:
-            ki, vi = _cache_row(k, p, i, ck[i + 1] - ck[i]), _cache_row(v, p, i, ck[i + 1] - ck[i])
-        else:
-            ki, vi = k[None, ck[i] : ck[i + 1]], v[None, ck[i] : ck[i + 1]]
-        o, lse = _reference_dense(q[None, cq[i] : cq[i + 1]], ki, vi,
-                                  p, i, None if prefix_list is None else prefix_list[i : i + 1], q.shape[1])
-        outs.append(o[0])
-        lses.append(lse[0])
-    return torch.cat(outs), torch.cat(lses, dim=-1)  # (T, H, D), (H, T)
-
-
-def _probs_reference(q, k, v, p: AttnParams) -> torch.Tensor:
-    """flash-attn's ``S_dmask`` for ``return_attn_probs``: (B, H, Sq, Sk) softmax probabilities in q's dtype,
-    0 where masked, negated where dropout dropped the entry (varlen: (B, H, max_seqlen_q, max_seqlen_k),
-    each sequence top-left). Materialises the scores: O(B·H·Sq·Sk) memory and one extra pass."""
-    with torch.no_grad():
-        if p.cu_seqlens_q is None:
-            seqs = [(q[i : i + 1], k[i : i + 1]) for i in range(q.shape[0])]
-        else:
-            cq, ck = p.cu_seqlens_q.tolist(), p.cu_seqlens_k.tolist()
-            seqs = [(q[None, cq[i] : cq[i + 1]], k[None, ck[i] : ck[i + 1]]) for i in range(len(cq) - 1)]
-        h = q.shape[-2]
-        probs = q.new_zeros((len(seqs), h, p.max_seqlen_q, p.max_seqlen_k))
-        prefix_list = None if p.prefix is None else [int(x) for x in p.prefix.tolist()]
-        for i, (qi, ki) in enumerate(seqs):
-            sq, sk = qi.shape[1], ki.shape[1]
-            kk = ki.repeat_interleave(h // ki.shape[2], dim=2)
-            s = torch.einsum("bqhd,bkhd->bhqk", qi, kk)
-            s = s.to(torch.promote_types(s.dtype, torch.float32)) * p.scale
-            if p.softcap > 0:
-                s = p.softcap * torch.tanh(s / p.softcap)
-            if p.alibi is not None:
-                s = s + alibi_bias_reference(p.alibi[i : i + 1], sq, sk).to(s.dtype)
-            pre = None if prefix_list is None else min(prefix_list[i], sk)
-            vis = visible_reference(sq, sk, p.window_left, p.window_right, p.band, pre, q.device)
-            s = s.masked_fill(~vis, float("-inf"))
-            lse = torch.logsumexp(s, -1, keepdim=True)
-            prob = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse))
-            if p.dropout_p > 0:
-                bh = i * h + torch.arange(h, device=q.device)
-                keep = dropout_keep_reference(p.seed, bh, sq, sk, p.dropout_p, q.device)[None]
-                prob = torch.where(keep, prob, -prob)
-            probs[i, :, :sq, :sk] = prob[0].to(q.dtype)
-        return probs
-
-
-def attention_reference(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                        prefix_len=None, dropout_p=0.0, dropout_seed=0, return_lse=False, alibi_slopes=None):
-    """Plain-PyTorch attention over (B, S, H, D) tensors with every mask of :func:`flash_attn_func`.
-
-    Computes in the inputs' dtype (scores upcast to fp32 for the softmax, as eager attention does);
-    pass fp64 tensors for an oracle."""
-    p = _params(q, k, softmax_scale, causal, window_size, softcap, dropout_p, dropout_seed,
-                q.shape[1], k.shape[1], _prefix_tensor(prefix_len, q.shape[0], q.device, "prefix_len"),
-                alibi=_alibi(alibi_slopes, q.shape[0], q.shape[2], q.device))
-    out, lse = _reference(q, k, v, p)
-    return (out, lse) if return_lse else out
-
-
-# --------------------------------------------------------------------------- backends and dispatch
-def _seq_bucket(n: int) -> str:
-    for limit, name in ((256, "s256"), (512, "s512"), (1024, "s1k"), (2048, "s2k"), (4096, "s4k")):
-        if n <= limit:
-            return name
-    return "long"
-
-
-def shape_class(facts: Facts) -> str:
-    """The preference table's row for a call: ``<mask>/<length bucket>/<train|infer>``."""
-    f = facts.extra
-    sq, sk = f.get("seqlen_q", 0), f.get("seqlen_k", 0)
-    if f.get("kvcache") or f.get("paged"):
-        return f"decode/{_seq_bucket(sk)}/infer"
-    mask = ("varlen-" if f.get("varlen") else "") + f.get("mask", "full")
-    return f"{mask}/{_seq_bucket(max(sq, sk))}/{'train' if f.get('grad') else 'infer'}"
-
-
-def _example(device: str) -> Facts:
-    return Facts(device, torch.bfloat16 if device == "cuda" else torch.float32,
-                 {"head_dim": 64, "heads": 12, "kv_heads": 12, "batch": 256, "seqlen_q": 197, "seqlen_k": 197,
-                  "mask": "full", "grad": True})
-
-
-def _supports(backend: str, facts: Facts) -> list[str]:
-    d = facts.extra.get("head_dim")
-    if d is not None and not 1 <= d <= MAX_HEAD_DIM:
-        return [f"head dim {d} is outside 1..{MAX_HEAD_DIM}"]
-    return []
-
-
-_B = "mmfast.ops.backends"
-ATTENTION_OP = register(Op("flash_attention", supports=_supports, example=_example, shape_class=shape_class,
-                           device_order={"cpu": ("triton_interpret", "reference")}))
-ATTENTION_OP.add("triton", f"{_B}.attention_triton:TRITON")
-ATTENTION_OP.add("triton_interpret", f"{_B}.attention_triton:INTERPRET")
-ATTENTION_OP.add("flash_attn", f"{_B}.attention_flash_attn:FLASH_ATTN")
-ATTENTION_OP.add("sdpa_cudnn", f"{_B}.attention_sdpa:CUDNN")
-ATTENTION_OP.add("sdpa_flash", f"{_B}.attention_sdpa:FLASH")
-ATTENTION_OP.add("sdpa_efficient", f"{_B}.attention_sdpa:EFFICIENT")
-ATTENTION_OP.add("flex", f"{_B}.attention_flex:FLEX")
-ATTENTION_OP.add("sdpa_math", f"{_B}.attention_sdpa:MATH")
-ATTENTION_OP.add("reference", Backend(devices=None, forward=lambda q, k, v, p, need_lse=False: _reference(q, k, v, p),
-                                      dtypes=_REFERENCE_DTYPES, doc="plain PyTorch, S×S scores"))
-
-
-def _facts(q, k, p: AttnParams, need_lse: bool, grad: bool) -> Facts:
-    """The call as the backends see it (see the module docstring for the keys)."""
-    big = p.max_seqlen_q + p.max_seqlen_k + 1
-    wl, wr = p.window_left, p.window_right
-    if not p.band:
-        mask = "full"
-    elif p.prefix is not None:
-        mask = "prefix"
-    elif wr == 0 and wl >= big:
-        mask = "causal"
-    else:
-        mask = "window"
-    packed = p.cu_seqlens_q is not None
-    kvcache = p.seqused_k is not None or p.leftpad is not None or p.kv_batch_idx is not None
-    # A query row sees no key when the band ends before key 0 (bottom-right alignment, Sq > Sk + wr),
-    # unless a prefix block covers it; per-sequence lengths (varlen, caches) are not inspected here.
-    empty = p.band and p.prefix is None and not packed and p.max_seqlen_k - p.max_seqlen_q + min(wr, big) < 0
-    return Facts(q.device.type, q.dtype, {
-        "head_dim": q.shape[-1], "heads": q.shape[-2], "kv_heads": k.shape[-2],
-        "batch": (p.cu_seqlens_q.shape[0] - 1) if packed else q.shape[0],
-        "seqlen_q": p.max_seqlen_q, "seqlen_k": p.max_seqlen_k, "mask": mask,
-        "softcap": p.softcap > 0, "alibi": p.alibi is not None, "dropout": p.dropout_p > 0, "varlen": packed,
-        "kvcache": kvcache, "paged": p.block_table is not None, "need_lse": bool(need_lse), "grad": bool(grad),
-        "empty_rows": bool(empty or p.max_seqlen_k == 0),
-    })
-
-
-class _FlashAttnFn(torch.autograd.Function):
-    """(out, lse) through an explicit-backward backend; lse is not differentiable."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, p, be):
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        out, lse, saved = be.forward(q, k, v, p)
-        ctx.save_for_backward(q, k, v, out, *saved)
-        ctx.p = p
-        ctx.be = be
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, *saved = ctx.saved_tensors
-        dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-        dq, dk, dv = ctx.be.backward(dout, q, k, v, out, tuple(saved), ctx.p)
-        return dq, dk, dv, None, None
-
-
-# --------------------------------------------------------------------------- validation
-def _check_qkv(q, k, v, packed: bool, paged: bool = False, names=("q", "k", "v")):
-    """q is (B, S, H, D), or (T, H, D) when ``packed``; k/v are like q, or 4-D caches/pages when ``paged``."""
-    q_dims = 3 if packed else 4
-    layouts = {3: "(total, heads, headdim)", 4: "(batch, seqlen, heads, headdim)"}
-    kv_dims = 4 if paged else q_dims
-    for name, t, dims in zip(names, (q, k, v), (q_dims, kv_dims, kv_dims)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != dims:
-            raise ValueError(f"{name} must be {dims}-D {layouts[dims]}, got shape {tuple(t.shape)}")
-        if t.dtype not in _REFERENCE_DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; expected float16, bfloat16 or float32 "
-                            "(float64 with backend='reference')")
-        if t.device != q.device or t.dtype != q.dtype:
-            raise ValueError(f"{name} is {t.dtype} on {t.device} but {names[0]} is {q.dtype} on {q.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"{names[1]} shape {tuple(k.shape)} != {names[2]} shape {tuple(v.shape)}")
-    if not packed and not paged and k.shape[0] != q.shape[0]:
-        raise ValueError(f"q has batch {q.shape[0]} but k has batch {k.shape[0]}")
-    if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"q head dim {q.shape[-1]} != {names[1]} head dim {k.shape[-1]}")
-    if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
-        raise ValueError(f"head dim {q.shape[-1]} is outside 1..{MAX_HEAD_DIM}")
-    h, hk = q.shape[-2], k.shape[-2]
-    if hk == 0 or h % hk:
-        raise ValueError(f"k/v heads ({hk}) must divide q heads ({h}) for GQA/MQA")
-
-
-def _prefix_tensor(prefix, batch: int, device, name: str) -> torch.Tensor | None:
-    if prefix is None:
-        return None
-    if isinstance(prefix, int):
-        if prefix < 0:
-            raise ValueError(f"{name} must be >= 0, got {prefix}")
-        return torch.full((batch,), prefix, dtype=torch.int32, device=device)
-    if not isinstance(prefix, torch.Tensor) or prefix.dim() != 1 or prefix.numel() != batch:
-        raise ValueError(f"{name} must be an int or a 1-D tensor of {batch} lengths, got {prefix!r}")
-    if prefix.dtype.is_floating_point or (prefix < 0).any():
-        raise ValueError(f"{name} must hold non-negative integers")
-    return prefix.to(device=device, dtype=torch.int32)
-
-
-def _alibi(slopes, batch: int, heads: int, device) -> torch.Tensor | None:
-    """ALiBi slopes as a contiguous fp32 (batch, heads) tensor; flash-attn takes (heads,) or (batch, heads)."""
-    if slopes is None:
-        return None
-    if not isinstance(slopes, torch.Tensor):
-        raise TypeError(f"alibi_slopes must be a torch.Tensor of shape ({heads},) or ({batch}, {heads}), "
-                        f"got {type(slopes).__name__}")
-    if slopes.dtype != torch.float32:
-        raise TypeError(f"alibi_slopes must be float32 (as flash-attn requires), got {slopes.dtype}")
-    if tuple(slopes.shape) not in ((heads,), (batch, heads)):
-        raise ValueError(f"alibi_slopes must have shape ({heads},) or ({batch}, {heads}) (nheads = {heads}), "
-                         f"got {tuple(slopes.shape)}")
-    if slopes.device != device:
-        raise ValueError(f"alibi_slopes is on {slopes.device}, expected {device}")
-    return slopes.expand(batch, heads).contiguous()
-
-
-def _params(q, k, scale, causal, window_size, softcap, dropout_p, seed, max_q, max_k, prefix, **seq) -> AttnParams:
-    if not 0.0 <= float(dropout_p) < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if float(softcap) < 0:
-        raise ValueError(f"softcap must be >= 0 (0: off), got {softcap}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    band, wl, wr = _resolve_window(window_size, bool(causal), prefix is not None, int(max_q) + int(max_k) + 1)
-    if dropout_p > 0 and seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-    return AttnParams(scale, band, wl, wr, float(softcap), float(dropout_p), int(seed or 0),
-                      int(max_q), int(max_k), prefix=prefix, **seq)
-
-
-def _backend(q, k, p: AttnParams, backend, need_lse: bool, grad: bool):
-    check_backend_name(backend)
-    return ATTENTION_OP.backend(ATTENTION_OP.select(_facts(q, k, p, need_lse, grad), backend))
-
-
-def _run(q, k, v, p: AttnParams, backend, need_lse: bool = True):
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    be = _backend(q, k, p, backend, need_lse, grad)
-    if be.backward is AUTOGRAD:  # AUTOGRAD backends: differentiable as they are
-        return be.forward(q, k, v, p, need_lse)
-    return _FlashAttnFn.apply(q, k, v, p, be)
+from mmfast.ops._attention_call import (  # noqa: F401 - ATTENTION_OP and shape_class: the op, for dispatch users
+    ATTENTION_OP,
+    _alibi,
+    _check_block_table,
+    _check_cu,
+    _check_qkv,
+    _facts,
+    _finish,
+    _index_vector,
+    _params,
+    _prefix_tensor,
+    _run_forward_only,
+    _unpack,
+    shape_class,
+)
+from mmfast.ops._attention_reference import (  # noqa: F401 - the references, public with the functions
+    MAX_HEAD_DIM,
+    AttnParams,
+    _reference,
+    _window_pair,
+    alibi_bias_reference,
+    apply_rotary_reference,
+    dropout_keep_reference,
+    visible_reference,
+)
 
 
 # --------------------------------------------------------------------------- public API
@@ -476,27 +103,17 @@ def _run(q, k, v, p: AttnParams, backend, need_lse: bool = True):
 # (flash-attn: "negative means dropped"; ours are normalised, flash-attn's are "possibly with different
 # scaling" and padded to multiples of 128). It is computed by a second, plain-PyTorch pass that
 # materialises the scores: O(batch·nheads·seqlen_q·seqlen_k) memory and time, for tests only.
-def _finish(q, k, v, p: AttnParams, backend, return_attn_probs: bool, return_lse: bool, forward_only=False):
-    need_lse = return_lse or return_attn_probs
-    if forward_only:
-        out, lse = _run_forward_only(q, k, v, p, backend, need_lse)
-    else:
-        out, lse = _run(q, k, v, p, backend, need_lse)
-    if return_attn_probs:
-        s_dmask = _probs_reference(q.detach(), k.detach(), v, p) if p.dropout_p > 0 else q.new_empty((0,))
-        return out, lse, s_dmask
+def attention_reference(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                        prefix_len=None, dropout_p=0.0, dropout_seed=0, return_lse=False, alibi_slopes=None):
+    """Plain-PyTorch attention over (B, S, H, D) tensors with every mask of :func:`flash_attn_func`.
+
+    Computes in the inputs' dtype (scores upcast to fp32 for the softmax, as eager attention does);
+    pass fp64 tensors for an oracle."""
+    p = _params(q, k, softmax_scale, causal, window_size, softcap, dropout_p, dropout_seed,
+                q.shape[1], k.shape[1], _prefix_tensor(prefix_len, q.shape[0], q.device, "prefix_len"),
+                alibi=_alibi(alibi_slopes, q.shape[0], q.shape[2], q.device))
+    out, lse = _reference(q, k, v, p)
     return (out, lse) if return_lse else out
-
-
-def _run_forward_only(q, k, v, p: AttnParams, backend, need_lse: bool = True):
-    """(out, lse) without autograd (paged k/v, kv cache)."""
-    be = _backend(q, k, p, backend, need_lse, False)
-    with torch.no_grad():
-        if be.backward is AUTOGRAD:
-            return be.forward(q, k, v, p, need_lse)
-        q = q if q.stride(-1) == 1 else q.contiguous()
-        out, lse, _saved = be.forward(q, k, v, p)
-        return out, lse
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -515,14 +132,6 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     p = _params(q, k, softmax_scale, causal, window_size, softcap, dropout_p, dropout_seed,
                 q.shape[1], k.shape[1], prefix, alibi=_alibi(alibi_slopes, q.shape[0], q.shape[2], q.device))
     return _finish(q, k, v, p, backend, return_attn_probs, return_lse)
-
-
-def _unpack(t, name: str, dims: int, n: int, axis: int, layout: str):
-    if not isinstance(t, torch.Tensor) or t.dim() != dims or t.shape[axis] != n:
-        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValueError(f"{name} must be {dims}-D {layout}, got {shape}")
-    return t.unbind(axis)
-
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                               softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
@@ -543,43 +152,6 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                            deterministic, return_attn_probs, prefix_len=prefix_len, dropout_seed=dropout_seed,
                            backend=backend, return_lse=return_lse)
-
-
-def _check_cu(cu, name: str, total: int | None, device) -> torch.Tensor:
-    if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 2 or cu.dtype.is_floating_point:
-        raise ValueError(f"{name} must be a 1-D integer tensor (batch+1,) of offsets, got {cu!r}")
-    if cu.device != device:
-        raise ValueError(f"{name} is on {cu.device}, expected {device}")
-    if int(cu[0]) != 0 or (total is not None and int(cu[-1]) != total) or (cu[1:] < cu[:-1]).any():
-        to = "" if total is None else f" to {total} (the packed length)"
-        raise ValueError(f"{name} must rise from 0{to}, got {cu.tolist()}")
-    return cu.to(torch.int32)
-
-
-def _check_block_table(block_table, batch: int, num_pages: int, page_size: int, starts, ends, device):
-    """The block table as contiguous int32 after checking its shape, capacity and the pages in use."""
-    if (not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or block_table.dtype.is_floating_point
-            or block_table.dtype == torch.bool):
-        raise ValueError("block_table must be a 2-D integer tensor (batch, max_num_blocks_per_seq), got "
-                         f"{tuple(block_table.shape) if isinstance(block_table, torch.Tensor) else block_table!r}")
-    if block_table.shape[0] != batch:
-        raise ValueError(f"block_table has {block_table.shape[0]} rows but the batch has {batch} sequences")
-    if block_table.device != device:
-        raise ValueError(f"block_table is on {block_table.device}, expected {device}")
-    capacity = block_table.shape[1] * page_size
-    top = int(ends.max()) if ends.numel() else 0
-    if top > capacity:
-        raise ValueError(f"block_table has room for {capacity} tokens per sequence ({block_table.shape[1]} pages "
-                         f"of {page_size}) but a sequence needs {top}")
-    j = torch.arange(block_table.shape[1], device=device)[None]
-    used = (j * page_size < ends[:, None]) & ((j + 1) * page_size > starts[:, None])
-    bad = used & ((block_table < 0) | (block_table >= num_pages))
-    if bool(bad.any()):
-        row, col = (int(x) for x in bad.nonzero()[0])
-        raise ValueError(f"block_table[{row}, {col}] = {int(block_table[row, col])} is not a page index in "
-                         f"0..{num_pages - 1} (the k/v caches hold {num_pages} pages)")
-    return block_table.to(torch.int32).contiguous()
-
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
@@ -642,39 +214,6 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
 
 
 # --------------------------------------------------------------------------- kv cache
-def _index_vector(t, name: str, batch: int, device) -> torch.Tensor | None:
-    """A (batch,) non-negative integer tensor as int32, or None."""
-    if t is None:
-        return None
-    if (not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() != batch or t.dtype.is_floating_point
-            or t.dtype == torch.bool):
-        raise ValueError(f"{name} must be a ({batch},) integer tensor, got "
-                         f"{tuple(t.shape) if isinstance(t, torch.Tensor) else t!r}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, expected {device}")
-    if bool((t < 0).any()):
-        raise ValueError(f"{name} must be >= 0, got {t.tolist()}")
-    return t.to(torch.int32)
-
-
-def apply_rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
-                           interleaved: bool) -> torch.Tensor:
-    """Rotary embedding of the first ``2·cos.shape[1]`` channels of x (B, S, H, D) at positions pos (B, S),
-    in fp32, as flash-attn applies it: interleaved pairs (0, 1), (2, 3), … or GPT-NeoX halves
-    (i, i + rotary_dim/2)."""
-    rd = 2 * cos.shape[1]
-    c = cos.float()[pos][:, :, None, :]  # (B, S, 1, rd/2)
-    s = sin.float()[pos][:, :, None, :]
-    xr = x[..., :rd].float()
-    if interleaved:
-        x1, x2 = xr[..., 0::2], xr[..., 1::2]
-        rot = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
-    else:
-        x1, x2 = xr[..., : rd // 2], xr[..., rd // 2 :]
-        rot = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
-    return torch.cat((rot.to(x.dtype), x[..., rd:]), dim=-1)
-
-
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,

@@ -16,7 +16,8 @@ import importlib
 
 import torch
 
-from mmfast.ops._dispatch import Backend, Facts, eager_fast
+from mmfast.ops._dispatch import Backend, Facts
+from mmfast.ops._host import eager_fast
 
 MAX_HEAD_DIM = 256
 _FWD = "mmfast.ops._attention_triton"
@@ -34,7 +35,7 @@ def p_args(p) -> tuple:
 
 def _p_from(cu_q, cu_k, seqused_k, prefix, max_q, max_k, scale, band, wl, wr, softcap, dropout_p, seed, alibi,
             kv_batch_idx, leftpad, block_table, page_size):
-    from mmfast.ops.attention import AttnParams
+    from mmfast.ops._attention_reference import AttnParams
 
     return AttnParams(scale, band, wl, wr, softcap, dropout_p, seed, max_q, max_k, prefix=prefix,
                       cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, seqused_k=seqused_k, alibi=alibi,
