@@ -183,51 +183,51 @@ def _segments(allowed: torch.Tensor) -> tuple[torch.Tensor, int] | None:
     return seq, int(seq.max()) + 1
 
 
-def _plan(mask4, b, sq, sk, causal, window, prefix):
-    """The path for this (mask, shapes, flags), made once per mask tensor (host reads: eager only)."""
+def _cached(t: torch.Tensor, key: tuple, make):
+    """``make()`` once per (mask tensor, key): stored on the tensor (every layer of a forward shares the
+    mask), keyed with its version counter so an in-place change is seen. Host reads: eager only."""
     try:
-        version = mask4._version
+        version = t._version
     except RuntimeError:  # an inference tensor: no version counter (transformers builds a fresh mask per forward)
         version = None
-    key = (sq, sk, causal, window, None if prefix is None else tuple(prefix.tolist()), version)
-    cache = getattr(mask4, _PLANS_ATTR, None)
+    key = (*key, version)
+    cache = getattr(t, _PLANS_ATTR, None)
     if cache is not None and key in cache:
         return cache[key]
-    plan = _make_plan(mask4, b, sq, sk, causal, window, prefix)
-    if cache is None:
-        cache = {}
-        try:
-            setattr(mask4, _PLANS_ATTR, cache)
-        except (AttributeError, RuntimeError):
-            return plan
-    cache[key] = plan
+    plan = make()
+    try:
+        setattr(t, _PLANS_ATTR, {**(cache or {}), key: plan})
+    except (AttributeError, RuntimeError):
+        pass
     return plan
+
+
+def _prefix_key(prefix):
+    return None if prefix is None else tuple(prefix.tolist())
+
+
+def _plan(mask4, b, sq, sk, causal, window, prefix):
+    """The path for this (mask, shapes, flags)."""
+    return _cached(mask4, (sq, sk, causal, window, _prefix_key(prefix)),
+                   lambda: _make_plan(mask4, b, sq, sk, causal, window, prefix))
 
 
 def _plan_2d(keys, b, sq, sk, window, prefix):
     """(B, Sk) key padding, queries the last Sq keys: one varlen sequence per row over its valid tokens. Exact
     for causal and bidirectional masks whatever the holes; with a sliding window only when each row's valid
     tokens are one run (a window counts positions, the packed kernel counts tokens). None otherwise."""
-    try:
-        version = keys._version
-    except RuntimeError:  # an inference tensor
-        version = None
-    key = ("2d", sq, sk, window, None if prefix is None else tuple(prefix.tolist()), version)
-    cache = getattr(keys, _PLANS_ATTR, None)
-    if cache is not None and key in cache:
-        return cache[key]
+    return _cached(keys, ("2d", sq, sk, window, _prefix_key(prefix)),
+                   lambda: _make_plan_2d(keys, b, sq, sk, window, prefix))
+
+
+def _make_plan_2d(keys, b, sq, sk, window, prefix):
     kv = keys.bool()
-    plan = None
     runs = kv[:, :1].sum(1) + (kv[:, 1:] & ~kv[:, :-1]).sum(1)
     if sq <= sk and ((window[0] < 0 and window[1] < 0) or not bool((runs > 1).any())):
         rowid = torch.arange(b, device=kv.device)[:, None]
-        plan = _varlen_plan(torch.where(kv[:, sk - sq:], rowid, -1), torch.where(kv, rowid, -1), b, False, window,
+        return _varlen_plan(torch.where(kv[:, sk - sq:], rowid, -1), torch.where(kv, rowid, -1), b, False, window,
                             prefix, implied=False)[0]
-    try:
-        setattr(keys, _PLANS_ATTR, {**(cache or {}), key: plan})
-    except (AttributeError, RuntimeError):
-        pass
-    return plan
+    return None
 
 
 def _make_plan(mask4, b, sq, sk, causal, window, prefix):
@@ -371,13 +371,13 @@ def mmfast_attention_forward(module, query, key, value, attention_mask, dropout:
     if prefix is not None and not isinstance(prefix, torch.Tensor):
         prefix = torch.full((b,), int(prefix), dtype=torch.int32, device=q.device)
 
+    want_weights = _weights_requested(kwargs)
     if attention_mask is not None:
         if attention_mask.dim() == 2:  # (B, kv_len) key padding, queries the last Sq positions
             if attention_mask.shape != (b, sk):
                 raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)} does not match "
                                  f"(batch, kv_len) = ({b}, {sk})")
-            want = _weights_requested(kwargs)
-            plan2 = None if want or _compiling() else _plan_2d(attention_mask, b, sq, sk, window, prefix)
+            plan2 = None if want_weights or _compiling() else _plan_2d(attention_mask, b, sq, sk, window, prefix)
             if plan2 is not None and kwargs.get("cu_seq_lens_q") is None:
                 PATHS["varlen"] += 1
                 return _unpadded(q, k, v, plan2, causal, op_kwargs), None
@@ -402,7 +402,6 @@ def mmfast_attention_forward(module, query, key, value, attention_mask, dropout:
             if qv is not None:
                 setattr(attention_mask, _QUERY_VALID_ATTR, qv.expand(b, -1))
 
-    want_weights = _weights_requested(kwargs)
     if kwargs.get("cu_seq_lens_q") is not None and kwargs.get("cu_seq_lens_k") is not None and not want_weights:
         if prefix is not None:
             raise ValueError(f"{PREFIX_KWARG} cannot be combined with cu_seq_lens_q/cu_seq_lens_k")
