@@ -14,6 +14,7 @@ Rules read the backend chosen for this model with :func:`backend_of`.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import inspect
@@ -168,6 +169,49 @@ def keep_signature(fn: Callable, original: Callable) -> Callable:
     return fn
 
 
+def set_methods(targets: list[tuple[object, str, Callable]], *, signature: bool = True) -> Callable[[], None] | None:
+    """Instance-level methods ``(obj, name, fn)`` (with the replaced method's signature unless ``signature`` is
+    False, for functions bound with ``types.MethodType``); the undo removes them (the class's method shows
+    through) or restores an instance method that was there before. None when there is nothing to set."""
+    if not targets:
+        return None
+    missing = object()
+    saved = [(obj, name, vars(obj).get(name, missing)) for obj, name, _ in targets]
+    for obj, name, fn in targets:
+        setattr(obj, name, keep_signature(fn, getattr(obj, name)) if signature else fn)
+
+    def undo():
+        for obj, name, old in reversed(saved):
+            if old is missing:
+                vars(obj).pop(name, None)
+            else:
+                setattr(obj, name, old)
+
+    return undo
+
+
+@contextlib.contextmanager
+def forward_replaced(module: torch.nn.Module, fn: Callable):
+    """``module.forward`` is ``fn`` inside the block; an instance ``forward`` set before is put back after."""
+    missing = object()
+    old = vars(module).get("forward", missing)
+    module.forward = fn
+    try:
+        yield module
+    finally:
+        if old is missing:
+            del module.forward
+        else:
+            module.forward = old
+
+
+def call_with_forward(module: torch.nn.Module, fn: Callable, *args):
+    """``module(*args)`` with ``fn`` as its forward for this one call: the module's hooks (DeepSpeed ZeRO-3
+    gathering its parameters, and re-gathering them for the backward of what it returns) fire around ``fn``."""
+    with forward_replaced(module, fn):
+        return module(*args)
+
+
 def set_attributes(targets: list[tuple[object, str, object]]) -> Callable[[], None] | None:
     """Set ``obj.attr = value`` for each triple; returns an undo restoring the previous values."""
     if not targets:
@@ -193,11 +237,14 @@ __all__ = [
     "PatchRule",
     "all_rules",
     "backend_of",
+    "call_with_forward",
+    "forward_replaced",
     "keep_signature",
     "model_type_of",
     "patch",
     "patched_rules",
     "replace_modules",
     "set_attributes",
+    "set_methods",
     "unpatch",
 ]

@@ -26,31 +26,16 @@ import types
 
 import torch
 
-from mmfast.models.patch import PatchRule, backend_of
+from mmfast.models.patch import PatchRule, backend_of, call_with_forward, set_methods
 
 LLAMA_TYPES = ("llama", "llava")
-
-
-def _call_with_forward(module, fn, *args):
-    from mmfast.models.patch_rules_projection import call_with_forward
-
-    return call_with_forward(module, fn, *args)
 
 
 def _set_instance_forwards(targets):
     """``(module, function taking self)`` pairs: bind each as the instance's ``forward``; the undo
     removes it. Modules that already carry an instance ``forward`` (another rule's) are left alone."""
-    targets = [(m, fn) for m, fn in targets if "forward" not in vars(m)]
-    if not targets:
-        return None
-    for m, fn in targets:
-        m.forward = types.MethodType(fn, m)
-
-    def undo():
-        for m, _ in reversed(targets):
-            vars(m).pop("forward", None)
-
-    return undo
+    return set_methods([(m, "forward", types.MethodType(fn, m)) for m, fn in targets if "forward" not in vars(m)],
+                       signature=False)
 
 
 def _eps_of(norm):
@@ -82,7 +67,7 @@ def _layer_forward(model, layer_cls):
             y, s = rms_norm(x, post.weight, eps, r, backend=backend_of(model))
             return y.to(torch.promote_types(post.weight.dtype, s.dtype)), s
 
-        h, residual = _call_with_forward(post, add_norm, h, residual)
+        h, residual = call_with_forward(post, add_norm, h, residual)
         h = self.mlp(h)
         return residual + h
 
@@ -209,7 +194,7 @@ def _patch_swiglu(model: torch.nn.Module):
         g, u = self.gate_proj(x), self.up_proj(x)
         down = self.down_proj
         if type(down) is torch.nn.Linear:
-            return _call_with_forward(
+            return call_with_forward(
                 down, lambda g_, u_: swiglu_down(g_, u_, down.weight, down.bias, backend=backend_of(model)), g, u)
         return down(swiglu(g, u, backend=backend_of(model)))
 

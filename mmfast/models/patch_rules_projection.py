@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mmfast.models.patch import PatchRule, backend_of, keep_signature
+from mmfast.models.patch import PatchRule, backend_of, call_with_forward, forward_replaced, set_methods
 
 _LM_TYPES = ("llama", "mistral", "qwen2", "llava")
 _IGNORE = -100
@@ -48,43 +48,11 @@ def _config_value(model, name):
 
 
 def set_forwards(targets):
-    """Give each module an instance-level ``forward`` with the signature of the one it replaces; the undo
-    deletes it again (the class's method shows through), or restores an instance ``forward`` that was
-    there before."""
-    if not targets:
-        return None
-    missing = object()
-    saved = [(m, vars(m).get("forward", missing)) for m, _ in targets]
-    for m, fn in targets:
-        m.forward = keep_signature(fn, m.forward)
-
-    def undo():
-        for m, old in reversed(saved):
-            if old is missing:
-                vars(m).pop("forward", None)
-            else:
-                m.forward = old
-
-    return undo
+    """Give each module an instance-level ``forward`` (``(module, fn)`` pairs) with the signature of the one it
+    replaces; see :func:`mmfast.models.patch.set_methods`."""
+    return set_methods([(m, "forward", fn) for m, fn in targets])
 
 
-def call_with_forward(module: torch.nn.Module, fn, *args):
-    """``module(*args)`` with ``fn`` as its forward for this one call: the module's hooks (DeepSpeed
-    ZeRO-3 gathering its parameters, and re-gathering them for the backward of what it returns) fire
-    around ``fn``. A forward already set on the instance is put back afterwards."""
-    missing = object()
-    old = vars(module).get("forward", missing)
-    module.forward = fn
-    try:
-        return module(*args)
-    finally:
-        if old is missing:
-            del module.forward
-        else:
-            module.forward = old
-
-
-# --------------------------------------------------------------------------- loss
 def _patch_causal_lm_loss(model: torch.nn.Module):
     head = getattr(model, "lm_head", None)
     if not isinstance(head, torch.nn.Linear) or not hasattr(model, "loss_function"):
@@ -255,37 +223,11 @@ def _patch_open_clip_heads(model: torch.nn.Module):
             if not normalize:
                 return orig_text(text, normalize=False)
             fused = lambda x: linear_l2_normalize(x, head.weight, head.bias, 1e-12, backend=backend_of(model))
-            missing = object()
-            old = vars(head).get("forward", missing)
-            head.forward = fused
-            try:
+            with forward_replaced(head, fused):
                 return orig_text(text, normalize=False)  # the head's output is already normalised
-            finally:
-                if old is missing:
-                    del head.forward
-                else:
-                    head.forward = old
 
         targets.append((model, "encode_text", encode_text))
-    return _set_methods(targets)
-
-
-def _set_methods(targets):
-    """Instance-level methods ``(obj, name, fn)`` with the replaced methods' signatures; the undo removes
-    them (the class's show through)."""
-    missing = object()
-    saved = [(obj, name, vars(obj).get(name, missing)) for obj, name, _ in targets]
-    for obj, name, fn in targets:
-        setattr(obj, name, keep_signature(fn, getattr(obj, name)))
-
-    def undo():
-        for obj, name, old in reversed(saved):
-            if old is missing:
-                vars(obj).pop(name, None)
-            else:
-                setattr(obj, name, old)
-
-    return undo
+    return set_methods(targets)
 
 
 def _patch_sequential_projectors(model: torch.nn.Module):
