@@ -78,13 +78,14 @@ def nonneg_float(s: str) -> float:
 
 
 def add_common_args(p: argparse.ArgumentParser, *, batch_size: int, ds_config: str | None,
-                    steps: int | None, epochs: bool = True) -> None:
+                    steps: int | None, epochs: bool = True, ds_default: str = "") -> None:
     """The options every recipe shares (run folder, DeepSpeed, schedule length, checkpoints, logging)."""
     p.add_argument("--out", required=True, help="run folder (metrics, checkpoints, final export)")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in a run folder that holds an earlier run (its checkpoints are removed)")
     p.add_argument("--deepspeed-config", "--deepspeed_config", dest="ds_config", default=ds_config,
-                   help="DeepSpeed JSON, or a preset in mmfast/training/configs (zero0..zero3, zero3_offload)")
+                   help="DeepSpeed JSON, or a preset in mmfast/training/configs (zero0..zero3, zero3_offload)"
+                        f"; default {ds_config or ds_default}")
     p.add_argument("--batch-size", type=positive_int, default=batch_size, help="per-rank micro batch")
     p.add_argument("--steps", type=positive_int, default=steps,
                    help="total optimizer steps" + (" (default: --epochs)" if epochs else ""))
@@ -264,7 +265,7 @@ def _broadcast(obj):
 class Run:
     """One rank's view of a training run (see the module docstring)."""
 
-    def __init__(self, args: argparse.Namespace, name: str, ds_config: str | None = None):
+    def __init__(self, args: argparse.Namespace, name: str):
         import torch.distributed as dist
 
         self.args, self.name = args, name
@@ -285,7 +286,7 @@ class Run:
                 clear_run_folder(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
         dist.barrier()
-        self.ds_config = load_config(ds_config or args.ds_config, args.batch_size, self.world,
+        self.ds_config = load_config(args.ds_config, args.batch_size, self.world,
                                      on_gpu=self.device.type == "cuda")
         self.checkpoints = ck.Checkpointer(self.out, self.rank, self.world, args.keep_checkpoints,
                                            dist.barrier, _gather)

@@ -85,8 +85,7 @@ def precheck(kind: str, recipe, args, world: int, node_rank: int = 0) -> None:
                                     "(RUN/checkpoints/stepN)")
         if args.resume == "latest" and not (Path(args.out) / "checkpoints").is_dir():
             raise FileNotFoundError(f"--resume latest: no checkpoint in {Path(args.out) / 'checkpoints'}")
-    ds = args.ds_config or getattr(recipe, "DEFAULTS", {}).get(getattr(args, "stage", None), {}).get("ds")
-    load_config(ds, args.batch_size, world, on_gpu=False)
+    load_config(args.ds_config, args.batch_size, world, on_gpu=False)
     recipe.precheck(args)
 
 

@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--model-max-length", type=E.positive_int, default=None)
     p.add_argument("--group-by-modality-length", action="store_true")
     p.add_argument("--max-samples", type=E.positive_int, default=None, help="use the first N records only")
-    E.add_common_args(p, batch_size=16, ds_config=None, steps=None)
+    E.add_common_args(p, batch_size=16, ds_config=None, steps=None, ds_default="zero2 for stage 1, zero3 for stage 2")
     p.add_argument("--lr", type=E.positive_float, default=None, help="(stage 1: 1e-3, stage 2: 2e-5)")
     p.add_argument("--mm-projector-lr", type=float, default=None, help="stage 2 projector lr (default --lr)")
     p.add_argument("--tune-vision-tower", action="store_true",
@@ -74,6 +74,8 @@ def parse_args(argv=None):
         p.error("--lora is for stage 2 (stage 1 trains the projector only)")
     if a.stage == 1 and a.tune_vision_tower:
         p.error("--tune-vision-tower is for stage 2 (stage 1 trains the projector only)")
+    a.lr = a.lr if a.lr is not None else DEFAULTS[a.stage]["lr"]
+    a.ds_config = a.ds_config or DEFAULTS[a.stage]["ds"]
     return a
 
 
@@ -257,9 +259,7 @@ def main(argv=None) -> int:
     from mmfast.training.data import ResumableBatches
 
     args = parse_args(argv)
-    d = DEFAULTS[args.stage]
-    args.lr = args.lr if args.lr is not None else d["lr"]
-    run = E.Run(args, "train_llava", ds_config=args.ds_config or d["ds"])
+    run = E.Run(args, "train_llava")
     llava, _ = build(args, run.device)
     dataset = LlavaSupervisedDataset(data_records(args), llava.tokenizer, llava.template, llava.image_processor,
                                      llava.n_image_tokens, llava.model_max_length)
