@@ -284,23 +284,22 @@ _DISTILL_TRITON = "mmfast.ops._distill_triton"
 
 
 def _distill_supports(backend: str, facts: Facts) -> list[str]:
-    ok = _SUPPORTED_DTYPES + ((torch.float64,) if backend == "reference" else ())
-    reasons = []
-    if facts.dtype not in ok:
-        reasons.append(f"dtype {facts.dtype} is not one of {', '.join(str(d).replace('torch.', '') for d in ok)}")
+    """The teacher's features must be of a dtype the backend takes too (the student's the contract checks)."""
+    ok = DISTILL_OP.backend(backend).dtypes
     other = facts.extra.get("teacher_dtype")
     if other is not None and other not in ok:
-        reasons.append(f"teacher dtype {other} is not one of {', '.join(str(d).replace('torch.', '') for d in ok)}")
-    return reasons
+        return [f"teacher dtype {other} is not one of {', '.join(str(d).replace('torch.', '') for d in ok)}"]
+    return []
 
 
-_ALL_DT = (*_SUPPORTED_DTYPES, torch.float64)  # dtypes are checked by _distill_supports (fp64: reference only)
+_REF_DT = (*_SUPPORTED_DTYPES, torch.float64)  # fp64: the blockwise reference only
 DISTILL_OP = register(Op("clip_distill", supports=_distill_supports, example=_example))
 DISTILL_OP.add("triton", KernelBackend(_DISTILL_TRITON, "distill_fwd", "distill_bwd", devices=("cuda",),
-                                       needs=("triton",), dtypes=_ALL_DT))
+                                       needs=("triton",), dtypes=_SUPPORTED_DTYPES))
 DISTILL_OP.add("triton_interpret", KernelBackend(_DISTILL_TRITON, "distill_fwd", "distill_bwd", devices=("cpu",),
-                                                 needs=("triton_interpret",), dtypes=_ALL_DT))
-DISTILL_OP.add("reference", KernelBackend("mmfast.ops._distill_blockwise", "distill_fwd", "distill_bwd", devices=None, dtypes=_ALL_DT,
+                                                 needs=("triton_interpret",), dtypes=_SUPPORTED_DTYPES))
+DISTILL_OP.add("reference", KernelBackend("mmfast.ops._distill_blockwise", "distill_fwd", "distill_bwd", devices=None,
+                                          dtypes=_REF_DT,
                                           doc="row blocks in PyTorch (never the N×N logits; also fp64)"))
 
 
