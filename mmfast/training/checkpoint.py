@@ -152,10 +152,12 @@ def set_rng_state(s: dict) -> None:
 
 
 # --------------------------------------------------------------------------- manifests
-def _hash_file(path: Path) -> tuple[int, str]:
+def _hash_file(path: Path, sync: bool = False) -> tuple[int, str]:
+    """(size, sha256) of ``path``; ``sync``: flush it to disk first (a save: the writer may be another rank)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        os.fsync(f.fileno())  # this rank's share of the flush (the writer may have died without one)
+        if sync:
+            os.fsync(f.fileno())
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return path.stat().st_size, h.hexdigest()
@@ -243,7 +245,7 @@ class Checkpointer:
         atomic_torch_save(rng_state(), incoming / f"rng_rank{self.rank}.pt")
         self.barrier()
         files = sorted(p for p in incoming.rglob("*") if p.is_file())
-        mine = {p.relative_to(incoming).as_posix(): _hash_file(p) for p in files[self.rank::self.world]}
+        mine = {p.relative_to(incoming).as_posix(): _hash_file(p, sync=True) for p in files[self.rank::self.world]}
         hashes = {}
         for part in self.gather(mine):
             hashes.update(part)
