@@ -156,8 +156,22 @@ def entry(main):
         except (ck.CheckpointError, ConfigError, FileNotFoundError) as e:
             print(f"{main.__module__} rank {os.environ.get('RANK', '0')}: {e}", file=sys.stderr, flush=True)
             return 2
+        finally:
+            _leave_process_group()
 
     return wrapper
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group while the interpreter still runs. Left to static destructors at exit,
+    gloo's threads can end a rank that finished its work with "terminate called without an active
+    exception" (SIGABRT), which the launcher reports as a failed run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------- processes

@@ -92,7 +92,8 @@ def main(case, backend):
         "partitioned": p1,
         "grad_max_diff": {n: (g0[n] - g1[n]).abs().max().item() for n in g0},
         "grad_max_abs": {n: g0[n].abs().max().item() for n in g0},
-    }))
+    }), flush=True)
+    dist.destroy_process_group()  # before the interpreter finalizes (see zero3_patch_train_worker.py)
 
 
 if __name__ == "__main__":

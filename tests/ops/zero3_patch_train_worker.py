@@ -107,7 +107,11 @@ def main(case, backend):
         "param_max_diff": {n: (p0[n] - p1[n]).abs().max().item() for n in p0},
         "param_max_abs": {n: p0[n].abs().max().item() for n in p0},
         "param_moved": {n: (p0[n] - init[n]).abs().max().item() for n in p0},
-    }))
+    }), flush=True)
+    # Leave the group before the interpreter finalizes: gloo's threads torn down by static destructors
+    # once ended a finished rank with "terminate called without an active exception" (SIGABRT).
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
