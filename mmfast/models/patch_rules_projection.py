@@ -4,12 +4,15 @@ Every rule patches *instances* (an instance-level ``forward``), never classes or
 parameters, their names and the state dict stay exactly as they were, and the undo restores the
 class's method.
 
-* ``causal_lm.fused_linear_cross_entropy`` (loss): when ``labels`` are given, the model's own forward
-  runs with ``labels=None`` while its ``lm_head`` computes the shifted-label loss with
-  :func:`fused_linear_cross_entropy` *inside the head's forward* and returns it as the head's output
-  (so a DeepSpeed ZeRO-3 partitioned head weight is gathered then, and again in the backward); the
-  model's output gets that loss and an empty ``(B, S, 0)`` logits tensor.
-  Same label shift, ``ignore_index=-100``, ``num_items_in_batch`` and final-logit softcap as HF.
+* ``causal_lm.fused_linear_cross_entropy`` (loss): in training mode (``model.training``), when ``labels``
+  are given, the model's own forward runs with ``labels=None`` while its ``lm_head`` computes the
+  shifted-label loss with :func:`fused_linear_cross_entropy` *inside the head's forward* and returns it
+  as the head's output (so a DeepSpeed ZeRO-3 partitioned head weight is gathered then, and again in
+  the backward); the model's output gets that loss and an empty ``(B, S, 0)`` logits tensor (a tensor,
+  not ``None``, so ``return_dict=False`` tuples keep their positions). A training step never reads the
+  logits; anything that does (evaluation loops, metrics, transformers' own output tests) runs in eval
+  mode, where the model computes its logits and loss exactly as unpatched. Same label shift,
+  ``ignore_index=-100``, ``num_items_in_batch`` and final-logit softcap as HF.
 * ``llava.mlp_projector`` (projection): ``LlavaMultiModalProjector`` → :func:`mlp_projector`.
 * ``llava.mm_projector_sequential`` (projection, any model type): a submodule named ``*mm_projector``
   that is an ``nn.Sequential`` of Linear/GELU/Linear… (the original LLaVA code) → :func:`mlp_projector`.
@@ -64,7 +67,7 @@ def _patch_causal_lm_loss(model: torch.nn.Module):
 
     def forward(*args, **kwargs):
         labels = kwargs.get("labels")
-        if labels is None or kwargs.get("logits_to_keep", 0) not in (0, None):
+        if not model.training or labels is None or kwargs.get("logits_to_keep", 0) not in (0, None):
             return orig(*args, **kwargs)
         shift_labels = kwargs.pop("shift_labels", None)
         n_items = kwargs.get("num_items_in_batch")
