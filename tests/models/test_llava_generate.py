@@ -44,7 +44,7 @@ def _count_kvcache_calls(monkeypatch):
 
 
 def test_auto_cache_choice(fast, plain):
-    assert mg.cache_kind(fast) == "mmfast" and mg.cache_kind(plain) == "dynamic"
+    assert mg.cache_kind(fast) == "paged" and mg.cache_kind(plain) == "dynamic"
     assert mg.cache_kind(fast, use_cache=False) == "none"
     with pytest.raises(ValueError, match="patched with mmfast attention"):
         plain.generate([None], [plain.prompt("Hi", with_image=False)], cache="mmfast")
