@@ -44,6 +44,14 @@ def reply(llava, conversations: list[dict], image, args, *, stream=None) -> str:
                           cache=cache, **kw)[0]
 
 
+def _printer(shown: list[str]):
+    def show(delta: str) -> None:
+        shown.append(delta)
+        print(delta, end="", flush=True)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)  # NExT-GPT's own options (--audio, --out-dir, ...) pass through
@@ -91,13 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         conv.append({"from": "human", "value": value})
         if interactive:
             print("ASSISTANT: ", end="", flush=True)
-            shown = []
-
-            def show(delta):
-                shown.append(delta)
-                print(delta, end="", flush=True)
-
-            text = reply(llava, conv, image, args, stream=show)
+            shown: list[str] = []
+            text = reply(llava, conv, image, args, stream=_printer(shown))
             # The stream shows the raw text; the reply is stripped (and printed whole when nothing streamed).
             print("" if shown else text, flush=True)
         else:

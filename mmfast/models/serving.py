@@ -41,7 +41,6 @@ buckets (static ``block_table`` / ``cache_seqlens`` buffers of the bucket's size
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -91,7 +90,7 @@ class _StepCache(MmfastKVCache):
     it holds no layers of its own: the storage is the engine's, the plan (which slots, which lengths) is
     this forward's, shared by every layer."""
 
-    def __init__(self, engine: ServingEngine, plan: dict):  # noqa: D107 - no Cache state: see the class doc
+    def __init__(self, engine: ServingEngine, plan: dict):
         self.engine, self.plan = engine, plan
 
     def update(self, *args, **kwargs):  # the engine never passes this object as transformers' cache
@@ -419,7 +418,7 @@ def llava_prompt_embeds(llava, images, prompts) -> tuple[list[torch.Tensor], lis
     model = llava.model
     if pixel is not None:
         pixel = pixel.to(llava.device, next(model.model.vision_tower.parameters()).dtype)
-    ids, mask = _pad(rows, llava.pad_token_id, False, llava.device)  # (B, L) right padded
+    ids, _ = _pad(rows, llava.pad_token_id, False, llava.device)  # (B, L) right padded
     emb = merge_embeddings(model, ids, pixel)  # (B, L, D)
     embeds = [emb[i, : len(r)] for i, r in enumerate(rows)]
     prefix = None

@@ -153,3 +153,16 @@ def test_errors_name_the_argument(fast, plain):
         serving.ServingEngine(lm, head, page_size=2, num_pages=1).generate([x], max_new_tokens=4)
     with pytest.raises(ValueError, match="stream="):
         plain.generate([None], [plain.prompt("Hi", with_image=False)], stream=lambda *a: None)
+
+
+def test_chat_reply_streams(fast):
+    import argparse
+
+    from mmfast.models.chat import reply
+
+    args = argparse.Namespace(max_new_tokens=12, temperature=0.0, top_p=1.0, seed=0, cache="auto")
+    conv = [{"from": "human", "value": "Hello there, how are you?"}]
+    pieces = []
+    text = reply(fast, conv, None, args, stream=pieces.append)
+    assert pieces and "".join(pieces).strip() == text
+    assert text == reply(fast, conv, None, argparse.Namespace(**{**vars(args), "cache": "mmfast"}))
