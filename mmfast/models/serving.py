@@ -182,7 +182,7 @@ class ServingEngine:
 
     ``cache``: ``"paged"`` or ``"contiguous"``. ``page_size``: tokens per page (paged). ``num_pages`` /
     ``max_batch``: the pool's size and the most requests decoding at once (default: every request of a
-    call fits at once). ``image_attention``: ``"bidirectional"`` prefills with the prefix-LM mask."""
+    call fits at once). The attention backend is the one the model was patched with (``auto`` when none)."""
 
     def __init__(self, lm, lm_head, *, cache: str = "paged", page_size: int = 16, num_pages: int | None = None,
                  max_batch: int | None = None):
@@ -224,8 +224,8 @@ class ServingEngine:
             self._free_rows = list(range(slots - 1, -1, -1))
             shape = (slots, longest, self.n_kv, self.head_dim)
             self.pool = None
-        self.k_cache = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v_cache = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.k_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
 
     def _can_admit(self, s: _Seq, running: int) -> bool:
         if self.max_batch is not None and running >= self.max_batch:

@@ -147,11 +147,12 @@ def _cache_row(cache: torch.Tensor, p: AttnParams, i: int, end: int) -> torch.Te
     return cache[row : row + 1, :end]
 
 
-def _reference_cache_batched(q, k_cache, v_cache, p: AttnParams):
-    """A kv-cache call (no prefix, ALiBi or dropout) for all rows at once: row b's keys ``leftpad[b]`` to
-    ``seqused_k[b]`` gathered into (B, Smax, Hk, D) and the rest masked, the same math as one
-    :func:`_reference_dense` per row (which costs a Python iteration per row: decoding serves many)."""
-    b, sq, h, _d = q.shape
+def cache_rows_dense(q, k_cache, v_cache, p: AttnParams):
+    """A kv-cache call's keys and values as dense (B, Smax, Hk, D) tensors and the visible keys (B, Sq, Smax):
+    row b's keys ``leftpad[b]`` to ``seqused_k[b]`` (through its pages of ``block_table`` or its cache row
+    ``kv_batch_idx[b]``), the mask aligned bottom-right to the row's range as in :func:`visible_reference`
+    (no prefix)."""
+    b, sq = q.shape[:2]
     dev = q.device
     ends = p.seqused_k.long() if p.seqused_k is not None else torch.full((b,), k_cache.shape[1], device=dev)
     starts = p.leftpad.long() if p.leftpad is not None else torch.zeros_like(ends)
@@ -165,21 +166,30 @@ def _reference_cache_batched(q, k_cache, v_cache, p: AttnParams):
     else:
         rows = torch.arange(b, device=dev) if p.kv_batch_idx is None else p.kv_batch_idx.long()
         k, v = k_cache[rows, :smax], v_cache[rows, :smax]
+    r = j[None, None, :] - starts[:, None, None]  # (B, 1, Smax): key rank within the row's range
+    qa = torch.arange(sq, device=dev)[None, :, None] + (ends - starts - sq)[:, None, None]  # (B, Sq, 1)
+    ok = (r >= 0) & (j[None, None, :] < ends[:, None, None])  # (B, 1, Smax)
+    # Slots outside a row's range hold anything (NaN included): a zero probability times NaN is NaN.
+    v = v.masked_fill(~ok[:, 0, :, None, None], 0.0)
+    if p.band:
+        ok = ok & (r >= qa - p.window_left) & (r <= qa + p.window_right)
+    return k, v, ok.expand(b, sq, smax)
+
+
+def _reference_cache_batched(q, k_cache, v_cache, p: AttnParams):
+    """A kv-cache call (no prefix, ALiBi or dropout) for all rows at once: the same math as one
+    :func:`_reference_dense` per row (which costs a Python iteration per row: decoding serves many)."""
+    b, sq, h, d = q.shape
+    k, v, ok = cache_rows_dense(q, k_cache, v_cache, p)
     hk = k.shape[2]
     g = h // hk  # query heads per kv head: head i reads kv head i // g
-    qt = q.reshape(b, sq, hk, g, q.shape[3]).permute(0, 2, 3, 1, 4).reshape(b, hk, g * sq, q.shape[3])
+    qt = q.reshape(b, sq, hk, g, d).permute(0, 2, 3, 1, 4).reshape(b, hk, g * sq, d)
     kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hk, Smax, D)
     s = qt @ kt.transpose(-1, -2)  # (B, Hk, G·Sq, Smax)
     s = s.to(torch.promote_types(s.dtype, torch.float32)) * p.scale
     if p.softcap > 0:
         s = p.softcap * torch.tanh(s / p.softcap)
-    r = j[None, None, :] - starts[:, None, None]  # (B, 1, Smax): key rank within the row's range
-    qa = torch.arange(sq, device=dev)[None, :, None] + (ends - starts - sq)[:, None, None]  # (B, Sq, 1)
-    ok = (r >= 0) & (j[None, None, :] < ends[:, None, None])  # (B, Sq or 1, Smax)
-    if p.band:
-        ok = ok & (r >= qa - p.window_left) & (r <= qa + p.window_right)
-    ok = ok.expand(b, sq, smax).repeat(1, g, 1)[:, None]  # (B, 1, G·Sq, Smax), rows ordered (g, i)
-    s = s.masked_fill(~ok, float("-inf"))
+    s = s.masked_fill(~ok.repeat(1, g, 1)[:, None], float("-inf"))  # rows ordered (g, i)
     lse = torch.logsumexp(s, dim=-1)  # (B, Hk, G·Sq)
     empty = torch.isinf(lse) & (lse < 0)
     prob = torch.exp(s - torch.where(empty, 0.0, lse)[..., None])
