@@ -62,6 +62,29 @@ def test_encode_texts_equals_model_forward(model):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_kernels_choice_keeps_the_model_patched(model, monkeypatch):
+    from mmfast.models.patch import patched_rules
+
+    rules = patched_rules(model)
+    assert rules  # create_model(kernels=True) patched it
+    x = torch.randn(6, 3, 32, 32)
+    seen = []
+    real = ce._run
+
+    def spy(*a, **k):
+        seen.append(list(patched_rules(model)))
+        return real(*a, **k)
+
+    monkeypatch.setattr(ce, "_run", spy)
+    auto = ce.encode_images(model, x, progress=False)  # CPU: the rules are off for the call
+    kept = ce.encode_images(model, x, progress=False, kernels=True)
+    assert seen == [[], rules]
+    assert patched_rules(model) == rules  # put back
+    torch.testing.assert_close(auto, kept, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="kernels"):
+        ce.encode_images(model, x, kernels="fast")
+
+
 def test_bad_inputs_name_the_argument(model, tmp_path):
     with pytest.raises(ValueError, match="batch_size"):
         ce.encode_images(model, torch.zeros(2, 3, 32, 32), batch_size=0)
