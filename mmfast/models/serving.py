@@ -127,7 +127,8 @@ class _StepCache(MmfastKVCache):
 # --------------------------------------------------------------------------- requests
 @dataclass
 class Completion:
-    """One request's result: the new token ids, their text (cut before a stop string) and why it ended."""
+    """One request's result: the new token ids (the EOS that ended it included), their text (without that
+    EOS, cut before a stop string) and why it ended."""
 
     token_ids: list[int]
     text: str
