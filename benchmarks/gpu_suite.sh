@@ -177,6 +177,14 @@ step "bench train_llava" 55 "$PY" benchmarks/bench_train_llava.py --gpu --shape 
 #     AdamW: transformers SDPA, mmfast, Liger (last: it patches transformers process-wide).
 step "bench train_llava anchor" 90 "$PY" benchmarks/bench_train_llava.py --gpu --shape anchor \
     --reps 5 --budget-s 75 --out "$RES/train_llava_anchor.csv"
+# >>> Inference (#27): batched LLaVA generation, LLaVA-1.5-7B shapes truncated to 4 LLM layers (576 image tokens),
+#     32 requests of 64-256 text tokens, 128 new tokens, bf16: transformers generate (dynamic cache; static cache,
+#     compiled) vs mmfast's serving engine (paged / contiguous); then CLIP ViT-B/16 encode, 8192 images (batch
+#     1024) and texts (batch 256), open_clip vs mmfast. Not yet run on a GPU.
+step "bench generate" 150 "$PY" benchmarks/bench_generate.py --gpu --shape llava7b-trunc --layers 4 \
+    --new-tokens 128 --reps 3 --budget-s 130 --out "$RES/generate.csv"
+step "bench encode" 60 "$PY" benchmarks/bench_encode.py --gpu --model ViT-B-16 --reps 5 --budget-s 50 \
+    --out "$RES/encode.csv"
 
 # 4. the C++ extension (CPU kernels; the GPU steps do not use it): check that it builds and loads
 #    against this machine's torch, in the background beside the tests, into /tmp (the tree's build

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from mmfast.utils.io import atomic_write_json, open_image, safe_join
+from mmfast.utils.io import atomic_write_json, safe_join
 
 SINGLE_TEMPLATE = "a photo of a {}."
 _IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -145,30 +145,22 @@ def _load_model(model_path: str, arch: str | None, device: str, kernels: bool = 
 
 @torch.no_grad()
 def image_features(model, files: list[Path], batch_size: int = 256, device: str = "cpu") -> torch.Tensor:
-    """Normalised image embeddings (N, E) with the model's eval transform."""
-    from mmfast.models.clip import get_transforms
+    """Normalised image embeddings (N, E) with the model's eval transform (batched, with a progress bar and
+    images/s in the log: :func:`mmfast.models.clip_encode.encode_images`)."""
+    from mmfast.models.clip_encode import encode_images
 
-    tf = get_transforms(model, is_train=False)
-    dtype = next(model.parameters()).dtype
-    out = []
-    for i in range(0, len(files), batch_size):
-        batch = torch.stack([tf(open_image(f)) for f in files[i: i + batch_size]]).to(device, dtype)
-        out.append(model.encode_image(batch, normalize=True).float())
-    return torch.cat(out)
+    return encode_images(model, list(files), batch_size=batch_size, device=device)
 
 
 @torch.no_grad()
 def zeroshot_classifier(model, classes: list[str], templates: list[str], device: str = "cpu") -> torch.Tensor:
     """(E, C): per class, the mean of the normalised template embeddings, renormalised."""
-    from mmfast.models.clip import get_tokenizer
+    from mmfast.models.clip_encode import encode_texts
 
-    tok = get_tokenizer(model)
-    cols = []
-    for c in classes:
-        emb = model.encode_text(tok([t.format(c) for t in templates]).to(device), normalize=True).float()  # (K, E)
-        w = emb.mean(0)
-        cols.append(w / w.norm())
-    return torch.stack(cols, dim=1)
+    prompts = [t.format(c) for c in classes for t in templates]
+    emb = encode_texts(model, prompts, device=device).reshape(len(classes), len(templates), -1)  # (C, K, E)
+    w = emb.mean(1)
+    return (w / w.norm(dim=-1, keepdim=True)).T
 
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[str, float]:

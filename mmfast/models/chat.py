@@ -21,21 +21,35 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache", default="auto", choices=("auto", "mmfast", "dynamic"),
-                   help="KV cache: mmfast's (flash_attn_with_kvcache; auto when the model runs mmfast kernels) "
-                        "or transformers' DynamicCache")
+    p.add_argument("--cache", default="auto", choices=("auto", "paged", "mmfast", "dynamic"),
+                   help="KV cache: the batched paged engine (auto when the model runs mmfast kernels; streams "
+                        "the answer as it is generated), mmfast's contiguous one, or transformers' DynamicCache")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
     return p
 
 
-def reply(llava, conversations: list[dict], image, args) -> str:
+def reply(llava, conversations: list[dict], image, args, *, stream=None) -> str:
+    """The answer to the last turn; ``stream(text_delta)`` is called as it is generated (paged engine only)."""
+    from mmfast.models.generate import cache_kind
     from mmfast.models.llava_templates import format_conversation
 
     prompt = format_conversation(conversations, llava.template)
+    cache = getattr(args, "cache", "auto")
+    kw = {}
+    if stream is not None and cache_kind(llava, cache) == "paged":
+        kw["stream"] = lambda row, token, delta: stream(delta)
     return llava.generate([image], [prompt], max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                           temperature=max(args.temperature, 1e-5), top_p=args.top_p, seed=args.seed,
-                          cache=getattr(args, "cache", "auto"))[0]
+                          cache=cache, **kw)[0]
+
+
+def _printer(shown: list[str]):
+    def show(delta: str) -> None:
+        shown.append(delta)
+        print(delta, end="", flush=True)
+
+    return show
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,9 +97,16 @@ def main(argv: list[str] | None = None) -> int:
             q = questions.pop(0)
         value = f"<image>\n{q}" if image is not None and not conv else q
         conv.append({"from": "human", "value": value})
-        text = reply(llava, conv, image, args)
+        if interactive:
+            print("ASSISTANT: ", end="", flush=True)
+            shown: list[str] = []
+            text = reply(llava, conv, image, args, stream=_printer(shown))
+            # The stream shows the raw text; the reply is stripped (and printed whole when nothing streamed).
+            print("" if shown else text, flush=True)
+        else:
+            text = reply(llava, conv, image, args)
+            print(text, flush=True)
         conv.append({"from": "gpt", "value": text})
-        print(f"ASSISTANT: {text}" if interactive else text, flush=True)
     return 0
 
 

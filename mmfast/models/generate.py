@@ -1,9 +1,13 @@
 """Batched generation for :class:`mmfast.models.llava.Llava`: a KV cache, greedy or top-p sampling,
 stopping at the template's separator (or EOS).
 
-Three ways to compute each step's next-token logits (``cache=`` / ``use_cache=``):
+Four ways to compute each step's next-token logits (``cache=`` / ``use_cache=``):
 
-* ``"mmfast"`` (``"auto"`` picks it when the model is patched with mmfast attention): prompts are
+* ``"paged"`` (``"auto"`` picks it when the model is patched with mmfast attention): the batched engine of
+  :mod:`mmfast.models.serving`: ragged prompts prefilled without padding (varlen attention), decoding from
+  a paged KV cache, finished rows leave the batch; ``stream=`` takes a callback
+  ``(row, token_id, text_delta)``.
+* ``"mmfast"``: prompts are
   right-padded into a :class:`mmfast.models.kv_cache.MmfastKVCache` preallocated for prompt +
   ``max_new_tokens``. The prefill is causal over the padded batch, so the pad tokens at the end of a row
   never affect its real tokens; each row's logits are read at its own last real token and the cache's
@@ -21,7 +25,7 @@ import torch
 
 from mmfast.models.llava_templates import IMAGE_TOKEN, get_template
 
-CACHES = ("auto", "mmfast", "dynamic")
+CACHES = ("auto", "paged", "mmfast", "dynamic")
 
 
 def _sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, gen) -> torch.Tensor:
@@ -154,23 +158,24 @@ def cache_kind(llava, cache: str = "auto", use_cache: bool = True) -> str:
         if cache != "auto":
             raise ValueError(f"use_cache=False recomputes every step; it takes no cache={cache!r}")
         return "none"
-    if cache == "mmfast" and not patched:
-        raise ValueError("cache='mmfast' decodes through mmfast's flash_attn_with_kvcache and needs the model "
+    if cache in ("mmfast", "paged") and not patched:
+        raise ValueError(f"cache={cache!r} decodes through mmfast's flash_attn_with_kvcache and needs the model "
                          "patched with mmfast attention (build with kernels=True); use cache='dynamic'")
     if cache == "auto":
-        return "mmfast" if patched else "dynamic"
+        return "paged" if patched else "dynamic"
     return cache
 
 
 @torch.inference_mode()
 def generate(llava, images, prompts, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
              top_p: float = 1.0, use_cache: bool = True, seed: int | None = None, stop: str | None = None,
-             cache: str = "auto") -> list[str]:
+             cache: str = "auto", *, stream=None) -> list[str]:
     """Continue each prompt (already formatted with the template); returns the new text of each row,
     cut before the stop string (default: the template's separator).
 
-    ``cache``: ``"auto"`` (mmfast's preallocated cache when the model is patched, else transformers'),
-    ``"mmfast"`` or ``"dynamic"``; ``use_cache=False`` recomputes every step instead."""
+    ``cache``: ``"auto"`` (the batched paged engine when the model is patched, else transformers'),
+    ``"paged"``, ``"mmfast"`` or ``"dynamic"``; ``use_cache=False`` recomputes every step instead.
+    ``stream``: ``callback(row, token_id, text_delta)`` as tokens arrive (``"paged"`` only)."""
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts; they pair one to one")
     if not prompts:
@@ -180,6 +185,14 @@ def generate(llava, images, prompts, max_new_tokens: int = 64, do_sample: bool =
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     kind = cache_kind(llava, cache, use_cache)
+    if stream is not None and kind != "paged":
+        raise ValueError(f"stream= needs the batched engine (cache='paged' on a patched model); this call decodes "
+                         f"with {kind!r}")
+    if kind == "paged":
+        from mmfast.models.serving import generate_llava
+
+        return generate_llava(llava, images, prompts, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                              temperature=temperature, top_p=top_p, seed=seed, stop=stop, on_token=stream)
     model = llava.model
     device = llava.device
     stop = stop if stop is not None else get_template(llava.template).stop_str

@@ -147,12 +147,66 @@ def _cache_row(cache: torch.Tensor, p: AttnParams, i: int, end: int) -> torch.Te
     return cache[row : row + 1, :end]
 
 
+def cache_rows_dense(q, k_cache, v_cache, p: AttnParams):
+    """A kv-cache call's keys and values as dense (B, Smax, Hk, D) tensors and the visible keys (B, Sq, Smax):
+    row b's keys ``leftpad[b]`` to ``seqused_k[b]`` (through its pages of ``block_table`` or its cache row
+    ``kv_batch_idx[b]``), the mask aligned bottom-right to the row's range as in :func:`visible_reference`
+    (no prefix)."""
+    b, sq = q.shape[:2]
+    dev = q.device
+    ends = p.seqused_k.long() if p.seqused_k is not None else torch.full((b,), k_cache.shape[1], device=dev)
+    starts = p.leftpad.long() if p.leftpad is not None else torch.zeros_like(ends)
+    smax = max(int(ends.max()), 1)
+    j = torch.arange(smax, device=dev)  # (Smax,) absolute key slot
+    if p.block_table is not None:
+        n_pages = min(-(-smax // p.page_size), p.block_table.shape[1])
+        pages = p.block_table[:, :n_pages].long()  # (B, n_pages): one gather of whole pages per row
+        k = k_cache[pages].flatten(1, 2)[:, :smax]  # (B, Smax, Hk, D)
+        v = v_cache[pages].flatten(1, 2)[:, :smax]
+    else:
+        rows = torch.arange(b, device=dev) if p.kv_batch_idx is None else p.kv_batch_idx.long()
+        k, v = k_cache[rows, :smax], v_cache[rows, :smax]
+    r = j[None, None, :] - starts[:, None, None]  # (B, 1, Smax): key rank within the row's range
+    qa = torch.arange(sq, device=dev)[None, :, None] + (ends - starts - sq)[:, None, None]  # (B, Sq, 1)
+    ok = (r >= 0) & (j[None, None, :] < ends[:, None, None])  # (B, 1, Smax)
+    # Slots outside a row's range hold anything (NaN included): a zero probability times NaN is NaN.
+    v = v.masked_fill(~ok[:, 0, :, None, None], 0.0)
+    if p.band:
+        ok = ok & (r >= qa - p.window_left) & (r <= qa + p.window_right)
+    return k, v, ok.expand(b, sq, smax)
+
+
+def _reference_cache_batched(q, k_cache, v_cache, p: AttnParams):
+    """A kv-cache call (no prefix, ALiBi or dropout) for all rows at once: the same math as one
+    :func:`_reference_dense` per row (which costs a Python iteration per row: decoding serves many)."""
+    b, sq, h, d = q.shape
+    k, v, ok = cache_rows_dense(q, k_cache, v_cache, p)
+    hk = k.shape[2]
+    g = h // hk  # query heads per kv head: head i reads kv head i // g
+    qt = q.reshape(b, sq, hk, g, d).permute(0, 2, 3, 1, 4).reshape(b, hk, g * sq, d)
+    kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hk, Smax, D)
+    s = qt @ kt.transpose(-1, -2)  # (B, Hk, G·Sq, Smax)
+    s = s.to(torch.promote_types(s.dtype, torch.float32)) * p.scale
+    if p.softcap > 0:
+        s = p.softcap * torch.tanh(s / p.softcap)
+    s = s.masked_fill(~ok.repeat(1, g, 1)[:, None], float("-inf"))  # rows ordered (g, i)
+    lse = torch.logsumexp(s, dim=-1)  # (B, Hk, G·Sq)
+    empty = torch.isinf(lse) & (lse < 0)
+    prob = torch.exp(s - torch.where(empty, 0.0, lse)[..., None])
+    out = prob.to(q.dtype) @ vt  # (B, Hk, G·Sq, D)
+    out = out.reshape(b, hk, g, sq, -1).permute(0, 3, 1, 2, 4).reshape(b, sq, h, -1)  # (B, Sq, H, D)
+    lse = lse.masked_fill(empty, float("inf")).reshape(b, h, sq)  # (B, H, Sq)
+    return out, lse
+
+
 def _reference(q, k, v, p: AttnParams):
     """Dense or packed reference with the same (out, lse) layouts as the kernels."""
     prefix_list = None if p.prefix is None else [int(x) for x in p.prefix.tolist()]
     if p.cu_seqlens_q is None:
         if p.seqused_k is None and p.block_table is None and p.kv_batch_idx is None and p.leftpad is None:
             return _reference_dense(q, k, v, p, 0, prefix_list, q.shape[2])
+        if p.prefix is None and p.alibi is None and p.dropout_p == 0:
+            return _reference_cache_batched(q, k, v, p)
         used = p.seqused_k.tolist() if p.seqused_k is not None else [k.shape[1]] * q.shape[0]
         outs, lses = [], []
         for i, end in enumerate(used):

@@ -44,7 +44,7 @@ def _count_kvcache_calls(monkeypatch):
 
 
 def test_auto_cache_choice(fast, plain):
-    assert mg.cache_kind(fast) == "mmfast" and mg.cache_kind(plain) == "dynamic"
+    assert mg.cache_kind(fast) == "paged" and mg.cache_kind(plain) == "dynamic"
     assert mg.cache_kind(fast, use_cache=False) == "none"
     with pytest.raises(ValueError, match="patched with mmfast attention"):
         plain.generate([None], [plain.prompt("Hi", with_image=False)], cache="mmfast")
@@ -77,7 +77,7 @@ def test_greedy_mmfast_cache_equals_dynamic_and_no_cache(fast, plain, image_atte
 def test_greedy_on_triton_kernels_equals_no_cache(triton_backend, device):
     llava = ml.build_llava("tiny", kernels=True, seed=0, backend=triton_backend, device=device)
     images, prompts = _inputs(llava)
-    assert mg.cache_kind(llava) == "mmfast"
+    assert mg.cache_kind(llava) == "paged"
     ours = llava.generate(images, prompts, max_new_tokens=4, stop="")
     assert llava.generate(images, prompts, max_new_tokens=4, use_cache=False, stop="") == ours
 
@@ -103,7 +103,7 @@ def test_decode_steps_call_flash_attn_with_kvcache(fast, monkeypatch):
     real_sample = mg._sample
     monkeypatch.setattr(mg, "_sample", lambda *a: steps.append(1) or real_sample(*a))
     images, prompts = _inputs(fast)
-    fast.generate(images, prompts, max_new_tokens=5, stop="")
+    fast.generate(images, prompts, max_new_tokens=5, stop="", cache="mmfast")  # the right-padded path
     n_layers = fast.config.text_config.num_hidden_layers
     prompt_len = max(len(r) for r in mg._rows(fast, images, prompts)[0])
     assert calls[:n_layers] == [prompt_len] * n_layers  # the prefill: every layer, the padded batch at once
