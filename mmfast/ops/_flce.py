@@ -33,6 +33,7 @@ with s_i = grad_output_i.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -136,6 +137,7 @@ def ce_grad_block_torch(logits, target, lse, scale, per_row, v0, V, *, ignore_in
     logits.copy_(g * s[:, None])
 
 
+@functools.cache  # a dictionary read per call, not an import statement
 def _row_pass(backend: str):
     if backend == "reference":
         return ce_rows_torch
@@ -182,13 +184,13 @@ def flce_chunked(
     # dW by vocabulary blocks (exact fp32 sum over tokens, no (V, H) fp32 buffer) when a low-precision
     # weight's gradient would otherwise be summed over several chunks; else per chunk, in dW's dtype.
     vocab_pass = need_dw and weight.dtype != torch.float32 and n_chunks > 1 and dw_fp32
-    dw = torch.zeros_like(weight) if need_dw and not vocab_pass else weight.new_empty(0)
-    db = torch.zeros(V, device=dev, dtype=torch.float32) if need_db else weight.new_empty(0)
+    one = n_chunks == 1  # one chunk: the whole tensors (no slice views); dW and db are their op's output
+    dw = torch.zeros_like(weight) if need_dw and not vocab_pass and not one else weight.new_empty(0)
+    db = torch.zeros(V, device=dev, dtype=torch.float32) if need_db and not one else weight.new_empty(0)
     write_grad = need_dh or (need_dw and not vocab_pass) or (need_db and not vocab_pass)
     wt = weight.t()  # (H, V)
     for s in range(0, T, chunk):
         e = min(T, s + chunk)
-        one = n_chunks == 1  # the whole tensors, no slice views
         h = hidden if one else hidden[s:e]  # (C, H)
         logits = torch.mm(h, wt) if bias is None else torch.addmm(bias, h, wt)  # (C, V)
         row_pass(
@@ -199,9 +201,15 @@ def flce_chunked(
         if need_dh:
             torch.mm(logits, weight, out=dh if one else dh[s:e])
         if need_dw and not vocab_pass:
-            dw.addmm_(logits.t(), h)
+            if one:
+                dw = torch.mm(logits.t(), h)
+            else:
+                dw.addmm_(logits.t(), h)
         if need_db and not vocab_pass:
-            db.add_(logits.sum(0, dtype=torch.float32))
+            if one:
+                db = logits.sum(0, dtype=torch.float32)
+            else:
+                db.add_(logits.sum(0, dtype=torch.float32))
         logits = None
     if vocab_pass:
         grad_block = _grad_block_pass(backend)

@@ -114,8 +114,13 @@ class _NormFunction(torch.autograd.Function):
             dres = dx.to(res_dtype) if res_dtype != dx.dtype else dx.clone()
         dw = db = None
         if weight is not None and need[2]:
-            dw = dwb[0] if weight.dtype == torch.float32 else dwb[0].to(weight.dtype)
-        if bias_dtype is not None and need[3]:
+            dw, db = dwb.unbind(0)  # one call for both views
+            dw = dw if weight.dtype == torch.float32 else dw.to(weight.dtype)
+            if bias_dtype is not None and need[3]:
+                db = db if bias_dtype == torch.float32 else db.to(bias_dtype)
+            else:
+                db = None
+        elif bias_dtype is not None and need[3]:
             db = dwb[1] if bias_dtype == torch.float32 else dwb[1].to(bias_dtype)
         return (dx if need[0] else None), dres, dw, db, None, None, None
 
@@ -129,13 +134,14 @@ def _check(name, x, weight, bias, residual):
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
     n = x.shape[-1]
+    xd = x.device  # one device object for the comparisons below
     for pname, p in (("weight", weight), ("bias", bias)):
         if p is None:
             continue
-        if not isinstance(p, torch.Tensor) or tuple(p.shape) != (n,):
+        if not isinstance(p, torch.Tensor) or p.shape != (n,):
             raise ValueError(f"{name}: {pname} must be a ({n},) tensor, got "
                              f"{tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__}")
-        if p.device != x.device:
+        if p.device != xd:
             raise ValueError(f"{name}: {pname} is on {p.device} but x is on {x.device}")
         if p.dtype not in _SUPPORTED_DTYPES:
             raise TypeError(f"{name}: {pname} has dtype {p.dtype}; expected a floating dtype")
@@ -143,7 +149,7 @@ def _check(name, x, weight, bias, residual):
         if not isinstance(residual, torch.Tensor) or residual.shape != x.shape:
             raise ValueError(f"{name}: residual must have x's shape {tuple(x.shape)}, got "
                              f"{tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__}")
-        if residual.device != x.device:
+        if residual.device != xd:
             raise ValueError(f"{name}: residual is on {residual.device} but x is on {x.device}")
         if residual.dtype not in _SUPPORTED_DTYPES:
             raise TypeError(f"{name}: residual has dtype {residual.dtype}; expected a floating dtype")
