@@ -187,7 +187,7 @@ def _params(q, k, scale, causal, window_size, softcap, dropout_p, seed, max_q, m
 
 def _facts_key(q, k, p: AttnParams, need_lse: bool, grad: bool) -> tuple:
     """What :func:`_facts` reads, as a cheap hashable tuple (the memo key of the backend choice)."""
-    return (q.device.type, q.dtype, q.shape, k.shape, p.max_seqlen_q, p.max_seqlen_k, p.band, p.window_left,
+    return (q.device, q.dtype, q.shape, k.shape, p.max_seqlen_q, p.max_seqlen_k, p.band, p.window_left,
             p.window_right, p.prefix is None, p.softcap > 0, p.alibi is None, p.dropout_p > 0,
             None if p.cu_seqlens_q is None else p.cu_seqlens_q.shape[0], p.seqused_k is None, p.leftpad is None,
             p.kv_batch_idx is None, p.block_table is None, bool(need_lse), bool(grad))

@@ -211,8 +211,8 @@ class Op:
     def choose(self, backend: str | None, key: tuple, facts: Callable[[], Facts]) -> Backend:
         """``self.backend(self.select(facts(), backend))``, memoised for repeated calls.
 
-        ``key`` is a cheap hashable summary of the call that determines ``facts()`` (device type, dtype
-        and the op's extras, e.g. ``(x.device.type, x.dtype, n)``): a repeated call with the same key, the
+        ``key`` is a cheap hashable summary of the call that determines ``facts()`` (device, dtype and
+        the op's extras, e.g. ``(x.device, x.dtype, n)``; ``x.device`` is cheaper to read than its ``.type``): a repeated call with the same key, the
         same ``backend`` (or ``MMFAST_BACKEND``), machine (:func:`fake_env`) and preference table is a
         dictionary lookup, with no :class:`Facts` built and, for a forced backend, its reasons not asked
         again. A forced backend that refuses is never memoised: every such call raises, naming every

@@ -14,7 +14,7 @@ caller's shape (M = numel / N rows; outputs in the input's shape)::
     forward(x (..., N), residual (..., N) | None, weight | None, bias | None, eps, is_rms) -> (y, s, stats (2, M))
     backward(s, weight, dy, ds | None, stats, is_rms) -> (dx, dwb (2, N))
 
-``s`` is the new residual (an empty tensor without one), ``stats`` the fp32 mean and rstd of the M rows,
+``s`` is the new residual (None or an empty tensor without one), ``stats`` the fp32 mean and rstd of the M rows,
 ``dwb`` the fp32 column sums dw (row 0) and db (row 1). ``AUTOGRAD`` backends
 (``torch``: :mod:`mmfast.ops.backends.norm_torch`; ``reference``: below) take the public call:
 ``forward(x, weight, bias, eps, residual)`` (LayerNorm) / ``forward(x, weight, eps, residual)`` (RMSNorm).
@@ -161,8 +161,8 @@ def _run(op, x, weight, bias, eps, residual, is_rms, backend):
     if not eps > 0:
         raise ValueError(f"{op.name}: eps must be > 0, got {eps}")
     n = x.shape[-1]
-    # the choice is memoised on (device type, dtype, N): a repeated call is a dictionary lookup
-    be = op.choose(backend, (x.device.type, x.dtype, n), lambda: Facts.of([x], n=n))
+    # the choice is memoised on (device, dtype, N): a repeated call is a dictionary lookup
+    be = op.choose(backend, (x.device, x.dtype, n), lambda: Facts.of([x], n=n))
     if be.backward is AUTOGRAD:  # AUTOGRAD: the backend's forward is the public call, differentiable
         return be.forward(x, weight, eps, residual) if is_rms else be.forward(x, weight, bias, eps, residual)
     return _NormFunction.apply(x, residual, weight, bias, eps, is_rms, be)

@@ -4,7 +4,7 @@
 Contract (explicit backward; see :mod:`mmfast.ops.norm`)::
 
     forward(x (..., N), residual (..., N) | None, weight | None, bias | None, eps, is_rms)   # contiguous rows
-        -> (y, s, stats)        # s: x + residual in residual's dtype (empty without residual); stats (2, M) fp32
+        -> (y, s, stats)        # s: x + residual in residual's dtype (None or empty without one); stats (2, M) fp32
     backward(s, weight, dy, ds | None, stats, is_rms) -> (dx, dwb (2, N) fp32: dw, db)
 """
 from __future__ import annotations
@@ -60,6 +60,21 @@ norm_fwd_call = eager_fast(_norm_fwd_op)
 norm_bwd_call = eager_fast(_norm_bwd_op)
 
 
+def forward(x, residual, weight, bias, eps, is_rms):
+    """Under torch.compile the custom op (s an empty tensor without a residual); in eager mode the launcher
+    the op's body runs, directly (s None without a residual: no placeholder allocated)."""
+    if torch.compiler.is_compiling():
+        return _norm_fwd_op(x, residual, weight, bias, eps, is_rms)
+    return _kernels().norm_fwd(x, residual, weight, bias, eps, is_rms,
+                               residual.dtype if residual is not None else x.dtype)
+
+
+def backward(s, weight, dy, ds, stats, is_rms):
+    if torch.compiler.is_compiling():
+        return _norm_bwd_op(s, weight, dy, ds, stats, is_rms)
+    return _kernels().norm_bwd(s, weight, dy, ds, stats, is_rms, dy.dtype)
+
+
 class TritonNorm(Backend):
     doc = "Triton kernels, one row per program (fused residual add)"
 
@@ -69,8 +84,8 @@ class TritonNorm(Backend):
             return [f"normalised size {n} > {MAX_N} (one row per program)"]
         return []
 
-    forward = staticmethod(norm_fwd_call)
-    backward = staticmethod(norm_bwd_call)
+    forward = staticmethod(forward)
+    backward = staticmethod(backward)
 
 
 TRITON = TritonNorm(devices=("cuda",), needs=("triton",))
