@@ -29,7 +29,9 @@ The family module (``ops/<family>.py``; attention, the largest, splits it over `
 ``_attention_call.py`` and ``_attention_reference.py``) holds the public function, the reference and the
 autograd glue:
 it describes the call as :class:`Facts`, asks ``op.select(facts, backend)`` for a backend name and calls
-that backend's ``forward``/``backward`` without knowing which one it is.
+that backend's ``forward``/``backward`` without knowing which one it is. On the per-call path the ops use
+``op.choose(backend, key, facts)``: the same choice, memoised on a cheap key of the call (host time, issue
+#23), so a repeated call builds no :class:`Facts`; a forced backend that refuses still raises every time.
 
 Choosing a backend
 ------------------
