@@ -47,7 +47,9 @@ def __getattr__(name: str):
     mod = _EXPORTS.get(name)
     if mod is None:
         raise AttributeError(f"module 'mmfast.ops' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"mmfast.ops.{mod}"), name)
+    value = getattr(importlib.import_module(f"mmfast.ops.{mod}"), name)
+    globals()[name] = value  # later reads are a plain module attribute, not this function + an import
+    return value
 
 
 __all__ = ["BACKENDS", "BackendUnavailableError"] + list(_EXPORTS)

@@ -185,9 +185,18 @@ def _params(q, k, scale, causal, window_size, softcap, dropout_p, seed, max_q, m
                       int(max_q), int(max_k), prefix=prefix, **seq)
 
 
+def _facts_key(q, k, p: AttnParams, need_lse: bool, grad: bool) -> tuple:
+    """What :func:`_facts` reads, as a cheap hashable tuple (the memo key of the backend choice)."""
+    return (q.device, q.dtype, q.shape, k.shape, p.max_seqlen_q, p.max_seqlen_k, p.band, p.window_left,
+            p.window_right, p.prefix is None, p.softcap > 0, p.alibi is None, p.dropout_p > 0,
+            None if p.cu_seqlens_q is None else p.cu_seqlens_q.shape[0], p.seqused_k is None, p.leftpad is None,
+            p.kv_batch_idx is None, p.block_table is None, bool(need_lse), bool(grad))
+
+
 def _backend(q, k, p: AttnParams, backend, need_lse: bool, grad: bool):
-    check_backend_name(backend)
-    return ATTENTION_OP.backend(ATTENTION_OP.select(_facts(q, k, p, need_lse, grad), backend))
+    # memoised on _facts_key: a repeated call with the same shapes and flags is a dictionary lookup
+    return ATTENTION_OP.choose(backend, _facts_key(q, k, p, need_lse, grad),
+                               lambda: _facts(q, k, p, need_lse, grad))
 
 
 def _run(q, k, v, p: AttnParams, backend, need_lse: bool = True):

@@ -36,7 +36,17 @@ class AttnParams:
     page_size: int = 0
 
     def dummy_int(self, device) -> torch.Tensor:
-        return torch.zeros(1, dtype=torch.int32, device=device)
+        """A zero int32 (1,) tensor standing for an absent index tensor; one per device, kept (not one
+        allocation per call), except one made while a CUDA graph captures (its zeros are not written yet)."""
+        d = _DUMMIES.get(device)
+        if d is None:
+            d = torch.zeros(1, dtype=torch.int32, device=device)
+            if not (d.is_cuda and torch.cuda.is_current_stream_capturing()):
+                _DUMMIES[device] = d
+        return d
+
+
+_DUMMIES: dict = {}
 
 
 def _window_pair(window_size) -> tuple[int, int]:

@@ -395,9 +395,15 @@ def launch_meta(kind: str, head_dim: int, dtype: torch.dtype) -> dict:
 
 def strides3(t: torch.Tensor, varlen: bool):
     """(batch, seq, head) strides of a (B, S, H, D) tensor, or of a packed (T, H, D) one (batch 0)."""
+    s = t.stride()  # one call, not one per dimension
     if varlen:
-        return 0, t.stride(0), t.stride(1)
-    return t.stride(0), t.stride(1), t.stride(2)
+        return 0, s[0], s[1]
+    return s[0], s[1], s[2]
+
+
+def _new_nan(shape, device, dtype):
+    """``torch.full(shape, NaN)``: a poisoned output buffer (the interpreter's tests)."""
+    return torch.full(shape, float("nan"), device=device, dtype=dtype)
 
 
 def attn_fwd(q, k, v, p):
@@ -407,19 +413,17 @@ def attn_fwd(q, k, v, p):
     (log2-domain max, 1 / sum) laid out like lse)."""
     varlen = p.cu_seqlens_q is not None
     n_heads, head_dim = q.shape[-2], q.shape[-1]
-    out = torch.empty_like(q)
+    # under the interpreter the outputs are poisoned (NaN) so an unwritten element shows up in tests
+    new = _new_nan if INTERPRET else torch.empty
+    out = torch.full_like(q, float("nan")) if INTERPRET else torch.empty_like(q)
     if varlen:
         batch = p.cu_seqlens_q.numel() - 1
-        lse = torch.empty((n_heads, q.shape[0]), device=q.device, dtype=torch.float32)
-        lse_strides = (0, lse.stride(0), lse.stride(1))
+        lse_shape = (n_heads, q.shape[0])
     else:
         batch = q.shape[0]
-        lse = torch.empty((batch, n_heads, q.shape[1]), device=q.device, dtype=torch.float32)
-        lse_strides = lse.stride()
-    m_row, il_row = torch.empty_like(lse), torch.empty_like(lse)
-    if INTERPRET:  # outputs poisoned so an unwritten element shows up in tests
-        for t in (out, lse, m_row, il_row):
-            t.fill_(float("nan"))
+        lse_shape = (batch, n_heads, q.shape[1])
+    lse, m_row, il_row = (new(lse_shape, device=q.device, dtype=torch.float32) for _ in range(3))
+    lse_strides = (0, *lse.stride()) if varlen else lse.stride()
     dummy = p.dummy_int(q.device)
 
     def grid(meta):

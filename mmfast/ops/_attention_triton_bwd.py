@@ -332,14 +332,15 @@ def attn_bwd(do, q, k, v, out, stats, p):
     n_kv = k.shape[-2]
     do = do if do.stride(-1) == 1 else do.contiguous()
     # δ_i = do_i·o_i, laid out like lse.
-    delta = (do.float() * out.float()).sum(-1)  # (B, Sq, H) or (T, H)
+    f32 = torch.float32
+    delta = ((do if do.dtype == f32 else do.float()) * (out if out.dtype == f32 else out.float())).sum(-1)  # (B, Sq, H) or (T, H)
     delta = delta.transpose(-1, -2).contiguous()  # (B, H, Sq) or (H, T)
     lse_strides = (0, m_row.stride(0), m_row.stride(1)) if varlen else m_row.stride()
     batch = p.cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    if INTERPRET:
-        for t in (dq, dk, dv):
-            t.fill_(float("nan"))
+    if INTERPRET:  # poisoned so an unwritten element shows up in tests
+        dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
+    else:
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dummy = p.dummy_int(q.device)
     common = [
         p.cu_seqlens_q if varlen else dummy, p.cu_seqlens_k if varlen else dummy,

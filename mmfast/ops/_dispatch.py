@@ -29,7 +29,9 @@ The family module (``ops/<family>.py``; attention, the largest, splits it over `
 ``_attention_call.py`` and ``_attention_reference.py``) holds the public function, the reference and the
 autograd glue:
 it describes the call as :class:`Facts`, asks ``op.select(facts, backend)`` for a backend name and calls
-that backend's ``forward``/``backward`` without knowing which one it is.
+that backend's ``forward``/``backward`` without knowing which one it is. On the per-call path the ops use
+``op.choose(backend, key, facts)``: the same choice, memoised on a cheap key of the call (host time, issue
+#23), so a repeated call builds no :class:`Facts`; a forced backend that refuses still raises every time.
 
 Choosing a backend
 ------------------
@@ -208,6 +210,29 @@ class Op:
             return _select_static(self.name, facts.key(), backend)
         return self._select(facts, backend)
 
+    def choose(self, backend: str | None, key: tuple, facts: Callable[[], Facts]) -> Backend:
+        """``self.backend(self.select(facts(), backend))``, memoised for repeated calls.
+
+        ``key`` is a cheap hashable summary of the call that determines ``facts()`` (device, dtype and
+        the op's extras, e.g. ``(x.device, x.dtype, n)``; ``x.device`` is cheaper to read than its ``.type``): a repeated call with the same key, the
+        same ``backend`` (or ``MMFAST_BACKEND``), machine (:func:`fake_env`) and preference table is a
+        dictionary lookup, with no :class:`Facts` built and, for a forced backend, its reasons not asked
+        again. A forced backend that refuses is never memoised: every such call raises, naming every
+        reason. Under torch.compile the choice is :meth:`select`'s (constant-folded at trace time)."""
+        check_backend_name(backend)
+        if backend is None:
+            backend = _forced_from_env()
+        if torch.compiler.is_compiling():
+            return self.backend(self.select(facts(), backend))
+        k = (_CHOOSE, self.name, key, backend, env_token(), _PREFS_GENERATION[0])
+        be = _SELECT_CACHE.get(k)
+        if be is None:
+            be = self.backend(self._select(facts(), backend))
+            if len(_SELECT_CACHE) >= 4096:  # many distinct shapes (varlen lengths): start over
+                _SELECT_CACHE.clear()
+            _SELECT_CACHE[k] = be
+        return be
+
     def _select(self, facts: Facts, backend: str | None) -> str:
         if backend is not None:
             reasons = self.reasons(backend, facts)
@@ -276,6 +301,7 @@ class Op:
 
 
 _SELECT_CACHE: dict = {}
+_CHOOSE = object()  # first element of Op.choose's keys (they never equal a select key)
 _EXTRA_NAMES: list[str] = []
 
 
@@ -298,7 +324,7 @@ def all_backend_names() -> tuple[str, ...]:
 
 
 def check_backend_name(backend: str | None) -> None:
-    if backend is not None and backend not in all_backend_names():
+    if backend is not None and backend not in BACKENDS and backend not in _EXTRA_NAMES:
         raise ValueError(f"backend={backend!r}; expected None or one of {all_backend_names()}")
 
 

@@ -33,12 +33,13 @@ with s_i = grad_output_i.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import torch.nn.functional as F
 
-from mmfast.ops._host import eager_fast
+from mmfast.ops._host import eager_fast, once_differentiable
 
 # Bytes of one chunk's (or vocabulary block's) logits in the GEMM dtype; MMFAST_FLCE_CHUNK_MB sets it.
 # 64 MiB everywhere: with the weight gradient summed by vocabulary blocks (see above) a larger budget no
@@ -60,8 +61,9 @@ def chunk_rows(T: int, V: int, itemsize: int, budget: int | None = None, device=
     """Rows per chunk: as many as fit ``budget`` bytes (default: the device's) of (rows, V) logits, a
     multiple of 16 when > 16. Default budget on CUDA: all T rows when they fit ``CUDA_SINGLE_CHUNK_BYTES``."""
     if budget is None:
-        budget = default_chunk_bytes(device)
-        if torch.device(device or "cpu").type == "cuda" and T * V * itemsize <= CUDA_SINGLE_CHUNK_BYTES:
+        dev = device.type if isinstance(device, torch.device) else torch.device(device or "cpu").type
+        budget = CUDA_CHUNK_BYTES if dev == "cuda" else DEFAULT_CHUNK_BYTES
+        if dev == "cuda" and T * V * itemsize <= CUDA_SINGLE_CHUNK_BYTES:
             return max(1, T)
     c = max(1, budget // max(1, V * itemsize))
     if c > 16:
@@ -135,6 +137,7 @@ def ce_grad_block_torch(logits, target, lse, scale, per_row, v0, V, *, ignore_in
     logits.copy_(g * s[:, None])
 
 
+@functools.cache  # a dictionary read per call, not an import statement
 def _row_pass(backend: str):
     if backend == "reference":
         return ce_rows_torch
@@ -181,23 +184,32 @@ def flce_chunked(
     # dW by vocabulary blocks (exact fp32 sum over tokens, no (V, H) fp32 buffer) when a low-precision
     # weight's gradient would otherwise be summed over several chunks; else per chunk, in dW's dtype.
     vocab_pass = need_dw and weight.dtype != torch.float32 and n_chunks > 1 and dw_fp32
-    dw = torch.zeros_like(weight) if need_dw and not vocab_pass else weight.new_empty(0)
-    db = torch.zeros(V, device=dev, dtype=torch.float32) if need_db else weight.new_empty(0)
+    one = n_chunks == 1  # one chunk: the whole tensors (no slice views); dW and db are their op's output
+    dw = torch.zeros_like(weight) if need_dw and not vocab_pass and not one else weight.new_empty(0)
+    db = torch.zeros(V, device=dev, dtype=torch.float32) if need_db and not one else weight.new_empty(0)
     write_grad = need_dh or (need_dw and not vocab_pass) or (need_db and not vocab_pass)
+    wt = weight.t()  # (H, V)
     for s in range(0, T, chunk):
         e = min(T, s + chunk)
-        h = hidden[s:e]  # (C, H)
-        logits = torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())  # (C, V)
+        h = hidden if one else hidden[s:e]  # (C, H)
+        logits = torch.mm(h, wt) if bias is None else torch.addmm(bias, h, wt)  # (C, V)
         row_pass(
-            logits, target[s:e], loss[s:e], lse[s:e], scale[s:e] if per_row else scale, per_row,
+            logits, target if one else target[s:e], loss if one else loss[s:e], lse if one else lse[s:e],
+            scale[s:e] if per_row and not one else scale, per_row,
             ignore_index=ignore_index, smoothing=smoothing, z_loss=z_loss, softcap=softcap, write_grad=write_grad,
         )
         if need_dh:
-            torch.mm(logits, weight, out=dh[s:e])
+            torch.mm(logits, weight, out=dh if one else dh[s:e])
         if need_dw and not vocab_pass:
-            dw.addmm_(logits.t(), h)
+            if one:
+                dw = torch.mm(logits.t(), h)
+            else:
+                dw.addmm_(logits.t(), h)
         if need_db and not vocab_pass:
-            db.add_(logits.sum(0, dtype=torch.float32))
+            if one:
+                db = logits.sum(0, dtype=torch.float32)
+            else:
+                db.add_(logits.sum(0, dtype=torch.float32))
         logits = None
     if vocab_pass:
         grad_block = _grad_block_pass(backend)
@@ -266,35 +278,44 @@ class FLCEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, ignore_index, smoothing, z_loss, softcap, reduction, chunk, backend,
                 dw_fp32=True):
-        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_db = bias is not None and ctx.needs_input_grad[2]
+        """hidden (..., H), flattened to (T, H) here (a view made inside the Function is no autograd node)."""
+        ctx.hidden_shape = hidden.shape
+        if hidden.dim() != 2:
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+        hidden = hidden.contiguous()  # (T, H)
+        need = ctx.needs_input_grad
+        need_dh, need_dw = need[0], need[1]
+        need_db = bias is not None and need[2]
         ctx.cfg = (ignore_index, smoothing, z_loss, softcap, chunk, backend, need_dh, need_dw, need_db, dw_fp32)
         ctx.reduction = reduction
         ctx.bias_dtype = None if bias is None else bias.dtype
         any_grad = need_dh or need_dw or need_db
-        one = torch.ones(1, device=hidden.device, dtype=torch.float32)
-        if reduction == "mean":
-            scale = 1.0 / (target != ignore_index).sum().clamp_min(1).to(torch.float32).reshape(1)
+        if reduction == "mean":  # 1 / #{t != ignore} (at least 1), fp32 0-d, on the device: no host read
+            # (the count summed in fp32 is exact up to 2^24 rows, as the int64 count's conversion is)
+            scale = (target != ignore_index).sum(dtype=torch.float32).clamp_min_(1).reciprocal_()
         else:
-            scale = one
+            scale = torch.ones((), device=hidden.device, dtype=torch.float32)
+        one = scale if reduction == "sum" else None
         if reduction == "none" or not any_grad:
+            if one is None:
+                one = torch.ones((), device=hidden.device, dtype=torch.float32)
             rows, _, _, _, _ = _flce_call(
                 hidden, weight, bias, target, one, False, ignore_index, smoothing, z_loss, softcap,
                 False, False, False, chunk, backend, dw_fp32,
             )
             if any_grad:
                 ctx.save_for_backward(hidden, weight, bias, target)
-            return rows if reduction == "none" else (rows.sum() * scale).reshape(())
+            return rows if reduction == "none" else rows.sum() * scale
         rows, _, dh, dw, db = _flce_call(
             hidden, weight, bias, target, scale, False, ignore_index, smoothing, z_loss, softcap,
             need_dh, need_dw, need_db, chunk, backend, dw_fp32,
         )
         # Kept as attributes, not saved tensors: the backward scales them in place, once.
         ctx.grads = (dh, dw, db)
-        return (rows.sum() * scale).reshape(())
+        return rows.sum() * scale
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable
     def backward(ctx, grad):
         ignore_index, smoothing, z_loss, softcap, chunk, backend, need_dh, need_dw, need_db, dw_fp32 = ctx.cfg
         if ctx.reduction == "none":
@@ -309,14 +330,14 @@ class FLCEFunction(torch.autograd.Function):
                                    "(retain_graph=True is not supported with reduction='mean'/'sum')")
             dh, dw, db = ctx.grads
             ctx.grads = None
-            g = grad.float().reshape(1)
+            g = grad if grad.dtype == torch.float32 else grad.float()  # 0-d
             if need_dh:
-                dh = dh.mul_(g.to(dh.dtype))
+                dh = dh.mul_(g if dh.dtype == torch.float32 else g.to(dh.dtype))
             if need_dw:
-                dw = dw.mul_(g.to(dw.dtype))
+                dw = dw.mul_(g if dw.dtype == torch.float32 else g.to(dw.dtype))
             if need_db:
                 db = db.mul_(g)
-        dh = dh if need_dh else None
+        dh = dh.view(ctx.hidden_shape) if need_dh else None
         dw = dw if need_dw else None
         db = db.to(ctx.bias_dtype) if need_db else None
         return dh, dw, db, None, None, None, None, None, None, None, None, None

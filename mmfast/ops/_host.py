@@ -7,6 +7,8 @@ epilogue launch is only a few µs of GPU time.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -53,3 +55,18 @@ def eager_fast(op):
     call.__doc__ = getattr(body, "__doc__", None)
     return call
 
+
+
+def once_differentiable(fn):
+    """``torch.autograd.function.once_differentiable`` without its ``no_grad`` context when grad mode is
+    already off (the engine runs a backward with grad mode off unless ``create_graph=True``): the same
+    behaviour, including the error on a double backward, for 1-2 µs less per call."""
+    guarded = torch.autograd.function.once_differentiable(fn)
+
+    @functools.wraps(fn)
+    def wrapper(ctx, *args):
+        if torch.is_grad_enabled():
+            return guarded(ctx, *args)
+        return fn(ctx, *args)
+
+    return wrapper

@@ -29,7 +29,7 @@ def _norm_fwd_kernel(
     x_ptr, r_ptr, w_ptr, b_ptr,
     y_ptr,  # (M, N) out
     s_ptr,  # (M, N) out: x + r (only when HAS_RES)
-    mean_ptr, rstd_ptr,  # (M,) fp32 out
+    stats_ptr,  # (2, M) fp32 out: mean, rstd (M = the number of programs)
     N, eps,
     IS_RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -54,8 +54,8 @@ def _norm_fwd_kernel(
     if HAS_B:
         y = y + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + row * N + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(mean_ptr + row, mean)
-    tl.store(rstd_ptr + row, rstd)
+    tl.store(stats_ptr + row, mean)
+    tl.store(stats_ptr + tl.num_programs(0) + row, rstd)
 
 
 @triton.jit
@@ -65,8 +65,8 @@ def _norm_bwd_kernel(
     dy_ptr,  # (M, N)
     ds_ptr,  # (M, N) grad flowing into the new residual output (only when HAS_DS)
     dx_ptr,  # (M, N) out
-    mean_ptr, rstd_ptr,
-    dw_ptr, db_ptr,  # (programs, N) fp32 out: partial sums
+    stats_ptr,  # (2, M) fp32: mean, rstd
+    part_ptr,  # (2, programs, N) fp32 out: partial sums of dw, then of db
     M, N, rows_per_prog,
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_DS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -89,11 +89,11 @@ def _norm_bwd_kernel(
         off = rows[:, None].to(tl.int64) * N + cols[None, :]
         s = tl.load(s_ptr + off, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)[:, None]
+        rstd = tl.load(stats_ptr + M + rows, mask=rmask, other=0.0)[:, None]
         if IS_RMS:
             sh = s * rstd
         else:
-            mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)[:, None]
+            mean = tl.load(stats_ptr + rows, mask=rmask, other=0.0)[:, None]
             sh = tl.where(mask, (s - mean) * rstd, 0.0)
         g = dy
         if HAS_W:
@@ -108,8 +108,8 @@ def _norm_bwd_kernel(
         tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         dw += dy * sh
         db += dy
-    tl.store(dw_ptr + pid * N + cols, tl.sum(dw, 0), mask=cmask)
-    tl.store(db_ptr + pid * N + cols, tl.sum(db, 0), mask=cmask)
+    tl.store(part_ptr + pid * N + cols, tl.sum(dw, 0), mask=cmask)
+    tl.store(part_ptr + (tl.num_programs(0) + pid) * N + cols, tl.sum(db, 0), mask=cmask)
 
 
 _TILE = 4096  # backward: elements of (rows, columns) per program step
@@ -130,40 +130,61 @@ def _programs(device: torch.device) -> int:
 
 
 def norm_fwd(x, residual, weight, bias, eps, is_rms, residual_dtype):
-    """x, residual: (M, N) contiguous. Returns y (M, N) x.dtype, s (M, N) or None, mean, rstd (M,) fp32."""
-    M, N = x.shape
+    """x, residual: (..., N) contiguous, M = numel / N rows. Returns y (..., N) x.dtype, s (..., N) or None,
+    stats (2, M) fp32: mean, rstd (one allocation)."""
+    N = x.shape[-1]
+    M = x.numel() // N
     y = torch.empty_like(x)
-    s = torch.empty(M, N, device=x.device, dtype=residual_dtype) if residual is not None else None
-    mean = torch.empty(M, device=x.device, dtype=torch.float32)
-    rstd = torch.empty(M, device=x.device, dtype=torch.float32)
+    s = torch.empty_like(x, dtype=residual_dtype) if residual is not None else None  # (empty_like: ~1 µs less than empty(shape))
+    stats = torch.empty(2, M, device=x.device, dtype=torch.float32)
     if M:
         block = next_pow2(N)
         _norm_fwd_kernel[(M,)](
             x, residual if residual is not None else x, weight if weight is not None else x,
-            bias if bias is not None else x, y, s if s is not None else y, mean, rstd, N, float(eps),
+            bias if bias is not None else x, y, s if s is not None else y, stats, N, float(eps),
             IS_RMS=is_rms, HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
             BLOCK_N=block, num_warps=_warps(block),
         )
-    return y, s, mean, rstd
+    return y, s, stats
 
 
-def norm_bwd(s, weight, dy, ds, mean, rstd, is_rms, dx_dtype):
-    """Returns dx (M, N) in ``dx_dtype`` and the fp32 column sums dw, db (N,)."""
-    M, N = s.shape
-    dx = torch.empty(M, N, device=s.device, dtype=dx_dtype)
-    block = next_pow2(N)
-    block_m = max(1, min(16, _TILE // block))  # about _TILE elements per step
-    progs = max(1, min(_programs(s.device), cdiv(M, block_m)))
-    rows = cdiv(cdiv(M, progs), block_m) * block_m if M else block_m
-    progs = max(1, cdiv(M, rows))
-    dw = torch.empty(progs, N, device=s.device, dtype=torch.float32)
-    db = torch.empty(progs, N, device=s.device, dtype=torch.float32)
+_BWD_CONFIGS: dict = {}
+
+
+def _bwd_config(M: int, N: int, device: torch.device) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_M, programs, rows per program, warps) of the backward, memoised per (M, N, device)."""
+    key = (M, N, device)
+    cfg = _BWD_CONFIGS.get(key)
+    if cfg is None:
+        block = next_pow2(N)
+        block_m = max(1, min(16, _TILE // block))  # about _TILE elements per step
+        progs = max(1, min(_programs(device), cdiv(M, block_m)))
+        rows = cdiv(cdiv(M, progs), block_m) * block_m if M else block_m
+        progs = max(1, cdiv(M, rows))
+        cfg = (block, block_m, progs, rows, min(_BWD_MAX_WARPS, _warps(block_m * block)))
+        if len(_BWD_CONFIGS) >= 4096:  # many distinct row counts (varlen): start over
+            _BWD_CONFIGS.clear()
+        _BWD_CONFIGS[key] = cfg
+    return cfg
+
+
+def norm_bwd(s, weight, dy, ds, stats, is_rms, dx_dtype):
+    """s, dy, ds: (..., N) contiguous. Returns dx (..., N) in ``dx_dtype`` and the fp32 column sums
+    dwb (2, N): dw, then db (the per-program partials of both in one buffer, summed by one op; with a
+    single program, as for a few rows, the partials are the sums and no op is needed)."""
+    N = s.shape[-1]
+    M = s.numel() // N
+    device = s.device
+    dx = torch.empty_like(s, dtype=dx_dtype)
+    block, block_m, progs, rows, warps = _bwd_config(M, N, device)
+    # (2, programs, N) partials; with one program they are the sums, allocated as the (2, N) result
+    part = torch.empty((2, N) if progs == 1 else (2, progs, N), device=device, dtype=torch.float32)
     if M:
         _norm_bwd_kernel[(progs,)](
-            s, weight if weight is not None else s, dy, ds if ds is not None else dy, dx, mean, rstd,
-            dw, db, M, N, rows,
+            s, weight if weight is not None else s, dy, ds if ds is not None else dy, dx, stats,
+            part, M, N, rows,
             IS_RMS=is_rms, HAS_W=weight is not None, HAS_DS=ds is not None,
-            BLOCK_M=block_m, BLOCK_N=block, num_warps=min(_BWD_MAX_WARPS, _warps(block_m * block)),
+            BLOCK_M=block_m, BLOCK_N=block, num_warps=warps,
         )
-        return dx, dw.sum(0), db.sum(0)
-    return dx, dw.new_zeros(N), db.new_zeros(N)
+        return dx, (part if progs == 1 else part.sum(1))
+    return dx, part.new_zeros(2, N)

@@ -8,12 +8,14 @@ The statistics are fp32 whatever the input dtype; ``y`` has ``x``'s dtype and th
 ``residual``'s dtype (keep the residual stream in fp32 by passing an fp32 residual).
 
 Backend contract (see :mod:`mmfast.ops._dispatch`). Explicit-backward backends (``triton``,
-``triton_interpret``: :mod:`mmfast.ops.backends.norm_triton`) take 2-D contiguous rows::
+``triton_interpret``: :mod:`mmfast.ops.backends.norm_triton`) take contiguous rows, (..., N) in the
+caller's shape (M = numel / N rows; outputs in the input's shape)::
 
-    forward(x (M, N), residual (M, N) | None, weight | None, bias | None, eps, is_rms) -> (y, s, mean, rstd)
-    backward(s, weight, dy, ds | None, mean, rstd, is_rms) -> (dx, dw fp32, db fp32)
+    forward(x (..., N), residual (..., N) | None, weight | None, bias | None, eps, is_rms) -> (y, s, stats (2, M))
+    backward(s, weight, dy, ds | None, stats, is_rms) -> (dx, dwb (2, N))
 
-``s`` is the new residual (an empty tensor without one), ``mean``/``rstd`` fp32 (M,). ``AUTOGRAD`` backends
+``s`` is the new residual (None or an empty tensor without one), ``stats`` the fp32 mean and rstd of the M rows,
+``dwb`` the fp32 column sums dw (row 0) and db (row 1). ``AUTOGRAD`` backends
 (``torch``: :mod:`mmfast.ops.backends.norm_torch`; ``reference``: below) take the public call:
 ``forward(x, weight, bias, eps, residual)`` (LayerNorm) / ``forward(x, weight, eps, residual)`` (RMSNorm).
 Default order: triton, triton_interpret, torch, reference (CPU: triton_interpret, reference, torch).
@@ -24,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from mmfast.ops._dispatch import AUTOGRAD, Backend, Facts, Op, check_backend_name, register
+from mmfast.ops._host import once_differentiable
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -77,32 +80,49 @@ def __getattr__(name):  # the custom-op launchers moved to the triton backend mo
 
 
 class _NormFunction(torch.autograd.Function):
-    """Returns (y, s): s is the new residual (an empty tensor when no residual was given)."""
+    """x, residual: (..., N) in the caller's shape; returns y, or (y, s) with a residual (s: the new
+    residual). The rows go to the backend as they are, (..., N) made contiguous here: no reshape before or
+    after the Function, so no view nodes in the graph and the outputs are not views (they stay
+    modifiable in place)."""
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps, is_rms, backend):
-        y, s, mean, rstd = backend.forward(x, residual, weight, bias, eps, is_rms)
-        ctx.save_for_backward(s if residual is not None else x, weight, mean, rstd)
+        x = x.contiguous()
+        if residual is not None:
+            residual = residual.contiguous()
+        if weight is not None:
+            weight = weight.contiguous()
+        y, s, stats = backend.forward(x, residual, weight, None if bias is None else bias.contiguous(), eps, is_rms)
+        ctx.save_for_backward(x if residual is None else s, weight, stats)
         ctx.cfg = (is_rms, residual is not None, None if residual is None else residual.dtype,
                    None if bias is None else bias.dtype)
         ctx.backend = backend
         if residual is None:
-            ctx.mark_non_differentiable(s)
+            return y
         return y, s
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy, ds):
-        s, weight, mean, rstd = ctx.saved_tensors
+    @once_differentiable
+    def backward(ctx, dy, ds=None):
+        s, weight, stats = ctx.saved_tensors
         is_rms, has_res, res_dtype, bias_dtype = ctx.cfg
+        need = ctx.needs_input_grad
         ds = ds.contiguous() if (has_res and ds is not None) else None
-        dx, dw, db = ctx.backend.backward(s, weight, dy.contiguous(), ds, mean, rstd, is_rms)
+        dx, dwb = ctx.backend.backward(s, weight, dy.contiguous(), ds, stats, is_rms)  # dwb (2, N) fp32
         dres = None
-        if has_res and ctx.needs_input_grad[1]:
+        if has_res and need[1]:
             dres = dx.to(res_dtype) if res_dtype != dx.dtype else dx.clone()
-        dw = dw.to(weight.dtype) if (weight is not None and ctx.needs_input_grad[2]) else None
-        db = db.to(bias_dtype) if (bias_dtype is not None and ctx.needs_input_grad[3]) else None
-        return (dx if ctx.needs_input_grad[0] else None), dres, dw, db, None, None, None
+        dw = db = None
+        if weight is not None and need[2]:
+            dw, db = dwb.unbind(0)  # one call for both views
+            dw = dw if weight.dtype == torch.float32 else dw.to(weight.dtype)
+            if bias_dtype is not None and need[3]:
+                db = db if bias_dtype == torch.float32 else db.to(bias_dtype)
+            else:
+                db = None
+        elif bias_dtype is not None and need[3]:
+            db = dwb[1] if bias_dtype == torch.float32 else dwb[1].to(bias_dtype)
+        return (dx if need[0] else None), dres, dw, db, None, None, None
 
 
 # --------------------------------------------------------------------------- public API
@@ -114,13 +134,14 @@ def _check(name, x, weight, bias, residual):
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
     n = x.shape[-1]
+    xd = x.device  # one device object for the comparisons below
     for pname, p in (("weight", weight), ("bias", bias)):
         if p is None:
             continue
-        if not isinstance(p, torch.Tensor) or tuple(p.shape) != (n,):
+        if not isinstance(p, torch.Tensor) or p.shape != (n,):
             raise ValueError(f"{name}: {pname} must be a ({n},) tensor, got "
                              f"{tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__}")
-        if p.device != x.device:
+        if p.device != xd:
             raise ValueError(f"{name}: {pname} is on {p.device} but x is on {x.device}")
         if p.dtype not in _SUPPORTED_DTYPES:
             raise TypeError(f"{name}: {pname} has dtype {p.dtype}; expected a floating dtype")
@@ -128,7 +149,7 @@ def _check(name, x, weight, bias, residual):
         if not isinstance(residual, torch.Tensor) or residual.shape != x.shape:
             raise ValueError(f"{name}: residual must have x's shape {tuple(x.shape)}, got "
                              f"{tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__}")
-        if residual.device != x.device:
+        if residual.device != xd:
             raise ValueError(f"{name}: residual is on {residual.device} but x is on {x.device}")
         if residual.dtype not in _SUPPORTED_DTYPES:
             raise TypeError(f"{name}: residual has dtype {residual.dtype}; expected a floating dtype")
@@ -136,20 +157,15 @@ def _check(name, x, weight, bias, residual):
 
 def _run(op, x, weight, bias, eps, residual, is_rms, backend):
     check_backend_name(backend)
-    if not float(eps) > 0:
+    eps = float(eps)
+    if not eps > 0:
         raise ValueError(f"{op.name}: eps must be > 0, got {eps}")
-    be = op.backend(op.select(Facts.of([x], n=x.shape[-1]), backend))
+    n = x.shape[-1]
+    # the choice is memoised on (device, dtype, N): a repeated call is a dictionary lookup
+    be = op.choose(backend, (x.device, x.dtype, n), lambda: Facts.of([x], n=n))
     if be.backward is AUTOGRAD:  # AUTOGRAD: the backend's forward is the public call, differentiable
         return be.forward(x, weight, eps, residual) if is_rms else be.forward(x, weight, bias, eps, residual)
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1]).contiguous()  # (M, N)
-    r2 = residual.reshape(-1, shape[-1]).contiguous() if residual is not None else None
-    w = weight.contiguous() if weight is not None else None
-    b = bias.contiguous() if bias is not None else None
-    y, s = _NormFunction.apply(x2, r2, w, b, float(eps), is_rms, be)
-    if residual is None:
-        return y.reshape(shape)
-    return y.reshape(shape), s.reshape(shape)
+    return _NormFunction.apply(x, residual, weight, bias, eps, is_rms, be)
 
 
 def layer_norm(x, weight=None, bias=None, eps: float = 1e-5, residual=None, *, backend: str | None = None):

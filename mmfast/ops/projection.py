@@ -143,27 +143,40 @@ def fused_linear_cross_entropy(
         raise ValueError(f"z_loss must be >= 0, got {z_loss}")
     if softcap is not None and not float(softcap) > 0:
         raise ValueError(f"softcap must be None or > 0, got {softcap}")
-    h = hidden.reshape(-1, hidden.shape[-1]).contiguous()  # (T, H)
-    t = target.reshape(-1).to(torch.int64).contiguous()  # (T,)
+    t = target.reshape(-1)  # (T,)
+    if t.dtype != torch.int64:
+        t = t.to(torch.int64)
+    t = t.contiguous()
     if not torch.compiler.is_compiling() and t.numel():
-        bad = (t != ignore_index) & ((t < 0) | (t >= V))
-        if bool(bad.any()):
-            raise ValueError(f"target has class indices outside [0, {V}) that are not ignore_index={ignore_index}, "
-                             f"e.g. {int(t[bad][0])}")
-    chosen = _select(FLCE_OP, hidden, backend, row_width=None)
-    be = FLCE_OP.backend(chosen)
+        _check_targets(t, V, ignore_index)
+    dev = hidden.device.type
+    # the choice is memoised on (device type, dtype): a repeated call is a dictionary lookup
+    be = FLCE_OP.choose(backend, (dev, hidden.dtype), lambda: Facts.of([hidden], row_width=None))
     if be.backward is AUTOGRAD:  # AUTOGRAD: the plain composition
         return be.forward(hidden, weight, target, bias, ignore_index=ignore_index, label_smoothing=label_smoothing,
                           reduction=reduction, z_loss=z_loss, softcap=softcap)
-    chunk = int(chunk_size) if chunk_size else chunk_rows(h.shape[0], V, h.element_size(), device=h.device)
+    chunk = int(chunk_size) if chunk_size else chunk_rows(t.shape[0], V, hidden.element_size(), device=hidden.device)
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    with torch.autocast(hidden.device.type, enabled=False):
-        out = FLCEFunction.apply(
-            h, weight.contiguous(), bias, t, int(ignore_index), float(label_smoothing), float(z_loss),
-            None if softcap is None else float(softcap), reduction, chunk, chosen, bool(dweight_fp32),
-        )
+    # hidden goes in as the caller's (..., H): flattened to (T, H) inside the Function (no view node)
+    args = (hidden, weight.contiguous(), bias, t, int(ignore_index), float(label_smoothing), float(z_loss),
+            None if softcap is None else float(softcap), reduction, chunk, be.name, bool(dweight_fp32))
+    if torch.is_autocast_enabled(dev):  # the GEMMs inside run in the inputs' dtype (cast above)
+        with torch.autocast(dev, enabled=False):
+            out = FLCEFunction.apply(*args)
+    else:
+        out = FLCEFunction.apply(*args)
     return out.reshape(target.shape) if reduction == "none" else out
+
+
+def _check_targets(t: torch.Tensor, V: int, ignore_index: int) -> None:
+    """Every target not ``ignore_index`` lies in [0, V): ignored rows read as class 0, and ``t // V`` is 0
+    exactly for t in [0, V). One host read (on a GPU a sync, as any such check); the example index is
+    looked up only when the check fails."""
+    if bool((t.masked_fill(t == ignore_index, 0) // V).any()):
+        bad = (t != ignore_index) & ((t < 0) | (t >= V))
+        raise ValueError(f"target has class indices outside [0, {V}) that are not ignore_index={ignore_index}, "
+                         f"e.g. {int(t[bad][0])}")
 
 
 # --------------------------------------------------------------------------- MLP projector

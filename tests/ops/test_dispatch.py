@@ -116,6 +116,46 @@ def test_environment_variable_forces_and_is_checked(monkeypatch):
             ATTENTION_OP.select(_attn())
 
 
+def test_choose_memoises_the_choice_but_not_a_refusal(monkeypatch):
+    """Op.choose (the ops' per-call path): a repeated call is a lookup, yet a forced backend that refuses
+    raises on every call, MMFAST_BACKEND, fake_env, the table and a new registration are seen at once."""
+    made = []
+    op = register(Op("toy_choose", example=lambda dev: Facts(dev, torch.float32)))
+    try:
+        op.add("reference", Backend(forward=lambda x: x))
+        op.add("my_kernel", Backend(devices=("cuda",), forward=lambda x: x))
+
+        def facts():
+            made.append(1)
+            return Facts("cpu", torch.float32, {"n": 4})
+
+        key = ("cpu", torch.float32, 4)
+        assert op.choose(None, key, facts) is op.backend("reference")
+        assert op.choose(None, key, facts) is op.backend("reference") and len(made) == 1  # memoised
+        for _ in range(2):  # a refusal is not memoised: every call raises, naming the reason
+            with pytest.raises(BackendUnavailableError, match="my_kernel.*needs CUDA tensors"):
+                op.choose("my_kernel", key, facts)
+        with pytest.raises(ValueError, match="backend='nope'"):
+            op.choose("nope", key, facts)
+        with fake_preferences({"toy_choose": {"cpu": {"*": {"order": ["my_kernel", "reference"]}}}}):
+            assert op.choose(None, key, facts) is op.backend("reference")
+        with fake_env(cuda_available=True):
+            with pytest.raises(BackendUnavailableError):
+                op.choose("my_kernel", key, facts)
+        monkeypatch.setenv("MMFAST_BACKEND", "my_kernel")
+        with pytest.raises(BackendUnavailableError):
+            op.choose(None, key, facts)
+        monkeypatch.setenv("MMFAST_BACKEND", "nope")
+        with pytest.raises(ValueError, match="MMFAST_BACKEND"):
+            op.choose(None, key, facts)
+        monkeypatch.delenv("MMFAST_BACKEND")
+        op.add("my_cpu_kernel", Backend(devices=("cpu",), forward=lambda x: x))
+        with fake_preferences({"toy_choose": {"cpu": {"*": {"order": ["my_cpu_kernel"]}}}}):
+            assert op.choose(None, key, facts) is op.backend("my_cpu_kernel")
+    finally:
+        _REGISTRY.pop("toy_choose", None)
+
+
 def test_a_new_backend_is_one_object_and_one_registration_line():
     calls = []
 

@@ -118,3 +118,23 @@ def test_eager_calls_skip_the_custom_op_dispatcher(device, triton_backend):
     assert seen and not any("mmfast" in name for name in seen), seen
     via_op = _norm_fwd_call.op(x, None, w, b, 1e-5, False)[0]
     torch.testing.assert_close(y, via_op, rtol=0, atol=0)
+
+
+def test_outputs_are_not_views_and_a_double_backward_raises(device, triton_backend):
+    """The rows go to the kernels in the caller's shape (no reshape around the autograd Function): the
+    outputs are plain tensors, modifiable in place like F.layer_norm's, with the same gradients; the
+    backward is once-differentiable (a double backward raises rather than returning wrong values)."""
+    g = torch.Generator().manual_seed(5)
+    x, w, b, r = (torch.randn(*s, generator=g).to(device).requires_grad_() for s in ((2, 3, 16), (16,), (16,), (2, 3, 16)))
+    y = layer_norm(x, w, b, backend=triton_backend)
+    assert y._base is None and y.shape == x.shape
+    y.mul_(2)  # in place on the output, as on F.layer_norm's
+    got = torch.autograd.grad(y.sum(), (x, w, b))
+    want = torch.autograd.grad((2 * layer_norm_reference(x, w, b)).sum(), (x, w, b))
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+    y, s = rms_norm(x, w, residual=r, backend=triton_backend)
+    assert y._base is None and s._base is None
+    gx, = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.sum().backward()

@@ -157,6 +157,25 @@ def test_flce_validation():
         flce(h, w, torch.zeros(4, dtype=torch.long), reduction="avg")
 
 
+@pytest.mark.parametrize("targets, ignore_index, ok", [
+    ([0, 9, -100, 3], -100, True),
+    ([0, 9, 3, 5], 3, True),  # ignore_index inside [0, V)
+    ([0, 12, 12, 5], 12, True),  # ignore_index past V
+    ([0, -1, -100, 5], -100, False),
+    ([0, 10, 3, 5], 3, False),
+    ([-100, -100, -100, -100], -100, True),
+])
+def test_flce_target_range_check(targets, ignore_index, ok):
+    """Targets not ignore_index must lie in [0, V), wherever ignore_index lies."""
+    h, w = torch.randn(4, 8), torch.randn(10, 8)
+    t = torch.tensor(targets)
+    if ok:
+        flce(h, w, t, ignore_index=ignore_index)
+    else:
+        with pytest.raises(ValueError, match="outside"):
+            flce(h, w, t, ignore_index=ignore_index)
+
+
 def test_flce_no_grad_and_3d(device, triton_backend):
     h = torch.randn(2, 7, 19, device=device)
     w = torch.randn(50, 19, device=device)

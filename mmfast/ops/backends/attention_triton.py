@@ -75,14 +75,30 @@ fwd_call = eager_fast(_fwd_op)
 bwd_call = eager_fast(_bwd_op)
 
 
+_MODS: dict = {}
+
+
+def _kernels(name: str):
+    """The kernel module ``name`` (imported on the first call, then a dictionary read)."""
+    mod = _MODS.get(name)
+    if mod is None:
+        mod = _MODS[name] = importlib.import_module(name)
+    return mod
+
+
 def forward(q, k, v, p):
-    out, lse, m_row, il_row = fwd_call(q, k, v, *p_args(p))
-    return out, lse, (m_row, il_row)
+    if torch.compiler.is_compiling():  # the custom op: one opaque node, p flattened into its schema
+        out, lse, m_row, il_row = fwd_call(q, k, v, *p_args(p))
+        return out, lse, (m_row, il_row)
+    # eager: the op's body on the same arguments, without flattening p and rebuilding it
+    return _kernels(_FWD).attn_fwd(q, k, v, p)
 
 
 def backward(dout, q, k, v, out, saved, p):
-    m_row, il_row = saved
-    return bwd_call(dout, q, k, v, out, m_row, il_row, *p_args(p))
+    if torch.compiler.is_compiling():
+        m_row, il_row = saved
+        return bwd_call(dout, q, k, v, out, m_row, il_row, *p_args(p))
+    return _kernels(_FWD + "_bwd").attn_bwd(dout, q, k, v, out, saved, p)
 
 
 class TritonAttention(Backend):
