@@ -76,20 +76,15 @@ class _LeftPadded:
     def __init__(self, llava, rows, pixel, use_cache: bool):
         from transformers import DynamicCache
 
-        from mmfast.models.llava import merge_embeddings
-
         self.llava, self.model, self.use_cache = llava, llava.model, use_cache
         self.ids, self.mask = _pad(rows, llava.pad_token_id, True, llava.device)
-        self.embeds = merge_embeddings(self.model, self.ids, pixel)  # (B, L, D): the images are encoded once
+        self.embeds = llava.embed(self.ids, pixel)  # (B, L, D): the images are encoded once
         self.positions = (self.mask.cumsum(1) - 1).clamp(min=0)  # (B, L): left padding does not shift positions
         self.cache = DynamicCache(config=self.model.config.text_config) if use_cache else None
 
     def _logits(self, ids, position_ids, embeds) -> torch.Tensor:
-        from mmfast.models.llava import forward_hidden
-
-        out = forward_hidden(self.model, ids, self.mask, None, image_attention=self.llava.image_attention,
-                             cache=self.cache, position_ids=position_ids, use_cache=self.use_cache,
-                             inputs_embeds=embeds)
+        out = self.llava.hidden(ids, self.mask, None, cache=self.cache, position_ids=position_ids,
+                                use_cache=self.use_cache, inputs_embeds=embeds)
         return self.model.lm_head(out.last_hidden_state[:, -1])  # (B, V)
 
     def prefill(self) -> torch.Tensor:
@@ -113,21 +108,17 @@ class _RightPadded:
 
     def __init__(self, llava, rows, pixel, max_new_tokens: int):
         from mmfast.models.kv_cache import MmfastKVCache
-        from mmfast.models.llava import merge_embeddings
 
         self.llava, self.model = llava, llava.model
         self.ids, _ = _pad(rows, llava.pad_token_id, False, llava.device)
         self.lens = torch.tensor([len(r) for r in rows], dtype=torch.int32, device=llava.device)  # (B,)
-        self.embeds = merge_embeddings(self.model, self.ids, pixel)  # (B, L, D)
+        self.embeds = llava.embed(self.ids, pixel)  # (B, L, D)
         b, length = self.ids.shape
         self.cache = MmfastKVCache(self.model.config, b, length + max_new_tokens)
 
     def _hidden(self, ids, position_ids, embeds) -> torch.Tensor:
-        from mmfast.models.llava import forward_hidden
-
-        return forward_hidden(self.model, ids, None, None, image_attention=self.llava.image_attention,
-                              cache=self.cache, position_ids=position_ids, use_cache=True,
-                              inputs_embeds=embeds).last_hidden_state  # (B, S, D)
+        return self.llava.hidden(ids, None, None, cache=self.cache, position_ids=position_ids, use_cache=True,
+                                 inputs_embeds=embeds).last_hidden_state  # (B, S, D)
 
     def prefill(self) -> torch.Tensor:
         b, length = self.ids.shape
@@ -145,11 +136,9 @@ class _RightPadded:
 
 def cache_kind(llava, cache: str = "auto", use_cache: bool = True) -> str:
     """``"mmfast"``, ``"dynamic"`` or ``"none"``: the decoding path :func:`generate` takes."""
-    from mmfast.models.llava import _uses_mmfast_attention
-
     if cache not in CACHES:
         raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
-    patched = _uses_mmfast_attention(llava.model)
+    patched = llava.uses_mmfast_attention
     if not use_cache:
         if cache != "auto":
             raise ValueError(f"use_cache=False recomputes every step; it takes no cache={cache!r}")

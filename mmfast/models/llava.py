@@ -120,8 +120,21 @@ class Llava:
                                 batch.get("pixel_values"), image_attention=self.image_attention).last_hidden_state
         return self.model.lm_head(hidden)  # (B, L, V)
 
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with the image features merged in (B, L, D): what generation decodes from."""
+        return merge_embeddings(self.model, input_ids, pixel_values)
+
+    def hidden(self, input_ids, attention_mask=None, pixel_values=None, **kw):
+        """The language model's output (``last_hidden_state``) under this model's image attention."""
+        return forward_hidden(self.model, input_ids, attention_mask, pixel_values,
+                              image_attention=self.image_attention, **kw)
+
+    @property
+    def uses_mmfast_attention(self) -> bool:
+        return _uses_mmfast_attention(self.model)
+
     def generate(self, images, prompts, **kw) -> list[str]:
-        from mmfast.models.generate import generate
+        from mmfast.models.generate import generate  # generation builds on this facade (embed, hidden)
 
         return generate(self, images, prompts, **kw)
 
@@ -317,13 +330,13 @@ class LlavaLossModule(nn.Module):
 
 # --------------------------------------------------------------------------- construction
 def _projector(kind: str, vision_dim: int, text_dim: int):
-    from mmfast.nn.projection import MLPProjector
+    from mmfast.models.llava_projector import projector_from_type
 
     if kind == "identity":
         if vision_dim != text_dim:
             raise ValueError(f"projector 'identity' needs equal widths, got vision {vision_dim} and LLM {text_dim}")
         return nn.Identity()
-    return MLPProjector.from_llava_type(kind, vision_dim, text_dim)
+    return projector_from_type(kind, vision_dim, text_dim)
 
 
 def _set_projector(model, kind: str) -> None:

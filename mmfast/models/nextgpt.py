@@ -21,6 +21,7 @@ LoRA, new-token rows) and, for parts built from configs (random), ``components.s
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -443,9 +444,15 @@ def _load_into(model: NextGPT, sd: dict, src) -> None:
 
 def chat_main(argv: list[str] | None = None) -> int:
     """``mmfast chat`` for a NExT-GPT directory (see :mod:`mmfast.models.nextgpt_generate`)."""
-    from mmfast.models.nextgpt_generate import chat_main as run
+    from mmfast.models.nextgpt_generate import _parser, chat_loop
 
-    return run(argv)
+    a = _parser().parse_args(argv)
+    try:
+        model = load_pretrained(a.model, device=a.device, dtype=a.dtype)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        print(f"mmfast chat: {e}", file=sys.stderr)
+        return 2
+    return chat_loop(model, a)
 
 
 __all__ = ["NextGPT", "build_nextgpt", "chat_main", "list_presets", "load_preset", "load_pretrained"]
