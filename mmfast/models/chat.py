@@ -41,10 +41,10 @@ def reply(llava, conversations: list[dict], image, args) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)  # NExT-GPT's own options (--audio, --out-dir, ...) pass through
-    from mmfast.eval.adapters import detect_kind
+    from mmfast.models.kind import model_kind
 
     try:
-        kind = detect_kind(args.model)
+        kind = model_kind(args.model)
     except (FileNotFoundError, ValueError, TypeError) as e:
         print(f"mmfast chat: {e}", file=sys.stderr)
         return 2
