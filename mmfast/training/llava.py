@@ -147,17 +147,17 @@ def projector_state_llava(proj_state: dict) -> dict:
 
 
 def load_projector(model, path: str) -> None:
-    from mmfast.nn.projection import _hf_to_seq, _strip_prefix
+    from mmfast.models.llava_projector import hf_to_seq, strip_prefix
 
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"--pretrain-mm-projector {p}: file not found")
-    sd = _strip_prefix(torch.load(p, map_location="cpu", weights_only=True))
+    sd = strip_prefix(torch.load(p, map_location="cpu", weights_only=True))
     proj = model.model.multi_modal_projector
     own = proj.state_dict()
     if any(k.startswith("linear_") for k in own):  # HF module: back to linear_k names
         sd = {f"linear_{int(k.split('.')[0]) // 2 + 1}.{k.split('.', 1)[1]}": v for k, v in
-              ((_hf_to_seq(k), v) for k, v in sd.items())}
+              ((hf_to_seq(k), v) for k, v in sd.items())}
     missing, unexpected = proj.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise ValueError(f"{p}: projector weights do not fit this model (missing {missing}, unexpected {unexpected})")
