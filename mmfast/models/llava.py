@@ -372,9 +372,9 @@ def _ensure_image_token(model, tokenizer) -> None:
 def _finish(model, kernels: bool, backend: str | None):
     model.model.vision_tower.requires_grad_(False)
     if kernels:
-        import mmfast
+        from mmfast.models.patch import patch
 
-        mmfast.patch(model, backend=backend)
+        patch(model, backend=backend)
     return model
 
 

@@ -122,9 +122,9 @@ class NextGPT(nn.Module):
         self.decoders.requires_grad_(False)
         self._row_hooks = []
         if kernels:
-            import mmfast
+            from mmfast.models.patch import patch
 
-            mmfast.patch(self.llm, backend=backend)
+            patch(self.llm, backend=backend)
 
     # ---- facts
     @property
@@ -390,10 +390,10 @@ def build_nextgpt(preset: str | dict = "tiny", *, input_projection: str | None =
         model.to(dtype)
     model.to(device)
     if kernels:
-        import mmfast
+        from mmfast.models.patch import patch
 
         model.kernels, model.backend = True, backend
-        mmfast.patch(model.llm, backend=backend)
+        patch(model.llm, backend=backend)
     return model.eval()
 
 
@@ -425,10 +425,10 @@ def load_pretrained(model_dir, device=None, dtype=None, kernels: bool | None = N
         model.to(dtype)
     model.to(device).eval()
     if (device.type == "cuda") if kernels is None else kernels:
-        import mmfast
+        from mmfast.models.patch import patch
 
         model.kernels, model.backend = True, backend
-        mmfast.patch(model.llm, backend=backend)
+        patch(model.llm, backend=backend)
     return model
 
 
