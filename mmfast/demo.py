@@ -73,7 +73,7 @@ def clip_train(ctx: DemoContext) -> dict:
 
 def clip_eval(ctx: DemoContext) -> dict:
     from mmfast.eval import zeroshot as zs
-    from mmfast.models.clip import create_model
+    from mmfast.models.clip.model import create_model
 
     model = create_model(None, pretrained=ctx.clip_run / "final", device="cpu", kernels=False).eval()
     ens = zs.zeroshot_eval(model, ctx.world, "openai_imagenet")
@@ -90,7 +90,7 @@ STAGES: list[Stage] = [
     Stage("clip_eval", clip_eval, "zero-shot (single vs ensemble) and linear probe"),
 ]
 
-from mmfast import demo_llava  # its stages only; heavy imports happen inside them
+from mmfast.models.llava import demo as demo_llava  # its stages only; heavy imports happen inside them
 
 STAGES += [
     Stage("llava_stage1", demo_llava.llava_stage1, "tiny LLaVA stage 1 (projector, plain), ZeRO-2"),
@@ -99,7 +99,7 @@ STAGES += [
     Stage("pope", demo_llava.pope, "POPE random / popular / adversarial on the tiny LLaVA"),
 ]
 
-from mmfast import demo_nextgpt
+from mmfast.models.nextgpt import demo as demo_nextgpt
 
 STAGES += [
     Stage("nextgpt_stage1", demo_nextgpt.nextgpt_stage1, "tiny NExT-GPT stage 1 (input projection), ZeRO-2"),

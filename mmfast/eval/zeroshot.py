@@ -136,7 +136,7 @@ def resolve_templates(spec: str) -> list[str]:
 
 # --------------------------------------------------------------------------- features
 def _load_model(model_path: str, arch: str | None, device: str, kernels: bool = False):
-    from mmfast.models.clip import create_model
+    from mmfast.models.clip.model import create_model
 
     model = create_model(arch, pretrained=model_path, device=device, kernels=kernels)
     model.eval()
@@ -146,7 +146,7 @@ def _load_model(model_path: str, arch: str | None, device: str, kernels: bool = 
 @torch.no_grad()
 def image_features(model, files: list[Path], batch_size: int = 256, device: str = "cpu") -> torch.Tensor:
     """Normalised image embeddings (N, E) with the model's eval transform."""
-    from mmfast.models.clip import get_transforms
+    from mmfast.models.clip.model import get_transforms
 
     tf = get_transforms(model, is_train=False)
     dtype = next(model.parameters()).dtype
@@ -160,7 +160,7 @@ def image_features(model, files: list[Path], batch_size: int = 256, device: str 
 @torch.no_grad()
 def zeroshot_classifier(model, classes: list[str], templates: list[str], device: str = "cpu") -> torch.Tensor:
     """(E, C): per class, the mean of the normalised template embeddings, renormalised."""
-    from mmfast.models.clip import get_tokenizer
+    from mmfast.models.clip.model import get_tokenizer
 
     tok = get_tokenizer(model)
     cols = []

@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def reply(llava, conversations: list[dict], image, args) -> str:
-    from mmfast.models.llava_templates import format_conversation
+    from mmfast.models.llava.templates import format_conversation
 
     prompt = format_conversation(conversations, llava.template)
     return llava.generate([image], [prompt], max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mmfast chat: {e}", file=sys.stderr)
         return 2
     if kind == "nextgpt":
-        from mmfast.models import nextgpt
+        from mmfast.models.nextgpt import model as nextgpt
 
         return int(nextgpt.chat_main(argv) or 0)
     if extra:
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     if kind not in ("llava", "llava-hf"):
         print(f"mmfast chat: {args.model} holds a {kind!r} model; chat knows llava and nextgpt", file=sys.stderr)
         return 2
-    from mmfast.models.llava import load_pretrained
+    from mmfast.models.llava.model import load_pretrained
     from mmfast.utils.io import open_image
 
     try:

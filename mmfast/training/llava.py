@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from mmfast.data.llava import load_llava_json
-from mmfast.models import llava as ml
+from mmfast.models.llava import model as ml
 from mmfast.training import engine as E
 
 DEFAULTS = {1: {"template": "plain", "ds": "zero2", "lr": 1e-3}, 2: {"template": None, "ds": "zero3", "lr": 2e-5}}
@@ -147,7 +147,7 @@ def projector_state_llava(proj_state: dict) -> dict:
 
 
 def load_projector(model, path: str) -> None:
-    from mmfast.models.llava_projector import hf_to_seq, strip_prefix
+    from mmfast.models.llava.projector import hf_to_seq, strip_prefix
 
     p = Path(path)
     if not p.is_file():
@@ -255,7 +255,7 @@ def save_outputs(args, llava, state, run) -> None:
 
 @E.entry
 def main(argv=None) -> int:
-    from mmfast.models.llava_data import LlavaSupervisedDataset, modality_grouped_order
+    from mmfast.models.llava.data import LlavaSupervisedDataset, modality_grouped_order
     from mmfast.training.data import ResumableBatches
 
     args = parse_args(argv)

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from mmfast.models import nextgpt as ng
-from mmfast.models import nextgpt_data as nd
+from mmfast.models.nextgpt import data as nd
+from mmfast.models.nextgpt import model as ng
 from mmfast.training import engine as E
 from mmfast.utils.io import read_json
 

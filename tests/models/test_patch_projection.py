@@ -122,7 +122,7 @@ def test_hf_clip_layer_norms(triton_backend):
         # the loss plus a term on the embeddings, so the heads' gradients see more than the logits
         return out.loss + (out.image_embeds[:, :5] * out.text_embeds[:, :5]).sum()
 
-    from mmfast.models.patch_rules_projection import hf_clip_towers_carry_projections
+    from mmfast.models.patch.projection import hf_clip_towers_carry_projections
 
     heads = [] if hf_clip_towers_carry_projections() else ["clip.linear_l2_normalize"]
     _compare(model, run, triton_backend, ["layer_norm", *heads])
@@ -181,7 +181,7 @@ def test_open_clip_linear_text_head(triton_backend):
 
 
 def test_mlp_projector_loads_both_layouts(triton_backend):
-    from mmfast.models.llava_projector import projector_from_state_dict, projector_from_type
+    from mmfast.models.llava.projector import projector_from_state_dict, projector_from_type
 
     torch.manual_seed(0)
     seq = torch.nn.Sequential(torch.nn.Linear(19, 40), torch.nn.GELU(), torch.nn.Linear(40, 40))

@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mmfast.models import nextgpt_data as nd
-from mmfast.models import nextgpt_decoders as ndec
-from mmfast.models import nextgpt_encoders as nenc
+from mmfast.models.nextgpt import data as nd
+from mmfast.models.nextgpt import decoders as ndec
+from mmfast.models.nextgpt import encoders as nenc
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "nextgpt"
+PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "nextgpt"
 TRAINABLE_FILE, COMPONENTS_FILE = "trainable.safetensors", "components.safetensors"
 
 
@@ -57,7 +57,7 @@ def _build_llm(spec):
         llm = AutoModelForCausalLM.from_pretrained(spec, local_files_only=True)
         tok = AutoTokenizer.from_pretrained(spec, local_files_only=True)
         return llm, tok, False
-    from mmfast.models import llava
+    from mmfast.models.llava import model as llava
 
     pre = llava.load_preset(spec)  # reuse the LLaVA preset's LLM config and tiny tokenizer
     tok = AutoTokenizer.from_pretrained(str(llava.PRESET_DIR / pre["tokenizer"]), local_files_only=True)
@@ -70,7 +70,7 @@ def _llm_of_llava(path):
     """The language model (+ LM head) and tokenizer of a llava-hf directory (e.g. the demo's tuned LLaVA)."""
     from transformers import AutoModelForCausalLM
 
-    from mmfast.models.llava import load_pretrained as load_llava
+    from mmfast.models.llava.model import load_pretrained as load_llava
 
     lv = load_llava(path, device="cpu", kernels=False)
     llm = AutoModelForCausalLM.from_config(lv.model.config.text_config)
@@ -136,7 +136,7 @@ class NextGPT(nn.Module):
         return self.encoders["image"].image_size
 
     def media_loader(self, root=None) -> nd.MediaLoader:
-        from mmfast.models.llava_data import ImageProcessor
+        from mmfast.models.llava.data import ImageProcessor
 
         return nd.MediaLoader(root, ImageProcessor(self.image_size, aspect="resize"),
                               int(self.cfg["encoders"].get("video_frames", 4)),
@@ -307,13 +307,13 @@ class NextGPT(nn.Module):
     # ---- inference (mmfast.models.nextgpt_generate)
     def generate(self, text: str, images=None, audios=None, videos=None, **kw) -> dict:
         """Greedy reply to ``text`` (+ media); signal-token runs are decoded to media (files under ``out_dir``)."""
-        from mmfast.models.nextgpt_generate import generate
+        from mmfast.models.nextgpt.generate import generate
 
         return generate(self, text, images, audios, videos, **kw)
 
     def answer(self, images, questions, max_new_tokens: int = 16) -> list[str]:
         """One greedy text answer per (image, question); the evaluation adapters' contract."""
-        from mmfast.models.nextgpt_generate import answer
+        from mmfast.models.nextgpt.generate import answer
 
         return answer(self, images, questions, max_new_tokens)
 
@@ -444,7 +444,7 @@ def _load_into(model: NextGPT, sd: dict, src) -> None:
 
 def chat_main(argv: list[str] | None = None) -> int:
     """``mmfast chat`` for a NExT-GPT directory (see :mod:`mmfast.models.nextgpt_generate`)."""
-    from mmfast.models.nextgpt_generate import _parser, chat_loop
+    from mmfast.models.nextgpt.generate import _parser, chat_loop
 
     a = _parser().parse_args(argv)
     try:

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmfast.models import nextgpt_data as nd
-from mmfast.models import nextgpt_decoders as ndec
+from mmfast.models.nextgpt import data as nd
+from mmfast.models.nextgpt import decoders as ndec
 
 
 def _media_tensors(model, images, audios, videos) -> dict:

@@ -25,8 +25,8 @@ import torch
 
 KINDS = ("attention", "norm", "projection", "loss")
 
-RULE_MODULES = ("mmfast.models.patch_rules_attention", "mmfast.models.patch_rules_projection",
-                "mmfast.models.patch_rules_llama")
+RULE_MODULES = ("mmfast.models.patch.attention", "mmfast.models.patch.projection",
+                "mmfast.models.patch.llama")
 
 # Attributes set on a patched model (plain attributes, not submodules or buffers: no state dict change).
 _UNDOS_ATTR = "_mmfast_patch_undos"  # list[(rule name, undo)]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from mmfast.models.llava_templates import IMAGE_TOKEN, get_template
+from mmfast.models.llava.templates import IMAGE_TOKEN, get_template
 
 CACHES = ("auto", "mmfast", "dynamic")
 

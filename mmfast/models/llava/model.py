@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mmfast.models.llava_data import CLIP_MEAN, CLIP_STD, ImageProcessor, collate
-from mmfast.models.llava_templates import (
+from mmfast.models.llava.data import CLIP_MEAN, CLIP_STD, ImageProcessor, collate
+from mmfast.models.llava.templates import (
     IGNORE_INDEX,
     IMAGE_TOKEN,
     format_conversation,
@@ -35,7 +35,7 @@ from mmfast.models.llava_templates import (
     tokenize_conversation,
 )
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "llava"
+PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "llava"
 SELECT_FEATURES = {"patch": "default", "cls_patch": "full", "full": "full"}
 NATIVE_PROJECTOR = "mlp2x_gelu"
 PREFIX_KWARG = "mmfast_prefix_len"  # reaches mmfast's attention through transformers' **kwargs
@@ -134,7 +134,7 @@ class Llava:
         return _uses_mmfast_attention(self.model)
 
     def generate(self, images, prompts, **kw) -> list[str]:
-        from mmfast.models.generate import generate  # generation builds on this facade (embed, hidden)
+        from mmfast.models.llava.generate import generate  # generation builds on this facade (embed, hidden)
 
         return generate(self, images, prompts, **kw)
 
@@ -330,7 +330,7 @@ class LlavaLossModule(nn.Module):
 
 # --------------------------------------------------------------------------- construction
 def _projector(kind: str, vision_dim: int, text_dim: int):
-    from mmfast.models.llava_projector import projector_from_type
+    from mmfast.models.llava.projector import projector_from_type
 
     if kind == "identity":
         if vision_dim != text_dim:
@@ -394,7 +394,7 @@ def build_llava(vision: str = "tiny", llm: str | None = None, projector: str | N
 
     if seed is not None:
         torch.manual_seed(seed)
-    from mmfast.models import llava_vision
+    from mmfast.models.llava import vision as llava_vision
 
     vpath = Path(vision)
     preset = None if vpath.is_dir() else load_preset(vision)

@@ -55,7 +55,7 @@ class ImageEncoder(nn.Module):
         """A local CLIP / CLIP-vision directory, or an open_clip export (``open_clip_config.json``)."""
         from transformers import CLIPVisionModel
 
-        from mmfast.models import llava_vision
+        from mmfast.models.llava import vision as llava_vision
 
         d = Path(path)
         if not d.is_dir():

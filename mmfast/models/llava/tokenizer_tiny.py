@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-TINY_TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "configs" / "llava" / "tokenizer-tiny"
+TINY_TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "configs" / "llava" / "tokenizer-tiny"
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
 IMAGE_TOKEN = "<image>"
 VOCAB_SIZE = 1024
@@ -27,7 +27,7 @@ def world_texts(n_images: int = 400, seed: int = 0) -> list[str]:
     from mmfast.data.synthetic import make_world
     from mmfast.eval.pope import DEFAULT_TEMPLATE
     from mmfast.eval.pope_poll import LLAVA_SUFFIX
-    from mmfast.models.llava_templates import TEMPLATES, format_conversation
+    from mmfast.models.llava.templates import TEMPLATES, format_conversation
 
     texts: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
