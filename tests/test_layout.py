@@ -1,0 +1,169 @@
+"""The library's import graph: no circles, and no arrow from a lower layer to a higher one.
+
+Every ``import`` / ``from ... import`` statement in ``mmfast/`` counts, wherever it stands: at the top
+of a module, inside a function (a lazy import is still a dependency, and a circle through one is still a
+circle), or under ``TYPE_CHECKING``. Strings are not imports: the command router (``mmfast.cli``) and the
+package's lazy name table (``mmfast.__init__``) name their targets as strings, and are checked below only
+for pointing at modules that exist.
+
+Layers, lowest first; a module may import its own layer (without a circle) and the layers below:
+
+    0  mmfast (the package root: ``__version__`` and a name table), utils
+    1  ops, distributed, data
+    2  nn, compat (drop-in surfaces of other libraries over ops)
+    3  models (the systems, their shared pieces, the patch table and rules)
+    4  eval, training (the engine and its recipes), bench, testing
+    5  apps: cli, the demo orchestrator and each system's demo stage (``*.demo``), build tools
+"""
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "mmfast"
+
+LAYERS = {
+    "": 0, "utils": 0,
+    "ops": 1, "distributed": 1, "data": 1,
+    "nn": 2, "compat": 2,
+    "models": 3,
+    "eval": 4, "training": 4, "bench": 4, "testing": 4,
+    "cli": 5, "demo": 5,
+}
+APP = 5
+# Build tools: scripts that write a committed file, run by hand; nothing in the library imports them.
+TOOLS = {"mmfast.models.llava.tokenizer_tiny"}
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for p in sorted(PKG.rglob("*.py")):
+        parts = list(p.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        mods[".".join(parts)] = p
+    return mods
+
+
+MODULES = _modules()
+
+
+def _resolve(name: str) -> str | None:
+    while name and name not in MODULES:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def _imports(mod: str, path: Path) -> set[str]:
+    """The mmfast modules that ``mod`` imports (any statement, any depth)."""
+    is_pkg = path.name == "__init__.py"
+    base = mod if is_pkg else mod.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = base.split(".")
+                parts = parts[: len(parts) - (node.level - 1)]
+                src = ".".join(parts + ([node.module] if node.module else []))
+            else:
+                src = node.module or ""
+            # ``from pkg import submodule`` depends on the submodule; ``from mod import name`` on mod.
+            names = [f"{src}.{a.name}" if f"{src}.{a.name}" in MODULES else src for a in node.names]
+        else:
+            continue
+        for n in names:
+            if n == "mmfast" or n.startswith("mmfast."):
+                target = _resolve(n)
+                if target and target != mod:
+                    out.add(target)
+    return out
+
+
+GRAPH = {m: _imports(m, p) for m, p in MODULES.items()}
+
+
+def layer(mod: str) -> int:
+    parts = mod.split(".")
+    if mod in TOOLS or parts[-1] == "demo" or parts[-1].startswith("demo_"):
+        return APP
+    top = parts[1] if len(parts) > 1 else ""
+    if top not in LAYERS:
+        raise AssertionError(f"{mod}: mmfast/{top} has no layer; add it to LAYERS in tests/test_layout.py")
+    return LAYERS[top]
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+    counter = [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_circles():
+    cycles = _cycles(GRAPH)
+    detail = [" <-> ".join(c) + "\n    " + "\n    ".join(
+        f"{a} -> {b}" for a in c for b in sorted(GRAPH[a]) if b in c) for c in cycles]
+    assert not cycles, "import circles in mmfast/:\n" + "\n".join(detail)
+
+
+def test_no_arrow_runs_up():
+    up = [f"{a} (layer {layer(a)}) -> {b} (layer {layer(b)})"
+          for a in sorted(GRAPH) for b in sorted(GRAPH[a]) if layer(b) > layer(a)]
+    assert not up, "imports from a lower layer to a higher one:\n" + "\n".join(up)
+
+
+def test_every_module_has_a_layer():
+    for m in MODULES:
+        layer(m)
+
+
+def test_the_graph_sees_lazy_imports():
+    # A function-level import counts: the facade's generate() reaches the generation loop lazily.
+    assert "mmfast.models.llava.generate" in GRAPH["mmfast.models.llava.model"]
+
+
+@pytest.mark.parametrize("target", sorted(
+    {t for t, _ in importlib.import_module("mmfast.cli").COMMANDS.values()}
+    | set(importlib.import_module("mmfast")._LAZY.values())))
+def test_string_targets_exist(target):
+    mod, _, attr = target.partition(":")
+    assert mod in MODULES, f"{target}: no module {mod}"
+    if attr:
+        tree = ast.parse(MODULES[mod].read_text())
+        names = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        names |= {a.asname or a.name for n in tree.body if isinstance(n, ast.ImportFrom) for a in n.names}
+        assert attr in names, f"{target}: {mod} defines no {attr}"
+    assert importlib.util.find_spec(mod) is not None
