@@ -51,6 +51,7 @@ def _modules() -> dict[str, Path]:
 
 
 MODULES = _modules()
+EXTENSIONS = {"mmfast._C"}  # compiled from csrc/ by setup.py (absent until built)
 
 
 def _resolve(name: str) -> str | None:
@@ -87,6 +88,48 @@ def _imports(mod: str, path: Path) -> set[str]:
 
 
 GRAPH = {m: _imports(m, p) for m, p in MODULES.items()}
+
+
+def _defined(mod: str) -> set[str]:
+    """Names a module offers: top-level definitions and imports, and every string constant (lazy name tables)."""
+    tree = ast.parse(MODULES[mod].read_text())
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for t in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                names |= {n.id for n in ast.walk(t) if isinstance(n, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    names |= {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    return names
+
+
+def _dangling() -> list[str]:
+    """Imports of mmfast modules or names that do not exist (a moved module left behind in an import)."""
+    bad = []
+    for mod, path in MODULES.items():
+        base = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                bad += [f"{mod}: import {a.name}" for a in node.names
+                        if a.name.startswith("mmfast") and a.name not in MODULES]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    parts = base.split(".")
+                    src = ".".join(parts[: len(parts) - (node.level - 1)] + ([node.module] if node.module else []))
+                else:
+                    src = node.module or ""
+                if not (src == "mmfast" or src.startswith("mmfast.")):
+                    continue
+                if src not in MODULES:
+                    bad.append(f"{mod}: from {src} import ...")
+                    continue
+                bad += [f"{mod}: from {src} import {a.name}" for a in node.names
+                        if a.name != "*" and f"{src}.{a.name}" not in MODULES.keys() | EXTENSIONS
+                        and a.name not in _defined(src)]
+    return bad
 
 
 def layer(mod: str) -> int:
@@ -143,6 +186,11 @@ def test_no_arrow_runs_up():
     up = [f"{a} (layer {layer(a)}) -> {b} (layer {layer(b)})"
           for a in sorted(GRAPH) for b in sorted(GRAPH[a]) if layer(b) > layer(a)]
     assert not up, "imports from a lower layer to a higher one:\n" + "\n".join(up)
+
+
+def test_imports_point_at_modules_that_exist():
+    bad = _dangling()
+    assert not bad, "imports of mmfast modules or names that do not exist:\n" + "\n".join(bad)
 
 
 def test_every_module_has_a_layer():
