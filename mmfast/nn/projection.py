@@ -1,7 +1,7 @@
 """Projection modules: an MLP projector (LLaVA's shape), the fused LM-head loss and CLIP's normalised head.
 
 Checkpoint layouts (LLaVA's ``mm_projector.*`` and HF's ``multi_modal_projector.linear_k.*``) are the LLaVA
-system's business: :mod:`mmfast.models.llava_projector` builds and loads these modules from them."""
+system's business: :mod:`mmfast.models.llava.projector` builds and loads these modules from them."""
 from __future__ import annotations
 
 import torch

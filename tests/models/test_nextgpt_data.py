@@ -1,4 +1,4 @@
-"""mmfast.models.nextgpt_data: dialogue validation, label masking, media loading and stage builders."""
+"""mmfast.models.nextgpt.data: dialogue validation, label masking, media loading and stage builders."""
 from __future__ import annotations
 
 import pytest

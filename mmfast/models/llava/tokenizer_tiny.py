@@ -6,7 +6,7 @@ directory (``tokenizer.json`` + ``tokenizer_config.json``) with LLaMA's special 
 ``<unk>``, a ``<pad>`` and LLaVA's ``<image>``. Byte-level, so any text round-trips; a BOS is prepended
 like LLaMA's tokenizer does. The committed copy lives in ``mmfast/configs/llava/tokenizer-tiny``:
 
-    python -m mmfast.models.tokenizer_tiny --out mmfast/configs/llava/tokenizer-tiny
+    python -m mmfast.models.llava.tokenizer_tiny --out mmfast/configs/llava/tokenizer-tiny
 """
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def load_tiny_tokenizer(path: str | Path | None = None):
     d = Path(path) if path is not None else TINY_TOKENIZER_DIR
     if not (d / "tokenizer.json").is_file():
         raise FileNotFoundError(f"tiny tokenizer not found in {d} (missing tokenizer.json); build it with "
-                                "python -m mmfast.models.tokenizer_tiny --out DIR")
+                                "python -m mmfast.models.llava.tokenizer_tiny --out DIR")
     return AutoTokenizer.from_pretrained(str(d), local_files_only=True)
 
 

@@ -4,7 +4,7 @@ Every encoder maps a batch of one modality to ``EncoderOutput(tokens (N, P, D), 
 
 * ``ImageEncoder``: a transformers ``CLIPVisionModel`` (patch tokens, post-LN CLS as pooled); built from
   a config (tiny preset), a local CLIP directory, or an open_clip export (the demo's CLIP, converted by
-  :mod:`mmfast.models.llava_vision`).
+  :mod:`mmfast.models.llava.vision`).
 * ``VideoEncoder``: the image encoder over ``frames`` uniformly sampled frames, mean-pooled over time
   (tokens and pooled vector), as NExT-GPT feeds ImageBind's vision branch.
 * ``AudioEncoder``: a transformers ``ASTModel`` over the features of transformers' ``ASTFeatureExtractor``

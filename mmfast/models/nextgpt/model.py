@@ -7,10 +7,10 @@
     out = ng.generate(text="Draw a red cat.", out_dir="gen")   # {"text", "image": [PNG paths], ...}
     ng.save_pretrained(d); load_pretrained(d)
 
-Flow: encoder (frozen, :mod:`nextgpt_encoders`) -> input projection (``linear``: 1 token, ``group``: G
+Flow: encoder (frozen, :mod:`mmfast.models.nextgpt.encoders`) -> input projection (``linear``: 1 token, ``group``: G
 concept tokens) written over the ``<image>``/``<video>``/``<audio>`` placeholders -> LLM (+ LoRA, mmfast
 kernels with ``kernels=True``) -> the signal tokens' last hidden states + their input embeddings ->
-output projection -> decoder conditioning (:mod:`nextgpt_decoders`). Signal tokens ``[IMG0..3]``,
+output projection -> decoder conditioning (:mod:`mmfast.models.nextgpt.decoders`). Signal tokens ``[IMG0..3]``,
 ``[VID0..23]``, ``[AUD0..7]`` are added to the tokenizer; their embedding and LM-head rows train in
 stage 2 (a gradient mask keeps every other row bit-identical).
 
@@ -304,7 +304,7 @@ class NextGPT(nn.Module):
         return self.loss({"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
                           "media": media or {}, "captions": captions or {}})["loss"]
 
-    # ---- inference (mmfast.models.nextgpt_generate)
+    # ---- inference (mmfast.models.nextgpt.generate)
     def generate(self, text: str, images=None, audios=None, videos=None, **kw) -> dict:
         """Greedy reply to ``text`` (+ media); signal-token runs are decoded to media (files under ``out_dir``)."""
         from mmfast.models.nextgpt.generate import generate
@@ -443,7 +443,7 @@ def _load_into(model: NextGPT, sd: dict, src) -> None:
 
 
 def chat_main(argv: list[str] | None = None) -> int:
-    """``mmfast chat`` for a NExT-GPT directory (see :mod:`mmfast.models.nextgpt_generate`)."""
+    """``mmfast chat`` for a NExT-GPT directory (see :mod:`mmfast.models.nextgpt.generate`)."""
     from mmfast.models.nextgpt.generate import _parser, chat_loop
 
     a = _parser().parse_args(argv)
