@@ -2,9 +2,9 @@
 
 Every ``import`` / ``from ... import`` statement in ``mmfast/`` counts, wherever it stands: at the top
 of a module, inside a function (a lazy import is still a dependency, and a circle through one is still a
-circle), or under ``TYPE_CHECKING``. Strings are not imports: the command router (``mmfast.cli``) and the
-package's lazy name table (``mmfast.__init__``) name their targets as strings, and are checked below only
-for pointing at modules that exist.
+circle), or under ``TYPE_CHECKING``. Strings are not imports: the command router (``mmfast.cli``), the
+package's lazy name table (``mmfast.__init__``) and the patch table's rule files (``RULE_MODULES``) name
+their targets as strings, and are checked below only for pointing at modules that exist.
 
 Layers, lowest first; a module may import its own layer (without a circle) and the layers below:
 
@@ -205,7 +205,8 @@ def test_the_graph_sees_lazy_imports():
 
 @pytest.mark.parametrize("target", sorted(
     {t for t, _ in importlib.import_module("mmfast.cli").COMMANDS.values()}
-    | set(importlib.import_module("mmfast")._LAZY.values())))
+    | set(importlib.import_module("mmfast")._LAZY.values())
+    | set(importlib.import_module("mmfast.models.patch").RULE_MODULES)))
 def test_string_targets_exist(target):
     mod, _, attr = target.partition(":")
     assert mod in MODULES, f"{target}: no module {mod}"
