@@ -14,6 +14,10 @@ Layers, lowest first; a module may import its own layer (without a circle) and t
     3  models (the systems, their shared pieces, the patch table and rules)
     4  eval, training (the engine and its recipes), bench, testing
     5  apps: cli, the demo orchestrator and each system's demo stage (``*.demo``), build tools
+
+Inside models, the same rule over tiers: the shared pieces (KV cache, HF attention adapter, ``kind``)
+< the patch table and its rules < clip < llava (its vision tower converts CLIP's) < nextgpt (built on
+LLaVA) < chat (``mmfast chat`` over both).
 """
 from __future__ import annotations
 
@@ -142,6 +146,14 @@ def layer(mod: str) -> int:
     return LAYERS[top]
 
 
+MODEL_TIERS = {"patch": 1, "clip": 2, "llava": 3, "nextgpt": 4, "chat": 5}  # anything else under models: 0
+
+
+def model_tier(mod: str) -> int:
+    parts = mod.split(".")
+    return MODEL_TIERS.get(parts[2], 0) if len(parts) > 2 else 0
+
+
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components with more than one module (Tarjan)."""
     index, low, stack, on, out = {}, {}, [], set(), []
@@ -186,6 +198,13 @@ def test_no_arrow_runs_up():
     up = [f"{a} (layer {layer(a)}) -> {b} (layer {layer(b)})"
           for a in sorted(GRAPH) for b in sorted(GRAPH[a]) if layer(b) > layer(a)]
     assert not up, "imports from a lower layer to a higher one:\n" + "\n".join(up)
+
+
+def test_models_tiers():
+    inside = [m for m in GRAPH if m.startswith("mmfast.models.") and layer(m) == LAYERS["models"]]
+    up = [f"{a} (tier {model_tier(a)}) -> {b} (tier {model_tier(b)})" for a in sorted(inside)
+          for b in sorted(GRAPH[a]) if b in inside and model_tier(b) > model_tier(a)]
+    assert not up, "inside mmfast/models, imports that run up the tiers:\n" + "\n".join(up)
 
 
 def test_imports_point_at_modules_that_exist():
