@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 # worksteal: an idle worker takes queued tests from the other, so the long multi-process tests do not
 # leave one worker waiting at the end.
-PYTEST_ARGS ?= -n 2 --dist worksteal --timeout=900
+PYTEST_ARGS ?= -n 2 --dist worksteal --timeout=900 --durations=30
 
 .PHONY: all install ext test test-fast demo bench gpu-suite lint clean
 

@@ -48,7 +48,10 @@ from mmfast.ops.attention import flash_attn_func, flash_attn_varlen_func
 NAME = "mmfast"
 PREFIX_KWARG = "mmfast_prefix_len"  # model kwarg: (B,) prefix lengths of a prefix-LM mask
 KV_CACHE_KWARG = "mmfast_kv_cache"  # model kwarg: an mmfast.models.kv_cache.MmfastKVCache
-_BACKEND = {"value": None}  # backend forced by `register(backend=...)` / mmfast.patch(..., backend=...)
+_BACKEND = {"value": None}  # backend forced process-wide by `register(backend=...)`
+# Set by mmfast.patch(model, backend=...) on that model's modules: its choice wins over the process-wide one,
+# so two models patched with different backends in one process each keep their own.
+MODULE_BACKEND_ATTR = "_mmfast_attention_backend"
 _QUERY_VALID_ATTR = "_mmfast_query_valid"  # (B, Sq) bool set on masks we build: which query rows are tokens
 _PLANS_ATTR = "_mmfast_plans"  # per-mask cache of the path chosen for it
 PATHS: collections.Counter = collections.Counter()  # calls per path ("full", "varlen", "cu_seqlens", "dense")
@@ -349,6 +352,10 @@ def _run_cu_seqlens(q, k, v, kwargs, causal, op_kwargs):
 
 
 # --------------------------------------------------------------------------- attention function
+def _module_backend(module) -> str | None:
+    return vars(module).get(MODULE_BACKEND_ATTR) if module is not None else None
+
+
 def mmfast_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                              is_causal=None, softcap=None, sliding_window=None, **kwargs):
     """transformers attention interface: query (B, H, Sq, D), key/value (B, Hk, Sk, D) → ((B, Sq, H, D),
@@ -363,7 +370,7 @@ def mmfast_attention_forward(module, query, key, value, attention_mask, dropout:
     window = _window(sliding_window)
     softcap = float(softcap or 0.0)
     op_kwargs = {"dropout_p": float(dropout or 0.0), "softmax_scale": scaling, "window_size": window,
-                 "softcap": softcap, "backend": _BACKEND["value"]}
+                 "softcap": softcap, "backend": _module_backend(module) or _BACKEND["value"]}
     kv_cache = kwargs.get(KV_CACHE_KWARG)
     if kv_cache is not None:
         return _with_kv_cache(module, kv_cache, q, k, v, attention_mask, causal, prefix, op_kwargs), None
@@ -448,17 +455,25 @@ def _prefix_block(allowed, qvalid, prefix):
 
 def register(backend: str | None = None) -> str:
     """Register ``"mmfast"`` with transformers (idempotent); returns the name. ``backend`` forces an mmfast
-    backend for every model using it."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
+    backend for every model using it, except models patched with a backend of their own
+    (``mmfast.patch(model, backend=...)``)."""
     from mmfast.ops._dispatch import check_backend_name
 
     check_backend_name(backend)
     _BACKEND["value"] = backend
+    return register_interfaces()
+
+
+def register_interfaces() -> str:
+    """Register the ``"mmfast"`` attention and mask functions with transformers (idempotent), leaving the
+    process-wide backend as it is; returns the name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
     AttentionInterface.register(NAME, mmfast_attention_forward)
     AttentionMaskInterface.register(NAME, _mask_interface)
     return NAME
 
 
-__all__ = ["KV_CACHE_KWARG", "NAME", "PREFIX_KWARG", "mmfast_attention_forward", "register"]
+__all__ = ["KV_CACHE_KWARG", "MODULE_BACKEND_ATTR", "NAME", "PREFIX_KWARG", "mmfast_attention_forward", "register",
+           "register_interfaces"]

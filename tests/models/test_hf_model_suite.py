@@ -19,9 +19,9 @@ def _tiny_llama_lm():
 
 
 def test_fused_loss_output_keeps_loss_first():
-    """The fused linear-cross-entropy rule returns the loss in the position transformers gives it: first in
-    the ModelOutput (keys, ``to_tuple()``, integer indexing), as with ``return_dict=False``."""
-    model = _tiny_llama_lm()
+    """The fused linear-cross-entropy rule (training mode) returns the loss in the position transformers
+    gives it: first in the ModelOutput (keys, ``to_tuple()``, integer indexing), as with ``return_dict=False``."""
+    model = _tiny_llama_lm().train()  # no dropout in this config: train mode changes no value
     ids = torch.randint(0, 61, (3, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(input_ids=ids, labels=ids)

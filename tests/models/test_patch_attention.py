@@ -247,3 +247,29 @@ def test_causal_mask_check_syncs_once_per_mask():
         mask[0, 1] = 0.0  # edited in place: checked again, and now it is not causal
         assert not mask_is_causal(mask, 7, 7)
         assert mask_is_causal(torch.full((9, 9), float("-inf")).triu(1), 5, 5)  # a causal corner
+
+
+def test_each_patched_model_keeps_its_own_backend(monkeypatch, triton_backend):
+    """Two HF models patched with different backends in one process: each model's attention calls run on
+    the backend given to its own patch (once, a later patch's backend overrode every earlier model's:
+    a 'reference' model then ran the Triton interpreter, ~40x slower), and the process-wide
+    ``register(backend=...)`` applies to models patched without one."""
+    import mmfast.models.hf_attention as hfa
+
+    seen = []
+    real = hfa.flash_attn_func
+    monkeypatch.setattr(hfa, "flash_attn_func", lambda *a, **k: seen.append(k.get("backend")) or real(*a, **k))
+    monkeypatch.setitem(hfa._BACKEND, "value", None)
+    torch.manual_seed(0)
+    models = {b: transformers.LlamaForCausalLM(_llama_config()).eval() for b in ("reference", triton_backend, None)}
+    ids = torch.randint(0, 96, (1, 7))
+    for backend, model in models.items():
+        mmfast.patch(model, kinds=("attention",), backend=backend)
+    hfa.register(backend="reference")  # process-wide: only models without a backend of their own take it
+    with torch.no_grad():
+        for backend, model in models.items():
+            seen.clear()
+            model(input_ids=ids)
+            assert seen == [backend or "reference"] * 2, (backend, seen)  # one call per layer
+        mmfast.unpatch(models[triton_backend])
+        assert all(hfa.MODULE_BACKEND_ATTR not in vars(m) for m in models[triton_backend].modules())

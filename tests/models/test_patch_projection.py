@@ -88,6 +88,29 @@ def test_llama_num_items_and_no_labels(triton_backend):
         torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=2e-5, atol=2e-5)
 
 
+def test_llama_eval_mode_keeps_logits(triton_backend):
+    """In eval mode the loss rule steps aside: logits and loss are the unpatched model's (evaluation loops
+    and metrics read the logits); back in training mode the fused loss runs and the logits are empty."""
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(_llama_config())
+    ref = copy.deepcopy(model).eval()
+    ids = torch.randint(0, 97, (2, 9))
+    labels = ids.clone()
+    labels[1, :3] = -100
+    mmfast.patch(model, kinds=("loss",), backend=triton_backend)
+    model.eval()
+    with torch.no_grad():
+        out, ref_out = model(input_ids=ids, labels=labels), ref(input_ids=ids, labels=labels)
+        tup = model(input_ids=ids, labels=labels, return_dict=False)
+    assert out.logits.shape == (2, 9, 97)
+    assert torch.equal(out.logits, ref_out.logits) and torch.equal(out.loss, ref_out.loss)
+    assert torch.equal(tup[0], ref_out.loss) and torch.equal(tup[1], ref_out.logits)
+    model.train()
+    out = model(input_ids=ids, labels=labels)
+    assert out.logits.shape == (2, 9, 0)
+    torch.testing.assert_close(out.loss, ref_out.loss, rtol=2e-5, atol=2e-6)
+
+
 def test_llava_projector_norms_loss(triton_backend):
     torch.manual_seed(0)
     config = transformers.LlavaConfig(

@@ -24,17 +24,25 @@ def _hf_configs(model):
 
 
 def _patch_hf(model: torch.nn.Module):
-    from mmfast.models.hf_attention import NAME, register
+    from mmfast.models.hf_attention import MODULE_BACKEND_ATTR, NAME, register_interfaces
 
     if not hasattr(model, "set_attn_implementation"):
         return None
-    register(backend_of(model))
+    register_interfaces()
+    # The model's own backend rides on its modules (transformers hands the attention module to the
+    # attention function), not on a process-wide setting another model's patch would overwrite.
+    backend = backend_of(model)
+    marked = [m for m in model.modules()] if backend is not None else []
+    for m in marked:
+        object.__setattr__(m, MODULE_BACKEND_ATTR, backend)
     saved = [(c, c._attn_implementation) for c in _hf_configs(model)]
     model.set_attn_implementation(NAME)
 
     def undo():
         for config, impl in saved:
             config._attn_implementation = impl
+        for m in marked:
+            vars(m).pop(MODULE_BACKEND_ATTR, None)
 
     return undo
 

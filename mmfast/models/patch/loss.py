@@ -1,11 +1,14 @@
 """Patch rules for the loss family (the same instance-level ``forward`` mechanism as every rule file).
 
-* ``causal_lm.fused_linear_cross_entropy`` (loss): when ``labels`` are given, the model's own forward
-  runs with ``labels=None`` while its ``lm_head`` computes the shifted-label loss with
-  :func:`fused_linear_cross_entropy` *inside the head's forward* and returns it as the head's output
-  (so a DeepSpeed ZeRO-3 partitioned head weight is gathered then, and again in the backward); the
-  model's output gets that loss and an empty ``(B, S, 0)`` logits tensor.
-  Same label shift, ``ignore_index=-100``, ``num_items_in_batch`` and final-logit softcap as HF.
+* ``causal_lm.fused_linear_cross_entropy`` (loss): in training mode (``model.training``), when ``labels``
+  are given, the model's own forward runs with ``labels=None`` while its ``lm_head`` computes the
+  shifted-label loss with :func:`fused_linear_cross_entropy` *inside the head's forward* and returns it
+  as the head's output (so a DeepSpeed ZeRO-3 partitioned head weight is gathered then, and again in
+  the backward); the model's output gets that loss and an empty ``(B, S, 0)`` logits tensor (a tensor,
+  not ``None``, so ``return_dict=False`` tuples keep their positions). A training step never reads the
+  logits; anything that does (evaluation loops, metrics, transformers' own output tests) runs in eval
+  mode, where the model computes its logits and loss exactly as unpatched. Same label shift,
+  ``ignore_index=-100``, ``num_items_in_batch`` and final-logit softcap as HF.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ def _patch_causal_lm_loss(model: torch.nn.Module):
 
     def forward(*args, **kwargs):
         labels = kwargs.get("labels")
-        if labels is None or kwargs.get("logits_to_keep", 0) not in (0, None):
+        if not model.training or labels is None or kwargs.get("logits_to_keep", 0) not in (0, None):
             return orig(*args, **kwargs)
         shift_labels = kwargs.pop("shift_labels", None)
         n_items = kwargs.get("num_items_in_batch")
