@@ -6,7 +6,7 @@ One step encodes ``--n`` images (mode ``images``) or texts (mode ``texts``) in b
 
 * ``open_clip``: ``create_model(..., kernels=False)`` (open_clip's own modules), a loop of
   ``model.encode_image(x, normalize=True)`` / ``encode_text`` over the batches; bf16 autocast on CUDA;
-* ``mmfast``: ``create_model(..., kernels=True)`` through :func:`mmfast.models.clip_encode.encode_images` /
+* ``mmfast``: ``create_model(..., kernels=True)`` through :func:`mmfast.models.clip.encode.encode_images` /
   ``encode_texts`` as users call them (``kernels="auto"``: ``mmfast.patch``'s rules — mmfast attention,
   LayerNorm, fused projection + L2 norm — on CUDA; on CPU the call runs without them, measured faster
   there); bf16 autocast on CUDA, fp32 on CPU;
@@ -38,7 +38,7 @@ PROVIDERS = ("open_clip", "mmfast", "mmfast-kernels")
 def _setup(name: str):
     def setup(case: dict, mode: str):
         from mmfast.models.clip import create_model, get_tokenizer
-        from mmfast.models.clip_encode import encode_images, encode_texts
+        from mmfast.models.clip.encode import encode_images, encode_texts
 
         device, n = case["device"], case["n"]
         torch.manual_seed(0)

@@ -109,7 +109,7 @@ def _setup(name: str, shared: dict):
                                          do_sample=False, eos_token_id=None, pad_token_id=pad, **extra)
                 return out[:, ids.shape[1]:].tolist()
         else:
-            from mmfast.models.llava import merge_embeddings
+            from mmfast.models.llava.model import merge_embeddings
             from mmfast.models.serving import ServingEngine
 
             width = max(len(r) for r in rows)

@@ -31,7 +31,7 @@ def _setup(kernels: bool):
     def setup(case: dict, mode: str):
         import open_clip
 
-        from mmfast.models.clip import create_model, get_tokenizer
+        from mmfast.models.clip.model import create_model, get_tokenizer
 
         device, b = case["device"], case["batch"]
         torch.manual_seed(0)

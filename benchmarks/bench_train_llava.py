@@ -45,7 +45,7 @@ def _liger():
 def build_model(shape: str, layers: int, kernels: bool, device: str, dtype, vision_layers: int | None = None,
                 liger: bool = False):
     """(HF LLaVA model, vision image size, image tokens per image, text vocab)."""
-    from mmfast.models import llava as ml
+    from mmfast.models.llava import model as ml
 
     if liger:  # class-level patch of transformers' LLaMA, before the model is built
         apply, _ = _liger()
@@ -80,7 +80,7 @@ def build_model(shape: str, layers: int, kernels: bool, device: str, dtype, visi
 
 def _liger_loss(model, batch):
     """LLaVA's next-token loss with Liger's fused linear cross-entropy (no logits), as ``llava_loss``."""
-    from mmfast.models import llava as ml
+    from mmfast.models.llava import model as ml
 
     _, LCE = _liger()
     hidden = ml.forward_hidden(model, batch["input_ids"], batch.get("attention_mask"),
@@ -93,7 +93,7 @@ def _liger_loss(model, batch):
 
 def _setup(kernels: bool, liger: bool = False):
     def setup(case: dict, mode: str):
-        from mmfast.models import llava as ml
+        from mmfast.models.llava import model as ml
 
         device, b, seq = case["device"], case["batch"], case["seq"]
         dtype = torch.bfloat16 if case["dtype"] == "bf16" else torch.float32

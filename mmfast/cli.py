@@ -22,7 +22,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("eval", "linear-probe"): ("mmfast.eval.zeroshot:linear_probe_main", "linear probe on frozen features"),
     ("eval", "pope", "build"): ("mmfast.eval.pope:build_main", "build POPE question files"),
     ("eval", "pope", "score"): ("mmfast.eval.pope:score_main", "score POPE answers"),
-    ("eval", "pope"): ("mmfast.eval.pope:poll_main", "poll a model on POPE questions"),
+    ("eval", "pope"): ("mmfast.eval.pope_poll:main", "poll a model on POPE questions"),
     ("eval", "chair"): ("mmfast.eval.chair:main", "CHAIR_i / CHAIR_s of captions"),
     ("chat",): ("mmfast.models.chat:main", "chat with a LLaVA or NExT-GPT model"),
     ("demo",): ("mmfast.demo:main", "the main job on the embedded synthetic world"),

@@ -2,10 +2,9 @@
 
 Each :class:`Stage` gets the shared :class:`DemoContext` and returns summary keys; after every stage
 the summary is merged into ``OUT/summary.json`` (atomically, keeping keys other stages wrote), so a
-later part (LLaVA, POPE, NExT-GPT) only appends its stages to :data:`STAGES`.
-
-CLIP part: generate the world, train the tiny CLIP with DeepSpeed ZeRO-2 on 2 processes, then
-zero-shot (single template vs the 80-template ensemble) and a linear probe on the held-out split.
+later part (LLaVA, POPE, NExT-GPT) only appends its stages to :data:`STAGES`. The stages live beside
+their systems: ``mmfast/models/clip/demo.py``, ``llava/demo.py``, ``nextgpt/demo.py``; this module is the
+orchestrator (context, stage table, summary, command line).
 
     mmfast demo [--out runs/demo] [--only clip_world,clip_train,clip_eval] [--steps N]
 """
@@ -19,6 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mmfast.models.clip import demo as demo_clip
+from mmfast.models.llava import demo as demo_llava
+from mmfast.models.nextgpt import demo as demo_nextgpt
 from mmfast.utils.io import atomic_write_json
 
 
@@ -44,53 +46,13 @@ class Stage:
     help: str = ""
 
 
-# --------------------------------------------------------------------------- CLIP stages
-def clip_world(ctx: DemoContext) -> dict:
-    from mmfast.data.synthetic import make_world
-
-    s = make_world(ctx.world, ctx.args.images, ctx.args.image_size, ctx.args.seed, media=False)
-    return {"world_images": s["n_train"] + s["n_val"], "world_seconds": s["seconds"]}
-
-
-def clip_train(ctx: DemoContext) -> dict:
-    from mmfast.training.launch import clip_main
-
-    a = ctx.args
-    argv = ["--nproc", str(a.nproc), "--config", a.clip_model, "--data", str(ctx.world), "--out", str(ctx.clip_run),
-            "--deepspeed-config", "zero2", "--steps", str(a.steps), "--batch-size", str(a.batch_size),
-            "--lr", str(a.lr), "--warmup", str(max(1, a.steps // 10)), "--seed", str(a.seed),
-            "--log-every", "10"]
-    t0 = time.perf_counter()
-    rc = clip_main([*argv, "--overwrite"])  # the demo owns its run folders: a rerun starts afresh
-    wall = time.perf_counter() - t0
-    if rc != 0:
-        raise RuntimeError(f"CLIP training failed (exit code {rc}); see the output above")
-    train = json.loads((ctx.clip_run / "train_summary.json").read_text())
-    last = json.loads((ctx.clip_run / "metrics.jsonl").read_text().strip().splitlines()[-1])
-    return {"clip_train_seconds": round(wall, 1), "clip_train_loop_seconds": train["train_seconds"],
-            "clip_train_steps": train["steps"], "clip_final_loss": round(last["loss"], 4)}
-
-
-def clip_eval(ctx: DemoContext) -> dict:
-    from mmfast.eval import zeroshot as zs
-    from mmfast.models.clip import create_model
-
-    model = create_model(None, pretrained=ctx.clip_run / "final", device="cpu", kernels=False).eval()
-    ens = zs.zeroshot_eval(model, ctx.world, "openai_imagenet")
-    single = zs.zeroshot_eval(model, ctx.world, "single")
-    probe = zs.linear_probe(model, ctx.world)
-    return {"clip_zeroshot_top1": round(ens["top1"], 4), "clip_zeroshot_top5": round(ens["top5"], 4),
-            "clip_zeroshot_top1_single_template": round(single["top1"], 4),
-            "clip_linear_probe_top1": round(probe["top1"], 4), "clip_eval_images": ens["n"]}
-
-
+# --------------------------------------------------------------------------- stages, one system after another
+# Each system's stages live beside it (mmfast/models/<system>/demo.py); their heavy imports happen inside them.
 STAGES: list[Stage] = [
-    Stage("clip_world", clip_world, "generate the synthetic world"),
-    Stage("clip_train", clip_train, "train the tiny CLIP, DeepSpeed ZeRO-2"),
-    Stage("clip_eval", clip_eval, "zero-shot (single vs ensemble) and linear probe"),
+    Stage("clip_world", demo_clip.clip_world, "generate the synthetic world"),
+    Stage("clip_train", demo_clip.clip_train, "train the tiny CLIP, DeepSpeed ZeRO-2"),
+    Stage("clip_eval", demo_clip.clip_eval, "zero-shot (single vs ensemble) and linear probe"),
 ]
-
-from mmfast import demo_llava  # its stages only; heavy imports happen inside them
 
 STAGES += [
     Stage("llava_stage1", demo_llava.llava_stage1, "tiny LLaVA stage 1 (projector, plain), ZeRO-2"),
@@ -98,8 +60,6 @@ STAGES += [
     Stage("llava_eval", demo_llava.llava_eval, "held-out questions and yes/no accuracy"),
     Stage("pope", demo_llava.pope, "POPE random / popular / adversarial on the tiny LLaVA"),
 ]
-
-from mmfast import demo_nextgpt
 
 STAGES += [
     Stage("nextgpt_stage1", demo_nextgpt.nextgpt_stage1, "tiny NExT-GPT stage 1 (input projection), ZeRO-2"),

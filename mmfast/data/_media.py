@@ -63,7 +63,7 @@ def write_wav(path: Path, samples: np.ndarray, rate: int = SAMPLE_RATE) -> None:
 
 
 def _video(rng: np.random.Generator, size: int, frames: int) -> tuple[list[Image.Image], str]:
-    from mmfast.data.synthetic import CLASSES, class_prior
+    from mmfast.data._world import CLASSES, class_prior
 
     bg = tuple(int(c) for c in rng.integers(0, 256, size=3))
     n = 1 + int(rng.random() < 0.4)
@@ -107,7 +107,7 @@ def write_media(
     audio_per_class: int = 4,
     video_frames: int = 8,
 ) -> dict:
-    from mmfast.data.synthetic import CLASSES
+    from mmfast.data._world import CLASSES
 
     t2x_image = []
     for split, items in splits.items():

@@ -84,7 +84,7 @@ def yesno_answer(cls: str, present: bool) -> str:
 
 def write_llava(out: Path, split: str, items: list[tuple[int, str, dict]], seed: int) -> None:
     """``llava_instruct_{split}.json`` (4 records per image) and ``llava_pretrain_{split}.json``."""
-    from mmfast.data.synthetic import CLASSES
+    from mmfast.data._world import CLASSES
 
     instruct, pretrain = [], []
     for image_id, rel, scene in items:

@@ -29,21 +29,19 @@ import numpy as np
 from PIL import Image
 
 from mmfast.data import _draw, _text
+from mmfast.data._world import (  # noqa: F401  (the world's classes and priors; re-exported)
+    CLASSES,
+    THEME_NAMES,
+    THEME_P,
+    THEMES,
+    ZIPF_EXPONENT,
+    _theme_weights,
+    class_prior,
+    zipf_prior,
+)
 from mmfast.utils.io import atomic_open, atomic_write_json
 
-CLASSES = _draw.CLASSES
-ZIPF_EXPONENT = 1.0
-THEME_P = 0.85  # probability an object is drawn from its image's theme rather than the global prior
 SUPERSAMPLE = 2  # draw at 2x and downsample: smooth edges keep small icons recognisable
-
-THEMES: dict[str, tuple[list[str], list[tuple[int, int, int]]]] = {
-    "sky": (["star", "moon", "circle", "ring"], [(20, 25, 60), (40, 50, 95), (12, 12, 30)]),
-    "street": (["car", "house", "tree", "arrow"], [(150, 150, 150), (115, 115, 120), (175, 170, 160)]),
-    "garden": (["flower", "tree", "heart", "house"], [(185, 225, 165), (145, 195, 125), (220, 240, 200)]),
-    "table": (["cup", "square", "diamond", "cross"], [(230, 215, 185), (200, 175, 145), (240, 235, 225)]),
-    "pond": (["fish", "flower", "ring", "triangle"], [(150, 200, 235), (105, 165, 210), (195, 225, 245)]),
-}
-THEME_NAMES = list(THEMES)
 N_OBJECTS_P = np.array([0.15, 0.2, 0.25, 0.2, 0.2])  # P(1..5 objects)
 MAIN_SCALE = (0.44, 0.5)  # side of the main object / image side: it fills a 2x2 block of the grid
 OTHER_SCALE = (0.18, 0.3)  # side of each other object / image side: about one cell (5.8-9.6 px in 8)
@@ -55,24 +53,6 @@ OTHER_SCALE = (0.18, 0.3)  # side of each other object / image side: about one c
 # frozen patches, presence AUC 0.93 -> 0.96 (before: small objects on an 8x8 grid of 4-px patches); 0.99 with
 # captions that name every object (``_text.MAIN_CAPTION_P``).
 GRID = 4
-
-
-def zipf_prior() -> np.ndarray:
-    w = 1.0 / np.arange(1, len(CLASSES) + 1) ** ZIPF_EXPONENT
-    return w / w.sum()
-
-
-def _theme_weights(theme: str) -> np.ndarray:
-    z = zipf_prior()
-    mask = np.array([c in THEMES[theme][0] for c in CLASSES], dtype=np.float64)
-    w = z * mask
-    return w / w.sum()
-
-
-def class_prior() -> np.ndarray:
-    """Expected share of objects per class (category-id order) under the generator's mixture."""
-    theme_mix = np.mean([_theme_weights(t) for t in THEME_NAMES], axis=0)
-    return THEME_P * theme_mix + (1 - THEME_P) * zipf_prior()
 
 
 def _bg_word(rgb) -> str:

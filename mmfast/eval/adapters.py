@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from mmfast.models.kind import model_kind, read_model_config
+
 DEFAULT_MAX_NEW_TOKENS = 16
 # LLaVA-1.5's prompt without a chat template (llava-hf checkpoints without one).
 LLAVA_FALLBACK_PROMPT = "USER: <image>\n{question} ASSISTANT:"
@@ -65,30 +67,11 @@ def adapter_kinds() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def read_model_config(model_dir: str | Path) -> dict:
-    from mmfast.utils.io import read_json
-
-    d = Path(model_dir)
-    if not d.is_dir():
-        raise FileNotFoundError(f"model directory not found: {d}")
-    cfg = read_json(d / "config.json", what="model config")
-    if not isinstance(cfg, dict):
-        raise TypeError(f"{d / 'config.json'}: expected a JSON object")
-    return cfg
-
-
 def detect_kind(model_dir: str | Path) -> str:
-    cfg = read_model_config(model_dir)
-    if isinstance(cfg.get("mmfast_adapter"), str):
-        return cfg["mmfast_adapter"]
-    ours = cfg.get("mmfast_model")
-    mt = str(cfg.get("model_type", ""))
-    if ours is None and mt.startswith("mmfast_"):
-        ours = mt[len("mmfast_"):]
-    if ours is not None:
-        return str(ours)
-    if mt == "llava":
-        return "llava-hf"
+    kind = model_kind(model_dir)
+    if kind is not None:
+        return kind
+    mt = str(read_model_config(model_dir).get("model_type", ""))
     raise ValueError(
         f"{Path(model_dir) / 'config.json'}: cannot tell which adapter to use (model_type={mt or None!r}); "
         f"set 'mmfast_adapter' to one of {adapter_kinds()} or pass the kind explicitly"

@@ -9,8 +9,8 @@ Three parts, each usable on its own:
 * ``score`` turns answers into TP/FP/TN/FN, accuracy, precision, recall, F1 and the yes-ratio.
   The default ``parser="pope"`` is the official rule, byte for byte in behaviour, so numbers are
   comparable with published tables.
-* ``poll_main`` (``mmfast eval pope``) asks a model through an adapter (see ``mmfast.eval.adapters``)
-  and lives in ``mmfast.eval.pope_poll``.
+* Polling a model (``mmfast eval pope``, through an adapter, see ``mmfast.eval.adapters``) lives
+  in ``mmfast.eval.pope_poll`` (``main``), which builds on this module.
 
 Question lines: ``{"question_id", "image", "text", "label"}`` (label "yes"/"no").
 """
@@ -392,8 +392,3 @@ def score_main(argv: list[str] | None = None) -> int:
         print(format_counts(results))
     return 0
 
-
-def poll_main(argv: list[str] | None = None) -> int:
-    from mmfast.eval.pope_poll import main
-
-    return main(argv)

@@ -136,7 +136,7 @@ def resolve_templates(spec: str) -> list[str]:
 
 # --------------------------------------------------------------------------- features
 def _load_model(model_path: str, arch: str | None, device: str, kernels: bool = False):
-    from mmfast.models.clip import create_model
+    from mmfast.models.clip.model import create_model
 
     model = create_model(arch, pretrained=model_path, device=device, kernels=kernels)
     model.eval()
@@ -146,8 +146,8 @@ def _load_model(model_path: str, arch: str | None, device: str, kernels: bool = 
 @torch.no_grad()
 def image_features(model, files: list[Path], batch_size: int = 256, device: str = "cpu") -> torch.Tensor:
     """Normalised image embeddings (N, E) with the model's eval transform (batched, with a progress bar and
-    images/s in the log: :func:`mmfast.models.clip_encode.encode_images`)."""
-    from mmfast.models.clip_encode import encode_images
+    images/s in the log: :func:`mmfast.models.clip.encode.encode_images`)."""
+    from mmfast.models.clip.encode import encode_images
 
     return encode_images(model, list(files), batch_size=batch_size, device=device)
 
@@ -155,7 +155,7 @@ def image_features(model, files: list[Path], batch_size: int = 256, device: str 
 @torch.no_grad()
 def zeroshot_classifier(model, classes: list[str], templates: list[str], device: str = "cpu") -> torch.Tensor:
     """(E, C): per class, the mean of the normalised template embeddings, renormalised."""
-    from mmfast.models.clip_encode import encode_texts
+    from mmfast.models.clip.encode import encode_texts
 
     prompts = [t.format(c) for c in classes for t in templates]
     emb = encode_texts(model, prompts, device=device).reshape(len(classes), len(templates), -1)  # (C, K, E)

@@ -31,8 +31,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def reply(llava, conversations: list[dict], image, args, *, stream=None) -> str:
     """The answer to the last turn; ``stream(text_delta)`` is called as it is generated (paged engine only)."""
-    from mmfast.models.generate import cache_kind
-    from mmfast.models.llava_templates import format_conversation
+    from mmfast.models.llava.generate import cache_kind
+    from mmfast.models.llava.templates import format_conversation
 
     prompt = format_conversation(conversations, llava.template)
     cache = getattr(args, "cache", "auto")
@@ -55,15 +55,15 @@ def _printer(shown: list[str]):
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)  # NExT-GPT's own options (--audio, --out-dir, ...) pass through
-    from mmfast.eval.adapters import detect_kind
+    from mmfast.models.kind import model_kind
 
     try:
-        kind = detect_kind(args.model)
+        kind = model_kind(args.model)
     except (FileNotFoundError, ValueError, TypeError) as e:
         print(f"mmfast chat: {e}", file=sys.stderr)
         return 2
     if kind == "nextgpt":
-        from mmfast.models import nextgpt
+        from mmfast.models.nextgpt import model as nextgpt
 
         return int(nextgpt.chat_main(argv) or 0)
     if extra:
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if kind not in ("llava", "llava-hf"):
         print(f"mmfast chat: {args.model} holds a {kind!r} model; chat knows llava and nextgpt", file=sys.stderr)
         return 2
-    from mmfast.models.llava import load_pretrained
+    from mmfast.models.llava.model import load_pretrained
     from mmfast.utils.io import open_image
 
     try:

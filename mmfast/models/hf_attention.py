@@ -307,9 +307,8 @@ def _weights_requested(kwargs) -> bool:
 
 
 def _with_kv_cache(module, cache, q, k, v, attention_mask, causal, prefix, op_kwargs):
-    from mmfast.models.kv_cache import MmfastKVCache
-
-    if not isinstance(cache, MmfastKVCache):
+    # The cache (mmfast.models.kv_cache, which builds on this adapter) is known here by what it does.
+    if not callable(getattr(cache, "attend", None)):
         raise TypeError(f"{KV_CACHE_KWARG} must be an mmfast.models.kv_cache.MmfastKVCache, got {type(cache).__name__}")
     if attention_mask is not None:
         # Rows of different lengths are per-row cache lengths here, never a padding mask.

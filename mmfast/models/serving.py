@@ -152,7 +152,7 @@ def _sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: fl
     """Next token per row from (B, V) logits: argmax, or nucleus sampling over the top-p mass."""
     if not do_sample:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    probs = torch.softmax(logits.float() / max(temperature, 1e-5), dim=-1)  # (B, V)
     sorted_p, order = probs.sort(dim=-1, descending=True)
     drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # the first token always stays
     sorted_p = sorted_p.masked_fill(drop, 0.0)
@@ -408,58 +408,4 @@ class ServingEngine:
         return out
 
 
-# --------------------------------------------------------------------------- LLaVA
-def llava_prompt_embeds(llava, images, prompts) -> tuple[list[torch.Tensor], list[int] | None]:
-    """Per request the (L_i, D) prompt embeddings (images encoded in one batch) and, for
-    ``image_attention="bidirectional"``, each request's prefix length."""
-    from mmfast.models.generate import _pad, _rows
-    from mmfast.models.llava import merge_embeddings, prefix_lengths
-
-    rows, pixel = _rows(llava, images, prompts)
-    model = llava.model
-    if pixel is not None:
-        pixel = pixel.to(llava.device, next(model.model.vision_tower.parameters()).dtype)
-    ids, _ = _pad(rows, llava.pad_token_id, False, llava.device)  # (B, L) right padded
-    emb = merge_embeddings(model, ids, pixel)  # (B, L, D)
-    embeds = [emb[i, : len(r)] for i, r in enumerate(rows)]
-    prefix = None
-    if llava.image_attention == "bidirectional":
-        prefix = prefix_lengths(ids, model.config.image_token_id).tolist()
-    return embeds, prefix
-
-
-def generate_llava(llava, images, prompts, *, max_new_tokens: int = 64, do_sample: bool = False,
-                   temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None, stop: str | None = None,
-                   cache: str = "paged", page_size: int = 16, num_pages: int | None = None,
-                   max_batch: int | None = None, on_token=None, ignore_eos: bool = False,
-                   return_completions: bool = False):
-    """:meth:`Llava.generate`'s batched path: texts (cut at the stop string, default the template's
-    separator; EOS / pad stripped) or, with ``return_completions``, :class:`Completion` objects."""
-    from mmfast.models.llava_templates import get_template
-
-    if len(images) != len(prompts):
-        raise ValueError(f"{len(images)} images but {len(prompts)} prompts; they pair one to one")
-    if not prompts:
-        return []
-    stop = stop if stop is not None else get_template(llava.template).stop_str
-    embeds, prefix = llava_prompt_embeds(llava, images, prompts)
-    engine = ServingEngine(llava.model.model.language_model, llava.model.lm_head, cache=cache, page_size=page_size,
-                           num_pages=num_pages, max_batch=max_batch)
-    tok = llava.tokenizer
-    outs = engine.generate(embeds, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                           top_p=top_p, seed=seed, eos_token_id=None if ignore_eos else tok.eos_token_id,
-                           stop=stop or None, tokenizer=tok, prefix_lens=prefix, on_token=on_token)
-    llava._serving_stats = engine.stats
-    if return_completions:
-        return outs
-    texts = []
-    for c in outs:
-        text = c.text
-        for special in (tok.eos_token, tok.pad_token):
-            if special:
-                text = text.replace(special, "")
-        texts.append(text.strip())
-    return texts
-
-
-__all__ = ["CACHE_LAYOUTS", "Completion", "PagePool", "ServingEngine", "generate_llava", "llava_prompt_embeds"]
+__all__ = ["CACHE_LAYOUTS", "Completion", "PagePool", "ServingEngine"]

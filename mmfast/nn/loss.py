@@ -277,7 +277,7 @@ class ClipLoss(nn.Module):
 
     def _distributed(self, img, txt, scale, bias):
         from mmfast.distributed.collectives import scale_grad
-        from mmfast.distributed.contrastive import clip_partial
+        from mmfast.ops.contrastive import _as_scalar, _check_features, clip_partial
 
         group = _dist_group(self.group, self.rank, self.world_size)
         if not self.local_loss:
@@ -286,8 +286,6 @@ class ClipLoss(nn.Module):
             return clip_loss(
                 img, txt, scale, bias, label_smoothing=self.label_smoothing, group=group, backend=self.backend
             )
-        from mmfast.ops.contrastive import _as_scalar, _check_features
-
         _check_features(img, txt)
         scale = _as_scalar(scale, "logit_scale", img, True)
         bias = _as_scalar(bias, "logit_bias", img, False)
@@ -512,8 +510,7 @@ class SigLipLoss(nn.Module):
         if self.world_size == 1:
             loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend)
         else:
-            from mmfast.distributed.contrastive import siglip_partial
-            from mmfast.ops.contrastive import _as_scalar, _check_features
+            from mmfast.ops.contrastive import _as_scalar, _check_features, siglip_partial
 
             group = _dist_group(self.group, self.rank, self.world_size)
             _check_features(image_features, text_features)

@@ -1,17 +1,13 @@
-"""Projection modules: LLaVA's MLP projector, the fused LM-head loss and CLIP's normalised head."""
-from __future__ import annotations
+"""Projection modules: an MLP projector (LLaVA's shape), the fused LM-head loss and CLIP's normalised head.
 
-import re
+Checkpoint layouts (LLaVA's ``mm_projector.*`` and HF's ``multi_modal_projector.linear_k.*``) are the LLaVA
+system's business: :mod:`mmfast.models.llava.projector` builds and loads these modules from them."""
+from __future__ import annotations
 
 import torch
 from torch import nn
 
 from mmfast.ops.projection import fused_linear_cross_entropy, linear_l2_normalize, mlp_projector
-
-_LLAVA_TYPE = re.compile(r"^mlp(\d+)x_gelu$")
-# Prefixes under which the projector sits in LLaVA / HF checkpoints.
-_PREFIXES = ("model.mm_projector.", "mm_projector.", "model.multi_modal_projector.", "multi_modal_projector.")
-_HF_KEY = re.compile(r"^linear_(\d+)\.(weight|bias)$")
 
 
 class MLPProjector(nn.Module):
@@ -19,8 +15,7 @@ class MLPProjector(nn.Module):
 
     ``depth`` counts the Linear layers (``linear`` = 1, ``mlp2x_gelu`` = 2, ``mlpNx_gelu`` = N); the
     hidden width defaults to ``out_dim`` as in LLaVA. Parameters are registered under ``"0"``, ``"2"``,
-    ``"4"`` … exactly like LLaVA's ``nn.Sequential`` (``mm_projector.0.weight``); HF's
-    ``linear_1``/``linear_2`` keys are renamed on load, so both checkpoint layouts load directly.
+    ``"4"`` … exactly like LLaVA's ``nn.Sequential`` (``mm_projector.0.weight``).
     ``recompute=True`` stores the pre-activations only and recomputes the GELU in the backward.
     """
 
@@ -34,34 +29,6 @@ class MLPProjector(nn.Module):
         for i in range(depth):
             self.add_module(str(2 * i), nn.Linear(dims[i], dims[i + 1], bias=bias, device=device, dtype=dtype))
         self.depth, self.act, self.recompute, self.backend = depth, act, recompute, backend
-        self._register_load_state_dict_pre_hook(_rename_hf_keys)
-
-    @classmethod
-    def from_llava_type(cls, projector_type: str, in_dim: int, out_dim: int, **kw) -> MLPProjector:
-        """``"linear"`` or ``"mlp{N}x_gelu"`` (LLaVA's ``mm_projector_type``)."""
-        if projector_type == "linear":
-            return cls(in_dim, out_dim, depth=1, **kw)
-        m = _LLAVA_TYPE.match(projector_type)
-        if not m:
-            raise ValueError(f"projector_type must be 'linear' or 'mlp<N>x_gelu', got {projector_type!r}")
-        return cls(in_dim, out_dim, depth=int(m.group(1)), **kw)
-
-    @classmethod
-    def from_state_dict(cls, state_dict: dict, act: str = "gelu", **kw) -> MLPProjector:
-        """Build and load from a LLaVA (``mm_projector.0/.2``) or HF (``multi_modal_projector.linear_1/2``)
-        state dict, with or without those prefixes; sizes and depth come from the weights."""
-        sd = _strip_prefix(state_dict)
-        sd = {_hf_to_seq(k): v for k, v in sd.items()}
-        idx = sorted({int(k.split(".")[0]) for k in sd if k.split(".")[0].isdigit()})
-        if not idx or idx != list(range(0, 2 * len(idx), 2)):
-            raise ValueError(f"state dict does not look like a projector (layer indices {idx}); "
-                             f"expected keys 0.weight, 2.weight, ... or linear_1.weight, linear_2.weight")
-        ws = [sd[f"{i}.weight"] for i in idx]
-        bias = f"{idx[0]}.bias" in sd
-        m = cls(ws[0].shape[1], ws[-1].shape[0], hidden_dim=ws[0].shape[0] if len(ws) > 1 else None,
-                depth=len(ws), act=act, bias=bias, dtype=ws[0].dtype, **kw)
-        m.load_state_dict(sd)
-        return m
 
     def layers(self) -> list[nn.Linear]:
         return [getattr(self, str(2 * i)) for i in range(self.depth)]
@@ -72,26 +39,6 @@ class MLPProjector(nn.Module):
 
     def extra_repr(self) -> str:
         return f"depth={self.depth}, act={self.act!r}, recompute={self.recompute}"
-
-
-def _strip_prefix(sd: dict) -> dict:
-    for p in _PREFIXES:
-        if any(k.startswith(p) for k in sd):
-            return {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
-    return dict(sd)
-
-
-def _hf_to_seq(key: str) -> str:
-    m = _HF_KEY.match(key)
-    return f"{2 * (int(m.group(1)) - 1)}.{m.group(2)}" if m else key
-
-
-def _rename_hf_keys(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-    """``load_state_dict`` pre-hook: ``{prefix}linear_k.*`` → ``{prefix}{2(k-1)}.*`` (HF layout)."""
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        new = _hf_to_seq(key[len(prefix):])
-        if new != key[len(prefix):]:
-            state_dict[prefix + new] = state_dict.pop(key)
 
 
 class FusedLinearCrossEntropyLoss(nn.Module):

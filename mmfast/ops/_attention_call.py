@@ -15,7 +15,7 @@ from mmfast.ops._attention_reference import (
     _reference,
     _resolve_window,
 )
-from mmfast.ops._dispatch import AUTOGRAD, Backend, Facts, Op, check_backend_name, register
+from mmfast.ops._dispatch import AUTOGRAD, Backend, Facts, Op, register
 
 
 # --------------------------------------------------------------------------- backends and dispatch

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from mmfast.ops._host import cdiv, next_pow2
-from mmfast.testing import poison_
+from mmfast.utils.debug import poison_
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 

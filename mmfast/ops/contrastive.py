@@ -253,30 +253,121 @@ def _select_static(op_name: str, device: str, dtype: torch.dtype, backend: str |
 
 
 # --------------------------------------------------------------------------- one-sided pieces
-def clip_rows_sum(a, b, scale, bias=None, *, label_smoothing=0.0, offset=0, backend=None):
-    """Σ_i CE(row i of ``s a bᵀ + β``, target i+offset): the building block of the distributed loss."""
-    _check_features(a, b, square=False)
+# Validation happens once per call path, in the public entry point (clip_loss, siglip_loss,
+# clip_rows_sum, siglip_sum, or the nn.Module that calls the sharded pieces); the private pieces below
+# take checked features and 0-d scale/bias tensors.
+def _check_offset(a, b, offset):
     if offset < 0 or offset + a.shape[0] > b.shape[0]:
         raise ValueError(f"offset {offset} with {a.shape[0]} rows does not fit {b.shape[0]} columns")
-    scale = _as_scalar(scale, "logit_scale", a, True)
-    bias = _as_scalar(bias, "logit_bias", a, False)
+
+
+def _clip_rows(a, b, scale, bias, label_smoothing, offset, backend):
     chosen = select_backend(CLIP_OP, a, backend)
     if chosen == "reference":
         return clip_rows_reference(a, b, scale, bias, label_smoothing, offset)
     return _clip_apply(a, b, scale, bias, float(label_smoothing), int(offset), False, chosen)
 
 
-def siglip_sum(a, b, scale, bias, *, offset=0, backend=None):
-    """Σ_ij softplus(−y_ij z_ij) with positives at (i, i+offset)."""
-    _check_features(a, b, square=False)
-    if offset < 0 or offset + a.shape[0] > b.shape[0]:
-        raise ValueError(f"offset {offset} with {a.shape[0]} rows does not fit {b.shape[0]} columns")
-    scale = _as_scalar(scale, "logit_scale", a, True)
-    bias = _as_scalar(bias, "logit_bias", a, True)
+def _siglip_rows(a, b, scale, bias, offset, backend):
     chosen = select_backend(SIGLIP_OP, a, backend)
     if chosen == "reference":
         return siglip_sum_reference(a, b, scale, bias, offset)
     return _siglip_apply(a, b, scale, bias, int(offset), chosen)
+
+
+def clip_rows_sum(a, b, scale, bias=None, *, label_smoothing=0.0, offset=0, backend=None):
+    """Σ_i CE(row i of ``s a bᵀ + β``, target i+offset): the building block of the distributed loss."""
+    _check_features(a, b, square=False)
+    _check_offset(a, b, offset)
+    scale = _as_scalar(scale, "logit_scale", a, True)
+    bias = _as_scalar(bias, "logit_bias", a, False)
+    return _clip_rows(a, b, scale, bias, label_smoothing, offset, backend)
+
+
+def siglip_sum(a, b, scale, bias, *, offset=0, backend=None):
+    """Σ_ij softplus(−y_ij z_ij) with positives at (i, i+offset)."""
+    _check_features(a, b, square=False)
+    _check_offset(a, b, offset)
+    scale = _as_scalar(scale, "logit_scale", a, True)
+    bias = _as_scalar(bias, "logit_bias", a, True)
+    return _siglip_rows(a, b, scale, bias, offset, backend)
+
+
+# --------------------------------------------------------------------------- sharded (``group=``)
+# Rank r holds n_r pairs, rows ``o_r = Σ_{k<r} n_k`` … ``o_r + n_r − 1`` of the global batch of
+# N = Σ n_k pairs. Each rank gathers the other ranks' features (O(N·d) memory) and computes only
+# its share of the global N×N logits:
+#
+#   CLIP:   p_r = rows_r(I_r vs T_all) + rows_r(T_r vs I_all)   (its rows and its columns)
+#           L   = Σ_r p_r / (2N)
+#   SigLIP: p_r = Σ_{i in r, j} softplus(−y_ij z_ij)            (its rows, every column)
+#           L   = Σ_r p_r / N
+#
+# The loss value on every rank is the global L. Gradients are exact: the local partial's gradient
+# flows back through the all-gathers (whose backward is a reduce-scatter, collecting what the other
+# ranks' partials owe this rank's features), and the replicated scale/bias gradients are summed
+# over ranks: every rank ends with d L/d(its features), d L/d scale and d L/d bias, the numbers a
+# single process holding the concatenated batch would get. Under DDP (which *averages* parameter
+# gradients over ranks) that is 1/W of the global gradient for the encoders; ``mmfast.nn.ClipLoss``
+# with ``gather_with_grad=True`` follows open_clip's convention instead (see there).
+def _layout(img: torch.Tensor, group) -> tuple[list[int], int, int]:
+    """(every rank's batch size, this rank's row offset, global batch size)."""
+    from mmfast.distributed.collectives import gather_sizes, world
+
+    rank, _ = world(group)
+    sizes = gather_sizes(img.shape[0], group, img.device)
+    return sizes, sum(sizes[:rank]), sum(sizes)
+
+
+def _replicated(x, group):
+    from mmfast.distributed.collectives import grad_all_reduce
+
+    if x is None or not x.requires_grad:
+        return x
+    return grad_all_reduce(x, group)
+
+
+def clip_partial(img, txt, scale, bias, label_smoothing, group, backend, *, gather_grad=True):
+    """This rank's CLIP partial sum ``p_r`` (not normalised) and the global batch size.
+
+    Takes checked inputs (0-d ``scale``/``bias`` tensors; the caller validates). ``gather_grad=False``
+    gathers without gradient: only the direct use of the local features back-propagates (open_clip's
+    ``gather_with_grad=False, local_loss=True``).
+    """
+    from mmfast.distributed.collectives import all_gather
+
+    sizes, offset, total = _layout(img, group)
+    img_all = all_gather(img, group, sizes, grad=gather_grad)  # (N, d)
+    txt_all = all_gather(txt, group, sizes, grad=gather_grad)  # (N, d)
+    part = (_clip_rows(img, txt_all, scale, bias, label_smoothing, offset, backend)
+            + _clip_rows(txt, img_all, scale, bias, label_smoothing, offset, backend))
+    return part, total
+
+
+def siglip_partial(img, txt, scale, bias, group, backend):
+    """This rank's SigLIP partial sum ``p_r`` (its rows against every text) and the global batch size;
+    checked inputs, as ``clip_partial``."""
+    from mmfast.distributed.collectives import all_gather
+
+    sizes, offset, total = _layout(img, group)
+    txt_all = all_gather(txt, group, sizes)  # (N, d)
+    return _siglip_rows(img, txt_all, scale, bias, offset, backend), total
+
+
+def _sharded_clip(img, txt, scale, bias, label_smoothing, group, backend):
+    from mmfast.distributed.collectives import all_reduce_local_grad
+
+    scale, bias = _replicated(scale, group), _replicated(bias, group)
+    part, total = clip_partial(img, txt, scale, bias, label_smoothing, group, backend)
+    return all_reduce_local_grad(part / (2 * total), group)
+
+
+def _sharded_siglip(img, txt, scale, bias, group, backend):
+    from mmfast.distributed.collectives import all_reduce_local_grad
+
+    scale, bias = _replicated(scale, group), _replicated(bias, group)
+    part, total = siglip_partial(img, txt, scale, bias, group, backend)
+    return all_reduce_local_grad(part / total, group)
 
 
 # --------------------------------------------------------------------------- distillation
@@ -437,11 +528,9 @@ def clip_loss(
     scale = _as_scalar(logit_scale, "logit_scale", image_features, True)
     bias = _as_scalar(logit_bias, "logit_bias", image_features, False)
     if group is not None:
-        from mmfast.distributed.contrastive import distributed_clip_loss
-
         if return_stats:
             raise ValueError("return_stats is not available with group=")
-        return distributed_clip_loss(image_features, text_features, scale, bias, label_smoothing, group, backend)
+        return _sharded_clip(image_features, text_features, scale, bias, label_smoothing, group, backend)
     n = image_features.shape[0]
     chosen = select_backend(CLIP_OP, image_features, backend)
     if chosen == "reference":
@@ -474,10 +563,8 @@ def siglip_loss(
     scale = _as_scalar(logit_scale, "logit_scale", image_features, True)
     bias = _as_scalar(logit_bias, "logit_bias", image_features, True)
     if group is not None:
-        from mmfast.distributed.contrastive import distributed_siglip_loss
-
-        return distributed_siglip_loss(image_features, text_features, scale, bias, group, backend)
-    return siglip_sum(image_features, text_features, scale, bias, backend=backend) / image_features.shape[0]
+        return _sharded_siglip(image_features, text_features, scale, bias, group, backend)
+    return _siglip_rows(image_features, text_features, scale, bias, 0, backend) / image_features.shape[0]
 
 
 __all__: list[str] = [
@@ -486,8 +573,10 @@ __all__: list[str] = [
     "clip_distill_rows_sum",
     "clip_loss",
     "clip_loss_reference",
+    "clip_partial",
     "clip_rows_sum",
     "siglip_loss",
     "siglip_loss_reference",
+    "siglip_partial",
     "siglip_sum",
 ]

@@ -54,7 +54,7 @@ def precheck(args) -> None:
     if args.pretrained is not None and not Path(args.pretrained).exists():
         raise FileNotFoundError(f"--pretrained {args.pretrained}: no such file or folder (nothing is downloaded)")
     if not (args.pretrained and Path(args.pretrained).is_dir()):
-        from mmfast.models.clip import model_config
+        from mmfast.models.clip.model import model_config
 
         model_config(args.model)
 
@@ -122,7 +122,7 @@ def reference_loss(kind, img, txt, scale, bias, world):
 
 def build(args, run):
     """The model (same initial weights on every rank), its dataset and the step count."""
-    from mmfast.models import clip as mclip
+    from mmfast.models.clip import model as mclip
     from mmfast.training.data import open_source
 
     # (1,)-shaped temperature: DeepSpeed broadcasts parameters as byte views, which 0-d tensors refuse.
@@ -139,7 +139,7 @@ def build(args, run):
 def export(clip, state, args, run) -> None:
     import open_clip
 
-    from mmfast.models import clip as mclip
+    from mmfast.models.clip import model as mclip
 
     if not args.no_export:
         run.export(lambda d: mclip.save_pretrained(state, d, model_cfg=clip.mmfast_config["model_cfg"],

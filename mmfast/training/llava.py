@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from mmfast.data.llava import load_llava_json
-from mmfast.models import llava as ml
+from mmfast.models.llava import model as ml
 from mmfast.training import engine as E
 
 DEFAULTS = {1: {"template": "plain", "ds": "zero2", "lr": 1e-3}, 2: {"template": None, "ds": "zero3", "lr": 2e-5}}
@@ -147,17 +147,17 @@ def projector_state_llava(proj_state: dict) -> dict:
 
 
 def load_projector(model, path: str) -> None:
-    from mmfast.nn.projection import _hf_to_seq, _strip_prefix
+    from mmfast.models.llava.projector import hf_to_seq, strip_prefix
 
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"--pretrain-mm-projector {p}: file not found")
-    sd = _strip_prefix(torch.load(p, map_location="cpu", weights_only=True))
+    sd = strip_prefix(torch.load(p, map_location="cpu", weights_only=True))
     proj = model.model.multi_modal_projector
     own = proj.state_dict()
     if any(k.startswith("linear_") for k in own):  # HF module: back to linear_k names
         sd = {f"linear_{int(k.split('.')[0]) // 2 + 1}.{k.split('.', 1)[1]}": v for k, v in
-              ((_hf_to_seq(k), v) for k, v in sd.items())}
+              ((hf_to_seq(k), v) for k, v in sd.items())}
     missing, unexpected = proj.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise ValueError(f"{p}: projector weights do not fit this model (missing {missing}, unexpected {unexpected})")
@@ -255,7 +255,7 @@ def save_outputs(args, llava, state, run) -> None:
 
 @E.entry
 def main(argv=None) -> int:
-    from mmfast.models.llava_data import LlavaSupervisedDataset, modality_grouped_order
+    from mmfast.models.llava.data import LlavaSupervisedDataset, modality_grouped_order
     from mmfast.training.data import ResumableBatches
 
     args = parse_args(argv)

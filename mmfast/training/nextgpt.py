@@ -8,7 +8,7 @@
     mmfast train nextgpt --nproc 2 --stage 3 --init-from runs/ng2/final --data WORLD --modalities image,audio,video
 
 ``--data`` is a synthetic world (``t2x_{image,audio,video}.json``; images also from ``captions_train.csv``)
-or, for any stage, a JSON list of dialogue records (:mod:`mmfast.models.nextgpt_data`) with media paths
+or, for any stage, a JSON list of dialogue records (:mod:`mmfast.models.nextgpt.data`) with media paths
 relative to ``--media-root`` (default the file's folder).
 
 Outputs under ``--out``: ``metrics.jsonl`` (rank 0), ``checkpoints/stepN`` (the trainable parameters' DeepSpeed
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from mmfast.models import nextgpt as ng
-from mmfast.models import nextgpt_data as nd
+from mmfast.models.nextgpt import data as nd
+from mmfast.models.nextgpt import model as ng
 from mmfast.training import engine as E
 from mmfast.utils.io import read_json
 

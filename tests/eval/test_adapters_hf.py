@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmfast.eval import pope
+from mmfast.eval import pope_poll
 from mmfast.eval.adapters import LlavaHFAdapter, get_adapter
 
 transformers = pytest.importorskip("transformers")
@@ -88,7 +88,7 @@ def test_poll_tiny_llava_hf_cli(tiny_llava, tmp_path, capsys):
     argv = ["--model", str(tiny_llava), "--images", str(root), "--annotations", str(ann_file), "--num-images", "4",
             "--num-positive", "1", "--settings", "random", "--out", str(tmp_path / "run"), "--device", "cpu",
             "--max-new-tokens", "3", "--prompt-suffix", " One word."]
-    assert pope.poll_main(argv) == 0
+    assert pope_poll.main(argv) == 0
     lines = [json.loads(x) for x in (tmp_path / "run" / "answers_random.jsonl").read_text().splitlines()]
     assert len(lines) == 8 and all(r["prompt"].endswith(" One word.") for r in lines)
     scores = json.loads((tmp_path / "run" / "scores.json").read_text())

@@ -5,7 +5,7 @@ import json
 import pytest
 from PIL import Image
 
-from mmfast.eval import adapters, pope
+from mmfast.eval import adapters, pope, pope_poll
 from mmfast.eval.adapters import Adapter, get_adapter, register_adapter
 from mmfast.eval.pope_poll import poll
 
@@ -124,7 +124,7 @@ def test_cli_end_to_end_and_resume(tmp_path, capsys):
     try:
         argv = ["--model", str(model), "--images", str(root), "--annotations", str(ann_file),
                 "--num-images", "8", "--seed", "3", "--out", str(tmp_path / "run"), "--batch-size", "3"]
-        assert pope.poll_main(argv) == 0
+        assert pope_poll.main(argv) == 0
         table = capsys.readouterr().out
         assert "Accuracy" in table and "adversarial" in table
         scores = json.loads((tmp_path / "run" / "scores.json").read_text())
@@ -134,9 +134,9 @@ def test_cli_end_to_end_and_resume(tmp_path, capsys):
             assert qs == pope.build_questions(ann, s, num_images=8, seed=3)
             assert scores["results"][s] == _expected(qs, ann)
         # Re-running asks nothing; a different seed in the same directory is refused.
-        assert pope.poll_main(argv) == 0
+        assert pope_poll.main(argv) == 0
         assert made[-1]["adapter"].calls == 0
-        assert pope.poll_main(argv[:-4] + ["--seed", "4", "--out", str(tmp_path / "run")]) == 2
+        assert pope_poll.main(argv[:-4] + ["--seed", "4", "--out", str(tmp_path / "run")]) == 2
         assert "different question set" in capsys.readouterr().err
         # Scoring the written files through the score command gives the same numbers.
         files = [str(tmp_path / "run" / f"{k}_{s}.jsonl") for k in ("questions", "answers") for s in pope.SETTINGS]
@@ -184,13 +184,13 @@ def test_cli_with_question_files(tmp_path, capsys):
     try:
         argv = ["--model", str(model), "--adapter", "oracle-test2", "--images", str(root), "--questions", str(qfile),
                 "--out", str(tmp_path / "run"), "--prompt-suffix", ""]
-        assert pope.poll_main(argv) == 0
+        assert pope_poll.main(argv) == 0
         scores = json.loads((tmp_path / "run" / "scores.json").read_text())
         assert list(scores["results"]) == ["popular"] and scores["results"]["popular"] == _expected(qs, ann)
         rows = [json.loads(x) for x in (tmp_path / "run" / "answers_popular.jsonl").read_text().splitlines()]
         assert [r["prompt"] for r in rows] == [q["text"] for q in qs]
         # Without --adapter the config says nothing we know: a clear error, exit code 2.
-        assert pope.poll_main(argv[:2] + argv[4:]) == 2
+        assert pope_poll.main(argv[:2] + argv[4:]) == 2
         assert "cannot tell which adapter" in capsys.readouterr().err
     finally:
         adapters._REGISTRY.pop("oracle-test2", None)

@@ -8,7 +8,7 @@ pytest.importorskip("open_clip")
 
 from mmfast.cli import main as cli_main
 from mmfast.eval import zeroshot as zs
-from mmfast.models import clip as mclip
+from mmfast.models.clip import model as mclip
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Batched CLIP encoding (mmfast.models.clip_encode) equals the plain model forward (fp32 tolerance),
+"""Batched CLIP encoding (mmfast.models.clip.encode) equals the plain model forward (fp32 tolerance),
 for tensors, image files and a folder, and texts as strings or token ids."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ pytest.importorskip("open_clip")
 
 import torch
 
-from mmfast.models import clip_encode as ce
 from mmfast.models.clip import create_model, get_tokenizer, get_transforms
+from mmfast.models.clip import encode as ce
 
 
 @pytest.fixture(scope="module")

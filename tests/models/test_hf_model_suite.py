@@ -64,7 +64,7 @@ def test_clip_heads_rule_honours_return_dict_false():
         ref = model(**inputs)
         ref64 = copy.deepcopy(model).double()(**{k: (v.double() if k == "pixel_values" else v)
                                                   for k, v in inputs.items()})
-    from mmfast.models.patch_rules_projection import hf_clip_towers_carry_projections
+    from mmfast.models.patch.projection import hf_clip_towers_carry_projections
 
     mmfast.patch(model, kinds=("projection",))
     try:

@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 
 from llava_helpers import square_image as _image
 
-from mmfast.models import llava as ml
+from mmfast.models.llava import model as ml
 
 
 def _batch(llava):
@@ -157,8 +157,8 @@ def test_open_clip_vision_tower_conversion_is_exact(tmp_path):
     pytest.importorskip("open_clip")
     import open_clip
 
-    from mmfast.models.clip import create_model, save_pretrained
-    from mmfast.models.llava_vision import check_against_open_clip
+    from mmfast.models.clip.model import create_model, save_pretrained
+    from mmfast.models.llava.vision import check_against_open_clip
 
     clip = create_model("tiny", device="cpu", kernels=False)
     save_pretrained(clip.state_dict(), tmp_path / "clip", model_cfg=clip.mmfast_config["model_cfg"],

@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from mmfast.models.llava_data import (
+from mmfast.models.llava.data import (
     CLIP_MEAN,
     CLIP_STD,
     ImageProcessor,
@@ -49,7 +49,7 @@ def test_dataset_mixes_image_and_text_only_records(tmp_path):
     from PIL import Image
 
     from mmfast.data.llava import load_llava_json
-    from mmfast.models.llava import build_llava
+    from mmfast.models.llava.model import build_llava
 
     (tmp_path / "img").mkdir()
     Image.new("RGB", (20, 30), (0, 200, 0)).save(tmp_path / "img" / "a.png")

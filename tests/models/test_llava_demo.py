@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 def ctx(tmp_path_factory):
     from mmfast.data.synthetic import make_world
     from mmfast.demo import DemoContext
-    from mmfast.models.llava import build_llava
+    from mmfast.models.llava.model import build_llava
 
     out = tmp_path_factory.mktemp("demo")
     make_world(out / "world", 100, 32, seed=2, media=False)  # 20 val images: enough known objects for POPE
@@ -33,7 +33,7 @@ def test_demo_lists_llava_stages():
 
 
 def test_llava_eval_and_pope_stages(ctx):
-    from mmfast import demo_llava
+    from mmfast.models.llava import demo as demo_llava
 
     keys = demo_llava.llava_eval(ctx)
     assert keys["llava_yesno_questions"] == 6 and 0.0 <= keys["llava_yesno_accuracy"] <= 1.0
@@ -51,8 +51,8 @@ def test_llava_eval_and_pope_stages(ctx):
 
 def test_pope_stage_asks_about_as_many_images_as_the_world_has(ctx, capsys):
     """--pope-images above the held-out images with 3+ objects: those images, and a printed note."""
-    from mmfast import demo_llava
     from mmfast.eval.pope import load_annotations
+    from mmfast.models.llava import demo as demo_llava
 
     eligible = sum(len(r["objects"]) >= 3 for r in load_annotations(ctx.world / "objects_val.jsonl"))
     assert 1 <= eligible < 50
@@ -66,7 +66,7 @@ def test_pope_stage_asks_about_as_many_images_as_the_world_has(ctx, capsys):
 
 def test_stage2_mixture_keeps_every_yes_no_record_and_a_share_of_the_rest(ctx, tmp_path):
     from mmfast.data.llava import load_llava_json
-    from mmfast.demo_llava import stage2_mixture
+    from mmfast.models.llava.demo import stage2_mixture
 
     world = ctx.out / "world"
     src = load_llava_json(world / "llava_instruct_train.json")
@@ -87,7 +87,7 @@ def test_stage2_mixture_keeps_every_yes_no_record_and_a_share_of_the_rest(ctx, t
 @pytest.fixture
 def trainer_argv(monkeypatch):
     """The argv a demo stage hands the LLaVA trainer, which is not run (the stages train in `make demo`)."""
-    from mmfast import demo_llava
+    from mmfast.models.llava import demo as demo_llava
 
     seen = {}
 
@@ -107,7 +107,8 @@ def trainer_argv(monkeypatch):
       "--vision-select-feature": "patch"}),
 ])
 def test_stage2_passes_attention_and_tower_options_to_the_trainer(ctx, trainer_argv, extra, expected):
-    from mmfast import demo, demo_llava
+    from mmfast import demo
+    from mmfast.models.llava import demo as demo_llava
 
     args = demo.parse_args(["--out", str(ctx.out), *extra])
     keys = demo_llava.llava_stage2(type(ctx)(ctx.out, args))
@@ -125,7 +126,8 @@ def test_stage2_passes_attention_and_tower_options_to_the_trainer(ctx, trainer_a
 @pytest.mark.parametrize("choice", [None, "patch"])
 def test_stage1_uses_the_same_image_tokens_as_stage2(ctx, trainer_argv, choice):
     """Stage 1 trains the projector for the image tokens stage 2 gets: the class token too, by default."""
-    from mmfast import demo, demo_llava
+    from mmfast import demo
+    from mmfast.models.llava import demo as demo_llava
 
     extra = [] if choice is None else ["--llava-vision-select-feature", choice]
     args = demo.parse_args(["--out", str(ctx.out), *extra])

@@ -8,9 +8,9 @@ pytest.importorskip("transformers")
 
 from llava_helpers import square_image as _image
 
-from mmfast.models import generate as mg
 from mmfast.models import kv_cache as mkv
-from mmfast.models import llava as ml
+from mmfast.models.llava import generate as mg
+from mmfast.models.llava import model as ml
 
 
 def _inputs(llava):

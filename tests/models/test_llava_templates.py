@@ -5,7 +5,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from mmfast.models.llava_templates import (
+from mmfast.models.llava.templates import (
     IGNORE_INDEX,
     TEMPLATES,
     conversation_segments,
@@ -26,7 +26,7 @@ CONV = [
 
 @pytest.fixture(scope="module")
 def tok():
-    from mmfast.models.tokenizer_tiny import load_tiny_tokenizer
+    from mmfast.models.llava.tokenizer_tiny import load_tiny_tokenizer
 
     return load_tiny_tokenizer()
 

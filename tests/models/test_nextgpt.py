@@ -9,9 +9,9 @@ pytest.importorskip("transformers")
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from mmfast.models import nextgpt as ng
-from mmfast.models import nextgpt_data as nd
-from mmfast.models import nextgpt_decoders as ndec
+from mmfast.models.nextgpt import data as nd
+from mmfast.models.nextgpt import decoders as ndec
+from mmfast.models.nextgpt import model as ng
 
 
 @pytest.fixture(scope="module")
@@ -253,8 +253,8 @@ def test_answer_contract(model):
 
 def test_image_encoder_from_an_open_clip_export(tmp_path):
     """The demo's CLIP (an open_clip export) becomes the image/video encoder: every ViT weight must fit."""
-    from mmfast.models import nextgpt_encoders as nenc
-    from mmfast.models.clip import create_model, save_pretrained
+    from mmfast.models.clip.model import create_model, save_pretrained
+    from mmfast.models.nextgpt import encoders as nenc
 
     clip = create_model("tiny", device="cpu", kernels=False)
     save_pretrained(clip, tmp_path / "clip")
@@ -284,7 +284,7 @@ def test_touch_all_gives_every_trainable_parameter_a_gradient():
 
 
 def test_llm_from_a_llava_directory(tmp_path):
-    from mmfast.models.llava import build_llava
+    from mmfast.models.llava.model import build_llava
 
     lv = build_llava("tiny", kernels=False, seed=0)
     lv.save_pretrained(tmp_path / "llava")
@@ -380,7 +380,7 @@ def test_stage2_teaches_the_llm_to_start_signal_runs(tmp_path):
     (and less so a captioning reply, the stage's negatives); only the output projection and the added
     tokens' rows change."""
     from mmfast.data.synthetic import make_world
-    from mmfast.models.llava_data import ImageProcessor
+    from mmfast.models.llava.data import ImageProcessor
 
     torch.set_num_threads(1)
     make_world(tmp_path, 12, 32, seed=0, media=False)

@@ -1,4 +1,4 @@
-"""mmfast.models.nextgpt_data: dialogue validation, label masking, media loading and stage builders."""
+"""mmfast.models.nextgpt.data: dialogue validation, label masking, media loading and stage builders."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from mmfast.models import nextgpt_data as nd
+from mmfast.models.nextgpt import data as nd
 
 
 def _rec(**over):
@@ -40,7 +40,7 @@ def test_malformed_dialogues_raise_clear_errors(bad, match):
 
 
 def _tok():
-    from mmfast.models.nextgpt import _build_llm
+    from mmfast.models.nextgpt.model import _build_llm
 
     _, tok, _ = _build_llm("tiny")
     tok.add_tokens([t for m in nd.MODALITIES for t in nd.SIGNAL_TOKENS[m]] + ["<audio>", "<video>"],
@@ -65,7 +65,7 @@ def test_labels_cover_only_assistant_turns():
 
 def test_stage_builders_and_media(tmp_path):
     from mmfast.data.synthetic import make_world
-    from mmfast.models.llava_data import ImageProcessor
+    from mmfast.models.llava.data import ImageProcessor
 
     make_world(tmp_path, 12, 32, seed=0, media=True, n_videos=3, audio_per_class=2)
     mods = ("image", "audio", "video")

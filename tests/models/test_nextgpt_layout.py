@@ -18,10 +18,10 @@ pytest.importorskip("transformers")
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from mmfast.models import nextgpt as ng
-from mmfast.models import nextgpt_data as nd
-from mmfast.models import nextgpt_decoders as ndec
-from mmfast.models import nextgpt_encoders as nenc
+from mmfast.models.nextgpt import data as nd
+from mmfast.models.nextgpt import decoders as ndec
+from mmfast.models.nextgpt import encoders as nenc
+from mmfast.models.nextgpt import model as ng
 
 # config.json of lmsys/vicuna-7b (LLaMA-7B), openai/clip-vit-large-patch14 (vision), the AudioSet AST.
 VICUNA_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,

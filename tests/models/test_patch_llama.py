@@ -91,7 +91,7 @@ def test_tiny_llama_patched_equals_unpatched(kinds, triton_backend, spy):
 
 
 def test_tiny_llava_patched_equals_unpatched(triton_backend, spy):
-    from mmfast.models.llava import build_llava, llava_loss
+    from mmfast.models.llava.model import build_llava, llava_loss
 
     llava = build_llava("tiny", kernels=False, seed=0)
     model = llava.model.float()

@@ -145,7 +145,7 @@ def test_hf_clip_layer_norms(triton_backend):
         # the loss plus a term on the embeddings, so the heads' gradients see more than the logits
         return out.loss + (out.image_embeds[:, :5] * out.text_embeds[:, :5]).sum()
 
-    from mmfast.models.patch_rules_projection import hf_clip_towers_carry_projections
+    from mmfast.models.patch.projection import hf_clip_towers_carry_projections
 
     heads = [] if hf_clip_towers_carry_projections() else ["clip.linear_l2_normalize"]
     _compare(model, run, triton_backend, ["layer_norm", *heads])
@@ -204,7 +204,7 @@ def test_open_clip_linear_text_head(triton_backend):
 
 
 def test_mlp_projector_loads_both_layouts(triton_backend):
-    from mmfast.nn import MLPProjector
+    from mmfast.models.llava.projector import projector_from_state_dict, projector_from_type
 
     torch.manual_seed(0)
     seq = torch.nn.Sequential(torch.nn.Linear(19, 40), torch.nn.GELU(), torch.nn.Linear(40, 40))
@@ -215,17 +215,17 @@ def test_mlp_projector_loads_both_layouts(triton_backend):
              "multi_modal_projector.linear_2.bias": seq[2].bias.detach()}
     x = torch.randn(37, 19)
     for sd in (llava_sd, hf_sd):
-        proj = MLPProjector.from_state_dict(sd, backend=triton_backend)
+        proj = projector_from_state_dict(sd, backend=triton_backend)
         torch.testing.assert_close(proj(x), seq(x), rtol=1e-5, atol=1e-5)
-    direct = MLPProjector(19, 40, backend=triton_backend)
+    direct = projector_from_type("mlp2x_gelu", 19, 40, backend=triton_backend)
     direct.load_state_dict({k.split(".", 1)[1]: v for k, v in hf_sd.items()})  # linear_1.* keys
     torch.testing.assert_close(direct(x), seq(x), rtol=1e-5, atol=1e-5)
     direct.load_state_dict(seq.state_dict())  # 0.* / 2.* keys
     assert set(direct.state_dict()) == {"0.weight", "0.bias", "2.weight", "2.bias"}
-    assert MLPProjector.from_llava_type("linear", 19, 40).depth == 1
-    assert MLPProjector.from_llava_type("mlp3x_gelu", 19, 40).depth == 3
+    assert projector_from_type("linear", 19, 40).depth == 1
+    assert projector_from_type("mlp3x_gelu", 19, 40).depth == 3
     with pytest.raises(ValueError, match="projector_type"):
-        MLPProjector.from_llava_type("identity", 19, 40)
+        projector_from_type("identity", 19, 40)
 
 
 def test_original_llava_sequential_projector(triton_backend):

@@ -12,6 +12,7 @@ from llava_helpers import square_image as _image
 
 from mmfast.models import llava as ml
 from mmfast.models import serving
+from mmfast.models.llava import generate as lg
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +36,12 @@ def _inputs(llava):
 def _run(llava, images, prompts, **kw):
     kw.setdefault("stop", "")
     kw.setdefault("ignore_eos", True)
-    return serving.generate_llava(llava, images, prompts, return_completions=True, **kw)
+    return lg.generate_llava(llava, images, prompts, return_completions=True, **kw)
 
 
 def _hf_greedy(plain, images, prompts, n):
     """transformers' own generate (left padding, DynamicCache, SDPA) on the unpatched twin."""
-    from mmfast.models.generate import _pad, _rows
+    from mmfast.models.llava.generate import _pad, _rows
 
     rows, pixel = _rows(plain, images, prompts)
     ids, mask = _pad(rows, plain.pad_token_id, True, plain.device)
@@ -77,7 +78,7 @@ def test_paged_equals_contiguous_and_small_pool(fast):
 
 def test_early_finishers_free_pages_for_waiting_requests(fast):
     images, prompts = _inputs(fast)
-    embeds, _ = serving.llava_prompt_embeds(fast, images, prompts)
+    embeds, _ = lg.llava_prompt_embeds(fast, images, prompts)
     lm, head = fast.model.model.language_model, fast.model.lm_head
     page = 4
     budgets = [2, 12, 12, 12]

@@ -90,7 +90,7 @@ def test_ds_config_errors_name_the_file_and_field(tmp_path, text, message):
 
 
 def test_no_weight_decay_on_gains_biases_and_temperature():
-    from mmfast.models.clip import create_model
+    from mmfast.models.clip.model import create_model
 
     model = train_clip.ContrastiveModel(create_model("tiny", device="cpu", kernels=False))
     decay, no_decay = train_clip.param_groups(model, 0.1)
@@ -306,7 +306,7 @@ def test_zero2_two_ranks_train_and_resume_exactly(world, tmp_path):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_zero3_two_ranks_torchrun_trains_and_exports(world, tmp_path):
-    from mmfast.models.clip import create_model, get_tokenizer
+    from mmfast.models.clip.model import create_model, get_tokenizer
 
     run = tmp_path / "z3"
     _run(["--data", world, "--out", run, "--deepspeed-config", "zero3", "--steps", 6], launcher="torchrun")

@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("deepspeed")
 
-from mmfast.models import llava as ml
+from mmfast.models.llava import model as ml
 from mmfast.training import llava as train_llava
 
 ROOT = Path(__file__).resolve().parents[2]

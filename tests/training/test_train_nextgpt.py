@@ -46,8 +46,8 @@ def _tensors(d: Path, name: str) -> dict:
 
 
 def _eval_loss(model_dir: Path, world: Path, stage: int) -> float:
-    from mmfast.models import nextgpt_data as nd
-    from mmfast.models.nextgpt import load_pretrained
+    from mmfast.models.nextgpt import data as nd
+    from mmfast.models.nextgpt.model import load_pretrained
 
     model = load_pretrained(model_dir, device="cpu")
     recs = nd.stage_records(world, stage, ("image", "audio", "video"), seed=0)[:4]  # the script's first 4
@@ -96,7 +96,7 @@ def test_three_stages_on_two_ranks_lower_their_losses(world, tmp_path):
     for k in t2:
         torch.testing.assert_close(tb[k], t2[k], rtol=0, atol=1e-6, msg=k)
 
-    from mmfast.models.nextgpt import load_pretrained
+    from mmfast.models.nextgpt.model import load_pretrained
 
     model = load_pretrained(s3 / "final", device="cpu")
     assert model.lora_config is not None and len(model.answer([None], ["Draw a cat."], max_new_tokens=2)) == 1
@@ -106,7 +106,7 @@ def test_three_stages_on_two_ranks_lower_their_losses(world, tmp_path):
 @pytest.mark.distributed
 def test_stage2_with_the_diffusion_loss_on_every_decoder(world, tmp_path):
     """--diffusion-weight: the records' target media (image, video frames, audio) reach each frozen UNet."""
-    from mmfast.models import nextgpt_data as nd
+    from mmfast.models.nextgpt import data as nd
 
     s1, s2 = tmp_path / "s1", tmp_path / "s2"
     mods = ("image", "audio", "video")
@@ -146,8 +146,8 @@ def test_stage2_in_bf16_as_on_gpu(world, tmp_path):
     assert trained["new_rows.head"].dtype == torch.float32  # DeepSpeed's fp32 masters, not bf16-rounded copies
     assert all(torch.isfinite(v).all() for v in trained.values())
 
-    from mmfast.models import nextgpt_data as nd
-    from mmfast.models.nextgpt import load_pretrained
+    from mmfast.models.nextgpt import data as nd
+    from mmfast.models.nextgpt.model import load_pretrained
 
     model = load_pretrained(out / "final", device="cpu")  # back in fp32
     recs = nd.stage_records(world, 2, ("audio",), negatives=1.0)[:2]
@@ -157,9 +157,9 @@ def test_stage2_in_bf16_as_on_gpu(world, tmp_path):
 
 
 def test_demo_emission_rates_count_signal_runs(world):
-    from mmfast.demo_nextgpt import emit_rates
-    from mmfast.models import nextgpt_data as nd
-    from mmfast.models.nextgpt import build_nextgpt
+    from mmfast.models.nextgpt import data as nd
+    from mmfast.models.nextgpt.demo import emit_rates
+    from mmfast.models.nextgpt.model import build_nextgpt
 
     torch.set_num_threads(1)
     m = build_nextgpt("tiny", seed=0, kernels=False)

@@ -101,7 +101,7 @@ def _conditions(model, captions):
 
     import torch
 
-    from mmfast.models import nextgpt_data as nd
+    from mmfast.models.nextgpt import data as nd
 
     rng = random.Random(0)
     items = [nd.tokenize_dialogue(nd.t2x_record("image", {"caption": c, "path": ""}, rng, reply_text=False),
@@ -115,7 +115,7 @@ def _conditions(model, captions):
 def emit_rates(model, world, pairs, max_new_tokens: int = 12) -> dict:
     """Shares of free greedy replies holding ``[IMG0]``: for text->image prompts (cycling through the
     prompt templates) and for captioning prompts on the same pairs' images."""
-    from mmfast.models import nextgpt_data as nd
+    from mmfast.models.nextgpt import data as nd
 
     img0, n = model.signal_ids["image"][0], max(1, len(pairs))
     t2x = x2t = 0
@@ -134,9 +134,9 @@ def nextgpt_eval(ctx) -> dict:
     import torch
     from PIL import Image
 
-    from mmfast.models import nextgpt_data as nd
-    from mmfast.models import nextgpt_decoders as ndec
-    from mmfast.models.nextgpt import load_pretrained
+    from mmfast.models.nextgpt import data as nd
+    from mmfast.models.nextgpt import decoders as ndec
+    from mmfast.models.nextgpt.model import load_pretrained
 
     a = ctx.args
     _, s2 = _dirs(ctx)
@@ -154,7 +154,7 @@ def nextgpt_eval(ctx) -> dict:
     clip_dir = _clip_dir(ctx)
     if clip_dir is None:
         return {**out, "nextgpt_clipsim": None, "nextgpt_clipsim_random_pairs": None}
-    from mmfast.models.clip import create_model, get_tokenizer, get_transforms
+    from mmfast.models.clip.model import create_model, get_tokenizer, get_transforms
 
     clip = create_model(None, pretrained=clip_dir, device="cpu", kernels=False).eval()
     tf = get_transforms(clip, is_train=False)

@@ -7,10 +7,10 @@
     out = ng.generate(text="Draw a red cat.", out_dir="gen")   # {"text", "image": [PNG paths], ...}
     ng.save_pretrained(d); load_pretrained(d)
 
-Flow: encoder (frozen, :mod:`nextgpt_encoders`) -> input projection (``linear``: 1 token, ``group``: G
+Flow: encoder (frozen, :mod:`mmfast.models.nextgpt.encoders`) -> input projection (``linear``: 1 token, ``group``: G
 concept tokens) written over the ``<image>``/``<video>``/``<audio>`` placeholders -> LLM (+ LoRA, mmfast
 kernels with ``kernels=True``) -> the signal tokens' last hidden states + their input embeddings ->
-output projection -> decoder conditioning (:mod:`nextgpt_decoders`). Signal tokens ``[IMG0..3]``,
+output projection -> decoder conditioning (:mod:`mmfast.models.nextgpt.decoders`). Signal tokens ``[IMG0..3]``,
 ``[VID0..23]``, ``[AUD0..7]`` are added to the tokenizer; their embedding and LM-head rows train in
 stage 2 (a gradient mask keeps every other row bit-identical).
 
@@ -21,16 +21,17 @@ LoRA, new-token rows) and, for parts built from configs (random), ``components.s
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from mmfast.models import nextgpt_data as nd
-from mmfast.models import nextgpt_decoders as ndec
-from mmfast.models import nextgpt_encoders as nenc
+from mmfast.models.nextgpt import data as nd
+from mmfast.models.nextgpt import decoders as ndec
+from mmfast.models.nextgpt import encoders as nenc
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "nextgpt"
+PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "nextgpt"
 TRAINABLE_FILE, COMPONENTS_FILE = "trainable.safetensors", "components.safetensors"
 
 
@@ -56,7 +57,7 @@ def _build_llm(spec):
         llm = AutoModelForCausalLM.from_pretrained(spec, local_files_only=True)
         tok = AutoTokenizer.from_pretrained(spec, local_files_only=True)
         return llm, tok, False
-    from mmfast.models import llava
+    from mmfast.models.llava import model as llava
 
     pre = llava.load_preset(spec)  # reuse the LLaVA preset's LLM config and tiny tokenizer
     tok = AutoTokenizer.from_pretrained(str(llava.PRESET_DIR / pre["tokenizer"]), local_files_only=True)
@@ -69,7 +70,7 @@ def _llm_of_llava(path):
     """The language model (+ LM head) and tokenizer of a llava-hf directory (e.g. the demo's tuned LLaVA)."""
     from transformers import AutoModelForCausalLM
 
-    from mmfast.models.llava import load_pretrained as load_llava
+    from mmfast.models.llava.model import load_pretrained as load_llava
 
     lv = load_llava(path, device="cpu", kernels=False)
     llm = AutoModelForCausalLM.from_config(lv.model.config.text_config)
@@ -121,9 +122,9 @@ class NextGPT(nn.Module):
         self.decoders.requires_grad_(False)
         self._row_hooks = []
         if kernels:
-            import mmfast
+            from mmfast.models.patch import patch
 
-            mmfast.patch(self.llm, backend=backend)
+            patch(self.llm, backend=backend)
 
     # ---- facts
     @property
@@ -135,7 +136,7 @@ class NextGPT(nn.Module):
         return self.encoders["image"].image_size
 
     def media_loader(self, root=None) -> nd.MediaLoader:
-        from mmfast.models.llava_data import ImageProcessor
+        from mmfast.models.llava.data import ImageProcessor
 
         return nd.MediaLoader(root, ImageProcessor(self.image_size, aspect="resize"),
                               int(self.cfg["encoders"].get("video_frames", 4)),
@@ -303,16 +304,16 @@ class NextGPT(nn.Module):
         return self.loss({"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
                           "media": media or {}, "captions": captions or {}})["loss"]
 
-    # ---- inference (mmfast.models.nextgpt_generate)
+    # ---- inference (mmfast.models.nextgpt.generate)
     def generate(self, text: str, images=None, audios=None, videos=None, **kw) -> dict:
         """Greedy reply to ``text`` (+ media); signal-token runs are decoded to media (files under ``out_dir``)."""
-        from mmfast.models.nextgpt_generate import generate
+        from mmfast.models.nextgpt.generate import generate
 
         return generate(self, text, images, audios, videos, **kw)
 
     def answer(self, images, questions, max_new_tokens: int = 16) -> list[str]:
         """One greedy text answer per (image, question); the evaluation adapters' contract."""
-        from mmfast.models.nextgpt_generate import answer
+        from mmfast.models.nextgpt.generate import answer
 
         return answer(self, images, questions, max_new_tokens)
 
@@ -389,10 +390,10 @@ def build_nextgpt(preset: str | dict = "tiny", *, input_projection: str | None =
         model.to(dtype)
     model.to(device)
     if kernels:
-        import mmfast
+        from mmfast.models.patch import patch
 
         model.kernels, model.backend = True, backend
-        mmfast.patch(model.llm, backend=backend)
+        patch(model.llm, backend=backend)
     return model.eval()
 
 
@@ -424,10 +425,10 @@ def load_pretrained(model_dir, device=None, dtype=None, kernels: bool | None = N
         model.to(dtype)
     model.to(device).eval()
     if (device.type == "cuda") if kernels is None else kernels:
-        import mmfast
+        from mmfast.models.patch import patch
 
         model.kernels, model.backend = True, backend
-        mmfast.patch(model.llm, backend=backend)
+        patch(model.llm, backend=backend)
     return model
 
 
@@ -442,10 +443,16 @@ def _load_into(model: NextGPT, sd: dict, src) -> None:
 
 
 def chat_main(argv: list[str] | None = None) -> int:
-    """``mmfast chat`` for a NExT-GPT directory (see :mod:`mmfast.models.nextgpt_generate`)."""
-    from mmfast.models.nextgpt_generate import chat_main as run
+    """``mmfast chat`` for a NExT-GPT directory (see :mod:`mmfast.models.nextgpt.generate`)."""
+    from mmfast.models.nextgpt.generate import _parser, chat_loop
 
-    return run(argv)
+    a = _parser().parse_args(argv)
+    try:
+        model = load_pretrained(a.model, device=a.device, dtype=a.dtype)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        print(f"mmfast chat: {e}", file=sys.stderr)
+        return 2
+    return chat_loop(model, a)
 
 
 __all__ = ["NextGPT", "build_nextgpt", "chat_main", "list_presets", "load_preset", "load_pretrained"]

@@ -20,7 +20,7 @@ from mmfast.utils.io import atomic_open, atomic_write_json
 
 log = logging.getLogger(__name__)
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "clip"
+PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "clip"
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
 _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")

@@ -6,7 +6,7 @@ directory (``tokenizer.json`` + ``tokenizer_config.json``) with LLaMA's special 
 ``<unk>``, a ``<pad>`` and LLaVA's ``<image>``. Byte-level, so any text round-trips; a BOS is prepended
 like LLaMA's tokenizer does. The committed copy lives in ``mmfast/configs/llava/tokenizer-tiny``:
 
-    python -m mmfast.models.tokenizer_tiny --out mmfast/configs/llava/tokenizer-tiny
+    python -m mmfast.models.llava.tokenizer_tiny --out mmfast/configs/llava/tokenizer-tiny
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-TINY_TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "configs" / "llava" / "tokenizer-tiny"
+TINY_TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "configs" / "llava" / "tokenizer-tiny"
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
 IMAGE_TOKEN = "<image>"
 VOCAB_SIZE = 1024
@@ -27,7 +27,7 @@ def world_texts(n_images: int = 400, seed: int = 0) -> list[str]:
     from mmfast.data.synthetic import make_world
     from mmfast.eval.pope import DEFAULT_TEMPLATE
     from mmfast.eval.pope_poll import LLAVA_SUFFIX
-    from mmfast.models.llava_templates import TEMPLATES, format_conversation
+    from mmfast.models.llava.templates import TEMPLATES, format_conversation
 
     texts: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,7 +84,7 @@ def load_tiny_tokenizer(path: str | Path | None = None):
     d = Path(path) if path is not None else TINY_TOKENIZER_DIR
     if not (d / "tokenizer.json").is_file():
         raise FileNotFoundError(f"tiny tokenizer not found in {d} (missing tokenizer.json); build it with "
-                                "python -m mmfast.models.tokenizer_tiny --out DIR")
+                                "python -m mmfast.models.llava.tokenizer_tiny --out DIR")
     return AutoTokenizer.from_pretrained(str(d), local_files_only=True)
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmfast.models import nextgpt_data as nd
-from mmfast.models import nextgpt_decoders as ndec
+from mmfast.models.nextgpt import data as nd
+from mmfast.models.nextgpt import decoders as ndec
 
 
 def _media_tensors(model, images, audios, videos) -> dict:
@@ -149,15 +149,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def chat_main(argv: list[str] | None = None) -> int:
-    from mmfast.models.nextgpt import load_pretrained
-
-    a = _parser().parse_args(argv)
-    try:
-        model = load_pretrained(a.model, device=a.device, dtype=a.dtype)
-    except (FileNotFoundError, ValueError, OSError) as e:
-        print(f"mmfast chat: {e}", file=sys.stderr)
-        return 2
+def chat_loop(model, a) -> int:
+    """``mmfast chat``'s turns for a loaded NExT-GPT ``model`` and the options of :func:`_parser`."""
     history: list[dict] = []
     messages = [a.prompt] if a.prompt is not None else None
     turn = 0
@@ -191,4 +184,4 @@ def chat_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["answer", "chat_main", "generate"]
+__all__ = ["answer", "chat_loop", "generate"]

@@ -25,8 +25,10 @@ import torch
 
 KINDS = ("attention", "norm", "projection", "loss")
 
-RULE_MODULES = ("mmfast.models.patch_rules_attention", "mmfast.models.patch_rules_projection",
-                "mmfast.models.patch_rules_llama")
+# One rules file per op family; rules apply in this order.
+RULE_MODULES = ("mmfast.models.patch.attention", "mmfast.models.patch.loss", "mmfast.models.patch.projection",
+                "mmfast.models.patch.norm", "mmfast.models.patch.llama")
+LM_TYPES = ("llama", "mistral", "qwen2", "llava")  # HF model types with a causal LM (and HF RMSNorms)
 
 # Attributes set on a patched model (plain attributes, not submodules or buffers: no state dict change).
 _UNDOS_ATTR = "_mmfast_patch_undos"  # list[(rule name, undo)]
@@ -190,6 +192,22 @@ def set_methods(targets: list[tuple[object, str, Callable]], *, signature: bool 
     return undo
 
 
+def config_value(model, name):
+    """``model.config.<name>``, or its ``text_config``'s (LLaVA keeps the LM's settings there); None if neither has it."""
+    cfg = getattr(model, "config", None)
+    for c in (cfg, getattr(cfg, "text_config", None)):
+        v = getattr(c, name, None) if c is not None else None
+        if v is not None:
+            return v
+    return None
+
+
+def set_forwards(targets):
+    """Give each module an instance-level ``forward`` (``(module, fn)`` pairs) with the signature of the one it
+    replaces; see :func:`set_methods`."""
+    return set_methods([(m, "forward", fn) for m, fn in targets])
+
+
 @contextlib.contextmanager
 def forward_replaced(module: torch.nn.Module, fn: Callable):
     """``module.forward`` is ``fn`` inside the block; an instance ``forward`` set before is put back after."""
@@ -233,11 +251,13 @@ def set_attributes(targets: list[tuple[object, str, object]]) -> Callable[[], No
 
 __all__ = [
     "KINDS",
+    "LM_TYPES",
     "RULE_MODULES",
     "PatchRule",
     "all_rules",
     "backend_of",
     "call_with_forward",
+    "config_value",
     "forward_replaced",
     "keep_signature",
     "model_type_of",
@@ -245,6 +265,7 @@ __all__ = [
     "patched_rules",
     "replace_modules",
     "set_attributes",
+    "set_forwards",
     "set_methods",
     "unpatch",
 ]

@@ -1,7 +1,7 @@
 """CLIP embeddings at throughput: images (a tensor, files, or a folder) and texts in batches.
 
     from mmfast.models.clip import create_model
-    from mmfast.models.clip_encode import encode_images, encode_texts
+    from mmfast.models.clip.encode import encode_images, encode_texts
     model = create_model("ViT-B-16", pretrained=DIR)          # mmfast.patch'ed (kernels=True)
     img = encode_images(model, "photos/", batch_size=1024)     # (N, E) fp32, L2-normalised
     txt = encode_texts(model, ["a photo of a cat", ...], batch_size=256)
@@ -120,7 +120,7 @@ def _image_batches(model, images, batch_size: int, num_workers: int):
         images = list_images(images)
     if not isinstance(images, (list, tuple)):
         raise TypeError(f"images must be a tensor, a folder or a list of files / PIL images, got {type(images).__name__}")
-    from mmfast.models.clip import get_transforms
+    from mmfast.models.clip.model import get_transforms
     from mmfast.utils.io import open_image
 
     tf = get_transforms(model, is_train=False)
@@ -167,7 +167,7 @@ def encode_texts(model, texts, *, batch_size: int = 256, normalize: bool = True,
                              f"{texts.dtype} {tuple(texts.shape)}")
         tokens = texts
     elif isinstance(texts, (list, tuple)) and all(isinstance(t, str) for t in texts):
-        from mmfast.models.clip import get_tokenizer
+        from mmfast.models.clip.model import get_tokenizer
 
         tokens = get_tokenizer(model)(list(texts)) if texts else torch.zeros(0, 1, dtype=torch.long)
     else:

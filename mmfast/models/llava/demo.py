@@ -134,7 +134,7 @@ def llava_stage2(ctx) -> dict:
 
 
 def _load(ctx):
-    from mmfast.models.llava import load_pretrained
+    from mmfast.models.llava.model import load_pretrained
 
     return load_pretrained(_dirs(ctx)[1] / "final", device="cpu", kernels=False)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmfast.models.llava_templates import IGNORE_INDEX, tokenize_conversation
+from mmfast.models.llava.templates import IGNORE_INDEX, tokenize_conversation
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -23,22 +23,10 @@ from __future__ import annotations
 
 import torch
 
-from mmfast.models.llava_templates import IMAGE_TOKEN, get_template
+from mmfast.models.llava.templates import IMAGE_TOKEN, get_template
+from mmfast.models.serving import _sample  # one sampler for both decoders
 
 CACHES = ("auto", "paged", "mmfast", "dynamic")
-
-
-def _sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, gen) -> torch.Tensor:
-    """Next token per row from (B, V) logits: argmax, or nucleus sampling over the top-p mass."""
-    if not do_sample:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / max(temperature, 1e-5), dim=-1)  # (B, V)
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-    drop = sorted_p.cumsum(-1) - sorted_p >= top_p
-    sorted_p = sorted_p.masked_fill(drop, 0.0)
-    pick = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=gen)  # (B, 1)
-    return order.gather(-1, pick).squeeze(-1)
 
 
 def _rows(llava, images, prompts):
@@ -80,20 +68,15 @@ class _LeftPadded:
     def __init__(self, llava, rows, pixel, use_cache: bool):
         from transformers import DynamicCache
 
-        from mmfast.models.llava import merge_embeddings
-
         self.llava, self.model, self.use_cache = llava, llava.model, use_cache
         self.ids, self.mask = _pad(rows, llava.pad_token_id, True, llava.device)
-        self.embeds = merge_embeddings(self.model, self.ids, pixel)  # (B, L, D): the images are encoded once
+        self.embeds = llava.embed(self.ids, pixel)  # (B, L, D): the images are encoded once
         self.positions = (self.mask.cumsum(1) - 1).clamp(min=0)  # (B, L): left padding does not shift positions
         self.cache = DynamicCache(config=self.model.config.text_config) if use_cache else None
 
     def _logits(self, ids, position_ids, embeds) -> torch.Tensor:
-        from mmfast.models.llava import forward_hidden
-
-        out = forward_hidden(self.model, ids, self.mask, None, image_attention=self.llava.image_attention,
-                             cache=self.cache, position_ids=position_ids, use_cache=self.use_cache,
-                             inputs_embeds=embeds)
+        out = self.llava.hidden(ids, self.mask, None, cache=self.cache, position_ids=position_ids,
+                                use_cache=self.use_cache, inputs_embeds=embeds)
         return self.model.lm_head(out.last_hidden_state[:, -1])  # (B, V)
 
     def prefill(self) -> torch.Tensor:
@@ -117,21 +100,17 @@ class _RightPadded:
 
     def __init__(self, llava, rows, pixel, max_new_tokens: int):
         from mmfast.models.kv_cache import MmfastKVCache
-        from mmfast.models.llava import merge_embeddings
 
         self.llava, self.model = llava, llava.model
         self.ids, _ = _pad(rows, llava.pad_token_id, False, llava.device)
         self.lens = torch.tensor([len(r) for r in rows], dtype=torch.int32, device=llava.device)  # (B,)
-        self.embeds = merge_embeddings(self.model, self.ids, pixel)  # (B, L, D)
+        self.embeds = llava.embed(self.ids, pixel)  # (B, L, D)
         b, length = self.ids.shape
         self.cache = MmfastKVCache(self.model.config, b, length + max_new_tokens)
 
     def _hidden(self, ids, position_ids, embeds) -> torch.Tensor:
-        from mmfast.models.llava import forward_hidden
-
-        return forward_hidden(self.model, ids, None, None, image_attention=self.llava.image_attention,
-                              cache=self.cache, position_ids=position_ids, use_cache=True,
-                              inputs_embeds=embeds).last_hidden_state  # (B, S, D)
+        return self.llava.hidden(ids, None, None, cache=self.cache, position_ids=position_ids, use_cache=True,
+                                 inputs_embeds=embeds).last_hidden_state  # (B, S, D)
 
     def prefill(self) -> torch.Tensor:
         b, length = self.ids.shape
@@ -149,11 +128,9 @@ class _RightPadded:
 
 def cache_kind(llava, cache: str = "auto", use_cache: bool = True) -> str:
     """``"mmfast"``, ``"dynamic"`` or ``"none"``: the decoding path :func:`generate` takes."""
-    from mmfast.models.llava import _uses_mmfast_attention
-
     if cache not in CACHES:
         raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
-    patched = _uses_mmfast_attention(llava.model)
+    patched = llava.uses_mmfast_attention
     if not use_cache:
         if cache != "auto":
             raise ValueError(f"use_cache=False recomputes every step; it takes no cache={cache!r}")
@@ -189,8 +166,6 @@ def generate(llava, images, prompts, max_new_tokens: int = 64, do_sample: bool =
         raise ValueError(f"stream= needs the batched engine (cache='paged' on a patched model); this call decodes "
                          f"with {kind!r}")
     if kind == "paged":
-        from mmfast.models.serving import generate_llava
-
         return generate_llava(llava, images, prompts, max_new_tokens=max_new_tokens, do_sample=do_sample,
                               temperature=temperature, top_p=top_p, seed=seed, stop=stop, on_token=stream)
     model = llava.model
@@ -236,4 +211,55 @@ def generate(llava, images, prompts, max_new_tokens: int = 64, do_sample: bool =
     return texts
 
 
-__all__ = ["CACHES", "cache_kind", "generate"]
+# --------------------------------------------------------------------------- the batched engine (mmfast.models.serving)
+def llava_prompt_embeds(llava, images, prompts) -> tuple[list[torch.Tensor], list[int] | None]:
+    """Per request the (L_i, D) prompt embeddings (images encoded in one batch) and, for
+    ``image_attention="bidirectional"``, each request's prefix length."""
+    rows, pixel = _rows(llava, images, prompts)
+    model = llava.model
+    if pixel is not None:
+        pixel = pixel.to(llava.device, next(model.model.vision_tower.parameters()).dtype)
+    ids, _ = _pad(rows, llava.pad_token_id, False, llava.device)  # (B, L) right padded
+    emb = llava.embed(ids, pixel)  # (B, L, D)
+    embeds = [emb[i, : len(r)] for i, r in enumerate(rows)]
+    prefix = None
+    if llava.image_attention == "bidirectional":
+        prefix = llava.image_prefix_lengths(ids).tolist()
+    return embeds, prefix
+
+
+def generate_llava(llava, images, prompts, *, max_new_tokens: int = 64, do_sample: bool = False,
+                   temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None, stop: str | None = None,
+                   cache: str = "paged", page_size: int = 16, num_pages: int | None = None,
+                   max_batch: int | None = None, on_token=None, ignore_eos: bool = False,
+                   return_completions: bool = False):
+    """:meth:`Llava.generate`'s batched path: texts (cut at the stop string, default the template's
+    separator; EOS / pad stripped) or, with ``return_completions``, :class:`Completion` objects."""
+    from mmfast.models.serving import ServingEngine
+
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts; they pair one to one")
+    if not prompts:
+        return []
+    stop = stop if stop is not None else get_template(llava.template).stop_str
+    embeds, prefix = llava_prompt_embeds(llava, images, prompts)
+    engine = ServingEngine(llava.model.model.language_model, llava.model.lm_head, cache=cache, page_size=page_size,
+                           num_pages=num_pages, max_batch=max_batch)
+    tok = llava.tokenizer
+    outs = engine.generate(embeds, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                           top_p=top_p, seed=seed, eos_token_id=None if ignore_eos else tok.eos_token_id,
+                           stop=stop or None, tokenizer=tok, prefix_lens=prefix, on_token=on_token)
+    llava._serving_stats = engine.stats
+    if return_completions:
+        return outs
+    texts = []
+    for c in outs:
+        text = c.text
+        for special in (tok.eos_token, tok.pad_token):
+            if special:
+                text = text.replace(special, "")
+        texts.append(text.strip())
+    return texts
+
+
+__all__ = ["CACHES", "cache_kind", "generate", "generate_llava", "llava_prompt_embeds"]

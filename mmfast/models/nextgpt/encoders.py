@@ -4,7 +4,7 @@ Every encoder maps a batch of one modality to ``EncoderOutput(tokens (N, P, D), 
 
 * ``ImageEncoder``: a transformers ``CLIPVisionModel`` (patch tokens, post-LN CLS as pooled); built from
   a config (tiny preset), a local CLIP directory, or an open_clip export (the demo's CLIP, converted by
-  :mod:`mmfast.models.llava_vision`).
+  :mod:`mmfast.models.llava.vision`).
 * ``VideoEncoder``: the image encoder over ``frames`` uniformly sampled frames, mean-pooled over time
   (tokens and pooled vector), as NExT-GPT feeds ImageBind's vision branch.
 * ``AudioEncoder``: a transformers ``ASTModel`` over the features of transformers' ``ASTFeatureExtractor``
@@ -55,7 +55,7 @@ class ImageEncoder(nn.Module):
         """A local CLIP / CLIP-vision directory, or an open_clip export (``open_clip_config.json``)."""
         from transformers import CLIPVisionModel
 
-        from mmfast.models import llava_vision
+        from mmfast.models.llava import vision as llava_vision
 
         d = Path(path)
         if not d.is_dir():

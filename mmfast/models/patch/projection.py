@@ -1,18 +1,9 @@
-"""Patch rules for the projection family: the LM loss, LLaVA's projector and the norms.
+"""Patch rules for the projection family: LLaVA's projector, CLIP's heads and open_clip's MLPs.
 
 Every rule patches *instances* (an instance-level ``forward``), never classes or source code, so the
 parameters, their names and the state dict stay exactly as they were, and the undo restores the
 class's method.
 
-* ``causal_lm.fused_linear_cross_entropy`` (loss): in training mode (``model.training``), when ``labels``
-  are given, the model's own forward runs with ``labels=None`` while its ``lm_head`` computes the
-  shifted-label loss with :func:`fused_linear_cross_entropy` *inside the head's forward* and returns it
-  as the head's output (so a DeepSpeed ZeRO-3 partitioned head weight is gathered then, and again in
-  the backward); the model's output gets that loss and an empty ``(B, S, 0)`` logits tensor (a tensor,
-  not ``None``, so ``return_dict=False`` tuples keep their positions). A training step never reads the
-  logits; anything that does (evaluation loops, metrics, transformers' own output tests) runs in eval
-  mode, where the model computes its logits and loss exactly as unpatched. Same label shift,
-  ``ignore_index=-100``, ``num_items_in_batch`` and final-logit softcap as HF.
 * ``llava.mlp_projector`` (projection): ``LlavaMultiModalProjector`` → :func:`mlp_projector`.
 * ``llava.mm_projector_sequential`` (projection, any model type): a submodule named ``*mm_projector``
   that is an ``nn.Sequential`` of Linear/GELU/Linear… (the original LLaVA code) → :func:`mlp_projector`.
@@ -26,93 +17,27 @@ class's method.
   text projection is an ``nn.Linear`` (a raw projection matrix keeps open_clip's own path).
 * ``open_clip.mlp`` (projection): each residual block's ``mlp`` (``c_fc`` → ``nn.GELU`` → ``c_proj``)
   → :func:`mlp_projector` with ``recompute=True`` (QuickGELU blocks keep open_clip's path).
-* ``hf.rms_norm`` (norm): HF RMSNorm modules (``weight`` + ``variance_epsilon``) → :func:`rms_norm`.
-* ``layer_norm`` (norm): every ``nn.LayerNorm`` over one dimension (HF CLIP, open_clip's subclasses)
-  → :func:`layer_norm`.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from mmfast.models.patch import PatchRule, backend_of, call_with_forward, forward_replaced, set_methods
-
-_LM_TYPES = ("llama", "mistral", "qwen2", "llava")
-_IGNORE = -100
-
-
-def _config_value(model, name):
-    cfg = getattr(model, "config", None)
-    for c in (cfg, getattr(cfg, "text_config", None)):
-        v = getattr(c, name, None) if c is not None else None
-        if v is not None:
-            return v
-    return None
-
-
-def set_forwards(targets):
-    """Give each module an instance-level ``forward`` (``(module, fn)`` pairs) with the signature of the one it
-    replaces; see :func:`mmfast.models.patch.set_methods`."""
-    return set_methods([(m, "forward", fn) for m, fn in targets])
-
-
-def _patch_causal_lm_loss(model: torch.nn.Module):
-    head = getattr(model, "lm_head", None)
-    if not isinstance(head, torch.nn.Linear) or not hasattr(model, "loss_function"):
-        return None
-    from mmfast.ops.projection import fused_linear_cross_entropy
-
-    orig = model.forward
-    softcap = _config_value(model, "final_logit_softcapping")
-
-    def forward(*args, **kwargs):
-        labels = kwargs.get("labels")
-        if not model.training or labels is None or kwargs.get("logits_to_keep", 0) not in (0, None):
-            return orig(*args, **kwargs)
-        shift_labels = kwargs.pop("shift_labels", None)
-        n_items = kwargs.get("num_items_in_batch")
-        kwargs["labels"] = None
-        box = {}
-
-        def head_forward(hidden):  # (B, S, H), runs inside the head's __call__ (hooks have fired)
-            target = shift_labels if shift_labels is not None else F.pad(labels, (0, 1), value=_IGNORE)[..., 1:]
-            loss = fused_linear_cross_entropy(
-                hidden, head.weight, target.to(hidden.device), head.bias, ignore_index=_IGNORE,
-                reduction="sum" if n_items is not None else "mean", softcap=softcap, backend=backend_of(model),
-            )
-            box["shape"] = hidden.shape[:-1]
-            # The loss leaves the head as its output, so module hooks see it in the backward (ZeRO-3
-            # re-gathers the head's weight there before the gradient is accumulated into it).
-            return (loss / n_items if n_items is not None else loss).reshape(1, 1, 1)
-
-        missing = object()
-        old = vars(head).get("forward", missing)
-        head.forward = head_forward  # the model's own forward calls the head: our loss runs inside it
-        try:
-            out = orig(*args, **kwargs)
-        finally:
-            if old is missing:
-                del head.forward
-            else:
-                head.forward = old
-        if isinstance(out, tuple):
-            loss = out[0].reshape(())
-            return (loss, loss.new_empty(*box["shape"], 0)) + tuple(out[1:])
-        loss = out["logits"].reshape(())
-        # Rebuilt rather than `out["loss"] = loss`: a ModelOutput key set after construction goes to the
-        # end, so `to_tuple()` / indexing would no longer put the loss first as return_dict=False does.
-        fields = dict(out.items())
-        fields.update(loss=loss, logits=loss.new_empty(*box["shape"], 0))
-        return type(out)(**fields)
-
-    return set_forwards([(model, forward)])
+from mmfast.models.patch import (
+    PatchRule,
+    backend_of,
+    call_with_forward,
+    config_value,
+    forward_replaced,
+    set_forwards,
+    set_methods,
+)
 
 
 # --------------------------------------------------------------------------- projector
 def _patch_llava_projector(model: torch.nn.Module):
     from mmfast.ops.projection import mlp_projector
 
-    act = _config_value(model, "projector_hidden_act") or "gelu"
+    act = config_value(model, "projector_hidden_act") or "gelu"
     targets = []
     for m in model.modules():
         if type(m).__name__ != "LlavaMultiModalProjector":
@@ -279,51 +204,10 @@ def _patch_open_clip_mlps(model: torch.nn.Module):
     return set_forwards(targets)
 
 
-# --------------------------------------------------------------------------- norms
-def _patch_rms_norms(model: torch.nn.Module):
-    from mmfast.ops.norm import rms_norm
-
-    targets = []
-    for m in model.modules():
-        w = getattr(m, "weight", None)
-        if not type(m).__name__.endswith("RMSNorm") or not isinstance(w, torch.Tensor) or w.dim() != 1:
-            continue
-        eps = getattr(m, "variance_epsilon", getattr(m, "eps", None))
-        if eps is None:
-            continue
-
-        def forward(hidden_states, _m=m, _eps=float(eps)):
-            # HF returns weight * x_normed.to(input dtype): the promoted dtype of the two.
-            out_dtype = torch.promote_types(_m.weight.dtype, hidden_states.dtype)
-            return rms_norm(hidden_states, _m.weight, _eps, backend=backend_of(model)).to(out_dtype)
-
-        targets.append((m, forward))
-    return set_forwards(targets)
-
-
-def _patch_layer_norms(model: torch.nn.Module):
-    from mmfast.ops.norm import layer_norm
-
-    targets = []
-    for m in model.modules():
-        if not isinstance(m, torch.nn.LayerNorm) or len(m.normalized_shape) != 1:
-            continue
-
-        def forward(x, _m=m):
-            return layer_norm(x, _m.weight, _m.bias, _m.eps, backend=backend_of(model))
-
-        targets.append((m, forward))
-    return set_forwards(targets)
-
-
 RULES: list[PatchRule] = [
-    PatchRule("causal_lm.fused_linear_cross_entropy", "loss", _LM_TYPES, _patch_causal_lm_loss),
     PatchRule("llava.mlp_projector", "projection", ("llava",), _patch_llava_projector),
     PatchRule("llava.mm_projector_sequential", "projection", (), _patch_sequential_projectors),
     PatchRule("clip.linear_l2_normalize", "projection", ("clip",), _patch_hf_clip_heads),
     PatchRule("open_clip.linear_l2_normalize", "projection", ("open_clip",), _patch_open_clip_heads),
     PatchRule("open_clip.mlp", "projection", ("open_clip",), _patch_open_clip_mlps),
-    PatchRule("hf.rms_norm", "norm", _LM_TYPES, _patch_rms_norms),
-    PatchRule("layer_norm", "norm", ("clip", "clip_vision_model", "clip_text_model", "llava", "open_clip"),
-              _patch_layer_norms),
 ]

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mmfast.models.llava_data import CLIP_MEAN, CLIP_STD, ImageProcessor, collate
-from mmfast.models.llava_templates import (
+from mmfast.models.llava.data import CLIP_MEAN, CLIP_STD, ImageProcessor, collate
+from mmfast.models.llava.templates import (
     IGNORE_INDEX,
     IMAGE_TOKEN,
     format_conversation,
@@ -35,7 +35,7 @@ from mmfast.models.llava_templates import (
     tokenize_conversation,
 )
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "llava"
+PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "llava"
 SELECT_FEATURES = {"patch": "default", "cls_patch": "full", "full": "full"}
 NATIVE_PROJECTOR = "mlp2x_gelu"
 PREFIX_KWARG = "mmfast_prefix_len"  # reaches mmfast's attention through transformers' **kwargs
@@ -120,8 +120,25 @@ class Llava:
                                 batch.get("pixel_values"), image_attention=self.image_attention).last_hidden_state
         return self.model.lm_head(hidden)  # (B, L, V)
 
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with the image features merged in (B, L, D): what generation decodes from."""
+        return merge_embeddings(self.model, input_ids, pixel_values)
+
+    def hidden(self, input_ids, attention_mask=None, pixel_values=None, **kw):
+        """The language model's output (``last_hidden_state``) under this model's image attention."""
+        return forward_hidden(self.model, input_ids, attention_mask, pixel_values,
+                              image_attention=self.image_attention, **kw)
+
+    def image_prefix_lengths(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B,) each row's prefix-LM length (through its last image token), for ``image_attention="bidirectional"``."""
+        return prefix_lengths(input_ids, self.model.config.image_token_id)
+
+    @property
+    def uses_mmfast_attention(self) -> bool:
+        return _uses_mmfast_attention(self.model)
+
     def generate(self, images, prompts, **kw) -> list[str]:
-        from mmfast.models.generate import generate
+        from mmfast.models.llava.generate import generate  # generation builds on this facade (embed, hidden)
 
         return generate(self, images, prompts, **kw)
 
@@ -317,13 +334,13 @@ class LlavaLossModule(nn.Module):
 
 # --------------------------------------------------------------------------- construction
 def _projector(kind: str, vision_dim: int, text_dim: int):
-    from mmfast.nn.projection import MLPProjector
+    from mmfast.models.llava.projector import projector_from_type
 
     if kind == "identity":
         if vision_dim != text_dim:
             raise ValueError(f"projector 'identity' needs equal widths, got vision {vision_dim} and LLM {text_dim}")
         return nn.Identity()
-    return MLPProjector.from_llava_type(kind, vision_dim, text_dim)
+    return projector_from_type(kind, vision_dim, text_dim)
 
 
 def _set_projector(model, kind: str) -> None:
@@ -359,9 +376,9 @@ def _ensure_image_token(model, tokenizer) -> None:
 def _finish(model, kernels: bool, backend: str | None):
     model.model.vision_tower.requires_grad_(False)
     if kernels:
-        import mmfast
+        from mmfast.models.patch import patch
 
-        mmfast.patch(model, backend=backend)
+        patch(model, backend=backend)
     return model
 
 
@@ -381,7 +398,7 @@ def build_llava(vision: str = "tiny", llm: str | None = None, projector: str | N
 
     if seed is not None:
         torch.manual_seed(seed)
-    from mmfast.models import llava_vision
+    from mmfast.models.llava import vision as llava_vision
 
     vpath = Path(vision)
     preset = None if vpath.is_dir() else load_preset(vision)

@@ -76,7 +76,7 @@ def check_against_open_clip(path, pixels: torch.Tensor, layer: int = -2) -> floa
     """Max |difference| between open_clip's block output and the converted model's hidden state."""
     from transformers import AutoModel
 
-    from mmfast.models.clip import create_model
+    from mmfast.models.clip.model import create_model
 
     config, sd, _, _ = open_clip_vision(path)
     hf = AutoModel.from_config(config).eval()
