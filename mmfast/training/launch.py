@@ -23,7 +23,6 @@ import importlib
 import ipaddress
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,9 +33,10 @@ GRACE_S = 10.0
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """The rendezvous port of a one-node run (below the kernel's ephemeral range: see mmfast.utils.ports)."""
+    from mmfast.utils.ports import free_port as pick
+
+    return pick("127.0.0.1")
 
 
 def _is_loopback(addr: str) -> bool:

@@ -6,7 +6,6 @@ error-bound rule: fp32 distributed result vs the fp64 single-process reference, 
 fp32 single-process error.
 """
 import os
-import socket
 import time
 import traceback
 
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from mmfast.ops._dispatch import Facts
 from mmfast.ops.contrastive import CLIP_OP, clip_loss_reference, siglip_loss_reference
 from mmfast.testing import assert_error_bound
+from mmfast.utils.ports import free_port
 
 pytestmark = pytest.mark.distributed
 
@@ -115,10 +115,8 @@ def _worker(rank, port, outdir, backends):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_port() -> int:
+    return free_port()  # below the ephemeral range: no outgoing connection takes it meanwhile
 
 
 @pytest.fixture(scope="module")

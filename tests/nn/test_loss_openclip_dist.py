@@ -6,7 +6,6 @@ tests compare them in the parent. Bound: ours (fp32) vs open_clip in fp64 within
 error, per rank, for the losses and every gradient.
 """
 import os
-import socket
 import time
 import traceback
 
@@ -15,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from mmfast.testing import assert_error_bound
+from mmfast.utils.ports import free_port
 
 pytestmark = pytest.mark.distributed
 pytest.importorskip("open_clip.loss")
@@ -100,10 +100,8 @@ def _worker(rank, port, outdir):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_port() -> int:
+    return free_port()  # below the ephemeral range: no outgoing connection takes it meanwhile
 
 
 @pytest.fixture(scope="module")

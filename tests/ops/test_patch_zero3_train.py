@@ -8,13 +8,14 @@ gradients and its parameters after both steps. The ranks run as subprocesses (ze
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from mmfast.utils.ports import free_port
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
@@ -24,9 +25,7 @@ REL = 1e-6  # fp32 end to end: the patched and plain runs differ only by summati
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()  # below the ephemeral range: no outgoing connection takes it meanwhile
 
 
 def _run_ranks(case: str, backend: str, logs: Path) -> list[dict]:

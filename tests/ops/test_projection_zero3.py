@@ -4,21 +4,20 @@ The engine runs in a subprocess (DeepSpeed sets process-wide state); the fused l
 the unpatched model's loss and full gradients."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from mmfast.utils.ports import free_port
+
 pytest.importorskip("deepspeed")
 WORKER = Path(__file__).with_name("zero3_flce_worker.py")
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()  # below the ephemeral range: no outgoing connection takes it meanwhile
 
 
 @pytest.mark.distributed
