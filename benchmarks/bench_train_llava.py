@@ -54,20 +54,9 @@ def build_model(shape: str, layers: int, kernels: bool, device: str, dtype, visi
         llava = ml.build_llava("tiny", kernels=kernels, seed=0, device=device)
         model = llava.model
     else:
-        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+        from mmfast.bench.llava import llava7b_trunc
 
-        n_vision = vision_layers if vision_layers is not None else layers + 1
-        vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=n_vision,
-                                  num_attention_heads=16, image_size=336, patch_size=14, hidden_act="quick_gelu")
-        text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
-                           num_attention_heads=32, num_key_value_heads=32, vocab_size=32064,
-                           max_position_embeddings=4096)
-        config = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=32000,
-                             vision_feature_layer=-2, vision_feature_select_strategy="default")
-        config._attn_implementation = "sdpa"
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = LlavaForConditionalGeneration(config)
+        model = llava7b_trunc(layers, vision_layers if vision_layers is not None else layers + 1, device)
         model.model.vision_tower.requires_grad_(False)
         if kernels:
             import mmfast
