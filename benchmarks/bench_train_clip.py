@@ -53,17 +53,13 @@ def _setup(kernels: bool):
             def loss_fn(img, txt, scale):
                 return oc_loss(img, txt, scale)
 
-        def step():
+        def loss_of():
             with amp:
                 img = model.encode_image(images, normalize=True)  # (B, E)
                 txt = model.encode_text(texts, normalize=True)  # (B, E)
-                loss = loss_fn(img, txt, model.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp())
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss
+                return loss_fn(img, txt, model.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp())
 
-        return step
+        return harness.train_step(opt, loss_of)
 
     return setup
 

@@ -103,14 +103,8 @@ def _setup(kernels: bool, liger: bool = False):
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
                                 fused=device == "cuda")
 
-        def step():
-            loss = _liger_loss(model, batch) if liger else ml.llava_loss(model, batch, fused=kernels)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss
-
-        return step
+        return harness.train_step(
+            opt, lambda: _liger_loss(model, batch) if liger else ml.llava_loss(model, batch, fused=kernels))
 
     return setup
 

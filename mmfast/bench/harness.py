@@ -307,6 +307,19 @@ def train_step_sweep(bench: str, table: dict[str, Setup], names: list[str], batc
                reps=args.reps, warmup=2, max_s=60.0)
 
 
+def train_step(opt, loss_of: Callable[[], torch.Tensor]) -> Step:
+    """A train-step benchmark's ``step``: ``loss_of()``, backward, ``opt.step()``, gradients set to None;
+    returns the loss."""
+    def step():
+        loss = loss_of()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
 def run_rounds(bench: str, names: list[str], setup_of: Callable[[str], Setup], case: dict, *, x_key: str,
                device: str, modes: Iterable[str], args: argparse.Namespace,
                out: str | os.PathLike) -> list[Row]:
@@ -484,5 +497,5 @@ def plot_rows(rows: list[Row], png: str | os.PathLike, title: str = "") -> Path 
 __all__ = [
     "COLUMNS", "MODES", "Row", "add_common_args", "add_device_args", "add_rounds_args", "add_train_step_args",
     "append_csv", "best_of_rounds", "device_name", "device_slug", "format_table", "int_list", "measure", "modes_of",
-    "pick_device", "plot_rows", "provider_names", "run", "run_rounds", "train_step_sweep", "unknown_providers",
+    "pick_device", "plot_rows", "provider_names", "run", "run_rounds", "train_step", "train_step_sweep", "unknown_providers",
 ]
