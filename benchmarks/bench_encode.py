@@ -80,12 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, help="images / texts per step (CPU default 1024, GPU 8192)")
     p.add_argument("--batch", type=int, help="image batch (CPU default 256, GPU 1024)")
     p.add_argument("--text-batch", type=int, default=256)
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU; default: torch's)")
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--rounds", type=int, default=1,
-                   help="run every provider this many times, the order reversed each round; the summary takes "
-                        "each provider's best median (on a shared machine the later runs are often faster)")
-    return p
+    return harness.add_rounds_args(p)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,25 +92,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     gpu = device == "cuda"
     names = harness.provider_names(a) or list(PROVIDERS)
-    unknown = [n for n in names if n not in PROVIDERS]
-    if unknown:
-        print(f"bench_encode: unknown providers {unknown}; known: {', '.join(PROVIDERS)}", file=sys.stderr)
+    if harness.unknown_providers(names, PROVIDERS, "bench_encode"):
         return 2
     case = {"model": a.model or ("ViT-B-16" if gpu else "tiny"), "n": a.n or (8192 if gpu else 1024),
             "batch": a.batch or (1024 if gpu else 256), "text_batch": a.text_batch, "device": device,
             "threads": torch.get_num_threads()}
     out = a.out or Path(__file__).resolve().parent / "results" / f"encode_{harness.device_slug(device)}.csv"
-    rows = []
-    for k in range(max(1, a.rounds)):
-        order = names if k % 2 == 0 else names[::-1]
-        rows += harness.run("encode", {n: _setup(n) for n in order}, [case], x_key="n", device=device,
-                            modes=("images", "texts"), budget_s=a.budget_s, out_csv=out,
-                            plot=not a.no_plot and k == a.rounds - 1, reps=a.reps, warmup=2)
-    by = {}
-    for r in rows:  # each provider's best round
-        best = by.get((r.provider, r.mode))
-        if best is None or best.error or (not r.error and r.median_ms < best.median_ms):
-            by[r.provider, r.mode] = r
+    rows = harness.run_rounds("encode", names, _setup, case, x_key="n", device=device, modes=("images", "texts"),
+                              args=a, out=out)
+    by = harness.best_of_rounds(rows)  # each provider's best round
     print(f"\n{case['model']}, {case['n']} per step, image batch {case['batch']}, text batch {case['text_batch']}, "
           f"{device}, {torch.get_num_threads()} threads")
     for n in names:

@@ -51,19 +51,9 @@ def build_model(shape: str, layers: int, rules: str, device: str, dtype):
 
         model = ml.build_llava("tiny", kernels=False, seed=0, device=device).model
     else:
-        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+        from mmfast.bench.llava import llava7b_trunc
 
-        vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=layers + 1,
-                                  num_attention_heads=16, image_size=336, patch_size=14, hidden_act="quick_gelu")
-        text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
-                           num_attention_heads=32, num_key_value_heads=32, vocab_size=32064,
-                           max_position_embeddings=4096)
-        config = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=32000,
-                             vision_feature_layer=-2, vision_feature_select_strategy="default")
-        config._attn_implementation = "sdpa"
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = LlavaForConditionalGeneration(config)
+        model = llava7b_trunc(layers, layers + 1, device)
     model.to(dtype).eval()
     if rules == "all":
         mmfast.patch(model)
@@ -138,12 +128,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--new-tokens", type=int, help="new tokens per request (CPU default 64, GPU 128)")
     p.add_argument("--prompt-tokens", default=None, help="text tokens per prompt, lo-hi (tiny 16-80, 7B 64-256)")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU; default: torch's)")
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--rounds", type=int, default=1,
-                   help="run every provider this many times, the order reversed each round; the summary takes "
-                        "each provider's best median (on a shared machine the later runs are often faster)")
-    return p
+    return harness.add_rounds_args(p)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,9 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     new_tokens = a.new_tokens or (128 if gpu else 64)
     lo, hi = (int(x) for x in (a.prompt_tokens or ("64-256" if shape != "tiny" else "16-80")).split("-"))
     names = harness.provider_names(a) or [n for n in PROVIDERS if gpu or n != "transformers-static"]
-    unknown = [n for n in names if n not in PROVIDERS]
-    if unknown:
-        print(f"bench_generate: unknown providers {unknown}; known: {', '.join(PROVIDERS)}", file=sys.stderr)
+    if harness.unknown_providers(names, PROVIDERS, "bench_generate"):
         return 2
     dtype = torch.bfloat16 if gpu else torch.float32
     model, _, n_img = build_model(shape, a.layers, "none", "cpu" if shape == "tiny" else "meta", torch.float32)
@@ -171,17 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     case = {"shape": shape, "layers": a.layers, "requests": a.requests, "new_tokens": new_tokens,
             "prompt_tokens": f"{lo}-{hi}", "device": device, "threads": torch.get_num_threads()}
     out = a.out or Path(__file__).resolve().parent / "results" / f"generate_{harness.device_slug(device)}.csv"
-    rows_out = []
-    for k in range(max(1, a.rounds)):
-        order = names if k % 2 == 0 else names[::-1]
-        rows_out += harness.run("generate", {n: _setup(n, shared) for n in order}, [case], x_key="requests",
-                                device=device, modes=("generate", "ttft"), budget_s=a.budget_s, out_csv=out,
-                                plot=not a.no_plot and k == a.rounds - 1, reps=a.reps, warmup=2)
-    by = {}
-    for r in rows_out:  # each provider's best round
-        best = by.get((r.provider, r.mode))
-        if best is None or best.error or (not r.error and r.median_ms < best.median_ms):
-            by[r.provider, r.mode] = r
+    rows_out = harness.run_rounds("generate", names, lambda n: _setup(n, shared), case, x_key="requests",
+                                  device=device, modes=("generate", "ttft"), args=a, out=out)
+    by = harness.best_of_rounds(rows_out)  # each provider's best round
     base = by.get(("transformers", "generate"))
     ref = shared["tokens"].get("transformers")
     print(f"\n{shape}, {a.requests} requests, prompts {lo}-{hi} text tokens + {n_img} image tokens, {new_tokens} new "

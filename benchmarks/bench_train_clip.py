@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from pathlib import Path
 
 import torch
 
@@ -54,62 +53,40 @@ def _setup(kernels: bool):
             def loss_fn(img, txt, scale):
                 return oc_loss(img, txt, scale)
 
-        def step():
+        def loss_of():
             with amp:
                 img = model.encode_image(images, normalize=True)  # (B, E)
                 txt = model.encode_text(texts, normalize=True)  # (B, E)
-                loss = loss_fn(img, txt, model.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp())
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss
+                return loss_fn(img, txt, model.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp())
 
-        return step
+        return harness.train_step(opt, loss_of)
 
     return setup
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench_train_clip", description=__doc__.split("\n\n")[0])
-    dev = p.add_mutually_exclusive_group()
-    dev.add_argument("--gpu", action="store_true")
-    dev.add_argument("--cpu", action="store_true")
+    harness.add_device_args(p, helps=False)
     p.add_argument("--model", help="preset or open_clip name (CPU default tiny, GPU ViT-B-16)")
     p.add_argument("--batch", help="comma-separated batch sizes (CPU default 64, GPU 256)")
-    p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--providers", default="open_clip,mmfast")
-    p.add_argument("--budget-s", type=float, default=None)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--out", help="CSV path (default benchmarks/results/train_clip_<device>.csv)")
-    p.add_argument("--no-plot", action="store_true")
-    return p
+    return harness.add_train_step_args(p, "train_clip", providers_default="open_clip,mmfast")
 
 
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
-    if a.gpu and not torch.cuda.is_available():
-        print("bench_train_clip: --gpu given but torch.cuda is not available", file=sys.stderr)
+    device = harness.pick_device(a, "bench_train_clip")
+    if device is None:
         return 2
-    device = "cuda" if (a.gpu or (torch.cuda.is_available() and not a.cpu)) else "cpu"
     gpu = device == "cuda"
     model = a.model or ("ViT-B-16" if gpu else "tiny")
-    try:
-        batches = [int(x) for x in (a.batch or ("256" if gpu else "64")).split(",") if x.strip()]
-    except ValueError:
-        print(f"--batch must be comma-separated integers, got {a.batch!r}", file=sys.stderr)
+    batches = harness.int_list(a.batch, "256" if gpu else "64")
+    if batches is None:
         return 2
     table = {"open_clip": _setup(False), "mmfast": _setup(True)}
     names = [n.strip() for n in a.providers.split(",") if n.strip()]
-    unknown = [n for n in names if n not in table]
-    if unknown or not batches or min(batches) <= 0:
-        print(f"bad arguments: providers {unknown or names} (known {list(table)}), batches {batches}", file=sys.stderr)
+    rows = harness.train_step_sweep("train_clip", table, names, batches, {"model": model}, a, device)
+    if rows is None:
         return 2
-    cases = [{"batch": b, "model": model, "dtype": "bf16" if gpu else "fp32", "device": device,
-              "grad_ckpt": a.grad_checkpointing} for b in batches]
-    out = Path(a.out) if a.out else Path("benchmarks/results") / f"train_clip_{harness.device_slug(device)}.csv"
-    rows = harness.run("train_clip", {n: table[n] for n in names}, cases, x_key="batch", device=device,
-                       modes=("train_step",), budget_s=a.budget_s, out_csv=out, plot=not a.no_plot,
-                       reps=a.reps, warmup=2, max_s=60.0)
     for r in rows:
         if not r.error:
             print(f"{r.provider:<10} batch {r.x:<5} {r.x / r.median_ms * 1e3:9.1f} samples/s  "

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
@@ -54,20 +53,9 @@ def build_model(shape: str, layers: int, kernels: bool, device: str, dtype, visi
         llava = ml.build_llava("tiny", kernels=kernels, seed=0, device=device)
         model = llava.model
     else:
-        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+        from mmfast.bench.llava import llava7b_trunc
 
-        n_vision = vision_layers if vision_layers is not None else layers + 1
-        vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=n_vision,
-                                  num_attention_heads=16, image_size=336, patch_size=14, hidden_act="quick_gelu")
-        text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
-                           num_attention_heads=32, num_key_value_heads=32, vocab_size=32064,
-                           max_position_embeddings=4096)
-        config = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=32000,
-                             vision_feature_layer=-2, vision_feature_select_strategy="default")
-        config._attn_implementation = "sdpa"
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = LlavaForConditionalGeneration(config)
+        model = llava7b_trunc(layers, vision_layers if vision_layers is not None else layers + 1, device)
         model.model.vision_tower.requires_grad_(False)
         if kernels:
             import mmfast
@@ -115,69 +103,45 @@ def _setup(kernels: bool, liger: bool = False):
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
                                 fused=device == "cuda")
 
-        def step():
-            loss = _liger_loss(model, batch) if liger else ml.llava_loss(model, batch, fused=kernels)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss
-
-        return step
+        return harness.train_step(
+            opt, lambda: _liger_loss(model, batch) if liger else ml.llava_loss(model, batch, fused=kernels))
 
     return setup
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench_train_llava", description=__doc__.split("\n\n")[0])
-    dev = p.add_mutually_exclusive_group()
-    dev.add_argument("--gpu", action="store_true")
-    dev.add_argument("--cpu", action="store_true")
+    harness.add_device_args(p, helps=False)
     p.add_argument("--shape", choices=("tiny", "llava7b-trunc", "anchor"),
                    help="CPU default tiny, GPU llava7b-trunc; anchor: 4+4 layers, batch 4, seq 2048")
     p.add_argument("--layers", type=int, default=2, help="LLM layers (and vision layers - 1) of llava7b-trunc")
     p.add_argument("--batch", help="comma-separated batch sizes (CPU default 8, GPU 1)")
     p.add_argument("--seq", type=int, default=None, help="tokens per sample (CPU 128, GPU 2048)")
-    p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--providers", help="comma-separated (default transformers,mmfast; anchor adds liger)")
-    p.add_argument("--budget-s", type=float, default=None)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--out", help="CSV path (default benchmarks/results/train_llava_<device>.csv)")
-    p.add_argument("--no-plot", action="store_true")
-    return p
+    return harness.add_train_step_args(p, "train_llava",
+                                       providers_help="comma-separated (default transformers,mmfast; anchor adds liger)")
 
 
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
-    if a.gpu and not torch.cuda.is_available():
-        print("bench_train_llava: --gpu given but torch.cuda is not available", file=sys.stderr)
+    device = harness.pick_device(a, "bench_train_llava")
+    if device is None:
         return 2
-    device = "cuda" if (a.gpu or (torch.cuda.is_available() and not a.cpu)) else "cpu"
     gpu = device == "cuda"
     shape = a.shape or ("llava7b-trunc" if gpu else "tiny")
     anchor = shape == "anchor"
     seq = a.seq or (2048 if shape != "tiny" else 128)
     layers = ANCHOR["layers"] if anchor else a.layers
-    try:
-        batches = [int(x) for x in (a.batch or (str(ANCHOR["batch"]) if anchor else "1" if gpu else "8")).split(",")
-                   if x.strip()]
-    except ValueError:
-        print(f"--batch must be comma-separated integers, got {a.batch!r}", file=sys.stderr)
+    batches = harness.int_list(a.batch, str(ANCHOR["batch"]) if anchor else "1" if gpu else "8")
+    if batches is None:
         return 2
     table = {"transformers": _setup(False), "mmfast": _setup(True), "liger": _setup(False, liger=True)}
     names = [n.strip() for n in (a.providers or ("transformers,mmfast,liger" if anchor else "transformers,mmfast"))
              .split(",") if n.strip()]
     names = [n for n in names if n != "liger"] + (["liger"] if "liger" in names else [])  # liger patches globally
-    unknown = [n for n in names if n not in table]
-    if unknown or not batches or min(batches) <= 0:
-        print(f"bad arguments: providers {unknown or names} (known {list(table)}), batches {batches}", file=sys.stderr)
+    case = {"seq": seq, "shape": shape, "layers": layers, "vision_layers": ANCHOR["vision_layers"] if anchor else None}
+    rows = harness.train_step_sweep("train_llava", table, names, batches, case, a, device)
+    if rows is None:
         return 2
-    cases = [{"batch": b, "seq": seq, "shape": shape, "layers": layers,
-              "vision_layers": ANCHOR["vision_layers"] if anchor else None, "dtype": "bf16" if gpu else "fp32",
-              "device": device, "grad_ckpt": a.grad_checkpointing} for b in batches]
-    out = Path(a.out) if a.out else Path("benchmarks/results") / f"train_llava_{harness.device_slug(device)}.csv"
-    rows = harness.run("train_llava", {n: table[n] for n in names}, cases, x_key="batch", device=device,
-                       modes=("train_step",), budget_s=a.budget_s, out_csv=out, plot=not a.no_plot,
-                       reps=a.reps, warmup=2, max_s=60.0)
     base = {r.x: r for r in rows if r.provider == "transformers" and not r.error}
     for r in rows:
         if r.error:

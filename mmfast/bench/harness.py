@@ -202,15 +202,66 @@ def add_common_args(p: argparse.ArgumentParser, bench: str, out_help: str | None
     """The arguments every ``mmfast bench <bench>`` takes: --gpu/--cpu, --providers, --modes,
     --budget-s, --out (``out_help`` when the default CSV path is not ``{bench}_<device>.csv``) and
     --no-plot. Read them back with :func:`pick_device`, :func:`modes_of`, :func:`provider_names`."""
-    dev = p.add_mutually_exclusive_group()
-    dev.add_argument("--gpu", action="store_true", help="run on CUDA (default when available)")
-    dev.add_argument("--cpu", action="store_true", help="run on CPU even when CUDA is available")
+    add_device_args(p)
     p.add_argument("--providers", help="comma-separated subset of providers")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES))
     p.add_argument("--budget-s", type=float, help="stop measuring after this many seconds (rest: skipped rows)")
     p.add_argument("--out", help=out_help or f"CSV path (default benchmarks/results/{bench}_<device>.csv)")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     return p
+
+
+def add_device_args(p: argparse.ArgumentParser, helps: bool = True) -> argparse.ArgumentParser:
+    """--gpu / --cpu, mutually exclusive (``helps=False``: without help texts). Read with :func:`pick_device`."""
+    dev = p.add_mutually_exclusive_group()
+    dev.add_argument("--gpu", action="store_true", help="run on CUDA (default when available)" if helps else None)
+    dev.add_argument("--cpu", action="store_true", help="run on CPU even when CUDA is available" if helps else None)
+    return p
+
+
+def add_train_step_args(p: argparse.ArgumentParser, bench: str, providers_default: str | None = None,
+                        providers_help: str | None = None) -> argparse.ArgumentParser:
+    """The arguments after a train-step benchmark's own (``benchmarks/bench_train_*.py``):
+    --grad-checkpointing, --providers, --budget-s, --reps, --out and --no-plot. Read with
+    :func:`train_step_sweep`."""
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--providers", default=providers_default, help=providers_help)
+    p.add_argument("--budget-s", type=float, default=None)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--out", help=f"CSV path (default benchmarks/results/{bench}_<device>.csv)")
+    p.add_argument("--no-plot", action="store_true")
+    return p
+
+
+def add_rounds_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--threads, --reps and --rounds of a benchmark that runs every provider over several rounds
+    (:func:`run_rounds`, :func:`best_of_rounds`)."""
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU; default: torch's)")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every provider this many times, the order reversed each round; the summary takes "
+                        "each provider's best median (on a shared machine the later runs are often faster)")
+    return p
+
+
+def int_list(text: str | None, default: str, flag: str = "--batch") -> list[int] | None:
+    """Comma-separated integers (``default`` when ``text`` is empty). None (after saying why on stderr)
+    when one is not an integer: the caller exits with status 2."""
+    try:
+        return [int(x) for x in (text or default).split(",") if x.strip()]
+    except ValueError:
+        print(f"{flag} must be comma-separated integers, got {text!r}", file=sys.stderr)
+        return None
+
+
+def unknown_providers(names: list[str], known: Iterable[str], prog: str) -> bool:
+    """True (after saying which on stderr) when a name in ``names`` is not in ``known``: the caller
+    exits with status 2."""
+    known = list(known)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        print(f"{prog}: unknown providers {unknown}; known: {', '.join(known)}", file=sys.stderr)
+    return bool(unknown)
 
 
 def pick_device(args: argparse.Namespace, prog: str) -> str | None:
@@ -238,6 +289,61 @@ def provider_names(args: argparse.Namespace) -> list[str] | None:
 
 
 # --------------------------------------------------------------------------- sweep
+def train_step_sweep(bench: str, table: dict[str, Setup], names: list[str], batches: list[int], case: dict,
+                     args: argparse.Namespace, device: str) -> list[Row] | None:
+    """A train-step benchmark's sweep: providers ``names`` (from ``table``) over ``batches``, mode
+    ``train_step``, each case ``{"batch": b, **case, "dtype", "device", "grad_ckpt"}``, rows appended to
+    ``--out`` or ``benchmarks/results/{bench}_<device>.csv``. None (after saying why on stderr) when a
+    name is unknown or a batch size not positive: the caller exits with status 2."""
+    unknown = [n for n in names if n not in table]
+    if unknown or not batches or min(batches) <= 0:
+        print(f"bad arguments: providers {unknown or names} (known {list(table)}), batches {batches}", file=sys.stderr)
+        return None
+    cases = [{"batch": b, **case, "dtype": "bf16" if device == "cuda" else "fp32", "device": device,
+              "grad_ckpt": args.grad_checkpointing} for b in batches]
+    out = Path(args.out) if args.out else Path("benchmarks/results") / f"{bench}_{device_slug(device)}.csv"
+    return run(bench, {n: table[n] for n in names}, cases, x_key="batch", device=device,
+               modes=("train_step",), budget_s=args.budget_s, out_csv=out, plot=not args.no_plot,
+               reps=args.reps, warmup=2, max_s=60.0)
+
+
+def train_step(opt, loss_of: Callable[[], torch.Tensor]) -> Step:
+    """A train-step benchmark's ``step``: ``loss_of()``, backward, ``opt.step()``, gradients set to None;
+    returns the loss."""
+    def step():
+        loss = loss_of()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def run_rounds(bench: str, names: list[str], setup_of: Callable[[str], Setup], case: dict, *, x_key: str,
+               device: str, modes: Iterable[str], args: argparse.Namespace,
+               out: str | os.PathLike) -> list[Row]:
+    """:func:`run` ``args.rounds`` times (at least once) over the one ``case``, the providers' order
+    reversed each round, the plot drawn after the last round only (and not with --no-plot)."""
+    rows = []
+    for k in range(max(1, args.rounds)):
+        order = names if k % 2 == 0 else names[::-1]
+        rows += run(bench, {n: setup_of(n) for n in order}, [case], x_key=x_key, device=device, modes=modes,
+                    budget_s=args.budget_s, out_csv=out, plot=not args.no_plot and k == args.rounds - 1,
+                    reps=args.reps, warmup=2)
+    return rows
+
+
+def best_of_rounds(rows: list[Row]) -> dict[tuple[str, str], Row]:
+    """(provider, mode) -> that pair's fastest row without error (a row with error where all failed)."""
+    by = {}
+    for r in rows:
+        best = by.get((r.provider, r.mode))
+        if best is None or best.error or (not r.error and r.median_ms < best.median_ms):
+            by[r.provider, r.mode] = r
+    return by
+
+
 def run(
     bench: str,
     providers: dict[str, Setup],
@@ -389,6 +495,7 @@ def plot_rows(rows: list[Row], png: str | os.PathLike, title: str = "") -> Path 
 
 
 __all__ = [
-    "COLUMNS", "MODES", "Row", "add_common_args", "append_csv", "device_name", "device_slug", "format_table",
-    "measure", "modes_of", "pick_device", "plot_rows", "provider_names", "run",
+    "COLUMNS", "MODES", "Row", "add_common_args", "add_device_args", "add_rounds_args", "add_train_step_args",
+    "append_csv", "best_of_rounds", "device_name", "device_slug", "format_table", "int_list", "measure", "modes_of",
+    "pick_device", "plot_rows", "provider_names", "run", "run_rounds", "train_step", "train_step_sweep", "unknown_providers",
 ]

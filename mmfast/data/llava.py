@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mmfast.data.imagetext import _torch_dataset_base
 from mmfast.utils.io import open_image, read_json, safe_join
 
 IMAGE_TOKEN = "<image>"
@@ -99,14 +100,6 @@ def load_llava_json(
             rec = {**rec, "image_path": str(full)}
         out.append(rec)
     return out
-
-
-def _torch_dataset_base():
-    try:
-        from torch.utils.data import Dataset
-    except ImportError:
-        return object
-    return Dataset
 
 
 class LlavaDataset(_torch_dataset_base()):

@@ -15,6 +15,7 @@ import tarfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from mmfast.data.imagetext import _torch_dataset_base
 from mmfast.utils.io import MAX_IMAGE_PIXELS, atomic_open
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
@@ -81,14 +82,6 @@ def index_shard(path: Path) -> list[tuple[str, str, str]]:
             )
         out.append((key, img, txt))
     return out
-
-
-def _torch_dataset_base():
-    try:
-        from torch.utils.data import Dataset
-    except ImportError:
-        return object
-    return Dataset
 
 
 class TarImageTextDataset(_torch_dataset_base()):

@@ -237,22 +237,29 @@ def _finish(name: str, result: dict, out: str | None) -> int:
     return 0
 
 
+def _run(a: argparse.Namespace, cmd: str, evaluate) -> int:
+    """``mmfast eval <cmd>``: load the model, ``evaluate(model, device)``, print (and write) the result
+    with the seconds it took; status 2 (after saying why) on a missing file or a bad value."""
+    dev = _device(a.device)
+    try:
+        t0 = time.perf_counter()
+        model = _load_model(a.model, a.arch, dev)
+        result = evaluate(model, dev)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"mmfast eval {cmd}: {e}", file=sys.stderr)
+        return 2
+    result["seconds"] = round(time.perf_counter() - t0, 3)
+    return _finish(cmd, result, a.out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mmfast eval zeroshot", description="zero-shot classification with prompt ensembling")
     _common_args(p)
     p.add_argument("--split", default="val")
     p.add_argument("--templates", default="openai_imagenet", help="openai_imagenet | simple | single | FILE")
     a = p.parse_args(argv)
-    dev = _device(a.device)
-    try:
-        t0 = time.perf_counter()
-        model = _load_model(a.model, a.arch, dev)
-        result = zeroshot_eval(model, a.data, a.templates, a.split, a.batch_size, dev, a.limit)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"mmfast eval zeroshot: {e}", file=sys.stderr)
-        return 2
-    result["seconds"] = round(time.perf_counter() - t0, 3)
-    return _finish("zeroshot", result, a.out)
+    return _run(a, "zeroshot",
+                lambda model, dev: zeroshot_eval(model, a.data, a.templates, a.split, a.batch_size, dev, a.limit))
 
 
 def linear_probe_main(argv: list[str] | None = None) -> int:
@@ -261,13 +268,5 @@ def linear_probe_main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-split", default="train")
     p.add_argument("--split", default="val", help="evaluation split")
     a = p.parse_args(argv)
-    dev = _device(a.device)
-    try:
-        t0 = time.perf_counter()
-        model = _load_model(a.model, a.arch, dev)
-        result = linear_probe(model, a.data, a.train_split, a.split, a.batch_size, dev, a.limit)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"mmfast eval linear-probe: {e}", file=sys.stderr)
-        return 2
-    result["seconds"] = round(time.perf_counter() - t0, 3)
-    return _finish("linear-probe", result, a.out)
+    return _run(a, "linear-probe",
+                lambda model, dev: linear_probe(model, a.data, a.train_split, a.split, a.batch_size, dev, a.limit))

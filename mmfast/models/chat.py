@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mmfast chat: {args.model} holds a {kind!r} model; chat knows llava and nextgpt", file=sys.stderr)
         return 2
     from mmfast.models.llava.model import load_pretrained
+    from mmfast.models.nextgpt.generate import user_turns
     from mmfast.utils.io import open_image
 
     try:
@@ -81,20 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mmfast chat: {e}", file=sys.stderr)
         return 2
     conv: list[dict] = []
-    questions = [args.prompt] if args.prompt is not None else None
-    interactive = questions is None
-    while True:
-        if interactive:
-            try:
-                q = input("USER: ").strip()
-            except EOFError:
-                break
-            if not q:
-                break
-        else:
-            if not questions:
-                break
-            q = questions.pop(0)
+    interactive = args.prompt is None
+    for q in user_turns(args.prompt):
         value = f"<image>\n{q}" if image is not None and not conv else q
         conv.append({"from": "human", "value": value})
         if interactive:

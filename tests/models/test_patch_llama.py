@@ -2,14 +2,13 @@
 LLaMA and tiny LLaVA (mmfast.models.llava.build_llava("tiny")) patched reproduce the unpatched outputs
 and every parameter gradient within 2x PyTorch's own fp32 error against fp64, the fused kernels are the
 ones that ran, generation is unchanged, and unpatch restores the model."""
-import copy
 
 import pytest
 import torch
+from patch_helpers import compare_patched
 
 import mmfast
 from mmfast.models.patch import patched_rules
-from mmfast.testing import assert_error_bound
 
 transformers = pytest.importorskip("transformers")
 
@@ -41,37 +40,11 @@ def spy(monkeypatch, triton_backend):
     return calls
 
 
-def _grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def _compare(model, run, backend, kinds=None):
     """fp64 unpatched = reference, fp32 unpatched = PyTorch's own error; the patched fp32 model within 2x."""
     from mmfast.models.patch import KINDS
 
-    ref_model = copy.deepcopy(model).double()
-    low_model = copy.deepcopy(model)
-    results = []
-    for m, patched in ((ref_model, False), (low_model, False), (model, True)):
-        if patched:
-            mmfast.patch(m, kinds=kinds or KINDS, backend=backend)
-            assert set(LLAMA_RULES) <= set(patched_rules(m)), patched_rules(m)
-        torch.manual_seed(0)
-        out = run(m, next(m.parameters()).dtype)
-        out.backward()
-        results.append((out.detach(), _grads(m)))
-    (ref_out, ref_g), (low_out, low_g), (out, g) = results
-    assert_error_bound(out, ref_out, low_out, name="output")
-    assert ref_g.keys() == g.keys() and len(g) > 0
-    scale = max(r.abs().max().item() for r in ref_g.values())
-    for name in g:
-        if ref_g[name].abs().max().item() < 1e-12 * scale:
-            assert g[name].abs().max().item() <= 1e-6 * scale, name
-            continue
-        assert_error_bound(g[name], ref_g[name], low_g[name], name=name)
-    mmfast.unpatch(model)
-    assert patched_rules(model) == []
-    assert all("forward" not in vars(m) for m in model.modules())
+    compare_patched(model, run, backend, kinds or KINDS, LLAMA_RULES, "output")
 
 
 @pytest.mark.parametrize("kinds", [("norm", "attention", "projection"), None], ids=["llama_rules", "all_rules"])

@@ -4,10 +4,10 @@ import copy
 
 import pytest
 import torch
+from patch_helpers import compare_patched
 
 import mmfast
 from mmfast.models.patch import patched_rules
-from mmfast.testing import assert_error_bound
 
 transformers = pytest.importorskip("transformers")
 
@@ -24,38 +24,10 @@ def _clip_vision():
                 "patch_size": 8}
 
 
-def _grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def _compare(model, run, backend, expect_rules):
     """fp64 unpatched = reference, fp32 unpatched = PyTorch's own error; the patched fp32 model must be
     within 2x that error (+ a few ulps) for the loss and every parameter gradient."""
-    ref_model = copy.deepcopy(model).double()
-    low_model = copy.deepcopy(model)
-    results = []
-    for m, patched in ((ref_model, False), (low_model, False), (model, True)):
-        if patched:
-            mmfast.patch(m, kinds=KINDS, backend=backend)
-            assert set(expect_rules) <= set(patched_rules(m)), patched_rules(m)
-        torch.manual_seed(0)
-        loss = run(m, next(m.parameters()).dtype)
-        loss.backward()
-        results.append((loss.detach(), _grads(m)))
-    (ref_loss, ref_g), (low_loss, low_g), (loss, g) = results
-    assert_error_bound(loss, ref_loss, low_loss, name="loss")
-    assert ref_g.keys() == g.keys() and len(g) > 0
-    scale = max(r.abs().max().item() for r in ref_g.values())
-    for name in g:
-        if ref_g[name].abs().max().item() < 1e-12 * scale:
-            # Exactly zero in exact arithmetic (e.g. attention key biases: softmax is shift-invariant),
-            # so both fp32 results are rounding noise: require noise-sized values, not a ratio of noises.
-            assert g[name].abs().max().item() <= 1e-6 * scale, name
-            continue
-        assert_error_bound(g[name], ref_g[name], low_g[name], name=name)
-    mmfast.unpatch(model)
-    assert patched_rules(model) == []
-    assert all("forward" not in vars(m) for m in model.modules())
+    compare_patched(model, run, backend, KINDS, expect_rules, "loss")
 
 
 @pytest.mark.parametrize("backend_kind", ["triton", "reference"])

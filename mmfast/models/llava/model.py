@@ -34,6 +34,7 @@ from mmfast.models.llava.templates import (
     get_template,
     tokenize_conversation,
 )
+from mmfast.models.presets import preset_names, read_preset
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "llava"
 SELECT_FEATURES = {"patch": "default", "cls_patch": "full", "full": "full"}
@@ -42,14 +43,11 @@ PREFIX_KWARG = "mmfast_prefix_len"  # reaches mmfast's attention through transfo
 
 
 def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+    return preset_names(PRESET_DIR)
 
 
 def load_preset(name: str) -> dict:
-    path = PRESET_DIR / f"{name}.json"
-    if not path.is_file():
-        raise ValueError(f"unknown LLaVA preset {name!r}; presets: {list_presets()} (or pass a model directory)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_preset(PRESET_DIR, name, "LLaVA", hint=" (or pass a model directory)")
 
 
 def _model_type(path: Path) -> str | None:

@@ -84,33 +84,35 @@ def _scheduler():
                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
+def _unet_kwargs(cfg: dict, dims: str) -> dict:
+    """The tiny cross-attention UNet's arguments; ``dims``: "2D" (images) or "3D" (video)."""
+    ch = tuple(cfg.get("unet_channels", (16, 32)))
+    return {"sample_size": cfg["latent_size"], "in_channels": 4, "out_channels": 4, "block_out_channels": ch,
+            "layers_per_block": 1, "down_block_types": (f"CrossAttnDownBlock{dims}", f"DownBlock{dims}"),
+            "up_block_types": (f"UpBlock{dims}", f"CrossAttnUpBlock{dims}"),
+            "cross_attention_dim": cfg["text_encoder"]["hidden_size"], "attention_head_dim": 4,
+            "norm_num_groups": min(8, ch[0])}
+
+
+def _conditioning(cfg: dict, tokenizer) -> dict:
+    """A tiny pipeline's VAE, CLIP text encoder and tokenizer (built in that order)."""
+    return {"vae": _vae(3, cfg), "text_encoder": _clip_text(cfg, len(tokenizer)),
+            "tokenizer": _tokenizer(tokenizer, cfg["text_encoder"]["max_length"])}
+
+
 def tiny_image_pipeline(cfg: dict, tokenizer):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    d = cfg["text_encoder"]["hidden_size"]
-    ch = tuple(cfg.get("unet_channels", (16, 32)))
-    unet = UNet2DConditionModel(sample_size=cfg["latent_size"], in_channels=4, out_channels=4, block_out_channels=ch,
-                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=d,
-                                attention_head_dim=4, norm_num_groups=min(8, ch[0]))
-    return StableDiffusionPipeline(vae=_vae(3, cfg), text_encoder=_clip_text(cfg, len(tokenizer)),
-                                   tokenizer=_tokenizer(tokenizer, cfg["text_encoder"]["max_length"]), unet=unet,
-                                   scheduler=_scheduler(), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    unet = UNet2DConditionModel(**_unet_kwargs(cfg, "2D"))
+    return StableDiffusionPipeline(**_conditioning(cfg, tokenizer), unet=unet, scheduler=_scheduler(),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 def tiny_video_pipeline(cfg: dict, tokenizer):
     from diffusers import TextToVideoSDPipeline, UNet3DConditionModel
 
-    d = cfg["text_encoder"]["hidden_size"]
-    ch = tuple(cfg.get("unet_channels", (16, 32)))
-    unet = UNet3DConditionModel(sample_size=cfg["latent_size"], in_channels=4, out_channels=4, block_out_channels=ch,
-                                layers_per_block=1, down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-                                up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), cross_attention_dim=d,
-                                attention_head_dim=4, norm_num_groups=min(8, ch[0]))
-    return TextToVideoSDPipeline(vae=_vae(3, cfg), text_encoder=_clip_text(cfg, len(tokenizer)),
-                                 tokenizer=_tokenizer(tokenizer, cfg["text_encoder"]["max_length"]), unet=unet,
-                                 scheduler=_scheduler())
+    unet = UNet3DConditionModel(**_unet_kwargs(cfg, "3D"))
+    return TextToVideoSDPipeline(**_conditioning(cfg, tokenizer), unet=unet, scheduler=_scheduler())
 
 
 def tiny_audio_pipeline(cfg: dict, tokenizer):

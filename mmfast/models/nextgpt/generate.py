@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -149,23 +150,28 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def user_turns(prompt: str | None) -> Iterator[str]:
+    """``mmfast chat``'s user messages (LLaVA's and NExT-GPT's): ``prompt`` alone when given; else lines
+    read from stdin after ``USER: ``, stripped, each read when the previous turn is done, until an empty
+    line or EOF."""
+    if prompt is not None:
+        yield prompt
+        return
+    while True:
+        try:
+            q = input("USER: ").strip()
+        except EOFError:
+            return
+        if not q:
+            return
+        yield q
+
+
 def chat_loop(model, a) -> int:
     """``mmfast chat``'s turns for a loaded NExT-GPT ``model`` and the options of :func:`_parser`."""
     history: list[dict] = []
-    messages = [a.prompt] if a.prompt is not None else None
-    turn = 0
-    while True:
-        if messages is None:
-            try:
-                q = input("USER: ").strip()
-            except EOFError:
-                break
-            if not q:
-                break
-        elif messages:
-            q = messages.pop(0)
-        else:
-            break
+    interactive = a.prompt is None
+    for turn, q in enumerate(user_turns(a.prompt)):
         first = turn == 0
         try:  # the media stay in every turn's prompt (their placeholders are in the first human turn)
             r = model.generate(q, images=a.image, audios=a.audio, videos=a.video, history=history, max_new_tokens=a.max_new_tokens,
@@ -176,12 +182,11 @@ def chat_loop(model, a) -> int:
         prefix = "".join(nd.PLACEHOLDERS[m] + "\n" for m, xs in (("image", a.image), ("audio", a.audio),
                                                                     ("video", a.video)) if first for _ in (xs or []))
         history += [{"from": "human", "value": prefix + q}, {"from": "gpt", "value": r["text"]}]
-        print(("ASSISTANT: " if messages is None else "") + r["text"], flush=True)
+        print(("ASSISTANT: " if interactive else "") + r["text"], flush=True)
         for m in nd.MODALITIES:
             for path in r.get(m, []):
                 print(f"[{m}] {path}", flush=True)
-        turn += 1
     return 0
 
 
-__all__ = ["answer", "chat_loop", "generate"]
+__all__ = ["answer", "chat_loop", "generate", "user_turns"]

@@ -30,20 +30,18 @@ from torch import nn
 from mmfast.models.nextgpt import data as nd
 from mmfast.models.nextgpt import decoders as ndec
 from mmfast.models.nextgpt import encoders as nenc
+from mmfast.models.presets import preset_names, read_preset
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "nextgpt"
 TRAINABLE_FILE, COMPONENTS_FILE = "trainable.safetensors", "components.safetensors"
 
 
 def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+    return preset_names(PRESET_DIR)
 
 
 def load_preset(name: str) -> dict:
-    path = PRESET_DIR / f"{name}.json"
-    if not path.is_file():
-        raise ValueError(f"unknown NExT-GPT preset {name!r}; presets: {list_presets()}")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_preset(PRESET_DIR, name, "NExT-GPT")
 
 
 def _build_llm(spec):
