@@ -7,8 +7,8 @@ handing their pages to the ones still waiting.
     outs[i].token_ids, outs[i].text, outs[i].finish_reason          # "eos" | "stop" | "length"
 
 ``prompt_embeds``: one (L_i, D) tensor per request (LLaVA: the token embeddings with the image features
-written over the ``<image>`` tokens). :func:`generate_llava` builds them and is what
-``Llava.generate(..., cache="paged")`` (``cache="auto"`` on a patched model) calls.
+written over the ``<image>`` tokens). :func:`mmfast.models.llava.generate.generate_llava` builds them and is
+what ``Llava.generate(..., cache="paged")`` (``cache="auto"`` on a patched model) calls.
 
 How a step runs (no transformers ``generate``, no padding mask, no HF cache object):
 
