@@ -113,7 +113,7 @@ bench() {
     local what=$1 limit=$2
     shift 2
     local name="bench $what" prev=""
-    for a in "$@"; do [[ $prev == --op ]] && name+=" $a"; prev=$a; done
+    for a in "$@"; do [[ $prev == --op || $prev == --loss || $prev == --sizes ]] && name+=" $a"; prev=$a; done
     if [[ -f mmfast/bench/$what.py ]]; then
         step "$name" "$limit" "$PY" -m mmfast.cli bench "$what" --gpu "$@"
     else
@@ -203,15 +203,21 @@ step "pytest (CUDA tests)" 125 env MMFAST_TEST_CUDA_ONLY=1 MMFAST_TEST_FAILLOG="
     tests/ops tests/nn tests/models/test_kv_cache.py tests/models/test_llava_generate.py
 
 # 6. in what time is left: a profile of the two rows mmfast lost by the widest margin on the H100
-#    (LayerNorm, the CLIP step; attention at its fixed configs, no autotuning, to fit the slot), then
-#    the contrastive loss (#2) with the split backward beside the fused one. (Attention, #3: results/nvidia-h100-80gb-hbm3 has two runs; `mmfast bench attention`.)
+#    (LayerNorm, the CLIP step; attention at its fixed configs, no autotuning, to fit the slot).
 step "profile" 40 env MMFAST_ATTN_AUTOTUNE=0 "$PY" benchmarks/profile_gpu.py --out "$RES/profile.txt"
-bench contrastive 25 --out "$RES/contrastive.csv" --budget-s 18 \
-    --providers mmfast-triton,mmfast-triton-split,open_clip,inf_cl
+
+# 7. the contrastive loss (#21; SUITE_ONLY=contrastive runs these alone, about 6 minutes): every provider
+#    side by side at N = 8k-64k (eager holds 40 GiB of logits at 64k), mmfast's gemm path alone at
+#    128k and 256k (eager cannot), SigLIP at 32k. Rows carry gemm_tflops (cuBLAS on the logits' GEMM).
+bench contrastive 250 --out "$RES/contrastive.csv" --sizes 8192,32768,65536 --budget-s 240 \
+    --providers mmfast-gemm,mmfast-triton,torch-eager,open_clip,inf_cl,torch-compile
+bench contrastive 45 --out "$RES/contrastive.csv" --sizes 131072,262144 --budget-s 40 --providers mmfast-gemm
+bench contrastive 70 --out "$RES/contrastive-siglip.csv" --loss siglip --sizes 32768 --budget-s 60 \
+    --providers mmfast-gemm,mmfast-triton,torch-eager,open_clip,torch-compile
 
 bg_wait
 
-# 7. summary: the step table, then one line per benchmark row.
+# 8. summary: the step table, then one line per benchmark row.
 {
     echo
     echo "================ GPU suite: $(($(date +%s) - T0))s ================"

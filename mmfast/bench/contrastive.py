@@ -1,19 +1,21 @@
-"""``mmfast bench contrastive``: the CLIP loss, fused vs the usual ways of computing it.
+"""``mmfast bench contrastive``: the CLIP (or SigLIP) loss, mmfast's backends vs the usual ways of computing it.
 
 Workload: normalised image/text features (N, d) and a learnable log-scale τ (``logit_scale =
-exp(τ)``, as CLIP trains it); the loss is the symmetric InfoNCE. Modes: ``fwd`` is the forward
-of a training step (autograd records, so memory includes what backward will keep); ``fwd+bwd``
-adds ``torch.autograd.grad`` w.r.t. both features and τ.
+exp(τ)``, as CLIP trains it); the loss is the symmetric InfoNCE (``--loss siglip``: the sigmoid loss with a
+learnable bias). Modes: ``fwd`` is the forward of a training step (autograd records, so memory includes
+what backward will keep); ``fwd+bwd`` adds ``torch.autograd.grad`` w.r.t. both features and τ (and the bias).
 
-Providers: ``mmfast-<backend>`` for each kernel backend that runs here, ``torch-eager`` (full
-logits + ``F.cross_entropy``), ``torch-compile`` (the same function through ``torch.compile``),
-``open_clip`` (``open_clip.loss.ClipLoss``) and ``inf_cl`` (``inf_cl.cal_inf_loss``, CUDA only,
-when installed); on CUDA also ``mmfast-triton-split`` (the deterministic split backward: dB from a
-second pass instead of atomics; on the H100 the default fused backward took 10.3 ms at N=8192
-against open_clip's 1.9 ms).
+Providers: ``mmfast-<backend>`` for each kernel backend that runs here (on CUDA ``mmfast-gemm``, row
+chunks through cuBLAS with a Triton softmax stage, and ``mmfast-triton``, the fused kernels; on CPU
+``mmfast-cpp``), ``torch-eager`` (full logits + ``F.cross_entropy`` / ``logsigmoid``), ``torch-compile``
+(the same function through ``torch.compile``), ``open_clip`` (``ClipLoss`` / ``SigLipLoss``) and
+``inf_cl`` (``inf_cl.cal_inf_loss``, CLIP, CUDA only, when installed); on request also
+``mmfast-triton-split`` (the fused kernels' deterministic split backward).
 
-FLOPs (model FLOPs; recomputation inside fused kernels is not counted): the logits matmul is
-2N²d; forward = 2N²d, forward + backward = 6N²d (dI = G·T and dT = Gᵀ·I).
+FLOPs: the logits GEMM is 2N²d; forward = 2N²d, forward + backward = 8N²d (the logits again, dI = G·T,
+dT = Gᵀ·I: what a scheme that never stores the logits must do). On CUDA each case also records
+``gemm_tflops``: a plain bf16 ``torch.mm`` of the logits' shape, (N, d) × (d, N), timed in the same run,
+so a row's TFLOP/s reads as a fraction of what cuBLAS reaches on that card for that size.
 """
 from __future__ import annotations
 
@@ -43,6 +45,13 @@ def _inputs(case: dict, device: str):
     return img, txt, log_scale
 
 
+def eager_siglip_loss(img, txt, logit_scale, logit_bias):
+    """SigLIP as its reference code writes it: full (N, N) logits, ±1 labels, ``-logsigmoid`` summed / N."""
+    logits = logit_scale * img @ txt.t() + logit_bias
+    labels = 2 * torch.eye(img.shape[0], device=img.device, dtype=logits.dtype) - 1
+    return -F.logsigmoid(labels * logits).sum() / img.shape[0]
+
+
 def eager_clip_loss(img, txt, logit_scale):
     """What a training script writes: full (N, N) logits and two cross-entropies."""
     logits = logit_scale * img @ txt.t()  # (N, N)
@@ -52,11 +61,22 @@ def eager_clip_loss(img, txt, logit_scale):
 
 def _stepper(loss_fn, case, mode, device):
     img, txt, log_scale = _inputs(case, device)
+    if case.get("loss") == "siglip":
+        bias = torch.tensor(-10.0, device=device).requires_grad_()
+        leaves = (img, txt, log_scale, bias)
+
+        def loss_of():
+            return loss_fn(img, txt, log_scale.exp(), bias)
+    else:
+        leaves = (img, txt, log_scale)
+
+        def loss_of():
+            return loss_fn(img, txt, log_scale.exp())
 
     def step():
-        loss = loss_fn(img, txt, log_scale.exp())
+        loss = loss_of()
         if mode == "fwd+bwd":
-            return torch.autograd.grad(loss, (img, txt, log_scale))
+            return torch.autograd.grad(loss, leaves)
         return loss
 
     return step
@@ -64,18 +84,21 @@ def _stepper(loss_fn, case, mode, device):
 
 def _mmfast(backend):
     def setup(case, mode):
-        from mmfast.ops.contrastive import CLIP_OP, clip_loss, select_backend
+        from mmfast.ops.contrastive import CLIP_OP, SIGLIP_OP, clip_loss, select_backend, siglip_loss
 
         device = case["device"]
         probe = torch.empty(1, 1, device=device, dtype=DTYPES[case["dtype"]])
-        select_backend(CLIP_OP, probe, backend)  # refusal reasons become the row's error
+        siglip = case.get("loss") == "siglip"
+        select_backend(SIGLIP_OP if siglip else CLIP_OP, probe, backend)  # refusal reasons become the row's error
+        if siglip:
+            return _stepper(lambda i, t, s, b: siglip_loss(i, t, s, b, backend=backend), case, mode, device)
         return _stepper(lambda i, t, s: clip_loss(i, t, s, backend=backend), case, mode, device)
 
     return setup
 
 
 def _mmfast_split(case, mode):
-    """mmfast's Triton loss with the split backward (dB from a second pass over the transposed
+    """mmfast's fused Triton loss with the split backward (dB from a second pass over the transposed
     problem instead of fp32 atomics; ``MMFAST_CONTRASTIVE_BWD=split`` around each step)."""
     inner = _mmfast("triton")(case, mode)
 
@@ -93,16 +116,24 @@ def _mmfast_split(case, mode):
     return step
 
 
+def _eager_fn(case):
+    return eager_siglip_loss if case.get("loss") == "siglip" else eager_clip_loss
+
+
 def _eager(case, mode):
-    return _stepper(eager_clip_loss, case, mode, case["device"])
+    return _stepper(_eager_fn(case), case, mode, case["device"])
 
 
 def _compiled(case, mode):
-    fn = torch.compile(eager_clip_loss, dynamic=False)
+    fn = torch.compile(_eager_fn(case), dynamic=False)
     return _stepper(fn, case, mode, case["device"])
 
 
 def _open_clip(case, mode):
+    if case.get("loss") == "siglip":
+        from open_clip.loss import SigLipLoss
+
+        return _stepper(SigLipLoss(), case, mode, case["device"])
     from open_clip.loss import ClipLoss
 
     return _stepper(ClipLoss(), case, mode, case["device"])
@@ -111,6 +142,8 @@ def _open_clip(case, mode):
 def _inf_cl(case, mode):
     if case["device"] != "cuda":
         raise RuntimeError("inf_cl runs on CUDA only")
+    if case.get("loss") == "siglip":
+        raise RuntimeError("inf_cl has no SigLIP loss")
     import torch.distributed as dist
     from inf_cl import cal_inf_loss
 
@@ -125,26 +158,41 @@ def _inf_cl(case, mode):
 
 
 def providers(device: str, names: list[str] | None = None) -> dict:
-    """Provider name -> setup. The fused backend for the device first; ``names`` picks a subset."""
-    fused = "triton" if device == "cuda" else "cpp"
+    """Provider name -> setup. mmfast's backends for the device first; ``names`` picks a subset."""
     # Order matters under --budget-s (each provider gets a fair share of what is left):
-    # the fused kernel first, the compiler (slow first calls, one per size) last.
-    table = {f"mmfast-{fused}": _mmfast(fused), "torch-eager": _eager, "open_clip": _open_clip}
+    # mmfast first, the compiler (slow first calls, one per size) last.
     if device == "cuda":
-        table["mmfast-triton-split"] = _mmfast_split
+        table = {"mmfast-gemm": _mmfast("gemm"), "mmfast-triton": _mmfast("triton")}
+    else:
+        table = {"mmfast-cpp": _mmfast("cpp")}
+    table.update({"torch-eager": _eager, "open_clip": _open_clip})
+    if device == "cuda":
         table["inf_cl"] = _inf_cl
     table.update({"mmfast-reference": _mmfast("reference"), "torch-compile": _compiled})
+    if device == "cuda":
+        table["mmfast-triton-split"] = _mmfast_split
     if names:
         unknown = [n for n in names if n not in table]
         if unknown:
             raise SystemExit(f"unknown provider(s) {unknown}; choose from {list(table)}")
-        table = {n: table[n] for n in names}
+        return {n: table[n] for n in names}
+    table.pop("mmfast-triton-split", None)  # by name only
     return table
 
 
 def flops(case: dict, mode: str) -> float:
     mm = 2.0 * case["N"] ** 2 * case["d"]
-    return mm if mode == "fwd" else 3 * mm
+    return mm if mode == "fwd" else 4 * mm
+
+
+def gemm_tflops(n: int, d: int, dtype: torch.dtype) -> float:
+    """cuBLAS's rate (TFLOP/s) on the logits' GEMM, (n, d) × (d, n) in ``dtype``: median of triton's do_bench."""
+    import triton
+
+    a = torch.randn(n, d, device="cuda", dtype=dtype)
+    b = torch.randn(n, d, device="cuda", dtype=dtype)
+    ms = triton.testing.do_bench(lambda: torch.mm(a, b.t()), return_mode="median")
+    return 2.0 * n * n * d / (ms * 1e-3) / 1e12
 
 
 # --------------------------------------------------------------------------- CLI
@@ -155,6 +203,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", help="comma-separated batch sizes N (overrides the defaults)")
     p.add_argument("--dim", type=int, help="feature dim d (CPU default 256, GPU 768)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="feature dtype (CPU default fp32, GPU bf16)")
+    p.add_argument("--loss", choices=("clip", "siglip"), default="clip", help="which loss (default clip)")
     return p
 
 
@@ -184,10 +233,20 @@ def main(argv: list[str] | None = None) -> int:
     if names is None and args.quick and not gpu:
         names = ["mmfast-cpp", "torch-eager", "open_clip"]  # torch.compile's first call alone takes a minute
     table = providers(device, names)
-    out = Path(args.out) if args.out else Path("benchmarks/results") / f"contrastive_{harness.device_slug(device)}.csv"
-    cases = [{"N": n, "d": dim, "dtype": dtype, "device": device} for n in sizes]
+    stem = "contrastive" if args.loss == "clip" else "contrastive-siglip"
+    out = Path(args.out) if args.out else Path("benchmarks/results") / f"{stem}_{harness.device_slug(device)}.csv"
+    cases = []
+    for n in sizes:
+        case = {"N": n, "d": dim, "dtype": dtype, "device": device, "loss": args.loss}
+        if gpu:
+            try:
+                case["gemm_tflops"] = round(gemm_tflops(n, dim, DTYPES[dtype]), 1)
+            except torch.OutOfMemoryError:  # the (N, N) product itself does not fit: no yardstick
+                torch.cuda.empty_cache()
+            print(f"N={n}: {dtype} GEMM (N, d) x (d, N): {case.get('gemm_tflops', 'out of memory')} TFLOP/s")
+        cases.append(case)
     rows = harness.run(
-        "contrastive", table, cases, x_key="N", device=device, modes=modes, flops=flops,
+        stem, table, cases, x_key="N", device=device, modes=modes, flops=flops,
         budget_s=args.budget_s, out_csv=out, plot=not args.no_plot,
         **({"reps": 2, "max_s": 3.0} if args.quick and not gpu else {}),
     )

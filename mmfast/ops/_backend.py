@@ -13,7 +13,7 @@ from mmfast.ops._env import Env, need_reasons
 
 # Every backend name an op may register (``backend=`` accepts these; ops refuse the ones they lack).
 BACKENDS = (
-    "triton", "triton_interpret", "cpp",
+    "triton", "triton_interpret", "gemm", "gemm_interpret", "cpp",
     "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", "flex", "flash_attn",
     "torch", "reference",
 )

@@ -7,7 +7,8 @@ Math. For features ``a`` (M, d), ``b`` (K, d), scale ``s`` and bias ``β`` the l
 * CLIP symmetric (M = K, offset 0): rows + the same over columns; the loss is that sum / (2N).
 * SigLIP: Σ_ij softplus(−y_ij z_ij), y = +1 on positives, −1 elsewhere; the loss is that sum / N.
 
-Backend contract (``triton``, ``triton_interpret`` and ``cpp`` implement it; sums, not means):
+Backend contract (``triton``/``triton_interpret`` (fused kernels), ``gemm``/``gemm_interpret`` (row chunks through
+vendor GEMMs, ``_contrastive_gemm.py``) and ``cpp`` implement it; sums, not means):
 
     clip_fwd(a, b, scale, bias, label_smoothing, offset, symmetric)
         -> (loss_sum: fp32 0-d, lse_row: fp64 (M,), lse_col: fp64 (K,) or None)
@@ -50,7 +51,7 @@ from mmfast.ops._dispatch import (
     check_backend_name,
     register,
 )
-from mmfast.ops._host import autocast_inputs
+from mmfast.ops._host import autocast_inputs, next_pow2
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -102,16 +103,40 @@ def _kernel(module, fwd, bwd, **kw):
     return KernelBackend(module, fwd, bwd, **kw)
 
 
-_TRI, _CPP = "mmfast.ops._contrastive_triton", "mmfast.ops._contrastive_cpp"
-CLIP_OP = register(Op("clip_loss", example=_example))
-CLIP_OP.add("triton", _kernel(_TRI, "clip_fwd", "clip_bwd", devices=("cuda",), needs=("triton",)))
+def _shape_class(facts: Facts) -> str:
+    """The preference table's row for a call: the logits' column count K in powers of two (``k8k``,
+    ``k32k``, ...; ``k<=2k`` below); ``*`` when the call's K is not known."""
+    k = facts.get("k")
+    if k is None:
+        return "*"
+    k = next_pow2(int(k))
+    return "k<=2k" if k <= 2048 else f"k{k // 1024}k"
+
+
+_TRI, _GEMM, _CPP = "mmfast.ops._contrastive_triton", "mmfast.ops._contrastive_gemm", "mmfast.ops._contrastive_cpp"
+_GEMM_DOC = ("row chunks: vendor GEMMs (cuBLAS) + a Triton softmax stage; deterministic; scratch ≤ "
+             "MMFAST_CONTRASTIVE_CHUNK_MB (256 MiB)")
+# On CUDA ``gemm`` comes first: 8·N²·d at GEMM speed, where the fused kernel's backward runs far below it
+# at CLIP's d = 768-1152 (issue #21); the preference table reorders by shape once the benchmark has
+# measured both on a card. On CPU the interpreter's fused kernels stay ahead of the interpreted gemm path.
+_ORDER = {"cuda": ("gemm", "triton")}
+CLIP_OP = register(Op("clip_loss", example=_example, device_order=_ORDER, shape_class=_shape_class))
+CLIP_OP.add("triton", _kernel(_TRI, "clip_fwd", "clip_bwd", devices=("cuda",), needs=("triton",),
+                              doc="fused: one kernel per pass, S tiles in registers"))
 CLIP_OP.add("triton_interpret", _kernel(_TRI, "clip_fwd", "clip_bwd", devices=("cpu",), needs=("triton_interpret",)))
+CLIP_OP.add("gemm", _kernel(_GEMM, "clip_fwd", "clip_bwd", devices=("cuda",), needs=("triton",), doc=_GEMM_DOC))
+CLIP_OP.add("gemm_interpret", _kernel(_GEMM, "clip_fwd", "clip_bwd", devices=("cpu",), needs=("triton_interpret",),
+                                      doc=_GEMM_DOC))
 CLIP_OP.add("cpp", _kernel(_CPP, "clip_fwd", "clip_bwd", devices=("cpu",), needs=("cpp",)))
 CLIP_OP.add("reference", Backend(devices=None, doc="plain PyTorch over the full logits"))
-SIGLIP_OP = register(Op("siglip_loss", example=_example))
-SIGLIP_OP.add("triton", _kernel(_TRI, "siglip_fwd", "siglip_bwd", devices=("cuda",), needs=("triton",)))
+SIGLIP_OP = register(Op("siglip_loss", example=_example, device_order=_ORDER, shape_class=_shape_class))
+SIGLIP_OP.add("triton", _kernel(_TRI, "siglip_fwd", "siglip_bwd", devices=("cuda",), needs=("triton",),
+                                doc="fused: one kernel per pass, S tiles in registers"))
 SIGLIP_OP.add("triton_interpret", _kernel(_TRI, "siglip_fwd", "siglip_bwd", devices=("cpu",),
                                           needs=("triton_interpret",)))
+SIGLIP_OP.add("gemm", _kernel(_GEMM, "siglip_fwd", "siglip_bwd", devices=("cuda",), needs=("triton",), doc=_GEMM_DOC))
+SIGLIP_OP.add("gemm_interpret", _kernel(_GEMM, "siglip_fwd", "siglip_bwd", devices=("cpu",),
+                                        needs=("triton_interpret",), doc=_GEMM_DOC))
 SIGLIP_OP.add("cpp", _kernel(_CPP, "siglip_fwd", "siglip_bwd", devices=("cpu",), needs=("cpp",)))
 SIGLIP_OP.add("reference", Backend(devices=None, doc="plain PyTorch over the full logits"))
 
@@ -237,11 +262,14 @@ def _check_features(image_features, text_features, *, square=True):
         raise ValueError(f"image_features on {image_features.device} but text_features on {text_features.device}")
 
 
-def select_backend(op: Op, a: torch.Tensor, backend: str | None) -> str:
+def select_backend(op: Op, a: torch.Tensor, backend: str | None, k: int | None = None) -> str:
+    """The backend for features ``a`` (M, d) against ``k`` columns (default M)."""
     check_backend_name(backend)
     if torch.compiler.is_compiling():
         return _select_static(op.name, a.device.type, a.dtype, backend)
-    return op.select(Facts.of([a]), backend)
+    k = a.shape[0] if k is None else k
+    key = next_pow2(max(int(k), 1))
+    return op.select(Facts(a.device.type, a.dtype, {"k": key}), backend)
 
 
 @torch.compiler.assume_constant_result
@@ -262,14 +290,14 @@ def _check_offset(a, b, offset):
 
 
 def _clip_rows(a, b, scale, bias, label_smoothing, offset, backend):
-    chosen = select_backend(CLIP_OP, a, backend)
+    chosen = select_backend(CLIP_OP, a, backend, b.shape[0])
     if chosen == "reference":
         return clip_rows_reference(a, b, scale, bias, label_smoothing, offset)
     return _clip_apply(a, b, scale, bias, float(label_smoothing), int(offset), False, chosen)
 
 
 def _siglip_rows(a, b, scale, bias, offset, backend):
-    chosen = select_backend(SIGLIP_OP, a, backend)
+    chosen = select_backend(SIGLIP_OP, a, backend, b.shape[0])
     if chosen == "reference":
         return siglip_sum_reference(a, b, scale, bias, offset)
     return _siglip_apply(a, b, scale, bias, int(offset), chosen)

@@ -28,7 +28,8 @@ OC_FLAGS = [(False, False), (False, True), (True, False), (True, True)]  # (loca
 
 
 def _backends():
-    return [b for b in ("reference", "cpp") if not CLIP_OP.reasons(b, Facts("cpu", torch.float32))]
+    names = ("reference", "cpp", "gemm_interpret")  # gemm_interpret: under TRITON_INTERPRET=1 (the tests' default)
+    return [b for b in names if not CLIP_OP.reasons(b, Facts("cpu", torch.float32))]
 
 
 def _global_inputs(layout, seed):
@@ -165,7 +166,7 @@ def _check(got, ref, lowp, rank, layout, what, zero=()):
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
-@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("backend", ["reference", "cpp", "gemm_interpret"])
 def test_global_batch_semantics(results, backend, kind, layout):
     if backend not in _backends():
         pytest.skip(f"backend {backend} unavailable here")

@@ -13,6 +13,7 @@ import pytest
 import torch
 from contrastive_helpers import check_against_reference, features, loss_and_grads
 
+import mmfast.ops._contrastive_gemm as cgemm
 import mmfast.ops._contrastive_triton as ctri
 from mmfast.ops import BackendUnavailableError
 from mmfast.ops import contrastive as C
@@ -26,7 +27,7 @@ def _cpp_importable() -> bool:
     return True
 
 
-BACKENDS = ["triton_interpret", "reference"] + (["cpp"] if _cpp_importable() else [])
+BACKENDS = ["triton_interpret", "gemm_interpret", "reference"] + (["cpp"] if _cpp_importable() else [])
 DTYPES = [torch.float32, torch.bfloat16]
 SHAPES = [(1, 8), (37, 19), (64, 32)]
 
@@ -35,11 +36,14 @@ SHAPES = [(1, 8), (37, 19), (64, 32)]
 def _poison_kernel_outputs(monkeypatch):
     """Every buffer a Triton kernel should fill starts as NaN: an unwritten element fails the bound."""
     monkeypatch.setattr(ctri, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(cgemm, "POISON_OUTPUTS", True)
 
 
 def _backend(name: str, triton_backend: str) -> str:
     if name == "cpp" and triton_backend == "triton":
         pytest.skip("the cpp backend runs on CPU tensors; this run tests CUDA")
+    if name == "gemm_interpret" and triton_backend == "triton":
+        return "gemm"
     return triton_backend if name == "triton_interpret" else name
 
 
@@ -206,6 +210,124 @@ def test_backward_mode_selection(monkeypatch):
         ctri._bwd_mode()
 
 
+# --------------------------------------------------------------------------- the gemm backend's chunks
+def _gemm_backend(triton_backend):
+    return "gemm" if triton_backend == "triton" else "gemm_interpret"
+
+
+def _fns(kind, offset, backend):
+    """(fn under test, its fp64 reference) for the four problem forms."""
+    if kind == "clip":
+        return (lambda a, b, s, bias: C.clip_loss(a, b, s, bias, label_smoothing=0.1, backend=backend),
+                lambda a, b, s, bias: C.clip_loss_reference(a, b, s, bias, label_smoothing=0.1))
+    if kind == "clip_rows":
+        return (lambda a, b, s, bias: C.clip_rows_sum(a, b, s, bias, label_smoothing=0.1, offset=offset,
+                                                      backend=backend),
+                lambda a, b, s, bias: C.clip_rows_reference(a, b, s, bias, 0.1, offset))
+    if kind == "siglip":
+        return (lambda a, b, s, bias: C.siglip_loss(a, b, s, bias, backend=backend), C.siglip_loss_reference)
+    return (lambda a, b, s, bias: C.siglip_sum(a, b, s, bias, offset=offset, backend=backend),
+            lambda a, b, s, bias: C.siglip_sum_reference(a, b, s, bias, offset))
+
+
+def _budget_for(rows, k, dtype):
+    """The MMFAST_CONTRASTIVE_CHUNK_MB that gives chunks of ``rows`` rows."""
+    return str((rows + 0.5) * cgemm.row_bytes(k, dtype) / 2**20)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 10_000], ids=["C1", "C3", "one_chunk"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "kind, m, k, offset",
+    [("clip", 37, 37, 0), ("clip_rows", 13, 40, 20), ("siglip", 37, 37, 0), ("siglip_rows", 13, 40, 27)],
+)
+def test_gemm_chunks_match_fp64(kind, m, k, offset, dtype, rows, monkeypatch, device, triton_backend):
+    """A tiny chunk budget: one row per chunk, ragged chunks of 3 (37 = 12·3 + 1, 13 = 4·3 + 1), one chunk;
+    loss and every gradient within the bound, with label smoothing, bias, offset, both losses."""
+    monkeypatch.setenv("MMFAST_CONTRASTIVE_CHUNK_MB", _budget_for(rows, k, dtype))
+    assert cgemm.chunk_rows(m, k, dtype) == min(rows, m)
+    a, b = features(m, k, 19, dtype, seed=m + k + rows, offset=offset, device=device)
+    s, beta = torch.tensor(30.0, device=device), torch.tensor(-3.0, device=device)
+    fn, ref = _fns(kind, offset, _gemm_backend(triton_backend))
+    check_against_reference(fn, ref, a, b, s, beta)
+
+
+def test_gemm_chunk_budget_errors_name_the_variable(monkeypatch):
+    for bad in ("0", "-3", "lots", "nan"):
+        monkeypatch.setenv("MMFAST_CONTRASTIVE_CHUNK_MB", bad)
+        with pytest.raises(ValueError, match="MMFAST_CONTRASTIVE_CHUNK_MB"):
+            cgemm.chunk_rows(100, 100, torch.float32)
+    monkeypatch.delenv("MMFAST_CONTRASTIVE_CHUNK_MB")
+    # the default budget at N = 32k, bf16: about 1.3k rows, a multiple of 64, inside 256 MiB
+    c = cgemm.chunk_rows(32768, 32768, torch.bfloat16)
+    assert c % 64 == 0 and 1024 <= c and c * cgemm.row_bytes(32768, torch.bfloat16) <= 256 * 2**20
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_gemm_extra_memory_stays_within_the_chunk_budget(kind, monkeypatch, device, triton_backend):
+    """LiveBytes counts every tensor the call allocates and keeps alive at once: at most the chunk budget
+    plus O((N + K)·d) (the gradients, the fp32 db accumulator, O(N) vectors), far below the N² logits."""
+    from mmfast.testing import LiveBytes
+
+    if device != "cpu":
+        pytest.skip("LiveBytes on CPU tensors")
+    n, d = 2048, 16
+    budget = 64 * cgemm.row_bytes(n, torch.float32)
+    monkeypatch.setenv("MMFAST_CONTRASTIVE_CHUNK_MB", str(budget / 2**20))
+    assert cgemm.chunk_rows(n, n, torch.float32) == 64
+    a, b = features(n, n, d, torch.float32, seed=9, device=device)
+    a.requires_grad_()
+    b.requires_grad_()
+    s = torch.tensor(10.0, requires_grad=True)
+    with LiveBytes() as lb:
+        if kind == "clip":
+            loss = C.clip_loss(a, b, s, label_smoothing=0.1, backend=_gemm_backend(triton_backend))
+        else:
+            loss = C.siglip_loss(a, b, s, -10.0, backend=_gemm_backend(triton_backend))
+        loss.backward()
+    linear = 4 * (2 * n * d * 4) + 64 * n * 8  # da, db, db's fp32 accumulator, a spare; O(N) vectors
+    assert lb.peak <= budget + linear, (lb.peak, budget, linear)
+    assert lb.peak < n * n * 4 / 4  # a quarter of one fp32 (N, N) logits
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_gemm_backend_is_bitwise_deterministic(kind, monkeypatch, device, triton_backend):
+    """No atomics: two runs give the same bits (several chunks, so db accumulates across them)."""
+    monkeypatch.setenv("MMFAST_CONTRASTIVE_CHUNK_MB", _budget_for(5, 37, torch.bfloat16))
+    a, b = features(37, 37, 24, torch.bfloat16, seed=3, device=device)
+    s, beta = torch.tensor(20.0, device=device), torch.tensor(-2.0, device=device)
+    fn, _ = _fns(kind, 0, _gemm_backend(triton_backend))
+    first, second = loss_and_grads(fn, a, b, s, beta), loss_and_grads(fn, a, b, s, beta)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+def test_gemm_returns_the_fused_kernels_lse(device, triton_backend):
+    """clip_fwd's row/column log-sum-exp equal the fp64 ones, across chunks."""
+    k = C._kernels(_gemm_backend(triton_backend))
+    a, b = features(37, 37, 19, torch.float32, seed=11, device=device)
+    s, beta = torch.tensor(20.0, device=device), torch.tensor(-1.0, device=device)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MMFAST_CONTRASTIVE_CHUNK_MB", _budget_for(4, 37, torch.float32))
+        _, lse_row, lse_col = k.clip_fwd(a, b, s, beta, 0.0, 0, True)
+    z = 20.0 * a.double() @ b.double().t() - 1.0
+    torch.testing.assert_close(lse_row.double(), z.logsumexp(1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(lse_col.double(), z.logsumexp(0), rtol=0, atol=1e-5)
+
+
+def test_auto_takes_gemm_first_on_cuda_and_says_why():
+    """On an sm90 card (faked) auto takes the gemm backend for CLIP and SigLIP; `explain` shows the order."""
+    from mmfast.ops._dispatch import Facts, fake_env
+
+    sm90 = {"cuda_available": True, "arch": "sm90", "interpret": False, "triton_error": None}
+    with fake_env(**sm90):
+        for op in (C.CLIP_OP, C.SIGLIP_OP):
+            facts = Facts("cuda", torch.bfloat16, {"n": 32768, "d": 768})
+            assert op.select(facts) == "gemm"
+            text = "\n".join(op.explain(facts))
+            assert "* gemm" in text and "triton" in text, text
+
+
 # --------------------------------------------------------------------------- kernel internals
 def test_kernel_returns_lse_stats(device, triton_backend):
     """clip_fwd's row/column log-sum-exp equal the fp64 ones (the distributed loss relies on them)."""
@@ -259,7 +381,7 @@ def test_extra_memory_formula():
 
 # --------------------------------------------------------------------------- torch.compile
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
-@pytest.mark.parametrize("backend", ["triton_interpret", "reference"])
+@pytest.mark.parametrize("backend", ["triton_interpret", "gemm_interpret", "reference"])
 def test_torch_compile_traces_the_loss(kind, backend, device, triton_backend):
     """aot_eager runs Dynamo + AOTAutograd over the custom ops (fake tensors, registered backward)
     without Inductor, so it works on CPU; fullgraph=True proves there is no graph break."""
@@ -424,16 +546,83 @@ def test_kernels_compile_for_sm90_without_spills():
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
 
 
+_SM90_GEMM_COMPILE = r"""
+import os, re, subprocess, sys, tempfile
+os.environ.pop("TRITON_INTERPRET", None)
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import mmfast.ops._contrastive_gemm as G
+
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+cases = [(G._fwd_tiles, in_t, dict(SIGLIP=sig, SYMMETRIC=not sig, SMOOTH=not sig))
+         for in_t in ("*bf16", "*fp32") for sig in (False, True)]
+cases += [(G._bwd_tiles, in_t, dict(SIGLIP=sig, ROW_CE=not sig, COL_CE=not sig))
+          for in_t in ("*bf16", "*fp32") for sig in (False, True)]
+cases += [(G._fold_rows, in_t, dict(SMOOTH=True, BR=32, BJ=32)) for in_t in ("*bf16", "*fp32")]
+cases += [(G._merge_cols, in_t, dict(SMOOTH=True, BC=256)) for in_t in ("*bf16", "*fp32")]
+for kernel, in_t, consts in cases:
+    exact = in_t == "*fp32"
+    BM, BN, warps = G._blocks(torch.float32 if exact else torch.bfloat16)
+    et = "*fp64" if exact else "*fp32"
+    if "SIGLIP" in consts:
+        consts = dict(consts, HAS_BIAS=True, EXACT=exact, BM=BM, BN=BN)
+    else:
+        warps = 4
+    ptrs = dict(g_ptr=in_t, lse_row_ptr="*fp64", lse_col_ptr="*fp64", s_ptr="*fp32", scale_ptr="*fp32",
+                bias_ptr="*fp32", grad_ptr="*fp32", lse_ptr="*fp64", loss_ptr="*fp64", cm_ptr="*fp64",
+                cl_ptr="*fp64", cz_ptr="*fp64")
+    sig = {}
+    for name in kernel.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = ptrs.get(name, et)
+        else:
+            sig[name] = "fp32" if name == "smooth" else "i32"
+    src = ASTSource(kernel, sig, {(kernel.arg_names.index(k),): v for k, v in consts.items()})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=1))
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(k.asm["cubin"])
+    usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+    regs = int(re.search(r"REG:(\d+)", usage).group(1))
+    stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+    print(f"{kernel.fn.__name__:<11} {in_t:<6} {consts.get('SIGLIP') and 'siglip' or 'clip':<7} regs {regs:3d} stack {stack}")
+    assert stack == 0, f"{kernel.fn.__name__} {in_t} {consts} spills {stack} bytes"
+"""
+
+
+@pytest.mark.slow
+def test_gemm_stage_kernels_compile_for_sm90_without_spills():
+    """No GPU needed: the gemm backend's softmax-stage kernels, at their block sizes, compile to sm_90 cubins
+    that keep everything in registers (the script prints the register counts)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run(
+        [sys.executable, "-c", _SM90_GEMM_COMPILE], check=False, capture_output=True, text=True, env=env,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert r.stdout.count("stack 0") == 12, r.stdout
+
+
 # --------------------------------------------------------------------------- GPU (MMFAST_TEST_CUDA=1)
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernels", ["fused", "gemm", "gemm_chunked"])
 @pytest.mark.parametrize("case", ["clip_smooth_bias_s100", "siglip"])
-def test_cuda_bf16_large_batch(case, device, triton_backend):
-    """The compiled kernels at a training-size batch: N=4096, d=768, bf16, against fp64 on the GPU."""
+def test_cuda_bf16_large_batch(case, kernels, device, triton_backend, monkeypatch):
+    """The compiled kernels at a training-size batch: N=4096, d=768, bf16, against fp64 on the GPU; the gemm
+    backend in one chunk and in chunks of 576 rows (a ragged last one: cuBLAS's fp32-output GEMMs, db accumulated)."""
     if device != "cuda":
         pytest.skip("runs in the GPU suite (MMFAST_TEST_CUDA=1)")
+    if kernels == "gemm_chunked":
+        monkeypatch.setenv("MMFAST_CONTRASTIVE_CHUNK_MB", _budget_for(600, 4096, torch.bfloat16))
     _, _, scale, bias, unit = CASES[case]
     a, b = features(4096, 4096, 768, torch.bfloat16, seed=0, unit=unit, device=device)
     s = torch.tensor(scale, device=device)
     beta = None if bias is None else torch.tensor(bias, device=device)
-    fn, ref_fn = _loss_fns(case, triton_backend)
+    fn, ref_fn = _loss_fns(case, triton_backend if kernels == "fused" else "gemm")
     check_against_reference(fn, ref_fn, a, b, s, beta)
