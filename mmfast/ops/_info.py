@@ -40,6 +40,8 @@ def info_lines() -> list[str]:
 EXPLAIN_PARSERS = {
     "attention": "mmfast.ops.attention:explain_facts",
     "flash_attention": "mmfast.ops.attention:explain_facts",
+    "clip_loss": "mmfast.ops.contrastive:explain_clip",
+    "siglip_loss": "mmfast.ops.contrastive:explain_siglip",
 }
 
 

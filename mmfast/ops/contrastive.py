@@ -280,6 +280,35 @@ def _select_static(op_name: str, device: str, dtype: torch.dtype, backend: str |
     return get_op(op_name).select(Facts(device, dtype), backend)
 
 
+def _explain(argv: list[str], op_name: str):
+    """``mmfast info --explain clip_loss|siglip_loss`` options -> (Facts, op name, fake machine facts)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog=f"mmfast info --explain {op_name}",
+                                 description="Which contrastive-loss backend auto picks for one call, and why.")
+    ap.add_argument("--n", type=int, default=32768, help="the logits' columns K (the global batch; default 32768)")
+    ap.add_argument("--dtype", default=None, help="bfloat16 (default on cuda) | float16 | float32")
+    ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda when --family is given)")
+    ap.add_argument("--family", help="explain as on a CUDA card of this family (sm90, sm80, ...)")
+    a = ap.parse_args(argv)
+    if a.n <= 0:
+        ap.error(f"--n must be positive, got {a.n}")
+    device = a.device or ("cuda" if a.family else "cpu")
+    dtype = getattr(torch, a.dtype or ("bfloat16" if device == "cuda" else "float32"), None)
+    if dtype not in _SUPPORTED_DTYPES:
+        ap.error(f"--dtype must be float32, float16 or bfloat16, got {a.dtype!r}")
+    fake = {"cuda_available": True, "arch": a.family} if a.family else {}
+    return Facts(device, dtype, {"k": next_pow2(a.n)}), op_name, fake
+
+
+def explain_clip(argv: list[str]):
+    return _explain(argv, "clip_loss")
+
+
+def explain_siglip(argv: list[str]):
+    return _explain(argv, "siglip_loss")
+
+
 # --------------------------------------------------------------------------- one-sided pieces
 # Validation happens once per call path, in the public entry point (clip_loss, siglip_loss,
 # clip_rows_sum, siglip_sum, or the nn.Module that calls the sharded pieces); the private pieces below

@@ -328,6 +328,19 @@ def test_auto_takes_gemm_first_on_cuda_and_says_why():
             assert "* gemm" in text and "triton" in text, text
 
 
+def test_info_explains_the_contrastive_choice(capsys):
+    from mmfast.cli import main
+    from mmfast.ops._dispatch import fake_env
+
+    with fake_env(interpret=False, triton_error=None):  # as on the card: compiled Triton, no interpreter
+        assert main(["info", "--explain", "clip_loss", "--family", "sm90", "--n", "32768"]) == 0
+    out = capsys.readouterr().out
+    assert "shape class k32k" in out and "* gemm" in out and "triton            could run" in out, out
+    assert main(["info", "--explain", "siglip_loss", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "siglip_loss: device cpu" in out and "gemm              refused: needs CUDA tensors" in out, out
+
+
 # --------------------------------------------------------------------------- kernel internals
 def test_kernel_returns_lse_stats(device, triton_backend):
     """clip_fwd's row/column log-sum-exp equal the fp64 ones (the distributed loss relies on them)."""
