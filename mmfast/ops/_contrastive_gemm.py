@@ -277,21 +277,49 @@ def _out(shape, device, dtype) -> torch.Tensor:
     return poison_(t) if POISON_OUTPUTS else t
 
 
+_ACCUMULATES: dict = {}
+
+
+def _baddbmm_accumulates() -> bool:
+    """Whether ``aten::baddbmm.dtype_out`` with ``out`` = ``self`` adds the product into its fp32 output on
+    this torch and card: a 1×2×2 check, once per process (the CUDA path's db relies on it)."""
+    if "cuda" not in _ACCUMULATES:
+        acc = torch.full((1, 2, 2), 1.0, device="cuda")
+        x = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]], device="cuda", dtype=torch.bfloat16)
+        torch.ops.aten.baddbmm.dtype_out(acc, x, x, torch.float32, out=acc)
+        want = torch.tensor([[[8.0, 11.0], [16.0, 23.0]]], device="cuda")
+        _ACCUMULATES["cuda"] = bool(torch.equal(acc, want))
+    return _ACCUMULATES["cuda"]
+
+
+def missing_gemm_ops() -> list[str]:
+    """Reasons the CUDA path cannot run on this torch: it needs cuBLAS GEMMs with fp32 output from 16-bit
+    operands, ``mm(..., out_dtype=)``, and ``baddbmm(..., out_dtype=)`` adding into its fp32 output (db's
+    accumulation across chunks)."""
+    missing = [f"torch {torch.__version__} lacks aten::{name}.dtype_out (a 16-bit GEMM with fp32 output)"
+               for name in ("mm", "baddbmm") if not hasattr(getattr(torch.ops.aten, name), "dtype_out")]
+    if not missing and torch.cuda.is_available() and not _baddbmm_accumulates():
+        missing.append(f"torch {torch.__version__}'s baddbmm(out_dtype=float32, out=self) does not add into "
+                       "its output on this card (db's fp32 accumulation)")
+    return missing
+
+
 class _Gemm:
-    """The GEMMs of one call. On CUDA 16-bit operands go to cuBLAS with fp32 output where fp32 is
-    asked for (``out_dtype``); elsewhere they are upcast (exact products, fp32 sums: the same numbers)."""
+    """The GEMMs of one call. On CUDA 16-bit operands go to cuBLAS with fp32 output where fp32 is asked
+    for (``aten::mm.dtype_out``; db accumulates across chunks through ``aten::baddbmm.dtype_out``, whose
+    C operand is its fp32 output); elsewhere they are upcast (exact products, fp32 sums: the same numbers)."""
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor):
-        self.native = a.is_cuda or a.dtype == torch.float32
+        self.half = a.dtype != torch.float32
+        self.native = a.is_cuda or not self.half
         self.a = a if self.native else a.float()
         self.b = b if self.native else b.float()
-        self.dtype = a.dtype
 
     def logits(self, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
         """S_c = a[r0:r1] bᵀ into ``out`` (fp32)."""
         x, y = self.a[r0:r1], self.b.t()
-        if self.native and self.dtype != torch.float32:
-            return torch.mm(x, y, out_dtype=torch.float32, out=out)
+        if self.native and self.half:
+            return torch.ops.aten.mm.dtype_out(x, y, torch.float32, out=out)
         return torch.mm(x, y, out=out)
 
     def da(self, g: torch.Tensor, out: torch.Tensor) -> None:
@@ -302,16 +330,18 @@ class _Gemm:
             out.copy_(torch.mm(g.float(), self.b))
 
     def db(self, g: torch.Tensor, r0: int, r1: int, acc: torch.Tensor | None) -> torch.Tensor:
-        """db (+)= G'ᵀ a_c; ``acc`` (fp32, or None for the first chunk's fresh result) accumulates."""
+        """db (+)= G'ᵀ a_c; ``acc`` (fp32; None for the first chunk, which returns a fresh one) accumulates."""
         x, y = g.t(), self.a[r0:r1]
         if not self.native:
             x = x.float()
+        if self.native and self.half:
+            if acc is None:
+                return torch.ops.aten.mm.dtype(x, y, torch.float32)
+            acc3 = acc.unsqueeze(0)
+            torch.ops.aten.baddbmm.dtype_out(acc3, x.unsqueeze(0), y.unsqueeze(0), torch.float32, out=acc3)
+            return acc
         if acc is None:
-            if self.native and self.dtype != torch.float32:
-                return torch.mm(x, y, out_dtype=torch.float32)
             return torch.mm(x, y)
-        if self.native and self.dtype != torch.float32:
-            return torch.addmm(acc, x, y, out_dtype=torch.float32, out=acc)
         return acc.addmm_(x, y)
 
 

@@ -103,6 +103,12 @@ def _kernel(module, fwd, bwd, **kw):
     return KernelBackend(module, fwd, bwd, **kw)
 
 
+def _gemm_ops(facts: Facts) -> list[str]:
+    from mmfast.ops._contrastive_gemm import missing_gemm_ops
+
+    return missing_gemm_ops()
+
+
 def _shape_class(facts: Facts) -> str:
     """The preference table's row for a call: the logits' column count K in powers of two (``k8k``,
     ``k32k``, ...; ``k<=2k`` below); ``*`` when the call's K is not known."""
@@ -124,7 +130,8 @@ CLIP_OP = register(Op("clip_loss", example=_example, device_order=_ORDER, shape_
 CLIP_OP.add("triton", _kernel(_TRI, "clip_fwd", "clip_bwd", devices=("cuda",), needs=("triton",),
                               doc="fused: one kernel per pass, S tiles in registers"))
 CLIP_OP.add("triton_interpret", _kernel(_TRI, "clip_fwd", "clip_bwd", devices=("cpu",), needs=("triton_interpret",)))
-CLIP_OP.add("gemm", _kernel(_GEMM, "clip_fwd", "clip_bwd", devices=("cuda",), needs=("triton",), doc=_GEMM_DOC))
+CLIP_OP.add("gemm", _kernel(_GEMM, "clip_fwd", "clip_bwd", devices=("cuda",), needs=("triton",), doc=_GEMM_DOC,
+                            check=_gemm_ops))
 CLIP_OP.add("gemm_interpret", _kernel(_GEMM, "clip_fwd", "clip_bwd", devices=("cpu",), needs=("triton_interpret",),
                                       doc=_GEMM_DOC))
 CLIP_OP.add("cpp", _kernel(_CPP, "clip_fwd", "clip_bwd", devices=("cpu",), needs=("cpp",)))
@@ -134,7 +141,8 @@ SIGLIP_OP.add("triton", _kernel(_TRI, "siglip_fwd", "siglip_bwd", devices=("cuda
                                 doc="fused: one kernel per pass, S tiles in registers"))
 SIGLIP_OP.add("triton_interpret", _kernel(_TRI, "siglip_fwd", "siglip_bwd", devices=("cpu",),
                                           needs=("triton_interpret",)))
-SIGLIP_OP.add("gemm", _kernel(_GEMM, "siglip_fwd", "siglip_bwd", devices=("cuda",), needs=("triton",), doc=_GEMM_DOC))
+SIGLIP_OP.add("gemm", _kernel(_GEMM, "siglip_fwd", "siglip_bwd", devices=("cuda",), needs=("triton",),
+                              doc=_GEMM_DOC, check=_gemm_ops))
 SIGLIP_OP.add("gemm_interpret", _kernel(_GEMM, "siglip_fwd", "siglip_bwd", devices=("cpu",),
                                         needs=("triton_interpret",), doc=_GEMM_DOC))
 SIGLIP_OP.add("cpp", _kernel(_CPP, "siglip_fwd", "siglip_bwd", devices=("cpu",), needs=("cpp",)))

@@ -328,6 +328,20 @@ def test_auto_takes_gemm_first_on_cuda_and_says_why():
             assert "* gemm" in text and "triton" in text, text
 
 
+def test_gemm_refuses_a_torch_without_fp32_output_gemms(monkeypatch):
+    """The CUDA path needs mm/baddbmm with out_dtype=float32; without them auto passes it over, naming why,
+    and forcing it raises with that reason."""
+    from mmfast.ops._dispatch import Facts, fake_env
+
+    monkeypatch.setattr(cgemm, "missing_gemm_ops", lambda: ["torch 2.0 lacks aten::mm.dtype_out"])
+    with fake_env(cuda_available=True, arch="sm90", interpret=False, triton_error=None):
+        facts = Facts("cuda", torch.bfloat16, {"k": 8192})
+        assert C.CLIP_OP.select(facts) == "triton"
+        assert "lacks aten::mm.dtype_out" in "\n".join(C.CLIP_OP.explain(facts))
+        with pytest.raises(BackendUnavailableError, match="'gemm' cannot run siglip_loss.*lacks aten::mm.dtype_out"):
+            C.SIGLIP_OP.select(facts, "gemm")
+
+
 def test_info_explains_the_contrastive_choice(capsys):
     from mmfast.cli import main
     from mmfast.ops._dispatch import fake_env
