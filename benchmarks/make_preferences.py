@@ -12,9 +12,12 @@ measured in at least half of the family's classes), used for classes the benchma
 Training rows (``fwd+bwd``) make ``train`` classes, ``fwd`` rows ``infer`` classes; ops without a shape
 class use their ``fwd+bwd`` rows. Rows with an error (skipped, unsupported, OOM) are left out.
 
-Provider names map to backends per benchmark (``PROVIDERS``); providers that are not one backend (an
+The contrastive losses' classes are the logits' width K in powers of two (``k8k``, ``k32k``, ...), ranked
+only where two or more of their backends ran side by side. Provider names map to backends per benchmark
+(``PROVIDERS``); providers that are not one backend (an
 ``auto`` run, a variant with other options, a library we do not dispatch to) are ignored. FLCE's ``torch``
-backend is never ranked: it holds the T×V logits the op exists to avoid.
+backend is never ranked: it holds the T×V logits the op exists to avoid; nor is the contrastive losses'
+``reference`` (the N×N logits).
 """
 from __future__ import annotations
 
@@ -48,7 +51,13 @@ PROVIDERS = {
     "projection-rmsnorm": ("rms_norm", {"mmfast-triton": "triton", "torch-eager": "torch"}),
     "projection-projector": ("mlp_projector", {"mmfast-triton": "triton", "torch-eager": "torch"}),
     "projection-l2": ("linear_l2_normalize", {"mmfast-triton": "triton", "torch-eager": "torch"}),
+    "contrastive": ("clip_loss", {"mmfast-gemm": "gemm", "mmfast-triton": "triton", "mmfast-cpp": "cpp"}),
+    "contrastive-siglip": ("siglip_loss", {"mmfast-gemm": "gemm", "mmfast-triton": "triton", "mmfast-cpp": "cpp"}),
 }
+# Ops ranked only where two or more of their backends were measured on the same card and class: a CSV that
+# timed one backend alone (say the fused contrastive kernels, before the gemm backend existed) says nothing
+# about the order.
+NEEDS_RIVALS = {"clip_loss", "siglip_loss"}
 
 # Card name (as the harness writes it) -> device family; anything else on CUDA is "cuda".
 FAMILIES = [("H100", "sm90"), ("H200", "sm90"), ("H20", "sm90"), ("GH200", "sm90"), ("A100", "sm80"),
@@ -124,6 +133,12 @@ def collect(paths: list[str]):
                 continue  # the table is for the training dtypes
             if op == "flash_attention":
                 cls = attention_class(prm, r["mode"])
+            elif op in NEEDS_RIVALS:
+                if r["mode"] != "fwd+bwd":
+                    continue
+                from mmfast.ops.contrastive import CLIP_OP
+
+                cls = CLIP_OP.shape_class(Facts(dev_type, torch.bfloat16, {"k": int(prm.get("N", 0))}))
             else:
                 if r["mode"] != "fwd+bwd":
                     continue
@@ -159,6 +174,10 @@ def build(paths: list[str]) -> dict:
     ops: dict = defaultdict(lambda: defaultdict(dict))
     family_scores: dict = defaultdict(lambda: defaultdict(list))
     for (op, fam, cls), per_device in sorted(data.items()):
+        if op in NEEDS_RIVALS:
+            per_device = {dev: by for dev, by in per_device.items() if len(by) >= 2}
+            if not per_device:
+                continue
         order, ms, score = rank(per_device)
         ops[op][fam][cls] = {"order": order, "ms": ms, "source": ", ".join(sorted(sources[(op, fam, cls)]))}
         if cls != "*":

@@ -306,3 +306,32 @@ def test_auto_rule_report(tmp_path):
     assert bad == 1 and len(lines) == 2
     assert any(ln.startswith("SLOW") and "llava" in ln and "1.100x" in ln for ln in lines)
     assert any(ln.startswith("ok") and "vit" in ln for ln in lines)
+
+
+def test_contrastive_table_needs_both_backends_side_by_side(tmp_path):
+    """clip_loss rows come from cards where gemm and triton ran in the same sweep; a CSV that timed the fused
+    kernel alone (or the reference, which holds the N×N logits and is never ranked) makes no row."""
+    import csv
+
+    from mmfast.bench.harness import COLUMNS
+    from mmfast.ops.contrastive import CLIP_OP
+
+    mp = _make_preferences()
+    path = tmp_path / "contrastive.csv"
+    rows = [("NVIDIA H200", "mmfast-gemm", 32768, 14.0), ("NVIDIA H200", "mmfast-triton", 32768, 106.0),
+            ("NVIDIA H200", "mmfast-gemm", 1024, 0.30), ("NVIDIA H200", "mmfast-triton", 1024, 0.20),
+            ("NVIDIA H100 80GB HBM3", "mmfast-triton", 8192, 10.3),
+            ("NVIDIA H100 80GB HBM3", "mmfast-reference", 8192, 1.9)]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for dev, prov, n, ms in rows:
+            w.writerow({"bench": "contrastive", "provider": prov, "mode": "fwd+bwd", "x_name": "N", "x": n,
+                        "params": f"N={n};d=768;dtype=bf16;device=cuda;loss=clip", "median_ms": ms, "error": "",
+                        "device": dev})
+    ops = mp.build([str(path)])["ops"]["clip_loss"]["sm90"]
+    assert ops["k32k"]["order"] == ["gemm", "triton"] and ops["k<=2k"]["order"] == ["triton", "gemm"]
+    assert "k8k" not in ops  # one backend there: no evidence of an order
+    with fake_env(**SM90), fake_preferences({"clip_loss": {"sm90": ops}}):
+        assert CLIP_OP.select(Facts("cuda", torch.bfloat16, {"k": 1024})) == "triton"
+        assert CLIP_OP.select(Facts("cuda", torch.bfloat16, {"k": 32768})) == "gemm"
