@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from mmfast.ops._host import cdiv, next_pow2
+from mmfast.ops._triton_util import lowp  # noqa: F401  (the backward imports it from here)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # MMFAST_ATTN_AUTOTUNE=0 launches fixed per-head-dim configs instead of tuning (e.g. GPU test runs, where
@@ -159,17 +160,6 @@ def mm(a, b, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=DOT_PREC)
     return tl.dot(a, b, input_precision=DOT_PREC)
-
-
-@triton.jit
-def lowp(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
-    """Round fp32 ``x`` to ``dtype``. The interpreter converts fp32 to bf16 by truncation (GPUs round to
-    nearest even), so under UPCAST the rounding is done on the bits and the result stays fp32."""
-    if UPCAST:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 @triton.jit

@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 
 from mmfast.ops._host import cdiv
+from mmfast.ops._triton_util import lowp
 from mmfast.utils.debug import poison_
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -194,7 +195,7 @@ def _bwd_tiles(
     dsc_ptr, dbi_ptr,  # (RB, NB) per-tile Σ G⊙S and Σ G, in ET
     R, K, M, r0, offset, smooth, NB,
     HAS_BIAS: tl.constexpr, SIGLIP: tl.constexpr, ROW_CE: tl.constexpr, COL_CE: tl.constexpr,
-    EXACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    EXACT: tl.constexpr, RTNE_BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
 ):
     """G = ∂loss/∂z on the tile; G' = g·s·G rounded to the input dtype once, the GEMM operand."""
     ET: tl.constexpr = tl.float64 if EXACT else tl.float32
@@ -226,7 +227,9 @@ def _bwd_tiles(
         tl.store(dbi_ptr + tile, tl.sum(tl.sum(G, axis=1), axis=0))
     gs = tl.load(grad_ptr).to(ET) * tl.load(scale_ptr).to(ET)
     out = g_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :]
-    tl.store(out, (gs * G).to(g_ptr.dtype.element_ty), mask=valid)
+    # one rounding to nearest even (under the interpreter done on the bits: its bf16 conversion truncates)
+    Gd = lowp((gs * G).to(tl.float32), g_ptr.dtype.element_ty, RTNE_BITS)
+    tl.store(out, Gd.to(g_ptr.dtype.element_ty), mask=valid)
 
 
 # --------------------------------------------------------------------------- host side
@@ -425,7 +428,8 @@ def _bwd(a, b, scale, bias, grad, lse_row, lse_col, smooth, offset, symmetric, s
             scale if lse_row is None else lse_row, scale if lse_col is None else lse_col, dsc, dbi,
             R, K, M, r0, int(offset), float(smooth), NB,
             HAS_BIAS=bias is not None, SIGLIP=siglip, ROW_CE=not siglip, COL_CE=bool(symmetric) and not siglip,
-            EXACT=a.dtype == torch.float32, BM=BM, BN=BN, num_warps=warps,
+            EXACT=a.dtype == torch.float32, RTNE_BITS=_INTERPRET and a.dtype == torch.bfloat16,
+            BM=BM, BN=BN, num_warps=warps,
         )
         dsc_sum += dsc[:RB].sum(dtype=torch.float64)
         if siglip:

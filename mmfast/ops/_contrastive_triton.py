@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 
 from mmfast.ops._host import cdiv, next_pow2
+from mmfast.ops._triton_util import lowp
 from mmfast.utils.debug import poison_
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -273,9 +274,9 @@ def _bwd_kernel(
             dsc += tl.sum(G * acc.to(tl.float64), axis=1)
         else:
             dsc += tl.sum(G * acc, axis=1)
-        Gd = G.to(a_ptr.dtype.element_ty)  # the GEMM operand; the interpreter rounds the same way
-        if UPCAST:
-            Gd = Gd.to(tl.float32)
+        # the GEMM operand, rounded to the input dtype (under UPCAST to nearest even on the bits: the
+        # interpreter's own bf16 conversion truncates)
+        Gd = lowp(G.to(tl.float32), a_ptr.dtype.element_ty, UPCAST)
         # This program alone owns its rows of da, but the threads that stored a chunk in the previous
         # column block need not be the ones that load it now: barriers order those global accesses
         # (one here, ahead of any load the pipeliner may hoist into the loop prologue, one per chunk).

@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from mmfast.ops._host import cdiv, next_pow2
+from mmfast.ops._triton_util import lowp
 from mmfast.utils.debug import poison_
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -196,17 +197,13 @@ def _bwd_kernel(
         p = tl.exp((zt - ht[:, None]) - lt[:, None])
         G = tl.where(valid, q - p, 0.0)
         dsc += tl.sum(G * acc_s.to(ET), axis=1)
-        Gd = G.to(a_ptr.dtype.element_ty)
-        if UPS:
-            Gd = Gd.to(tl.float32)
+        Gd = lowp(G.to(tl.float32), a_ptr.dtype.element_ty, UPS)  # under UPS rounded on the bits (see lowp)
         _grad_rows(Gd, a_ptr, b_ptr, da_ptr, db_ptr, rows64, rmask, cols64, cmask, D, sam, sad, sbk, sbd, gs, n0,
                    BD, UPS, PRECS)
         if TEACHER:
             H = tl.where(valid, -p * ((zs - hm[:, None]) - lm[:, None]), 0.0)
             dtc += tl.sum(H * acc_t.to(ET), axis=1)
-            Hd = H.to(c_ptr.dtype.element_ty)
-            if UPT:
-                Hd = Hd.to(tl.float32)
+            Hd = lowp(H.to(tl.float32), c_ptr.dtype.element_ty, UPT)
             _grad_rows(Hd, c_ptr, e_ptr, dc_ptr, de_ptr, rows64, rmask, cols64, cmask, DT, scm, scd, sek, sed, gt,
                        n0, BDT, UPT, PRECT)
     tl.store(ds_ptr + pid, g * tl.sum(dsc, axis=0).to(tl.float32))

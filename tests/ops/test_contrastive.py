@@ -594,6 +594,8 @@ for kernel, in_t, consts in cases:
     et = "*fp64" if exact else "*fp32"
     if "SIGLIP" in consts:
         consts = dict(consts, HAS_BIAS=True, EXACT=exact, BM=BM, BN=BN)
+        if "ROW_CE" in consts:
+            consts["RTNE_BITS"] = False
     else:
         warps = 4
     ptrs = dict(g_ptr=in_t, lse_row_ptr="*fp64", lse_col_ptr="*fp64", s_ptr="*fp32", scale_ptr="*fp32",
