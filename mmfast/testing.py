@@ -107,3 +107,38 @@ class LiveBytes:
     def __exit__(self, *exc):
         self._mode.__exit__(*exc)
         return False
+
+
+def sm90_usage(kernel, ptr_types, consts: dict, num_warps: int, num_stages: int = 1,
+               floats: tuple[str, ...] = ()) -> tuple[int, int]:
+    """(registers per thread, stack bytes per thread) of ``kernel`` compiled by Triton for sm_90, no GPU needed.
+
+    ``ptr_types``: each ``*_ptr`` argument's Triton type (``"*bf16"``, ...), a dict or a function of the name;
+    ``consts``: the constexpr arguments; other arguments are ``fp32`` when named in ``floats``, else ``i32``.
+    A stack above 0 means register spills. Run it in a process without ``TRITON_INTERPRET=1``."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ptr = ptr_types.get if isinstance(ptr_types, dict) else ptr_types
+    sig = {}
+    for name in kernel.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = ptr(name)
+        else:
+            sig[name] = "fp32" if name in floats else "i32"
+    src = ASTSource(kernel, sig, {(kernel.arg_names.index(k),): v for k, v in consts.items()})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+    return int(re.search(r"REG:(\d+)", usage).group(1)), int(re.search(r"STACK:(\d+)", usage).group(1))

@@ -46,6 +46,8 @@ import triton.language as tl
 
 from mmfast.ops._host import cdiv
 from mmfast.ops._triton_util import lowp
+from mmfast.ops._triton_util import sigmoid as _sigmoid
+from mmfast.ops._triton_util import softplus as _softplus
 from mmfast.utils.debug import poison_
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -58,20 +60,6 @@ DEFAULT_CHUNK_MB = 256.0
 
 
 # --------------------------------------------------------------------------- kernels
-@triton.jit
-def _softplus(x):
-    """log(1 + eˣ) without overflow; log1p by series where e^-|x| is below 1e-3."""
-    t = tl.exp(-tl.abs(x))
-    log1p_t = tl.where(t < 1e-3, t * (1.0 - t * (0.5 - t / 3.0)), tl.log(1.0 + t))
-    return tl.maximum(x, 0.0) + log1p_t
-
-
-@triton.jit
-def _sigmoid(x):
-    t = tl.exp(-tl.abs(x))
-    return tl.where(x >= 0, 1.0 / (1.0 + t), t / (1.0 + t))
-
-
 @triton.jit
 def _tile(s_ptr, scale_ptr, bias_ptr, R, K, r0, offset,
           HAS_BIAS: tl.constexpr, EXACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):

@@ -15,3 +15,18 @@ def lowp(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         return bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+@triton.jit
+def softplus(x):
+    """log(1 + eˣ) without overflow; log1p by series where e^-|x| is below 1e-3."""
+    t = tl.exp(-tl.abs(x))
+    log1p_t = tl.where(t < 1e-3, t * (1.0 - t * (0.5 - t / 3.0)), tl.log(1.0 + t))
+    return tl.maximum(x, 0.0) + log1p_t
+
+
+@triton.jit
+def sigmoid(x):
+    """σ(x) without overflow for either sign."""
+    t = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0 / (1.0 + t), t / (1.0 + t))

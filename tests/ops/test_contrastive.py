@@ -517,14 +517,12 @@ def test_info_lists_clip_loss_and_the_interpret_backend(capsys):
 
 
 _SM90_COMPILE = r"""
-import os, re, subprocess, sys, tempfile
+import os
 os.environ.pop("TRITON_INTERPRET", None)
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import torch
 import mmfast.ops._contrastive_triton as T
+from mmfast.testing import sm90_usage
 
-cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 for kernel, in_t, phase, consts in [
     (T._fwd_kernel, in_t, "fwd", dict(SIGLIP=siglip, SYMMETRIC=not siglip, SMOOTH=not siglip))
     for in_t in ("*bf16", "*fp32") for siglip in (False, True)
@@ -533,7 +531,6 @@ for kernel, in_t, phase, consts in [
     (T._bwd_kernel, in_t, "bwd", dict(SIGLIP=siglip, ROW_CE=not siglip, COL_CE=not siglip, DB=not swap, SWAP=swap))
     for in_t in ("*bf16", "*fp32") for siglip in (False, True) for swap in (False, True)
 ]:
-    import torch
     dtype = torch.bfloat16 if in_t == "*bf16" else torch.float32
     cfg = T._cfg(torch.empty(0, dtype=dtype), 4096, 4096, 768, phase)
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
@@ -541,20 +538,7 @@ for kernel, in_t, phase, consts in [
     consts.update(cfg, HAS_BIAS=True, UPCAST=False, PRECISION="ieee", EXACT=dtype == torch.float32)
     ptrs = dict(a_ptr=in_t, b_ptr=in_t, lse_row_ptr="*fp64", lse_col_ptr="*fp64", zpos_ptr="*fp64",
                 pm_ptr=et, pl_ptr=et, pc_ptr=et)
-    sig = {}
-    for name in kernel.arg_names:
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = ptrs.get(name, "*fp32")
-        else:
-            sig[name] = "fp32" if name == "smooth" else "i32"
-    src = ASTSource(kernel, sig, {(kernel.arg_names.index(k),): v for k, v in consts.items()})
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(k.asm["cubin"])
-    usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-    stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+    _, stack = sm90_usage(kernel, lambda n: ptrs.get(n, "*fp32"), consts, warps, stages, floats=("smooth",))
     assert stack == 0, f"{kernel.fn.__name__} {in_t} {consts} spills {stack} bytes"
 """
 
@@ -574,48 +558,30 @@ def test_kernels_compile_for_sm90_without_spills():
 
 
 _SM90_GEMM_COMPILE = r"""
-import os, re, subprocess, sys, tempfile
+import os
 os.environ.pop("TRITON_INTERPRET", None)
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import torch
 import mmfast.ops._contrastive_gemm as G
+from mmfast.testing import sm90_usage
 
-cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 cases = [(G._fwd_tiles, in_t, dict(SIGLIP=sig, SYMMETRIC=not sig, SMOOTH=not sig))
          for in_t in ("*bf16", "*fp32") for sig in (False, True)]
-cases += [(G._bwd_tiles, in_t, dict(SIGLIP=sig, ROW_CE=not sig, COL_CE=not sig))
+cases += [(G._bwd_tiles, in_t, dict(SIGLIP=sig, ROW_CE=not sig, COL_CE=not sig, RTNE_BITS=False))
           for in_t in ("*bf16", "*fp32") for sig in (False, True)]
 cases += [(G._fold_rows, in_t, dict(SMOOTH=True, BR=32, BJ=32)) for in_t in ("*bf16", "*fp32")]
 cases += [(G._merge_cols, in_t, dict(SMOOTH=True, BC=256)) for in_t in ("*bf16", "*fp32")]
+fp64 = ("lse_row_ptr", "lse_col_ptr", "lse_ptr", "loss_ptr", "cm_ptr", "cl_ptr", "cz_ptr")
+fp32 = ("s_ptr", "scale_ptr", "bias_ptr", "grad_ptr")
 for kernel, in_t, consts in cases:
     exact = in_t == "*fp32"
     BM, BN, warps = G._blocks(torch.float32 if exact else torch.bfloat16)
-    et = "*fp64" if exact else "*fp32"
     if "SIGLIP" in consts:
         consts = dict(consts, HAS_BIAS=True, EXACT=exact, BM=BM, BN=BN)
-        if "ROW_CE" in consts:
-            consts["RTNE_BITS"] = False
     else:
         warps = 4
-    ptrs = dict(g_ptr=in_t, lse_row_ptr="*fp64", lse_col_ptr="*fp64", s_ptr="*fp32", scale_ptr="*fp32",
-                bias_ptr="*fp32", grad_ptr="*fp32", lse_ptr="*fp64", loss_ptr="*fp64", cm_ptr="*fp64",
-                cl_ptr="*fp64", cz_ptr="*fp64")
-    sig = {}
-    for name in kernel.arg_names:
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = ptrs.get(name, et)
-        else:
-            sig[name] = "fp32" if name == "smooth" else "i32"
-    src = ASTSource(kernel, sig, {(kernel.arg_names.index(k),): v for k, v in consts.items()})
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=1))
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(k.asm["cubin"])
-    usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-    regs = int(re.search(r"REG:(\d+)", usage).group(1))
-    stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+    et = "*fp64" if exact else "*fp32"
+    ptrs = lambda n: in_t if n == "g_ptr" else "*fp64" if n in fp64 else "*fp32" if n in fp32 else et
+    regs, stack = sm90_usage(kernel, ptrs, consts, warps, floats=("smooth",))
     print(f"{kernel.fn.__name__:<11} {in_t:<6} {consts.get('SIGLIP') and 'siglip' or 'clip':<7} regs {regs:3d} stack {stack}")
     assert stack == 0, f"{kernel.fn.__name__} {in_t} {consts} spills {stack} bytes"
 """

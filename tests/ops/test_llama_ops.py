@@ -245,15 +245,13 @@ def test_modules_match_hf(device, triton_backend):
 
 # --------------------------------------------------------------------------- sm_90 compile
 _SM90_COMPILE = r"""
-import os, re, subprocess, tempfile
+import os
 os.environ.pop("TRITON_INTERPRET", None)
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 import mmfast.ops._llama_triton as L
 import mmfast.ops._flce_triton as F
+from mmfast.testing import sm90_usage
 
-cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 cases = []
 for dt in ("*bf16", "*fp32"):
     for bwd in (False, True):
@@ -275,21 +273,7 @@ for dt in ("*bf16", "*fp32"):
                       dict(HAS_SOFTCAP=cap, SCALE_PER_ROW=False, BLOCK_V=2048), 8))
 floats = {"smoothing", "z_loss", "softcap"}
 for kernel, ptrs, consts, warps in cases:
-    sig = {}
-    for name in kernel.arg_names:
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = ptrs[name]
-        else:
-            sig[name] = "fp32" if name in floats else "i32"
-    src = ASTSource(kernel, sig, {(kernel.arg_names.index(k),): v for k, v in consts.items()})
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=1))
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(k.asm["cubin"])
-    usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-    stack = int(re.search(r"STACK:(\d+)", usage).group(1))
-    regs = int(re.search(r"REG:(\d+)", usage).group(1))
+    regs, stack = sm90_usage(kernel, ptrs.__getitem__, consts, warps, floats=tuple(floats))
     print(kernel.fn.__name__, ptrs[next(iter(ptrs))], consts, "REG", regs, "STACK", stack)
     assert stack == 0, f"{kernel.fn.__name__} {consts} spills {stack} bytes"
 """
