@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from mmfast.ops._host import cdiv, next_pow2
-from mmfast.ops._triton_util import lowp  # noqa: F401  (the backward imports it from here)
+from mmfast.ops._triton_util import lowp
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # MMFAST_ATTN_AUTOTUNE=0 launches fixed per-head-dim configs instead of tuning (e.g. GPU test runs, where

@@ -44,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mmfast.ops._contrastive_triton import ce_logit_grad, fold_col_partials, lse_split
 from mmfast.ops._host import cdiv
 from mmfast.ops._triton_util import lowp
 from mmfast.ops._triton_util import sigmoid as _sigmoid
@@ -161,15 +162,7 @@ def _merge_cols(qm_ptr, ql_ptr, qz_ptr, cm_ptr, cl_ptr, cz_ptr, RB, K,
     m = tl.load(cm_ptr + cols, mask=cmask, other=0.0)
     l = tl.load(cl_ptr + cols, mask=cmask, other=0.0)
     zs = tl.zeros((BC,), dtype=tl.float64)
-    for r in range(RB):
-        part = r * K + cols.to(tl.int64)
-        qm = tl.load(qm_ptr + part, mask=cmask, other=0.0).to(tl.float64)
-        ql = tl.load(ql_ptr + part, mask=cmask, other=0.0).to(tl.float64)
-        m_new = tl.maximum(m, qm)
-        l = l * tl.exp(m - m_new) + ql * tl.exp(qm - m_new)
-        m = m_new
-        if SMOOTH:
-            zs += tl.load(qz_ptr + part, mask=cmask, other=0.0).to(tl.float64)
+    m, l, zs = fold_col_partials(m, l, zs, qm_ptr, ql_ptr, qz_ptr, RB, K, cols, cmask, SMOOTH)
     tl.store(cm_ptr + cols, m, mask=cmask)
     tl.store(cl_ptr + cols, l, mask=cmask)
     if SMOOTH:
@@ -193,21 +186,14 @@ def _bwd_tiles(
         sg = _sigmoid(tl.where(pos, -z, z))
         G = tl.where(pos, -sg, sg)
     else:
-        # (1−ε)(p − onehot) + ε(p − 1/K): a row whose softmax is exactly one-hot gets exactly 0
         hit = tl.where(pos, 1.0, 0.0)
         G = tl.zeros((BM, BN), dtype=ET)
         if ROW_CE:
-            lse_i = tl.load(lse_row_ptr + r0 + rows, mask=rmask, other=0.0)
-            hi_i = lse_i.to(ET)
-            lo_i = (lse_i - hi_i.to(tl.float64)).to(ET)
-            p = tl.exp((z - hi_i[:, None]) - lo_i[:, None])
-            G += (1.0 - smooth) * (p - hit) + smooth * (p - 1.0 / K)
+            hi_i, lo_i = lse_split(tl.load(lse_row_ptr + r0 + rows, mask=rmask, other=0.0), ET)
+            G += ce_logit_grad(z, hit, hi_i[:, None], lo_i[:, None], smooth, K)
         if COL_CE:
-            lse_j = tl.load(lse_col_ptr + cols, mask=cmask, other=0.0)
-            hi_j = lse_j.to(ET)
-            lo_j = (lse_j - hi_j.to(tl.float64)).to(ET)
-            q = tl.exp((z - hi_j[None, :]) - lo_j[None, :])
-            G += (1.0 - smooth) * (q - hit) + smooth * (q - 1.0 / M)
+            hi_j, lo_j = lse_split(tl.load(lse_col_ptr + cols, mask=cmask, other=0.0), ET)
+            G += ce_logit_grad(z, hit, hi_j[None, :], lo_j[None, :], smooth, M)
     G = tl.where(valid, G, 0.0)
     tile = tl.program_id(0) * NB + tl.program_id(1)
     tl.store(dsc_ptr + tile, tl.sum(tl.sum(G * S.to(ET), axis=1), axis=0))

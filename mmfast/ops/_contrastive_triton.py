@@ -93,6 +93,23 @@ def _logits(acc, s, beta, EXACT: tl.constexpr):
     return z
 
 
+@triton.jit
+def lse_split(lse, ET: tl.constexpr):
+    """An fp64 log-sum-exp as hi + lo in ET: ``z − hi`` is exact for the logits near the max, so
+    ``exp((z − hi) − lo)`` keeps log-softmax accuracy however large |lse| is."""
+    hi = lse.to(ET)
+    return hi, (lse - hi.to(tl.float64)).to(ET)
+
+
+@triton.jit
+def ce_logit_grad(z, hit, hi, lo, smooth, n):
+    """∂CE/∂z of one side (softmax over ``n`` logits, hi/lo from :func:`lse_split`, broadcast to z):
+    softmax − (1−ε)·onehot − ε/n, grouped as (1−ε)(p − onehot) + ε(p − 1/n) so that a softmax that is
+    exactly one-hot gives an exactly zero gradient."""
+    p = tl.exp((z - hi) - lo)
+    return (1.0 - smooth) * (p - hit) + smooth * (p - 1.0 / n)
+
+
 # --------------------------------------------------------------------------- kernels
 @triton.jit(do_not_specialize=["M", "K", "offset", "smooth"])  # one compile per dtype/flags
 def _fwd_kernel(
@@ -161,6 +178,21 @@ def _fwd_kernel(
         tl.store(row_out_ptr + rows, row.to(tl.float32), mask=rmask)
 
 
+@triton.jit
+def fold_col_partials(m, l, zsum, pm_ptr, pl_ptr, pc_ptr, R, K, cols, cmask, SMOOTH: tl.constexpr):
+    """Fold R rows of (R, K) column partials (max, Σexp(z − max), Σz) into the fp64 running (m, l, Σz)."""
+    for r in range(R):
+        part = r * K + cols.to(tl.int64)
+        pm = tl.load(pm_ptr + part, mask=cmask, other=_NEG).to(tl.float64)
+        pl = tl.load(pl_ptr + part, mask=cmask, other=0.0).to(tl.float64)
+        m_new = tl.maximum(m, pm)
+        l = l * tl.exp(m - m_new) + pl * tl.exp(pm - m_new)
+        m = m_new
+        if SMOOTH:
+            zsum += tl.load(pc_ptr + part, mask=cmask, other=0.0).to(tl.float64)
+    return m, l, zsum
+
+
 @triton.jit(do_not_specialize=["R", "M", "K", "smooth"])
 def _col_kernel(pm_ptr, pl_ptr, pc_ptr, zpos_ptr, lse_col_ptr, col_out_ptr, R, M, K, smooth,
                 SMOOTH: tl.constexpr, BN: tl.constexpr):
@@ -171,15 +203,7 @@ def _col_kernel(pm_ptr, pl_ptr, pc_ptr, zpos_ptr, lse_col_ptr, col_out_ptr, R, M
     m = tl.full((BN,), _NEG, dtype=tl.float64)
     l = tl.zeros((BN,), dtype=tl.float64)
     zsum = tl.zeros((BN,), dtype=tl.float64)
-    for r in range(R):
-        part = r * K + cols.to(tl.int64)
-        pm = tl.load(pm_ptr + part, mask=cmask, other=_NEG).to(tl.float64)
-        pl = tl.load(pl_ptr + part, mask=cmask, other=0.0).to(tl.float64)
-        m_new = tl.maximum(m, pm)
-        l = l * tl.exp(m - m_new) + pl * tl.exp(pm - m_new)
-        m = m_new
-        if SMOOTH:
-            zsum += tl.load(pc_ptr + part, mask=cmask, other=0.0).to(tl.float64)
+    m, l, zsum = fold_col_partials(m, l, zsum, pm_ptr, pl_ptr, pc_ptr, R, K, cols, cmask, SMOOTH)
     log_l = tl.log(tl.where(cmask, l, 1.0))
     zpos = tl.load(zpos_ptr + cols, mask=cmask, other=0.0).to(tl.float64)
     tl.store(lse_col_ptr + cols, m + log_l, mask=cmask)
@@ -219,11 +243,7 @@ def _bwd_kernel(
     g = tl.load(grad_ptr).to(tl.float32)
     gs = g * tl.load(scale_ptr).to(tl.float32)
     if ROW_CE:
-        # lse (fp64) = hi + lo in ET: z − hi is exact for the logits near the max, so
-        # p = exp((z − hi) − lo) keeps log-softmax accuracy however large |lse| is.
-        lse_i = tl.load(lse_row_ptr + rows, mask=rmask, other=0.0)
-        hi_i = lse_i.to(ET)
-        lo_i = (lse_i - hi_i.to(tl.float64)).to(ET)
+        hi_i, lo_i = lse_split(tl.load(lse_row_ptr + rows, mask=rmask, other=0.0), ET)
     dsc = tl.zeros((BM,), dtype=ET)
     dbi = tl.zeros((BM,), dtype=ET)
     for n0 in range(0, K, BN):
@@ -244,19 +264,13 @@ def _bwd_kernel(
             G = tl.where(pos, -sg, sg)
             dbi += tl.sum(tl.where(valid, G, 0.0), axis=1)
         else:
-            # softmax − (1−ε)·onehot − ε/K, grouped as (1−ε)(p − onehot) + ε(p − 1/K) so that
-            # a row whose softmax is exactly one-hot gets an exactly zero gradient.
             hit = tl.where(pos, 1.0, 0.0)
             G = tl.zeros((BM, BN), dtype=ET)
             if ROW_CE:
-                p = tl.exp((z - hi_i[:, None]) - lo_i[:, None])
-                G += (1.0 - smooth) * (p - hit) + smooth * (p - 1.0 / K)
+                G += ce_logit_grad(z, hit, hi_i[:, None], lo_i[:, None], smooth, K)
             if COL_CE:
-                lse_j = tl.load(lse_col_ptr + cols, mask=cmask, other=0.0)
-                hi_j = lse_j.to(ET)
-                lo_j = (lse_j - hi_j.to(tl.float64)).to(ET)
-                q = tl.exp((z - hi_j[None, :]) - lo_j[None, :])
-                G += (1.0 - smooth) * (q - hit) + smooth * (q - 1.0 / M)
+                hi_j, lo_j = lse_split(tl.load(lse_col_ptr + cols, mask=cmask, other=0.0), ET)
+                G += ce_logit_grad(z, hit, hi_j[None, :], lo_j[None, :], smooth, M)
         G = tl.where(valid, G, 0.0)
         if EXACT:
             dsc += tl.sum(G * acc.to(tl.float64), axis=1)
