@@ -33,7 +33,8 @@ prefilled and joins the running batch at the next step. ``"contiguous"``: per la
 D); a request takes one slot. Both give the same tokens (tested).
 
 Sampling: greedy, or temperature + top-p with a seeded ``torch.Generator``; ``banned_token_ids`` are
-never sampled. Streaming: ``on_token(request_index, token_id, text_delta)`` is called as tokens are
+never sampled; ``runs`` makes fixed-length signal runs (NExT-GPT's ``[IMG0]..[IMG3]``): after a run's first
+token the rest is appended one per step without sampling. Streaming: ``on_token(request_index, token_id, text_delta)`` is called as tokens are
 accepted; ``text_delta`` holds back the characters that could still begin a stop string.
 
 A CUDA-graph decode step would capture :meth:`ServingEngine._decode_logits` for a few batch-size
@@ -146,6 +147,8 @@ class _Seq:
     new: list[int] = field(default_factory=list)
     emitted: int = 0  # characters already streamed
     finish: str | None = None
+    budget: int = 0  # new tokens before "length" (max_new less the room kept for a signal run's tail)
+    forced: list[int] = field(default_factory=list)  # the rest of a signal run, appended one per step
 
 
 def _sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, gen) -> torch.Tensor:
@@ -305,11 +308,13 @@ class ServingEngine:
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
                  eos_token_id: int | None = None, stop: str | list[str] | None = None, tokenizer=None,
                  banned_token_ids: list[int] | None = None, prefix_lens: list[int] | None = None,
-                 on_token=None) -> list[Completion]:
+                 on_token=None, runs: dict[int, list[int]] | None = None) -> list[Completion]:
         """Continue every prompt; see the module docstring. ``max_new_tokens`` may differ per request;
         ``eos_token_id=None`` generates until ``max_new_tokens`` or a stop string. ``stop``, streaming text
         and :attr:`Completion.text` need ``tokenizer``. ``prefix_lens``: per request, the length of its
-        bidirectional prefix (prefix-LM prefill), or None."""
+        bidirectional prefix (prefix-LM prefill), or None. ``runs``: fixed-length signal runs (NExT-GPT's
+        ``[IMG0]..[IMG3]``): when a request takes a key token, the listed tokens follow it, one per step,
+        whatever the logits say, and a run is finished even past ``max_new_tokens``."""
         n = len(prompt_embeds)
         if n == 0:
             return []
@@ -339,7 +344,10 @@ class ServingEngine:
             gen.manual_seed(0 if seed is None else seed)
         banned = None if not banned_token_ids else torch.tensor(banned_token_ids, device=dev)
 
-        seqs = [_Seq(i, int(e.shape[0]), m) for i, (e, m) in enumerate(zip(prompt_embeds, max_new_tokens))]
+        runs = {int(k): [int(t) for t in v] for k, v in (runs or {}).items()}
+        tail = max((len(v) for v in runs.values()), default=0)  # cache room for a run begun on the last token
+        seqs = [_Seq(i, int(e.shape[0]), m + tail, budget=m)
+                for i, (e, m) in enumerate(zip(prompt_embeds, max_new_tokens))]
         self._allocate(seqs, prompt_embeds[0].dtype, dev)
         waiting, running = list(seqs), []
         steps = admissions = 0
@@ -350,6 +358,10 @@ class ServingEngine:
                 logits[:, banned] = float("-inf")
             nxt = _sample(logits, do_sample, temperature, top_p, gen).tolist()
             for s, t in zip(batch, nxt):
+                if s.forced:
+                    t = s.forced.pop(0)
+                elif t in runs:
+                    s.forced = list(runs[t])
                 s.new.append(t)
                 text = None
                 if t == eos_token_id:
@@ -359,7 +371,7 @@ class ServingEngine:
                     cut = min((text.find(x) for x in stops if x in text), default=-1)
                     if cut >= 0:
                         s.finish, text = "stop", text[:cut]
-                if s.finish is None and len(s.new) >= s.max_new:
+                if s.finish is None and not s.forced and len(s.new) >= s.budget:
                     s.finish = "length"
                 if on_token is not None:
                     if text is None:

@@ -251,6 +251,59 @@ def test_answer_contract(model):
         model.answer([None], ["a", "b"])
 
 
+@pytest.fixture(scope="module")
+def patched(model):
+    # the reference kernels: the engine's path is under test here, not the interpreter's speed
+    fast = ng.build_nextgpt("tiny", seed=0, kernels=True, backend="reference")
+    fast.load_state_dict(model.state_dict())
+    return fast
+
+
+def _force_first_token(model, token: int):
+    """The LM head with a large bias on ``token`` (so greedy decoding starts with it); returns the old head."""
+    head = model.llm.lm_head
+    forced = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        forced.weight.copy_(head.weight)
+        forced.bias.zero_()
+        forced.bias[token] = 1e4
+    model.llm.lm_head = forced
+    return head
+
+
+def test_paged_engine_decodes_the_dynamic_cache_tokens(patched):
+    """On a patched LLM generate/answer go through the batched paged engine (cache="auto"): token for token what
+    the one-request DynamicCache loop gives, signal runs included (a run begun on the last allowed token is
+    finished, its tail forced one token per step)."""
+    from mmfast.models.nextgpt.generate import _cache
+
+    assert _cache(patched, "auto") == "paged"
+    imgs = [None, torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(1)), None]
+    qs = ["Is there a cat?", "What is it?", "Draw a red dog."]
+    want = [patched.generate(q, images=None if i is None else [i], max_new_tokens=9, decode=False, cache="dynamic")
+            for i, q in zip(imgs, qs)]
+    got = [patched.generate(q, images=None if i is None else [i], max_new_tokens=9, decode=False, cache="paged")
+           for i, q in zip(imgs, qs)]
+    assert [g["token_ids"] for g in got] == [w["token_ids"] for w in want]
+    assert all(len(w["token_ids"]) > 0 for w in want)
+    assert patched.answer(imgs, qs, max_new_tokens=9) == [w["text"] for w in want]
+    head = _force_first_token(patched, patched.signal_ids["image"][0])
+    try:
+        for cache in ("dynamic", "paged"):
+            r = patched.generate("Draw.", max_new_tokens=1, decode=False, cache=cache)
+            assert r["token_ids"] == patched.signal_ids["image"], cache
+            assert r["conditions"]["image"].shape[0] == 1
+    finally:
+        patched.llm.lm_head = head
+
+
+def test_paged_cache_needs_a_patched_llm(model):
+    with pytest.raises(ValueError, match="patched with mmfast attention"):
+        model.generate("Hi.", max_new_tokens=2, decode=False, cache="paged")
+    with pytest.raises(ValueError, match="cache must be one of"):
+        model.answer([None], ["Hi."], cache="static")
+
+
 def test_image_encoder_from_an_open_clip_export(tmp_path):
     """The demo's CLIP (an open_clip export) becomes the image/video encoder: every ViT weight must fit."""
     from mmfast.models.clip.model import create_model, save_pretrained

@@ -65,15 +65,23 @@ def _save(modality: str, arrays, out_dir: Path, stem: str, sample_rate: int) -> 
     return paths
 
 
-@torch.inference_mode()
-def generate(self, text: str, images=None, audios=None, videos=None, history: list | None = None,
-             max_new_tokens: int = 64, decode: bool = True, out_dir=None, steps: int = 10, seed: int = 0,
-             stem: str = "gen") -> dict:
-    """``{"text", "token_ids", "conditions": {m: (R, Q, C)}, "<modality>": arrays or saved paths}``."""
-    from transformers import DynamicCache
+CACHES = ("auto", "paged", "dynamic")
 
-    from mmfast.models.kv_cache import cache_kwargs
 
+def _cache(self, cache: str) -> str:
+    """``"paged"`` (mmfast's batched engine; ``auto`` on an LLM patched with mmfast attention) or ``"dynamic"``
+    (one request at a time through transformers' ``DynamicCache``; ``auto`` otherwise)."""
+    if cache not in CACHES:
+        raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
+    patched = getattr(self.llm.config, "_attn_implementation", None) == "mmfast"
+    if cache == "paged" and not patched:
+        raise ValueError("cache='paged' decodes through mmfast's flash_attn_with_kvcache and needs the LLM patched "
+                         "with mmfast attention (build with kernels=True); use cache='dynamic'")
+    return ("paged" if patched else "dynamic") if cache == "auto" else cache
+
+
+def _prompt(self, text: str, images, audios, videos, history) -> tuple[torch.Tensor, dict]:
+    """The dialogue's token ids (1, L) with the media placeholders, and the media tensors."""
     media = _media_tensors(self, images, audios, videos)
     seen = "".join(t["value"] for t in history or []) + text  # placeholders already written stay as they are
     prefix = "".join(nd.PLACEHOLDERS[m] + "\n" for m, x in media.items() for _ in range(len(x))
@@ -82,13 +90,26 @@ def generate(self, text: str, images=None, audios=None, videos=None, history: li
     rec = {"conversations": conv + [{"from": "gpt", "value": ""}]}
     ids = nd.tokenize_dialogue(rec, self.tokenizer, self.n_input_tokens, max_length=10**6,
                                generation=True)["input_ids"].to(self.device)[None]  # (1, L)
+    return ids, media
+
+
+def _later_run_tokens(self) -> list[int]:
+    """A run's later tokens: appended with its first one, they may never start a step themselves."""
+    return [i for m in nd.MODALITIES for i in self.signal_ids[m][1:]]
+
+
+def _decode_dynamic(self, ids: torch.Tensor, media: dict, max_new_tokens: int) -> list[int]:
+    """Greedy new tokens of one request through transformers' DynamicCache; a signal run is appended whole."""
+    from transformers import DynamicCache
+
+    from mmfast.models.kv_cache import cache_kwargs
+
     llm = self.llm
     cache = DynamicCache(config=llm.config)
     kw = cache_kwargs(llm.model, cache)
     out = llm.model(inputs_embeds=self.embed(ids, media), use_cache=True, **kw)
     first = {self.signal_ids[m][0]: m for m in nd.MODALITIES}
-    # A run's later tokens are appended with its first one, so they may never start a step themselves.
-    rest = torch.tensor([i for m in nd.MODALITIES for i in self.signal_ids[m][1:]], device=self.device)
+    rest = torch.tensor(_later_run_tokens(self), device=self.device)
     eos = self.tokenizer.eos_token_id
     new: list[int] = []
     while len(new) < max_new_tokens:
@@ -103,6 +124,40 @@ def generate(self, text: str, images=None, audios=None, videos=None, history: li
             break
         t = torch.tensor([step], device=self.device)
         out = llm.model(inputs_embeds=llm.get_input_embeddings()(t), use_cache=True, **kw)
+    return new
+
+
+def _decode_paged(self, prompts: list[tuple[torch.Tensor, dict]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy new tokens of every request at once through :class:`mmfast.models.serving.ServingEngine`: the same
+    tokens as :func:`_decode_dynamic` (a run's tail is forced one token per step instead of in one forward)."""
+    from mmfast.models.serving import ServingEngine
+
+    engine = ServingEngine(self.llm.model, self.llm.lm_head, cache="paged")
+    embeds = [self.embed(ids, media)[0] for ids, media in prompts]  # (L_i, D) each
+    eos = self.tokenizer.eos_token_id
+    outs = engine.generate(embeds, max_new_tokens=max_new_tokens, eos_token_id=eos, stop="###",
+                           tokenizer=self.tokenizer, banned_token_ids=_later_run_tokens(self),
+                           runs={self.signal_ids[m][0]: self.signal_ids[m][1:] for m in nd.MODALITIES})
+    return [o.token_ids[:-1] if o.finish_reason == "eos" else o.token_ids for o in outs]
+
+
+@torch.inference_mode()
+def generate(self, text: str, images=None, audios=None, videos=None, history: list | None = None,
+             max_new_tokens: int = 64, decode: bool = True, out_dir=None, steps: int = 10, seed: int = 0,
+             stem: str = "gen", cache: str = "auto") -> dict:
+    """``{"text", "token_ids", "conditions": {m: (R, Q, C)}, "<modality>": arrays or saved paths}``.
+    ``cache``: see :func:`_cache`; both give the same tokens."""
+    kind = _cache(self, cache)
+    ids, media = _prompt(self, text, images, audios, videos, history)
+    if kind == "paged":
+        new = _decode_paged(self, [(ids, media)], max_new_tokens)[0]
+    else:
+        new = _decode_dynamic(self, ids, media, max_new_tokens)
+    return _finish(self, ids, media, new, decode, out_dir, steps, seed, stem)
+
+
+def _finish(self, ids, media, new: list[int], decode: bool, out_dir, steps: int, seed: int, stem: str) -> dict:
+    """The reply's text, and each signal run's decoder conditioning (and media, with ``decode``)."""
     text_out = self.tokenizer.decode(new, skip_special_tokens=True).split("###")[0].strip()
     result = {"text": text_out, "token_ids": new, "conditions": {}}
     full = torch.cat([ids, torch.tensor([new], dtype=torch.long, device=self.device)], 1) if new else ids
@@ -124,12 +179,19 @@ def generate(self, text: str, images=None, audios=None, videos=None, history: li
     return result
 
 
-def answer(self, images, questions, max_new_tokens: int = 16) -> list[str]:
-    """One greedy answer per (image, question); ``images[i]`` may be None (text only). No media decoding."""
+@torch.inference_mode()
+def answer(self, images, questions, max_new_tokens: int = 16, cache: str = "auto") -> list[str]:
+    """One greedy answer per (image, question); ``images[i]`` may be None (text only). No media decoding.
+    On a patched LLM (``cache="paged"``) every question decodes in one batch."""
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images but {len(questions)} questions; they pair one to one")
-    return [self.generate(q, images=[img] if img is not None else None, max_new_tokens=max_new_tokens,
-                          decode=False)["text"] for img, q in zip(images, questions)]
+    if _cache(self, cache) == "dynamic":
+        return [self.generate(q, images=[img] if img is not None else None, max_new_tokens=max_new_tokens,
+                              decode=False, cache="dynamic")["text"] for img, q in zip(images, questions)]
+    prompts = [_prompt(self, q, [img] if img is not None else None, None, None, None)
+               for img, q in zip(images, questions)]
+    news = _decode_paged(self, prompts, max_new_tokens)
+    return [self.tokenizer.decode(new, skip_special_tokens=True).split("###")[0].strip() for new in news]
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -309,11 +309,12 @@ class NextGPT(nn.Module):
 
         return generate(self, text, images, audios, videos, **kw)
 
-    def answer(self, images, questions, max_new_tokens: int = 16) -> list[str]:
-        """One greedy text answer per (image, question); the evaluation adapters' contract."""
+    def answer(self, images, questions, max_new_tokens: int = 16, *, cache: str = "auto") -> list[str]:
+        """One greedy text answer per (image, question); the evaluation adapters' contract. On an LLM patched
+        with mmfast attention the questions decode in one batch (``cache="paged"``)."""
         from mmfast.models.nextgpt.generate import answer
 
-        return answer(self, images, questions, max_new_tokens)
+        return answer(self, images, questions, max_new_tokens, cache)
 
     def load_trainable(self, sd: dict, src="trainable weights") -> None:
         """Projections, LoRA and new-token rows from :data:`TRAINABLE_FILE` (or a gathered state dict)."""
