@@ -142,3 +142,30 @@ def sm90_usage(kernel, ptr_types, consts: dict, num_warps: int, num_stages: int 
         f.flush()
         usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
     return int(re.search(r"REG:(\d+)", usage).group(1)), int(re.search(r"STACK:(\d+)", usage).group(1))
+
+
+class favoured_token:
+    """``with favoured_token(llm, token):`` greedy decoding of ``llm`` (a causal LM with ``lm_head``) picks
+    ``token`` wherever it is allowed: the head is swapped for a copy with a bias of 1e4 on that logit, and put
+    back on exit. ``.head`` is the copy (move the bias to another token with :meth:`favour`)."""
+
+    def __init__(self, llm, token: int):
+        self.llm, self.token = llm, token
+
+    def favour(self, token: int) -> None:
+        with torch.no_grad():
+            self.head.bias.zero_()
+            self.head.bias[token] = 1e4
+
+    def __enter__(self):
+        self.old = self.llm.lm_head
+        self.head = torch.nn.Linear(self.old.in_features, self.old.out_features, bias=True)
+        with torch.no_grad():
+            self.head.weight.copy_(self.old.weight)
+        self.favour(self.token)
+        self.llm.lm_head = self.head
+        return self
+
+    def __exit__(self, *exc):
+        self.llm.lm_head = self.old
+        return False

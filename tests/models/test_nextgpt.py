@@ -12,6 +12,7 @@ pytest.importorskip("peft")
 from mmfast.models.nextgpt import data as nd
 from mmfast.models.nextgpt import decoders as ndec
 from mmfast.models.nextgpt import model as ng
+from mmfast.testing import favoured_token
 
 
 @pytest.fixture(scope="module")
@@ -216,32 +217,21 @@ def test_save_load_reproduces_outputs(tmp_path):
 def test_generate_decodes_signal_runs_to_files(model, tmp_path):
     from PIL import Image
 
-    head = model.llm.lm_head
-    try:
-        for m, suffix in (("image", ".png"), ("audio", ".wav"), ("video", ".gif")):
-            # Force the first signal token: a bias on its logit (the rest of the run is appended).
-            forced = torch.nn.Linear(head.in_features, head.out_features, bias=True)
-            with torch.no_grad():
-                forced.weight.copy_(head.weight)
-                forced.bias.zero_()
-                forced.bias[model.signal_ids[m][0]] = 1e4
-            model.llm.lm_head = forced
+    for m, suffix in (("image", ".png"), ("audio", ".wav"), ("video", ".gif")):
+        # Force the first signal token: a bias on its logit (the rest of the run is appended).
+        with favoured_token(model.llm, model.signal_ids[m][0]):
             r = model.generate("Make something.", images=[torch.randn(3, 32, 32)],
                                max_new_tokens=len(model.signal_ids[m]), out_dir=tmp_path, steps=2)
-            assert r["token_ids"] == model.signal_ids[m]
-            assert r["conditions"][m].shape[0] == 1
-            (path,) = r[m]
-            assert path.endswith(suffix)
-            if m == "image":
-                assert Image.open(path).size == (32, 32)
-        # A run's later tokens never start a step on their own, however high their logit.
-        with torch.no_grad():
-            forced.bias.zero_()
-            forced.bias[model.signal_ids["image"][1]] = 1e4
+        assert r["token_ids"] == model.signal_ids[m]
+        assert r["conditions"][m].shape[0] == 1
+        (path,) = r[m]
+        assert path.endswith(suffix)
+        if m == "image":
+            assert Image.open(path).size == (32, 32)
+    # A run's later tokens never start a step on their own, however high their logit.
+    with favoured_token(model.llm, model.signal_ids["image"][1]):
         r = model.generate("Make something.", max_new_tokens=3, decode=False)
-        assert model.signal_ids["image"][1] not in r["token_ids"]
-    finally:
-        model.llm.lm_head = head
+    assert model.signal_ids["image"][1] not in r["token_ids"]
 
 
 def test_answer_contract(model):
@@ -257,18 +247,6 @@ def patched(model):
     fast = ng.build_nextgpt("tiny", seed=0, kernels=True, backend="reference")
     fast.load_state_dict(model.state_dict())
     return fast
-
-
-def _force_first_token(model, token: int):
-    """The LM head with a large bias on ``token`` (so greedy decoding starts with it); returns the old head."""
-    head = model.llm.lm_head
-    forced = torch.nn.Linear(head.in_features, head.out_features, bias=True)
-    with torch.no_grad():
-        forced.weight.copy_(head.weight)
-        forced.bias.zero_()
-        forced.bias[token] = 1e4
-    model.llm.lm_head = forced
-    return head
 
 
 def test_paged_engine_decodes_the_dynamic_cache_tokens(patched):
@@ -287,14 +265,11 @@ def test_paged_engine_decodes_the_dynamic_cache_tokens(patched):
     assert [g["token_ids"] for g in got] == [w["token_ids"] for w in want]
     assert all(len(w["token_ids"]) > 0 for w in want)
     assert patched.answer(imgs, qs, max_new_tokens=9) == [w["text"] for w in want]
-    head = _force_first_token(patched, patched.signal_ids["image"][0])
-    try:
+    with favoured_token(patched.llm, patched.signal_ids["image"][0]):
         for cache in ("dynamic", "paged"):
             r = patched.generate("Draw.", max_new_tokens=1, decode=False, cache=cache)
             assert r["token_ids"] == patched.signal_ids["image"], cache
             assert r["conditions"]["image"].shape[0] == 1
-    finally:
-        patched.llm.lm_head = head
 
 
 def test_paged_cache_needs_a_patched_llm(model):

@@ -160,6 +160,7 @@ def test_demo_emission_rates_count_signal_runs(world):
     from mmfast.models.nextgpt import data as nd
     from mmfast.models.nextgpt.demo import emit_rates
     from mmfast.models.nextgpt.model import build_nextgpt
+    from mmfast.testing import favoured_token
 
     torch.set_num_threads(1)
     m = build_nextgpt("tiny", seed=0, kernels=False)
@@ -169,14 +170,8 @@ def test_demo_emission_rates_count_signal_runs(world):
         m.llm.lm_head.weight[img0] = 0.0  # [IMG0] can never win: no runs
     assert emit_rates(m, world, pairs, max_new_tokens=2) == {
         "nextgpt_signal_emit_rate": 0.0, "nextgpt_signal_emit_rate_captioning": 0.0, "nextgpt_emit_prompts": 2}
-    head = m.llm.lm_head  # every reply opens with [IMG0]: a bias on its logit
-    forced = torch.nn.Linear(head.in_features, head.out_features, bias=True)
-    with torch.no_grad():
-        forced.weight.copy_(head.weight)
-        forced.bias.zero_()
-        forced.bias[img0] = 1e4
-    m.llm.lm_head = forced
-    got = emit_rates(m, world, pairs, max_new_tokens=2)
+    with favoured_token(m.llm, img0):  # every reply opens with [IMG0]
+        got = emit_rates(m, world, pairs, max_new_tokens=2)
     assert got["nextgpt_signal_emit_rate"] == 1.0 and got["nextgpt_signal_emit_rate_captioning"] == 1.0
 
 
