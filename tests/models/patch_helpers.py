@@ -17,7 +17,12 @@ def grads(model) -> dict[str, torch.Tensor]:
 def compare_patched(model, run, backend, kinds, expect_rules, name: str) -> None:
     """fp64 unpatched = reference, fp32 unpatched = PyTorch's own error; ``model`` patched (``kinds``,
     ``backend``; at least ``expect_rules``) must be within 2x that error (+ a few ulps) for ``run``'s
-    result (called ``name``) and every parameter gradient. ``model`` is unpatched again at the end."""
+    result (called ``name``) and every parameter gradient. ``model`` is unpatched again at the end.
+
+    ``run`` returns a loss, or a tensor (say every position's logits) that is then compared element by
+    element and back-propagated with a fixed random cotangent. Compare tensors where you can: a single
+    sum of many outputs can carry an fp32 error far below its terms' (their errors cancel by luck), which
+    no kernel's different rounding is held to."""
     ref_model = copy.deepcopy(model).double()
     low_model = copy.deepcopy(model)
     results = []
@@ -27,7 +32,11 @@ def compare_patched(model, run, backend, kinds, expect_rules, name: str) -> None
             assert set(expect_rules) <= set(patched_rules(m)), patched_rules(m)
         torch.manual_seed(0)
         out = run(m, next(m.parameters()).dtype)
-        out.backward()
+        if out.dim():
+            g = torch.Generator().manual_seed(0)
+            out.backward(torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype))
+        else:
+            out.backward()
         results.append((out.detach(), grads(m)))
     (ref_out, ref_g), (low_out, low_g), (out, g) = results
     assert_error_bound(out, ref_out, low_out, name=name)
