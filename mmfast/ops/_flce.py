@@ -34,6 +34,7 @@ with s_i = grad_output_i.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 
 import torch
@@ -96,7 +97,7 @@ def _target_tables(ignore_index: int, V: int, device: torch.device):
     bounds = sorted({0, V, ignore_index, ignore_index + 1})
     edges = [None, *bounds, None]  # interval i is [edges[i], edges[i + 1])
     weights = []
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in itertools.pairwise(edges):
         if lo == ignore_index:
             weights.append(0)
         elif lo is not None and hi is not None and 0 <= lo and hi <= V:
