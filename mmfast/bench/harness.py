@@ -264,6 +264,17 @@ def unknown_providers(names: list[str], known: Iterable[str], prog: str) -> bool
     return bool(unknown)
 
 
+def select_providers(table: dict, names: list[str] | None) -> dict:
+    """``table`` restricted to ``names`` in their order (all of it when ``names`` is empty); ``SystemExit``
+    naming the unknown ones and the known ones when a name is not in it."""
+    if not names:
+        return table
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise SystemExit(f"unknown provider(s) {unknown}; choose from {list(table)}")
+    return {n: table[n] for n in names}
+
+
 def pick_device(args: argparse.Namespace, prog: str) -> str | None:
     """"cuda" for --gpu or, without --cpu, when CUDA is available; else "cpu". None (after saying
     why on stderr) when --gpu is given without CUDA: the caller exits with status 2."""

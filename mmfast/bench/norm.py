@@ -63,12 +63,7 @@ def providers(op: str, device: str, names: list[str] | None = None) -> dict:
         "torch-compile": harness.grad_setup(_layernorm_inputs, lambda: torch.compile(eager_layernorm, dynamic=False)),
         "liger": harness.grad_setup(_layernorm_inputs, _liger_fn),
     }
-    if names:
-        unknown = [n for n in names if n not in table]
-        if unknown:
-            raise SystemExit(f"unknown provider(s) {unknown}; choose from {sorted(table)}")
-        table = {n: table[n] for n in names}
-    return table
+    return harness.select_providers(table, names)
 
 
 def flops(op: str):
