@@ -137,13 +137,13 @@ step "environment" 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_v
 # 3. benchmarks first (the GPU alone; nothing else running). --budget-s keeps each inside its
 #    slot (rows past it are written as skipped); the step limit leaves room for a last compile.
 # >>> projection (#4): the issue's target shapes. FLCE: mmfast (default, 64 MiB chunks, bf16 dW)
-#     vs eager, Liger, torch.compile (last); then the projector and LayerNorm. (The LayerNorm backward
+#     vs eager, Liger, torch.compile (last); then the projector, and LayerNorm (bench norm). (The LayerNorm backward
 #     tile sweep, benchmarks/sweep_norm_bwd.py, ran once: results/nvidia-h100-80gb-hbm3/run2.)
 bench projection 60 --op flce --out "$RES/projection_flce.csv" --quick --budget-s 48 \
     --providers mmfast-triton,mmfast-triton-c64,mmfast-triton-bf16dw,torch-eager,liger,torch-compile
 bench projection 35 --op projector --out "$RES/projection_projector.csv" --quick --budget-s 26 \
     --providers mmfast-triton,mmfast-triton-recompute,torch-eager,torch-compile
-bench projection 30 --op layernorm --out "$RES/projection_layernorm.csv" --quick --budget-s 22 \
+bench norm 30 --op layernorm --out "$RES/norm_layernorm.csv" --quick --budget-s 22 \
     --providers mmfast-triton,torch-eager,liger,torch-compile
 # >>> attention (#22): the four shapes for every provider (fwd+bwd), then the prefix-LM row and decode
 #     (contiguous cache and paged through block_table), fwd only. Three calls so that FlexAttention's

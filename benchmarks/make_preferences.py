@@ -47,7 +47,8 @@ PROVIDERS = {
         "sdpa-cudnn": "sdpa_cudnn", "sdpa-flash": "sdpa_flash", "sdpa-efficient": "sdpa_efficient",
         "sdpa-math": "sdpa_math", "flex": "flex", "flash-attn": "flash_attn",
     }),
-    "projection-layernorm": ("layer_norm", {"mmfast-triton": "triton", "torch-eager": "torch"}),
+    "norm-layernorm": ("layer_norm", {"mmfast-triton": "triton", "torch-eager": "torch"}),
+    "projection-layernorm": ("layer_norm", {"mmfast-triton": "triton", "torch-eager": "torch"}),  # older CSVs
     "projection-rmsnorm": ("rms_norm", {"mmfast-triton": "triton", "torch-eager": "torch"}),
     "projection-projector": ("mlp_projector", {"mmfast-triton": "triton", "torch-eager": "torch"}),
     "projection-l2": ("linear_l2_normalize", {"mmfast-triton": "triton", "torch-eager": "torch"}),

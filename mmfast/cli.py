@@ -13,6 +13,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "contrastive"): ("mmfast.bench.contrastive:main", "benchmark the fused CLIP/SigLIP loss"),
     ("bench", "attention"): ("mmfast.bench.attention:main", "benchmark flash attention"),
     ("bench", "projection"): ("mmfast.bench.projection:main", "benchmark the fused projection ops"),
+    ("bench", "norm"): ("mmfast.bench.norm:main", "benchmark the fused norms"),
     ("bench", "host"): ("mmfast.bench.host:main", "host time of each op's fwd+bwd vs the native op (CPU)"),
     ("data", "synth"): ("mmfast.data.synthetic:main", "generate the synthetic multimodal world"),
     ("train", "clip"): ("mmfast.training.launch:clip_main", "train CLIP with DeepSpeed"),

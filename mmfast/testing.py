@@ -169,3 +169,62 @@ class favoured_token:
     def __exit__(self, *exc):
         self.llm.lm_head = self.old
         return False
+
+
+# --------------------------------------------------------------------------- multi-process test harness
+def _rank_worker(rank, world, port, outdir, run_case, cases):
+    """One rank: joins a gloo group, runs ``run_case(*case, rank)`` for each case and saves
+    ``{case: result or traceback text}`` to ``outdir/rank<rank>.pt``; stops at the first failure (a failed
+    collective may leave the ranks out of step)."""
+    import os
+    import traceback
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    results = {}
+    for case in cases:
+        try:
+            results[case] = run_case(*case, rank)
+        except Exception:  # noqa: BLE001  (reported to the parent as a traceback)
+            results[case] = traceback.format_exc()
+            break
+    torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def run_ranks(run_case, cases, world: int, outdir: str, timeout_s: float = 300.0) -> list[dict]:
+    """Spawn ``world`` gloo ranks on this machine, each running every case of ``cases`` through
+    ``run_case(*case, rank)`` (a module-level function: the ranks import it); one ``{case: result}`` dict
+    per rank, a failed case's value being its traceback text. Fails the test when the ranks have not
+    finished within ``timeout_s`` (a deadlock), killing them."""
+    import os
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    from mmfast.utils.ports import free_port  # below the ephemeral range: no outgoing connection takes it
+
+    ctx = mp.spawn(_rank_worker, args=(world, free_port(), outdir, run_case, list(cases)), nprocs=world, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"distributed workers did not finish within {timeout_s:.0f} s (deadlock?)")
+    return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+def rank_result(results: list[dict], rank: int, case):
+    """``run_ranks``' result of ``case`` on ``rank``; fails the test, with the rank's traceback, when the
+    case raised or was not reached."""
+    import pytest
+
+    got = results[rank].get(case)
+    if got is None:
+        pytest.fail(f"rank {rank} did not reach case {case} (an earlier case failed)")
+    if isinstance(got, str):
+        pytest.fail(f"rank {rank} raised in case {case}:\n{got}")
+    return got

@@ -297,12 +297,7 @@ def providers(device: str, names: list[str] | None = None) -> dict:
         table = {"mmfast-reference": _mmfast(lambda dev: "reference"), "mmfast-auto": _mmfast(lambda dev: None),
                  "sdpa": _sdpa(None), "sdpa-flash": _sdpa("flash"), "sdpa-math": _sdpa("math")}
     table["flex"] = _flex  # compiles per shape: last under --budget-s
-    if names:
-        unknown = [n for n in names if n not in table]
-        if unknown:
-            raise SystemExit(f"unknown provider(s) {unknown}; choose from {list(table)}")
-        table = {n: table[n] for n in names}
-    return table
+    return harness.select_providers(table, names)
 
 
 def warm_up(table: dict, cases: list[dict], modes: list[str], deadline: float) -> float:

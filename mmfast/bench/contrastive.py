@@ -172,10 +172,7 @@ def providers(device: str, names: list[str] | None = None) -> dict:
     if device == "cuda":
         table["mmfast-triton-split"] = _mmfast_split
     if names:
-        unknown = [n for n in names if n not in table]
-        if unknown:
-            raise SystemExit(f"unknown provider(s) {unknown}; choose from {list(table)}")
-        return {n: table[n] for n in names}
+        return harness.select_providers(table, names)
     table.pop("mmfast-triton-split", None)  # by name only
     return table
 

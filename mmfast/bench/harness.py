@@ -264,6 +264,17 @@ def unknown_providers(names: list[str], known: Iterable[str], prog: str) -> bool
     return bool(unknown)
 
 
+def select_providers(table: dict, names: list[str] | None) -> dict:
+    """``table`` restricted to ``names`` in their order (all of it when ``names`` is empty); ``SystemExit``
+    naming the unknown ones and the known ones when a name is not in it."""
+    if not names:
+        return table
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise SystemExit(f"unknown provider(s) {unknown}; choose from {list(table)}")
+    return {n: table[n] for n in names}
+
+
 def pick_device(args: argparse.Namespace, prog: str) -> str | None:
     """"cuda" for --gpu or, without --cpu, when CUDA is available; else "cpu". None (after saying
     why on stderr) when --gpu is given without CUDA: the caller exits with status 2."""
@@ -499,3 +510,116 @@ __all__ = [
     "append_csv", "best_of_rounds", "device_name", "device_slug", "format_table", "int_list", "measure", "modes_of",
     "pick_device", "plot_rows", "provider_names", "run", "run_rounds", "train_step", "train_step_sweep", "unknown_providers",
 ]
+
+
+# --------------------------------------------------------------------------- an op family's sweeps
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def seeded(case: dict) -> torch.Generator:
+    """A CPU generator seeded by the case's integer sizes (the same inputs for every provider)."""
+    return torch.Generator(device="cpu").manual_seed(sum(int(v) for v in case.values() if isinstance(v, int)))
+
+
+def param(shape, case: dict, g: torch.Generator, scale: float = 1.0) -> torch.Tensor:
+    """A leaf ``randn(*shape) * scale`` in the case's dtype on its device, requiring grad."""
+    t = torch.randn(*shape, generator=g) * scale
+    return t.to(case["device"], DTYPES[case["dtype"]]).requires_grad_()
+
+
+def grad_setup(inputs: Callable[[dict], tuple[list, object]], make_fn: Callable[[], Callable]) -> Setup:
+    """A :data:`Setup` for ``fn = make_fn()`` on ``inputs(case) -> (params, target or None)``: mode "fwd" runs
+    ``fn(*params[, target])``, "fwd+bwd" adds ``torch.autograd.grad`` w.r.t. the params with a random output
+    gradient made before the step (not timed or counted)."""
+    def setup(case, mode):
+        fn = make_fn()
+        params, target = inputs(case)
+        args = params + ([target] if target is not None else [])
+        grad_out = None
+        if mode == "fwd+bwd":
+            with torch.no_grad():
+                probe = fn(*args)
+                grad_out = torch.randn_like(probe) if probe.dim() else torch.ones_like(probe)
+                del probe
+
+        def step():
+            out = fn(*args)
+            if mode == "fwd+bwd":
+                return torch.autograd.grad(out, params, grad_outputs=grad_out)
+            return out
+
+        return step
+
+    return setup
+
+
+def sweeps_parser(family: str, sweeps: dict, description: str, extra_ops: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """The CLI of ``mmfast bench <family>`` over ``sweeps`` (name -> (x_key, GPU cases, GPU quick, CPU cases,
+    CPU quick)): the common arguments, --op, --quick, --dtype, --size and --out-dir."""
+    p = argparse.ArgumentParser(prog=f"mmfast bench {family}", description=description)
+    add_common_args(p, family, out_help="one CSV for every sweep instead of one per sweep under "
+                    "--out-dir (its PNG shows the last sweep)")
+    p.add_argument("--op", default="all", choices=["all", *sweeps, *extra_ops], help="which sweep (default: all)")
+    p.add_argument("--quick", action="store_true", help="one case per sweep (the GPU targets' shapes on CUDA)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="CPU default fp32, GPU bf16")
+    p.add_argument("--size", action="append", default=[],
+                   help="override a size of every case, e.g. --size T=4096 --size V=32000")
+    p.add_argument("--out-dir", default="benchmarks/results", help="CSV/PNG directory (one CSV per sweep)")
+    return p
+
+
+def run_sweeps(family: str, sweeps: dict, args: argparse.Namespace, *, providers, flops, bytes_moved,
+               grads_mib) -> int:
+    """``mmfast bench <family>``'s main after parsing (:func:`sweeps_parser`): each chosen sweep through
+    :func:`run`, bench ``<family>-<op>``, CSV ``--out`` or ``<out-dir>/<family>_<op>_<device>.csv``; the
+    per-op callables take the op name (``providers(op, device, names)``, ``flops(op)``, ``bytes_moved(op)``,
+    ``grads_mib(op, case)``). Exit status: 0 when a row was measured, 1 when none, 2 on bad arguments."""
+    prog = f"mmfast bench {family}"
+    device = pick_device(args, prog)
+    if device is None:
+        return 2
+    gpu = device == "cuda"
+    dtype = args.dtype or ("bf16" if gpu else "fp32")
+    modes = modes_of(args)
+    if modes is None:
+        return 2
+    overrides = {}
+    for s in args.size:
+        k, _, v = s.partition("=")
+        if not v.isdigit() or int(v) <= 0:
+            print(f"--size must look like NAME=positive_int, got {s!r}", file=sys.stderr)
+            return 2
+        overrides[k.strip()] = int(v)
+    names = provider_names(args)
+    ok = False
+    t0 = time.monotonic()
+    ops = list(sweeps) if args.op == "all" else [args.op]
+    for i, op in enumerate(ops):
+        x_key, g_cases, g_quick, c_cases, c_quick = sweeps[op]
+        base = (g_quick if args.quick else g_cases) if gpu else (c_quick if args.quick else c_cases)
+        bad = [k for k in overrides if k not in base[0]]
+        if bad and args.op != "all":
+            print(f"--size {bad} not a size of {op} (sizes: {list(base[0])})", file=sys.stderr)
+            return 2
+        cases = [{**c, **{k: v for k, v in overrides.items() if k in c}, "dtype": dtype, "device": device}
+                 for c in base]
+        cases = list({tuple(sorted(c.items())): c for c in cases}.values())
+        out = Path(args.out) if args.out else Path(args.out_dir) / f"{family}_{op}_{device_slug(device)}.csv"
+        # Each sweep gets an equal share of what is left, so the first cannot starve the others.
+        budget = None if args.budget_s is None else \
+            max(0.0, args.budget_s - (time.monotonic() - t0)) / (len(ops) - i)
+        table = providers(op, device, names)
+        if names is None and not gpu:
+            table.pop("torch-compile", None)  # the first compile alone dominates a CPU sweep
+        rows = run(
+            f"{family}-{op}", table, cases, x_key=x_key, device=device, modes=modes, flops=flops(op),
+            bytes_moved=bytes_moved(op), budget_s=budget, out_csv=out, plot=not args.no_plot,
+            **({"reps": 2, "max_s": 3.0} if not gpu else {}),
+        )
+        for r in rows:
+            if r.mode == "fwd+bwd" and not r.error:
+                case = next(c for c in cases if c[x_key] == r.x)
+                print(f"  {op} {r.provider} {x_key}={r.x}: peak {r.peak_mem_mib:.0f} MiB, "
+                      f"{r.peak_mem_mib - grads_mib(op, case):.0f} MiB beyond the returned gradients")
+        ok = ok or any(not r.error for r in rows)
+    return 0 if ok else 1

@@ -34,6 +34,7 @@ with s_i = grad_output_i.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 
 import torch
@@ -59,16 +60,65 @@ def default_chunk_bytes(device: torch.device | str | None) -> int:
 
 def chunk_rows(T: int, V: int, itemsize: int, budget: int | None = None, device=None) -> int:
     """Rows per chunk: as many as fit ``budget`` bytes (default: the device's) of (rows, V) logits, a
-    multiple of 16 when > 16. Default budget on CUDA: all T rows when they fit ``CUDA_SINGLE_CHUNK_BYTES``."""
+    multiple of 16 when > 16. Default budget on CUDA: all T rows when they fit ``CUDA_SINGLE_CHUNK_BYTES``.
+    ``device``: a torch.device, a device string or a device type ("cuda")."""
     if budget is None:
-        dev = device.type if isinstance(device, torch.device) else torch.device(device or "cpu").type
-        budget = CUDA_CHUNK_BYTES if dev == "cuda" else DEFAULT_CHUNK_BYTES
-        if dev == "cuda" and T * V * itemsize <= CUDA_SINGLE_CHUNK_BYTES:
+        dev = device.type if isinstance(device, torch.device) else (device or "cpu")
+        if dev not in ("cpu", "cuda"):
+            dev = torch.device(dev).type
+        args = (T, V, itemsize, None, dev, DEFAULT_CHUNK_BYTES, CUDA_CHUNK_BYTES, CUDA_SINGLE_CHUNK_BYTES)
+    else:
+        args = (T, V, itemsize, budget, "", 0, 0, 0)
+    # memoised in eager mode (a dictionary read); torch.compile traces the plain arithmetic
+    return _chunk_rows.__wrapped__(*args) if torch.compiler.is_compiling() else _chunk_rows(*args)
+
+
+@functools.lru_cache(maxsize=256)  # keyed on the budgets too: they are module settings a test may patch
+def _chunk_rows(T, V, itemsize, budget, dev, default_bytes, cuda_bytes, cuda_single_bytes):
+    if budget is None:
+        budget = cuda_bytes if dev == "cuda" else default_bytes
+        if dev == "cuda" and T * V * itemsize <= cuda_single_bytes:
             return max(1, T)
     c = max(1, budget // max(1, V * itemsize))
     if c > 16:
         c -= c % 16
     return max(1, min(T, c))
+
+
+# --------------------------------------------------------------------------- target check + count
+_BAD = 1 << 32  # an out-of-range target's weight in the sum: the count stays in the low 32 bits
+
+
+@functools.lru_cache(maxsize=64)
+def _target_tables(ignore_index: int, V: int, device: torch.device):
+    """Boundaries cutting the integers into intervals that lie wholly inside or outside [0, V), with
+    ``ignore_index`` alone in its own, and each interval's weight: 1 inside [0, V), 0 for ignore_index,
+    ``_BAD`` elsewhere. ``bucketize(t, bounds, right=True)`` is t's interval."""
+    bounds = sorted({0, V, ignore_index, ignore_index + 1})
+    edges = [None, *bounds, None]  # interval i is [edges[i], edges[i + 1])
+    weights = []
+    for lo, hi in itertools.pairwise(edges):
+        if lo == ignore_index:
+            weights.append(0)
+        elif lo is not None and hi is not None and 0 <= lo and hi <= V:
+            weights.append(1)
+        else:
+            weights.append(_BAD)
+    return (torch.tensor(bounds, dtype=torch.int64, device=device),
+            torch.tensor(weights, dtype=torch.int64, device=device))
+
+
+def count_targets(t: torch.Tensor, V: int, ignore_index: int) -> int:
+    """#{t_i != ignore_index}, checking that every such target lies in [0, V) (``ValueError`` naming the
+    argument otherwise). ``t`` (T,) int64, T < 2³¹. One reduction and one host read (on a GPU a sync, as any
+    such check); the example index is looked up only when the check fails."""
+    bounds, weights = _target_tables(int(ignore_index), int(V), t.device)
+    total = int(torch.take(weights, torch.bucketize(t, bounds, right=True)).sum())
+    if total >= _BAD:
+        bad = (t != ignore_index) & ((t < 0) | (t >= V))
+        raise ValueError(f"target has class indices outside [0, {V}) that are not ignore_index={ignore_index}, "
+                         f"e.g. {int(t[bad][0])}")
+    return total
 
 
 # --------------------------------------------------------------------------- oracle (full logits)
@@ -185,8 +235,9 @@ def flce_chunked(
     # weight's gradient would otherwise be summed over several chunks; else per chunk, in dW's dtype.
     vocab_pass = need_dw and weight.dtype != torch.float32 and n_chunks > 1 and dw_fp32
     one = n_chunks == 1  # one chunk: the whole tensors (no slice views); dW and db are their op's output
-    dw = torch.zeros_like(weight) if need_dw and not vocab_pass and not one else weight.new_empty(0)
-    db = torch.zeros(V, device=dev, dtype=torch.float32) if need_db and not one else weight.new_empty(0)
+    # (None: filled by the one chunk's GEMM, or an empty (0,) tensor when not wanted)
+    dw = torch.zeros_like(weight) if need_dw and not vocab_pass and not one else None
+    db = torch.zeros(V, device=dev, dtype=torch.float32) if need_db and not one else None
     write_grad = need_dh or (need_dw and not vocab_pass) or (need_db and not vocab_pass)
     wt = weight.t()  # (H, V)
     for s in range(0, T, chunk):
@@ -225,7 +276,7 @@ def flce_chunked(
             if need_db:
                 db[v0:v1] = logits.sum(0, dtype=torch.float32)
             logits = None
-    return loss, lse, dh, dw, db
+    return loss, lse, dh, weight.new_empty(0) if dw is None else dw, weight.new_empty(0) if db is None else db
 
 
 @torch.library.custom_op("mmfast::flce_chunked", mutates_args=())
@@ -277,10 +328,13 @@ class FLCEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, ignore_index, smoothing, z_loss, softcap, reduction, chunk, backend,
-                dw_fp32=True):
-        """hidden (..., H), flattened to (T, H) here (a view made inside the Function is no autograd node)."""
-        ctx.hidden_shape = hidden.shape
+                dw_fp32=True, n_valid=None):
+        """hidden (..., H), flattened to (T, H) here (a view made inside the Function is no autograd node).
+        ``n_valid``: #{target != ignore_index} when the caller has counted it (``count_targets``); None: the
+        mean's count is taken on the device."""
+        ctx.hidden_shape = None  # the gradient's shape, when not the (T, H) it is computed in
         if hidden.dim() != 2:
+            ctx.hidden_shape = hidden.shape
             hidden = hidden.reshape(-1, hidden.shape[-1])
         hidden = hidden.contiguous()  # (T, H)
         need = ctx.needs_input_grad
@@ -290,15 +344,17 @@ class FLCEFunction(torch.autograd.Function):
         ctx.reduction = reduction
         ctx.bias_dtype = None if bias is None else bias.dtype
         any_grad = need_dh or need_dw or need_db
-        if reduction == "mean":  # 1 / #{t != ignore} (at least 1), fp32 0-d, on the device: no host read
+        if reduction != "mean":
+            scale = torch.full((), 1.0, device=hidden.device, dtype=torch.float32)
+        elif n_valid is not None:  # counted by the caller's target check: 1 / max(n, 1), rounded once to fp32
+            scale = torch.full((), 1.0 / max(n_valid, 1), device=hidden.device, dtype=torch.float32)
+        else:  # 1 / #{t != ignore} (at least 1), fp32 0-d, on the device: no host read
             # (the count summed in fp32 is exact up to 2^24 rows, as the int64 count's conversion is)
             scale = (target != ignore_index).sum(dtype=torch.float32).clamp_min_(1).reciprocal_()
-        else:
-            scale = torch.ones((), device=hidden.device, dtype=torch.float32)
         one = scale if reduction == "sum" else None
         if reduction == "none" or not any_grad:
             if one is None:
-                one = torch.ones((), device=hidden.device, dtype=torch.float32)
+                one = torch.full((), 1.0, device=hidden.device, dtype=torch.float32)
             rows, _, _, _, _ = _flce_call(
                 hidden, weight, bias, target, one, False, ignore_index, smoothing, z_loss, softcap,
                 False, False, False, chunk, backend, dw_fp32,
@@ -337,7 +393,7 @@ class FLCEFunction(torch.autograd.Function):
                 dw = dw.mul_(g if dw.dtype == torch.float32 else g.to(dw.dtype))
             if need_db:
                 db = db.mul_(g)
-        dh = dh.view(ctx.hidden_shape) if need_dh else None
+        dh = (dh if ctx.hidden_shape is None else dh.view(ctx.hidden_shape)) if need_dh else None
         dw = dw if need_dw else None
         db = db.to(ctx.bias_dtype) if need_db else None
-        return dh, dw, db, None, None, None, None, None, None, None, None, None
+        return dh, dw, db, None, None, None, None, None, None, None, None, None, None

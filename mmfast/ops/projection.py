@@ -38,6 +38,7 @@ from mmfast.ops._flce import (
     DEFAULT_CHUNK_BYTES,
     FLCEFunction,
     chunk_rows,
+    count_targets,
     fused_linear_cross_entropy_reference,
 )
 from mmfast.ops._host import autocast_inputs
@@ -147,36 +148,27 @@ def fused_linear_cross_entropy(
     if t.dtype != torch.int64:
         t = t.to(torch.int64)
     t = t.contiguous()
-    if not torch.compiler.is_compiling() and t.numel():
-        _check_targets(t, V, ignore_index)
+    # eager: the range check and the mean's count in one reduction and one host read (None: counted on
+    # the device inside the Function, as under torch.compile, where no host read may happen)
+    n_valid = None if torch.compiler.is_compiling() or not t.numel() else count_targets(t, V, ignore_index)
     dev = hidden.device.type
     # the choice is memoised on (device type, dtype): a repeated call is a dictionary lookup
     be = FLCE_OP.choose(backend, (dev, hidden.dtype), lambda: Facts.of([hidden], row_width=None))
     if be.backward is AUTOGRAD:  # AUTOGRAD: the plain composition
         return be.forward(hidden, weight, target, bias, ignore_index=ignore_index, label_smoothing=label_smoothing,
                           reduction=reduction, z_loss=z_loss, softcap=softcap)
-    chunk = int(chunk_size) if chunk_size else chunk_rows(t.shape[0], V, hidden.element_size(), device=hidden.device)
+    chunk = int(chunk_size) if chunk_size else chunk_rows(t.shape[0], V, hidden.element_size(), device=dev)
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     # hidden goes in as the caller's (..., H): flattened to (T, H) inside the Function (no view node)
     args = (hidden, weight.contiguous(), bias, t, int(ignore_index), float(label_smoothing), float(z_loss),
-            None if softcap is None else float(softcap), reduction, chunk, be.name, bool(dweight_fp32))
+            None if softcap is None else float(softcap), reduction, chunk, be.name, bool(dweight_fp32), n_valid)
     if torch.is_autocast_enabled(dev):  # the GEMMs inside run in the inputs' dtype (cast above)
         with torch.autocast(dev, enabled=False):
             out = FLCEFunction.apply(*args)
     else:
         out = FLCEFunction.apply(*args)
     return out.reshape(target.shape) if reduction == "none" else out
-
-
-def _check_targets(t: torch.Tensor, V: int, ignore_index: int) -> None:
-    """Every target not ``ignore_index`` lies in [0, V): ignored rows read as class 0, and ``t // V`` is 0
-    exactly for t in [0, V). One host read (on a GPU a sync, as any such check); the example index is
-    looked up only when the check fails."""
-    if bool((t.masked_fill(t == ignore_index, 0) // V).any()):
-        bad = (t != ignore_index) & ((t < 0) | (t >= V))
-        raise ValueError(f"target has class indices outside [0, {V}) that are not ignore_index={ignore_index}, "
-                         f"e.g. {int(t[bad][0])}")
 
 
 # --------------------------------------------------------------------------- MLP projector

@@ -84,7 +84,7 @@ def test_contrastive_cli_tiny_sweep(tmp_path):
 
 
 # --------------------------------------------------------------------------- the CLIs' shared arguments
-BENCH_CLIS = ["attention", "contrastive", "projection"]
+BENCH_CLIS = ["attention", "contrastive", "projection", "norm"]
 
 
 def _cli(name):
@@ -120,7 +120,7 @@ def test_gpu_suite_arguments_parse():
         assert harness.modes_of(args) == list(harness.MODES)
         names = harness.provider_names(args)
         if names:  # the CUDA provider tables know every name (building them touches no GPU)
-            table = (_cli(what).providers(args.op, "cuda", names) if what == "projection"
+            table = (_cli(what).providers(args.op, "cuda", names) if what in ("projection", "norm")
                      else _cli(what).providers("cuda", names))
             assert set(table) <= set(names) and table
 
@@ -139,7 +139,11 @@ def test_cli_usage_errors(name, capsys):
 
 @pytest.mark.parametrize("name, argv", [
     ("attention", ["--cases", "vit_tiny", "--providers", "sdpa"]),
-    ("projection", ["--op", "layernorm", "--size", "M=8", "--size", "N=16",
+    ("norm", ["--op", "layernorm", "--size", "M=8", "--size", "N=16",
+              "--providers", "mmfast-reference,torch-eager"]),
+    ("projection", ["--op", "layernorm", "--size", "M=8", "--size", "N=16",  # forwarded to bench norm
+                    "--providers", "mmfast-reference,torch-eager"]),
+    ("projection", ["--op", "projector", "--size", "M=8", "--size", "K=16", "--size", "N=16",
                     "--providers", "mmfast-reference,torch-eager"]),
 ])
 def test_cli_common_args_reach_the_sweep(name, argv, tmp_path):

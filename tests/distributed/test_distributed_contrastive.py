@@ -5,9 +5,6 @@ errors, and saves losses and gradients. The tests compare them in the parent pro
 error-bound rule: fp32 distributed result vs the fp64 single-process reference, at most 2x the
 fp32 single-process error.
 """
-import os
-import time
-import traceback
 
 import pytest
 import torch
@@ -15,8 +12,7 @@ import torch.nn.functional as F
 
 from mmfast.ops._dispatch import Facts
 from mmfast.ops.contrastive import CLIP_OP, clip_loss_reference, siglip_loss_reference
-from mmfast.testing import assert_error_bound
-from mmfast.utils.ports import free_port
+from mmfast.testing import assert_error_bound, rank_result, run_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -100,46 +96,9 @@ def _run_case(kind, arg, layout, rank):
     return out
 
 
-def _worker(rank, port, outdir, backends):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    results = {}
-    for case in _cases(backends):
-        try:
-            results[case] = _run_case(*case, rank)
-        except Exception:  # noqa: BLE001  (reported to the parent as a traceback)
-            results[case] = traceback.format_exc()
-            break  # a failed collective may leave the ranks out of step: stop here
-    torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    return free_port()  # below the ephemeral range: no outgoing connection takes it meanwhile
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    import torch.multiprocessing as mp
-
-    outdir = str(tmp_path_factory.mktemp("dist"))
-    ctx = mp.spawn(_worker, args=(_free_port(), outdir, _backends()), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 300
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("distributed workers did not finish within 300 s (deadlock?)")
-    return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
-
-
-def _get(results, rank, case):
-    got = results[rank].get(case)
-    assert got is not None, f"rank {rank} did not reach case {case} (an earlier case failed)"
-    assert not isinstance(got, str), f"rank {rank} raised in case {case}:\n{got}"
-    return got
+    return run_ranks(_run_case, _cases(_backends()), WORLD, str(tmp_path_factory.mktemp("dist")))
 
 
 def _single(kind, layout, dtype):
@@ -172,7 +131,7 @@ def test_global_batch_semantics(results, backend, kind, layout):
         pytest.skip(f"backend {backend} unavailable here")
     ref, lowp = _single(kind, layout, torch.float64), _single(kind, layout, torch.float32)
     for rank in range(WORLD):
-        got = _get(results, rank, (kind, backend, layout))
+        got = rank_result(results, rank, (kind, backend, layout))
         zero = {"bias"} if kind == "clip" else ()
         _check(got, ref, lowp, rank, layout, f"{kind}/{backend}/{layout}", zero)
 
@@ -182,12 +141,12 @@ def test_clip_loss_matches_open_clip_two_ranks(results, local_loss, gather_with_
     pytest.importorskip("open_clip")
     case = ("open_clip", f"{int(local_loss)}{int(gather_with_grad)}", "even")
     for rank in range(WORLD):
-        got = _get(results, rank, case)
+        got = rank_result(results, rank, case)
         _check(got["ours"], got["ref"], got["lowp"], rank, None, f"ClipLoss{case[1]}", zero={"bias"})
 
 
 def test_siglip_loss_matches_open_clip_two_ranks(results):
     pytest.importorskip("open_clip")
     for rank in range(WORLD):
-        got = _get(results, rank, ("open_clip_siglip", "bidir", "even"))
+        got = rank_result(results, rank, ("open_clip_siglip", "bidir", "even"))
         _check(got["ours"], got["ref"], got["lowp"], rank, None, "SigLipLoss")

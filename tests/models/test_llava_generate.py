@@ -21,16 +21,6 @@ def _inputs(llava):
     return images, prompts
 
 
-@pytest.fixture(scope="module")
-def fast():
-    return ml.build_llava("tiny", kernels=True, seed=0, backend="reference")
-
-
-@pytest.fixture(scope="module")
-def plain():
-    return ml.build_llava("tiny", kernels=False, seed=0)
-
-
 def _count_kvcache_calls(monkeypatch):
     calls = []
     real = mkv.flash_attn_with_kvcache

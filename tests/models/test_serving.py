@@ -10,19 +10,8 @@ pytest.importorskip("transformers")
 import torch
 from llava_helpers import square_image as _image
 
-from mmfast.models import llava as ml
 from mmfast.models import serving
 from mmfast.models.llava import generate as lg
-
-
-@pytest.fixture(scope="module")
-def fast():
-    return ml.build_llava("tiny", kernels=True, seed=0, backend="reference")
-
-
-@pytest.fixture(scope="module")
-def plain():
-    return ml.build_llava("tiny", kernels=False, seed=0)
 
 
 def _inputs(llava):

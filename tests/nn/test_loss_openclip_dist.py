@@ -5,16 +5,12 @@ One module-scoped fixture spawns the ranks once; each runs every case and saves 
 tests compare them in the parent. Bound: ours (fp32) vs open_clip in fp64 within 2x open_clip's fp32
 error, per rank, for the losses and every gradient.
 """
-import os
-import time
-import traceback
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mmfast.testing import assert_error_bound
-from mmfast.utils.ports import free_port
+from mmfast.testing import assert_error_bound, rank_result, run_ranks
 
 pytestmark = pytest.mark.distributed
 pytest.importorskip("open_clip.loss")
@@ -84,55 +80,16 @@ CASES = ([("distill", f) for f in FLAGS] + [("get_logits", f) for f in FLAGS] + 
          + [("fp64_siglip", "bidir"), ("fp64_siglip", "gather")])
 
 
-def _worker(rank, port, outdir):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    results = {}
-    for case in CASES:
-        try:
-            results[case] = _run_case(*case, rank)
-        except Exception:  # noqa: BLE001  (reported to the parent as a traceback)
-            results[case] = traceback.format_exc()
-            break
-    torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    return free_port()  # below the ephemeral range: no outgoing connection takes it meanwhile
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    import torch.multiprocessing as mp
-
-    outdir = str(tmp_path_factory.mktemp("oc_dist"))
-    ctx = mp.spawn(_worker, args=(_free_port(), outdir), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 300
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("distributed workers did not finish within 300 s (deadlock?)")
-    return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
-
-
-def _get(results, rank, case):
-    got = results[rank].get(case)
-    if got is None:
-        pytest.fail(f"rank {rank} did not run {case} (an earlier case failed)")
-    if isinstance(got, str):
-        pytest.fail(f"rank {rank}, {case}:\n{got}")
-    return got
+    return run_ranks(_run_case, CASES, WORLD, str(tmp_path_factory.mktemp("oc_dist")))
 
 
 @pytest.mark.parametrize("flags", FLAGS, ids=[f"local{int(a)}-gwg{int(b)}" for a, b in FLAGS])
 def test_distill_matches_open_clip(results, flags):
     names = ["contrastive_loss", "distill_loss", "d image", "d text", "d logit_scale"]
     for rank in range(WORLD):
-        r = _get(results, rank, ("distill", flags))
+        r = rank_result(results, rank, ("distill", flags))
         for name, o, ref, lowp in zip(names, r["ours"], r["ref"], r["lowp"]):
             assert o.dtype == lowp.dtype, name
             assert_error_bound(o, ref, lowp, name=f"rank {rank} {name}")
@@ -141,7 +98,7 @@ def test_distill_matches_open_clip(results, flags):
 @pytest.mark.parametrize("flags", FLAGS, ids=[f"local{int(a)}-gwg{int(b)}" for a, b in FLAGS])
 def test_get_logits_matches_open_clip(results, flags):
     for rank in range(WORLD):
-        r = _get(results, rank, ("get_logits", flags))
+        r = rank_result(results, rank, ("get_logits", flags))
         for i, (o, t) in enumerate(zip(r["ours"], r["theirs"])):
             assert o.shape == t.shape and o.dtype == t.dtype, i
             assert torch.allclose(o, t, rtol=1e-6, atol=1e-6), (rank, i, (o - t).abs().max().item())
@@ -151,7 +108,7 @@ def test_get_logits_matches_open_clip(results, flags):
                          ids=lambda c: f"{c[0]}-{c[1]}")
 def test_fp64_matches_open_clip(results, case):
     for rank in range(WORLD):
-        r = _get(results, rank, case)
+        r = rank_result(results, rank, case)
         for i, (o, t) in enumerate(zip(r["ours"], r["theirs"])):
             assert o.dtype == t.dtype == torch.float64, i
             assert (o - t).abs().max().item() <= 1e-12 * max(1.0, t.abs().max().item()), (rank, i)

@@ -176,6 +176,20 @@ def test_flce_target_range_check(targets, ignore_index, ok):
             flce(h, w, t, ignore_index=ignore_index)
 
 
+@pytest.mark.parametrize("ignore_index", [-100, -1, 0, 3, 9, 10, 12])
+def test_flce_count_targets(ignore_index):
+    """The eager check's count is #{t != ignore_index}, wherever ignore_index lies, and the mean uses it."""
+    from mmfast.ops._flce import count_targets
+
+    V = 10
+    t = torch.tensor([0, 9, 3, 3, 5, ignore_index, ignore_index])
+    t = t[(t != ignore_index) & ((t < 0) | (t >= V)) == 0]
+    assert count_targets(t, V, ignore_index) == int((t != ignore_index).sum())
+    h, w = torch.randn(t.numel(), 8), torch.randn(V, 8)
+    torch.testing.assert_close(flce(h, w, t, ignore_index=ignore_index, backend="reference"),
+                               flce_ref(h, w, t, ignore_index=ignore_index))
+
+
 def test_flce_no_grad_and_3d(device, triton_backend):
     h = torch.randn(2, 7, 19, device=device)
     w = torch.randn(50, 19, device=device)
