@@ -1,0 +1,197 @@
+// Decode attention over a kv cache on CPU (the ``cpp`` backend of flash_attn_with_kvcache).
+//
+// Problem (mmfast/ops/attention.py's notation): q (B, Sq, H, D); a cache of keys/values, either rows
+// (C, S, Hk, D) picked per batch row by kv_batch_idx (default: row b), or pages (P, page, Hk, D) mapped by
+// block_table (B, max_pages). Batch row b uses the cache slots start_b = leftpad[b] (default 0) to
+// end_b = seqused[b] (exclusive); key j of the row has rank r = j − start_b among the n_b = end_b − start_b
+// keys. Query i sits at qa = i + n_b − Sq (bottom-right alignment) and sees rank r when the band holds
+// (qa − wl ≤ r ≤ qa + wr) or when there is no band. Head h reads kv head h / (H / Hk) (GQA).
+//   s_r = scale · q·k_r            (softcap > 0: s_r = softcap · tanh(s_r / softcap))
+//   out = Σ_r softmax(s)_r · v_r,  lse = log Σ_r exp(s_r);  a row that sees no key: out 0, lse +inf.
+//
+// Algorithm: one work item per (batch row, kv head); at::parallel_for splits the items over threads.
+// An item walks the visible key range once per query row of its group of H / Hk query heads: scores
+// into a per-thread buffer (the range is at most a row's length), max, exp and sum, then the weighted
+// sum of values, accumulated in fp32 (fp64 for fp64 inputs). Keys are addressed through the block table
+// one page at a time, so nothing is gathered or copied. Slots outside a row's range are never read
+// (a cache may hold NaN there). Appending the new k/v is done by the Python caller before this runs.
+#include "registry.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/OpMathType.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace mmfast {
+namespace {
+
+template <typename scalar_t>
+void kvcache_attention_kernel(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
+                              const int32_t* ends, const int32_t* starts, const int32_t* rows,
+                              const int32_t* table, int64_t table_stride, int64_t page_size, double scale,
+                              int64_t wl, int64_t wr, bool band, double softcap, at::Tensor& out, at::Tensor& lse) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = q.size(0), Sq = q.size(1), H = q.size(2), D = q.size(3);
+  const int64_t Hk = kc.size(2), G = H / Hk;
+  const bool paged = table != nullptr;
+  // cache strides in elements: (page or row, slot, head, dim = 1)
+  const int64_t s0 = kc.stride(0), s1 = kc.stride(1), s2 = kc.stride(2);
+  const int64_t v0 = vc.stride(0), v1 = vc.stride(1), v2 = vc.stride(2);
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  const scalar_t* kp = kc.data_ptr<scalar_t>();
+  const scalar_t* vp = vc.data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  float* lp = lse.data_ptr<float>();
+  const acc_t sc = static_cast<acc_t>(scale);
+  const acc_t cap = static_cast<acc_t>(softcap);
+  const acc_t inv_cap = softcap > 0 ? acc_t(1) / cap : acc_t(0);
+  int64_t longest = 1;
+  for (int64_t b = 0; b < B; ++b) longest = std::max<int64_t>(longest, int64_t(ends[b]) - (starts ? starts[b] : 0));
+
+  at::parallel_for(0, B * Hk, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> s(static_cast<size_t>(longest));
+    std::vector<acc_t> qf(static_cast<size_t>(D)), acc(static_cast<size_t>(D));
+    for (int64_t item = lo; item < hi; ++item) {
+      const int64_t b = item / Hk, hk = item % Hk;
+      const int64_t start = starts ? starts[b] : 0, end = ends[b];
+      const int64_t n = end - start;
+      const int64_t row = rows ? rows[b] : b;
+      const int32_t* pages = paged ? table + b * table_stride : nullptr;
+      auto key = [&](int64_t j) -> const scalar_t* {
+        if (paged) return kp + int64_t(pages[j / page_size]) * s0 + (j % page_size) * s1 + hk * s2;
+        return kp + row * s0 + j * s1 + hk * s2;
+      };
+      auto val = [&](int64_t j) -> const scalar_t* {
+        if (paged) return vp + int64_t(pages[j / page_size]) * v0 + (j % page_size) * v1 + hk * v2;
+        return vp + row * v0 + j * v1 + hk * v2;
+      };
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t h = hk * G + g;
+        for (int64_t i = 0; i < Sq; ++i) {
+          scalar_t* o = op + ((b * Sq + i) * H + h) * D;
+          float* l = lp + (b * H + h) * Sq + i;
+          // visible ranks [r0, r1)
+          int64_t r0 = 0, r1 = n;
+          if (band) {
+            const int64_t qa = i + n - Sq;
+            r0 = std::max<int64_t>(r0, qa - wl);
+            r1 = std::min<int64_t>(r1, qa + wr + 1);
+          }
+          if (r1 <= r0) {
+            for (int64_t d = 0; d < D; ++d) o[d] = scalar_t(0);
+            *l = std::numeric_limits<float>::infinity();
+            continue;
+          }
+          const scalar_t* qrow = qp + ((b * Sq + i) * H + h) * D;
+          for (int64_t d = 0; d < D; ++d) qf[d] = static_cast<acc_t>(qrow[d]);
+          acc_t m = -std::numeric_limits<acc_t>::infinity();
+          for (int64_t r = r0; r < r1; ++r) {
+            const scalar_t* k = key(start + r);
+            acc_t dot = 0;
+            for (int64_t d = 0; d < D; ++d) dot += qf[d] * static_cast<acc_t>(k[d]);
+            acc_t x = dot * sc;
+            if (softcap > 0) x = cap * std::tanh(x * inv_cap);
+            s[r - r0] = x;
+            m = std::max(m, x);
+          }
+          acc_t sum = 0;
+          for (int64_t r = 0; r < r1 - r0; ++r) {
+            const acc_t e = std::exp(s[r] - m);
+            s[r] = e;
+            sum += e;
+          }
+          std::fill(acc.begin(), acc.end(), acc_t(0));
+          for (int64_t r = r0; r < r1; ++r) {
+            const scalar_t* v = val(start + r);
+            const acc_t w = s[r - r0];
+            for (int64_t d = 0; d < D; ++d) acc[d] += w * static_cast<acc_t>(v[d]);
+          }
+          const acc_t inv = acc_t(1) / sum;
+          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[d] * inv);
+          *l = static_cast<float>(m + std::log(sum));
+        }
+      }
+    }
+  });
+}
+
+const int32_t* int_ptr(const std::optional<at::Tensor>& t, int64_t numel, const char* name) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous() && t->device().is_cpu(), name,
+              " must be a contiguous int32 CPU tensor");
+  TORCH_CHECK(numel < 0 || t->numel() == numel, name, " must hold ", numel, " entries, got ", t->numel());
+  return t->data_ptr<int32_t>();
+}
+
+// -> (out (B, Sq, H, D) like q, lse (B, H, Sq) fp32)
+std::tuple<at::Tensor, at::Tensor> kvcache_attention_fwd(
+    const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& seqused,
+    const std::optional<at::Tensor>& leftpad, const std::optional<at::Tensor>& kv_batch_idx,
+    const std::optional<at::Tensor>& block_table, double scale, int64_t window_left, int64_t window_right,
+    bool band, double softcap) {
+  TORCH_CHECK(q_in.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(),
+              "kvcache attention: the C++ kernel runs on CPU tensors");
+  TORCH_CHECK(q_in.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4, "q, k_cache, v_cache must be 4-D");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache shapes differ");
+  TORCH_CHECK(q_in.scalar_type() == k_cache.scalar_type() && q_in.scalar_type() == v_cache.scalar_type(),
+              "q, k_cache and v_cache must share a dtype");
+  TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1, "k_cache/v_cache need a contiguous last dim");
+  const at::Tensor q = q_in.contiguous();
+  const int64_t B = q.size(0), H = q.size(2), D = q.size(3), Hk = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D, "head dims differ");
+  TORCH_CHECK(Hk > 0 && H % Hk == 0, "k/v heads must divide q heads");
+  TORCH_CHECK(softcap >= 0, "softcap must be >= 0");
+  const int32_t* ends = int_ptr(seqused, B, "seqused");
+  const int32_t* starts = int_ptr(leftpad, B, "leftpad");
+  const int32_t* rows = int_ptr(kv_batch_idx, B, "kv_batch_idx");
+  const int32_t* table = nullptr;
+  int64_t table_stride = 0, page_size = 0;
+  if (block_table.has_value()) {
+    TORCH_CHECK(!rows, "kv_batch_idx cannot be combined with block_table");
+    TORCH_CHECK(block_table->dim() == 2 && block_table->size(0) == B, "block_table must be (B, max_pages)");
+    table = int_ptr(block_table, -1, "block_table");
+    table_stride = block_table->size(1);
+    page_size = k_cache.size(1);
+  }
+  // Every range is checked here, once, so the kernel never reads outside the cache.
+  const int64_t capacity = table ? table_stride * page_size : k_cache.size(1);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t st = starts ? starts[b] : 0;
+    TORCH_CHECK(st >= 0 && st <= ends[b] && ends[b] <= capacity, "row ", b, ": keys ", st, "..", ends[b],
+                " outside the cache capacity ", capacity);
+    if (rows) TORCH_CHECK(rows[b] >= 0 && rows[b] < k_cache.size(0), "kv_batch_idx[", b, "] out of range");
+    if (!table && !rows) TORCH_CHECK(b < k_cache.size(0), "cache has fewer rows than the batch");
+    if (table) {
+      for (int64_t p = st / page_size; p * page_size < ends[b]; ++p) {
+        const int32_t page = table[b * table_stride + p];
+        TORCH_CHECK(page >= 0 && page < k_cache.size(0), "block_table[", b, ", ", p, "] = ", page,
+                    " is not a page index");
+      }
+    }
+  }
+  at::Tensor out = at::empty_like(q);
+  at::Tensor lse = at::empty({B, H, q.size(1)}, q.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "kvcache_attention_fwd", [&] {
+    kvcache_attention_kernel<scalar_t>(q, k_cache, v_cache, ends, starts, rows, table, table_stride, page_size,
+                                       scale, window_left, window_right, band, softcap, out, lse);
+  });
+  return {out, lse};
+}
+
+void register_kvcache(pybind11::module_& m) {
+  m.def("kvcache_attention_fwd", &kvcache_attention_fwd, "decode attention over a (paged) kv cache, CPU",
+        pybind11::arg("q"), pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("seqused"),
+        pybind11::arg("leftpad"), pybind11::arg("kv_batch_idx"), pybind11::arg("block_table"),
+        pybind11::arg("scale"), pybind11::arg("window_left"), pybind11::arg("window_right"),
+        pybind11::arg("band"), pybind11::arg("softcap"));
+}
+MMFAST_REGISTER(register_kvcache);
+
+}  // namespace
+}  // namespace mmfast
