@@ -26,10 +26,85 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
+
+// As in contrastive.cpp: one FMA per a·b + c, and if-conversion of the float compares in the exp loop
+// (refused while traps are assumed observable); after the includes, so only this file's code is affected.
+#pragma GCC optimize("fp-contract=fast", "no-trapping-math")
 
 namespace mmfast {
 namespace {
+
+// fp32 inner loops: `omp simd` lets the compiler reassociate the sums (vectorised, 8 or 16 partial sums);
+// cloned for AVX2 / AVX-512 and picked at load time, as in contrastive.cpp (the extension targets x86-64-v2).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define MMF_KV_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MMF_KV_CLONES
+#endif
+
+MMF_KV_CLONES float dot_f32(const float* a, const float* b, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+MMF_KV_CLONES void axpy_f32(float w, const float* x, float* y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += w * x[i];
+}
+
+// s[i] = exp(s[i] − m) for s[i] ≤ m, returns Σ s[i]. exp by Cody–Waite reduction and a degree-7 polynomial
+// (the same scheme as contrastive.cpp's vexp, ≤ 2 ulp), branch-free so the loop vectorises.
+MMF_KV_CLONES float exp_sum_f32(float* s, int64_t n, float m) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) {
+    float x = s[i] - m;
+    const bool under = x < -87.33654f;
+    x = under ? -87.33654f : x;
+    const float k = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - k * 0.693145751953125f;
+    r = r - k * 1.42860682030941723e-6f;
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+    float bf;
+    __builtin_memcpy(&bf, &bits, sizeof bf);
+    const float e = under ? 0.0f : p * bf;
+    s[i] = e;
+    sum += e;
+  }
+  return sum;
+}
+
+template <typename acc_t, typename scalar_t>
+inline acc_t dot(const acc_t* q, const scalar_t* k, int64_t n) {
+  if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<scalar_t, float>) {
+    return dot_f32(q, k, n);
+  } else {
+    acc_t s = 0;
+    for (int64_t d = 0; d < n; ++d) s += q[d] * static_cast<acc_t>(k[d]);
+    return s;
+  }
+}
+
+template <typename acc_t, typename scalar_t>
+inline void axpy(acc_t w, const scalar_t* x, acc_t* y, int64_t n) {
+  if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<scalar_t, float>) {
+    axpy_f32(w, x, y, n);
+  } else {
+    for (int64_t d = 0; d < n; ++d) y[d] += w * static_cast<acc_t>(x[d]);
+  }
+}
 
 template <typename scalar_t>
 void kvcache_attention_kernel(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
@@ -63,13 +138,22 @@ void kvcache_attention_kernel(const at::Tensor& q, const at::Tensor& kc, const a
       const int64_t n = end - start;
       const int64_t row = rows ? rows[b] : b;
       const int32_t* pages = paged ? table + b * table_stride : nullptr;
-      auto key = [&](int64_t j) -> const scalar_t* {
-        if (paged) return kp + int64_t(pages[j / page_size]) * s0 + (j % page_size) * s1 + hk * s2;
-        return kp + row * s0 + j * s1 + hk * s2;
+      // Walks slots j0, j0 + 1, ... of the row: the page and slot advance without a division per key.
+      struct Cursor {
+        const scalar_t* base;
+        int64_t page_stride, slot_stride;
+        const int32_t* pages;
+        int64_t page_size, pg, slot;
+        const scalar_t* ptr() const {
+          return base + (pages ? int64_t(pages[pg]) * page_stride : 0) + slot * slot_stride;
+        }
+        void next() {
+          if (++slot == page_size) slot = 0, ++pg;
+        }
       };
-      auto val = [&](int64_t j) -> const scalar_t* {
-        if (paged) return vp + int64_t(pages[j / page_size]) * v0 + (j % page_size) * v1 + hk * v2;
-        return vp + row * v0 + j * v1 + hk * v2;
+      auto cursor = [&](const scalar_t* base, int64_t st0, int64_t st1, int64_t st2, int64_t j0) {
+        if (paged) return Cursor{base + hk * st2, st0, st1, pages, page_size, j0 / page_size, j0 % page_size};
+        return Cursor{base + row * st0 + hk * st2, 0, st1, nullptr, std::numeric_limits<int64_t>::max(), 0, j0};
       };
       for (int64_t g = 0; g < G; ++g) {
         const int64_t h = hk * G + g;
@@ -91,26 +175,29 @@ void kvcache_attention_kernel(const at::Tensor& q, const at::Tensor& kc, const a
           const scalar_t* qrow = qp + ((b * Sq + i) * H + h) * D;
           for (int64_t d = 0; d < D; ++d) qf[d] = static_cast<acc_t>(qrow[d]);
           acc_t m = -std::numeric_limits<acc_t>::infinity();
-          for (int64_t r = r0; r < r1; ++r) {
-            const scalar_t* k = key(start + r);
-            acc_t dot = 0;
-            for (int64_t d = 0; d < D; ++d) dot += qf[d] * static_cast<acc_t>(k[d]);
-            acc_t x = dot * sc;
+          Cursor kcur = cursor(kp, s0, s1, s2, start + r0);
+          for (int64_t r = r0; r < r1; ++r, kcur.next()) {
+            const scalar_t* k = kcur.ptr();
+            acc_t x = dot<acc_t, scalar_t>(qf.data(), k, D) * sc;
             if (softcap > 0) x = cap * std::tanh(x * inv_cap);
             s[r - r0] = x;
             m = std::max(m, x);
           }
           acc_t sum = 0;
-          for (int64_t r = 0; r < r1 - r0; ++r) {
-            const acc_t e = std::exp(s[r] - m);
-            s[r] = e;
-            sum += e;
+          if constexpr (std::is_same_v<acc_t, float>) {
+            sum = exp_sum_f32(s.data(), r1 - r0, m);
+          } else {
+            for (int64_t r = 0; r < r1 - r0; ++r) {
+              const acc_t e = std::exp(s[r] - m);
+              s[r] = e;
+              sum += e;
+            }
           }
           std::fill(acc.begin(), acc.end(), acc_t(0));
-          for (int64_t r = r0; r < r1; ++r) {
-            const scalar_t* v = val(start + r);
-            const acc_t w = s[r - r0];
-            for (int64_t d = 0; d < D; ++d) acc[d] += w * static_cast<acc_t>(v[d]);
+          Cursor vcur = cursor(vp, v0, v1, v2, start + r0);
+          for (int64_t r = r0; r < r1; ++r, vcur.next()) {
+            const scalar_t* v = vcur.ptr();
+            axpy<acc_t, scalar_t>(s[r - r0], v, acc.data(), D);
           }
           const acc_t inv = acc_t(1) / sum;
           for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[d] * inv);
