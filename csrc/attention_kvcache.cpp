@@ -86,6 +86,40 @@ MMF_KV_CLONES float exp_sum_f32(float* s, int64_t n, float m) {
   return sum;
 }
 
+// fp32, one query row: s[r] = scale · q·k_r for count keys starting at (page pg, slot) of a cursor (pages
+// null: a contiguous row, slot counts from base); returns max s. Whole loops per call, so the cloned
+// (AVX2 / AVX-512) code is entered once per query row, not once per key.
+MMF_KV_CLONES float scores_f32(const float* q, const float* base, const int32_t* pages, int64_t page_stride,
+                               int64_t slot_stride, int64_t page_size, int64_t pg, int64_t slot, int64_t count,
+                               int64_t D, float scale, float* s) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t r = 0; r < count; ++r) {
+    const float* k = base + (pages ? int64_t(pages[pg]) * page_stride : 0) + slot * slot_stride;
+    float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t d = 0; d < D; ++d) dot += q[d] * k[d];
+    const float x = dot * scale;
+    s[r] = x;
+    m = x > m ? x : m;
+    if (++slot == page_size) slot = 0, ++pg;
+  }
+  return m;
+}
+
+// fp32, one query row: acc = Σ_r w[r] · v_r over the same cursor walk.
+MMF_KV_CLONES void wsum_f32(const float* w, const float* base, const int32_t* pages, int64_t page_stride,
+                            int64_t slot_stride, int64_t page_size, int64_t pg, int64_t slot, int64_t count,
+                            int64_t D, float* acc) {
+  for (int64_t d = 0; d < D; ++d) acc[d] = 0.f;
+  for (int64_t r = 0; r < count; ++r) {
+    const float* v = base + (pages ? int64_t(pages[pg]) * page_stride : 0) + slot * slot_stride;
+    const float x = w[r];
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) acc[d] += x * v[d];
+    if (++slot == page_size) slot = 0, ++pg;
+  }
+}
+
 template <typename acc_t, typename scalar_t>
 inline acc_t dot(const acc_t* q, const scalar_t* k, int64_t n) {
   if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<scalar_t, float>) {
@@ -176,7 +210,15 @@ void kvcache_attention_kernel(const at::Tensor& q, const at::Tensor& kc, const a
           for (int64_t d = 0; d < D; ++d) qf[d] = static_cast<acc_t>(qrow[d]);
           acc_t m = -std::numeric_limits<acc_t>::infinity();
           Cursor kcur = cursor(kp, s0, s1, s2, start + r0);
-          for (int64_t r = r0; r < r1; ++r, kcur.next()) {
+          constexpr bool f32 = std::is_same_v<scalar_t, float>;
+          if constexpr (f32) {
+            if (softcap == 0) {
+              m = scores_f32(qf.data(), kcur.base, kcur.pages, kcur.page_stride, kcur.slot_stride, kcur.page_size,
+                             kcur.pg, kcur.slot, r1 - r0, D, sc, s.data());
+              kcur.pg = -1;  // consumed
+            }
+          }
+          for (int64_t r = r0; r < r1 && kcur.pg >= 0; ++r, kcur.next()) {
             const scalar_t* k = kcur.ptr();
             acc_t x = dot<acc_t, scalar_t>(qf.data(), k, D) * sc;
             if (softcap > 0) x = cap * std::tanh(x * inv_cap);
@@ -193,9 +235,15 @@ void kvcache_attention_kernel(const at::Tensor& q, const at::Tensor& kc, const a
               sum += e;
             }
           }
-          std::fill(acc.begin(), acc.end(), acc_t(0));
           Cursor vcur = cursor(vp, v0, v1, v2, start + r0);
-          for (int64_t r = r0; r < r1; ++r, vcur.next()) {
+          if constexpr (f32) {
+            wsum_f32(s.data(), vcur.base, vcur.pages, vcur.page_stride, vcur.slot_stride, vcur.page_size, vcur.pg,
+                     vcur.slot, r1 - r0, D, acc.data());
+            vcur.pg = -1;
+          } else {
+            std::fill(acc.begin(), acc.end(), acc_t(0));
+          }
+          for (int64_t r = r0; r < r1 && vcur.pg >= 0; ++r, vcur.next()) {
             const scalar_t* v = vcur.ptr();
             axpy<acc_t, scalar_t>(s[r - r0], v, acc.data(), D);
           }
