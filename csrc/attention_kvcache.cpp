@@ -144,14 +144,19 @@ template <typename scalar_t>
 void kvcache_attention_kernel(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
                               const int32_t* ends, const int32_t* starts, const int32_t* rows,
                               const int32_t* table, int64_t table_stride, int64_t page_size, double scale,
-                              int64_t wl, int64_t wr, bool band, double softcap, at::Tensor& out, at::Tensor& lse) {
+                              int64_t wl, int64_t wr, bool band, double softcap, at::Tensor& out, at::Tensor& lse,
+                              const int32_t* cu_q = nullptr, const int32_t* koff = nullptr, int64_t n_seqs = 0) {
+  // cu_q (varlen): q is packed (T, H, D), sequence b its rows cu_q[b]..cu_q[b+1]; k/v packed (Tk, Hk, D),
+  // sequence b's keys from row koff[b]; lse is (H, T).
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t B = q.size(0), Sq = q.size(1), H = q.size(2), D = q.size(3);
-  const int64_t Hk = kc.size(2), G = H / Hk;
+  const bool varlen = cu_q != nullptr;
+  const int64_t B = varlen ? n_seqs : q.size(0), Sq = varlen ? 0 : q.size(1), T = varlen ? q.size(0) : 0;
+  const int64_t H = q.size(-2), D = q.size(-1);
+  const int64_t Hk = kc.size(-2), G = H / Hk;
   const bool paged = table != nullptr;
-  // cache strides in elements: (page or row, slot, head, dim = 1)
-  const int64_t s0 = kc.stride(0), s1 = kc.stride(1), s2 = kc.stride(2);
-  const int64_t v0 = vc.stride(0), v1 = vc.stride(1), v2 = vc.stride(2);
+  // cache strides in elements: (page or row, slot, head, dim = 1); packed k/v: (slot, head, dim)
+  const int64_t s0 = varlen ? 0 : kc.stride(0), s1 = kc.stride(-3), s2 = kc.stride(-2);
+  const int64_t v0 = varlen ? 0 : vc.stride(0), v1 = vc.stride(-3), v2 = vc.stride(-2);
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const scalar_t* kp = kc.data_ptr<scalar_t>();
   const scalar_t* vp = vc.data_ptr<scalar_t>();
@@ -171,6 +176,8 @@ void kvcache_attention_kernel(const at::Tensor& q, const at::Tensor& kc, const a
       const int64_t start = starts ? starts[b] : 0, end = ends[b];
       const int64_t n = end - start;
       const int64_t row = rows ? rows[b] : b;
+      const int64_t k_first = koff ? koff[b] : 0;  // packed k/v: the sequence's first key row
+      const int64_t q_first = varlen ? cu_q[b] : b * Sq, sq_b = varlen ? cu_q[b + 1] - cu_q[b] : Sq;
       const int32_t* pages = paged ? table + b * table_stride : nullptr;
       // Walks slots j0, j0 + 1, ... of the row: the page and slot advance without a division per key.
       struct Cursor {
@@ -187,17 +194,17 @@ void kvcache_attention_kernel(const at::Tensor& q, const at::Tensor& kc, const a
       };
       auto cursor = [&](const scalar_t* base, int64_t st0, int64_t st1, int64_t st2, int64_t j0) {
         if (paged) return Cursor{base + hk * st2, st0, st1, pages, page_size, j0 / page_size, j0 % page_size};
-        return Cursor{base + row * st0 + hk * st2, 0, st1, nullptr, std::numeric_limits<int64_t>::max(), 0, j0};
+        return Cursor{base + row * st0 + k_first * st1 + hk * st2, 0, st1, nullptr, std::numeric_limits<int64_t>::max(), 0, j0};
       };
       for (int64_t g = 0; g < G; ++g) {
         const int64_t h = hk * G + g;
-        for (int64_t i = 0; i < Sq; ++i) {
-          scalar_t* o = op + ((b * Sq + i) * H + h) * D;
-          float* l = lp + (b * H + h) * Sq + i;
+        for (int64_t i = 0; i < sq_b; ++i) {
+          scalar_t* o = op + ((q_first + i) * H + h) * D;
+          float* l = varlen ? lp + h * T + q_first + i : lp + (b * H + h) * Sq + i;
           // visible ranks [r0, r1)
           int64_t r0 = 0, r1 = n;
           if (band) {
-            const int64_t qa = i + n - Sq;
+            const int64_t qa = i + n - sq_b;
             r0 = std::max<int64_t>(r0, qa - wl);
             r1 = std::min<int64_t>(r1, qa + wr + 1);
           }
@@ -206,7 +213,7 @@ void kvcache_attention_kernel(const at::Tensor& q, const at::Tensor& kc, const a
             *l = std::numeric_limits<float>::infinity();
             continue;
           }
-          const scalar_t* qrow = qp + ((b * Sq + i) * H + h) * D;
+          const scalar_t* qrow = qp + ((q_first + i) * H + h) * D;
           for (int64_t d = 0; d < D; ++d) qf[d] = static_cast<acc_t>(qrow[d]);
           acc_t m = -std::numeric_limits<acc_t>::infinity();
           Cursor kcur = cursor(kp, s0, s1, s2, start + r0);
@@ -319,7 +326,47 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention_fwd(
   return {out, lse};
 }
 
+// Packed sequences without a cache (flash_attn_varlen_func's non-paged form, forward):
+// q (T, H, D), k/v (Tk, Hk, D), cu_seqlens_q/k (B + 1) int32 -> (out (T, H, D), lse (H, T) fp32).
+std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd(
+    const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
+    double scale, int64_t window_left, int64_t window_right, bool band, double softcap) {
+  TORCH_CHECK(q_in.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+              "varlen attention: the C++ kernel runs on CPU tensors");
+  TORCH_CHECK(q_in.dim() == 3 && k.dim() == 3 && v.dim() == 3, "q, k, v must be 3-D (total, heads, head dim)");
+  TORCH_CHECK(k.sizes() == v.sizes(), "k and v shapes differ");
+  TORCH_CHECK(q_in.scalar_type() == k.scalar_type() && q_in.scalar_type() == v.scalar_type(),
+              "q, k and v must share a dtype");
+  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1, "k/v need a contiguous last dim");
+  const at::Tensor q = q_in.contiguous();
+  const int64_t H = q.size(1), D = q.size(2), Hk = k.size(1);
+  TORCH_CHECK(k.size(2) == D && Hk > 0 && H % Hk == 0, "head dims differ or k/v heads do not divide q heads");
+  TORCH_CHECK(softcap >= 0, "softcap must be >= 0");
+  const int32_t* cq = int_ptr(cu_q, -1, "cu_seqlens_q");
+  const int32_t* ck = int_ptr(cu_k, cu_q.numel(), "cu_seqlens_k");
+  const int64_t B = cu_q.numel() - 1;
+  TORCH_CHECK(B >= 1, "cu_seqlens must hold at least 2 offsets");
+  TORCH_CHECK(cq[0] == 0 && ck[0] == 0 && cq[B] == q.size(0) && ck[B] <= k.size(0), "cu_seqlens must rise from 0 to "
+              "the packed lengths");
+  std::vector<int32_t> ends(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(cq[b + 1] >= cq[b] && ck[b + 1] >= ck[b], "cu_seqlens must not decrease");
+    ends[b] = ck[b + 1] - ck[b];
+  }
+  at::Tensor out = at::empty_like(q);
+  at::Tensor lse = at::empty({H, q.size(0)}, q.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "varlen_attention_fwd", [&] {
+    kvcache_attention_kernel<scalar_t>(q, k, v, ends.data(), nullptr, nullptr, nullptr, 0, 0, scale, window_left,
+                                       window_right, band, softcap, out, lse, cq, ck, B);
+  });
+  return {out, lse};
+}
+
 void register_kvcache(pybind11::module_& m) {
+  m.def("varlen_attention_fwd", &varlen_attention_fwd, "attention over packed sequences (forward), CPU",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("cu_seqlens_q"),
+        pybind11::arg("cu_seqlens_k"), pybind11::arg("scale"), pybind11::arg("window_left"),
+        pybind11::arg("window_right"), pybind11::arg("band"), pybind11::arg("softcap"));
   m.def("kvcache_attention_fwd", &kvcache_attention_fwd, "decode attention over a (paged) kv cache, CPU",
         pybind11::arg("q"), pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("seqused"),
         pybind11::arg("leftpad"), pybind11::arg("kv_batch_idx"), pybind11::arg("block_table"),

@@ -1,4 +1,5 @@
-"""The ``cpp`` attention backend (csrc/attention_kvcache.cpp): ``flash_attn_with_kvcache`` on CPU.
+"""The ``cpp`` attention backend (csrc/attention_kvcache.cpp): ``flash_attn_with_kvcache`` and
+``flash_attn_varlen_func`` (packed, no block table) on CPU.
 
 Each case compares out and lse with the reference backend run in fp64, using the reference backend in the
 inputs' dtype (PyTorch's own attention composition) as the yardstick (mmfast.testing.assert_error_bound:
@@ -15,7 +16,7 @@ import torch
 from mmfast.ops import BackendUnavailableError
 from mmfast.ops._attention_call import ATTENTION_OP, _facts, _params
 from mmfast.ops._dispatch import fake_env
-from mmfast.ops.attention import flash_attn_func, flash_attn_with_kvcache
+from mmfast.ops.attention import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 from mmfast.testing import assert_error_bound
 
 _CPP = ATTENTION_OP.backend("cpp")
@@ -129,9 +130,43 @@ def test_auto_takes_cpp_for_kvcache_on_cpu_and_refuses_the_rest():
     with fake_env(interpret=False, cpp_error="not built"):  # no extension: the reference, as before
         assert ATTENTION_OP.select(facts) == "reference"
     x = torch.randn(1, 4, 2, 16)
-    with pytest.raises(BackendUnavailableError, match="not a kv-cache call"):
+    with pytest.raises(BackendUnavailableError, match="not a kv-cache or varlen call"):
         flash_attn_func(x, x, x, causal=True, backend="cpp")
     with pytest.raises(BackendUnavailableError, match="ALiBi"):
         flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, alibi_slopes=torch.ones(4), backend="cpp", **kw)
     with pytest.raises(BackendUnavailableError, match="float64"):
         flash_attn_with_kvcache(q.double(), kc.double(), vc.double(), cache_seqlens=lens, backend="cpp", **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal,window,softcap,gqa", [(True, (-1, -1), 0.0, 2), (False, (-1, -1), 0.0, 1),
+                                                       (True, (5, 0), 0.0, 1), (True, (-1, -1), 4.0, 4),
+                                                       (False, (2, 3), 0.0, 2)])
+def test_varlen_packed(dtype, causal, window, softcap, gqa):
+    """flash_attn_varlen_func (the engine's prefill): ragged sequences, one empty, unequal q/k lengths."""
+    g = torch.Generator().manual_seed(11)
+    lq, lk = [7, 1, 0, 19, 12], [7, 4, 3, 19, 20]
+    cu_q = torch.tensor([0] + lq).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + lk).cumsum(0).to(torch.int32)
+    h, d = 4, 40
+    q = torch.randn(int(cu_q[-1]), h, d, generator=g, dtype=torch.float64)
+    k = torch.randn(int(cu_k[-1]), h // gqa, d, generator=g, dtype=torch.float64)
+    v = torch.randn(k.shape, generator=g, dtype=torch.float64)
+    args = (cu_q, cu_k, max(lq), max(lk))
+    kw = dict(causal=causal, window_size=window, softcap=softcap, return_lse=True)
+    ref, ref_lse = flash_attn_varlen_func(q, k, v, *args, backend="reference", **kw)
+    lo = [t.to(dtype) for t in (q, k, v)]
+    low, low_lse = flash_attn_varlen_func(*lo, *args, backend="reference", **kw)
+    out, lse = flash_attn_varlen_func(*lo, *args, backend="cpp", **kw)
+    assert out.dtype == dtype and lse.shape == ref_lse.shape
+    assert_error_bound(out, ref, low, name="out")
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert_error_bound(lse[finite], ref_lse[finite].float(), low_lse[finite], name="lse")
+
+
+def test_long_varlen_is_refused_with_the_reason():
+    q = torch.randn(1100, 2, 8)
+    cu = torch.tensor([0, 1100], dtype=torch.int32)
+    with pytest.raises(BackendUnavailableError, match="longer than 1024"):
+        flash_attn_varlen_func(q, q, q, cu, cu, 1100, 1100, causal=True, backend="cpp")

@@ -1,4 +1,5 @@
-"""``cpp``: kv-cache (decode) attention on CPU through ``mmfast._C`` (csrc/attention_kvcache.cpp).
+"""``cpp``: kv-cache (decode) and packed-sequence (varlen prefill) attention on CPU through ``mmfast._C``
+(csrc/attention_kvcache.cpp).
 
 One pass per (batch row, kv head) over the row's cached keys, addressed through the block table (paged) or
 the row's cache slot (``cache_batch_idx``): scores, softmax and the weighted sum of values in fp32 (fp64 for
@@ -8,9 +9,10 @@ no backward)::
 
     forward(q, k_cache, v_cache, p: AttnParams, need_lse) -> (out (B, Sq, H, D), lse (B, H, Sq) fp32 or None)
 
-What it refuses, with the reason: calls that are not kv-cache calls (``flash_attn_func`` /
-``flash_attn_varlen_func``: the kernel is written for decode, a short query block against a long cache),
-ALiBi, dropout, the prefix-LM mask, and gradients. Causal / sliding windows (bottom-right aligned to each
+``flash_attn_varlen_func`` without a block table (the serving engine's prefill) runs the same kernel over
+the packed rows (out (T, H, D), lse (H, T)). What it refuses, with the reason: dense ``flash_attn_func``
+calls and varlen sequences longer than ``VARLEN_MAX`` (the kernel walks keys one by one per query row: no
+GEMM tiles, so long self-attention belongs to the reference's matmuls; measured), paged varlen, ALiBi, dropout, the prefix-LM mask, and gradients. Causal / sliding windows (bottom-right aligned to each
 row's range), softcap, GQA/MQA, ``cache_leftpad``, paged (any page size) and contiguous caches run.
 
 On CPU ``auto`` puts it before ``reference`` (the op's CPU default order) because it was measured faster
@@ -23,11 +25,21 @@ import torch
 from mmfast.ops._dispatch import AUTOGRAD, Backend, Facts, cpp_extension
 
 
+VARLEN_MAX = 1024
+
+
 class CppKVCache(Backend):
     def supports(self, f: Facts):
         r = []
-        if not (f.get("kvcache") or f.get("paged")) or f.get("varlen"):
-            r.append("not a kv-cache call: the C++ kernel serves flash_attn_with_kvcache (decode) only")
+        if not (f.get("kvcache") or f.get("paged") or f.get("varlen")):
+            r.append("not a kv-cache or varlen call: the C++ kernel serves flash_attn_with_kvcache (decode) and "
+                     "flash_attn_varlen_func (prefill) only")
+        if f.get("varlen") and max(f.get("seqlen_q", 0), f.get("seqlen_k", 0)) > VARLEN_MAX:
+            r.append(f"varlen sequences longer than {VARLEN_MAX} (max_seqlen {max(f.get('seqlen_q', 0), f.get('seqlen_k', 0))}): "
+                     "the C++ kernel walks the keys one by one per query row, and past ~1k tokens the reference's "
+                     "GEMMs were measured faster (docs/inference.md), so it takes packed prefill up to that length")
+        if f.get("varlen") and f.get("paged"):
+            r.append("paged varlen (block_table with cu_seqlens): not written in the C++ kernel")
         if f.get("alibi"):
             r.append("ALiBi: the C++ kv-cache kernel has no per-head slopes")
         if f.get("dropout"):
@@ -37,12 +49,18 @@ class CppKVCache(Backend):
         if f.get("grad"):
             r.append("gradients: the C++ kv-cache kernel is forward only")
         if f.device == "cpu" and not _has_kernel():
-            r.append("mmfast._C was built without the kv-cache kernel; rebuild it: python setup.py build_ext --inplace")
+            r.append("mmfast._C was built without the kv-cache/varlen kernels; rebuild it: python setup.py build_ext --inplace")
         return r
 
     def forward(self, q, k, v, p, need_lse=False):
-        if p.cu_seqlens_q is not None or p.prefix is not None or p.alibi is not None or p.dropout_p > 0:
-            raise ValueError("the cpp kv-cache backend got a call it refuses (varlen, prefix, ALiBi or dropout)")
+        if (p.prefix is not None or p.alibi is not None or p.dropout_p > 0
+                or (p.cu_seqlens_q is not None and p.block_table is not None)):
+            raise ValueError("the cpp attention backend got a call it refuses (paged varlen, prefix, ALiBi or dropout)")
+        if p.cu_seqlens_q is not None:
+            out, lse = cpp_extension().varlen_attention_fwd(
+                q, k, v, _i32(p.cu_seqlens_q), _i32(p.cu_seqlens_k), p.scale, p.window_left, p.window_right, p.band,
+                p.softcap)
+            return out, (lse if need_lse else None)
         b = q.shape[0]
         ends = p.seqused_k
         if ends is None:
@@ -56,7 +74,7 @@ class CppKVCache(Backend):
 
 def _has_kernel() -> bool:
     try:
-        return hasattr(cpp_extension(), "kvcache_attention_fwd")
+        return hasattr(cpp_extension(), "varlen_attention_fwd")
     except Exception:  # noqa: BLE001 - the extension missing is the "cpp" need's reason, given separately
         return True
 
