@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 import torch
 
 from mmfast.models.kv_cache import MmfastKVCache
+from mmfast.ops._attention_call import _params, _run_forward_only
+from mmfast.ops._attention_reference import _window_pair
 from mmfast.ops.attention import flash_attn_varlen_func, flash_attn_with_kvcache
 
 CACHE_LAYOUTS = ("paged", "contiguous")
@@ -116,6 +118,8 @@ class _StepCache(MmfastKVCache):
                                          softmax_scale=softmax_scale, causal=True, window_size=window_size,
                                          softcap=softcap, prefix_lens=p["prefix"], backend=backend)
             return out[None]  # (1, T, H, D)
+        if k.shape[1] == 1 and not e.checked_attention:
+            return self._decode_fast(q, k, v, kc, vc, (softmax_scale, window_size, softcap, backend))
         if e.layout == "paged":
             return flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=p["lens"], block_table=p["table"],
                                            softmax_scale=softmax_scale, causal=True, window_size=window_size,
@@ -123,6 +127,27 @@ class _StepCache(MmfastKVCache):
         return flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=p["lens"], cache_batch_idx=p["rows"],
                                        softmax_scale=softmax_scale, causal=True, window_size=window_size,
                                        softcap=softcap, backend=backend)
+
+
+    def _decode_fast(self, q, k, v, kc, vc, key) -> torch.Tensor:
+        """What ``flash_attn_with_kvcache`` does for this step's call, without re-checking per layer what the
+        engine built itself (the block table, lengths, rows): the new k/v go to the slots computed once per
+        step, and the backend runs with the step's :class:`AttnParams` (made at the first layer). Same
+        backend, same parameters, same result (tested against ``checked_attention=True``)."""
+        p = self.plan
+        fast = p.get("fast")
+        if fast is None or fast[0] != key:
+            scale, window, softcap, _backend = key
+            extra = ({"block_table": p["table"], "page_size": kc.shape[1]} if self.engine.layout == "paged"
+                     else {"kv_batch_idx": p["rows"]})
+            capacity = p["table"].shape[1] * kc.shape[1] if self.engine.layout == "paged" else kc.shape[1]
+            params = _params(q, kc, scale, True, _window_pair(window), softcap, 0.0, 0, 1, capacity, None,
+                             seqused_k=p["ends"], **extra)
+            p["fast"] = fast = (key, params)
+        kc[p["at"]] = k[:, 0]
+        vc[p["at"]] = v[:, 0]
+        out, _ = _run_forward_only(q, kc, vc, fast[1], key[3], False)
+        return out
 
 
 # --------------------------------------------------------------------------- requests
@@ -209,6 +234,8 @@ class ServingEngine:
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
         self.stats: dict = {}
+        # True: decode layers go through flash_attn_with_kvcache with its argument checks (tests compare)
+        self.checked_attention = False
 
     # ---- storage
     def _allocate(self, seqs: list[_Seq], dtype, device) -> None:
@@ -289,13 +316,17 @@ class ServingEngine:
     def _decode_logits(self, seqs: list[_Seq], tokens: torch.Tensor) -> torch.Tensor:
         dev = tokens.device
         lens = torch.tensor([s.length for s in seqs], dtype=torch.int32, device=dev)  # (B,)
-        plan = {"kind": "decode", "lens": lens}
+        plan = {"kind": "decode", "lens": lens, "ends": lens + 1}
         if self.layout == "paged":
             width = self._max_pages
             plan["table"] = torch.tensor([s.pages + [0] * (width - len(s.pages)) for s in seqs], dtype=torch.int32,
                                          device=dev)  # (B, max_pages)
+            # the slot of each row's new token, shared by every layer
+            plan["at"] = (torch.tensor([s.pages[s.length // self.page_size] for s in seqs], device=dev),
+                          torch.tensor([s.length % self.page_size for s in seqs], device=dev))
         else:
             plan["rows"] = torch.tensor([s.row for s in seqs], dtype=torch.int32, device=dev)
+            plan["at"] = (plan["rows"].long(), lens.long())
         hidden = self.embed(tokens[:, None])  # (B, 1, D)
         hidden = self._run_layers(hidden, lens.long()[:, None], plan)
         for s in seqs:

@@ -51,7 +51,7 @@ def _supports(backend: str, facts: Facts) -> list[str]:
 
 _B = "mmfast.ops.backends"
 ATTENTION_OP = register(Op("flash_attention", supports=_supports, example=_example, shape_class=shape_class,
-                           device_order={"cpu": ("triton_interpret", "reference")}))
+                           device_order={"cpu": ("triton_interpret", "cpp", "reference")}))
 ATTENTION_OP.add("triton", f"{_B}.attention_triton:TRITON")
 ATTENTION_OP.add("triton_interpret", f"{_B}.attention_triton:INTERPRET")
 ATTENTION_OP.add("flash_attn", f"{_B}.attention_flash_attn:FLASH_ATTN")
@@ -60,6 +60,7 @@ ATTENTION_OP.add("sdpa_flash", f"{_B}.attention_sdpa:FLASH")
 ATTENTION_OP.add("sdpa_efficient", f"{_B}.attention_sdpa:EFFICIENT")
 ATTENTION_OP.add("flex", f"{_B}.attention_flex:FLEX")
 ATTENTION_OP.add("sdpa_math", f"{_B}.attention_sdpa:MATH")
+ATTENTION_OP.add("cpp", f"{_B}.attention_cpp:CPP")
 ATTENTION_OP.add("reference", Backend(devices=None, forward=lambda q, k, v, p, need_lse=False: _reference(q, k, v, p),
                                       dtypes=_REFERENCE_DTYPES, doc="plain PyTorch, S×S scores"))
 

@@ -33,8 +33,9 @@ paged cache of any page size (flash-attn: multiples of 256) and cache_leftpad to
 Backends (the contract: :mod:`mmfast.ops._dispatch`; one module each under :mod:`mmfast.ops.backends`):
 ``triton`` (CUDA) and ``triton_interpret`` (the same kernels on CPU, tests): every mask and feature;
 ``sdpa_cudnn``, ``sdpa_flash``, ``sdpa_efficient``, ``sdpa_math`` (PyTorch SDPA pinned to one kernel),
-``flex`` (FlexAttention with a block mask), ``flash_attn`` (the flash-attn package, when it imports) and
-``reference`` (plain PyTorch, any device; materialises the S×S scores). Each vendor backend refuses, with
+``flex`` (FlexAttention with a block mask), ``flash_attn`` (the flash-attn package, when it imports),
+``cpp`` (``flash_attn_with_kvcache`` on CPU through ``mmfast._C``: decode attention walking the block table,
+no gather) and ``reference`` (plain PyTorch, any device; materialises the S×S scores). Each vendor backend refuses, with
 the reason, what it cannot do (softcap, ALiBi, seeded dropout, varlen, prefix-LM, kv caches, the lse...).
 Explicit-backward backends (Triton)::
 
@@ -52,7 +53,8 @@ mask ("full" | "causal" | "window" | "prefix"), softcap, alibi, dropout, varlen,
 grad, empty_rows (some query row sees no key). ``auto``: the preference table's row for the device family
 and the shape class ``<mask>/<s256|s512|s1k|s2k|s4k|long>/<train|infer>`` (``decode/...`` for kv caches),
 then the default order: triton, triton_interpret, flash_attn, sdpa_cudnn, sdpa_flash, sdpa_efficient, flex,
-sdpa_math, reference (on CPU: triton_interpret, reference, then the others), so a vendor kernel runs by
+sdpa_math, cpp, reference (on CPU: triton_interpret, cpp, reference, then the others; ``cpp`` takes
+kv-cache calls only, measured faster there than the reference), so a vendor kernel runs by
 default only where the table measured it faster or where mmfast's kernels cannot run. ``mmfast info --explain attention --shape B,S,H,D ...`` shows the choice.
 
 Layout: this module holds the public functions (flash-attn's, the kv cache, ``attention_reference``);

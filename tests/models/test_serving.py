@@ -156,3 +156,28 @@ def test_chat_reply_streams(fast):
     text = reply(fast, conv, None, args, stream=pieces.append)
     assert pieces and "".join(pieces).strip() == text
     assert text == reply(fast, conv, None, argparse.Namespace(**{**vars(args), "cache": "mmfast"}))
+
+
+@pytest.mark.parametrize("cache", ["paged", "contiguous"])
+def test_decode_fast_path_and_cpp_backend_equal_transformers(plain, cache):
+    """The decode step's fast path (the step's slots and parameters made once, not re-checked per layer)
+    gives the logits of the checked flash_attn_with_kvcache path; on CPU ``auto`` runs the decode
+    attention on the ``cpp`` backend (where the extension is built), token for token transformers' greedy."""
+    from mmfast.ops._dispatch import fake_env
+
+    auto = ml.build_llava("tiny", kernels=True, seed=0)
+    images, prompts = _inputs(auto)
+    embeds, _ = lg.llava_prompt_embeds(auto, images, prompts)
+    lm, head = auto.model.model.language_model, auto.model.lm_head
+    logits = {}
+    with fake_env(interpret=False):  # as on a machine without TRITON_INTERPRET (the tests set it)
+        for checked in (False, True):
+            engine = serving.ServingEngine(lm, head, cache=cache, page_size=4)
+            engine.checked_attention = checked
+            seen = []
+            real = engine._decode_logits
+            engine._decode_logits = lambda seqs, tokens: seen.append(real(seqs, tokens)) or seen[-1]
+            outs = engine.generate(embeds, max_new_tokens=8)
+            logits[checked] = torch.stack(seen)
+        assert [o.token_ids for o in outs] == _hf_greedy(plain, images, prompts, 8)
+    assert torch.equal(logits[False], logits[True])
