@@ -12,6 +12,7 @@ from llava_helpers import square_image as _image
 
 from mmfast.models import serving
 from mmfast.models.llava import generate as lg
+from mmfast.models.llava import model as ml
 
 
 def _inputs(llava):
@@ -176,7 +177,7 @@ def test_decode_fast_path_and_cpp_backend_equal_transformers(plain, cache):
             engine.checked_attention = checked
             seen = []
             real = engine._decode_logits
-            engine._decode_logits = lambda seqs, tokens: seen.append(real(seqs, tokens)) or seen[-1]
+            engine._decode_logits = lambda seqs, tokens, _s=seen, _r=real: _s.append(_r(seqs, tokens)) or _s[-1]
             outs = engine.generate(embeds, max_new_tokens=8)
             logits[checked] = torch.stack(seen)
         assert [o.token_ids for o in outs] == _hf_greedy(plain, images, prompts, 8)
