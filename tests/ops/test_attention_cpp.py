@@ -153,7 +153,7 @@ def test_varlen_packed(dtype, causal, window, softcap, gqa):
     k = torch.randn(int(cu_k[-1]), h // gqa, d, generator=g, dtype=torch.float64)
     v = torch.randn(k.shape, generator=g, dtype=torch.float64)
     args = (cu_q, cu_k, max(lq), max(lk))
-    kw = dict(causal=causal, window_size=window, softcap=softcap, return_lse=True)
+    kw = {"causal": causal, "window_size": window, "softcap": softcap, "return_lse": True}
     ref, ref_lse = flash_attn_varlen_func(q, k, v, *args, backend="reference", **kw)
     lo = [t.to(dtype) for t in (q, k, v)]
     low, low_lse = flash_attn_varlen_func(*lo, *args, backend="reference", **kw)

@@ -24,7 +24,6 @@ import torch
 
 from mmfast.ops._dispatch import AUTOGRAD, Backend, Facts, cpp_extension
 
-
 VARLEN_MAX = 1024
 
 
