@@ -46,7 +46,7 @@ class CppKVCache(Backend):
         if f.get("mask") == "prefix":
             r.append("prefix-LM mask: the C++ kv-cache kernel has causal/window masks only")
         if f.get("grad"):
-            r.append("gradients: the C++ kv-cache kernel is forward only")
+            r.append("backward: the C++ kv-cache kernel is forward only (inference)")
         if f.device == "cpu" and not _has_kernel():
             r.append("mmfast._C was built without the kv-cache/varlen kernels; rebuild it: python setup.py build_ext --inplace")
         return r
