@@ -58,7 +58,7 @@ MMF_KV_CLONES void axpy_f32(float w, const float* x, float* y, int64_t n) {
 
 // s[i] = exp(s[i] − m) for s[i] ≤ m, returns Σ s[i]. exp by Cody–Waite reduction and a degree-7 polynomial
 // (the same scheme as contrastive.cpp's vexp, ≤ 2 ulp), branch-free so the loop vectorises.
-MMF_KV_CLONES float exp_sum_f32(float* s, int64_t n, float m) {
+__attribute__((always_inline)) inline float exp_sum_f32_inl(float* s, int64_t n, float m) {
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) {
@@ -86,38 +86,193 @@ MMF_KV_CLONES float exp_sum_f32(float* s, int64_t n, float m) {
   return sum;
 }
 
+MMF_KV_CLONES float exp_sum_f32(float* s, int64_t n, float m) { return exp_sum_f32_inl(s, n, m); }
+
+// fp32 dot products of one query row with keys in vectors of 16 lanes (GCC vector extensions: one zmm
+// register under AVX-512, two ymm under AVX2, four xmm otherwise): each key's products accumulate in one
+// vector, reduced by halving (a shuffle and an add per level, four keys in flight). `omp simd reduction`
+// instead summed each key's 16 partials one scalar add after another (16 dependent adds per key: 3/4 of
+// the decode kernel's time at head dim 32).
+typedef float v16f __attribute__((vector_size(64), aligned(4)));  // aligned(4): unaligned loads allowed
+typedef float v8f __attribute__((vector_size(32), aligned(4)));
+typedef float v4f __attribute__((vector_size(16), aligned(4)));
+constexpr int64_t kLanes = 16;
+
+inline v16f load16(const float* p) { return *reinterpret_cast<const v16f*>(p); }
+
+inline float lanes_sum(v16f a) {
+  const v8f h = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) +
+                __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v4f x = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+  return (x[0] + x[2]) + (x[1] + x[3]);
+}
+
+struct KeyWalk {  // the slots j0, j0 + 1, ... of a row, page by page (pages null: a contiguous row)
+  const float* base;
+  const int32_t* pages;
+  int64_t page_stride, slot_stride, page_size, pg, slot;
+  const float* ptr() const { return base + (pages ? int64_t(pages[pg]) * page_stride : 0) + slot * slot_stride; }
+  void next() {
+    if (++slot == page_size) slot = 0, ++pg;
+  }
+};
+
 // fp32, one query row: s[r] = scale · q·k_r for count keys starting at (page pg, slot) of a cursor (pages
 // null: a contiguous row, slot counts from base); returns max s. Whole loops per call, so the cloned
 // (AVX2 / AVX-512) code is entered once per query row, not once per key.
 MMF_KV_CLONES float scores_f32(const float* q, const float* base, const int32_t* pages, int64_t page_stride,
                                int64_t slot_stride, int64_t page_size, int64_t pg, int64_t slot, int64_t count,
                                int64_t D, float scale, float* s) {
-  float m = -std::numeric_limits<float>::infinity();
-  for (int64_t r = 0; r < count; ++r) {
-    const float* k = base + (pages ? int64_t(pages[pg]) * page_stride : 0) + slot * slot_stride;
-    float dot = 0.f;
+  KeyWalk kw{base, pages, page_stride, slot_stride, page_size, pg, slot};
+  int64_t r = 0;
+  if (D % kLanes == 0) {
+    for (; r + 4 <= count; r += 4) {  // four keys in flight
+      const float* k0 = kw.ptr();
+      kw.next();
+      const float* k1 = kw.ptr();
+      kw.next();
+      const float* k2 = kw.ptr();
+      kw.next();
+      const float* k3 = kw.ptr();
+      kw.next();
+      v16f a0 = {}, a1 = {}, a2 = {}, a3 = {};
+      for (int64_t d0 = 0; d0 < D; d0 += kLanes) {
+        const v16f qv = load16(q + d0);
+        a0 += qv * load16(k0 + d0);
+        a1 += qv * load16(k1 + d0);
+        a2 += qv * load16(k2 + d0);
+        a3 += qv * load16(k3 + d0);
+      }
+      s[r] = lanes_sum(a0) * scale;
+      s[r + 1] = lanes_sum(a1) * scale;
+      s[r + 2] = lanes_sum(a2) * scale;
+      s[r + 3] = lanes_sum(a3) * scale;
+    }
+    for (; r < count; ++r, kw.next()) {
+      const float* k = kw.ptr();
+      v16f a = {};
+      for (int64_t d0 = 0; d0 < D; d0 += kLanes) a += load16(q + d0) * load16(k + d0);
+      s[r] = lanes_sum(a) * scale;
+    }
+  } else {
+    for (; r < count; ++r, kw.next()) {
+      const float* k = kw.ptr();
+      float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-    for (int64_t d = 0; d < D; ++d) dot += q[d] * k[d];
-    const float x = dot * scale;
-    s[r] = x;
-    m = x > m ? x : m;
-    if (++slot == page_size) slot = 0, ++pg;
+      for (int64_t d = 0; d < D; ++d) dot += q[d] * k[d];
+      s[r] = dot * scale;
+    }
   }
+  float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < count; ++i) m = s[i] > m ? s[i] : m;
   return m;
 }
 
-// fp32, one query row: acc = Σ_r w[r] · v_r over the same cursor walk.
+template <int NV>
+__attribute__((always_inline)) inline void wsum_regs(const float* w, KeyWalk kw, int64_t count, float* acc) {
+  v16f a[NV] = {};
+  for (int64_t r = 0; r < count; ++r, kw.next()) {
+    const float* v = kw.ptr();
+    const float x = w[r];
+    for (int c = 0; c < NV; ++c) a[c] += x * load16(v + c * kLanes);
+  }
+  for (int c = 0; c < NV; ++c) *reinterpret_cast<v16f*>(acc + c * kLanes) = a[c];
+}
+
+// fp32, one query row: acc = Σ_r w[r] · v_r over the same cursor walk. Head dims 16, 32, 64 and 128 keep
+// acc in vector registers over the whole walk; others go four keys per pass over acc,
+// so the chain through acc's loads and stores is a quarter as long.
 MMF_KV_CLONES void wsum_f32(const float* w, const float* base, const int32_t* pages, int64_t page_stride,
                             int64_t slot_stride, int64_t page_size, int64_t pg, int64_t slot, int64_t count,
                             int64_t D, float* acc) {
+  KeyWalk kw{base, pages, page_stride, slot_stride, page_size, pg, slot};
+  switch (D) {  // the accumulator's vectors as named registers: a fixed count per head dim
+    case 16: return wsum_regs<1>(w, kw, count, acc);
+    case 32: return wsum_regs<2>(w, kw, count, acc);
+    case 64: return wsum_regs<4>(w, kw, count, acc);
+    case 128: return wsum_regs<8>(w, kw, count, acc);
+    default: break;
+  }
   for (int64_t d = 0; d < D; ++d) acc[d] = 0.f;
-  for (int64_t r = 0; r < count; ++r) {
-    const float* v = base + (pages ? int64_t(pages[pg]) * page_stride : 0) + slot * slot_stride;
+  int64_t r = 0;
+  for (; r + 4 <= count; r += 4) {
+    const float* v0 = kw.ptr();
+    kw.next();
+    const float* v1 = kw.ptr();
+    kw.next();
+    const float* v2 = kw.ptr();
+    kw.next();
+    const float* v3 = kw.ptr();
+    kw.next();
+    const float x0 = w[r], x1 = w[r + 1], x2 = w[r + 2], x3 = w[r + 3];
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) acc[d] += (x0 * v0[d] + x1 * v1[d]) + (x2 * v2[d] + x3 * v3[d]);
+  }
+  for (; r < count; ++r, kw.next()) {
+    const float* v = kw.ptr();
     const float x = w[r];
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) acc[d] += x * v[d];
-    if (++slot == page_size) slot = 0, ++pg;
   }
+}
+
+// fp32 decode (one query row per sequence), the G query heads that share a kv head together: each key and
+// value is read once for the group (the per-head walk read them G times), q and the accumulators stay in
+// vector registers (G·D/16 of each, at most 16). s holds G rows of count scores; o the G output rows and l
+// the G lse values, both contiguous (heads h = hk·G + g are adjacent).
+template <int G, int NV>
+__attribute__((always_inline)) inline void decode_group_regs(const float* q, KeyWalk kw, KeyWalk vw, int64_t count,
+                                                            float scale, float* s, float* o, float* l) {
+  constexpr int64_t D = NV * kLanes;
+  v16f qv[G][NV];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < NV; ++c) qv[g][c] = load16(q + g * D + c * kLanes);
+  float m[G];
+  for (int g = 0; g < G; ++g) m[g] = -std::numeric_limits<float>::infinity();
+  for (int64_t r = 0; r < count; ++r, kw.next()) {
+    const float* k = kw.ptr();
+    v16f kv[NV];
+    for (int c = 0; c < NV; ++c) kv[c] = load16(k + c * kLanes);
+    for (int g = 0; g < G; ++g) {
+      v16f a = qv[g][0] * kv[0];
+      for (int c = 1; c < NV; ++c) a += qv[g][c] * kv[c];
+      const float x = lanes_sum(a) * scale;
+      s[g * count + r] = x;
+      m[g] = x > m[g] ? x : m[g];
+    }
+  }
+  float sum[G];
+  for (int g = 0; g < G; ++g) sum[g] = exp_sum_f32_inl(s + g * count, count, m[g]);
+  v16f acc[G][NV] = {};
+  for (int64_t r = 0; r < count; ++r, vw.next()) {
+    const float* v = vw.ptr();
+    v16f vv[NV];
+    for (int c = 0; c < NV; ++c) vv[c] = load16(v + c * kLanes);
+    for (int g = 0; g < G; ++g) {
+      const float x = s[g * count + r];
+      for (int c = 0; c < NV; ++c) acc[g][c] += x * vv[c];
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    const float inv = 1.0f / sum[g];
+    for (int c = 0; c < NV; ++c) *reinterpret_cast<v16f*>(o + g * D + c * kLanes) = acc[g][c] * inv;
+    l[g] = m[g] + std::log(sum[g]);
+  }
+}
+
+// Runs decode_group_regs for (G, D) when an instance exists (G in 1, 2, 4, 8; D in 16, 32, 64, 128; G·D/16 ≤ 16);
+// false otherwise (the caller walks head by head).
+MMF_KV_CLONES bool decode_group_f32(int64_t G, int64_t D, const float* q, KeyWalk kw, KeyWalk vw, int64_t count,
+                                    float scale, float* s, float* o, float* l) {
+#define MMF_GROUP_CASE(g, nv) \
+  if (G == g && D == nv * kLanes) return decode_group_regs<g, nv>(q, kw, vw, count, scale, s, o, l), true;
+  MMF_GROUP_CASE(1, 1) MMF_GROUP_CASE(1, 2) MMF_GROUP_CASE(1, 4) MMF_GROUP_CASE(1, 8)
+  MMF_GROUP_CASE(2, 1) MMF_GROUP_CASE(2, 2) MMF_GROUP_CASE(2, 4) MMF_GROUP_CASE(2, 8)
+  MMF_GROUP_CASE(4, 1) MMF_GROUP_CASE(4, 2) MMF_GROUP_CASE(4, 4)
+  MMF_GROUP_CASE(8, 1) MMF_GROUP_CASE(8, 2)
+#undef MMF_GROUP_CASE
+  return false;
 }
 
 template <typename acc_t, typename scalar_t>
@@ -169,7 +324,7 @@ void kvcache_attention_kernel(const at::Tensor& q, const at::Tensor& kc, const a
   for (int64_t b = 0; b < B; ++b) longest = std::max<int64_t>(longest, int64_t(ends[b]) - (starts ? starts[b] : 0));
 
   at::parallel_for(0, B * Hk, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> s(static_cast<size_t>(longest));
+    std::vector<acc_t> s(static_cast<size_t>(longest * G));
     std::vector<acc_t> qf(static_cast<size_t>(D)), acc(static_cast<size_t>(D));
     for (int64_t item = lo; item < hi; ++item) {
       const int64_t b = item / Hk, hk = item % Hk;
@@ -196,6 +351,23 @@ void kvcache_attention_kernel(const at::Tensor& q, const at::Tensor& kc, const a
         if (paged) return Cursor{base + hk * st2, st0, st1, pages, page_size, j0 / page_size, j0 % page_size};
         return Cursor{base + row * st0 + k_first * st1 + hk * st2, 0, st1, nullptr, std::numeric_limits<int64_t>::max(), 0, j0};
       };
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (!varlen && sq_b == 1 && softcap == 0) {  // decode: the group of query heads in one walk
+          int64_t r0 = 0, r1 = n;
+          if (band) {
+            r0 = std::max<int64_t>(r0, n - 1 - wl);
+            r1 = std::min<int64_t>(r1, n + wr);
+          }
+          if (r1 > r0) {
+            const Cursor kc0 = cursor(kp, s0, s1, s2, start + r0), vc0 = cursor(vp, v0, v1, v2, start + r0);
+            const KeyWalk kw{kc0.base, kc0.pages, kc0.page_stride, kc0.slot_stride, kc0.page_size, kc0.pg, kc0.slot};
+            const KeyWalk vw{vc0.base, vc0.pages, vc0.page_stride, vc0.slot_stride, vc0.page_size, vc0.pg, vc0.slot};
+            if (decode_group_f32(G, D, qp + (q_first * H + hk * G) * D, kw, vw, r1 - r0, sc, s.data(),
+                                 op + (q_first * H + hk * G) * D, lp + b * H + hk * G))
+              continue;
+          }
+        }
+      }
       for (int64_t g = 0; g < G; ++g) {
         const int64_t h = hk * G + g;
         for (int64_t i = 0; i < sq_b; ++i) {

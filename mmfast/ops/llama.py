@@ -26,14 +26,15 @@ Backend contract (see :mod:`mmfast.ops._dispatch`). Explicit-backward backends (
 (q/k views with unit stride in D, cos/sin broadcast to (B, S, D); g/u/da contiguous.) ``AUTOGRAD``
 backends (``reference``: the plain compositions below, the test oracle) take the public call:
 ``forward(q, k, cos, sin, unsqueeze_dim)`` / ``forward(gate, up)``. Default order: triton,
-triton_interpret, reference.
+triton_interpret, then for the rotary embedding ``cpp`` (CPU, fp32: :mod:`mmfast.ops.backends.llama_cpp`,
+the reference's roundings bit for bit in one call), reference.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from mmfast.ops._dispatch import Backend, Facts, Op, check_backend_name, register
+from mmfast.ops._dispatch import Backend, Facts, Op, register
 from mmfast.ops._host import autocast_inputs
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -70,6 +71,7 @@ _TRITON = "mmfast.ops.backends.llama_triton"
 ROTARY_OP = register(Op("rotary_embedding", example=_example))
 ROTARY_OP.add("triton", f"{_TRITON}:ROTARY_TRITON")
 ROTARY_OP.add("triton_interpret", f"{_TRITON}:ROTARY_INTERPRET")
+ROTARY_OP.add("cpp", "mmfast.ops.backends.llama_cpp:ROTARY_CPP")  # CPU, fp32/fp64: the reference bit for bit
 ROTARY_OP.add("reference", Backend(forward=rotary_embedding_reference, doc="HF's rotate_half composition"))
 SWIGLU_OP = register(Op("swiglu", example=_example))
 SWIGLU_OP.add("triton", f"{_TRITON}:SWIGLU_TRITON")
@@ -159,8 +161,8 @@ def _check_float(name, t, like=None):
 
 
 def _backend(op, t, backend, **extra):
-    check_backend_name(backend)
-    return op.backend(op.select(Facts.of([t], **extra), backend))
+    # memoised on the call's device, dtype and extras (Op.choose): no Facts built on a repeated call
+    return op.choose(backend, (t.device, t.dtype, *extra.values()), lambda: Facts.of([t], **extra))
 
 
 def _unit_last(t):

@@ -1,0 +1,75 @@
+"""``cpp``: the rotary embedding on CPU through ``mmfast._C`` (csrc/rotary.cpp).
+
+One pass over q and k per call, each pair of a head row rotated in place or into new tensors, with every
+product and sum rounded as the reference composition rounds it (no FMA): fp32 results equal
+:func:`mmfast.ops.llama.rotary_embedding_reference` bit for bit, in one call instead of the reference's ten
+tensor ops (two ``cat``, two ``neg``, four ``mul``, two ``add``: about 60 µs of host time a call on this
+repository's CPU machine against a few µs). Contract as the Triton backend's (:mod:`.llama_triton`)::
+
+    forward(q (B, HQ, S, D), k (B, HK, S, D), cos (B, S, D), sin, inplace) -> (q_out, k_out)
+    backward(dq_out, dk_out, cos, sin) -> (dq, dk)
+
+Refused, with the reason: bf16/fp16 (the kernel would round once where the reference rounds each op, and on
+CPU the rotary keeps the reference's results) and cos/sin that require grad. Each call is a
+``torch.library`` custom op under torch.compile (one opaque node), the extension directly in eager mode.
+"""
+from __future__ import annotations
+
+import torch
+
+from mmfast.ops._dispatch import Backend, Facts, cpp_extension
+from mmfast.ops._host import eager_fast
+
+
+@torch.library.custom_op("mmfast::rope_cpp", mutates_args=())
+def _rope_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    qo, ko = torch.empty_like(q), torch.empty_like(k)
+    cpp_extension().rope(q, k, qo, ko, cos, sin, backward)
+    return qo, ko
+
+
+@_rope_op.register_fake
+def _(q, k, cos, sin, backward):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+@torch.library.custom_op("mmfast::rope_cpp_", mutates_args=("q", "k"))
+def _rope_inplace_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    cpp_extension().rope(q, k, q, k, cos, sin, False)
+
+
+@_rope_inplace_op.register_fake
+def _(q, k, cos, sin):
+    return None
+
+
+_rope = eager_fast(_rope_op)
+_rope_inplace = eager_fast(_rope_inplace_op)
+
+
+def rotary_forward(q, k, cos, sin, inplace):
+    if inplace:
+        _rope_inplace(q, k, cos, sin)
+        return q, k
+    return _rope(q, k, cos, sin, False)
+
+
+def rotary_backward(dqo, dko, cos, sin):
+    return _rope(dqo, dko, cos, sin, True)
+
+
+class CppRotary(Backend):
+    doc = "C++ (mmfast._C): q and k in one pass, rounded as the reference (fp32: bit-equal)"
+
+    def supports(self, facts: Facts):
+        reasons = []
+        if facts.get("cos_grad"):
+            reasons.append("cos/sin require grad and the kernel does not differentiate them")
+        return reasons
+
+    forward = staticmethod(rotary_forward)
+    backward = staticmethod(rotary_backward)
+
+
+ROTARY_CPP = CppRotary(devices=("cpu",), needs=("cpp",), dtypes=(torch.float32,))
