@@ -10,7 +10,9 @@
 //   out = Σ_r softmax(s)_r · v_r,  lse = log Σ_r exp(s_r);  a row that sees no key: out 0, lse +inf.
 //
 // Algorithm: one work item per (batch row, kv head); at::parallel_for splits the items over threads.
-// An item walks the visible key range once per query row of its group of H / Hk query heads: scores
+// Decode in fp32 (one query row per sequence, head dims 16/32/64/128): the item's G = H / Hk query heads walk
+// the keys and then the values once together, q and the accumulators in vector registers. Otherwise the
+// item walks the visible key range once per query row of its group of H / Hk query heads: scores
 // into a per-thread buffer (the range is at most a row's length), max, exp and sum, then the weighted
 // sum of values, accumulated in fp32 (fp64 for fp64 inputs). Keys are addressed through the block table
 // one page at a time, so nothing is gathered or copied. Slots outside a row's range are never read
