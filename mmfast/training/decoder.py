@@ -215,7 +215,10 @@ def main(argv=None) -> int:
     def collate(items):
         return torch.stack([x for x, _ in items]), token_ids(pipe, [c for _, c in items])
 
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=args.workers)
+    # A generator of its own: a DataLoader iterator otherwise draws its base seed from torch's global generator,
+    # which carries the diffusion noise and is restored on resume (the draw would shift it by one number).
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=args.workers,
+                                         generator=torch.Generator().manual_seed(args.seed))
     banner = (f"image decoder {args.image_size}px, {len(dataset)} pairs, "
               f"{sum(p.numel() for p in params)} of {sum(p.numel() for p in module.parameters())} params train")
     keys = ("loss", "diffusion", "recon", "kl")
