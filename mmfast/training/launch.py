@@ -1,4 +1,4 @@
-"""``mmfast train {clip,llava,nextgpt}``: check the arguments, then start the recipe on N processes.
+"""``mmfast train {clip,llava,nextgpt,decoder}``: check the arguments, then start the recipe on N processes.
 
     mmfast train clip --nproc 2 --config tiny --data runs/world --out runs/clip [recipe options]
     mmfast train clip --nnodes 2 --node-rank R --master-addr HOST --master-port P --nproc 8 ...  (one per node)
@@ -28,7 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-RECIPES = {"clip": "mmfast.training.clip", "llava": "mmfast.training.llava", "nextgpt": "mmfast.training.nextgpt"}
+RECIPES = {"clip": "mmfast.training.clip", "llava": "mmfast.training.llava", "nextgpt": "mmfast.training.nextgpt",
+           "decoder": "mmfast.training.decoder"}
 GRACE_S = 10.0
 
 
@@ -191,3 +192,7 @@ def llava_main(argv: list[str] | None = None) -> int:
 
 def nextgpt_main(argv: list[str] | None = None) -> int:
     return main("nextgpt", argv)
+
+
+def decoder_main(argv: list[str] | None = None) -> int:
+    return main("decoder", argv)
