@@ -111,7 +111,8 @@ def evaluate(pipeline: str | Path, clip: str | Path, world: str | Path, n: int =
             raise FileNotFoundError(f"{what} {p}: no such folder")
     rows = heldout_prompts(world, n)
     classes = json.loads((Path(world) / "classes.json").read_text(encoding="utf-8"))
-    pipe = DiffusionPipeline.from_pretrained(str(pipeline), local_files_only=True)
+    # safetensors only: a pipeline folder is an untrusted file, no pickle is ever loaded from it
+    pipe = DiffusionPipeline.from_pretrained(str(pipeline), local_files_only=True, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     model = create_model(None, pretrained=str(clip), device="cpu", kernels=False).eval()
     labels = torch.tensor([r[2] for r in rows])
