@@ -71,7 +71,7 @@ _TRITON = "mmfast.ops.backends.llama_triton"
 ROTARY_OP = register(Op("rotary_embedding", example=_example))
 ROTARY_OP.add("triton", f"{_TRITON}:ROTARY_TRITON")
 ROTARY_OP.add("triton_interpret", f"{_TRITON}:ROTARY_INTERPRET")
-ROTARY_OP.add("cpp", "mmfast.ops.backends.llama_cpp:ROTARY_CPP")  # CPU, fp32/fp64: the reference bit for bit
+ROTARY_OP.add("cpp", "mmfast.ops.backends.llama_cpp:ROTARY_CPP")  # CPU, fp32: the reference bit for bit
 ROTARY_OP.add("reference", Backend(forward=rotary_embedding_reference, doc="HF's rotate_half composition"))
 SWIGLU_OP = register(Op("swiglu", example=_example))
 SWIGLU_OP.add("triton", f"{_TRITON}:SWIGLU_TRITON")

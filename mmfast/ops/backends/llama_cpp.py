@@ -3,8 +3,9 @@
 One pass over q and k per call, each pair of a head row rotated in place or into new tensors, with every
 product and sum rounded as the reference composition rounds it (no FMA): fp32 results equal
 :func:`mmfast.ops.llama.rotary_embedding_reference` bit for bit, in one call instead of the reference's ten
-tensor ops (two ``cat``, two ``neg``, four ``mul``, two ``add``: about 60 µs of host time a call on this
-repository's CPU machine against a few µs). Contract as the Triton backend's (:mod:`.llama_triton`)::
+tensor ops (two ``cat``, two ``neg``, four ``mul``, two ``add``): a decode step's call (q (32, 4, 1, 32), k
+(32, 2, 1, 32)) takes 22.8 µs through ``rotary_embedding`` against the reference's 62.4 µs on this repository's
+CPU machine (one thread, 2026-12-03). Contract as the Triton backend's (:mod:`.llama_triton`)::
 
     forward(q (B, HQ, S, D), k (B, HK, S, D), cos (B, S, D), sin, inplace) -> (q_out, k_out)
     backward(dq_out, dk_out, cos, sin) -> (dq, dk)
