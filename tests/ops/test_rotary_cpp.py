@@ -90,3 +90,18 @@ def test_rotary_cpp_refusals_and_auto_choice():
     order = list(ROTARY_OP.order)
     assert order.index("cpp") < order.index("reference") and ROTARY_OP.reasons("cpp", facts) == []
     assert ROTARY_OP.reasons("cpp", Facts("cpu", torch.bfloat16, {"head_dim": 8, "heads": 2}))
+
+
+def test_rotary_cpp_refuses_an_extension_built_without_it(monkeypatch):
+    """An mmfast._C older than csrc/rotary.cpp: the backend refuses, naming the rebuild, and auto moves on."""
+    from mmfast.ops._dispatch import Facts
+    from mmfast.ops.backends import llama_cpp
+
+    monkeypatch.setattr(llama_cpp, "_has_kernel", lambda: False)
+    facts = Facts("cpu", torch.float32, {"head_dim": 8, "heads": 2, "cos_grad": False})
+    assert any("rebuild" in r for r in ROTARY_OP.reasons("cpp", facts))
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(1, 2, 3, 8, generator=g), torch.randn(1, 2, 3, 8, generator=g)
+    cos, sin = (t.float() for t in _cos_sin(1, 3, 8, g))
+    with pytest.raises(BackendUnavailableError, match="rebuild"):
+        rotary_embedding(q, k, cos, sin, backend="cpp")

@@ -60,6 +60,13 @@ def rotary_backward(dqo, dko, cos, sin):
     return _rope(dqo, dko, cos, sin, True)
 
 
+def _has_kernel() -> bool:
+    try:
+        return hasattr(cpp_extension(), "rope")
+    except Exception:  # noqa: BLE001 - the extension missing is the "cpp" need's reason, given separately
+        return True
+
+
 class CppRotary(Backend):
     doc = "C++ (mmfast._C): q and k in one pass, rounded as the reference (fp32: bit-equal)"
 
@@ -67,6 +74,8 @@ class CppRotary(Backend):
         reasons = []
         if facts.get("cos_grad"):
             reasons.append("cos/sin require grad and the kernel does not differentiate them")
+        if facts.device == "cpu" and not _has_kernel():
+            reasons.append("mmfast._C was built without the rotary kernel; rebuild it: python setup.py build_ext --inplace")
         return reasons
 
     forward = staticmethod(rotary_forward)
