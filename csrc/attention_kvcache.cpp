@@ -117,6 +117,11 @@ struct KeyWalk {  // the slots j0, j0 + 1, ... of a row, page by page (pages nul
   void next() {
     if (++slot == page_size) slot = 0, ++pg;
   }
+  const float* take() {  // this slot's row, then advance
+    const float* p = ptr();
+    next();
+    return p;
+  }
 };
 
 // fp32, one query row: s[r] = scale · q·k_r for count keys starting at (page pg, slot) of a cursor (pages
@@ -129,14 +134,10 @@ MMF_KV_CLONES float scores_f32(const float* q, const float* base, const int32_t*
   int64_t r = 0;
   if (D % kLanes == 0) {
     for (; r + 4 <= count; r += 4) {  // four keys in flight
-      const float* k0 = kw.ptr();
-      kw.next();
-      const float* k1 = kw.ptr();
-      kw.next();
-      const float* k2 = kw.ptr();
-      kw.next();
-      const float* k3 = kw.ptr();
-      kw.next();
+      const float* k0 = kw.take();
+      const float* k1 = kw.take();
+      const float* k2 = kw.take();
+      const float* k3 = kw.take();
       v16f a0 = {}, a1 = {}, a2 = {}, a3 = {};
       for (int64_t d0 = 0; d0 < D; d0 += kLanes) {
         const v16f qv = load16(q + d0);
@@ -199,14 +200,10 @@ MMF_KV_CLONES void wsum_f32(const float* w, const float* base, const int32_t* pa
   for (int64_t d = 0; d < D; ++d) acc[d] = 0.f;
   int64_t r = 0;
   for (; r + 4 <= count; r += 4) {
-    const float* v0 = kw.ptr();
-    kw.next();
-    const float* v1 = kw.ptr();
-    kw.next();
-    const float* v2 = kw.ptr();
-    kw.next();
-    const float* v3 = kw.ptr();
-    kw.next();
+    const float* v0 = kw.take();
+    const float* v1 = kw.take();
+    const float* v2 = kw.take();
+    const float* v3 = kw.take();
     const float x0 = w[r], x1 = w[r + 1], x2 = w[r + 2], x3 = w[r + 3];
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) acc[d] += (x0 * v0[d] + x1 * v1[d]) + (x2 * v2[d] + x3 * v3[d]);

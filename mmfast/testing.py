@@ -214,7 +214,7 @@ def run_ranks(run_case, cases, world: int, outdir: str, timeout_s: float = 300.0
             for p in ctx.processes:
                 p.kill()
             pytest.fail(f"distributed workers did not finish within {timeout_s:.0f} s (deadlock?)")
-    return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=True) for r in range(world)]
 
 
 def rank_result(results: list[dict], rank: int, case):

@@ -43,6 +43,18 @@ def cpp_extension():
     return _C
 
 
+def cpp_missing(name: str, what: str) -> str | None:
+    """The reason a backend gives when ``mmfast._C`` loads but has no ``name`` (it was built from an older
+    csrc/); None when it has it, or when it does not load at all (that is the ``cpp`` need's own reason)."""
+    try:
+        ext = cpp_extension()
+    except Exception:  # noqa: BLE001 - reported by the "cpp" need
+        return None
+    if hasattr(ext, name):
+        return None
+    return f"mmfast._C was built without {what}; rebuild it: python setup.py build_ext --inplace"
+
+
 def _cpp_import_error() -> str | None:
     try:
         cpp_extension()

@@ -94,10 +94,12 @@ def test_rotary_cpp_refusals_and_auto_choice():
 
 def test_rotary_cpp_refuses_an_extension_built_without_it(monkeypatch):
     """An mmfast._C older than csrc/rotary.cpp: the backend refuses, naming the rebuild, and auto moves on."""
-    from mmfast.ops._dispatch import Facts
-    from mmfast.ops.backends import llama_cpp
+    from types import SimpleNamespace
 
-    monkeypatch.setattr(llama_cpp, "_has_kernel", lambda: False)
+    from mmfast.ops import _env
+    from mmfast.ops._dispatch import Facts
+
+    monkeypatch.setattr(_env, "cpp_extension", lambda: SimpleNamespace())  # loads, but holds no kernel
     facts = Facts("cpu", torch.float32, {"head_dim": 12, "heads": 3, "cos_grad": False})
     assert any("rebuild" in r for r in ROTARY_OP.reasons("cpp", facts))
     # a shape no other test forces cpp with (an accepted forced choice is memoised per shape)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from mmfast.ops._dispatch import AUTOGRAD, Backend, Facts, cpp_extension
+from mmfast.ops._env import cpp_missing
 
 VARLEN_MAX = 1024
 
@@ -47,8 +48,9 @@ class CppKVCache(Backend):
             r.append("prefix-LM mask: the C++ kv-cache kernel has causal/window masks only")
         if f.get("grad"):
             r.append("backward: the C++ kv-cache kernel is forward only (inference)")
-        if f.device == "cpu" and not _has_kernel():
-            r.append("mmfast._C was built without the kv-cache/varlen kernels; rebuild it: python setup.py build_ext --inplace")
+        stale = cpp_missing("varlen_attention_fwd", "the kv-cache/varlen kernels")
+        if stale:
+            r.append(stale)
         return r
 
     def forward(self, q, k, v, p, need_lse=False):
@@ -70,12 +72,6 @@ class CppKVCache(Backend):
             p.scale, p.window_left, p.window_right, p.band, p.softcap)
         return out, (lse if need_lse else None)
 
-
-def _has_kernel() -> bool:
-    try:
-        return hasattr(cpp_extension(), "varlen_attention_fwd")
-    except Exception:  # noqa: BLE001 - the extension missing is the "cpp" need's reason, given separately
-        return True
 
 
 def _i32(t):

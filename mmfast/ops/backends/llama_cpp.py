@@ -19,52 +19,10 @@ from __future__ import annotations
 import torch
 
 from mmfast.ops._dispatch import Backend, Facts, cpp_extension
-from mmfast.ops._host import eager_fast
+from mmfast.ops._env import cpp_missing
+from mmfast.ops.backends._rope_ops import rope_ops
 
-
-@torch.library.custom_op("mmfast::rope_cpp", mutates_args=())
-def _rope_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-             backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    qo, ko = torch.empty_like(q), torch.empty_like(k)
-    cpp_extension().rope(q, k, qo, ko, cos, sin, backward)
-    return qo, ko
-
-
-@_rope_op.register_fake
-def _(q, k, cos, sin, backward):
-    return torch.empty_like(q), torch.empty_like(k)
-
-
-@torch.library.custom_op("mmfast::rope_cpp_", mutates_args=("q", "k"))
-def _rope_inplace_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    cpp_extension().rope(q, k, q, k, cos, sin, False)
-
-
-@_rope_inplace_op.register_fake
-def _(q, k, cos, sin):
-    return None
-
-
-_rope = eager_fast(_rope_op)
-_rope_inplace = eager_fast(_rope_inplace_op)
-
-
-def rotary_forward(q, k, cos, sin, inplace):
-    if inplace:
-        _rope_inplace(q, k, cos, sin)
-        return q, k
-    return _rope(q, k, cos, sin, False)
-
-
-def rotary_backward(dqo, dko, cos, sin):
-    return _rope(dqo, dko, cos, sin, True)
-
-
-def _has_kernel() -> bool:
-    try:
-        return hasattr(cpp_extension(), "rope")
-    except Exception:  # noqa: BLE001 - the extension missing is the "cpp" need's reason, given separately
-        return True
+rotary_forward, rotary_backward = rope_ops("rope_cpp", lambda *a: cpp_extension().rope(*a))
 
 
 class CppRotary(Backend):
@@ -74,8 +32,9 @@ class CppRotary(Backend):
         reasons = []
         if facts.get("cos_grad"):
             reasons.append("cos/sin require grad and the kernel does not differentiate them")
-        if facts.device == "cpu" and not _has_kernel():
-            reasons.append("mmfast._C was built without the rotary kernel; rebuild it: python setup.py build_ext --inplace")
+        stale = cpp_missing("rope", "the rotary kernel")
+        if stale:
+            reasons.append(stale)
         return reasons
 
     forward = staticmethod(rotary_forward)

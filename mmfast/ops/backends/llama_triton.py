@@ -18,6 +18,7 @@ import torch
 
 from mmfast.ops._dispatch import Backend, Facts
 from mmfast.ops._host import eager_fast
+from mmfast.ops.backends._rope_ops import rope_ops
 
 MAX_HEAD_DIM = 256
 MAX_HEADS = 128
@@ -31,29 +32,6 @@ def _kernels():
 
         _K.append(k)
     return _K[0]
-
-
-@torch.library.custom_op("mmfast::rope", mutates_args=())
-def _rope_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-             backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    qo, ko = torch.empty_like(q), torch.empty_like(k)
-    _kernels().rope(q, k, qo, ko, cos, sin, backward)
-    return qo, ko
-
-
-@_rope_op.register_fake
-def _(q, k, cos, sin, backward):
-    return torch.empty_like(q), torch.empty_like(k)
-
-
-@torch.library.custom_op("mmfast::rope_", mutates_args=("q", "k"))
-def _rope_inplace_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    _kernels().rope(q, k, q, k, cos, sin, False)
-
-
-@_rope_inplace_op.register_fake
-def _(q, k, cos, sin):
-    return None
 
 
 @torch.library.custom_op("mmfast::swiglu_fwd", mutates_args=())
@@ -98,22 +76,13 @@ def _(g, u, da, store_a):
     return torch.empty_like(u), (torch.empty_like(g) if store_a else g.new_empty(0))
 
 
-rope_call = eager_fast(_rope_op)
-rope_inplace_call = eager_fast(_rope_inplace_op)
 swiglu_fwd_call = eager_fast(_swiglu_fwd_op)
 swiglu_bwd_call = eager_fast(_swiglu_bwd_op)
 swiglu_bwd_inplace_call = eager_fast(_swiglu_bwd_inplace_op)
 
 
-def rotary_forward(q, k, cos, sin, inplace):
-    if inplace:
-        rope_inplace_call(q, k, cos, sin)
-        return q, k
-    return rope_call(q, k, cos, sin, False)
-
-
-def rotary_backward(dqo, dko, cos, sin):
-    return rope_call(dqo, dko, cos, sin, True)
+# the kernel module is looked up at the launch, so importing this module imports no Triton kernel
+rotary_forward, rotary_backward = rope_ops("rope", lambda *a: _kernels().rope(*a))
 
 
 def swiglu_backward(g, u, da, overwrite_da, store_a):
