@@ -11,8 +11,8 @@ that; mode ``ttft`` times the same call with one new token (prefill + first toke
   decode step on CUDA); GPU only, not run on CPU by default;
 * ``mmfast``: the model after ``mmfast.patch`` (every rule), :class:`mmfast.models.serving.ServingEngine`
   with the paged cache (varlen prefill, ``flash_attn_with_kvcache`` with a block table);
-* ``mmfast-attn``: the same engine on a model patched with the attention rules only (on CPU the fused
-  norm / SwiGLU ops cost more host time than they save at these sizes);
+* ``mmfast-attn``: the same engine on a model patched with the attention rules only (what the fused
+  norm / SwiGLU / rotary rules add on top of the attention);
 * ``mmfast-contiguous``: every rule, the contiguous cache.
 
 After timing, each mmfast provider's tokens are compared with transformers' (printed: token-for-token

@@ -31,64 +31,39 @@
 #include <type_traits>
 #include <vector>
 
-// As in contrastive.cpp: one FMA per a·b + c, and if-conversion of the float compares in the exp loop
-// (refused while traps are assumed observable); after the includes, so only this file's code is affected.
-#pragma GCC optimize("fp-contract=fast", "no-trapping-math")
+#include "simd.h"  // last: it sets the optimisation options of this file's code (FMA, if-converted compares)
 
 namespace mmfast {
 namespace {
 
 // fp32 inner loops: `omp simd` lets the compiler reassociate the sums (vectorised, 8 or 16 partial sums);
-// cloned for AVX2 / AVX-512 and picked at load time, as in contrastive.cpp (the extension targets x86-64-v2).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define MMF_KV_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define MMF_KV_CLONES
-#endif
+// cloned for AVX2 / AVX-512 and picked at load time (MMF_SIMD_CLONES; the extension targets x86-64-v2).
 
-MMF_KV_CLONES float dot_f32(const float* a, const float* b, int64_t n) {
+MMF_SIMD_CLONES float dot_f32(const float* a, const float* b, int64_t n) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
   return s;
 }
 
-MMF_KV_CLONES void axpy_f32(float w, const float* x, float* y, int64_t n) {
+MMF_SIMD_CLONES void axpy_f32(float w, const float* x, float* y, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += w * x[i];
 }
 
-// s[i] = exp(s[i] − m) for s[i] ≤ m, returns Σ s[i]. exp by Cody–Waite reduction and a degree-7 polynomial
-// (the same scheme as contrastive.cpp's vexp, ≤ 2 ulp), branch-free so the loop vectorises.
-__attribute__((always_inline)) inline float exp_sum_f32_inl(float* s, int64_t n, float m) {
+// s[i] = exp(s[i] − m) for s[i] ≤ m, returns Σ s[i] (vexp: ≤ 2 ulp, branch-free, so the loop vectorises).
+MMF_INLINE float exp_sum_f32_inl(float* s, int64_t n, float m) {
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) {
-    float x = s[i] - m;
-    const bool under = x < -87.33654f;
-    x = under ? -87.33654f : x;
-    const float k = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
-    float r = x - k * 0.693145751953125f;
-    r = r - k * 1.42860682030941723e-6f;
-    float p = 1.0f / 5040.0f;
-    p = p * r + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-    float bf;
-    __builtin_memcpy(&bf, &bits, sizeof bf);
-    const float e = under ? 0.0f : p * bf;
+    const float e = vexp(s[i] - m);
     s[i] = e;
     sum += e;
   }
   return sum;
 }
 
-MMF_KV_CLONES float exp_sum_f32(float* s, int64_t n, float m) { return exp_sum_f32_inl(s, n, m); }
+MMF_SIMD_CLONES float exp_sum_f32(float* s, int64_t n, float m) { return exp_sum_f32_inl(s, n, m); }
 
 // fp32 dot products of one query row with keys in vectors of 16 lanes (GCC vector extensions: one zmm
 // register under AVX-512, two ymm under AVX2, four xmm otherwise): each key's products accumulate in one
@@ -127,7 +102,7 @@ struct KeyWalk {  // the slots j0, j0 + 1, ... of a row, page by page (pages nul
 // fp32, one query row: s[r] = scale · q·k_r for count keys starting at (page pg, slot) of a cursor (pages
 // null: a contiguous row, slot counts from base); returns max s. Whole loops per call, so the cloned
 // (AVX2 / AVX-512) code is entered once per query row, not once per key.
-MMF_KV_CLONES float scores_f32(const float* q, const float* base, const int32_t* pages, int64_t page_stride,
+MMF_SIMD_CLONES float scores_f32(const float* q, const float* base, const int32_t* pages, int64_t page_stride,
                                int64_t slot_stride, int64_t page_size, int64_t pg, int64_t slot, int64_t count,
                                int64_t D, float scale, float* s) {
   KeyWalk kw{base, pages, page_stride, slot_stride, page_size, pg, slot};
@@ -186,7 +161,7 @@ __attribute__((always_inline)) inline void wsum_regs(const float* w, KeyWalk kw,
 // fp32, one query row: acc = Σ_r w[r] · v_r over the same cursor walk. Head dims 16, 32, 64 and 128 keep
 // acc in vector registers over the whole walk; others go four keys per pass over acc,
 // so the chain through acc's loads and stores is a quarter as long.
-MMF_KV_CLONES void wsum_f32(const float* w, const float* base, const int32_t* pages, int64_t page_stride,
+MMF_SIMD_CLONES void wsum_f32(const float* w, const float* base, const int32_t* pages, int64_t page_stride,
                             int64_t slot_stride, int64_t page_size, int64_t pg, int64_t slot, int64_t count,
                             int64_t D, float* acc) {
   KeyWalk kw{base, pages, page_stride, slot_stride, page_size, pg, slot};
@@ -262,7 +237,7 @@ __attribute__((always_inline)) inline void decode_group_regs(const float* q, Key
 
 // Runs decode_group_regs for (G, D) when an instance exists (G in 1, 2, 4, 8; D in 16, 32, 64, 128; G·D/16 ≤ 16);
 // false otherwise (the caller walks head by head).
-MMF_KV_CLONES bool decode_group_f32(int64_t G, int64_t D, const float* q, KeyWalk kw, KeyWalk vw, int64_t count,
+MMF_SIMD_CLONES bool decode_group_f32(int64_t G, int64_t D, const float* q, KeyWalk kw, KeyWalk vw, int64_t count,
                                     float scale, float* s, float* o, float* l) {
 #define MMF_GROUP_CASE(g, nv) \
   if (G == g && D == nv * kLanes) return decode_group_regs<g, nv>(q, kw, vw, count, scale, s, o, l), true;

@@ -228,3 +228,13 @@ def rank_result(results: list[dict], rank: int, case):
     if isinstance(got, str):
         pytest.fail(f"rank {rank} raised in case {case}:\n{got}")
     return got
+
+
+def has_cpp_kernel(name: str) -> bool:
+    """Whether ``mmfast._C`` loads and has ``name`` (tests of a C++ kernel skip without it)."""
+    from mmfast.ops._env import cpp_extension
+
+    try:
+        return hasattr(cpp_extension(), name)
+    except Exception:  # noqa: BLE001 - no extension at all
+        return False

@@ -26,8 +26,8 @@ Backend contract (see :mod:`mmfast.ops._dispatch`). Explicit-backward backends (
 (q/k views with unit stride in D, cos/sin broadcast to (B, S, D); g/u/da contiguous.) ``AUTOGRAD``
 backends (``reference``: the plain compositions below, the test oracle) take the public call:
 ``forward(q, k, cos, sin, unsqueeze_dim)`` / ``forward(gate, up)``. Default order: triton,
-triton_interpret, then for the rotary embedding ``cpp`` (CPU, fp32: :mod:`mmfast.ops.backends.llama_cpp`,
-the reference's roundings bit for bit in one call), reference.
+triton_interpret, ``cpp`` (CPU, fp32: :mod:`mmfast.ops.backends.llama_cpp`; the rotary embedding with the
+reference's roundings bit for bit in one call, SwiGLU in one pass each way), reference.
 """
 from __future__ import annotations
 
@@ -76,6 +76,7 @@ ROTARY_OP.add("reference", Backend(forward=rotary_embedding_reference, doc="HF's
 SWIGLU_OP = register(Op("swiglu", example=_example))
 SWIGLU_OP.add("triton", f"{_TRITON}:SWIGLU_TRITON")
 SWIGLU_OP.add("triton_interpret", f"{_TRITON}:SWIGLU_INTERPRET")
+SWIGLU_OP.add("cpp", "mmfast.ops.backends.llama_cpp:SWIGLU_CPP")  # CPU, fp32: one pass, vectorised e^x
 SWIGLU_OP.add("reference", Backend(forward=swiglu_reference, doc="F.silu(gate) * up"))
 
 
@@ -127,13 +128,11 @@ class _SwiGLUDownFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, g, u, weight, bias, be):
-        g2, u2 = g.view(-1, g.shape[-1]), u.view(-1, u.shape[-1])
-        a = be.forward(g2, u2)
-        out = torch.mm(a, weight.t()) if bias is None else torch.addmm(bias, a, weight.t())
+        a = be.forward(g.view(-1, g.shape[-1]), u.view(-1, u.shape[-1]))
         ctx.save_for_backward(g, u, weight)
         ctx.has_bias = bias is not None
         ctx.be = be
-        return out.view(*g.shape[:-1], weight.shape[0])
+        return _down(a, weight, bias, g.shape)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -148,6 +147,12 @@ class _SwiGLUDownFunction(torch.autograd.Function):
         dw = torch.mm(dout.t(), a) if need_w else None
         db = dout.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
         return dg.view(shape), du.view(shape), dw, db, None
+
+
+def _down(a, weight, bias, shape):
+    """The down projection of the product rows ``a`` (M, I), in the gate's leading ``shape``."""
+    out = torch.mm(a, weight.t()) if bias is None else torch.addmm(bias, a, weight.t())
+    return out.view(*shape[:-1], weight.shape[0])
 
 
 # --------------------------------------------------------------------------- public API
@@ -240,6 +245,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) 
     be = _backend(SWIGLU_OP, gate, backend)
     if not be.backward:
         return be.forward(gate, up)
+    if not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)):
+        return be.forward(gate.contiguous(), up.contiguous())  # nothing to record: no autograd.Function
     if not torch.is_autocast_enabled(gate.device.type):  # the autocast context costs ~5 µs of host time
         return _SwiGLUFunction.apply(gate.contiguous(), up.contiguous(), be)
     with torch.autocast(gate.device.type, enabled=False):
@@ -264,7 +271,12 @@ def swiglu_down(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias
     if not be.backward:
         return F.linear(be.forward(gate, up), weight, bias)
     g, u, w = gate.contiguous(), up.contiguous(), weight.contiguous()
-    if not torch.is_autocast_enabled(gate.device.type):
+    autocast = torch.is_autocast_enabled(gate.device.type)
+    if not (autocast or (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad or weight.requires_grad
+                                                      or (bias is not None and bias.requires_grad)))):
+        # nothing to record (inference): the Function's forward without the Function
+        return _down(be.forward(g.view(-1, g.shape[-1]), u.view(-1, u.shape[-1])), w, bias, g.shape)
+    if not autocast:
         return _SwiGLUDownFunction.apply(g, u, w, bias, be)
     with torch.autocast(gate.device.type, enabled=False):
         return _SwiGLUDownFunction.apply(g, u, w, bias, be)

@@ -8,7 +8,8 @@ The statistics are fp32 whatever the input dtype; ``y`` has ``x``'s dtype and th
 ``residual``'s dtype (keep the residual stream in fp32 by passing an fp32 residual).
 
 Backend contract (see :mod:`mmfast.ops._dispatch`). Explicit-backward backends (``triton``,
-``triton_interpret``: :mod:`mmfast.ops.backends.norm_triton`) take contiguous rows, (..., N) in the
+``triton_interpret``: :mod:`mmfast.ops.backends.norm_triton`; ``cpp``, fp32 on CPU:
+:mod:`mmfast.ops.backends.norm_cpp`) take contiguous rows, (..., N) in the
 caller's shape (M = numel / N rows; outputs in the input's shape)::
 
     forward(x (..., N), residual (..., N) | None, weight | None, bias | None, eps, is_rms) -> (y, s, stats (2, M))
@@ -18,7 +19,7 @@ caller's shape (M = numel / N rows; outputs in the input's shape)::
 ``dwb`` the fp32 column sums dw (row 0) and db (row 1). ``AUTOGRAD`` backends
 (``torch``: :mod:`mmfast.ops.backends.norm_torch`; ``reference``: below) take the public call:
 ``forward(x, weight, bias, eps, residual)`` (LayerNorm) / ``forward(x, weight, eps, residual)`` (RMSNorm).
-Default order: triton, triton_interpret, torch, reference (CPU: triton_interpret, reference, torch).
+Default order: triton, triton_interpret, cpp, torch, reference (CPU: triton_interpret, cpp, reference, torch).
 """
 from __future__ import annotations
 
@@ -58,15 +59,18 @@ def rms_norm_reference(x, weight=None, eps=1e-6, residual=None):
 
 # --------------------------------------------------------------------------- backends
 _TRITON = "mmfast.ops.backends.norm_triton"
-_CPU_ORDER = {"cpu": ("triton_interpret", "reference")}  # CPU results stay the reference's
+_CPP = "mmfast.ops.backends.norm_cpp:CPP"
+_CPU_ORDER = {"cpu": ("triton_interpret", "cpp", "reference")}
 LAYER_NORM_OP = register(Op("layer_norm", example=_example, device_order=_CPU_ORDER))
 LAYER_NORM_OP.add("triton", f"{_TRITON}:TRITON")
 LAYER_NORM_OP.add("triton_interpret", f"{_TRITON}:INTERPRET")
+LAYER_NORM_OP.add("cpp", _CPP)
 LAYER_NORM_OP.add("torch", "mmfast.ops.backends.norm_torch:LAYER")
 LAYER_NORM_OP.add("reference", Backend(devices=None, forward=layer_norm_reference, doc="plain PyTorch, statistics in fp32"))
 RMS_NORM_OP = register(Op("rms_norm", example=_example, device_order=_CPU_ORDER))
 RMS_NORM_OP.add("triton", f"{_TRITON}:TRITON")
 RMS_NORM_OP.add("triton_interpret", f"{_TRITON}:INTERPRET")
+RMS_NORM_OP.add("cpp", _CPP)
 RMS_NORM_OP.add("torch", "mmfast.ops.backends.norm_torch:RMS")
 RMS_NORM_OP.add("reference", Backend(devices=None, forward=rms_norm_reference, doc="plain PyTorch, statistics in fp32"))
 
@@ -165,7 +169,17 @@ def _run(op, x, weight, bias, eps, residual, is_rms, backend):
     be = op.choose(backend, (x.device, x.dtype, n), lambda: Facts.of([x], n=n))
     if be.backward is AUTOGRAD:  # AUTOGRAD: the backend's forward is the public call, differentiable
         return be.forward(x, weight, eps, residual) if is_rms else be.forward(x, weight, bias, eps, residual)
+    if not (torch.is_grad_enabled() and _any_requires_grad(x, residual, weight, bias)):
+        # nothing for autograd to record (inference): the backend's forward without the autograd.Function
+        y, s, _ = be.forward(x.contiguous(), None if residual is None else residual.contiguous(),
+                             None if weight is None else weight.contiguous(), None if bias is None else bias.contiguous(),
+                             eps, is_rms)
+        return y if residual is None else (y, s)
     return _NormFunction.apply(x, residual, weight, bias, eps, is_rms, be)
+
+
+def _any_requires_grad(*ts):
+    return any(t is not None and t.requires_grad for t in ts)
 
 
 def layer_norm(x, weight=None, bias=None, eps: float = 1e-5, residual=None, *, backend: str | None = None):

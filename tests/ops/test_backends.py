@@ -232,7 +232,7 @@ NORM_CASES = {"ln": (False, False), "ln-residual": (False, True), "rms": (True, 
 
 @pytest.mark.parametrize("shape", [(3, 37), (4, 64)], ids=["odd", "round"])
 @pytest.mark.parametrize("case", list(NORM_CASES))
-@pytest.mark.parametrize("backend", ["triton", "triton_interpret", "reference", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "triton_interpret", "cpp", "reference", "torch"])
 def test_norm_backend(backend, case, shape, device, poisoned_alloc):
     from mmfast.ops.norm import LAYER_NORM_OP, layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
 

@@ -15,7 +15,7 @@ from mmfast.ops.llama import (
     swiglu_down_reference,
     swiglu_reference,
 )
-from mmfast.testing import assert_error_bound, poison_
+from mmfast.testing import assert_error_bound, has_cpp_kernel, poison_
 
 
 @pytest.fixture
@@ -164,6 +164,10 @@ def test_swiglu(shape, dtype, device, triton_backend, poisoned_alloc):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("M,I,N", [(37, 19, 11), (64, 96, 32)])
 def test_swiglu_down(M, I, N, bias, dtype, device, triton_backend, poisoned_alloc):
+    _swiglu_down_case(M, I, N, bias, dtype, device, triton_backend)
+
+
+def _swiglu_down_case(M, I, N, bias, dtype, device, backend):
     g = torch.Generator().manual_seed(M + I + N)
     gate = (torch.randn(2, M, I, generator=g, dtype=torch.float64) * 2).requires_grad_()
     up = torch.randn(2, M, I, generator=g, dtype=torch.float64).requires_grad_()
@@ -171,8 +175,8 @@ def test_swiglu_down(M, I, N, bias, dtype, device, triton_backend, poisoned_allo
     b = torch.randn(N, generator=g, dtype=torch.float64).requires_grad_() if bias else None
     gy = torch.randn(2, M, N, generator=g, dtype=torch.float64)
     tensors = [gate, up, w] + ([b] if bias else [])
-    _compare(lambda *a: swiglu_down(*a, backend=triton_backend), swiglu_down_reference, tensors, [gy], dtype,
-             device, "swiglu_down")
+    _compare(lambda *a: swiglu_down(*a, backend=backend), swiglu_down_reference, tensors, [gy], dtype, device,
+             "swiglu_down")
 
 
 def test_swiglu_keeps_no_product(device, triton_backend):
@@ -201,6 +205,45 @@ def test_swiglu_keeps_no_product(device, triton_backend):
     assert keep == {gate.data_ptr(), up.data_ptr()}
     keep_ref, _ = saved_mi(lambda: swiglu_down_reference(gate, up, w))
     assert len(keep_ref) > 2  # the plain composition keeps silu(gate) and the product too
+
+
+# --------------------------------------------------------------------------- SwiGLU, cpp (csrc/swiglu.cpp)
+_CPP = pytest.mark.skipif(not has_cpp_kernel("swiglu_fwd"), reason="mmfast._C without the SwiGLU kernels")
+
+
+@_CPP
+@pytest.mark.parametrize("scale", [3.0, 40.0], ids=["x3", "x40"])
+@pytest.mark.parametrize("shape", [(37, 19), (2, 5, 64), (3, 1000), (7,)])
+def test_swiglu_cpp(shape, scale, poisoned_alloc):
+    """fp32 on CPU: the product and both gradients within the bound; odd sizes run the scalar tail, x40 sends
+    e^−g past the vector exp's clamp (|g| up to ~160)."""
+    g = torch.Generator().manual_seed(sum(shape) + int(scale))
+    gate = (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).requires_grad_()
+    up = torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+    gy = torch.randn(*shape, generator=g, dtype=torch.float64)
+    _compare(lambda a, b: swiglu(a, b, backend="cpp"), swiglu_reference, [gate, up], [gy], torch.float32, "cpu",
+             "swiglu")
+
+
+@_CPP
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("M,I,N", [(37, 19, 11), (64, 96, 32)])
+def test_swiglu_down_cpp(M, I, N, bias, poisoned_alloc):
+    _swiglu_down_case(M, I, N, bias, torch.float32, "cpu", "cpp")
+
+
+@_CPP
+def test_swiglu_down_inference_skips_the_function_with_equal_results():
+    g = torch.Generator().manual_seed(12)
+    gate, up = torch.randn(3, 5, 24, generator=g), torch.randn(3, 5, 24, generator=g)
+    w, b = torch.randn(7, 24, generator=g), torch.randn(7, generator=g)
+    want = swiglu_down(gate.clone().requires_grad_(), up, w, b, backend="cpp")
+    assert want.grad_fn is not None
+    with torch.inference_mode():
+        got = swiglu_down(gate, up, w, b, backend="cpp")
+        a = swiglu(gate, up, backend="cpp")
+    assert got.grad_fn is None and torch.equal(got, want)
+    assert torch.equal(a, swiglu(gate.clone().requires_grad_(), up, backend="cpp").detach())
 
 
 def test_swiglu_validation():

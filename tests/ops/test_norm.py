@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mmfast.ops.norm import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
-from mmfast.testing import assert_error_bound, poison_
+from mmfast.testing import assert_error_bound, has_cpp_kernel, poison_
 
 
 @pytest.fixture
@@ -138,3 +138,65 @@ def test_outputs_are_not_views_and_a_double_backward_raises(device, triton_backe
     gx, = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         gx.sum().backward()
+
+
+# --------------------------------------------------------------------------- cpp (csrc/norm.cpp)
+_CPP = pytest.mark.skipif(not has_cpp_kernel("norm_fwd"), reason="mmfast._C without the norm kernels")
+
+
+@pytest.fixture
+def nan_alloc(poisoned_alloc):
+    """Every fresh tensor NaN, those the C++ kernels allocate too (deterministic mode fills
+    uninitialised memory, in ATen's own empty)."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    assert torch.empty(3).isnan().all()
+    yield
+    torch.use_deterministic_algorithms(prev)
+
+
+@_CPP
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("is_rms", [False, True], ids=["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("shape", [(37, 19), (2, 77, 80), (4, 64), (3, 5), (301, 24)])
+def test_norm_cpp(shape, is_rms, residual, nan_alloc):
+    """fp32 on CPU: output, new residual and every gradient within the bound; (301, 24): three blocks of
+    column sums; (3, 5): rows shorter than one vector. (N = 1 is left out: there y = sign(s)·w and dx is
+    the cancellation g − ŝ·(g·ŝ) with ŝ² ≈ 1, as in the Triton kernel's formula; the reference's autograd
+    happens to cancel exactly in fp32.)"""
+    _case("cpu", "cpp", torch.float32, shape, is_rms, residual)
+
+
+@_CPP
+@pytest.mark.parametrize("is_rms", [False, True], ids=["layer_norm", "rms_norm"])
+def test_norm_cpp_no_affine_and_a_bf16_residual_stream(is_rms, nan_alloc):
+    _case("cpu", "cpp", torch.float32, (37, 19), is_rms, True, affine=False)
+    g = torch.Generator().manual_seed(6)
+    x, w = torch.randn(5, 33, generator=g), torch.randn(33, generator=g)
+    w = w.bfloat16() if is_rms else w  # a bf16 weight on fp32 rows: RMSNorm applies it in fp32 (F.layer_norm refuses)
+    r = torch.randn(5, 33, generator=g).bfloat16()
+    y, s = rms_norm(x, w, 1e-6, r, backend="cpp") if is_rms else layer_norm(x, w, None, 1e-5, r, backend="cpp")
+    ry, rs = rms_norm_reference(x, w, 1e-6, r) if is_rms else layer_norm_reference(x, w, None, 1e-5, r)
+    assert s.dtype == torch.bfloat16 and torch.equal(s, rs)  # the stream rounded to its dtype, as the reference
+    torch.testing.assert_close(y, ry, rtol=2e-6, atol=2e-6)
+
+
+@_CPP
+def test_norm_cpp_inference_skips_the_function_with_equal_results(nan_alloc):
+    """Without grad the backend's forward runs without the autograd.Function: the same kernel, the same
+    bits; the result carries no grad_fn."""
+    g = torch.Generator().manual_seed(7)
+    x, w, r = torch.randn(6, 40, generator=g), torch.randn(40, generator=g), torch.randn(6, 40, generator=g)
+    xg = x.clone().requires_grad_()
+    y1, s1 = rms_norm(xg, w, 1e-6, r, backend="cpp")
+    assert y1.grad_fn is not None
+    with torch.inference_mode():
+        y2, s2 = rms_norm(x, w, 1e-6, r, backend="cpp")
+    assert y2.grad_fn is None and torch.equal(y1, y2) and torch.equal(s1, s2)
+
+
+def test_norm_cpp_refuses_low_precision_naming_the_dtype():
+    from mmfast.ops import BackendUnavailableError
+
+    with pytest.raises(BackendUnavailableError, match="bfloat16"):
+        rms_norm(torch.randn(3, 8).bfloat16(), None, backend="cpp")

@@ -1,4 +1,5 @@
-"""``cpp``: the rotary embedding on CPU through ``mmfast._C`` (csrc/rotary.cpp).
+"""``cpp``: the rotary embedding and the SwiGLU activation on CPU through ``mmfast._C`` (csrc/rotary.cpp,
+csrc/swiglu.cpp).
 
 One pass over q and k per call, each pair of a head row rotated in place or into new tensors, with every
 product and sum rounded as the reference composition rounds it (no FMA): fp32 results equal
@@ -11,8 +12,17 @@ CPU machine (one thread, 2026-12-03). Contract as the Triton backend's (:mod:`.l
     backward(dq_out, dk_out, cos, sin) -> (dq, dk)
 
 Refused, with the reason: bf16/fp16 (the kernel would round once where the reference rounds each op, and on
-CPU the rotary keeps the reference's results) and cos/sin that require grad. Each call is a
-``torch.library`` custom op under torch.compile (one opaque node), the extension directly in eager mode.
+CPU the rotary keeps the reference's results) and cos/sin that require grad.
+
+SwiGLU (fp32; contract as the Triton backend's)::
+
+    forward(g, u) -> silu(g) · u
+    backward(g, u, da, overwrite_da, store_a) -> (dg, du, a | None)
+
+One vectorised pass each way (σ from simd.h's ``vexp``, ≤ 2 ulp): a decode step's activation (32 × 384)
+takes 7.1 µs against 15.1 µs for ``F.silu(g) * u`` (one thread, 2026-12-03); results are within the error
+bound, not the reference's bit for bit. Each call is a ``torch.library`` custom op under torch.compile (one opaque node),
+the extension directly in eager mode.
 """
 from __future__ import annotations
 
@@ -21,8 +31,11 @@ import torch
 from mmfast.ops._dispatch import Backend, Facts, cpp_extension
 from mmfast.ops._env import cpp_missing
 from mmfast.ops.backends._rope_ops import rope_ops
+from mmfast.ops.backends._swiglu_ops import swiglu_ops
 
 rotary_forward, rotary_backward = rope_ops("rope_cpp", lambda *a: cpp_extension().rope(*a))
+swiglu_forward, swiglu_backward = swiglu_ops(
+    "swiglu_cpp", lambda *a: cpp_extension().swiglu_fwd(*a), lambda *a: cpp_extension().swiglu_bwd(*a))
 
 
 class CppRotary(Backend):
@@ -42,3 +55,17 @@ class CppRotary(Backend):
 
 
 ROTARY_CPP = CppRotary(devices=("cpu",), needs=("cpp",), dtypes=(torch.float32,))
+
+
+class CppSwiGLU(Backend):
+    doc = "C++ (mmfast._C): one elementwise pass each way, vectorised e^x, fp32"
+
+    def supports(self, facts: Facts):
+        stale = cpp_missing("swiglu_fwd", "the SwiGLU kernels")
+        return [stale] if stale else []
+
+    forward = staticmethod(swiglu_forward)
+    backward = staticmethod(swiglu_backward)
+
+
+SWIGLU_CPP = CppSwiGLU(devices=("cpu",), needs=("cpp",), dtypes=(torch.float32,))

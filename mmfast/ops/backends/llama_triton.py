@@ -1,5 +1,6 @@
 """The LLaMA fused set through the Triton kernels of :mod:`mmfast.ops._llama_triton`, behind
-``torch.library`` custom ops (one opaque node each under torch.compile; each declares what it overwrites).
+``torch.library`` custom ops (:mod:`._rope_ops`, :mod:`._swiglu_ops`: one opaque node each under torch.compile;
+each declares what it overwrites).
 
 Contracts (explicit backward; see :mod:`mmfast.ops.llama`)::
 
@@ -14,11 +15,9 @@ cos/sin strided (stride 0 where broadcast), unit stride in D. g, u, da: contiguo
 """
 from __future__ import annotations
 
-import torch
-
 from mmfast.ops._dispatch import Backend, Facts
-from mmfast.ops._host import eager_fast
 from mmfast.ops.backends._rope_ops import rope_ops
+from mmfast.ops.backends._swiglu_ops import swiglu_ops
 
 MAX_HEAD_DIM = 256
 MAX_HEADS = 128
@@ -34,63 +33,10 @@ def _kernels():
     return _K[0]
 
 
-@torch.library.custom_op("mmfast::swiglu_fwd", mutates_args=())
-def _swiglu_fwd_op(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    a = torch.empty_like(g)
-    _kernels().swiglu_fwd(g, u, a)
-    return a
-
-
-@_swiglu_fwd_op.register_fake
-def _(g, u):
-    return torch.empty_like(g)
-
-
-@torch.library.custom_op("mmfast::swiglu_bwd", mutates_args=())
-def _swiglu_bwd_op(g: torch.Tensor, u: torch.Tensor, da: torch.Tensor,
-                   store_a: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dg, du, a), new tensors (a empty unless ``store_a``)."""
-    dg, du = torch.empty_like(g), torch.empty_like(u)
-    a = torch.empty_like(g) if store_a else g.new_empty(0)
-    _kernels().swiglu_bwd(g, u, da, dg, du, a if store_a else None)
-    return dg, du, a
-
-
-@_swiglu_bwd_op.register_fake
-def _(g, u, da, store_a):
-    return torch.empty_like(g), torch.empty_like(u), (torch.empty_like(g) if store_a else g.new_empty(0))
-
-
-@torch.library.custom_op("mmfast::swiglu_bwd_", mutates_args=("da",))
-def _swiglu_bwd_inplace_op(g: torch.Tensor, u: torch.Tensor, da: torch.Tensor,
-                           store_a: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Overwrites ``da`` with dg; returns (du, a) (a empty unless ``store_a``)."""
-    du = torch.empty_like(u)
-    a = torch.empty_like(g) if store_a else g.new_empty(0)
-    _kernels().swiglu_bwd(g, u, da, da, du, a if store_a else None)
-    return du, a
-
-
-@_swiglu_bwd_inplace_op.register_fake
-def _(g, u, da, store_a):
-    return torch.empty_like(u), (torch.empty_like(g) if store_a else g.new_empty(0))
-
-
-swiglu_fwd_call = eager_fast(_swiglu_fwd_op)
-swiglu_bwd_call = eager_fast(_swiglu_bwd_op)
-swiglu_bwd_inplace_call = eager_fast(_swiglu_bwd_inplace_op)
-
-
 # the kernel module is looked up at the launch, so importing this module imports no Triton kernel
 rotary_forward, rotary_backward = rope_ops("rope", lambda *a: _kernels().rope(*a))
-
-
-def swiglu_backward(g, u, da, overwrite_da, store_a):
-    if overwrite_da:
-        du, a = swiglu_bwd_inplace_call(g, u, da, store_a)
-        return da, du, (a if store_a else None)
-    dg, du, a = swiglu_bwd_call(g, u, da, store_a)
-    return dg, du, (a if store_a else None)
+swiglu_forward, swiglu_backward = swiglu_ops(
+    "swiglu", lambda *a: _kernels().swiglu_fwd(*a), lambda *a: _kernels().swiglu_bwd(*a))
 
 
 class TritonRotary(Backend):
@@ -113,7 +59,7 @@ class TritonRotary(Backend):
 
 class TritonSwiGLU(Backend):
     doc = "Triton: one elementwise pass each way, fp32 inside"
-    forward = staticmethod(swiglu_fwd_call)
+    forward = staticmethod(swiglu_forward)
     backward = staticmethod(swiglu_backward)
 
 
