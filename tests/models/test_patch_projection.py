@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from patch_helpers import compare_patched
+from patch_helpers import compare_patched, tiny_clip_config
 
 import mmfast
 from mmfast.models.patch import patched_rules
@@ -104,11 +104,7 @@ def test_llava_projector_norms_loss(triton_backend):
 
 def test_hf_clip_layer_norms(triton_backend):
     torch.manual_seed(0)
-    config = transformers.CLIPConfig(
-        text_config={"vocab_size": 64, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1,
-                         "num_attention_heads": 2, "max_position_embeddings": 16},
-        vision_config=_clip_vision(), projection_dim=32)
-    model = transformers.CLIPModel(config)
+    model = transformers.CLIPModel(tiny_clip_config(1))
     ids = torch.randint(0, 63, (3, 9))
     pixels = torch.randn(3, 3, 32, 32)
 
