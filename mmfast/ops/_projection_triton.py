@@ -188,7 +188,7 @@ def _gelu_bwd_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """du = dh · gelu'(u), in place over dh; with STORE_H also re-emits h = gelu(u)."""
-    rn, mask, off = _tile_2d(M, N, BLOCK_M, BLOCK_N)
+    _, mask, off = _tile_2d(M, N, BLOCK_M, BLOCK_N)
     u = tl.load(u_ptr + off, mask=mask, other=0.0).to(tl.float32)
     dh = tl.load(dh_ptr + off, mask=mask, other=0.0).to(tl.float32)
     h, dgelu = _gelu_and_grad(u, APPROX)
