@@ -132,8 +132,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = _parser().parse_args(argv)
-    device = harness.pick_device(a, "bench_generate")
+    a, device = harness.parse_device(_parser(), argv)
     if device is None:
         return 2
     if a.threads:

@@ -73,8 +73,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = _parser().parse_args(argv)
-    device = harness.pick_device(a, "bench_train_clip")
+    a, device = harness.parse_device(_parser(), argv)
     if device is None:
         return 2
     gpu = device == "cuda"

@@ -238,3 +238,28 @@ def has_cpp_kernel(name: str) -> bool:
         return hasattr(cpp_extension(), name)
     except Exception:  # noqa: BLE001 - no extension at all
         return False
+
+
+# --------------------------------------------------------------------------- recipe (CLI) tests
+def synthetic_world(tmp_path_factory, name: str, *args, **kwargs):
+    """A fresh folder ``tmp_path_factory.mktemp(name)`` filled by
+    ``mmfast.data.synthetic.make_world(folder, *args, **kwargs)``; returns the folder."""
+    from mmfast.data.synthetic import make_world
+
+    out = tmp_path_factory.mktemp(name)
+    make_world(out, *args, **kwargs)
+    return out
+
+
+def run_cli(root, args, *, env: dict, timeout: float, ok: bool = True, err_tail: int = 3000):
+    """``python -m mmfast.cli ARGS`` (each one through ``str``) in ``root`` with ``env``, output captured;
+    returns the ``CompletedProcess``. With ``ok``, asserts exit status 0, the message being the last 3000
+    characters of stdout and the last ``err_tail`` of stderr."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "mmfast.cli", *map(str, args)], check=False, cwd=root, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if ok:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-err_tail:]
+    return proc

@@ -36,6 +36,16 @@ def triton_backend() -> str:
     return "triton" if _cuda() else "triton_interpret"
 
 
+@pytest.fixture
+def poisoned_alloc(monkeypatch):
+    """Every torch.empty / empty_like during the test returns NaN-filled memory."""
+    from mmfast.testing import poison_
+
+    empty, empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison_(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison_(empty_like(*a, **k)))
+
+
 def pytest_collection_modifyitems(config, items):
     # MMFAST_TEST_CUDA_ONLY=1 (the GPU suite): keep only tests that can touch CUDA, i.e. those
     # marked `gpu` or taking the `device` / `triton_backend` fixtures; CPU-only tests ran in CI.

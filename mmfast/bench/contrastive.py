@@ -205,8 +205,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    device = harness.pick_device(args, "mmfast bench contrastive")
+    args, device = harness.parse_device(_parser(), argv)
     if device is None:
         return 2
     gpu = device == "cuda"

@@ -284,6 +284,12 @@ def pick_device(args: argparse.Namespace, prog: str) -> str | None:
     return "cuda" if (args.gpu or (torch.cuda.is_available() and not args.cpu)) else "cpu"
 
 
+def parse_device(p: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, str | None]:
+    """``p.parse_args(argv)`` and its :func:`pick_device` (``p.prog`` names the program in the message)."""
+    args = p.parse_args(argv)
+    return args, pick_device(args, p.prog)
+
+
 def modes_of(args: argparse.Namespace) -> list[str] | None:
     """--modes as a list (empty items dropped). None (after saying why on stderr) when one is not in
     :data:`MODES`: the caller exits with status 2."""
@@ -508,7 +514,8 @@ def plot_rows(rows: list[Row], png: str | os.PathLike, title: str = "") -> Path 
 __all__ = [
     "COLUMNS", "MODES", "Row", "add_common_args", "add_device_args", "add_rounds_args", "add_train_step_args",
     "append_csv", "best_of_rounds", "device_name", "device_slug", "format_table", "int_list", "measure", "modes_of",
-    "pick_device", "plot_rows", "provider_names", "run", "run_rounds", "train_step", "train_step_sweep", "unknown_providers",
+    "parse_device", "pick_device", "plot_rows", "provider_names", "run", "run_rounds", "train_step", "train_step_sweep",
+    "unknown_providers",
 ]
 
 

@@ -10,32 +10,17 @@
 
 from __future__ import annotations
 
-import importlib
+from mmfast.utils import lazy_names
 
-_EXPORTS = {
-    "ImageTextDataset": "imagetext",
-    "read_image_text_csv": "imagetext",
-    "TarImageTextDataset": "webdataset",
-    "write_shards": "webdataset",
-    "csv_to_shards": "webdataset",
-    "LlavaDataset": "llava",
-    "LlavaFormatError": "llava",
-    "load_llava_json": "llava",
-    "CocoInstances": "coco",
-    "load_coco": "coco",
-    "load_objects_jsonl": "coco",
-    "read_wav": "media",
-    "read_video": "media",
-    "load_t2x_json": "media",
-    "make_world": "synthetic",
+_EXPORTS = {  # submodule: the names loaded from it on first use
+    "imagetext": ("ImageTextDataset", "read_image_text_csv"),
+    "webdataset": ("TarImageTextDataset", "write_shards", "csv_to_shards"),
+    "llava": ("LlavaDataset", "LlavaFormatError", "load_llava_json"),
+    "coco": ("CocoInstances", "load_coco", "load_objects_jsonl"),
+    "media": ("read_wav", "read_video", "load_t2x_json"),
+    "synthetic": ("make_world",),
 }
 
+__getattr__ = lazy_names(__name__, _EXPORTS)
 
-def __getattr__(name: str):
-    mod = _EXPORTS.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'mmfast.data' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"mmfast.data.{mod}"), name)
-
-
-__all__ = list(_EXPORTS)
+__all__ = [name for names in _EXPORTS.values() for name in names]

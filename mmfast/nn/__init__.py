@@ -1,31 +1,16 @@
 """Drop-in ``nn.Module`` wrappers over :mod:`mmfast.ops`; each loads on first use."""
 from __future__ import annotations
 
-import importlib
+from mmfast.utils import lazy_names
 
-_EXPORTS = {
-    "ClipLoss": "loss",
-    "SigLipLoss": "loss",
-    "CoCaLoss": "loss",
-    "DistillClipLoss": "loss",
-    "FlashAttention": "attention",
-    "MultiheadAttention": "attention",
-    "MLPProjector": "projection",
-    "FusedLinearCrossEntropyLoss": "projection",
-    "LinearL2Normalize": "projection",
-    "LayerNorm": "norm",
-    "RMSNorm": "norm",
-    "ApplyRotary": "llama",
-    "SwiGLU": "llama",
-    "SwiGLUMLP": "llama",
+_EXPORTS = {  # submodule: the names loaded from it on first use
+    "loss": ("ClipLoss", "SigLipLoss", "CoCaLoss", "DistillClipLoss"),
+    "attention": ("FlashAttention", "MultiheadAttention"),
+    "projection": ("MLPProjector", "FusedLinearCrossEntropyLoss", "LinearL2Normalize"),
+    "norm": ("LayerNorm", "RMSNorm"),
+    "llama": ("ApplyRotary", "SwiGLU", "SwiGLUMLP"),
 }
 
+__getattr__ = lazy_names(__name__, _EXPORTS)
 
-def __getattr__(name: str):
-    mod = _EXPORTS.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'mmfast.nn' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"mmfast.nn.{mod}"), name)
-
-
-__all__ = list(_EXPORTS)
+__all__ = [name for names in _EXPORTS.values() for name in names]

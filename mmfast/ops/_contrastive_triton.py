@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 
 from mmfast.ops._host import cdiv, next_pow2
+from mmfast.ops._triton_util import dot_tile as _s_tile
 from mmfast.ops._triton_util import lowp
 from mmfast.ops._triton_util import sigmoid as _sigmoid
 from mmfast.ops._triton_util import softplus as _softplus
@@ -63,26 +64,6 @@ _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for masked logits: keeps
 
 
 # --------------------------------------------------------------------------- device helpers
-@triton.jit
-def _s_tile(a_ptr, b_ptr, rows, rmask, cols, cmask, D, stride_am, stride_ad, stride_bk, stride_bd,
-            BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr,
-            PRECISION: tl.constexpr):
-    """Raw dot products a_rows · b_colsᵀ, (BM, BN) fp32, accumulated over d in chunks of BD."""
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for d0 in range(0, D, BD):
-        ds = d0 + tl.arange(0, BD)
-        dmask = ds < D
-        at = tl.load(a_ptr + rows[:, None] * stride_am + ds[None, :] * stride_ad,
-                     mask=rmask[:, None] & dmask[None, :], other=0.0)  # (BM, BD)
-        bt = tl.load(b_ptr + cols[None, :] * stride_bk + ds[:, None] * stride_bd,
-                     mask=dmask[:, None] & cmask[None, :], other=0.0)  # (BD, BN)
-        if UPCAST:
-            at = at.to(tl.float32)
-            bt = bt.to(tl.float32)
-        acc = tl.dot(at, bt, acc, input_precision=PRECISION)
-    return acc
-
-
 @triton.jit
 def _logits(acc, s, beta, EXACT: tl.constexpr):
     """z = s·S + β in the elementwise dtype: fp64 when EXACT (fp32 inputs), else fp32."""
@@ -143,7 +124,7 @@ def _fwd_kernel(
         cols = n0 + tl.arange(0, BN)
         cmask = cols < K
         acc = _s_tile(a_ptr, b_ptr, rows64, rmask, cols.to(tl.int64), cmask, D, stride_am, stride_ad,
-                      stride_bk, stride_bd, BM, BN, BD, UPCAST, PRECISION)
+                      stride_bk, stride_bd, BM, BN, BD, UPCAST, PRECISION, False)
         z = _logits(acc, s, beta, EXACT)  # (BM, BN)
         valid = rmask[:, None] & cmask[None, :]
         pos = cols[None, :] == rows[:, None] + offset
@@ -252,10 +233,10 @@ def _bwd_kernel(
         cols64 = cols.to(tl.int64)
         if SWAP:
             acc = tl.trans(_s_tile(b_ptr, a_ptr, cols64, cmask, rows64, rmask, D, stride_bk, stride_bd,
-                                   stride_am, stride_ad, BN, BM, BD, UPCAST, PRECISION))
+                                   stride_am, stride_ad, BN, BM, BD, UPCAST, PRECISION, False))
         else:
             acc = _s_tile(a_ptr, b_ptr, rows64, rmask, cols64, cmask, D, stride_am, stride_ad,
-                          stride_bk, stride_bd, BM, BN, BD, UPCAST, PRECISION)
+                          stride_bk, stride_bd, BM, BN, BD, UPCAST, PRECISION, False)
         z = _logits(acc, s, beta, EXACT)  # (BM, BN)
         valid = rmask[:, None] & cmask[None, :]
         pos = cols[None, :] == rows[:, None] + offset

@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from mmfast.ops._host import cdiv, next_pow2
+from mmfast.ops._triton_util import dot_tile as _tile
 from mmfast.ops._triton_util import lowp
 from mmfast.utils.debug import poison_
 
@@ -51,31 +52,6 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 POISON_OUTPUTS = False
 
 _NEG = tl.constexpr(-1.0e30)
-
-
-@triton.jit
-def _tile(x_ptr, y_ptr, rows, rmask, cols, cmask, D, sxm, sxd, syk, syd,
-          BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-          F64: tl.constexpr):
-    """x_rows · y_colsᵀ as a (BM, BN) tile, d walked in masked chunks of BD: fp64 products and sums
-    when F64 (fp32 inputs), else the input dtype's MMA with fp32 accumulation."""
-    if F64:
-        acc = tl.zeros((BM, BN), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for d0 in range(0, D, BD):
-        ds = d0 + tl.arange(0, BD)
-        dm = ds < D
-        xt = tl.load(x_ptr + rows[:, None] * sxm + ds[None, :] * sxd, mask=rmask[:, None] & dm[None, :], other=0.0)
-        yt = tl.load(y_ptr + cols[None, :] * syk + ds[:, None] * syd, mask=dm[:, None] & cmask[None, :], other=0.0)
-        if F64:
-            xt = xt.to(tl.float64)
-            yt = yt.to(tl.float64)
-        elif UPCAST:
-            xt = xt.to(tl.float32)
-            yt = yt.to(tl.float32)
-        acc = tl.dot(xt, yt, acc, input_precision=PRECISION)
-    return acc
 
 
 @triton.jit

@@ -142,6 +142,16 @@ def _gelu_and_grad(u, APPROX: tl.constexpr):
 
 
 @triton.jit
+def _tile_2d(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's (BLOCK_M, BLOCK_N) tile of a contiguous (M, N) matrix: its columns, mask and offsets."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    off = rm[:, None].to(tl.int64) * N + rn[None, :]
+    return rn, mask, off
+
+
+@triton.jit
 def _bias_gelu_fwd_kernel(
     y_ptr,  # (M, N) GEMM output without bias; overwritten with u = y + b when STORE_U
     b_ptr,  # (N,) or unused
@@ -155,10 +165,7 @@ def _bias_gelu_fwd_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """h = gelu(y + b); optionally u = y + b written back in place (the backward needs u)."""
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rm[:, None] < M) & (rn[None, :] < N)
-    off = rm[:, None].to(tl.int64) * N + rn[None, :]
+    rn, mask, off = _tile_2d(M, N, BLOCK_M, BLOCK_N)
     u = tl.load(y_ptr + off, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         u += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
@@ -181,10 +188,7 @@ def _gelu_bwd_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """du = dh · gelu'(u), in place over dh; with STORE_H also re-emits h = gelu(u)."""
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rm[:, None] < M) & (rn[None, :] < N)
-    off = rm[:, None].to(tl.int64) * N + rn[None, :]
+    _, mask, off = _tile_2d(M, N, BLOCK_M, BLOCK_N)
     u = tl.load(u_ptr + off, mask=mask, other=0.0).to(tl.float32)
     dh = tl.load(dh_ptr + off, mask=mask, other=0.0).to(tl.float32)
     h, dgelu = _gelu_and_grad(u, APPROX)

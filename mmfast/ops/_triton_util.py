@@ -30,3 +30,28 @@ def sigmoid(x):
     """σ(x) without overflow for either sign."""
     t = tl.exp(-tl.abs(x))
     return tl.where(x >= 0, 1.0 / (1.0 + t), t / (1.0 + t))
+
+
+@triton.jit
+def dot_tile(x_ptr, y_ptr, rows, rmask, cols, cmask, D, sxm, sxd, syk, syd,
+             BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+             F64: tl.constexpr):
+    """x_rows · y_colsᵀ as a (BM, BN) tile, d walked in masked chunks of BD: fp64 products and sums
+    when F64 (fp32 inputs), else the input dtype's MMA (fp32 operands under UPCAST) with fp32 accumulation."""
+    if F64:
+        acc = tl.zeros((BM, BN), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        ds = d0 + tl.arange(0, BD)
+        dm = ds < D
+        xt = tl.load(x_ptr + rows[:, None] * sxm + ds[None, :] * sxd, mask=rmask[:, None] & dm[None, :], other=0.0)
+        yt = tl.load(y_ptr + cols[None, :] * syk + ds[:, None] * syd, mask=dm[:, None] & cmask[None, :], other=0.0)
+        if F64:
+            xt = xt.to(tl.float64)
+            yt = yt.to(tl.float64)
+        elif UPCAST:
+            xt = xt.to(tl.float32)
+            yt = yt.to(tl.float32)
+        acc = tl.dot(xt, yt, acc, input_precision=PRECISION)
+    return acc

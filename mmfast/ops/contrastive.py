@@ -43,14 +43,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mmfast.ops._dispatch import (
-    Backend,
-    Facts,
-    KernelBackend,
-    Op,
-    check_backend_name,
-    register,
-)
+from mmfast.ops._dispatch import Backend, Facts, KernelBackend, Op, check_backend_name, register
 from mmfast.ops._host import autocast_inputs, next_pow2
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

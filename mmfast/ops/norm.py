@@ -139,24 +139,17 @@ def _check(name, x, weight, bias, residual):
         raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
     n = x.shape[-1]
     xd = x.device  # one device object for the comparisons below
-    for pname, p in (("weight", weight), ("bias", bias)):
+    for pname, p, shape in (("weight", weight, (n,)), ("bias", bias, (n,)), ("residual", residual, x.shape)):
         if p is None:
             continue
-        if not isinstance(p, torch.Tensor) or p.shape != (n,):
-            raise ValueError(f"{name}: {pname} must be a ({n},) tensor, got "
+        if not isinstance(p, torch.Tensor) or p.shape != shape:
+            want = f"have x's shape {tuple(shape)}" if pname == "residual" else f"be a ({n},) tensor"
+            raise ValueError(f"{name}: {pname} must {want}, got "
                              f"{tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__}")
         if p.device != xd:
             raise ValueError(f"{name}: {pname} is on {p.device} but x is on {x.device}")
         if p.dtype not in _SUPPORTED_DTYPES:
             raise TypeError(f"{name}: {pname} has dtype {p.dtype}; expected a floating dtype")
-    if residual is not None:
-        if not isinstance(residual, torch.Tensor) or residual.shape != x.shape:
-            raise ValueError(f"{name}: residual must have x's shape {tuple(x.shape)}, got "
-                             f"{tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__}")
-        if residual.device != xd:
-            raise ValueError(f"{name}: residual is on {residual.device} but x is on {x.device}")
-        if residual.dtype not in _SUPPORTED_DTYPES:
-            raise TypeError(f"{name}: residual has dtype {residual.dtype}; expected a floating dtype")
 
 
 def _run(op, x, weight, bias, eps, residual, is_rms, backend):

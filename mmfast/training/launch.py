@@ -182,6 +182,16 @@ def main(kind: str, argv: list[str] | None) -> int:
     return supervise(cmd, env)
 
 
+def run_in_process(kind: str, what: str, argv: list[str]) -> float:
+    """``mmfast train <kind> ARGV --overwrite`` in this process, for the demo (it owns its run folders: a
+    rerun starts afresh); returns the wall seconds. RuntimeError naming ``what`` when it exits non-zero."""
+    t0 = time.perf_counter()
+    rc = main(kind, [*argv, "--overwrite"])
+    if rc != 0:
+        raise RuntimeError(f"{what} training failed (exit code {rc}); see the output above")
+    return time.perf_counter() - t0
+
+
 def clip_main(argv: list[str] | None = None) -> int:
     return main("clip", argv)
 

@@ -52,3 +52,16 @@ def compare_patched(model, run, backend, kinds, expect_rules, name: str) -> None
     mmfast.unpatch(model)
     assert patched_rules(model) == []
     assert all("forward" not in vars(m) for m in model.modules())
+
+
+def tiny_clip_config(layers: int = 2):
+    """A transformers ``CLIPConfig``: ``layers`` text and vision layers of width 64 and 2 heads, 32-pixel
+    images in 8-pixel patches, a 64-token vocabulary, projection 32."""
+    import transformers
+
+    return transformers.CLIPConfig(
+        text_config={"vocab_size": 64, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": layers,
+                     "num_attention_heads": 2, "max_position_embeddings": 16},
+        vision_config={"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": layers,
+                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+        projection_dim=32)

@@ -11,6 +11,7 @@ import inspect
 
 import pytest
 import torch
+from patch_helpers import tiny_clip_config
 
 import mmfast
 import mmfast.models.hf_attention as hfa
@@ -376,11 +377,7 @@ def test_llava_left_padded_generate_matches_eager(cache_kind, how, triton_backen
 @pytest.mark.parametrize("padding", ["left", "right"])
 def test_clip_matches_eager(padding):
     torch.manual_seed(20)
-    config = transformers.CLIPConfig(
-        text_config={"vocab_size": 64, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
-                     "num_attention_heads": 2, "max_position_embeddings": 16},
-        vision_config=_clip_vision(), projection_dim=32)
-    model = transformers.CLIPModel(config).eval()
+    model = transformers.CLIPModel(tiny_clip_config()).eval()
     ids, mask = _inputs(batch=3, length=9, padding=padding, seed=21)
     ids = ids % 63
     pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(22))

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from patch_helpers import tiny_clip_config
 
 import mmfast
 from mmfast.models import patch as P
@@ -112,11 +113,7 @@ def test_from_pretrained_attn_implementation(tmp_path, triton_backend):
 
 def test_clip_matches_unpatched(triton_backend):
     torch.manual_seed(3)
-    config = transformers.CLIPConfig(
-        text_config={"vocab_size": 64, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
-                         "num_attention_heads": 2, "max_position_embeddings": 16},
-        vision_config=_clip_vision(), projection_dim=32)
-    model = transformers.CLIPModel(config)
+    model = transformers.CLIPModel(tiny_clip_config())
     ids = torch.randint(0, 63, (2, 9))
     mask = torch.ones(2, 9, dtype=torch.long)
     mask[0, 6:] = 0  # right padding

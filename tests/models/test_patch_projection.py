@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from patch_helpers import compare_patched
+from patch_helpers import compare_patched, tiny_clip_config
 
 import mmfast
 from mmfast.models.patch import patched_rules
@@ -104,11 +104,7 @@ def test_llava_projector_norms_loss(triton_backend):
 
 def test_hf_clip_layer_norms(triton_backend):
     torch.manual_seed(0)
-    config = transformers.CLIPConfig(
-        text_config={"vocab_size": 64, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1,
-                         "num_attention_heads": 2, "max_position_embeddings": 16},
-        vision_config=_clip_vision(), projection_dim=32)
-    model = transformers.CLIPModel(config)
+    model = transformers.CLIPModel(tiny_clip_config(1))
     ids = torch.randint(0, 63, (3, 9))
     pixels = torch.randn(3, 3, 32, 32)
 
@@ -123,14 +119,19 @@ def test_hf_clip_layer_norms(triton_backend):
     _compare(model, run, triton_backend, ["layer_norm", *heads])
 
 
-def test_open_clip_layer_norms(triton_backend):
+def _open_clip(quick_gelu=False, **text_cfg):
+    """A tiny ``open_clip.CLIP``: one vision and one text layer of width 64 (``text_cfg`` added to the text config)."""
     open_clip = pytest.importorskip("open_clip")
-    torch.manual_seed(0)
-    model = open_clip.CLIP(
-        embed_dim=32,
+    return open_clip.CLIP(
+        embed_dim=32, quick_gelu=quick_gelu,
         vision_cfg=open_clip.CLIPVisionCfg(layers=1, width=64, head_width=32, image_size=32, patch_size=8),
-        text_cfg=open_clip.CLIPTextCfg(context_length=9, vocab_size=64, width=64, heads=2, layers=1),
+        text_cfg=open_clip.CLIPTextCfg(context_length=9, vocab_size=64, width=64, heads=2, layers=1, **text_cfg),
     )
+
+
+def test_open_clip_layer_norms(triton_backend):
+    torch.manual_seed(0)
+    model = _open_clip()
     ids = torch.randint(0, 63, (3, 9))
     pixels = torch.randn(3, 3, 32, 32)
 
@@ -145,26 +146,15 @@ def test_open_clip_layer_norms(triton_backend):
 
 def test_open_clip_mlp_rule_skips_quick_gelu(triton_backend):
     """OpenAI-style QuickGELU blocks are not an erf/tanh GELU: the MLP rule leaves them alone."""
-    open_clip = pytest.importorskip("open_clip")
-    model = open_clip.CLIP(
-        embed_dim=32, quick_gelu=True,
-        vision_cfg=open_clip.CLIPVisionCfg(layers=1, width=64, head_width=32, image_size=32, patch_size=8),
-        text_cfg=open_clip.CLIPTextCfg(context_length=9, vocab_size=64, width=64, heads=2, layers=1),
-    )
+    model = _open_clip(quick_gelu=True)
     mmfast.patch(model, kinds=("projection",), backend=triton_backend)
     assert "open_clip.mlp" not in patched_rules(model)
     assert all("forward" not in vars(m) for n, m in model.named_modules() if n.endswith("mlp"))
 
 
 def test_open_clip_linear_text_head(triton_backend):
-    open_clip = pytest.importorskip("open_clip")
     torch.manual_seed(0)
-    model = open_clip.CLIP(
-        embed_dim=32,
-        vision_cfg=open_clip.CLIPVisionCfg(layers=1, width=64, head_width=32, image_size=32, patch_size=8),
-        text_cfg=open_clip.CLIPTextCfg(context_length=9, vocab_size=64, width=64, heads=2, layers=1,
-                                       proj_type="linear", proj_bias=True),
-    )
+    model = _open_clip(proj_type="linear", proj_bias=True)
     if not isinstance(model.text_projection, torch.nn.Linear):
         pytest.skip("this open_clip builds no nn.Linear text projection")
     ids = torch.randint(0, 63, (3, 9))

@@ -23,14 +23,7 @@ from mmfast.ops.attention import (
     flash_attn_func,
     flash_attn_varlen_func,
 )
-from mmfast.testing import assert_error_bound, poison_
-
-
-@pytest.fixture
-def poisoned_alloc(monkeypatch):
-    empty, empty_like = torch.empty, torch.empty_like
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison_(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison_(empty_like(*a, **k)))
+from mmfast.testing import assert_error_bound
 
 
 def _leaves(tensors, dtype, device):

@@ -15,14 +15,7 @@ from mmfast.ops.llama import (
     swiglu_down_reference,
     swiglu_reference,
 )
-from mmfast.testing import assert_error_bound, has_cpp_kernel, poison_
-
-
-@pytest.fixture
-def poisoned_alloc(monkeypatch):
-    empty, empty_like = torch.empty, torch.empty_like
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison_(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison_(empty_like(*a, **k)))
+from mmfast.testing import assert_error_bound, has_cpp_kernel
 
 
 def _cos_sin(B, S, D, g, same_halves=True, base=10000.0):

@@ -4,14 +4,7 @@ import pytest
 import torch
 
 from mmfast.ops.norm import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
-from mmfast.testing import assert_error_bound, has_cpp_kernel, poison_
-
-
-@pytest.fixture
-def poisoned_alloc(monkeypatch):
-    empty, empty_like = torch.empty, torch.empty_like
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison_(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison_(empty_like(*a, **k)))
+from mmfast.testing import assert_error_bound, has_cpp_kernel
 
 
 def _case(device, backend, dtype, shape, is_rms, residual, affine=True):

@@ -23,14 +23,6 @@ from mmfast.ops.projection import (
 from mmfast.testing import assert_error_bound, poison_
 
 
-@pytest.fixture
-def poisoned_alloc(monkeypatch):
-    """Every torch.empty / empty_like during the test returns NaN-filled memory."""
-    empty, empty_like = torch.empty, torch.empty_like
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison_(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison_(empty_like(*a, **k)))
-
-
 def _leaf(t, dtype):
     return t.to(dtype).clone().requires_grad_()
 

@@ -8,16 +8,10 @@ import torch
 from mmfast.ops import BackendUnavailableError
 from mmfast.ops._env import cpp_extension
 from mmfast.ops.llama import ROTARY_OP, rotary_embedding, rotary_embedding_reference
-from mmfast.testing import assert_error_bound, poison_
+from mmfast.testing import assert_error_bound
 
 pytestmark = pytest.mark.skipif(not hasattr(cpp_extension(), "rope"), reason="mmfast._C without the rotary kernel")
 
-
-@pytest.fixture
-def poisoned_alloc(monkeypatch):
-    empty, empty_like = torch.empty, torch.empty_like
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison_(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison_(empty_like(*a, **k)))
 
 
 def _cos_sin(B, S, D, g, same_halves=True):

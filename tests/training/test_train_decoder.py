@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,24 +13,21 @@ import torch
 pytest.importorskip("deepspeed")
 pytest.importorskip("diffusers")
 
+from mmfast.testing import run_cli, synthetic_world
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from mmfast.data.synthetic import make_world
-
-    out = tmp_path_factory.mktemp("decworld")
-    make_world(out, 12, 32, seed=1, media=False)  # 10 train images x 2 captions, 2 val images
-    return out
+    # 10 train images x 2 captions, 2 val images
+    return synthetic_world(tmp_path_factory, "decworld", 12, 32, seed=1, media=False)
 
 
 def _run(*args):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "mmfast.cli", "train", "decoder", "--nproc", "2", "--modality", "image",
-           "--batch-size", "2", "--threads", "1", "--log-every", "1", "--warmup", "1", *map(str, args)]
-    r = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run_cli(ROOT, ["train", "decoder", "--nproc", 2, "--modality", "image", "--batch-size", 2, "--threads", 1,
+                   "--log-every", 1, "--warmup", 1, *args],
+            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)), timeout=600)
 
 
 def _metrics(run: Path) -> list[dict]:

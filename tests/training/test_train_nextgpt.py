@@ -15,24 +15,20 @@ pytest.importorskip("transformers")
 pytest.importorskip("deepspeed")
 pytest.importorskip("diffusers")
 
+from mmfast.testing import run_cli, synthetic_world
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from mmfast.data.synthetic import make_world
-
-    out = tmp_path_factory.mktemp("ngworld")
-    make_world(out, 12, 32, seed=1, media=True, n_videos=4, audio_per_class=2)
-    return out
+    return synthetic_world(tmp_path_factory, "ngworld", 12, 32, seed=1, media=True, n_videos=4, audio_per_class=2)
 
 
 def _run(*args, nproc=2):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "mmfast.cli", "train", "nextgpt", "--nproc", str(nproc), *map(str, args),
-           "--batch-size", "2", "--max-samples", "4", "--threads", "1", "--log-every", "1", "--lr", "1e-2"]
-    r = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run_cli(ROOT, ["train", "nextgpt", "--nproc", nproc, *args, "--batch-size", 2, "--max-samples", 4, "--threads", 1,
+                   "--log-every", 1, "--lr", "1e-2"],
+            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)), timeout=900)
 
 
 def _losses(out: Path, key="loss"):

@@ -5,7 +5,6 @@ probe on the held-out split. Each stage takes the demo's context and returns sum
 from __future__ import annotations
 
 import json
-import time
 
 
 def clip_world(ctx) -> dict:
@@ -16,18 +15,14 @@ def clip_world(ctx) -> dict:
 
 
 def clip_train(ctx) -> dict:
-    from mmfast.training.launch import clip_main
+    from mmfast.training.launch import run_in_process
 
     a = ctx.args
     argv = ["--nproc", str(a.nproc), "--config", a.clip_model, "--data", str(ctx.world), "--out", str(ctx.clip_run),
             "--deepspeed-config", "zero2", "--steps", str(a.steps), "--batch-size", str(a.batch_size),
             "--lr", str(a.lr), "--warmup", str(max(1, a.steps // 10)), "--seed", str(a.seed),
             "--log-every", "10"]
-    t0 = time.perf_counter()
-    rc = clip_main([*argv, "--overwrite"])  # the demo owns its run folders: a rerun starts afresh
-    wall = time.perf_counter() - t0
-    if rc != 0:
-        raise RuntimeError(f"CLIP training failed (exit code {rc}); see the output above")
+    wall = run_in_process("clip", "CLIP", argv)
     train = json.loads((ctx.clip_run / "train_summary.json").read_text())
     last = json.loads((ctx.clip_run / "metrics.jsonl").read_text().strip().splitlines()[-1])
     return {"clip_train_seconds": round(wall, 1), "clip_train_loop_seconds": train["train_seconds"],

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 POPE_SETTINGS = ("random", "popular", "adversarial")
 POPE_POSITIVES = 3  # the paper's: images with at least 3 objects, each asked about 3 of them
@@ -63,15 +62,12 @@ def _vision_args(ctx) -> list[str]:
 
 
 def _train(argv: list[str], out) -> dict:
-    from mmfast.training.launch import llava_main
+    from mmfast.training.launch import run_in_process
 
-    t0 = time.perf_counter()
-    rc = llava_main([*argv, "--overwrite"])  # the demo owns its run folders: a rerun starts afresh
-    if rc != 0:
-        raise RuntimeError(f"LLaVA training failed (exit code {rc}); see the output above")
+    seconds = run_in_process("llava", "LLaVA", argv)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     tail = rows[-5:]  # the last logged steps, averaged: one batch is noisy
-    return {"seconds": time.perf_counter() - t0, "loss": sum(r["loss"] for r in tail) / len(tail),
+    return {"seconds": seconds, "loss": sum(r["loss"] for r in tail) / len(tail),
             "tokens_per_s": rows[-1]["tokens_per_s"]}
 
 

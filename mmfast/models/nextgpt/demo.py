@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 
@@ -49,16 +48,13 @@ def _llava_dir(ctx):
 
 
 def _train(argv, out) -> dict:
-    from mmfast.training.launch import nextgpt_main
+    from mmfast.training.launch import run_in_process
 
-    t0 = time.perf_counter()
-    rc = nextgpt_main([*argv, "--overwrite"])  # the demo owns its run folders: a rerun starts afresh
-    if rc != 0:
-        raise RuntimeError(f"NExT-GPT training failed (exit code {rc}); see the output above")
+    seconds = run_in_process("nextgpt", "NExT-GPT", argv)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     tail = rows[-3:]  # the last logged steps, averaged: one batch is noisy
     mean = {k: sum(r[k] for r in tail) / len(tail) for k in tail[-1] if k in ("loss", "lm", "lm_signal", "align_image")}
-    return {"seconds": time.perf_counter() - t0, "first": rows[0], **mean}
+    return {"seconds": seconds, "first": rows[0], **mean}
 
 
 def _common(ctx, stage: int, out) -> list[str]:

@@ -12,20 +12,12 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from mmfast.ops._dispatch import AUTOGRAD, Backend
-
-
-def _residual(x, residual):
-    return (x.float() + residual.float()).to(residual.dtype)
-
-
-def layer_norm(x, weight=None, bias=None, eps=1e-5, residual=None):
-    s = x if residual is None else _residual(x, residual)
-    y = F.layer_norm(s.to(x.dtype), (x.shape[-1],), weight, bias, eps)
-    return y if residual is None else (y, s)
+from mmfast.ops.norm import _add_residual
+from mmfast.ops.norm import layer_norm_reference as layer_norm  # the reference is F.layer_norm already
 
 
 def rms_norm(x, weight=None, eps=1e-6, residual=None):
-    s = x if residual is None else _residual(x, residual)
+    s = x if residual is None else _add_residual(x, residual)
     xs = s.to(x.dtype)
     if weight is not None and weight.dtype != x.dtype:
         # F.rms_norm wants one dtype; weight applied in fp32 then rounded, as the reference does.
