@@ -15,7 +15,7 @@ all: install
 
 $(VENV)/.stamp-deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q --upgrade pip setuptools wheel ninja
 	$(PIP) install -q $(TORCH)
 	# --no-build-isolation: build against the installed torch (DeepSpeed and our extension
 	# import torch at build time; an isolated build would fetch another multi-GB torch).

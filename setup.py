@@ -27,7 +27,7 @@ def _ext_modules():
         extra_compile_args=args,
         extra_link_args=["-fopenmp"] if os.name != "nt" else [],
     )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=False)}
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}  # ninja: the files compile in parallel
 
 
 ext_modules, cmdclass = _ext_modules()
