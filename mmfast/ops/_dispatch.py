@@ -95,6 +95,7 @@ from mmfast.ops._env import (  # noqa: F401 - machine facts, imported from here 
     fake_env,
     need_reasons,
 )
+from mmfast.ops._host import constant_result
 
 PREFERENCES_PATH = Path(__file__).resolve().parent.parent / "configs" / "backend_preferences.json"
 
@@ -305,7 +306,7 @@ _CHOOSE = object()  # first element of Op.choose's keys (they never equal a sele
 _EXTRA_NAMES: list[str] = []
 
 
-@torch.compiler.assume_constant_result
+@constant_result
 def _select_static(op_name: str, facts_key: tuple, backend: str | None) -> str:
     """Under torch.compile the choice is made once, at trace time, from constant facts."""
     return _REGISTRY[op_name]._select(Facts.from_key(facts_key), backend)

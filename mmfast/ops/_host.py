@@ -8,6 +8,7 @@ epilogue launch is only a few µs of GPU time.
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 
@@ -32,6 +33,17 @@ def autocast_inputs(*tensors):
         return tensors
     dt = torch.get_autocast_dtype(dev)
     return tuple(t.to(dt) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
+def constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without importing Dynamo when mmfast is imported (~1.2 s of a
+    process's start, for every process that never compiles). Dynamo's decorator only marks the function
+    (``fn._dynamo_marked_constant = True``; tests/ops/test_host_overhead.py checks that the two agree); when
+    Dynamo is already loaded its own decorator runs."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
 
 
 def eager_fast(op):

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from mmfast.ops._dispatch import Backend, Facts, KernelBackend, Op, check_backend_name, register
-from mmfast.ops._host import autocast_inputs, next_pow2
+from mmfast.ops._host import autocast_inputs, constant_result, next_pow2
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -273,7 +273,7 @@ def select_backend(op: Op, a: torch.Tensor, backend: str | None, k: int | None =
     return op.select(Facts(a.device.type, a.dtype, {"k": key}), backend)
 
 
-@torch.compiler.assume_constant_result
+@constant_result
 def _select_static(op_name: str, device: str, dtype: torch.dtype, backend: str | None) -> str:
     """The choice depends on device and dtype only, so Dynamo runs it once at trace time."""
     from mmfast.ops._dispatch import get_op

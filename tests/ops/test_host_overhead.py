@@ -114,3 +114,22 @@ def test_cuda_graph_capture_fwd_bwd(op, device, triton_backend):
     e_outs, e_grads = step()
     for a, b in zip(list(g_outs) + list(g_grads), list(e_outs) + list(e_grads)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_constant_result_marks_as_dynamo_does_and_importing_mmfast_loads_no_dynamo():
+    """``constant_result`` sets what ``torch._dynamo.assume_constant_result`` sets (so a torch release that
+    changes the mark fails here), and importing the ops and modules does not import Dynamo (~1.2 s)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mmfast.ops, mmfast.nn\n"
+            "from mmfast.ops._host import constant_result\n"
+            "assert 'torch._dynamo' not in sys.modules, 'importing mmfast imported torch._dynamo'\n"
+            "def f(): return 1\n"
+            "def g(): return 1\n"
+            "constant_result(f)\n"
+            "import torch._dynamo\n"
+            "torch._dynamo.assume_constant_result(g)\n"
+            "assert vars(f) == vars(g) and vars(f), (vars(f), vars(g))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
