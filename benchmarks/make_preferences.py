@@ -5,10 +5,12 @@
 
 For each op, device family (sm90 for H100/H200, sm80 for A100, ..., cpu) and shape class (the op's
 ``shape_class``; attention: ``<mask>/<length bucket>/<train|infer>``) the backends are ordered by time, fastest
-first: within one card the median of the rows' ``median_ms``; across cards of one family by the geometric
-mean of each backend's time relative to that card's fastest. Each family also gets a ``*`` row: backends
+first, by the geometric mean of each backend's time relative to the fastest on each (card, case) it ran (a
+case's rows: the median of their ``median_ms``). Each family also gets a ``*`` row: backends
 ordered by the geometric mean of their relative time over the classes where they were measured (those
-measured in at least half of the family's classes), used for classes the benchmarks never covered.
+measured in at least half of the family's classes), and each kind of class (``decode/*``, ``causal/*``, ...: the
+class up to its first ``/``) a row made the same way over that kind's classes; auto uses the kind's row, then
+the ``*`` row, for classes the benchmarks never covered.
 Training rows (``fwd+bwd``) make ``train`` classes, ``fwd`` rows ``infer`` classes; ops without a shape
 class use their ``fwd+bwd`` rows. Rows with an error (skipped, unsupported, OOM) are left out.
 
@@ -44,6 +46,7 @@ PROVIDERS = {
     "attention": ("flash_attention", {
         "mmfast": {"cuda": "triton", "cpu": "reference"},  # older CSVs: "mmfast" meant the device's default
         "mmfast-triton": "triton", "mmfast-reference": "reference", "mmfast-interpret": "triton_interpret",
+        "mmfast-cpp": "cpp",
         "sdpa-cudnn": "sdpa_cudnn", "sdpa-flash": "sdpa_flash", "sdpa-efficient": "sdpa_efficient",
         "sdpa-math": "sdpa_math", "flex": "flex", "flash-attn": "flash_attn",
     }),
@@ -146,7 +149,9 @@ def collect(paths: list[str]):
                 cls = "*"
             fam = family_of(r.get("device", ""), dev_type)
             key = (op, fam, cls)
-            data[key][r.get("device", "")][backend].append(float(r["median_ms"]))
+            # grouped per card and case: a backend is scored against the fastest on each case it ran, so one
+            # that refuses a case of the class (SDPA on a paged cache) is not ranked on the easier cases alone
+            data[key][(r.get("device", ""), prm.get("name", r.get("x", "")))][backend].append(float(r["median_ms"]))
             sources[key].add(os.path.relpath(path, ROOT))
     return data, sources
 
@@ -156,7 +161,7 @@ def _geo(xs):
 
 
 def rank(per_device: dict) -> tuple[list[str], dict[str, float], dict[str, float]]:
-    """Order backends by the geometric mean of their time relative to each card's fastest."""
+    """Order backends by the geometric mean of their time relative to the fastest on each (card, case)."""
     ratios = defaultdict(list)
     ms = {}
     for _dev, by_backend in sorted(per_device.items()):
@@ -183,12 +188,14 @@ def build(paths: list[str]) -> dict:
         ops[op][fam][cls] = {"order": order, "ms": ms, "source": ", ".join(sorted(sources[(op, fam, cls)]))}
         if cls != "*":
             for b, s in score.items():
-                family_scores[(op, fam)][b].append(s)
-    for (op, fam), scores in family_scores.items():
-        n_classes = len(ops[op][fam])
+                family_scores[(op, fam, "*")][b].append(s)
+                if "/" in cls:  # the class's kind (decode, causal, varlen-causal, ...) gets a row of its own
+                    family_scores[(op, fam, cls.split("/")[0] + "/*")][b].append(s)
+    for (op, fam, row), scores in family_scores.items():
+        n_classes = len([c for c in ops[op][fam] if c != "*" and (row == "*" or c.startswith(row[:-1]))])
         keep = {b: _geo(s) for b, s in scores.items() if 2 * len(s) >= n_classes}
-        if keep and "*" not in ops[op][fam]:
-            ops[op][fam]["*"] = {"order": sorted(keep, key=keep.get),
+        if keep and row not in ops[op][fam]:
+            ops[op][fam][row] = {"order": sorted(keep, key=keep.get),
                                  "note": f"geometric mean over {n_classes} measured classes"}
     return {
         "version": 1,

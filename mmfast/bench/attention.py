@@ -9,8 +9,8 @@ KV heads 8, D128), once on a contiguous cache and once paged (256-token pages th
 Modes: ``fwd`` (no autograd) and ``fwd+bwd`` (forward, then ``torch.autograd.grad`` for q, k, v);
 decode is forward only.
 
-Providers: ``mmfast-triton`` (the Triton kernels, forced; the reference backend on CPU:
-``mmfast-reference``), ``mmfast-auto`` (``backend=None``: what the dispatcher picks from the preference
+Providers: ``mmfast-triton`` (the Triton kernels, forced; on CPU the reference backend, ``mmfast-reference``,
+and the C++ kernels of the kv-cache and varlen calls, ``mmfast-cpp``), ``mmfast-auto`` (``backend=None``: what the dispatcher picks from the preference
 table; the rule is auto <= 1.03x the fastest provider that supports the call), ``sdpa-cudnn``,
 ``sdpa-flash``, ``sdpa-efficient``, ``sdpa-math`` (``torch.nn.attention.sdpa_kernel`` pinned to one kernel;
 masks SDPA's flag cannot express go in as a dense boolean mask, which flash and cuDNN refuse), ``sdpa``
@@ -47,6 +47,7 @@ GPU_CASES = [
 ]
 CPU_CASES = [
     {"name": "vit_tiny", "B": 2, "S": 197, "H": 2, "D": 64, "causal": False},
+    {"name": "llava_tiny", "B": 8, "S": 128, "H": 4, "D": 32, "causal": True},  # the tiny LLaVA's LLM in training
     {"name": "causal_tiny", "B": 1, "S": 512, "H": 2, "D": 64, "causal": True},
     {"name": "prefix_tiny", "B": 1, "S": 320, "H": 2, "D": 64, "causal": True, "prefix": 64},
     {"name": "varlen_tiny", "B": 4, "S": 256, "H": 2, "D": 64, "causal": True, "varlen": True},
@@ -294,7 +295,8 @@ def providers(device: str, names: list[str] | None = None) -> dict:
                  "sdpa-cudnn": _sdpa("cudnn"), "sdpa-flash": _sdpa("flash"), "sdpa-efficient": _sdpa("efficient"),
                  "sdpa": _sdpa(None), "sdpa-math": _sdpa("math"), "flash-attn": _flash_attn}
     else:
-        table = {"mmfast-reference": _mmfast(lambda dev: "reference"), "mmfast-auto": _mmfast(lambda dev: None),
+        table = {"mmfast-reference": _mmfast(lambda dev: "reference"), "mmfast-cpp": _mmfast(lambda dev: "cpp"),
+                 "mmfast-auto": _mmfast(lambda dev: None),
                  "sdpa": _sdpa(None), "sdpa-flash": _sdpa("flash"), "sdpa-math": _sdpa("math")}
     table["flex"] = _flex  # compiles per shape: last under --budget-s
     return harness.select_providers(table, names)

@@ -44,7 +44,8 @@ Choosing a backend
    ``benchmarks/make_preferences.py`` from ``benchmarks/results/**/*.csv``): the measured order, fastest
    first, for the call's *device family* (``sm90``, ``sm80``, ..., ``cpu``; :func:`device_family`) and
    the op's *shape class* (``op.shape_class(facts)``, e.g. ``causal/s2k/train`` for attention); then the
-   family's ``*`` row (the order over all the classes measured on that family);
+   row of the class's kind (``causal/*``: the order over that kind's measured classes), then the family's
+   ``*`` row (the order over all the classes measured on that family);
 2. the op's default order: the order of its registration lines, or the op's ``device_order`` for the
    call's device type (documented in each family module). By convention mmfast's kernels come first,
    then on CUDA the vendor kernels, then the reference; on CPU the reference comes before the vendor
@@ -194,7 +195,8 @@ class Op:
         cls = self.shape_class(facts) if self.shape_class is not None else "*"
         rows = preferences().get(self.name, {}).get(fam, {})
         order, source = [], []
-        for key in (cls, "*"):
+        keys = (cls, cls.split("/")[0] + "/*", "*") if "/" in cls else (cls, "*")  # the class, its kind, all
+        for key in keys:
             row = rows.get(key)
             if row:
                 names = row["order"] if isinstance(row, dict) else row

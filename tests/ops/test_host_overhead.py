@@ -131,5 +131,5 @@ def test_constant_result_marks_as_dynamo_does_and_importing_mmfast_loads_no_dyna
             "import torch._dynamo\n"
             "torch._dynamo.assume_constant_result(g)\n"
             "assert vars(f) == vars(g) and vars(f), (vars(f), vars(g))\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
