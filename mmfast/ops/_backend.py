@@ -9,7 +9,7 @@ from typing import ClassVar
 
 import torch
 
-from mmfast.ops._env import Env, need_reasons
+from mmfast.ops._env import Env, cpp_missing, need_reasons
 
 # Every backend name an op may register (``backend=`` accepts these; ops refuse the ones they lack).
 BACKENDS = (
@@ -86,6 +86,8 @@ class Backend:
     devices: tuple[str, ...] | None = ("cpu", "cuda")  # None: any device
     dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
     needs: tuple[str, ...] = ()
+    # (attribute of mmfast._C, what it is): refused, naming the rebuild, when the extension loads without it
+    cpp_kernel: tuple[str, str] | None = None
     doc: str = ""
     forward: Callable | None = None
     backward: Callable | _Autograd | None = AUTOGRAD
@@ -109,6 +111,10 @@ class Backend:
                            + "/".join(_dtype_name(d) for d in self.dtypes))
         for need in self.needs:
             reasons.extend(need_reasons(need, e))
+        if self.cpp_kernel is not None:
+            stale = cpp_missing(*self.cpp_kernel)
+            if stale:
+                reasons.append(stale)
         reasons.extend(self.supports(facts))
         return reasons
 

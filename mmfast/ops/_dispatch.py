@@ -15,7 +15,8 @@ holding the object plus that one registration line. A backend states:
 * ``devices`` — the torch device types it runs on (None: any); ``dtypes`` — the input dtypes it takes;
 * ``needs`` — what it needs from the machine, among :data:`NEEDS` (``"triton"``: compiled Triton on a
   CUDA device; ``"triton_interpret"``: Triton's interpreter, i.e. ``TRITON_INTERPRET=1`` at import;
-  ``"cpp"``: the ``mmfast._C`` extension; ``"cuda"``: a CUDA device);
+  ``"cpp"``: the ``mmfast._C`` extension; ``"cuda"``: a CUDA device); ``cpp_kernel`` — for a ``cpp`` backend,
+  ``(attribute of mmfast._C, what it is)``: an extension built from older sources refuses, naming the rebuild;
 * ``supports(facts) -> list[str]`` — the reasons it cannot run *this* call (a mask, head dim, shape or
   feature it lacks; an optional package that does not import), one sentence each naming the thing;
   empty means it can;

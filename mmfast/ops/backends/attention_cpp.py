@@ -23,7 +23,6 @@ from __future__ import annotations
 import torch
 
 from mmfast.ops._dispatch import AUTOGRAD, Backend, Facts, cpp_extension
-from mmfast.ops._env import cpp_missing
 
 VARLEN_MAX = 1024
 
@@ -48,9 +47,6 @@ class CppKVCache(Backend):
             r.append("prefix-LM mask: the C++ kv-cache kernel has causal/window masks only")
         if f.get("grad"):
             r.append("backward: the C++ kv-cache kernel is forward only (inference)")
-        stale = cpp_missing("varlen_attention_fwd", "the kv-cache/varlen kernels")
-        if stale:
-            r.append(stale)
         return r
 
     def forward(self, q, k, v, p, need_lse=False):
@@ -79,4 +75,5 @@ def _i32(t):
 
 
 CPP = CppKVCache(devices=("cpu",), needs=("cpp",), dtypes=(torch.float32, torch.float16, torch.bfloat16),
-                 backward=AUTOGRAD, doc="C++ kv-cache decode attention (CPU, mmfast._C)")
+                 cpp_kernel=("varlen_attention_fwd", "the kv-cache/varlen kernels"), backward=AUTOGRAD,
+                 doc="C++ kv-cache decode attention (CPU, mmfast._C)")

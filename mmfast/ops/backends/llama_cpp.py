@@ -29,7 +29,6 @@ from __future__ import annotations
 import torch
 
 from mmfast.ops._dispatch import Backend, Facts, cpp_extension
-from mmfast.ops._env import cpp_missing
 from mmfast.ops.backends._rope_ops import rope_ops
 from mmfast.ops.backends._swiglu_ops import swiglu_ops
 
@@ -42,30 +41,18 @@ class CppRotary(Backend):
     doc = "C++ (mmfast._C): q and k in one pass, rounded as the reference (fp32: bit-equal)"
 
     def supports(self, facts: Facts):
-        reasons = []
         if facts.get("cos_grad"):
-            reasons.append("cos/sin require grad and the kernel does not differentiate them")
-        stale = cpp_missing("rope", "the rotary kernel")
-        if stale:
-            reasons.append(stale)
-        return reasons
+            return ["cos/sin require grad and the kernel does not differentiate them"]
+        return []
 
     forward = staticmethod(rotary_forward)
     backward = staticmethod(rotary_backward)
 
 
-ROTARY_CPP = CppRotary(devices=("cpu",), needs=("cpp",), dtypes=(torch.float32,))
+ROTARY_CPP = CppRotary(devices=("cpu",), needs=("cpp",), dtypes=(torch.float32,),
+                       cpp_kernel=("rope", "the rotary kernel"))
 
 
-class CppSwiGLU(Backend):
-    doc = "C++ (mmfast._C): one elementwise pass each way, vectorised e^x, fp32"
-
-    def supports(self, facts: Facts):
-        stale = cpp_missing("swiglu_fwd", "the SwiGLU kernels")
-        return [stale] if stale else []
-
-    forward = staticmethod(swiglu_forward)
-    backward = staticmethod(swiglu_backward)
-
-
-SWIGLU_CPP = CppSwiGLU(devices=("cpu",), needs=("cpp",), dtypes=(torch.float32,))
+SWIGLU_CPP = Backend(devices=("cpu",), needs=("cpp",), dtypes=(torch.float32,),
+                     cpp_kernel=("swiglu_fwd", "the SwiGLU kernels"), forward=swiglu_forward, backward=swiglu_backward,
+                     doc="C++ (mmfast._C): one elementwise pass each way, vectorised e^x, fp32")

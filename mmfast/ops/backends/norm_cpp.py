@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from mmfast.ops._dispatch import Backend, Facts, cpp_extension
-from mmfast.ops._env import cpp_missing
+from mmfast.ops._dispatch import Backend, cpp_extension
 from mmfast.ops.backends._norm_ops import norm_ops
 
 
@@ -44,15 +43,6 @@ def _bwd(s, weight, dy, ds, stats, is_rms, dx_dtype):
 forward, backward, _fwd_call, _bwd_call = norm_ops("norm_cpp", _fwd, _bwd)
 
 
-class CppNorm(Backend):
-    doc = "C++ (mmfast._C): one pass per row each way, residual add fused, fp32"
-
-    def supports(self, facts: Facts):
-        stale = cpp_missing("norm_fwd", "the norm kernels")
-        return [stale] if stale else []
-
-    forward = staticmethod(forward)
-    backward = staticmethod(backward)
-
-
-CPP = CppNorm(devices=("cpu",), needs=("cpp",), dtypes=(torch.float32,))
+CPP = Backend(devices=("cpu",), needs=("cpp",), dtypes=(torch.float32,), cpp_kernel=("norm_fwd", "the norm kernels"),
+              forward=forward, backward=backward,
+              doc="C++ (mmfast._C): one pass per row each way, residual add fused, fp32")
