@@ -1,27 +1,33 @@
 """Train NExT-GPT's tiny image decoder (a diffusers StableDiffusionPipeline) on a synthetic world's captions.
 
-    mmfast train decoder --nproc 2 --modality image --data WORLD --out runs/dec --steps 600
+    mmfast train decoder --nproc 2 --modality image --stage vae  --data WORLD --out runs/dec/vae  --steps 400
+    mmfast train decoder --nproc 2 --modality image --stage unet --data WORLD --out runs/dec/unet --steps 3000 \
+        --vae runs/dec/vae/final/vae
 
-What trains, jointly, from random weights (all three are tiny: see :data:`DEFAULT_SIZES`):
+Two stages, as latent diffusion trains its autoencoder first (all parts tiny: see :data:`DEFAULT_SIZES`):
 
-* the UNet (``UNet2DConditionModel``): diffusers' ``DDPMScheduler`` noise-prediction loss
-  (:func:`mmfast.models.nextgpt.decoders.diffusion_loss`) on the VAE's latents of the image;
-* the CLIP text encoder, through the UNet's cross-attention: a random frozen text encoder gives every
-  caption nearly the same embedding (position embeddings dominate), so the words that name the object
-  would barely reach the UNet. ``--freeze-text-encoder`` keeps it random, for comparison;
-* the VAE (``AutoencoderKL``, one 2x downscale): reconstruction MSE plus a small KL term, so that its
-  latents hold the image (a random VAE's do not). The diffusion loss sees the latents without gradient;
-  the VAE converges within the first few hundred steps, and the UNet trains on its latents throughout.
+* ``--stage vae``: the ``AutoencoderKL`` (one 2x downscale) from random weights on reconstruction MSE plus a
+  small KL term. Its export (``final/vae``, ``save_pretrained``) records ``scaling_factor`` = 1 / the standard
+  deviation of its latents over the training images, so that the UNet sees unit-variance latents, as Stable
+  Diffusion's 0.18215 does for its VAE.
+* ``--stage unet``: the ``UNet2DConditionModel`` and the CLIP text encoder from random weights, on diffusers'
+  ``DDPMScheduler`` noise-prediction loss, weighted by Min-SNR-gamma (``--snr-gamma``; Hang et al. 2023:
+  min(SNR, gamma) / SNR, so the nearly clean timesteps do not dominate). The text encoder trains too, through
+  the cross-attention: a random frozen one gives every caption nearly the same embedding (position embeddings
+  dominate), so the object's name would barely reach the UNet (``--freeze-text-encoder`` keeps it random, for
+  comparison). The VAE (``--vae``) is frozen: each rank encodes the training images once, before the first
+  step, and every step samples the cached posterior (mean + std * noise), so no step pays for the encoder.
+  The export (``final/pipeline``) is the whole pipeline with a DDIM scheduler.
 
 A share ``--uncond-prob`` of captions is replaced by the empty caption, so that the pipeline's
 classifier-free guidance (``guidance_scale`` > 1, negative prompt "") has an unconditional branch.
 
 Everything runs under the engine (:mod:`.engine`): DeepSpeed ZeRO-2 on CPU ranks (gloo, fp32), checkpoints
 every ``--save-every`` steps and ``--resume latest`` continuing exactly (the batch order is a function of
-(seed, step); the diffusion noise, timesteps and caption drops draw from torch's generator, whose state each
-checkpoint keeps). Outputs under ``--out``: ``metrics.jsonl``, ``checkpoints/stepN``,
-``final/pipeline`` (``save_pretrained``, safetensors: ``diffusers.DiffusionPipeline.from_pretrained(dir)``
-loads it, with a DDIM scheduler for few-step sampling) and ``train_summary.json``.
+(seed, step); the diffusion noise, timesteps, posterior samples and caption drops draw from torch's generator,
+whose state each checkpoint keeps). Outputs under ``--out``: ``metrics.jsonl``, ``checkpoints/stepN``,
+``final/vae`` or ``final/pipeline`` (``save_pretrained``, safetensors:
+``diffusers.DiffusionPipeline.from_pretrained(dir)`` loads the pipeline) and ``train_summary.json``.
 """
 from __future__ import annotations
 
@@ -34,8 +40,9 @@ import torch
 from mmfast.training import engine as E
 
 MODALITIES = ("image",)  # audio and video: not yet (docs/nextgpt_decoders.md)
-# Sizes that train a recognisable 32 px decoder in a few minutes on 2 CPU ranks.
-# UNet cross-attention at 8x8 and 4x4 latents (and the mid block): at 16x16 it would double the step time.
+STAGES = ("vae", "unet")
+# 32 px images, latents 4 x 16 x 16; UNet cross-attention at 8x8 and 4x4 latents (and the mid block): at 16x16
+# it would double the step time.
 DEFAULT_SIZES = {"image_size": 32, "vae_channels": [16, 32], "unet_channels": [32, 64, 128],
                  "text_encoder": {"hidden_size": 64, "layers": 2, "heads": 4, "max_length": 24}}
 BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -45,24 +52,31 @@ BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="mmfast train decoder", description=__doc__.split("\n\n")[0])
     p.add_argument("--modality", required=True, help=f"decoder to train: one of {MODALITIES}")
+    p.add_argument("--stage", default="unet", help=f"one of {STAGES} (default unet; vae first)")
     p.add_argument("--data", required=True, help="synthetic-world folder (captions_train.csv + images/)")
+    p.add_argument("--vae", default=None, help="--stage unet: the VAE stage's export (RUN/final/vae)")
     p.add_argument("--image-size", type=E.positive_int, default=DEFAULT_SIZES["image_size"],
                    help="pixels per side (the world's images are resized to it; a multiple of 8)")
     p.add_argument("--max-samples", type=E.positive_int, default=None, help="first N caption rows only")
-    E.add_common_args(p, batch_size=16, ds_config="zero2", steps=600, epochs=False)
+    E.add_common_args(p, batch_size=32, ds_config="zero2", steps=3000, epochs=False)
     p.add_argument("--lr", type=E.positive_float, default=1e-3)
     p.add_argument("--warmup", type=E.nonneg_int, default=None, help="warmup steps (default 5%% of the run)")
-    p.add_argument("--recon-weight", type=E.nonneg_float, default=1.0, help="weight of the VAE reconstruction loss")
-    p.add_argument("--kl-weight", type=E.nonneg_float, default=1e-4, help="weight of the VAE's KL term")
+    p.add_argument("--kl-weight", type=E.nonneg_float, default=1e-4, help="--stage vae: weight of the KL term")
+    p.add_argument("--snr-gamma", type=E.nonneg_float, default=5.0,
+                   help="--stage unet: Min-SNR-gamma loss weighting (0: the plain noise-prediction MSE)")
     p.add_argument("--uncond-prob", type=float, default=0.1, help="share of captions dropped (for guidance)")
     p.add_argument("--freeze-text-encoder", action="store_true", help="keep the random text encoder fixed")
     a = p.parse_args(argv)
     if a.modality not in MODALITIES:
         p.error(f"--modality {a.modality!r}: only {MODALITIES} can be trained yet (audio/video: not implemented)")
+    if a.stage not in STAGES:
+        p.error(f"--stage {a.stage!r}: must be one of {STAGES}")
     if a.image_size % 8:
         p.error(f"--image-size {a.image_size}: must be a multiple of 8 (the VAE and UNet halve it three times)")
     if not 0.0 <= a.uncond_prob < 1.0:
         p.error(f"--uncond-prob {a.uncond_prob}: must be in [0, 1)")
+    if a.stage == "unet" and not a.vae:
+        p.error("--stage unet needs --vae (the folder `--stage vae` exported: RUN/final/vae)")
     return a
 
 
@@ -70,6 +84,8 @@ def precheck(args) -> None:
     d = Path(args.data)
     if not (d / "captions_train.csv").is_file():
         raise FileNotFoundError(f"--data {d}: expected a synthetic-world folder holding captions_train.csv")
+    if args.stage == "unet" and not (Path(args.vae) / "config.json").is_file():
+        raise FileNotFoundError(f"--vae {args.vae}: expected the VAE stage's export (RUN/final/vae, with config.json)")
 
 
 def tokenizer():
@@ -82,14 +98,19 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(str(llava.PRESET_DIR / pre["tokenizer"]), local_files_only=True)
 
 
-def build_pipeline(image_size: int, sizes: dict = DEFAULT_SIZES):
-    """A random StableDiffusionPipeline of the given sizes (DDPM scheduler for training)."""
-    from diffusers import (
-        AutoencoderKL,
-        DDPMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
+def build_vae(image_size: int, sizes: dict = DEFAULT_SIZES):
+    from diffusers import AutoencoderKL
+
+    vc = tuple(sizes["vae_channels"])
+    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=vc, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * len(vc), up_block_types=("UpDecoderBlock2D",) * len(vc),
+                         layers_per_block=1, norm_num_groups=8, sample_size=image_size, scaling_factor=1.0)
+
+
+def build_pipeline(image_size: int, sizes: dict = DEFAULT_SIZES, vae=None):
+    """A StableDiffusionPipeline of the given sizes (DDPM scheduler for training): random UNet and text
+    encoder, and ``vae`` (default: a random one)."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tok = tokenizer()
@@ -100,12 +121,9 @@ def build_pipeline(image_size: int, sizes: dict = DEFAULT_SIZES):
                                         num_attention_heads=te["heads"], max_position_embeddings=te["max_length"],
                                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                         pad_token_id=tok.pad_token_id))
-    vc = tuple(sizes["vae_channels"])
-    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=vc, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * len(vc), up_block_types=("UpDecoderBlock2D",) * len(vc),
-                        layers_per_block=1, norm_num_groups=8, sample_size=image_size, scaling_factor=1.0)
+    vae = vae if vae is not None else build_vae(image_size, sizes)
     uc = tuple(sizes["unet_channels"])
-    latent = image_size // 2 ** (len(vc) - 1)
+    latent = image_size // 2 ** (len(vae.config.block_out_channels) - 1)
     unet = UNet2DConditionModel(sample_size=latent, in_channels=4, out_channels=4, block_out_channels=uc,
                                 layers_per_block=1,
                                 down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(uc) - 1),
@@ -116,20 +134,11 @@ def build_pipeline(image_size: int, sizes: dict = DEFAULT_SIZES):
                                    requires_safety_checker=False)
 
 
-class WorldImages(torch.utils.data.Dataset):
-    """(image in [-1, 1] (3, S, S), caption) rows of a world's captions CSV."""
+def load_vae(folder) -> torch.nn.Module:
+    """The VAE stage's export (safetensors only)."""
+    from diffusers import AutoencoderKL
 
-    def __init__(self, world: Path, size: int, split: str = "train", max_samples: int | None = None):
-        from mmfast.data.imagetext import read_image_text_csv
-
-        self.root, self.size = Path(world), size
-        self.rows = read_image_text_csv(self.root / f"captions_{split}.csv")[:max_samples]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return load_image(self.root, self.rows[i][0], self.size), self.rows[i][1]
+    return AutoencoderKL.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
 
 
 def load_image(root: Path, rel: str, size: int) -> torch.Tensor:
@@ -144,6 +153,21 @@ def load_image(root: Path, rel: str, size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
 
 
+class WorldImages:
+    """A world split's caption rows over its distinct images, all decoded up front (8,000 images at 32 px
+    are 98 MB of fp32): ``pixels`` (I, 3, S, S) in [-1, 1], ``image_of[row]`` and ``captions[row]``."""
+
+    def __init__(self, world: Path, size: int, split: str = "train", max_samples: int | None = None):
+        from mmfast.data.imagetext import read_image_text_csv
+
+        rows = read_image_text_csv(Path(world) / f"captions_{split}.csv")[:max_samples]
+        paths = sorted({r[0] for r in rows})
+        index = {q: i for i, q in enumerate(paths)}
+        self.pixels = torch.stack([load_image(Path(world), q, size) for q in paths])
+        self.image_of = torch.tensor([index[r[0]] for r in rows])
+        self.captions = [r[1] for r in rows]
+
+
 def token_ids(pipe, captions: list[str]) -> torch.Tensor:
     """As the pipeline tokenizes ``prompt``: padded to ``model_max_length``, truncated."""
     tok = pipe.tokenizer
@@ -151,90 +175,167 @@ def token_ids(pipe, captions: list[str]) -> torch.Tensor:
                return_tensors="pt").input_ids
 
 
-class DecoderModule(torch.nn.Module):
-    """The engine's module: diffusion loss + VAE reconstruction loss; the parts are kept for logging."""
+@torch.no_grad()
+def encode_posteriors(vae, pixels: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior's (mean, std) of every image, unscaled."""
+    means, stds = [], []
+    for i in range(0, len(pixels), batch):
+        d = vae.encode(pixels[i:i + batch].to(vae.dtype)).latent_dist
+        means.append(d.mean)
+        stds.append(d.std)
+    return torch.cat(means), torch.cat(stds)
 
-    def __init__(self, pipe, args):
+
+def kl_to_standard_normal(post) -> torch.Tensor:
+    return 0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean()
+
+
+class VAEModule(torch.nn.Module):
+    """The VAE stage's module: reconstruction MSE + ``kl_weight`` x KL."""
+
+    def __init__(self, vae, kl_weight: float):
+        super().__init__()
+        self.vae, self.kl_weight = vae, kl_weight
+        self.parts: dict = {}
+
+    def forward(self, pixels):
+        post = self.vae.encode(pixels).latent_dist
+        rec = torch.nn.functional.mse_loss(self.vae.decode(post.sample()).sample, pixels)
+        kl = kl_to_standard_normal(post)
+        self.parts = {"recon": float(rec.detach()), "kl": float(kl.detach())}
+        return rec + self.kl_weight * kl
+
+
+def snr_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma weights of noise-prediction losses at timesteps ``t`` (1 where ``gamma`` is 0)."""
+    if gamma <= 0:
+        return torch.ones(t.shape, dtype=torch.float32, device=t.device)
+    ac = scheduler.alphas_cumprod.to(t.device)[t].float()
+    snr = ac / (1.0 - ac)
+    return torch.clamp(snr, max=gamma) / snr
+
+
+class UNetModule(torch.nn.Module):
+    """The UNet stage's module: the (Min-SNR weighted) noise-prediction loss of the UNet conditioned on the
+    text encoder's states of the (sometimes dropped) caption; ``latents`` are sampled scaled posteriors."""
+
+    def __init__(self, pipe, uncond_prob: float, snr_gamma: float):
         super().__init__()
         self.pipe = pipe  # not a module: the components below are
-        self.vae, self.text_encoder, self.unet = pipe.vae, pipe.text_encoder, pipe.unet
-        self.recon_weight, self.kl_weight, self.uncond_prob = args.recon_weight, args.kl_weight, args.uncond_prob
+        self.text_encoder, self.unet = pipe.text_encoder, pipe.unet
+        self.uncond_prob, self.snr_gamma = uncond_prob, snr_gamma
         self.register_buffer("empty_ids", token_ids(pipe, [""])[0], persistent=False)
         self.parts: dict = {}
 
-    def forward(self, pixels, ids):
-        from mmfast.models.nextgpt.decoders import diffusion_loss
-
+    def forward(self, latents, ids):
+        sched = self.pipe.scheduler
         if self.uncond_prob > 0:  # torch's generator: restored on resume with the checkpoint's RNG state
             drop = torch.rand(ids.shape[0], device=ids.device) < self.uncond_prob
             ids = torch.where(drop[:, None], self.empty_ids[None], ids)
         cond = self.text_encoder(ids)[0]  # (B, L, C), as the pipeline's encode_prompt
-        diff = diffusion_loss("image", self.pipe, cond, pixels)
-        post = self.vae.encode(pixels).latent_dist
-        recon = self.vae.decode(post.sample()).sample
-        rec = torch.nn.functional.mse_loss(recon, pixels)
-        kl = 0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean()
-        loss = diff + self.recon_weight * (rec + self.kl_weight * kl)
-        self.parts = {"diffusion": float(diff.detach()), "recon": float(rec.detach()), "kl": float(kl.detach())}
-        return loss
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+        pred = self.unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=cond).sample
+        per_item = (pred.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
+        mse = per_item.mean()
+        self.parts = {"mse": float(mse.detach())}
+        return (per_item * snr_weights(sched, t, self.snr_gamma)).mean()
+
+
+def export_vae(vae, state: dict, scaling_factor: float, folder: Path) -> None:
+    vae.load_state_dict(state)
+    vae.register_to_config(scaling_factor=scaling_factor)
+    vae.save_pretrained(str(folder), safe_serialization=True)
 
 
 def export_pipeline(pipe, state: dict, folder: Path) -> None:
-    """Write the trained pipeline (``state``: the module's full fp32 weights) with a DDIM scheduler."""
+    """Write the trained pipeline (``state``: the UNet module's full fp32 weights) with a DDIM scheduler."""
     from diffusers import DDIMScheduler
 
-    for name in ("vae", "text_encoder", "unet"):
+    for name in ("text_encoder", "unet"):
         part = getattr(pipe, name)
         part.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
     pipe.scheduler = DDIMScheduler(**BETAS, set_alpha_to_one=False)
     pipe.save_pretrained(str(folder), safe_serialization=True)
 
 
-@E.entry
-def main(argv=None) -> int:
-    import torch.distributed as dist
-
-    from mmfast.training.data import ResumableBatches
-
-    args = parse_args(argv)
-    run = E.Run(args, "train_decoder")
-    pipe = build_pipeline(args.image_size)
-    pipe.to(run.device)
-    if args.freeze_text_encoder:
-        pipe.text_encoder.requires_grad_(False)
-    module = DecoderModule(pipe, args)
-    dataset = WorldImages(Path(args.data), args.image_size, "train", args.max_samples)
-    params = [p for p in module.parameters() if p.requires_grad]
+def _optimizer(run, args, params):
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                                   fused=True if run.device.type == "cpu" else None)
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
-    engine = run.initialize(module, optimizer, E.cosine_with_warmup(optimizer, warmup, args.steps),
-                            exclude_frozen=args.freeze_text_encoder)
-    sampler = ResumableBatches(len(dataset), args.batch_size, run.rank, run.world, args.seed, run.start, args.steps)
+    return optimizer, E.cosine_with_warmup(optimizer, warmup, args.steps)
 
-    def collate(items):
-        return torch.stack([x for x, _ in items]), token_ids(pipe, [c for _, c in items])
 
-    # A generator of its own: a DataLoader iterator otherwise draws its base seed from torch's global generator,
-    # which carries the diffusion noise and is restored on resume (the draw would shift it by one number).
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=args.workers,
-                                         generator=torch.Generator().manual_seed(args.seed))
-    banner = (f"image decoder {args.image_size}px, {len(dataset)} pairs, "
-              f"{sum(p.numel() for p in params)} of {sum(p.numel() for p in module.parameters())} params train")
-    keys = ("loss", "diffusion", "recon", "kl")
-    for step, (pixels, ids) in run.steps(loader, args.steps, "train decoder", banner):
-        loss = engine(pixels.to(run.device, dtype=run.dtype), ids.to(run.device))
+def _log(run, step, loss, module, keys) -> None:
+    import torch.distributed as dist
+
+    v = torch.tensor([float(loss.detach()), *(module.parts[k] for k in keys[1:])], dtype=torch.float64)
+    dist.all_reduce(v)  # a collective: every rank logs the same steps
+    v /= run.world
+    run.log(step, {**dict(zip(keys, v.tolist())), "lr": run.scheduler.get_last_lr()[0]}, rate="samples_per_s")
+
+
+def _batches(run, args, n: int):
+    from mmfast.training.data import ResumableBatches
+
+    return ResumableBatches(n, args.batch_size, run.rank, run.world, args.seed, run.start, args.steps)
+
+
+def train_vae(run, args, data: WorldImages) -> int:
+    vae = build_vae(args.image_size).to(run.device)
+    module = VAEModule(vae, args.kl_weight)
+    engine = run.initialize(module, *_optimizer(run, args, list(module.parameters())))
+    banner = f"image VAE {args.image_size}px, {len(data.pixels)} images, {sum(p.numel() for p in vae.parameters())} params"
+    for step, idx in run.steps(_batches(run, args, len(data.pixels)), args.steps, "train VAE", banner):
+        loss = engine(data.pixels[idx].to(run.device, dtype=run.dtype))
         run.backward(loss, samples=args.batch_size * run.world)
         if run.should_log(step):
-            v = torch.tensor([float(loss.detach()), *(module.parts[k] for k in keys[1:])], dtype=torch.float64)
-            dist.all_reduce(v)  # a collective: every rank logs the same steps
-            v /= run.world
-            run.log(step, {**dict(zip(keys, v.tolist())), "lr": run.scheduler.get_last_lr()[0]}, rate="samples_per_s")
+            _log(run, step, loss, module, ("loss", "recon", "kl"))
+    state = run.gather_state(module)
+    vae.load_state_dict({k[len("vae."):]: v for k, v in state.items()})
+    mean, _ = encode_posteriors(vae.eval(), data.pixels.to(run.device))
+    scaling = 1.0 / float(mean.float().std())
+    run.export(lambda d: export_vae(vae, {k[len("vae."):]: v for k, v in state.items()}, scaling, Path(d) / "vae"))
+    return run.finish({"modality": args.modality, "stage": "vae", "image_size": args.image_size,
+                       "scaling_factor": scaling, "final": str(run.out / "final" / "vae")}, state)
+
+
+def train_unet(run, args, data: WorldImages) -> int:
+    vae = load_vae(args.vae).to(run.device).requires_grad_(False).eval()
+    pipe = build_pipeline(args.image_size, vae=vae)
+    pipe.text_encoder.to(run.device)
+    pipe.unet.to(run.device)
+    if args.freeze_text_encoder:
+        pipe.text_encoder.requires_grad_(False)
+    mean, std = encode_posteriors(vae, data.pixels.to(run.device))  # the same on every rank: no collective
+    scale = vae.config.scaling_factor
+    ids = token_ids(pipe, data.captions)
+    module = UNetModule(pipe, args.uncond_prob, args.snr_gamma)
+    params = [p for p in module.parameters() if p.requires_grad]
+    engine = run.initialize(module, *_optimizer(run, args, params), exclude_frozen=args.freeze_text_encoder)
+    banner = (f"image decoder {args.image_size}px, latents {tuple(mean.shape[1:])} x {scale:.3f}, "
+              f"{len(data.captions)} pairs, {sum(p.numel() for p in params)} params train")
+    for step, rows in run.steps(_batches(run, args, len(data.captions)), args.steps, "train decoder", banner):
+        j = data.image_of[rows]
+        latents = (mean[j] + std[j] * torch.randn_like(std[j])) * scale
+        loss = engine(latents.to(run.dtype), ids[rows].to(run.device))
+        run.backward(loss, samples=args.batch_size * run.world)
+        if run.should_log(step):
+            _log(run, step, loss, module, ("loss", "mse"))
     state = run.gather_state(module)
     run.export(lambda d: export_pipeline(pipe, state, Path(d) / "pipeline"))
-    return run.finish({"modality": args.modality, "image_size": args.image_size,
+    return run.finish({"modality": args.modality, "stage": "unet", "image_size": args.image_size,
+                       "vae": str(args.vae), "snr_gamma": args.snr_gamma,
                        "text_encoder": "frozen" if args.freeze_text_encoder else "trained",
                        "final": str(run.out / "final" / "pipeline")}, state)
+
+
+@E.entry
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    run = E.Run(args, f"train_decoder_{args.stage}")
+    data = WorldImages(Path(args.data), args.image_size, "train", args.max_samples)
+    return (train_vae if args.stage == "vae" else train_unet)(run, args, data)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""training/decoder.py (``mmfast train decoder``): the tiny image decoder on 2 CPU ranks (ZeRO-2, gloo) resumes
+"""training/decoder.py (``mmfast train decoder``): the tiny image decoder's two stages on 2 CPU ranks (ZeRO-2,
+gloo); the VAE export records the scaling factor that makes its latents unit-variance; the UNet stage resumes
 exactly; its export loads with ``DiffusionPipeline.from_pretrained`` and samples deterministically per seed;
 eval/t2i.py picks held-out prompts that name the main object."""
 from __future__ import annotations
@@ -35,22 +36,46 @@ def _metrics(run: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def trained(world, tmp_path_factory):
+def vae_run(world, tmp_path_factory):
+    run = tmp_path_factory.mktemp("dec") / "vae"
+    _run("--stage", "vae", "--data", world, "--out", run, "--steps", 3)
+    return run
+
+
+@pytest.fixture(scope="module")
+def trained(world, vae_run, tmp_path_factory):
     run = tmp_path_factory.mktemp("dec") / "a"
-    _run("--data", world, "--out", run, "--steps", 4, "--save-every", 2)
+    _run("--vae", vae_run / "final" / "vae", "--data", world, "--out", run, "--steps", 4, "--save-every", 2)
     return run
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_decoder_resume_matches_uninterrupted(world, trained, tmp_path):
+def test_vae_stage_exports_unit_variance_scaling(world, vae_run):
+    from mmfast.training.decoder import WorldImages, encode_posteriors, load_vae
+
+    summary = json.loads((vae_run / "train_summary.json").read_text())
+    assert summary["stage"] == "vae" and summary["steps"] == 3 and summary["world_size"] == 2
+    assert [r["step"] for r in _metrics(vae_run)] == [1, 2, 3]
+    vae = load_vae(vae_run / "final" / "vae")
+    mean, std = encode_posteriors(vae, WorldImages(world, 32).pixels)
+    assert mean.shape[1:] == (4, 16, 16) and (std > 0).all()
+    scaled = mean * vae.config.scaling_factor
+    assert vae.config.scaling_factor == pytest.approx(summary["scaling_factor"])
+    assert float(scaled.std()) == pytest.approx(1.0, rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_decoder_resume_matches_uninterrupted(world, vae_run, trained, tmp_path):
     from safetensors.torch import load_file
 
     b = tmp_path / "b"
-    _run("--data", world, "--out", b, "--steps", 4, "--resume", trained / "checkpoints" / "step2")
+    _run("--vae", vae_run / "final" / "vae", "--data", world, "--out", b, "--steps", 4,
+         "--resume", trained / "checkpoints" / "step2")
     ra, rb = _metrics(trained), _metrics(b)
     assert [r["step"] for r in ra] == [1, 2, 3, 4] and [r["step"] for r in rb] == [3, 4]
-    for key in ("loss", "diffusion", "recon", "kl", "lr"):
+    for key in ("loss", "mse", "lr"):
         assert [r[key] for r in rb] == [r[key] for r in ra[2:]], key
     summary = json.loads((trained / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["zero_stage"] == 2 and summary["steps"] == 4
@@ -61,6 +86,25 @@ def test_decoder_resume_matches_uninterrupted(world, trained, tmp_path):
         assert fa.keys() == fb.keys()
         for k in fa:
             assert torch.equal(fa[k], fb[k]), (part, k)
+    # the frozen VAE is exported as the VAE stage left it
+    fv = load_file(str(vae_run / "final" / "vae" / "diffusion_pytorch_model.safetensors"))
+    fa = load_file(str(trained / "final" / "pipeline" / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert fv.keys() == fa.keys() and all(torch.equal(fv[k], fa[k]) for k in fv)
+
+
+def test_min_snr_weights():
+    from diffusers import DDPMScheduler
+
+    from mmfast.training.decoder import BETAS, snr_weights
+
+    sched = DDPMScheduler(**BETAS)
+    t = torch.tensor([0, 10, 100, 500, 999])
+    ac = sched.alphas_cumprod.double()[t]
+    snr = ac / (1 - ac)
+    want = torch.minimum(snr, torch.full_like(snr, 5.0)) / snr
+    assert torch.allclose(snr_weights(sched, t, 5.0).double(), want, rtol=1e-6)
+    assert want[0] < 0.01 and want[-1] == 1.0  # clean steps weigh little, noisy ones fully
+    assert torch.equal(snr_weights(sched, t, 0.0), torch.ones(5))
 
 
 @pytest.mark.slow
@@ -106,6 +150,8 @@ def test_scores_top1_and_margin():
     (["--modality", "audio"], "only ('image',)"),
     (["--modality", "image", "--image-size", "30"], "multiple of 8"),
     (["--modality", "image", "--uncond-prob", "1.5"], "--uncond-prob"),
+    (["--modality", "image", "--stage", "all"], "--stage 'all'"),
+    (["--modality", "image", "--stage", "unet"], "needs --vae"),
 ])
 def test_decoder_recipe_refuses_bad_arguments(args, message, capsys):
     from mmfast.training.decoder import parse_args
@@ -118,5 +164,14 @@ def test_decoder_recipe_refuses_bad_arguments(args, message, capsys):
 def test_launcher_refuses_a_folder_that_is_not_a_world(tmp_path, capsys):
     from mmfast.training.launch import decoder_main
 
-    assert decoder_main(["--modality", "image", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert decoder_main(["--modality", "image", "--stage", "vae", "--data", str(tmp_path),
+                         "--out", str(tmp_path / "o")]) == 2
     assert "captions_train.csv" in capsys.readouterr().err
+
+
+def test_launcher_refuses_a_vae_folder_without_an_export(world, tmp_path, capsys):
+    from mmfast.training.launch import decoder_main
+
+    assert decoder_main(["--modality", "image", "--vae", str(tmp_path), "--data", str(world),
+                         "--out", str(tmp_path / "o")]) == 2
+    assert "--vae" in capsys.readouterr().err
