@@ -84,19 +84,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a, device = harness.parse_device(_parser(), argv)
-    if device is None:
+    parsed = harness.parse_rounds(_parser(), argv, PROVIDERS)
+    if parsed is None:
         return 2
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    a, device, names = parsed
     gpu = device == "cuda"
-    names = harness.provider_names(a) or list(PROVIDERS)
-    if harness.unknown_providers(names, PROVIDERS, "bench_encode"):
-        return 2
     case = {"model": a.model or ("ViT-B-16" if gpu else "tiny"), "n": a.n or (8192 if gpu else 1024),
             "batch": a.batch or (1024 if gpu else 256), "text_batch": a.text_batch, "device": device,
             "threads": torch.get_num_threads()}
-    out = a.out or Path(__file__).resolve().parent / "results" / f"encode_{harness.device_slug(device)}.csv"
+    out = harness.results_csv(a, "encode", device, Path(__file__).resolve().parent / "results")
     rows = harness.run_rounds("encode", names, _setup, case, x_key="n", device=device, modes=("images", "texts"),
                               args=a, out=out)
     by = harness.best_of_rounds(rows)  # each provider's best round

@@ -132,18 +132,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a, device = harness.parse_device(_parser(), argv)
-    if device is None:
+    parsed = harness.parse_rounds(_parser(), argv, PROVIDERS, cpu_skip=("transformers-static",))
+    if parsed is None:
         return 2
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    a, device, names = parsed
     gpu = device == "cuda"
     shape = a.shape or ("llava7b-trunc" if gpu else "tiny")
     new_tokens = a.new_tokens or (128 if gpu else 64)
     lo, hi = (int(x) for x in (a.prompt_tokens or ("64-256" if shape != "tiny" else "16-80")).split("-"))
-    names = harness.provider_names(a) or [n for n in PROVIDERS if gpu or n != "transformers-static"]
-    if harness.unknown_providers(names, PROVIDERS, "bench_generate"):
-        return 2
     dtype = torch.bfloat16 if gpu else torch.float32
     model, _, n_img = build_model(shape, a.layers, "none", "cpu" if shape == "tiny" else "meta", torch.float32)
     vocab, image_token = model.config.text_config.vocab_size, model.config.image_token_id
@@ -152,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     shared = {"rows": rows, "dtype": dtype, "tokens": {}}
     case = {"shape": shape, "layers": a.layers, "requests": a.requests, "new_tokens": new_tokens,
             "prompt_tokens": f"{lo}-{hi}", "device": device, "threads": torch.get_num_threads()}
-    out = a.out or Path(__file__).resolve().parent / "results" / f"generate_{harness.device_slug(device)}.csv"
+    out = harness.results_csv(a, "generate", device, Path(__file__).resolve().parent / "results")
     rows_out = harness.run_rounds("generate", names, lambda n: _setup(n, shared), case, x_key="requests",
                                   device=device, modes=("generate", "ttft"), args=a, out=out)
     by = harness.best_of_rounds(rows_out)  # each provider's best round

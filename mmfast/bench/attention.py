@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
@@ -55,7 +54,7 @@ CPU_CASES = [
     {"name": "decode_paged_tiny", "B": 4, "S": 1, "cache": 512, "H": 4, "HK": 2, "D": 64, "causal": True,
      "decode": True, "page": 64},
 ]
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = harness.DTYPES
 
 
 def varlen_lengths(case: dict) -> list[int]:
@@ -344,9 +343,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, device = harness.parse_device(_parser(), argv)
-    if device is None:
-        return 2
+    return harness.sweep_cli(_parser(), argv, _sweep)
+
+
+def _sweep(args: argparse.Namespace, device: str, modes: list[str]) -> int:
+    """The attention sweep after parsing (:func:`mmfast.bench.harness.sweep_cli`)."""
     gpu = device == "cuda"
     base = GPU_CASES if gpu else CPU_CASES
     if args.cases:
@@ -359,15 +360,12 @@ def main(argv: list[str] | None = None) -> int:
         base = [known[w] for w in wanted]
     elif args.quick:
         base = [base[0], base[2]] if gpu else base[:2]
-    modes = harness.modes_of(args)
-    if modes is None:
-        return 2
     dtype = args.dtype or ("bf16" if gpu else "fp32")
     names = harness.provider_names(args)
     if names is None and not gpu and args.quick:
         names = ["mmfast-reference", "sdpa"]  # flex compiles for minutes on CPU
     table = providers(device, names)
-    out = Path(args.out) if args.out else Path("benchmarks/results") / f"attention_{harness.device_slug(device)}.csv"
+    out = harness.results_csv(args, "attention", device)
     # The harness plots against one integer axis: the case's index in this sweep (names in `params`).
     gemm = gemm_tflops(device)
     if gemm is not None:

@@ -23,14 +23,13 @@ import argparse
 import math
 import os
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from mmfast.bench import harness
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = harness.DTYPES
 CPU_SIZES, CPU_DIM, CPU_QUICK_SIZES, CPU_QUICK_DIM = [2048, 4096, 8192, 16384], 256, [512, 1024, 2048], 128
 GPU_SIZES, GPU_DIM, GPU_QUICK_SIZES = [8192, 16384, 32768, 65536, 131072], 768, [8192, 32768]
 
@@ -205,23 +204,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, device = harness.parse_device(_parser(), argv)
-    if device is None:
-        return 2
+    return harness.sweep_cli(_parser(), argv, _sweep)
+
+
+def _sweep(args: argparse.Namespace, device: str, modes: list[str]) -> int:
+    """The contrastive sweep after parsing (:func:`mmfast.bench.harness.sweep_cli`)."""
     gpu = device == "cuda"
     if args.sizes:
-        try:
-            sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-        except ValueError:
-            print(f"--sizes must be comma-separated integers, got {args.sizes!r}", file=sys.stderr)
+        sizes = harness.int_list(args.sizes, "", "--sizes")
+        if sizes is None:
             return 2
     else:
         sizes = (GPU_QUICK_SIZES if args.quick else GPU_SIZES) if gpu else (CPU_QUICK_SIZES if args.quick else CPU_SIZES)
     dim = args.dim or (GPU_DIM if gpu else (CPU_QUICK_DIM if args.quick else CPU_DIM))
     dtype = args.dtype or ("bf16" if gpu else "fp32")
-    modes = harness.modes_of(args)
-    if modes is None:
-        return 2
     if not sizes or any(s <= 0 for s in sizes) or dim <= 0:
         print(f"bad arguments: sizes {sizes}, dim {dim}", file=sys.stderr)
         return 2
@@ -230,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         names = ["mmfast-cpp", "torch-eager", "open_clip"]  # torch.compile's first call alone takes a minute
     table = providers(device, names)
     stem = "contrastive" if args.loss == "clip" else "contrastive-siglip"
-    out = Path(args.out) if args.out else Path("benchmarks/results") / f"{stem}_{harness.device_slug(device)}.csv"
+    out = harness.results_csv(args, stem, device)
     cases = []
     for n in sizes:
         case = {"N": n, "d": dim, "dtype": dtype, "device": device, "loss": args.loss}

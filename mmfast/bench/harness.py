@@ -290,6 +290,42 @@ def parse_device(p: argparse.ArgumentParser, argv: list[str] | None) -> tuple[ar
     return args, pick_device(args, p.prog)
 
 
+def sweep_cli(p: argparse.ArgumentParser, argv: list[str] | None,
+              sweep: Callable[[argparse.Namespace, str, list[str]], int]) -> int:
+    """A sweep CLI's main (arguments from :func:`add_common_args`): ``sweep(args, device, modes)`` after
+    :func:`parse_device` and :func:`modes_of`, its exit status returned; 2 (after saying why on stderr)
+    when --gpu is given without CUDA or --modes is wrong."""
+    args, device = parse_device(p, argv)
+    modes = None if device is None else modes_of(args)
+    return 2 if modes is None else sweep(args, device, modes)
+
+
+def parse_rounds(p: argparse.ArgumentParser, argv: list[str] | None, known: Iterable[str],
+                 cpu_skip: Iterable[str] = ()) -> tuple[argparse.Namespace, str, list[str]] | None:
+    """A rounds benchmark's arguments (:func:`add_common_args`, :func:`add_rounds_args`): ``(args, device,
+    names)`` from :func:`parse_device`, with --threads applied (``torch.set_num_threads``) and the
+    providers of --providers (default: every name in ``known`` but, on CPU, those in ``cpu_skip``).
+    None (after saying why on stderr) when --gpu is given without CUDA or a provider is not in
+    ``known``: the caller exits with status 2."""
+    args, device = parse_device(p, argv)
+    if device is None:
+        return None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    known, cpu_skip = list(known), set(cpu_skip)
+    names = provider_names(args) or [n for n in known if device == "cuda" or n not in cpu_skip]
+    if unknown_providers(names, known, p.prog):
+        return None
+    return args, device, names
+
+
+def results_csv(args: argparse.Namespace, stem: str, device: str,
+                folder: str | os.PathLike = "benchmarks/results") -> Path:
+    """The CSV a benchmark appends to: --out when given, else ``<folder>/<stem>_<device>.csv``
+    (:func:`device_slug`)."""
+    return Path(args.out) if args.out else Path(folder) / f"{stem}_{device_slug(device)}.csv"
+
+
 def modes_of(args: argparse.Namespace) -> list[str] | None:
     """--modes as a list (empty items dropped). None (after saying why on stderr) when one is not in
     :data:`MODES`: the caller exits with status 2."""
@@ -318,7 +354,7 @@ def train_step_sweep(bench: str, table: dict[str, Setup], names: list[str], batc
         return None
     cases = [{"batch": b, **case, "dtype": "bf16" if device == "cuda" else "fp32", "device": device,
               "grad_ckpt": args.grad_checkpointing} for b in batches]
-    out = Path(args.out) if args.out else Path("benchmarks/results") / f"{bench}_{device_slug(device)}.csv"
+    out = results_csv(args, bench, device)
     return run(bench, {n: table[n] for n in names}, cases, x_key="batch", device=device,
                modes=("train_step",), budget_s=args.budget_s, out_csv=out, plot=not args.no_plot,
                reps=args.reps, warmup=2, max_s=60.0)
@@ -514,8 +550,8 @@ def plot_rows(rows: list[Row], png: str | os.PathLike, title: str = "") -> Path 
 __all__ = [
     "COLUMNS", "MODES", "Row", "add_common_args", "add_device_args", "add_rounds_args", "add_train_step_args",
     "append_csv", "best_of_rounds", "device_name", "device_slug", "format_table", "int_list", "measure", "modes_of",
-    "parse_device", "pick_device", "plot_rows", "provider_names", "run", "run_rounds", "train_step", "train_step_sweep",
-    "unknown_providers",
+    "parse_device", "parse_rounds", "pick_device", "plot_rows", "provider_names", "results_csv", "run",
+    "run_rounds", "sweep_cli", "train_step", "train_step_sweep", "unknown_providers",
 ]
 
 
@@ -611,7 +647,7 @@ def run_sweeps(family: str, sweeps: dict, args: argparse.Namespace, *, providers
         cases = [{**c, **{k: v for k, v in overrides.items() if k in c}, "dtype": dtype, "device": device}
                  for c in base]
         cases = list({tuple(sorted(c.items())): c for c in cases}.values())
-        out = Path(args.out) if args.out else Path(args.out_dir) / f"{family}_{op}_{device_slug(device)}.csv"
+        out = results_csv(args, f"{family}_{op}", device, args.out_dir)
         # Each sweep gets an equal share of what is left, so the first cannot starve the others.
         budget = None if args.budget_s is None else \
             max(0.0, args.budget_s - (time.monotonic() - t0)) / (len(ops) - i)

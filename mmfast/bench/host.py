@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     if (a.out or "").lower() != "none":
         from mmfast.bench import harness
 
-        path = Path(a.out) if a.out else Path("benchmarks/results") / f"host_{harness.device_slug('cpu')}.csv"
+        path = harness.results_csv(a, "host", "cpu")
         print(f"wrote {_write_csv(rows, path)}")
     return 0
 
