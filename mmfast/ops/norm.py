@@ -61,18 +61,22 @@ def rms_norm_reference(x, weight=None, eps=1e-6, residual=None):
 _TRITON = "mmfast.ops.backends.norm_triton"
 _CPP = "mmfast.ops.backends.norm_cpp:CPP"
 _CPU_ORDER = {"cpu": ("triton_interpret", "cpp", "reference")}
-LAYER_NORM_OP = register(Op("layer_norm", example=_example, device_order=_CPU_ORDER))
-LAYER_NORM_OP.add("triton", f"{_TRITON}:TRITON")
-LAYER_NORM_OP.add("triton_interpret", f"{_TRITON}:INTERPRET")
-LAYER_NORM_OP.add("cpp", _CPP)
-LAYER_NORM_OP.add("torch", "mmfast.ops.backends.norm_torch:LAYER")
-LAYER_NORM_OP.add("reference", Backend(devices=None, forward=layer_norm_reference, doc="plain PyTorch, statistics in fp32"))
-RMS_NORM_OP = register(Op("rms_norm", example=_example, device_order=_CPU_ORDER))
-RMS_NORM_OP.add("triton", f"{_TRITON}:TRITON")
-RMS_NORM_OP.add("triton_interpret", f"{_TRITON}:INTERPRET")
-RMS_NORM_OP.add("cpp", _CPP)
-RMS_NORM_OP.add("torch", "mmfast.ops.backends.norm_torch:RMS")
-RMS_NORM_OP.add("reference", Backend(devices=None, forward=rms_norm_reference, doc="plain PyTorch, statistics in fp32"))
+
+
+def _norm_op(name: str, torch_backend: str, reference) -> Op:
+    """One norm op and its backends; LayerNorm and RMSNorm share every kernel (``is_rms`` picks the
+    statistics) and differ only in their torch backend and reference."""
+    op = register(Op(name, example=_example, device_order=_CPU_ORDER))
+    op.add("triton", f"{_TRITON}:TRITON")
+    op.add("triton_interpret", f"{_TRITON}:INTERPRET")
+    op.add("cpp", _CPP)
+    op.add("torch", f"mmfast.ops.backends.norm_torch:{torch_backend}")
+    op.add("reference", Backend(devices=None, forward=reference, doc="plain PyTorch, statistics in fp32"))
+    return op
+
+
+LAYER_NORM_OP = _norm_op("layer_norm", "LAYER", layer_norm_reference)
+RMS_NORM_OP = _norm_op("rms_norm", "RMS", rms_norm_reference)
 
 
 def __getattr__(name):  # the custom-op launchers moved to the triton backend module
