@@ -6,26 +6,9 @@ Same names, positional order, defaults and returns as flash-attn 2.8; mmfast's e
 ("Porting from flash-attn") and in :mod:`mmfast.ops.attention`.
 """
 from mmfast.compat.flash_attn import bert_padding, flash_attn_interface
-from mmfast.compat.flash_attn.flash_attn_interface import (
-    flash_attn_func,
-    flash_attn_kvpacked_func,
-    flash_attn_qkvpacked_func,
-    flash_attn_varlen_func,
-    flash_attn_varlen_kvpacked_func,
-    flash_attn_varlen_qkvpacked_func,
-    flash_attn_with_kvcache,
-)
+from mmfast.compat.flash_attn.flash_attn_interface import *  # its __all__: flash-attn's seven functions
 
 __version__ = "2.8.3"  # the flash-attn interface this namespace follows
 
-__all__ = [
-    "bert_padding",
-    "flash_attn_func",
-    "flash_attn_interface",
-    "flash_attn_kvpacked_func",
-    "flash_attn_qkvpacked_func",
-    "flash_attn_varlen_func",
-    "flash_attn_varlen_kvpacked_func",
-    "flash_attn_varlen_qkvpacked_func",
-    "flash_attn_with_kvcache",
-]
+__all__ = ["bert_padding", "flash_attn_interface"]
+__all__ += flash_attn_interface.__all__
