@@ -44,9 +44,9 @@ import torch
 import triton
 import triton.language as tl
 
-from mmfast.ops._contrastive_triton import ce_logit_grad, fold_col_partials, lse_split
+from mmfast.ops._contrastive_triton import ce_logit_grad, fold_col_partials
 from mmfast.ops._host import cdiv
-from mmfast.ops._triton_util import lowp
+from mmfast.ops._triton_util import lowp, lse_split
 from mmfast.ops._triton_util import sigmoid as _sigmoid
 from mmfast.ops._triton_util import softplus as _softplus
 from mmfast.utils.debug import poison_

@@ -48,8 +48,9 @@ import triton
 import triton.language as tl
 
 from mmfast.ops._host import cdiv, next_pow2
+from mmfast.ops._triton_util import block as _block
 from mmfast.ops._triton_util import dot_tile as _s_tile
-from mmfast.ops._triton_util import lowp
+from mmfast.ops._triton_util import lowp, lse_split
 from mmfast.ops._triton_util import sigmoid as _sigmoid
 from mmfast.ops._triton_util import softplus as _softplus
 from mmfast.utils.debug import poison_
@@ -75,11 +76,19 @@ def _logits(acc, s, beta, EXACT: tl.constexpr):
 
 
 @triton.jit
-def lse_split(lse, ET: tl.constexpr):
-    """An fp64 log-sum-exp as hi + lo in ET: ``z − hi`` is exact for the logits near the max, so
-    ``exp((z − hi) − lo)`` keeps log-softmax accuracy however large |lse| is."""
-    hi = lse.to(ET)
-    return hi, (lse - hi.to(tl.float64)).to(ET)
+def _z_tile(a_ptr, b_ptr, rows64, rmask, cols64, cmask, D, stride_am, stride_ad, stride_bk, stride_bd, s, beta,
+            BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+            EXACT: tl.constexpr, SWAP: tl.constexpr):
+    """One (BM, BN) tile: S = a_rows · b_colsᵀ and z = s·S + β (:func:`_logits`), returned as (S, z). SWAP
+    (the split backward's launch on the transposed problem): S is computed as (b_cols · a_rowsᵀ)ᵀ, in the
+    orientation the forward used for those logits (see :func:`_bwd_kernel`)."""
+    if SWAP:
+        acc = tl.trans(_s_tile(b_ptr, a_ptr, cols64, cmask, rows64, rmask, D, stride_bk, stride_bd,
+                               stride_am, stride_ad, BN, BM, BD, UPCAST, PRECISION, False))
+    else:
+        acc = _s_tile(a_ptr, b_ptr, rows64, rmask, cols64, cmask, D, stride_am, stride_ad,
+                      stride_bk, stride_bd, BM, BN, BD, UPCAST, PRECISION, False)
+    return acc, _logits(acc, s, beta, EXACT)
 
 
 @triton.jit
@@ -107,25 +116,18 @@ def _fwd_kernel(
                   SigLIP row_out = Σ_j softplus(−y_ij z_ij).   z_ij = s·a_i·b_j + β."""
     ET: tl.constexpr = tl.float64 if EXACT else tl.float32
     pid = tl.program_id(0)
-    rows = pid * BM + tl.arange(0, BM)
-    rmask = rows < M
-    rows64 = rows.to(tl.int64)
+    rows, rmask, rows64 = _block(pid * BM, M, BM)
     s = tl.load(scale_ptr).to(ET)
-    if HAS_BIAS:
-        beta = tl.load(bias_ptr).to(ET)
-    else:
-        beta = 0.0  # a literal takes the dtype of what it is added to
+    beta = tl.load(bias_ptr).to(ET) if HAS_BIAS else 0.0  # a literal takes the dtype of what it is added to
     m_i = tl.full((BM,), _NEG, dtype=ET)
     l_i = tl.zeros((BM,), dtype=ET)
     zpos = tl.zeros((BM,), dtype=ET)
     zsum = tl.zeros((BM,), dtype=ET)
     sp = tl.zeros((BM,), dtype=ET)
     for n0 in range(0, K, BN):
-        cols = n0 + tl.arange(0, BN)
-        cmask = cols < K
-        acc = _s_tile(a_ptr, b_ptr, rows64, rmask, cols.to(tl.int64), cmask, D, stride_am, stride_ad,
-                      stride_bk, stride_bd, BM, BN, BD, UPCAST, PRECISION, False)
-        z = _logits(acc, s, beta, EXACT)  # (BM, BN)
+        cols, cmask, cols64 = _block(n0, K, BN)
+        _, z = _z_tile(a_ptr, b_ptr, rows64, rmask, cols64, cmask, D, stride_am, stride_ad, stride_bk, stride_bd,
+                       s, beta, BM, BN, BD, UPCAST, PRECISION, EXACT, False)  # (BM, BN)
         valid = rmask[:, None] & cmask[None, :]
         pos = cols[None, :] == rows[:, None] + offset
         if SIGLIP:
@@ -213,14 +215,9 @@ def _bwd_kernel(
     forward's lse by enough to break the error bound (d_text 4.3e-5 vs 6.0e-6 for PyTorch's fp32)."""
     ET: tl.constexpr = tl.float64 if EXACT else tl.float32
     pid = tl.program_id(0)
-    rows = pid * BM + tl.arange(0, BM)
-    rmask = rows < M
-    rows64 = rows.to(tl.int64)
+    rows, rmask, rows64 = _block(pid * BM, M, BM)
     s = tl.load(scale_ptr).to(ET)
-    if HAS_BIAS:
-        beta = tl.load(bias_ptr).to(ET)
-    else:
-        beta = 0.0  # a literal takes the dtype of what it is added to
+    beta = tl.load(bias_ptr).to(ET) if HAS_BIAS else 0.0  # a literal takes the dtype of what it is added to
     g = tl.load(grad_ptr).to(tl.float32)
     gs = g * tl.load(scale_ptr).to(tl.float32)
     if ROW_CE:
@@ -228,16 +225,9 @@ def _bwd_kernel(
     dsc = tl.zeros((BM,), dtype=ET)
     dbi = tl.zeros((BM,), dtype=ET)
     for n0 in range(0, K, BN):
-        cols = n0 + tl.arange(0, BN)
-        cmask = cols < K
-        cols64 = cols.to(tl.int64)
-        if SWAP:
-            acc = tl.trans(_s_tile(b_ptr, a_ptr, cols64, cmask, rows64, rmask, D, stride_bk, stride_bd,
-                                   stride_am, stride_ad, BN, BM, BD, UPCAST, PRECISION, False))
-        else:
-            acc = _s_tile(a_ptr, b_ptr, rows64, rmask, cols64, cmask, D, stride_am, stride_ad,
-                          stride_bk, stride_bd, BM, BN, BD, UPCAST, PRECISION, False)
-        z = _logits(acc, s, beta, EXACT)  # (BM, BN)
+        cols, cmask, cols64 = _block(n0, K, BN)
+        acc, z = _z_tile(a_ptr, b_ptr, rows64, rmask, cols64, cmask, D, stride_am, stride_ad, stride_bk, stride_bd,
+                         s, beta, BM, BN, BD, UPCAST, PRECISION, EXACT, SWAP)  # (BM, BN)
         valid = rmask[:, None] & cmask[None, :]
         pos = cols[None, :] == rows[:, None] + offset
         if SIGLIP:

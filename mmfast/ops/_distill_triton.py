@@ -42,8 +42,9 @@ import triton
 import triton.language as tl
 
 from mmfast.ops._host import cdiv, next_pow2
+from mmfast.ops._triton_util import block as _block
 from mmfast.ops._triton_util import dot_tile as _tile
-from mmfast.ops._triton_util import lowp
+from mmfast.ops._triton_util import lowp, lse_split
 from mmfast.utils.debug import poison_
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -52,14 +53,6 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 POISON_OUTPUTS = False
 
 _NEG = tl.constexpr(-1.0e30)
-
-
-@triton.jit
-def _split(v, ET: tl.constexpr):
-    """An fp64 vector as hi + lo in ET, so that ``(z − hi) − lo`` keeps its bits near z ≈ v."""
-    hi = v.to(ET)
-    lo = (v - hi.to(tl.float64)).to(ET)
-    return hi, lo
 
 
 @triton.jit(do_not_specialize=["M", "K"])
@@ -74,9 +67,7 @@ def _fwd_kernel(
 ):
     ET: tl.constexpr = tl.float64 if EXACT else tl.float32
     pid = tl.program_id(0)
-    rows = pid * BM + tl.arange(0, BM)
-    rmask = rows < M
-    rows64 = rows.to(tl.int64)
+    rows, rmask, rows64 = _block(pid * BM, M, BM)
     s = tl.load(s_ptr).to(ET)
     t = tl.load(t_ptr).to(ET)
     m_s = tl.full((BM,), _NEG, dtype=ET)
@@ -85,9 +76,7 @@ def _fwd_kernel(
     l_t = tl.zeros((BM,), dtype=ET)
     w = tl.zeros((BM,), dtype=ET)
     for n0 in range(0, K, BN):
-        cols = n0 + tl.arange(0, BN)
-        cmask = cols < K
-        cols64 = cols.to(tl.int64)
+        _, cmask, cols64 = _block(n0, K, BN)
         acc_s = _tile(a_ptr, b_ptr, rows64, rmask, cols64, cmask, D, sam, sad, sbk, sbd, BM, BN, BD, UPS, PRECS, F64S)
         acc_t = _tile(c_ptr, e_ptr, rows64, rmask, cols64, cmask, DT, scm, scd, sek, sed, BM, BN, BDT, UPT, PRECT, F64T)
         zs = tl.where(cmask[None, :], s * acc_s.to(ET), _NEG)
@@ -147,23 +136,19 @@ def _bwd_kernel(
 ):
     ET: tl.constexpr = tl.float64 if EXACT else tl.float32
     pid = tl.program_id(0)
-    rows = pid * BM + tl.arange(0, BM)
-    rmask = rows < M
-    rows64 = rows.to(tl.int64)
+    rows, rmask, rows64 = _block(pid * BM, M, BM)
     s = tl.load(s_ptr).to(ET)
     t = tl.load(t_ptr).to(ET)
     g = tl.load(grad_ptr).to(tl.float32)
     gs = g * tl.load(s_ptr).to(tl.float32)
     gt = g * tl.load(t_ptr).to(tl.float32)
-    hs, ls = _split(tl.load(lse_s_ptr + rows, mask=rmask, other=0.0), ET)
-    ht, lt = _split(tl.load(lse_t_ptr + rows, mask=rmask, other=0.0), ET)
-    hm, lm = _split(tl.load(mu_ptr + rows, mask=rmask, other=0.0), ET)
+    hs, ls = lse_split(tl.load(lse_s_ptr + rows, mask=rmask, other=0.0), ET)
+    ht, lt = lse_split(tl.load(lse_t_ptr + rows, mask=rmask, other=0.0), ET)
+    hm, lm = lse_split(tl.load(mu_ptr + rows, mask=rmask, other=0.0), ET)
     dsc = tl.zeros((BM,), dtype=ET)
     dtc = tl.zeros((BM,), dtype=ET)
     for n0 in range(0, K, BN):
-        cols = n0 + tl.arange(0, BN)
-        cmask = cols < K
-        cols64 = cols.to(tl.int64)
+        _, cmask, cols64 = _block(n0, K, BN)
         valid = rmask[:, None] & cmask[None, :]
         acc_s = _tile(a_ptr, b_ptr, rows64, rmask, cols64, cmask, D, sam, sad, sbk, sbd, BM, BN, BD, UPS, PRECS, F64S)
         acc_t = _tile(c_ptr, e_ptr, rows64, rmask, cols64, cmask, DT, scm, scd, sek, sed, BM, BN, BDT, UPT, PRECT, F64T)

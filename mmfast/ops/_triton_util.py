@@ -18,6 +18,22 @@ def lowp(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def block(start, n, B: tl.constexpr):
+    """The B indices ``start, start + 1, ...`` of a dimension of size ``n``: (indices, in-bounds mask,
+    the indices as int64 for addressing)."""
+    idx = start + tl.arange(0, B)
+    return idx, idx < n, idx.to(tl.int64)
+
+
+@triton.jit
+def lse_split(lse, ET: tl.constexpr):
+    """An fp64 log-sum-exp as hi + lo in ET: ``z − hi`` is exact for the logits near the max, so
+    ``exp((z − hi) − lo)`` keeps log-softmax accuracy however large |lse| is."""
+    hi = lse.to(ET)
+    return hi, (lse - hi.to(tl.float64)).to(ET)
+
+
+@triton.jit
 def softplus(x):
     """log(1 + eˣ) without overflow; log1p by series where e^-|x| is below 1e-3."""
     t = tl.exp(-tl.abs(x))
