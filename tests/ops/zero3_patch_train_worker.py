@@ -79,6 +79,11 @@ def main(case, backend):
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
                                    tie_word_embeddings=case == "tied")
+    # Resolve the class (transformers imports modeling_llama lazily) before any zero.Init: a class defined
+    # inside zero.Init has its __init__ restored on exit to the one seen at definition, dropping what a
+    # class decorator set afterwards (the `kernels` package's per-instance `_kernel_funcs` on LlamaAttention),
+    # so every later instance would fail in forward.
+    llama_cls = transformers.LlamaForCausalLM
     batches = _batches(rank)
     runs = {}
     for fused in (False, True):
@@ -87,11 +92,11 @@ def main(case, backend):
             import deepspeed
 
             with deepspeed.zero.Init(config_dict_or_path=DS_CONFIG):
-                model = transformers.LlamaForCausalLM(cfg)
+                model = llama_cls(cfg)
             with deepspeed.zero.GatheredParameters(list(model.parameters())):
                 init = {n: p.detach().clone() for n, p in model.named_parameters()}
         else:
-            model = transformers.LlamaForCausalLM(cfg)
+            model = llama_cls(cfg)
             init = {n: p.detach().clone() for n, p in model.named_parameters()}
         if fused:
             mmfast.patch(model, backend=backend)
