@@ -64,7 +64,7 @@ STAGES += [
 STAGES += [
     Stage("nextgpt_stage1", demo_nextgpt.nextgpt_stage1, "tiny NExT-GPT stage 1 (input projection), ZeRO-2"),
     Stage("nextgpt_stage2", demo_nextgpt.nextgpt_stage2, "tiny NExT-GPT stage 2 (output projection, signal tokens)"),
-    Stage("nextgpt_eval", demo_nextgpt.nextgpt_eval, "text->image with the tiny SD decoder, CLIPSIM with the demo's CLIP"),
+    Stage("nextgpt_eval", demo_nextgpt.nextgpt_eval, "text->image through the shipped decoder and NExT-GPT, judged by the demo's CLIP"),
 ]
 
 

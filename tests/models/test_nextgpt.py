@@ -483,3 +483,35 @@ def test_bf16_stage2_step_as_the_gpu_trainer():
     old[m.new_ids] = False
     for w in (m.llm.get_input_embeddings().weight, m.llm.get_output_embeddings().weight):
         assert float(w.grad[old].abs().max()) == 0.0 and float(w.grad[~old].abs().max()) > 0
+
+
+def test_demo_eval_draws_through_the_decoder_and_nextgpt(model, tmp_path):
+    """The demo's text->image stage: held-out prompts through the decoder alone and through NExT-GPT, and a
+    sample grid holding exactly those images (no CLIP here: the scores are None, the images are checked)."""
+    import argparse
+
+    import numpy as np
+    from PIL import Image
+
+    from mmfast.data.synthetic import make_world
+    from mmfast.demo import DemoContext
+    from mmfast.eval.t2i import generate, heldout_prompts
+    from mmfast.models.nextgpt.demo import nextgpt_eval
+
+    ctx = DemoContext(tmp_path, argparse.Namespace(nextgpt_eval_prompts=2, nextgpt_emit_prompts=1, seed=0,
+                                                   nextgpt_guidance=3.0, nextgpt_diffusion_steps=2))
+    make_world(ctx.world, 24, 32, 1, media=False)
+    model.save_pretrained(tmp_path / "nextgpt_stage2" / "final")
+    out = nextgpt_eval(ctx)
+    rows = heldout_prompts(ctx.world, 2)
+    assert out["nextgpt_eval_prompts"] == len(rows) == 2 and out["nextgpt_image_decoder"] == "shipped:image"
+    assert out["nextgpt_t2i_top1"] is None  # no demo CLIP in this folder
+    alone = generate(model.pipes["image"], [r[1] for r in rows], seed=0, steps=2, guidance_scale=3.0, batch_size=2)
+    grid = np.asarray(Image.open(tmp_path / "nextgpt_samples.png").convert("RGB"))
+    assert grid.shape == (18 + 2 * (128 + 4), 360 + 2 * (128 + 4), 3)
+    for r in range(2):
+        want = np.asarray(Image.fromarray((alone[r].numpy() * 255).round().astype(np.uint8)).resize((128, 128),
+                                                                                                     Image.NEAREST))
+        y = 18 + r * 132
+        assert np.array_equal(grid[y:y + 128, 360:360 + 128], want), r
+        assert not np.array_equal(grid[y:y + 128, 492:492 + 128], want)  # the NExT-GPT column: another image

@@ -1,5 +1,5 @@
 """Training from an installed wheel, outside the source checkout: `mmfast train clip` and the demo's
-CLIP stages find their recipes and DeepSpeed configs inside the package."""
+CLIP stages find their recipes and DeepSpeed configs inside the package, which carries the shipped decoder."""
 from __future__ import annotations
 
 import json
@@ -40,6 +40,13 @@ def test_train_and_demo_run_from_an_installed_wheel(tmp_path):
                    cwd=tmp_path, timeout=600)
     assert (site / "mmfast" / "training" / "configs" / "zero2.json").is_file()
     assert not (site / "training").exists()
+    # the trained image decoder ships inside the package: every file of its folder, byte for byte
+    shipped = ROOT / "mmfast" / "models" / "nextgpt" / "weights" / "image"
+    files = sorted(f.relative_to(shipped) for f in shipped.rglob("*") if f.is_file())
+    assert any(f.suffix == ".safetensors" for f in files) and (Path("RECORD.json") in files)
+    installed = site / "mmfast" / "models" / "nextgpt" / "weights" / "image"
+    for f in files:
+        assert (installed / f).read_bytes() == (shipped / f).read_bytes(), f
 
     work = tmp_path / "elsewhere"  # not the checkout: nothing beside it to find
     work.mkdir()

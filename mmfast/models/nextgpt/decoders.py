@@ -150,14 +150,21 @@ PIPELINE_CLASSES = {"image": "StableDiffusionPipeline", "video": "TextToVideoSDP
 
 
 def load_pipeline(modality: str, spec, tokenizer):
-    """A frozen pipeline from a tiny config dict or a local directory."""
+    """A frozen pipeline from a tiny config dict, a local directory, or ``"shipped:<name>"``: a trained decoder
+    shipped in the package (:mod:`mmfast.models.nextgpt.shipped`)."""
     if isinstance(spec, str):
         import diffusers
 
-        d = Path(spec)
+        if spec.startswith("shipped:"):
+            from mmfast.models.nextgpt.shipped import pipeline_dir
+
+            d = pipeline_dir(spec.split(":", 1)[1])
+        else:
+            d = Path(spec)
         if not d.is_dir():
             raise FileNotFoundError(f"{modality} decoder directory not found: {d}")
-        pipe = getattr(diffusers, PIPELINE_CLASSES[modality]).from_pretrained(str(d), local_files_only=True)
+        pipe = getattr(diffusers, PIPELINE_CLASSES[modality]).from_pretrained(str(d), local_files_only=True,
+                                                                              dtype=torch.float32)
     else:
         pipe = TINY_BUILDERS[modality](spec, tokenizer)
     for name in ("vae", "text_encoder", "unet", "vocoder"):
@@ -268,7 +275,10 @@ def decode(modality: str, pipe, cond: torch.Tensor, steps: int = 10, seed: int =
     in [0, 1], audio (B, T) waveforms."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     embeds = to_pipeline_embeds(modality, cond).to(pipe.text_encoder.dtype)
-    neg = torch.zeros_like(embeds)
+    # guidance's unconditional branch: the decoder's own embedding of "", as the pipelines make it for a
+    # negative prompt "" (the branch the decoder trained on with dropped captions)
+    uncond = to_pipeline_embeds(modality, text_condition(modality, pipe, [""], device=embeds.device))
+    neg = uncond.to(embeds.dtype).expand_as(embeds)
     common = {"prompt_embeds": embeds, "negative_prompt_embeds": neg, "num_inference_steps": steps,
               "generator": gen, "guidance_scale": kw.pop("guidance_scale", 1.0)}
     if modality == "image":

@@ -144,19 +144,21 @@ def _decode_paged(self, prompts: list[tuple[torch.Tensor, dict]], max_new_tokens
 @torch.inference_mode()
 def generate(self, text: str, images=None, audios=None, videos=None, history: list | None = None,
              max_new_tokens: int = 64, decode: bool = True, out_dir=None, steps: int = 10, seed: int = 0,
-             stem: str = "gen", cache: str = "auto") -> dict:
+             stem: str = "gen", cache: str = "auto", guidance_scale: float = 4.0) -> dict:
     """``{"text", "token_ids", "conditions": {m: (R, Q, C)}, "<modality>": arrays or saved paths}``.
-    ``cache``: see :func:`_cache`; both give the same tokens."""
+    ``cache``: see :func:`_cache`; both give the same tokens. ``guidance_scale``: the decoders' classifier-free
+    guidance (the unconditional branch is the decoder's own embedding of "")."""
     kind = _cache(self, cache)
     ids, media = _prompt(self, text, images, audios, videos, history)
     if kind == "paged":
         new = _decode_paged(self, [(ids, media)], max_new_tokens)[0]
     else:
         new = _decode_dynamic(self, ids, media, max_new_tokens)
-    return _finish(self, ids, media, new, decode, out_dir, steps, seed, stem)
+    return _finish(self, ids, media, new, decode, out_dir, steps, seed, stem, guidance_scale)
 
 
-def _finish(self, ids, media, new: list[int], decode: bool, out_dir, steps: int, seed: int, stem: str) -> dict:
+def _finish(self, ids, media, new: list[int], decode: bool, out_dir, steps: int, seed: int, stem: str,
+            guidance_scale: float = 4.0) -> dict:
     """The reply's text, and each signal run's decoder conditioning (and media, with ``decode``)."""
     text_out = self.tokenizer.decode(new, skip_special_tokens=True).split("###")[0].strip()
     result = {"text": text_out, "token_ids": new, "conditions": {}}
@@ -172,7 +174,7 @@ def _finish(self, ids, media, new: list[int], decode: bool, out_dir, steps: int,
         cond = self.output_proj[m](self.signal_states(m, full, hidden, emb))[n_in[m]:]  # (R, Q, C)
         result["conditions"][m] = cond
         if decode:
-            arrays = ndec.decode(m, self.pipes[m], cond, steps=steps, seed=seed)
+            arrays = ndec.decode(m, self.pipes[m], cond, steps=steps, seed=seed, guidance_scale=guidance_scale)
             sr = getattr(getattr(self.pipes[m], "vocoder", None), "config", None)
             result[m] = _save(m, arrays, Path(out_dir), stem, getattr(sr, "sampling_rate", 16000)) \
                 if out_dir is not None else arrays
