@@ -95,3 +95,15 @@ def load_t2x_json(
             raise FileNotFoundError(f"{where} field {key!r}: {full} not found")
         out.append({**rec, "path": str(full)})
     return out
+
+
+def world_t2x(world: str | os.PathLike, modality: str, split: str) -> tuple[list[dict], list[str]]:
+    """A synthetic world's ``split`` records of ``t2x_{modality}.json`` (validated, each with its ``path``) and the
+    world's class names; a world made without media is named with the command that makes one."""
+    root = Path(world)
+    f = root / f"t2x_{modality}.json"
+    if not f.is_file():
+        raise FileNotFoundError(f"--data {root}: no {f.name} (make the world with media: mmfast data synth "
+                                "without --no-media)")
+    classes = read_json(root / "classes.json", what="class list")
+    return [r for r in load_t2x_json(f, root, modality) if r.get("split", split) == split], classes

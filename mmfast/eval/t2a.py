@@ -11,7 +11,6 @@ clips names the class; its accuracy on the held-out clips (``val``) is the ceili
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -48,31 +47,23 @@ def features(waves: torch.Tensor, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
 
 def load_clips(world: str | Path, split: str) -> tuple[torch.Tensor, list[int], list[str]]:
     """(N, T) waveforms of ``split``'s clips, their class indices and captions, from ``t2x_audio.json``."""
-    from mmfast.data.media import load_t2x_json, read_wav
-    from mmfast.utils.io import safe_join
+    from mmfast.data.media import read_wav, world_t2x
 
-    root = Path(world)
-    f = root / "t2x_audio.json"
-    if not f.is_file():
-        raise FileNotFoundError(f"--data {root}: no t2x_audio.json (make the world with media: mmfast data synth "
-                                "without --no-media)")
-    classes = json.loads((root / "classes.json").read_text(encoding="utf-8"))
+    records, classes = world_t2x(world, "audio", split)
     index = {c: i for i, c in enumerate(classes)}
     waves, labels, captions = [], [], []
-    for r in load_t2x_json(f, root, "audio"):
-        if r.get("split", split) != split:
-            continue
+    for r in records:
         cls = r["id"].rsplit("_", 1)[0]
         if cls not in index:
-            raise ValueError(f"{f}: clip {r['id']!r} names no class of classes.json")
-        wav, rate = read_wav(safe_join(root, r["audio_name"]))
+            raise ValueError(f"t2x_audio.json: clip {r['id']!r} names no class of classes.json")
+        wav, rate = read_wav(r["path"])
         if rate != SAMPLE_RATE:
             raise ValueError(f"{r['audio_name']}: {rate} Hz, expected {SAMPLE_RATE}")
         waves.append(torch.as_tensor(np.asarray(wav, dtype=np.float32)))
         labels.append(index[cls])
         captions.append(r["caption"])
     if not waves:
-        raise ValueError(f"--data {root}: no {split} clips in t2x_audio.json")
+        raise ValueError(f"--data {world}: no {split} clips in t2x_audio.json")
     n = min(len(w) for w in waves)
     return torch.stack([w[:n] for w in waves]), labels, captions
 
@@ -80,16 +71,15 @@ def load_clips(world: str | Path, split: str) -> tuple[torch.Tensor, list[int], 
 class AudioJudge:
     """A logistic regression on :func:`features`, fitted on real clips."""
 
-    def __init__(self, clf, n_classes: int):
-        self.clf, self.n_classes = clf, n_classes
+    def __init__(self, clf):
+        self.clf = clf
 
     @classmethod
     def fit(cls, world: str | Path, split: str = "train", C: float = 1.0) -> AudioJudge:
         from sklearn.linear_model import LogisticRegression
 
         waves, labels, _ = load_clips(world, split)
-        n_classes = len(json.loads((Path(world) / "classes.json").read_text(encoding="utf-8")))
-        return cls(LogisticRegression(C=C, max_iter=2000).fit(features(waves), labels), n_classes)
+        return cls(LogisticRegression(C=C, max_iter=2000).fit(features(waves), labels))
 
     def predict(self, waves: torch.Tensor) -> np.ndarray:
         return self.clf.predict(features(waves))

@@ -15,7 +15,6 @@ clips are judged on single-mover prompts:
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -67,28 +66,20 @@ def load_videos(world: str | Path, split: str = "val", single: bool = True) -> t
                                                                                    list[list[tuple[str, str]]]]:
     """``split``'s videos as (F, H, W, 3) float arrays in [0, 1], their captions and movers (single movers only
     with ``single``), from ``t2x_video.json``."""
-    from mmfast.data.media import load_t2x_json, read_video
-    from mmfast.utils.io import safe_join
+    from mmfast.data.media import read_video, world_t2x
 
-    root = Path(world)
-    f = root / "t2x_video.json"
-    if not f.is_file():
-        raise FileNotFoundError(f"--data {root}: no t2x_video.json (make the world with media: mmfast data synth "
-                                "without --no-media)")
-    classes = json.loads((root / "classes.json").read_text(encoding="utf-8"))
+    records, classes = world_t2x(world, "video", split)
     videos, captions, movers = [], [], []
-    for r in load_t2x_json(f, root, "video"):
-        if r.get("split", split) != split:
-            continue
+    for r in records:
         m = parse_caption(r["caption"], classes)
         if single and len(m) != 1:
             continue
-        frames = read_video(safe_join(root, r["video_name"]))
+        frames = read_video(r["path"])
         videos.append(np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in frames]))
         captions.append(r["caption"])
         movers.append(m)
     if not videos:
-        raise ValueError(f"--data {root}: no {split} videos{' with one mover' if single else ''} in t2x_video.json")
+        raise ValueError(f"--data {world}: no {split} videos{' with one mover' if single else ''} in t2x_video.json")
     return videos, captions, movers
 
 
