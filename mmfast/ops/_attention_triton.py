@@ -26,6 +26,7 @@ reference backend computes the same hash with int64 arithmetic, so both backends
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -121,6 +122,61 @@ def seq_bounds(CU_Q, CU_K, SEQUSED_K, b, seqlen_q, seqlen_k,
 
 
 @triton.jit
+def heads(bh, n_heads, group):
+    """(batch, query head, kv head) of a program over (batch x query heads)."""
+    b = bh // n_heads
+    h = bh % n_heads
+    return b, h, h // group
+
+
+@triton.jit
+def row_tile(start, n, head_dim, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows [start, start + BLOCK) of a sequence of n, the head-dim columns, and their in-bounds masks."""
+    rows = start + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    return rows, offs_d, rows < n, d_ok
+
+
+@triton.jit
+def load_rows(PTR, b, stride_b, h, stride_h, start, rows, stride_s, offs_d, ok, d_ok):
+    """The (rows, D) tile of batch b, head h, rows from ``start`` on (int64 offsets); out of bounds reads 0."""
+    return tl.load(PTR + b.to(tl.int64) * stride_b + h * stride_h + (start + rows)[:, None].to(tl.int64) * stride_s
+                   + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.jit
+def prefix_len(PREFIX, b, sk, HAS_PREFIX: tl.constexpr):
+    """The prefix-LM prefix of sequence b (clipped to its keys); 0 without one."""
+    prefix = 0
+    if HAS_PREFIX:
+        prefix = tl.minimum(tl.load(PREFIX + b), sk)
+    return prefix
+
+
+@triton.jit
+def score_scale(sm_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """What q·k is multiplied by: sm_scale·log2(e) for exp2, or sm_scale / softcap before the tanh."""
+    qk_scale = sm_scale * 1.4426950408889634
+    if HAS_SOFTCAP:
+        qk_scale = sm_scale / softcap
+    return qk_scale
+
+
+@triton.jit
+def block_ranges(lo, full_lo, full_hi, BLOCK: tl.constexpr):
+    """Block starts for a loop from ``lo`` whose indices [full_lo, full_hi) need no mask: the first block, and
+    the unmasked blocks' [start, end) (both at the first block when no whole block is unmasked)."""
+    first = (lo // BLOCK) * BLOCK
+    full_start = tl.cdiv(full_lo, BLOCK) * BLOCK
+    full_end = (full_hi // BLOCK) * BLOCK
+    no_full = full_end <= full_start
+    full_start = tl.where(no_full, first, full_start)
+    full_end = tl.where(no_full, first, full_end)
+    return first, full_start, full_end
+
+
+@triton.jit
 def key_block_ranges(m0, sq, sk, window_left, window_right, prefix,
                      BAND: tl.constexpr, HAS_PREFIX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key blocks for query rows [m0, m0 + BLOCK_M): masked [n_lo, n_full_start), unmasked (visible from
@@ -144,12 +200,7 @@ def key_block_ranges(m0, sq, sk, window_left, window_right, prefix,
             in_prefix = qa_lo < prefix
             lo = tl.where(in_prefix, 0, lo)
             hi = tl.where(in_prefix, tl.maximum(hi, prefix), hi)
-    n_lo = (lo // BLOCK_N) * BLOCK_N
-    n_full_start = tl.cdiv(full_lo, BLOCK_N) * BLOCK_N
-    n_full_end = (full_hi // BLOCK_N) * BLOCK_N
-    no_full = n_full_end <= n_full_start
-    n_full_start = tl.where(no_full, n_lo, n_full_start)
-    n_full_end = tl.where(no_full, n_lo, n_full_end)
+    n_lo, n_full_start, n_full_end = block_ranges(lo, full_lo, full_hi, BLOCK_N)
     return n_lo, n_full_start, n_full_end, hi
 
 
@@ -229,9 +280,7 @@ def _fwd_kernel(
 ):
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // n_heads
-    h = bh % n_heads
-    hk = h // group
+    b, h, hk = heads(bh, n_heads, group)
     q_start, sq, k_start, sk = seq_bounds(CU_Q, CU_K, SEQUSED_K, b, seqlen_q, seqlen_k, IS_VARLEN, HAS_SEQUSED)
     if PAGED:
         k_start = k_start * 0  # a paged sequence's keys start at logical position 0 of its block-table row
@@ -248,10 +297,7 @@ def _fwd_kernel(
     m0 = start_m * BLOCK_M
     if m0 >= sq:
         return
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < head_dim
-    q_ok = offs_m < sq
+    offs_m, offs_d, q_ok, d_ok = row_tile(m0, sq, head_dim, BLOCK_M, BLOCK_D)
     q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh + q_start.to(tl.int64) * stride_qs
     q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :],
                 mask=q_ok[:, None] & d_ok[None, :], other=0.0)  # (BM, D)
@@ -265,14 +311,10 @@ def _fwd_kernel(
 
     off = sk - sq
     qa = offs_m + off  # (BM,) query positions on the key axis
-    prefix = 0
-    if HAS_PREFIX:
-        prefix = tl.minimum(tl.load(PREFIX + b), sk)
+    prefix = prefix_len(PREFIX, b, sk, HAS_PREFIX)
     n_lo, n_full_start, n_full_end, hi = key_block_ranges(m0, sq, sk, window_left, window_right, prefix,
                                                           BAND, HAS_PREFIX, BLOCK_M, BLOCK_N)
-    qk_scale = sm_scale * 1.4426950408889634
-    if HAS_SOFTCAP:
-        qk_scale = sm_scale / softcap
+    qk_scale = score_scale(sm_scale, softcap, HAS_SOFTCAP)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -334,18 +376,23 @@ def as_config(bm, bn, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
-def prune_by_head_dim(configs, named_args, **kwargs):
-    """Keep block shapes whose tiles fit shared memory for this head dim and dtype."""
+def prune_tiles(kind: str, configs, named_args, **kwargs):
+    """Keep block shapes whose tiles fit shared memory for this head dim and dtype; ``kind``: "fwd" or "bwd"
+    (bind it with functools.partial for triton.autotune's early_config_prune)."""
     d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    if named_args["Q"].dtype == torch.float32:
-        return [as_config(*fixed_config("fwd", d, torch.float32))]
-    if d >= 256:
-        keep = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
-    elif d > 64:
-        keep = [c for c in configs if c.kwargs["BLOCK_N"] <= 64 or c.num_warps == 8]
-    else:
-        keep = configs
-    return keep or [as_config(*fixed_config("fwd", d, named_args["Q"].dtype))]
+    dtype = named_args["Q"].dtype
+    if dtype == torch.float32:
+        return [as_config(*fixed_config(kind, d, torch.float32))]
+
+    def fits(c) -> bool:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if d >= 256:
+            return bm * bn <= (64 * 64 if kind == "fwd" else 64 * 32)
+        if d > 64:
+            return (bn <= 64 or c.num_warps == 8) if kind == "fwd" else bm * bn <= 64 * 128
+        return True
+
+    return [c for c in configs if fits(c)] or [as_config(*fixed_config(kind, d, dtype))]
 
 
 if not AUTOTUNE:
@@ -354,7 +401,7 @@ else:
     _fwd = triton.autotune(
         configs=_fwd_configs(),
         key=["BLOCK_D", "BAND", "HAS_PREFIX", "HAS_SOFTCAP", "HAS_DROPOUT", "IS_VARLEN", "HAS_ALIBI", "PAGED"],
-        prune_configs_by={"early_config_prune": prune_by_head_dim},
+        prune_configs_by={"early_config_prune": functools.partial(prune_tiles, "fwd")},
     )(_fwd_kernel)
 
 

@@ -16,6 +16,8 @@ sequence tails are masked (see the forward's docstring for the mask).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -26,13 +28,19 @@ from mmfast.ops._attention_triton import (
     alibi_bias,
     as_config,
     block_d,
+    block_ranges,
     dot_precision,
     dropout_keep,
-    fixed_config,
+    heads,
     key_block_ranges,
     launch_meta,
+    load_rows,
     lowp,
     mm,
+    prefix_len,
+    prune_tiles,
+    row_tile,
+    score_scale,
     seq_bounds,
     strides3,
     upcast,
@@ -123,19 +131,12 @@ def _dkdv_kernel(
     n0 = start_n * BLOCK_N
     if n0 >= sk:
         return
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < head_dim
-    kv_ok = offs_n < sk
-    k = tl.load(K + b.to(tl.int64) * stride_kb + hk * stride_kh + (k_start + offs_n)[:, None].to(tl.int64) * stride_ks
-                + offs_d[None, :], mask=kv_ok[:, None] & d_ok[None, :], other=0.0)  # (BN, D)
-    v = tl.load(V + b.to(tl.int64) * stride_vb + hk * stride_vh + (k_start + offs_n)[:, None].to(tl.int64) * stride_vs
-                + offs_d[None, :], mask=kv_ok[:, None] & d_ok[None, :], other=0.0)  # (BN, D)
+    offs_n, offs_d, kv_ok, d_ok = row_tile(n0, sk, head_dim, BLOCK_N, BLOCK_D)
+    k = load_rows(K, b, stride_kb, hk, stride_kh, k_start, offs_n, stride_ks, offs_d, kv_ok, d_ok)  # (BN, D)
+    v = load_rows(V, b, stride_vb, hk, stride_vh, k_start, offs_n, stride_vs, offs_d, kv_ok, d_ok)  # (BN, D)
 
     off = sk - sq
-    prefix = 0
-    if HAS_PREFIX:
-        prefix = tl.minimum(tl.load(PREFIX + b), sk)
+    prefix = prefix_len(PREFIX, b, sk, HAS_PREFIX)
     # Query rows that see some key of this block: [m_lo, m_hi); that see all of them: [full_lo, full_hi)
     # (keys past the sequence end need no mask here: they only feed their own dk/dv rows, never stored).
     m_lo = n0 * 0
@@ -152,15 +153,8 @@ def _dkdv_kernel(
             in_prefix = n0 < prefix
             m_lo = tl.where(in_prefix, 0, m_lo)
             m_hi = tl.where(in_prefix, tl.maximum(m_hi, tl.minimum(prefix - off, sq)), m_hi)
-    m_lo = (m_lo // BLOCK_M) * BLOCK_M
-    m_full_start = tl.cdiv(full_lo, BLOCK_M) * BLOCK_M
-    m_full_end = (full_hi // BLOCK_M) * BLOCK_M
-    no_full = m_full_end <= m_full_start
-    m_full_start = tl.where(no_full, m_lo, m_full_start)
-    m_full_end = tl.where(no_full, m_lo, m_full_end)
-    qk_scale = sm_scale * 1.4426950408889634
-    if HAS_SOFTCAP:
-        qk_scale = sm_scale / softcap
+    m_lo, m_full_start, m_full_end = block_ranges(m_lo, full_lo, full_hi, BLOCK_M)
+    qk_scale = score_scale(sm_scale, softcap, HAS_SOFTCAP)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -246,21 +240,14 @@ def _dq_kernel(
 ):
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // n_heads
-    h = bh % n_heads
-    hk = h // group
+    b, h, hk = heads(bh, n_heads, group)
     q_start, sq, k_start, sk = seq_bounds(CU_Q, CU_K, SEQUSED_K, b, seqlen_q, seqlen_k, IS_VARLEN, HAS_SEQUSED)
     m0 = start_m * BLOCK_M
     if m0 >= sq:
         return
-    rows = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < head_dim
-    q_ok = rows < sq
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + (q_start + rows)[:, None].to(tl.int64) * stride_qs
-                + offs_d[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)  # (BM, D)
-    do = tl.load(DO + b.to(tl.int64) * stride_dob + h * stride_doh + (q_start + rows)[:, None].to(tl.int64) * stride_dos
-                 + offs_d[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)  # (BM, D)
+    rows, offs_d, q_ok, d_ok = row_tile(m0, sq, head_dim, BLOCK_M, BLOCK_D)
+    q = load_rows(Q, b, stride_qb, h, stride_qh, q_start, rows, stride_qs, offs_d, q_ok, d_ok)  # (BM, D)
+    do = load_rows(DO, b, stride_dob, h, stride_doh, q_start, rows, stride_dos, offs_d, q_ok, d_ok)  # (BM, D)
     l_off = b.to(tl.int64) * stride_lb + h * stride_lh + (q_start + rows).to(tl.int64) * stride_ls
     m_row = tl.load(MROW + l_off, mask=q_ok, other=0.0)
     il_row = tl.load(ILROW + l_off, mask=q_ok, other=0.0)
@@ -273,14 +260,10 @@ def _dq_kernel(
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(ALIBI + bh)
-    prefix = 0
-    if HAS_PREFIX:
-        prefix = tl.minimum(tl.load(PREFIX + b), sk)
+    prefix = prefix_len(PREFIX, b, sk, HAS_PREFIX)
     n_lo, n_full_start, n_full_end, hi = key_block_ranges(m0, sq, sk, window_left, window_right, prefix,
                                                           BAND, HAS_PREFIX, BLOCK_M, BLOCK_N)
-    qk_scale = sm_scale * 1.4426950408889634
-    if HAS_SOFTCAP:
-        qk_scale = sm_scale / softcap
+    qk_scale = score_scale(sm_scale, softcap, HAS_SOFTCAP)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dq = _dq_inner(dq, q, do, m_row, il_row, delta, k_base, v_base, stride_ks, stride_vs, rows, qa, offs_d, d_ok,
@@ -302,24 +285,12 @@ def _bwd_configs():
     return [as_config(bm, bn, w, s) for bm, bn, w, s in [(64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2)]]
 
 
-def _prune_bwd(configs, named_args, **kwargs):
-    d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    if named_args["Q"].dtype == torch.float32:
-        return [as_config(*fixed_config("bwd", d, torch.float32))]
-    if d >= 256:
-        keep = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32]
-    elif d > 64:
-        keep = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128]
-    else:
-        keep = configs
-    return keep or [as_config(*fixed_config("bwd", d, named_args["Q"].dtype))]
-
-
 _KEY = ["BLOCK_D", "BAND", "HAS_PREFIX", "HAS_SOFTCAP", "HAS_DROPOUT", "IS_VARLEN", "HAS_ALIBI"]
 if not AUTOTUNE:
     _dkdv, _dq = _dkdv_kernel, _dq_kernel
 else:
-    _tune = {"configs": _bwd_configs(), "key": _KEY, "prune_configs_by": {"early_config_prune": _prune_bwd}}
+    _tune = {"configs": _bwd_configs(), "key": _KEY,
+             "prune_configs_by": {"early_config_prune": functools.partial(prune_tiles, "bwd")}}
     _dkdv = triton.autotune(**_tune)(_dkdv_kernel)
     _dq = triton.autotune(**_tune)(_dq_kernel)
 

@@ -299,3 +299,24 @@ def test_kvcache_rejects_overflowing_lengths():
     out = flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=torch.tensor([6, 0]), backend="reference")
     assert out.shape == q.shape and torch.isfinite(out).all()
     assert torch.equal(kc[0, 6:], k[0]) and torch.equal(kc[1, :2], k[1])
+
+
+def test_autotune_prunes_tiles_that_do_not_fit():
+    # The autotuner's early prune (GPU only, so checked here directly): fp32 runs the fixed small tiles; bf16
+    # at head dim 256 keeps small tiles only, at 128 the forward keeps 64-wide key blocks or 8 warps.
+    from mmfast.ops._attention_triton import as_config, fixed_config, prune_tiles
+
+    def shapes(kind, d, dtype, configs):
+        kept = prune_tiles(kind, configs, {"Q": torch.empty(1, dtype=dtype), "BLOCK_D": d})
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
+
+    configs = [as_config(*c) for c in [(128, 128, 4, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 32, 4, 2)]]
+    for kind in ("fwd", "bwd"):
+        assert shapes(kind, 64, torch.float32, configs) == [fixed_config(kind, 64, torch.float32)]
+        assert shapes(kind, 64, torch.bfloat16, configs) == [(128, 128, 4, 3), (128, 128, 8, 3), (128, 64, 4, 3),
+                                                               (64, 32, 4, 2)]
+    assert shapes("fwd", 128, torch.bfloat16, configs) == [(128, 128, 8, 3), (128, 64, 4, 3), (64, 32, 4, 2)]
+    assert shapes("bwd", 128, torch.bfloat16, configs) == [(128, 64, 4, 3), (64, 32, 4, 2)]
+    assert shapes("fwd", 256, torch.bfloat16, configs) == [(64, 32, 4, 2)]
+    assert shapes("bwd", 256, torch.bfloat16, configs) == [(64, 32, 4, 2)]
+    assert shapes("bwd", 256, torch.bfloat16, configs[:2]) == [fixed_config("bwd", 256, torch.bfloat16)]
