@@ -35,7 +35,7 @@ demo: install
 	$(VENV)/bin/mmfast demo
 
 # The trained tiny image decoder shipped in mmfast/models/nextgpt/weights/image (issue #24): the demo's world
-# (seed 0), the VAE stage, the UNet stage, then fp16 + held-out record. ~35 min on 2 CPU cores. With the demo's
+# (seed 0), the VAE stage, the UNet stage, then fp16 + held-out record; bit for bit, ~30 min on 2 CPU cores. With the demo's
 # CLIP in $(DEC_CLIP) (run `make demo` first) the record holds `mmfast eval t2i`'s figures too.
 DEC_RUN  ?= runs/decoders
 DEC_CLIP ?= runs/demo/clip/final

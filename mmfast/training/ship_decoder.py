@@ -35,6 +35,11 @@ def ship(src: str | Path, dest: str | Path, world: str | Path, clip: str | Path 
         return DiffusionPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True, use_safetensors=True)
 
     read(src, torch.float16).save_pretrained(str(tmp), safe_serialization=True)
+    # diffusers records the folder it read from: drop it, so the shipped files do not depend on where they were made
+    for f in [tmp / "model_index.json", *tmp.glob("*/config.json")]:
+        cfg = json.loads(f.read_text(encoding="utf-8"))
+        if cfg.pop("_name_or_path", None) is not None:
+            atomic_write_json(f, cfg, indent=2)
     (tmp / "heldout").mkdir()
     rows = heldout_prompts(world, HELDOUT)
     with open(tmp / "heldout" / "prompts.csv", "w", encoding="utf-8", newline="") as f:
