@@ -98,30 +98,20 @@ def scores(img: torch.Tensor, caps: torch.Tensor, classifier: torch.Tensor, labe
     return {"top1": top1, "clipsim": matched, "clipsim_mismatched": mismatched, "margin": matched - mismatched}
 
 
-def load_pipeline(folder: str | Path):
-    """A diffusers pipeline folder read in fp32 (on CPU), whatever dtype it stores: the shipped decoders are fp16 on
-    disk. Safetensors only: a pipeline folder is an untrusted file, no pickle is ever loaded from it."""
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True,
-                                             use_safetensors=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def evaluate(pipeline: str | Path, clip: str | Path, world: str | Path, n: int = 200, seed: int = 0,
              steps: int = 25, guidance_scale: float = 3.0, save_grid: str | Path | None = None) -> dict:
     from PIL import Image
 
     from mmfast.eval.zeroshot import SINGLE_TEMPLATE, zeroshot_classifier
     from mmfast.models.clip.model import create_model
+    from mmfast.models.nextgpt.shipped import read_pipeline
 
     for what, p in (("--pipeline", pipeline), ("--clip", clip), ("--data", world)):
         if not Path(p).is_dir():
             raise FileNotFoundError(f"{what} {p}: no such folder")
     rows = heldout_prompts(world, n)
     classes = json.loads((Path(world) / "classes.json").read_text(encoding="utf-8"))
-    pipe = load_pipeline(pipeline)
+    pipe = read_pipeline(pipeline)
     model = create_model(None, pretrained=str(clip), device="cpu", kernels=False).eval()
     labels = torch.tensor([r[2] for r in rows])
     t0 = time.perf_counter()

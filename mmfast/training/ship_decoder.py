@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from mmfast.models.nextgpt.shipped import HELDOUT, WEIGHTS, heldout_denoise_loss, heldout_rows
+from mmfast.models.nextgpt.shipped import HELDOUT, WEIGHTS, heldout_denoise_loss, heldout_rows, read_pipeline
 
 
 def ship(src: str | Path, dest: str | Path, world: str | Path, clip: str | Path | None = None,
@@ -23,18 +23,13 @@ def ship(src: str | Path, dest: str | Path, world: str | Path, clip: str | Path 
     """Copy the trained pipeline ``src`` to ``dest`` in fp16 with ``heldout/`` (the world's first validation
     images, one prompt each, as ``mmfast eval t2i`` picks them) and ``RECORD.json``. With ``clip`` (the demo's
     CLIP), the record holds ``mmfast eval t2i``'s figures for the shipped (fp16) weights too."""
-    from diffusers import DiffusionPipeline
-
     from mmfast.eval.t2i import heldout_prompts
     from mmfast.utils.io import atomic_write_json, safe_join
 
     src, dest, world = Path(src), Path(dest), Path(world)
     tmp = dest.with_name(f".{dest.name}.incoming")
     shutil.rmtree(tmp, ignore_errors=True)
-    def read(folder, dtype):
-        return DiffusionPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True, use_safetensors=True)
-
-    read(src, torch.float16).save_pretrained(str(tmp), safe_serialization=True)
+    read_pipeline(src, torch.float16).save_pretrained(str(tmp), safe_serialization=True)
     # diffusers records the folder it read from: drop it, so the shipped files do not depend on where they were made
     for f in [tmp / "model_index.json", *tmp.glob("*/config.json")]:
         cfg = json.loads(f.read_text(encoding="utf-8"))
@@ -49,8 +44,8 @@ def ship(src: str | Path, dest: str | Path, world: str | Path, clip: str | Path 
             shutil.copyfile(safe_join(world, path), tmp / "heldout" / Path(path).name)
             w.writerow([Path(path).name, cap, label])
     rec = {"modality": "image", "source": str(src), "world": str(world), "train": train or {},
-           "heldout_denoise_loss": heldout_denoise_loss(read(tmp, torch.float32), heldout_rows(tmp)),
-           "heldout_denoise_loss_unrounded": heldout_denoise_loss(read(src, torch.float32), heldout_rows(tmp))}
+           "heldout_denoise_loss": heldout_denoise_loss(read_pipeline(tmp), heldout_rows(tmp)),
+           "heldout_denoise_loss_unrounded": heldout_denoise_loss(read_pipeline(src), heldout_rows(tmp))}
     if clip is not None:
         from mmfast.eval.t2i import evaluate
 

@@ -69,9 +69,9 @@ def test_shipped_decoder_samples_deterministically(pipe):
 
 def test_eval_t2i_reads_the_fp16_folder_in_fp32(shipped, pipe):
     # mmfast eval t2i (and ship_decoder's recorded figures) on the shipped folder: fp32 modules, the same images
-    from mmfast.eval.t2i import generate, load_pipeline
+    from mmfast.eval.t2i import generate
 
-    read = load_pipeline(shipped.pipeline_dir("image"))
+    read = shipped.read_pipeline(shipped.pipeline_dir("image"))
     assert {p.dtype for m in (read.unet, read.vae, read.text_encoder) for p in m.parameters()} == {torch.float32}
     prompts = ["a photo of a yellow star"]
     assert torch.equal(generate(read, prompts, seed=3, steps=3), generate(pipe, prompts, seed=3, steps=3))

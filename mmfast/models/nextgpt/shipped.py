@@ -28,14 +28,20 @@ def pipeline_dir(modality: str) -> Path:
     return d
 
 
-def load(modality: str = "image", dtype: torch.dtype = torch.float32):
-    """The shipped pipeline (safetensors only; progress bars off)."""
+def read_pipeline(folder: str | Path, dtype: torch.dtype = torch.float32):
+    """A diffusers pipeline folder in ``dtype`` (fp32 by default, whatever the folder stores: the shipped decoders
+    are fp16 on disk); progress bars off. Safetensors only: a pipeline folder is an untrusted file, no pickle is
+    ever loaded from it."""
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(str(pipeline_dir(modality)), dtype=dtype, local_files_only=True,
-                                             use_safetensors=True)
+    pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def load(modality: str = "image", dtype: torch.dtype = torch.float32):
+    """The shipped pipeline of ``modality`` (:func:`read_pipeline`)."""
+    return read_pipeline(pipeline_dir(modality), dtype)
 
 
 def record(modality: str = "image") -> dict:
