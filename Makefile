@@ -9,7 +9,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 # leave one worker waiting at the end.
 PYTEST_ARGS ?= -n 2 --dist worksteal --timeout=900 --durations=30
 
-.PHONY: all install ext test test-fast demo decoders bench gpu-suite lint clean
+.PHONY: all install ext test test-fast demo decoders decoders-image decoders-audio bench gpu-suite lint clean
 
 all: install
 
@@ -34,20 +34,36 @@ test: install
 demo: install
 	$(VENV)/bin/mmfast demo
 
-# The trained tiny image decoder shipped in mmfast/models/nextgpt/weights/image (issue #24): the demo's world
-# (seed 0), the VAE stage, the UNet stage, then fp16 + held-out record; bit for bit, ~30 min on 2 CPU cores. With the demo's
-# CLIP in $(DEC_CLIP) (run `make demo` first) the record holds `mmfast eval t2i`'s figures too.
+# The trained tiny decoders shipped in mmfast/models/nextgpt/weights/ (issue #24), bit for bit on 2 CPU cores.
+# Image (~30 min): the demo's world (seed 0), the VAE stage, the UNet stage, then fp16 + held-out record. With the
+# demo's CLIP in $(DEC_CLIP) (run `make demo` first) the record holds `mmfast eval t2i`'s figures too.
+# Audio (~25 min): a world of 32 clips per class (seed 1: none of the demo world's clips), the vocoder, VAE and UNet
+# stages, then fp16 + held-out record with `mmfast eval t2a`'s figures.
 DEC_RUN  ?= runs/decoders
 DEC_CLIP ?= runs/demo/clip/final
 DEC_TRAIN = $(VENV)/bin/mmfast train decoder --nproc 2 --modality image --data $(DEC_RUN)/world --batch-size 32 \
             --threads 1 --log-every 50 --overwrite
-decoders: install
+DEC_AUDIO = $(VENV)/bin/mmfast train decoder --nproc 2 --modality audio --data $(DEC_RUN)/world_audio \
+            --threads 1 --log-every 50 --overwrite
+decoders: decoders-image decoders-audio
+
+decoders-image: install
 	$(VENV)/bin/mmfast data synth --out $(DEC_RUN)/world --images 10000 --size 32 --seed 0 --no-media --force
 	$(DEC_TRAIN) --stage vae --out $(DEC_RUN)/vae --steps 500
 	$(DEC_TRAIN) --stage unet --vae $(DEC_RUN)/vae/final/vae --out $(DEC_RUN)/unet --steps 4000 --save-every 500
 	$(PY) -m mmfast.training.ship_decoder --from $(DEC_RUN)/unet/final/pipeline --world $(DEC_RUN)/world \
 	    $$(test -d $(DEC_CLIP) && echo --clip $(DEC_CLIP)) \
 	    --train-summary $(DEC_RUN)/vae/train_summary.json $(DEC_RUN)/unet/train_summary.json
+
+decoders-audio: install
+	$(VENV)/bin/mmfast data synth --out $(DEC_RUN)/world_audio --images 200 --size 32 --seed 1 --audio-per-class 32 --force
+	$(DEC_AUDIO) --stage vocoder --out $(DEC_RUN)/audio_vocoder --steps 600 --batch-size 8 --lr 2e-3
+	$(DEC_AUDIO) --stage vae --out $(DEC_RUN)/audio_vae --steps 600 --batch-size 16
+	$(DEC_AUDIO) --stage unet --vae $(DEC_RUN)/audio_vae/final/vae --vocoder $(DEC_RUN)/audio_vocoder/final/vocoder \
+	    --out $(DEC_RUN)/audio_unet --steps 2000 --batch-size 32 --save-every 500
+	$(PY) -m mmfast.training.ship_decoder --modality audio --from $(DEC_RUN)/audio_unet/final/pipeline \
+	    --world $(DEC_RUN)/world_audio --train-summary $(DEC_RUN)/audio_vocoder/train_summary.json \
+	    $(DEC_RUN)/audio_vae/train_summary.json $(DEC_RUN)/audio_unet/train_summary.json
 
 bench: install
 	$(VENV)/bin/mmfast bench contrastive

@@ -97,23 +97,9 @@ def _video(rng: np.random.Generator, size: int, frames: int) -> tuple[list[Image
     return out, caption
 
 
-def write_media(
-    out: Path,
-    splits: dict,
-    seed: int,
-    size: int,
-    *,
-    n_videos: int | None = None,
-    audio_per_class: int = 4,
-    video_frames: int = 8,
-) -> dict:
+def audio_records(out: Path, seed: int, audio_per_class: int) -> list[dict]:
+    """Write ``audio_per_class`` clips of every class under ``out/audio`` and return their text->audio records."""
     from mmfast.data._world import CLASSES
-
-    t2x_image = []
-    for split, items in splits.items():
-        for image_id, rel, scene in items:
-            cap = _text.captions(scene, np.random.default_rng([seed, image_id, 3]), 1)[0]
-            t2x_image.append({"id": f"{image_id:06d}", "caption": cap, "image_name": rel, "split": split})
 
     t2x_audio = []
     for k, cls in enumerate(CLASSES):
@@ -127,6 +113,33 @@ def write_media(
             beat_word = "once" if beats == 1 else f"{_text.NUMBER_WORDS[beats]} times"
             cap = f"the sound of {_text.article(cls)}: a {timbre} tone beeping {beat_word}"
             t2x_audio.append({"id": f"{cls}_{v:02d}", "caption": cap, "audio_name": rel, "split": split})
+    return t2x_audio
+
+
+def write_audio(out: Path, seed: int, audio_per_class: int = 4) -> dict:
+    """Only the world's audio: the clips and ``t2x_audio.json`` (the same files ``write_media`` writes for them)."""
+    t2x_audio = audio_records(Path(out), seed, audio_per_class)
+    atomic_write_json(Path(out) / "t2x_audio.json", t2x_audio, indent=None)
+    return {"n_audio": len(t2x_audio)}
+
+
+def write_media(
+    out: Path,
+    splits: dict,
+    seed: int,
+    size: int,
+    *,
+    n_videos: int | None = None,
+    audio_per_class: int = 4,
+    video_frames: int = 8,
+) -> dict:
+    t2x_image = []
+    for split, items in splits.items():
+        for image_id, rel, scene in items:
+            cap = _text.captions(scene, np.random.default_rng([seed, image_id, 3]), 1)[0]
+            t2x_image.append({"id": f"{image_id:06d}", "caption": cap, "image_name": rel, "split": split})
+
+    t2x_audio = audio_records(out, seed, audio_per_class)
 
     n_img = sum(len(v) for v in splits.values())
     n_videos = max(8, n_img // 20) if n_videos is None else n_videos

@@ -258,6 +258,8 @@ def make_world(
     """
     if n_images < 2:
         raise ValueError(f"n_images must be >= 2 (one train and one val image), got {n_images}")
+    if audio_per_class < 1:
+        raise ValueError(f"audio_per_class must be >= 1, got {audio_per_class}")
     if image_size < 32:
         raise ValueError(f"image_size must be >= 32 so the icons stay recognisable, got {image_size}")
     if not 0.0 < val_fraction < 1.0:
@@ -341,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--captions-per-image", type=int, default=2)
     p.add_argument("--no-media", action="store_true", help="skip audio, video and text->media pairs")
+    p.add_argument("--audio-per-class", type=int, default=4,
+                   help="audio clips per class (the last of each class is the val clip)")
     p.add_argument(
         "--shard-size", type=int, default=0, help="also write webdataset shards of this many samples"
     )
@@ -356,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
             val_fraction=a.val_fraction,
             captions_per_image=a.captions_per_image,
             media=not a.no_media,
+            audio_per_class=a.audio_per_class,
             shard_size=a.shard_size,
             workers=a.workers,
             overwrite=a.force,

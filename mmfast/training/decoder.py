@@ -1,4 +1,5 @@
-"""Train NExT-GPT's tiny image decoder (a diffusers StableDiffusionPipeline) on a synthetic world's captions.
+"""Train NExT-GPT's tiny image decoder (a diffusers StableDiffusionPipeline) on a synthetic world's captions; the
+audio decoder (``--modality audio``, an AudioLDMPipeline) is :mod:`.audio_decoder`.
 
     mmfast train decoder --nproc 2 --modality image --stage vae  --data WORLD --out runs/dec/vae  --steps 400
     mmfast train decoder --nproc 2 --modality image --stage unet --data WORLD --out runs/dec/unet --steps 3000 \
@@ -37,24 +38,40 @@ from pathlib import Path
 
 import torch
 
+from mmfast.training import audio_decoder as A
 from mmfast.training import engine as E
+from mmfast.training.diffusion_parts import (
+    BETAS,
+    VAEModule,
+    batches,
+    encode_posteriors,
+    export_pipeline,
+    export_vae,
+    load_vae,
+    log_step,
+    optimizer,
+    snr_weights,
+    tokenizer,
+)
 
-MODALITIES = ("image",)  # audio and video: not yet (docs/nextgpt_decoders.md)
-STAGES = ("vae", "unet")
+MODALITIES = ("image", "audio")  # video: not yet (docs/nextgpt_decoders.md)
+STAGES = {"image": ("vae", "unet"), "audio": ("vocoder", "vae", "unet")}
 # 32 px images, latents 4 x 16 x 16; UNet cross-attention at 8x8 and 4x4 latents (and the mid block): at 16x16
 # it would double the step time.
 DEFAULT_SIZES = {"image_size": 32, "vae_channels": [16, 32], "unet_channels": [32, 64, 128],
                  "text_encoder": {"hidden_size": 64, "layers": 2, "heads": 4, "max_length": 24}}
-BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-         "clip_sample": False, "steps_offset": 1}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="mmfast train decoder", description=__doc__.split("\n\n")[0])
     p.add_argument("--modality", required=True, help=f"decoder to train: one of {MODALITIES}")
-    p.add_argument("--stage", default="unet", help=f"one of {STAGES} (default unet; vae first)")
-    p.add_argument("--data", required=True, help="synthetic-world folder (captions_train.csv + images/)")
+    p.add_argument("--stage", default="unet", help="image: vae, unet; audio: vocoder, vae, unet (default unet; "
+                   "the others first)")
+    p.add_argument("--data", required=True, help="synthetic-world folder (image: captions_train.csv + images/; "
+                   "audio: t2x_audio.json + audio/)")
     p.add_argument("--vae", default=None, help="--stage unet: the VAE stage's export (RUN/final/vae)")
+    p.add_argument("--vocoder", default=None,
+                   help="audio --stage unet: the vocoder stage's export (RUN/final/vocoder)")
     p.add_argument("--image-size", type=E.positive_int, default=DEFAULT_SIZES["image_size"],
                    help="pixels per side (the world's images are resized to it; a multiple of 8)")
     p.add_argument("--max-samples", type=E.positive_int, default=None, help="first N caption rows only")
@@ -62,40 +79,41 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=E.positive_float, default=1e-3)
     p.add_argument("--warmup", type=E.nonneg_int, default=None, help="warmup steps (default 5%% of the run)")
     p.add_argument("--kl-weight", type=E.nonneg_float, default=1e-4, help="--stage vae: weight of the KL term")
-    p.add_argument("--snr-gamma", type=E.nonneg_float, default=5.0,
-                   help="--stage unet: Min-SNR-gamma loss weighting (0: the plain noise-prediction MSE)")
+    p.add_argument("--snr-gamma", type=E.nonneg_float, default=None,
+                   help="--stage unet: Min-SNR-gamma loss weighting (0: the plain MSE; default 5 for image, 0 for "
+                        "audio, whose velocity loss must weigh the noisiest steps fully)")
     p.add_argument("--uncond-prob", type=float, default=0.1, help="share of captions dropped (for guidance)")
     p.add_argument("--freeze-text-encoder", action="store_true", help="keep the random text encoder fixed")
     a = p.parse_args(argv)
     if a.modality not in MODALITIES:
-        p.error(f"--modality {a.modality!r}: only {MODALITIES} can be trained yet (audio/video: not implemented)")
-    if a.stage not in STAGES:
-        p.error(f"--stage {a.stage!r}: must be one of {STAGES}")
+        p.error(f"--modality {a.modality!r}: only {MODALITIES} can be trained yet (video: not implemented)")
+    if a.snr_gamma is None:
+        a.snr_gamma = 5.0 if a.modality == "image" else 0.0
+    if a.stage not in STAGES[a.modality]:
+        p.error(f"--stage {a.stage!r}: --modality {a.modality} has the stages {STAGES[a.modality]}")
     if a.image_size % 8:
         p.error(f"--image-size {a.image_size}: must be a multiple of 8 (the VAE and UNet halve it three times)")
     if not 0.0 <= a.uncond_prob < 1.0:
         p.error(f"--uncond-prob {a.uncond_prob}: must be in [0, 1)")
     if a.stage == "unet" and not a.vae:
         p.error("--stage unet needs --vae (the folder `--stage vae` exported: RUN/final/vae)")
+    if a.modality == "audio" and a.stage == "unet" and not a.vocoder:
+        p.error("--modality audio --stage unet needs --vocoder (the folder `--stage vocoder` exported: "
+                "RUN/final/vocoder)")
     return a
 
 
 def precheck(args) -> None:
     d = Path(args.data)
-    if not (d / "captions_train.csv").is_file():
-        raise FileNotFoundError(f"--data {d}: expected a synthetic-world folder holding captions_train.csv")
+    need = "captions_train.csv" if args.modality == "image" else "t2x_audio.json"
+    if not (d / need).is_file():
+        raise FileNotFoundError(f"--data {d}: expected a synthetic-world folder holding {need}"
+                                + (" (made with media: mmfast data synth without --no-media)" if args.modality == "audio" else ""))
     if args.stage == "unet" and not (Path(args.vae) / "config.json").is_file():
         raise FileNotFoundError(f"--vae {args.vae}: expected the VAE stage's export (RUN/final/vae, with config.json)")
-
-
-def tokenizer():
-    """The tiny LLM's tokenizer (the same one NExT-GPT's tiny decoders stand in with)."""
-    from transformers import AutoTokenizer
-
-    from mmfast.models.llava import model as llava
-
-    pre = llava.load_preset("tiny")
-    return AutoTokenizer.from_pretrained(str(llava.PRESET_DIR / pre["tokenizer"]), local_files_only=True)
+    if args.modality == "audio" and args.stage == "unet" and not (Path(args.vocoder) / "config.json").is_file():
+        raise FileNotFoundError(f"--vocoder {args.vocoder}: expected the vocoder stage's export "
+                                "(RUN/final/vocoder, with config.json)")
 
 
 def build_vae(image_size: int, sizes: dict = DEFAULT_SIZES):
@@ -134,13 +152,6 @@ def build_pipeline(image_size: int, sizes: dict = DEFAULT_SIZES, vae=None):
                                    requires_safety_checker=False)
 
 
-def load_vae(folder) -> torch.nn.Module:
-    """The VAE stage's export (safetensors only)."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
-
-
 def load_image(root: Path, rel: str, size: int) -> torch.Tensor:
     import numpy as np
     from PIL import Image
@@ -175,46 +186,6 @@ def token_ids(pipe, captions: list[str]) -> torch.Tensor:
                return_tensors="pt").input_ids
 
 
-@torch.no_grad()
-def encode_posteriors(vae, pixels: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """The VAE posterior's (mean, std) of every image, unscaled."""
-    means, stds = [], []
-    for i in range(0, len(pixels), batch):
-        d = vae.encode(pixels[i:i + batch].to(vae.dtype)).latent_dist
-        means.append(d.mean)
-        stds.append(d.std)
-    return torch.cat(means), torch.cat(stds)
-
-
-def kl_to_standard_normal(post) -> torch.Tensor:
-    return 0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean()
-
-
-class VAEModule(torch.nn.Module):
-    """The VAE stage's module: reconstruction MSE + ``kl_weight`` x KL."""
-
-    def __init__(self, vae, kl_weight: float):
-        super().__init__()
-        self.vae, self.kl_weight = vae, kl_weight
-        self.parts: dict = {}
-
-    def forward(self, pixels):
-        post = self.vae.encode(pixels).latent_dist
-        rec = torch.nn.functional.mse_loss(self.vae.decode(post.sample()).sample, pixels)
-        kl = kl_to_standard_normal(post)
-        self.parts = {"recon": float(rec.detach()), "kl": float(kl.detach())}
-        return rec + self.kl_weight * kl
-
-
-def snr_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma weights of noise-prediction losses at timesteps ``t`` (1 where ``gamma`` is 0)."""
-    if gamma <= 0:
-        return torch.ones(t.shape, dtype=torch.float32, device=t.device)
-    ac = scheduler.alphas_cumprod.to(t.device)[t].float()
-    snr = ac / (1.0 - ac)
-    return torch.clamp(snr, max=gamma) / snr
-
-
 class UNetModule(torch.nn.Module):
     """The UNet stage's module: the (Min-SNR weighted) noise-prediction loss of the UNet conditioned on the
     text encoder's states of the (sometimes dropped) caption; ``latents`` are sampled scaled posteriors."""
@@ -242,55 +213,16 @@ class UNetModule(torch.nn.Module):
         return (per_item * snr_weights(sched, t, self.snr_gamma)).mean()
 
 
-def export_vae(vae, state: dict, scaling_factor: float, folder: Path) -> None:
-    vae.load_state_dict(state)
-    vae.register_to_config(scaling_factor=scaling_factor)
-    vae.save_pretrained(str(folder), safe_serialization=True)
-
-
-def export_pipeline(pipe, state: dict, folder: Path) -> None:
-    """Write the trained pipeline (``state``: the UNet module's full fp32 weights) with a DDIM scheduler."""
-    from diffusers import DDIMScheduler
-
-    for name in ("text_encoder", "unet"):
-        part = getattr(pipe, name)
-        part.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
-    pipe.scheduler = DDIMScheduler(**BETAS, set_alpha_to_one=False)
-    pipe.save_pretrained(str(folder), safe_serialization=True)
-
-
-def _optimizer(run, args, params):
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                                  fused=True if run.device.type == "cpu" else None)
-    warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
-    return optimizer, E.cosine_with_warmup(optimizer, warmup, args.steps)
-
-
-def _log(run, step, loss, module, keys) -> None:
-    import torch.distributed as dist
-
-    v = torch.tensor([float(loss.detach()), *(module.parts[k] for k in keys[1:])], dtype=torch.float64)
-    dist.all_reduce(v)  # a collective: every rank logs the same steps
-    v /= run.world
-    run.log(step, {**dict(zip(keys, v.tolist())), "lr": run.scheduler.get_last_lr()[0]}, rate="samples_per_s")
-
-
-def _batches(run, args, n: int):
-    from mmfast.training.data import ResumableBatches
-
-    return ResumableBatches(n, args.batch_size, run.rank, run.world, args.seed, run.start, args.steps)
-
-
 def train_vae(run, args, data: WorldImages) -> int:
     vae = build_vae(args.image_size).to(run.device)
     module = VAEModule(vae, args.kl_weight)
-    engine = run.initialize(module, *_optimizer(run, args, list(module.parameters())))
+    engine = run.initialize(module, *optimizer(run, args, list(module.parameters())))
     banner = f"image VAE {args.image_size}px, {len(data.pixels)} images, {sum(p.numel() for p in vae.parameters())} params"
-    for step, idx in run.steps(_batches(run, args, len(data.pixels)), args.steps, "train VAE", banner):
+    for step, idx in run.steps(batches(run, args, len(data.pixels)), args.steps, "train VAE", banner):
         loss = engine(data.pixels[idx].to(run.device, dtype=run.dtype))
         run.backward(loss, samples=args.batch_size * run.world)
         if run.should_log(step):
-            _log(run, step, loss, module, ("loss", "recon", "kl"))
+            log_step(run, step, loss, module, ("loss", "recon", "kl"))
     state = run.gather_state(module)
     vae.load_state_dict({k[len("vae."):]: v for k, v in state.items()})
     mean, _ = encode_posteriors(vae.eval(), data.pixels.to(run.device))
@@ -312,16 +244,16 @@ def train_unet(run, args, data: WorldImages) -> int:
     ids = token_ids(pipe, data.captions)
     module = UNetModule(pipe, args.uncond_prob, args.snr_gamma)
     params = [p for p in module.parameters() if p.requires_grad]
-    engine = run.initialize(module, *_optimizer(run, args, params), exclude_frozen=args.freeze_text_encoder)
+    engine = run.initialize(module, *optimizer(run, args, params), exclude_frozen=args.freeze_text_encoder)
     banner = (f"image decoder {args.image_size}px, latents {tuple(mean.shape[1:])} x {scale:.3f}, "
               f"{len(data.captions)} pairs, {sum(p.numel() for p in params)} params train")
-    for step, rows in run.steps(_batches(run, args, len(data.captions)), args.steps, "train decoder", banner):
+    for step, rows in run.steps(batches(run, args, len(data.captions)), args.steps, "train decoder", banner):
         j = data.image_of[rows]
         latents = (mean[j] + std[j] * torch.randn_like(std[j])) * scale
         loss = engine(latents.to(run.dtype), ids[rows].to(run.device))
         run.backward(loss, samples=args.batch_size * run.world)
         if run.should_log(step):
-            _log(run, step, loss, module, ("loss", "mse"))
+            log_step(run, step, loss, module, ("loss", "mse"))
     state = run.gather_state(module)
     run.export(lambda d: export_pipeline(pipe, state, Path(d) / "pipeline"))
     return run.finish({"modality": args.modality, "stage": "unet", "image_size": args.image_size,
@@ -333,6 +265,9 @@ def train_unet(run, args, data: WorldImages) -> int:
 @E.entry
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.modality == "audio":
+        run = E.Run(args, f"train_audio_decoder_{args.stage}")
+        return A.STAGES[args.stage](run, args, A.WorldAudio(Path(args.data), "train", args.max_samples))
     run = E.Run(args, f"train_decoder_{args.stage}")
     data = WorldImages(Path(args.data), args.image_size, "train", args.max_samples)
     return (train_vae if args.stage == "vae" else train_unet)(run, args, data)

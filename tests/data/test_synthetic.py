@@ -262,6 +262,8 @@ def test_cli_and_bad_arguments(tmp_path, capsys):
         make_world(tmp_path / "x", n_images=4, image_size=8)
     with pytest.raises(ValueError, match="captions_per_image"):
         make_world(tmp_path / "x", n_images=4, captions_per_image=0)
+    with pytest.raises(ValueError, match="audio_per_class"):
+        make_world(tmp_path / "x", n_images=4, audio_per_class=0)
     tiny = make_world(tmp_path / "y", n_images=2, val_fraction=0.9, media=False)
     assert (tiny["n_train"], tiny["n_val"]) == (1, 1)
 
@@ -293,3 +295,21 @@ def test_pope_popular_and_adversarial_negatives_are_more_plausible():
         stats[setting] = np.mean(negs, axis=0)  # (conditional, marginal)
     assert stats["adversarial"][0] > 1.5 * stats["random"][0], stats
     assert stats["popular"][1] > 1.5 * stats["random"][1], stats
+
+
+def test_audio_only_writes_the_worlds_audio_and_cli_sets_the_clip_count(world, tmp_path, capsys):
+    # the demo's world: images without media, then the audio alone (mmfast.data._media.write_audio)
+    from mmfast.data._media import write_audio
+
+    out = tmp_path / "a"
+    make_world(out, n_images=N, seed=3, media=False)
+    assert write_audio(out, 3, 2) == {"n_audio": 2 * len(CLASSES)}
+    assert (out / "t2x_audio.json").read_bytes() == (world / "t2x_audio.json").read_bytes()
+    for f in sorted((world / "audio").iterdir()):
+        assert (out / "audio" / f.name).read_bytes() == f.read_bytes(), f.name
+    assert not (out / "t2x_image.json").exists() and not (out / "video").exists()
+    cli = tmp_path / "cli"
+    assert synthetic.main(["--out", str(cli), "--images", "4", "--seed", "3", "--audio-per-class", "3"]) == 0
+    audio = load_t2x_json(cli / "t2x_audio.json")
+    assert len(audio) == 3 * len(CLASSES) and sum(r["split"] == "val" for r in audio) == len(CLASSES)
+    assert json.loads(capsys.readouterr().out)["n_audio"] == 3 * len(CLASSES)

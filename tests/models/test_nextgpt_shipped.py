@@ -79,4 +79,76 @@ def test_eval_t2i_reads_the_fp16_folder_in_fp32(shipped, pipe):
 
 def test_missing_shipped_decoder_names_make_decoders(shipped):
     with pytest.raises(FileNotFoundError, match="make decoders"):
-        shipped.pipeline_dir("audio")
+        shipped.pipeline_dir("video")
+
+
+# ---------------------------------------------------------------------------------------------- the audio decoder
+@pytest.fixture(scope="module")
+def audio_pipe(shipped):
+    return shipped.load("audio")
+
+
+def test_shipped_audio_files_are_fp16_safetensors(shipped):
+    from safetensors.torch import load_file
+
+    folder = shipped.pipeline_dir("audio")
+    assert not list(folder.rglob("*.bin")) and not list(folder.rglob("*.pt"))
+    files = list(folder.rglob("*.safetensors"))
+    assert {f.parent.name for f in files} == {"unet", "vae", "text_encoder", "vocoder"}
+    for f in files:
+        tensors = load_file(str(f))
+        assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.float16}, f
+    assert sum(f.stat().st_size for f in files) < 16 * 2**20
+    for f in [folder / "model_index.json", *folder.glob("*/config.json")]:
+        assert "_name_or_path" not in json.loads(f.read_text(encoding="utf-8")), f
+
+
+def test_shipped_audio_decoder_reproduces_its_recorded_heldout_loss(shipped, audio_pipe):
+    from mmfast.training.audio_decoder import build_pipeline
+
+    rec = shipped.record("audio")
+    rows = shipped.heldout_rows(shipped.pipeline_dir("audio"))
+    assert len(rows) == 16 and all(p.endswith("_31.wav") for p, _ in rows)  # the world's val clip of each class
+    assert {p.dtype for p in audio_pipe.unet.parameters()} == {torch.float32}
+    loss = shipped.heldout_denoise_loss(audio_pipe, rows)
+    assert loss == pytest.approx(rec["heldout_denoise_loss"], rel=1e-4)
+    torch.manual_seed(0)
+    rand = build_pipeline(audio_pipe.vae, audio_pipe.vocoder)
+    rand.scheduler = audio_pipe.scheduler
+    assert loss < 0.5 * shipped.heldout_denoise_loss(rand, rows)
+
+
+def test_shipped_audio_decoder_samples_deterministically(audio_pipe):
+    from mmfast.models.nextgpt import decoders as nd
+
+    cond = nd.text_condition("audio", audio_pipe, ["the sound of a cup: a hollow tone beeping twice"] * 2)
+    a, b, c = (nd.decode("audio", audio_pipe, cond, steps=4, seed=s, guidance_scale=3.0, audio_length_in_s=1.0)
+               for s in (1, 1, 2))
+    assert a.shape == (2, 16000) and (abs(a) <= 1).all()
+    assert (a == b).all() and not (a == c).all()
+
+
+@pytest.mark.slow
+def test_shipped_audio_decoder_reproduces_its_recorded_t2a(shipped, audio_pipe, tmp_path):
+    # the world it was made from, rebuilt from its seed (the clips are a function of the seed alone)
+    from mmfast.data.synthetic import make_world
+    from mmfast.eval.t2a import evaluate
+
+    rec = shipped.record("audio")["t2a"]["3.0"]
+    make_world(tmp_path, 200, 32, 1, audio_per_class=32)
+    got = evaluate(audio_pipe, tmp_path, guidance_scale=3.0)
+    assert got["n"] == rec["n"] == 16 and got["real_top1"] == rec["real_top1"] == 1.0
+    assert got["vocoder_top1"] == pytest.approx(rec["vocoder_top1"], abs=1 / 16)
+    assert got["t2a_top1"] == pytest.approx(rec["t2a_top1"], abs=1 / 16) and got["t2a_top1"] >= 0.8
+
+
+def test_a_decoder_folder_holding_pickles_is_refused(shipped, pipe, tmp_path):
+    # the tiny preset's "shipped:<m>" or a folder path: safetensors only, never a pickle
+    from mmfast.models.nextgpt import decoders as nd
+
+    pipe.save_pretrained(str(tmp_path / "p"), safe_serialization=False)
+    # (transformers writes the text encoder in safetensors whatever it is asked; the UNet and VAE are pickles)
+    for part in ("unet", "vae"):
+        assert list((tmp_path / "p" / part).glob("*.bin")) and not list((tmp_path / "p" / part).glob("*.safetensors"))
+    with pytest.raises(Exception, match="safetensors"):
+        nd.load_pipeline("image", str(tmp_path / "p"), None)

@@ -52,7 +52,8 @@ def trained(world, vae_run, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_vae_stage_exports_unit_variance_scaling(world, vae_run):
-    from mmfast.training.decoder import WorldImages, encode_posteriors, load_vae
+    from mmfast.training.decoder import WorldImages
+    from mmfast.training.diffusion_parts import encode_posteriors, load_vae
 
     summary = json.loads((vae_run / "train_summary.json").read_text())
     assert summary["stage"] == "vae" and summary["steps"] == 3 and summary["world_size"] == 2
@@ -95,7 +96,7 @@ def test_decoder_resume_matches_uninterrupted(world, vae_run, trained, tmp_path)
 def test_min_snr_weights():
     from diffusers import DDPMScheduler
 
-    from mmfast.training.decoder import BETAS, snr_weights
+    from mmfast.training.diffusion_parts import BETAS, snr_weights
 
     sched = DDPMScheduler(**BETAS)
     t = torch.tensor([0, 10, 100, 500, 999])
@@ -147,7 +148,7 @@ def test_scores_top1_and_margin():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--modality", "audio"], "only ('image',)"),
+    (["--modality", "video"], "only ('image', 'audio')"),
     (["--modality", "image", "--image-size", "30"], "multiple of 8"),
     (["--modality", "image", "--uncond-prob", "1.5"], "--uncond-prob"),
     (["--modality", "image", "--stage", "all"], "--stage 'all'"),

@@ -40,13 +40,14 @@ def test_train_and_demo_run_from_an_installed_wheel(tmp_path):
                    cwd=tmp_path, timeout=600)
     assert (site / "mmfast" / "training" / "configs" / "zero2.json").is_file()
     assert not (site / "training").exists()
-    # the trained image decoder ships inside the package: every file of its folder, byte for byte
-    shipped = ROOT / "mmfast" / "models" / "nextgpt" / "weights" / "image"
-    files = sorted(f.relative_to(shipped) for f in shipped.rglob("*") if f.is_file())
-    assert any(f.suffix == ".safetensors" for f in files) and (Path("RECORD.json") in files)
-    installed = site / "mmfast" / "models" / "nextgpt" / "weights" / "image"
-    for f in files:
-        assert (installed / f).read_bytes() == (shipped / f).read_bytes(), f
+    # the trained image and audio decoders ship inside the package: every file of their folders, byte for byte
+    for modality in ("image", "audio"):
+        shipped = ROOT / "mmfast" / "models" / "nextgpt" / "weights" / modality
+        files = sorted(f.relative_to(shipped) for f in shipped.rglob("*") if f.is_file())
+        assert any(f.suffix == ".safetensors" for f in files) and (Path("RECORD.json") in files), modality
+        installed = site / "mmfast" / "models" / "nextgpt" / "weights" / modality
+        for f in files:
+            assert (installed / f).read_bytes() == (shipped / f).read_bytes(), f
 
     work = tmp_path / "elsewhere"  # not the checkout: nothing beside it to find
     work.mkdir()

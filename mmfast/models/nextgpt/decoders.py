@@ -149,6 +149,18 @@ TINY_BUILDERS = {"image": tiny_image_pipeline, "video": tiny_video_pipeline, "au
 PIPELINE_CLASSES = {"image": "StableDiffusionPipeline", "video": "TextToVideoSDPipeline", "audio": "AudioLDMPipeline"}
 
 
+WEIGHTS = Path(__file__).resolve().parent / "weights"  # the trained decoders shipped in the package
+
+
+def shipped_dir(name: str) -> Path:
+    """The shipped pipeline folder ``weights/<name>`` (:mod:`mmfast.models.nextgpt.shipped`); a clear error when
+    this build has none."""
+    d = WEIGHTS / name
+    if not (d / "model_index.json").is_file():
+        raise FileNotFoundError(f"no shipped {name} decoder in {d}: `make decoders` trains it (issue #24)")
+    return d
+
+
 def load_pipeline(modality: str, spec, tokenizer):
     """A frozen pipeline from a tiny config dict, a local directory, or ``"shipped:<name>"``: a trained decoder
     shipped in the package (:mod:`mmfast.models.nextgpt.shipped`)."""
@@ -156,15 +168,14 @@ def load_pipeline(modality: str, spec, tokenizer):
         import diffusers
 
         if spec.startswith("shipped:"):
-            from mmfast.models.nextgpt.shipped import pipeline_dir
-
-            d = pipeline_dir(spec.split(":", 1)[1])
+            d = shipped_dir(spec.split(":", 1)[1])
         else:
             d = Path(spec)
         if not d.is_dir():
             raise FileNotFoundError(f"{modality} decoder directory not found: {d}")
+        # safetensors only: a pipeline folder is an untrusted file, no pickle is loaded from it
         pipe = getattr(diffusers, PIPELINE_CLASSES[modality]).from_pretrained(str(d), local_files_only=True,
-                                                                              dtype=torch.float32)
+                                                                              dtype=torch.float32, use_safetensors=True)
     else:
         pipe = TINY_BUILDERS[modality](spec, tokenizer)
     for name in ("vae", "text_encoder", "unet", "vocoder"):
@@ -201,31 +212,46 @@ def to_pipeline_embeds(modality: str, cond: torch.Tensor) -> torch.Tensor:
     return cond[:, 0] if modality == "audio" else cond
 
 
-def audio_mel(pipe, waveforms: torch.Tensor) -> torch.Tensor:
-    """(B, T) waveforms -> (B, 1, frames, n_mels) log-mel spectrograms in the AudioLDM VAE's layout.
-
-    The mel layout is the vocoder's: ``model_in_dim`` mel bins, hop = the vocoder's total upsampling (160
-    samples at 16 kHz for AudioLDM), FFT window the next power of two >= 4 hops (1024 there), 0 .. sr/2 Hz,
-    Slaney filters, log of the clamped magnitude (AudioLDM's TacotronSTFT recipe). Frames are zero-padded
-    to what the VAE and UNet downsampling divide."""
-    import math
-
+def log_mel(waveforms: torch.Tensor, sample_rate: int, n_mels: int, hop: int) -> torch.Tensor:
+    """(B, T) waveforms -> (B, T // hop, n_mels) log-mel spectrograms, AudioLDM's TacotronSTFT recipe: FFT window
+    the next power of two >= 4 hops, 0 .. sr/2 Hz, Slaney filters, log of the magnitude clamped at 1e-5. Frame
+    ``i`` is centred on sample ``i * hop``; the last, partial frame is dropped, so a clip of ``frames * hop``
+    samples gives the ``frames`` a vocoder upsampling ``hop`` times turns back into it."""
     from transformers.audio_utils import mel_filter_bank
 
-    voc = pipe.vocoder.config
-    sr, n_mels = int(voc.sampling_rate), int(voc.model_in_dim)
-    hop = int(math.prod(voc.upsample_rates))
     n_fft = 1 << (4 * hop - 1).bit_length()
     fb = torch.as_tensor(mel_filter_bank(num_frequency_bins=n_fft // 2 + 1, num_mel_filters=n_mels, min_frequency=0.0,
-                                         max_frequency=sr / 2, sampling_rate=sr, norm="slaney", mel_scale="slaney"),
-                         dtype=torch.float32, device=waveforms.device)  # (F, M)
+                                         max_frequency=sample_rate / 2, sampling_rate=sample_rate, norm="slaney",
+                                         mel_scale="slaney"), dtype=torch.float32, device=waveforms.device)  # (F, M)
     x = waveforms.float()
     spec = torch.stft(x, n_fft, hop_length=hop, window=torch.hann_window(n_fft, device=x.device),
-                      return_complex=True).abs()  # (B, F, frames)
-    mel = torch.log(torch.clamp(spec.transpose(1, 2) @ fb, min=1e-5))  # (B, frames, M)
+                      return_complex=True).abs()  # (B, F, 1 + T // hop)
+    return torch.log(torch.clamp(spec.transpose(1, 2) @ fb, min=1e-5))[:, :x.shape[1] // hop]
+
+
+def audio_mel(pipe, waveforms: torch.Tensor) -> torch.Tensor:
+    """(B, T) waveforms -> (B, 1, frames, n_mels) log-mel spectrograms in the AudioLDM VAE's layout: the vocoder's
+    mel layout (:func:`log_mel` with ``model_in_dim`` bins and hop = the vocoder's total upsampling, 160 samples at
+    16 kHz for AudioLDM), frames zero-padded to what the VAE and UNet downsampling divide."""
+    import math
+
+    voc = pipe.vocoder.config
+    mel = log_mel(waveforms, int(voc.sampling_rate), int(voc.model_in_dim), int(math.prod(voc.upsample_rates)))
     mult = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
     mel = nn.functional.pad(mel, (0, 0, 0, -mel.shape[1] % mult), value=math.log(1e-5))
     return mel.unsqueeze(1)  # (B, 1, frames, M)
+
+
+def prediction_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet predicts at ``t``, by its scheduler's ``prediction_type``: the noise (``epsilon``, Stable
+    Diffusion's) or the velocity ``sqrt(abar) * noise - sqrt(1 - abar) * latents`` (``v_prediction``, the shipped
+    audio decoder's)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, t)
+    raise ValueError(f"scheduler prediction_type {kind!r}: expected 'epsilon' or 'v_prediction'")
 
 
 def _encode(vae, x: torch.Tensor) -> torch.Tensor:
@@ -233,7 +259,7 @@ def _encode(vae, x: torch.Tensor) -> torch.Tensor:
 
 
 def diffusion_loss(modality: str, pipe, cond: torch.Tensor, target_media: torch.Tensor) -> torch.Tensor:
-    """Noise-prediction MSE of the frozen UNet on the target media's latents, conditioned as the pipeline
+    """Noise-prediction MSE (or velocity, :func:`prediction_target`) of the frozen UNet on the target media's latents, conditioned as the pipeline
     conditions on ``prompt_embeds`` = the projected ``cond`` (R, Q, C):
 
     * image: ``target_media`` (R, 3, S, S) in [-1, 1]; ``encoder_hidden_states=cond``;
@@ -266,7 +292,7 @@ def diffusion_loss(modality: str, pipe, cond: torch.Tensor, target_media: torch.
         pred = unet(noisy, t, encoder_hidden_states=None, class_labels=embeds).sample
     else:
         pred = unet(noisy, t, encoder_hidden_states=embeds).sample
-    return nn.functional.mse_loss(pred.float(), noise.float())
+    return nn.functional.mse_loss(pred.float(), prediction_target(sched, latents, noise, t).float())
 
 
 @torch.no_grad()
@@ -289,4 +315,4 @@ def decode(modality: str, pipe, cond: torch.Tensor, steps: int = 10, seed: int =
 
 
 __all__ = ["MODALITIES", "OutputProjection", "audio_mel", "condition_shape", "decode", "diffusion_loss", "load_pipeline",
-           "text_condition", "tiny_audio_pipeline", "tiny_image_pipeline", "tiny_video_pipeline"]
+           "log_mel", "prediction_target", "text_condition", "tiny_audio_pipeline", "tiny_image_pipeline", "tiny_video_pipeline"]
