@@ -64,7 +64,7 @@ STAGES += [
 STAGES += [
     Stage("nextgpt_stage1", demo_nextgpt.nextgpt_stage1, "tiny NExT-GPT stage 1 (input projection), ZeRO-2"),
     Stage("nextgpt_stage2", demo_nextgpt.nextgpt_stage2, "tiny NExT-GPT stage 2 (output projection, signal tokens)"),
-    Stage("nextgpt_eval", demo_nextgpt.nextgpt_eval, "text->image through the shipped decoder and NExT-GPT, judged by the demo's CLIP"),
+    Stage("nextgpt_eval", demo_nextgpt.nextgpt_eval, "text->image and text->audio through the shipped decoders and NExT-GPT, judged by the demo's CLIP and an audio classifier"),
 ]
 
 
@@ -99,6 +99,8 @@ def parse_args(argv):
     # 10,000 images (8,000 train): with 2,000 the tiny CLIP overfits its 1,600 training images (zero-shot
     # top-1 0.555 on train vs 0.44 on val); the world costs ~9 s to draw and each step reads fresh images.
     p.add_argument("--images", type=int, default=10000, help="synthetic world size (train + val)")
+    p.add_argument("--audio-per-class", type=int, default=32,
+                   help="audio clips per class in the world (the last of each is held out)")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--clip-model", default="tiny")

@@ -51,6 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--negatives", type=float, default=1.0,
                    help="stage 2 from a world: share of pairs also given as X->text records, so the signal "
                         "tokens learn when not to start")
+    p.add_argument("--repeat", default="",
+                   help="stage 2 from a world: MOD=N,... gives each pair of MOD N times (a small modality's share "
+                        "of the steps)")
     p.add_argument("--warmup", type=E.nonneg_int, default=None)
     p.add_argument("--align-weight", type=float, default=1.0)
     p.add_argument("--diffusion-weight", type=float, default=0.0,
@@ -61,6 +64,13 @@ def parse_args(argv=None):
     bad = [m for m in a.modalities if m not in nd.MODALITIES]
     if bad:
         p.error(f"--modalities {bad}: expected some of {nd.MODALITIES}")
+    repeats = {}
+    for item in filter(None, (x.strip() for x in a.repeat.split(","))):
+        m, _, n = item.partition("=")
+        if m not in a.modalities or not n.isdigit() or int(n) < 1:
+            p.error(f"--repeat {item!r}: expected MOD=N with MOD one of --modalities {a.modalities} and N >= 1")
+        repeats[m] = int(n)
+    a.repeat = repeats
     return a
 
 
@@ -84,7 +94,8 @@ def build(args, device) -> ng.NextGPT:
 def records(args) -> tuple[list[dict], Path]:
     src = Path(args.data)
     if src.is_dir():
-        recs = nd.stage_records(src, args.stage, args.modalities, seed=args.seed, negatives=args.negatives)
+        recs = nd.stage_records(src, args.stage, args.modalities, seed=args.seed, negatives=args.negatives,
+                                repeats=args.repeat)
         root = src
     else:
         recs = read_json(src, what="dialogue JSON file")

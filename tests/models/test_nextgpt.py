@@ -493,14 +493,20 @@ def test_demo_eval_draws_through_the_decoder_and_nextgpt(model, tmp_path):
     import numpy as np
     from PIL import Image
 
+    from mmfast.data._media import write_audio
+    from mmfast.data.media import read_wav
     from mmfast.data.synthetic import make_world
     from mmfast.demo import DemoContext
+    from mmfast.eval.t2a import AudioJudge, load_clips
     from mmfast.eval.t2i import generate, heldout_prompts
+    from mmfast.models.nextgpt import decoders as nd
     from mmfast.models.nextgpt.demo import nextgpt_eval
 
     ctx = DemoContext(tmp_path, argparse.Namespace(nextgpt_eval_prompts=2, nextgpt_emit_prompts=1, seed=0,
-                                                   nextgpt_guidance=3.0, nextgpt_diffusion_steps=2))
+                                                   nextgpt_guidance=3.0, nextgpt_diffusion_steps=2,
+                                                   nextgpt_audio_guidance=2.0))
     make_world(ctx.world, 24, 32, 1, media=False)
+    write_audio(ctx.world, 1, 2)  # 1 train and 1 held-out clip per class
     model.save_pretrained(tmp_path / "nextgpt_stage2" / "final")
     out = nextgpt_eval(ctx)
     rows = heldout_prompts(ctx.world, 2)
@@ -515,3 +521,18 @@ def test_demo_eval_draws_through_the_decoder_and_nextgpt(model, tmp_path):
         y = 18 + r * 132
         assert np.array_equal(grid[y:y + 128, 360:360 + 128], want), r
         assert not np.array_equal(grid[y:y + 128, 492:492 + 128], want)  # the NExT-GPT column: another image
+    # text->audio: the held-out clips' captions through the decoder alone and through NExT-GPT, judged by the
+    # classifier of the real train clips; the clips written are the ones judged
+    waves, labels, captions = load_clips(ctx.world, "val")
+    assert out["nextgpt_t2a_prompts"] == 16 and out["nextgpt_audio_decoder"] == str(model.cfg["decoders"]["audio"])
+    pipe = model.pipes["audio"]
+    alone = torch.as_tensor(nd.decode("audio", pipe, nd.text_condition("audio", pipe, captions), steps=2, seed=0,
+                                      guidance_scale=2.0, audio_length_in_s=1.0))
+    judge = AudioJudge.fit(ctx.world)
+    assert out["nextgpt_t2a_top1_decoder"] == round(judge.accuracy(alone, labels), 4)
+    assert out["nextgpt_t2a_real_top1"] == round(judge.accuracy(waves, labels), 4)
+    for i in (0, 15):
+        dec, _ = read_wav(tmp_path / "nextgpt_samples_audio" / f"{i:02d}_decoder.wav")
+        ng, _ = read_wav(tmp_path / "nextgpt_samples_audio" / f"{i:02d}_nextgpt.wav")
+        assert np.abs(np.asarray(dec) - alone[i].numpy()).max() <= 1 / 32767 + 1e-6  # 16-bit PCM of that clip
+        assert np.abs(np.asarray(ng) - alone[i].numpy()).max() > 1e-3

@@ -84,6 +84,12 @@ def test_stage_builders_and_media(tmp_path):
     assert n_pairs < len(half) < 2 * n_pairs
     assert all(r["media"] and len(r["media"]) == 1 for r in s2 if not r.get("targets"))
     assert len(nd.stage_records(tmp_path, 2, mods, negatives=0.0)) == n_pairs
+    # --repeat audio=3: every audio pair three times (with its negatives), the other modalities once
+    rep = nd.stage_records(tmp_path, 2, mods, negatives=0.0, repeats={"audio": 3})
+    n_audio = len(nd.t2x_pairs(tmp_path, "audio"))
+    assert len(rep) == n_pairs + 2 * n_audio
+    audio = [r["targets"]["audio"][0] for r in rep if "audio" in r["targets"]]
+    assert sorted(audio) == sorted(3 * [p["caption"] for p in nd.t2x_pairs(tmp_path, "audio")])
     # Diffusion-loss targets: one per signal run, in each decoder's input layout.
     one = [next(r for r in t2x if m in r["targets"]) for m in mods]
     ds = nd.DialogueDataset(one + one[:1], _tok(), nd.MediaLoader(tmp_path, ImageProcessor(32, aspect="resize"),
@@ -145,3 +151,17 @@ def test_stage2_image_negatives_end_like_the_world_descriptions(tmp_path):
     assert nd.image_descriptions(tmp_path) == {}
     recs = nd.stage_records(tmp_path, 2, ("image",), negatives=1.0)
     assert all(r["conversations"][1]["value"] == captions[r["media"]["image"][0]] for r in recs if "media" in r)
+
+
+@pytest.mark.parametrize("arg, ok", [("audio=8", {"audio": 8}), ("audio=8,image=2", {"audio": 8, "image": 2}),
+                                     ("video=2", None), ("audio=0", None), ("audio", None)])
+def test_repeat_argument(arg, ok, capsys):
+    from mmfast.training.nextgpt import parse_args
+
+    argv = ["--stage", "2", "--data", ".", "--out", "x", "--modalities", "image,audio", "--repeat", arg]
+    if ok is None:
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert "--repeat" in capsys.readouterr().err
+    else:
+        assert parse_args(argv).repeat == ok

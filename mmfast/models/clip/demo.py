@@ -8,10 +8,15 @@ import json
 
 
 def clip_world(ctx) -> dict:
+    from mmfast.data._media import write_audio
     from mmfast.data.synthetic import make_world
 
     s = make_world(ctx.world, ctx.args.images, ctx.args.image_size, ctx.args.seed, media=False)
-    return {"world_images": s["n_train"] + s["n_val"], "world_seconds": s["seconds"]}
+    # the clips NExT-GPT's text->audio trains and is judged on (no images or videos of the media set: the image
+    # stages read the captions)
+    audio = write_audio(ctx.world, ctx.args.seed, ctx.args.audio_per_class)
+    return {"world_images": s["n_train"] + s["n_val"], "world_audio_clips": audio["n_audio"],
+            "world_seconds": s["seconds"]}
 
 
 def clip_train(ctx) -> dict:

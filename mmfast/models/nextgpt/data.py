@@ -287,13 +287,15 @@ def t2x_record(modality: str, pair: dict, rng: random.Random, reply_text: bool =
 
 
 def stage_records(world, stage: int, modalities=("image",), split: str = "train", seed: int = 0,
-                  n_dialogues: int | None = None, negatives: float = 1.0) -> list[dict]:
+                  n_dialogues: int | None = None, negatives: float = 1.0, repeats: dict | None = None) -> list[dict]:
     """Stage 1: X->text captioning; stage 2: text->X answered by the signal run alone (LM loss on the signal
     tokens and the closing ``</s>``) plus X->text captioning records for a ``negatives`` share of the pairs;
     stage 3: MosIT-style dialogues (text, then the run).
 
     The negatives matter because only the signal-token rows learn in stage 2: without replies that start
-    with ordinary text, the cheapest solution is an ``[IMG0]`` row that fires after every prompt."""
+    with ordinary text, the cheapest solution is an ``[IMG0]`` row that fires after every prompt.
+    ``repeats`` (stage 2): ``{modality: N}`` gives each pair of that modality N times (each time with its own
+    prompt template and negative draw), so a modality with few pairs gets a share of the steps."""
     rng = random.Random(seed)
     pairs = {m: t2x_pairs(world, m, split) for m in modalities}
     if stage == 1:
@@ -304,7 +306,7 @@ def stage_records(world, stage: int, modalities=("image",), split: str = "train"
         described = image_descriptions(world, split) if "image" in modalities else {}
         recs = []
         for m in modalities:  # a negative follows its pair, so a --max-samples prefix keeps the mix
-            for p in pairs[m]:
+            for p in pairs[m] * (repeats or {}).get(m, 1):
                 recs.append(t2x_record(m, p, rng, reply_text=False))
                 if rng.random() < negatives:
                     # Half the image negatives end like the LLM's own descriptions: the signal rows must lose to
