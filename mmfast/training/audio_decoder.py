@@ -187,8 +187,8 @@ def v_snr_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
 
 
 class AudioUNetModule(torch.nn.Module):
-    """The noise-prediction loss of the UNet conditioned, through its class embedding, on the normalised CLAP
-    projection of the (sometimes dropped) caption, as AudioLDMPipeline conditions it."""
+    """The velocity-prediction loss (:data:`AUDIO_BETAS`) of the UNet conditioned, through its class embedding, on
+    the normalised CLAP projection of the (sometimes dropped) caption, as AudioLDMPipeline conditions it."""
 
     def __init__(self, pipe, uncond_prob: float, snr_gamma: float):
         super().__init__()
