@@ -100,7 +100,6 @@ class AudioJudge:
 def evaluate(pipeline, world: str | Path, seed: int = 0, steps: int = 25, guidance_scale: float = 3.0,
              save_dir: str | Path | None = None) -> dict:
     """Generate a clip for each held-out clip's caption and judge it (see the module's doc)."""
-    import math
     import time
 
     from mmfast.models.nextgpt import decoders as nd
@@ -115,14 +114,12 @@ def evaluate(pipeline, world: str | Path, seed: int = 0, steps: int = 25, guidan
     judge = AudioJudge.fit(world)
     waves, labels, captions = load_clips(world, "val")
     seconds = waves.shape[1] / SAMPLE_RATE
-    voc = pipe.vocoder.config
     t0 = time.perf_counter()
     gen = torch.as_tensor(nd.decode("audio", pipe, nd.text_condition("audio", pipe, captions), steps=steps, seed=seed,
                                     guidance_scale=guidance_scale, audio_length_in_s=seconds)).float()
     gen_s = time.perf_counter() - t0
     with torch.no_grad():
-        mel = nd.log_mel(waves, int(voc.sampling_rate), int(voc.model_in_dim), int(math.prod(voc.upsample_rates)))
-        resynth = pipe.vocoder(mel).float()
+        resynth = pipe.vocoder(nd.vocoder_mel(pipe, waves)).float()
     if save_dir is not None:
         from mmfast.data._media import write_wav
 

@@ -176,16 +176,6 @@ def text_ids(pipe, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return t.input_ids, t.attention_mask
 
 
-def v_snr_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma weights of velocity-prediction losses: min(SNR, gamma) / (SNR + 1); 1 where ``gamma`` is 0 (the
-    audio default: see :data:`AUDIO_BETAS`)."""
-    if gamma <= 0:
-        return torch.ones(t.shape, dtype=torch.float32, device=t.device)
-    ac = scheduler.alphas_cumprod.to(t.device)[t].float()
-    snr = ac / (1.0 - ac)
-    return torch.clamp(snr, max=gamma) / (snr + 1.0)
-
-
 class AudioUNetModule(torch.nn.Module):
     """The velocity-prediction loss (:data:`AUDIO_BETAS`) of the UNet conditioned, through its class embedding, on
     the normalised CLAP projection of the (sometimes dropped) caption, as AudioLDMPipeline conditions it."""
@@ -214,7 +204,7 @@ class AudioUNetModule(torch.nn.Module):
         target = prediction_target(sched, latents, noise, t)
         per_item = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
         self.parts = {"mse": float(per_item.mean().detach())}
-        return (per_item * v_snr_weights(sched, t, self.snr_gamma)).mean()
+        return (per_item * D.snr_weights(sched, t, self.snr_gamma)).mean()
 
 
 def train_vocoder(run, args, data: WorldAudio) -> int:

@@ -62,12 +62,14 @@ class VAEModule(torch.nn.Module):
 
 
 def snr_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma weights of noise-prediction losses at timesteps ``t`` (1 where ``gamma`` is 0)."""
+    """Min-SNR-gamma weights at timesteps ``t`` of the losses the scheduler's ``prediction_type`` names:
+    min(SNR, gamma) / SNR for noise prediction, min(SNR, gamma) / (SNR + 1) for velocity prediction (both weigh
+    the clean-latent error by min(SNR, gamma)); 1 where ``gamma`` is 0."""
     if gamma <= 0:
         return torch.ones(t.shape, dtype=torch.float32, device=t.device)
     ac = scheduler.alphas_cumprod.to(t.device)[t].float()
     snr = ac / (1.0 - ac)
-    return torch.clamp(snr, max=gamma) / snr
+    return torch.clamp(snr, max=gamma) / (snr + 1.0 if scheduler.config.prediction_type == "v_prediction" else snr)
 
 
 def export_vae(vae, state: dict, scaling_factor: float, folder: Path) -> None:

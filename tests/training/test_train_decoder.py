@@ -106,6 +106,10 @@ def test_min_snr_weights():
     assert torch.allclose(snr_weights(sched, t, 5.0).double(), want, rtol=1e-6)
     assert want[0] < 0.01 and want[-1] == 1.0  # clean steps weigh little, noisy ones fully
     assert torch.equal(snr_weights(sched, t, 0.0), torch.ones(5))
+    # velocity prediction (the audio decoder's): the same clean-latent weighting, min(SNR, 5) / (SNR + 1)
+    v = DDPMScheduler(**{**BETAS, "prediction_type": "v_prediction"})
+    assert torch.allclose(snr_weights(v, t, 5.0).double(), torch.minimum(snr, torch.full_like(snr, 5.0)) / (snr + 1),
+                          rtol=1e-6)
 
 
 @pytest.mark.slow

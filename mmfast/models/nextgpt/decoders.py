@@ -229,14 +229,22 @@ def log_mel(waveforms: torch.Tensor, sample_rate: int, n_mels: int, hop: int) ->
     return torch.log(torch.clamp(spec.transpose(1, 2) @ fb, min=1e-5))[:, :x.shape[1] // hop]
 
 
+def vocoder_mel(pipe, waveforms: torch.Tensor) -> torch.Tensor:
+    """(B, T) waveforms -> (B, T // hop, M): :func:`log_mel` in the layout of ``pipe``'s vocoder (its sampling rate,
+    ``model_in_dim`` bins, hop = its total upsampling), the input it turns back into the waveform."""
+    import math
+
+    voc = pipe.vocoder.config
+    return log_mel(waveforms, int(voc.sampling_rate), int(voc.model_in_dim), int(math.prod(voc.upsample_rates)))
+
+
 def audio_mel(pipe, waveforms: torch.Tensor) -> torch.Tensor:
     """(B, T) waveforms -> (B, 1, frames, n_mels) log-mel spectrograms in the AudioLDM VAE's layout: the vocoder's
     mel layout (:func:`log_mel` with ``model_in_dim`` bins and hop = the vocoder's total upsampling, 160 samples at
     16 kHz for AudioLDM), frames zero-padded to what the VAE and UNet downsampling divide."""
     import math
 
-    voc = pipe.vocoder.config
-    mel = log_mel(waveforms, int(voc.sampling_rate), int(voc.model_in_dim), int(math.prod(voc.upsample_rates)))
+    mel = vocoder_mel(pipe, waveforms)
     mult = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
     mel = nn.functional.pad(mel, (0, 0, 0, -mel.shape[1] % mult), value=math.log(1e-5))
     return mel.unsqueeze(1)  # (B, 1, frames, M)
@@ -315,4 +323,5 @@ def decode(modality: str, pipe, cond: torch.Tensor, steps: int = 10, seed: int =
 
 
 __all__ = ["MODALITIES", "OutputProjection", "audio_mel", "condition_shape", "decode", "diffusion_loss", "load_pipeline",
-           "log_mel", "prediction_target", "text_condition", "tiny_audio_pipeline", "tiny_image_pipeline", "tiny_video_pipeline"]
+           "log_mel", "prediction_target", "text_condition", "tiny_audio_pipeline", "tiny_image_pipeline",
+           "tiny_video_pipeline", "vocoder_mel"]
