@@ -116,6 +116,28 @@ def audio_records(out: Path, seed: int, audio_per_class: int) -> list[dict]:
     return t2x_audio
 
 
+def video_records(out: Path, seed: int, size: int, n_videos: int, frames: int) -> list[dict]:
+    """Write ``n_videos`` GIFs of ``frames`` frames under ``out/video`` (the last fifth held out as ``val``) and
+    return their text->video records."""
+    n_val = max(1, n_videos // 5) if n_videos > 1 else 0
+    t2x_video = []
+    (Path(out) / "video").mkdir(parents=True, exist_ok=True)
+    for i in range(n_videos):
+        split, j = ("train", i) if i < n_videos - n_val else ("val", i - (n_videos - n_val))
+        ims, cap = _video(np.random.default_rng([seed, 3_000_000 + i]), size, frames)
+        rel = f"video/{split}_{j:06d}.gif"
+        ims[0].save(Path(out) / rel, save_all=True, append_images=ims[1:], duration=125, loop=0)
+        t2x_video.append({"id": f"video_{i:06d}", "caption": cap, "video_name": rel, "split": split})
+    return t2x_video
+
+
+def write_videos(out: Path, seed: int, size: int, n_videos: int, frames: int = 4) -> dict:
+    """Only the world's videos: the GIFs and ``t2x_video.json`` (the same files ``write_media`` writes for them)."""
+    t2x_video = video_records(Path(out), seed, size, n_videos, frames)
+    atomic_write_json(Path(out) / "t2x_video.json", t2x_video, indent=None)
+    return {"n_videos": len(t2x_video)}
+
+
 def write_audio(out: Path, seed: int, audio_per_class: int = 4) -> dict:
     """Only the world's audio: the clips and ``t2x_audio.json`` (the same files ``write_media`` writes for them)."""
     t2x_audio = audio_records(Path(out), seed, audio_per_class)
@@ -143,15 +165,7 @@ def write_media(
 
     n_img = sum(len(v) for v in splits.values())
     n_videos = max(8, n_img // 20) if n_videos is None else n_videos
-    n_val = max(1, n_videos // 5) if n_videos > 1 else 0
-    t2x_video = []
-    (out / "video").mkdir(parents=True, exist_ok=True)
-    for i in range(n_videos):
-        split, j = ("train", i) if i < n_videos - n_val else ("val", i - (n_videos - n_val))
-        frames, cap = _video(np.random.default_rng([seed, 3_000_000 + i]), size, video_frames)
-        rel = f"video/{split}_{j:06d}.gif"
-        frames[0].save(out / rel, save_all=True, append_images=frames[1:], duration=125, loop=0)
-        t2x_video.append({"id": f"video_{i:06d}", "caption": cap, "video_name": rel, "split": split})
+    t2x_video = video_records(out, seed, size, n_videos, video_frames)
 
     atomic_write_json(out / "t2x_image.json", t2x_image, indent=None)
     atomic_write_json(out / "t2x_audio.json", t2x_audio, indent=None)

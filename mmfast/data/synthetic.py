@@ -260,6 +260,10 @@ def make_world(
         raise ValueError(f"n_images must be >= 2 (one train and one val image), got {n_images}")
     if audio_per_class < 1:
         raise ValueError(f"audio_per_class must be >= 1, got {audio_per_class}")
+    if n_videos is not None and n_videos < 1:
+        raise ValueError(f"n_videos (--videos) must be >= 1, got {n_videos}")
+    if video_frames < 2:
+        raise ValueError(f"video_frames (--video-frames) must be >= 2 (a video moves), got {video_frames}")
     if image_size < 32:
         raise ValueError(f"image_size must be >= 32 so the icons stay recognisable, got {image_size}")
     if not 0.0 < val_fraction < 1.0:
@@ -345,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-media", action="store_true", help="skip audio, video and text->media pairs")
     p.add_argument("--audio-per-class", type=int, default=4,
                    help="audio clips per class (the last of each class is the val clip)")
+    p.add_argument("--videos", type=int, default=None,
+                   help="videos (train + val; default max(8, images / 20))")
+    p.add_argument("--video-frames", type=int, default=8, help="frames per video")
     p.add_argument(
         "--shard-size", type=int, default=0, help="also write webdataset shards of this many samples"
     )
@@ -361,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
             captions_per_image=a.captions_per_image,
             media=not a.no_media,
             audio_per_class=a.audio_per_class,
+            n_videos=a.videos,
+            video_frames=a.video_frames,
             shard_size=a.shard_size,
             workers=a.workers,
             overwrite=a.force,

@@ -313,3 +313,29 @@ def test_audio_only_writes_the_worlds_audio_and_cli_sets_the_clip_count(world, t
     audio = load_t2x_json(cli / "t2x_audio.json")
     assert len(audio) == 3 * len(CLASSES) and sum(r["split"] == "val" for r in audio) == len(CLASSES)
     assert json.loads(capsys.readouterr().out)["n_audio"] == 3 * len(CLASSES)
+
+
+def test_videos_only_writes_the_worlds_videos_and_cli_sets_count_and_frames(world, tmp_path, capsys):
+    # the demo's world with --videos: images without media, then the videos alone (write_videos), the same files
+    from mmfast.data._media import write_videos
+    from mmfast.data.media import read_video
+
+    out = tmp_path / "v"
+    make_world(out, n_images=N, seed=3, media=False)
+    size = read_video(next((world / "video").iterdir()))[0].size[0]
+    assert write_videos(out, 3, size, 6, frames=8) == {"n_videos": 6}
+    assert (out / "t2x_video.json").read_bytes() == (world / "t2x_video.json").read_bytes()
+    for f in sorted((world / "video").iterdir()):
+        assert (out / "video" / f.name).read_bytes() == f.read_bytes(), f.name
+    assert not (out / "t2x_audio.json").exists()
+    cli = tmp_path / "cli"
+    assert synthetic.main(["--out", str(cli), "--images", "4", "--seed", "3", "--videos", "10",
+                           "--video-frames", "3"]) == 0
+    videos = load_t2x_json(cli / "t2x_video.json")
+    assert len(videos) == 10 and sum(r["split"] == "val" for r in videos) == 2
+    assert all(len(read_video(r["path"])) == 3 for r in videos)
+    assert json.loads(capsys.readouterr().out)["n_videos"] == 10
+    assert synthetic.main(["--out", str(tmp_path / "bad"), "--images", "4", "--video-frames", "1"]) == 2
+    assert "video_frames (--video-frames) must be >= 2" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"n_videos \(--videos\)"):
+        make_world(tmp_path / "x", n_images=4, n_videos=0)
