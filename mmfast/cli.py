@@ -23,6 +23,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("eval", "zeroshot"): ("mmfast.eval.zeroshot:main", "zero-shot classification"),
     ("eval", "t2i"): ("mmfast.eval.t2i:main", "text-to-image top-1 of a decoder on held-out captions"),
     ("eval", "t2a"): ("mmfast.eval.t2a:main", "text-to-audio top-1 of a decoder on held-out clips' captions"),
+    ("eval", "t2v"): ("mmfast.eval.t2v:main", "text-to-video class and direction of a decoder on held-out captions"),
     ("eval", "linear-probe"): ("mmfast.eval.zeroshot:linear_probe_main", "linear probe on frozen features"),
     ("eval", "pope", "build"): ("mmfast.eval.pope:build_main", "build POPE question files"),
     ("eval", "pope", "score"): ("mmfast.eval.pope:score_main", "score POPE answers"),
