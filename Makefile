@@ -9,7 +9,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 # leave one worker waiting at the end.
 PYTEST_ARGS ?= -n 2 --dist worksteal --timeout=900 --durations=30
 
-.PHONY: all install ext test test-fast demo decoders decoders-image decoders-audio bench gpu-suite lint clean
+.PHONY: all install ext test test-fast demo decoders decoders-image decoders-audio decoders-video bench gpu-suite lint clean
 
 all: install
 
@@ -39,11 +39,16 @@ demo: install
 # demo's CLIP in $(DEC_CLIP) (run `make demo` first) the record holds `mmfast eval t2i`'s figures too.
 # Audio (~25 min): a world of 32 clips per class (seed 1: none of the demo world's clips), the vocoder, VAE and UNet
 # stages, then fp16 + held-out record with `mmfast eval t2a`'s figures.
+# Video (~37 min; not in `decoders`: it does not reach its targets yet and the tiny preset does not load it,
+# docs/nextgpt_decoders.md): a world of 4,096 four-frame videos (seed 2), the video UNet grown from the shipped
+# image decoder, then fp16 + held-out record with `mmfast eval t2v`'s figures in weights/video.
 DEC_RUN  ?= runs/decoders
 DEC_CLIP ?= runs/demo/clip/final
 DEC_TRAIN = $(VENV)/bin/mmfast train decoder --nproc 2 --modality image --data $(DEC_RUN)/world --batch-size 32 \
             --threads 1 --log-every 50 --overwrite
 DEC_AUDIO = $(VENV)/bin/mmfast train decoder --nproc 2 --modality audio --data $(DEC_RUN)/world_audio \
+            --threads 1 --log-every 50 --overwrite
+DEC_VIDEO = $(VENV)/bin/mmfast train decoder --nproc 2 --modality video --data $(DEC_RUN)/world_video \
             --threads 1 --log-every 50 --overwrite
 decoders: decoders-image decoders-audio
 
@@ -64,6 +69,14 @@ decoders-audio: install
 	$(PY) -m mmfast.training.ship_decoder --modality audio --from $(DEC_RUN)/audio_unet/final/pipeline \
 	    --world $(DEC_RUN)/world_audio --train-summary $(DEC_RUN)/audio_vocoder/train_summary.json \
 	    $(DEC_RUN)/audio_vae/train_summary.json $(DEC_RUN)/audio_unet/train_summary.json
+
+decoders-video: install
+	$(VENV)/bin/mmfast data synth --out $(DEC_RUN)/world_video --images 200 --size 32 --seed 2 --videos 4096 \
+	    --video-frames 4 --force
+	$(DEC_VIDEO) --stage unet --image-decoder mmfast/models/nextgpt/weights/image --out $(DEC_RUN)/video_unet \
+	    --steps 3000 --batch-size 8 --lr 5e-4 --save-every 250
+	$(PY) -m mmfast.training.ship_decoder --modality video --from $(DEC_RUN)/video_unet/final/pipeline \
+	    --world $(DEC_RUN)/world_video --train-summary $(DEC_RUN)/video_unet/train_summary.json
 
 bench: install
 	$(VENV)/bin/mmfast bench contrastive

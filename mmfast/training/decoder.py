@@ -1,5 +1,6 @@
 """Train NExT-GPT's tiny image decoder (a diffusers StableDiffusionPipeline) on a synthetic world's captions; the
-audio decoder (``--modality audio``, an AudioLDMPipeline) is :mod:`.audio_decoder`.
+audio decoder (``--modality audio``, an AudioLDMPipeline) is :mod:`.audio_decoder`, the video decoder
+(``--modality video``, an AnimateDiffPipeline grown from the image one) :mod:`.video_decoder`.
 
     mmfast train decoder --nproc 2 --modality image --stage vae  --data WORLD --out runs/dec/vae  --steps 400
     mmfast train decoder --nproc 2 --modality image --stage unet --data WORLD --out runs/dec/unet --steps 3000 \
@@ -40,8 +41,10 @@ import torch
 
 from mmfast.training import audio_decoder as A
 from mmfast.training import engine as E
+from mmfast.training import video_decoder as V
 from mmfast.training.diffusion_parts import (
     BETAS,
+    UNetModule,
     VAEModule,
     batches,
     encode_posteriors,
@@ -50,12 +53,12 @@ from mmfast.training.diffusion_parts import (
     load_vae,
     log_step,
     optimizer,
-    snr_weights,
+    token_ids,
     tokenizer,
 )
 
-MODALITIES = ("image", "audio")  # video: not yet (docs/nextgpt_decoders.md)
-STAGES = {"image": ("vae", "unet"), "audio": ("vocoder", "vae", "unet")}
+MODALITIES = ("image", "audio", "video")
+STAGES = {"image": ("vae", "unet"), "audio": ("vocoder", "vae", "unet"), "video": ("unet",)}
 # 32 px images, latents 4 x 16 x 16; UNet cross-attention at 8x8 and 4x4 latents (and the mid block): at 16x16
 # it would double the step time.
 DEFAULT_SIZES = {"image_size": 32, "vae_channels": [16, 32], "unet_channels": [32, 64, 128],
@@ -65,13 +68,20 @@ DEFAULT_SIZES = {"image_size": 32, "vae_channels": [16, 32], "unet_channels": [3
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="mmfast train decoder", description=__doc__.split("\n\n")[0])
     p.add_argument("--modality", required=True, help=f"decoder to train: one of {MODALITIES}")
-    p.add_argument("--stage", default="unet", help="image: vae, unet; audio: vocoder, vae, unet (default unet; "
-                   "the others first)")
+    p.add_argument("--stage", default="unet", help="image: vae, unet; audio: vocoder, vae, unet; video: unet "
+                   "(default unet; the others first)")
     p.add_argument("--data", required=True, help="synthetic-world folder (image: captions_train.csv + images/; "
-                   "audio: t2x_audio.json + audio/)")
+                   "audio: t2x_audio.json + audio/; video: t2x_video.json + video/)")
     p.add_argument("--vae", default=None, help="--stage unet: the VAE stage's export (RUN/final/vae)")
     p.add_argument("--vocoder", default=None,
                    help="audio --stage unet: the vocoder stage's export (RUN/final/vocoder)")
+    p.add_argument("--image-decoder", default=None,
+                   help="video: the image decoder it starts from (a StableDiffusionPipeline folder: "
+                        "mmfast/models/nextgpt/weights/image, or RUN/final/pipeline of --modality image)")
+    p.add_argument("--frames", type=E.positive_int, default=4,
+                   help="video: frames per clip, evenly spaced over the world's (first and last included)")
+    p.add_argument("--prediction-type", default="epsilon", choices=("epsilon", "v_prediction"),
+                   help="video: what the UNet predicts (default the noise, as the image decoder it starts from)")
     p.add_argument("--image-size", type=E.positive_int, default=DEFAULT_SIZES["image_size"],
                    help="pixels per side (the world's images are resized to it; a multiple of 8)")
     p.add_argument("--max-samples", type=E.positive_int, default=None, help="first N caption rows only")
@@ -80,22 +90,28 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=E.nonneg_int, default=None, help="warmup steps (default 5%% of the run)")
     p.add_argument("--kl-weight", type=E.nonneg_float, default=1e-4, help="--stage vae: weight of the KL term")
     p.add_argument("--snr-gamma", type=E.nonneg_float, default=None,
-                   help="--stage unet: Min-SNR-gamma loss weighting (0: the plain MSE; default 5 for image, 0 for "
-                        "audio, whose velocity loss must weigh the noisiest steps fully)")
+                   help="--stage unet: Min-SNR-gamma loss weighting (0: the plain MSE; default 5 for noise "
+                        "prediction, 0 for velocity prediction (audio), which must weigh the noisiest steps fully)")
     p.add_argument("--uncond-prob", type=float, default=0.1, help="share of captions dropped (for guidance)")
     p.add_argument("--freeze-text-encoder", action="store_true", help="keep the random text encoder fixed")
     a = p.parse_args(argv)
     if a.modality not in MODALITIES:
-        p.error(f"--modality {a.modality!r}: only {MODALITIES} can be trained yet (video: not implemented)")
+        p.error(f"--modality {a.modality!r}: one of {MODALITIES}")
     if a.snr_gamma is None:
-        a.snr_gamma = 5.0 if a.modality == "image" else 0.0
+        velocity = a.modality == "audio" or (a.modality == "video" and a.prediction_type == "v_prediction")
+        a.snr_gamma = 0.0 if velocity else 5.0
     if a.stage not in STAGES[a.modality]:
         p.error(f"--stage {a.stage!r}: --modality {a.modality} has the stages {STAGES[a.modality]}")
     if a.image_size % 8:
         p.error(f"--image-size {a.image_size}: must be a multiple of 8 (the VAE and UNet halve it three times)")
     if not 0.0 <= a.uncond_prob < 1.0:
         p.error(f"--uncond-prob {a.uncond_prob}: must be in [0, 1)")
-    if a.stage == "unet" and not a.vae:
+    if a.modality == "video":
+        if not a.image_decoder:
+            p.error("--modality video needs --image-decoder (the image decoder pipeline it starts from)")
+        if a.frames < 2:
+            p.error(f"--frames {a.frames}: a video needs >= 2 frames")
+    elif a.stage == "unet" and not a.vae:
         p.error("--stage unet needs --vae (the folder `--stage vae` exported: RUN/final/vae)")
     if a.modality == "audio" and a.stage == "unet" and not a.vocoder:
         p.error("--modality audio --stage unet needs --vocoder (the folder `--stage vocoder` exported: "
@@ -105,11 +121,15 @@ def parse_args(argv=None):
 
 def precheck(args) -> None:
     d = Path(args.data)
-    need = "captions_train.csv" if args.modality == "image" else "t2x_audio.json"
+    need = {"image": "captions_train.csv", "audio": "t2x_audio.json", "video": "t2x_video.json"}[args.modality]
     if not (d / need).is_file():
-        raise FileNotFoundError(f"--data {d}: expected a synthetic-world folder holding {need}"
-                                + (" (made with media: mmfast data synth without --no-media)" if args.modality == "audio" else ""))
-    if args.stage == "unet" and not (Path(args.vae) / "config.json").is_file():
+        media = " (made with media: mmfast data synth without --no-media)" if args.modality != "image" else ""
+        raise FileNotFoundError(f"--data {d}: expected a synthetic-world folder holding {need}{media}")
+    if args.modality == "video":
+        if not (Path(args.image_decoder) / "model_index.json").is_file():
+            raise FileNotFoundError(f"--image-decoder {args.image_decoder}: expected an image decoder pipeline folder "
+                                    "(with model_index.json)")
+    elif args.stage == "unet" and not (Path(args.vae) / "config.json").is_file():
         raise FileNotFoundError(f"--vae {args.vae}: expected the VAE stage's export (RUN/final/vae, with config.json)")
     if args.modality == "audio" and args.stage == "unet" and not (Path(args.vocoder) / "config.json").is_file():
         raise FileNotFoundError(f"--vocoder {args.vocoder}: expected the vocoder stage's export "
@@ -179,40 +199,6 @@ class WorldImages:
         self.captions = [r[1] for r in rows]
 
 
-def token_ids(pipe, captions: list[str]) -> torch.Tensor:
-    """As the pipeline tokenizes ``prompt``: padded to ``model_max_length``, truncated."""
-    tok = pipe.tokenizer
-    return tok(list(captions), padding="max_length", max_length=tok.model_max_length, truncation=True,
-               return_tensors="pt").input_ids
-
-
-class UNetModule(torch.nn.Module):
-    """The UNet stage's module: the (Min-SNR weighted) noise-prediction loss of the UNet conditioned on the
-    text encoder's states of the (sometimes dropped) caption; ``latents`` are sampled scaled posteriors."""
-
-    def __init__(self, pipe, uncond_prob: float, snr_gamma: float):
-        super().__init__()
-        self.pipe = pipe  # not a module: the components below are
-        self.text_encoder, self.unet = pipe.text_encoder, pipe.unet
-        self.uncond_prob, self.snr_gamma = uncond_prob, snr_gamma
-        self.register_buffer("empty_ids", token_ids(pipe, [""])[0], persistent=False)
-        self.parts: dict = {}
-
-    def forward(self, latents, ids):
-        sched = self.pipe.scheduler
-        if self.uncond_prob > 0:  # torch's generator: restored on resume with the checkpoint's RNG state
-            drop = torch.rand(ids.shape[0], device=ids.device) < self.uncond_prob
-            ids = torch.where(drop[:, None], self.empty_ids[None], ids)
-        cond = self.text_encoder(ids)[0]  # (B, L, C), as the pipeline's encode_prompt
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
-        pred = self.unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=cond).sample
-        per_item = (pred.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
-        mse = per_item.mean()
-        self.parts = {"mse": float(mse.detach())}
-        return (per_item * snr_weights(sched, t, self.snr_gamma)).mean()
-
-
 def train_vae(run, args, data: WorldImages) -> int:
     vae = build_vae(args.image_size).to(run.device)
     module = VAEModule(vae, args.kl_weight)
@@ -265,6 +251,10 @@ def train_unet(run, args, data: WorldImages) -> int:
 @E.entry
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.modality == "video":
+        run = E.Run(args, f"train_video_decoder_{args.stage}")
+        return V.STAGES[args.stage](run, args, V.WorldVideos(Path(args.data), args.image_size, args.frames, "train",
+                                                             args.max_samples))
     if args.modality == "audio":
         run = E.Run(args, f"train_audio_decoder_{args.stage}")
         return A.STAGES[args.stage](run, args, A.WorldAudio(Path(args.data), "train", args.max_samples))

@@ -1,12 +1,14 @@
-"""What both decoder recipes (:mod:`.decoder` for images, :mod:`.audio_decoder` for audio) share: the tiny LLM's
-tokenizer, the VAE stage's module, export and loading, the latents cache, Min-SNR weights, and the engine's
-optimizer, batches and logging as the decoder stages use them."""
+"""What the decoder recipes (:mod:`.decoder` for images, :mod:`.audio_decoder` for audio, :mod:`.video_decoder` for
+video) share: the tiny LLM's tokenizer, the VAE stage's module, export and loading, the latents cache, Min-SNR
+weights, the text-conditioned UNet stage's module (images and video), and the engine's optimizer, batches and
+logging as the decoder stages use them."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
+from mmfast.models.nextgpt.decoders import prediction_target
 from mmfast.training import engine as E
 
 BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -70,6 +72,47 @@ def snr_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
     ac = scheduler.alphas_cumprod.to(t.device)[t].float()
     snr = ac / (1.0 - ac)
     return torch.clamp(snr, max=gamma) / (snr + 1.0 if scheduler.config.prediction_type == "v_prediction" else snr)
+
+
+def token_ids(pipe, captions: list[str]) -> torch.Tensor:
+    """As the pipeline tokenizes ``prompt``: padded to ``model_max_length``, truncated."""
+    tok = pipe.tokenizer
+    return tok(list(captions), padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids
+
+
+class UNetModule(torch.nn.Module):
+    """The UNet stage's module (image and video): the (Min-SNR weighted) loss of the UNet's prediction (noise or
+    velocity, as its scheduler's ``prediction_type`` says) conditioned on the text encoder's states of the
+    (sometimes dropped) caption; ``latents`` are sampled scaled posteriors, (B, 4, h, w) or (B, 4, F, h, w). With
+    ``context_per_frame`` the states are given once per frame, (B * F, L, C), as ``AnimateDiffPipeline`` gives
+    them to its ``UNetMotionModel``."""
+
+    def __init__(self, pipe, uncond_prob: float, snr_gamma: float, context_per_frame: bool = False):
+        super().__init__()
+        self.context_per_frame = context_per_frame
+        self.pipe = pipe  # not a module: the components below are
+        self.text_encoder, self.unet = pipe.text_encoder, pipe.unet
+        self.uncond_prob, self.snr_gamma = uncond_prob, snr_gamma
+        self.register_buffer("empty_ids", token_ids(pipe, [""])[0], persistent=False)
+        self.parts: dict = {}
+
+    def forward(self, latents, ids):
+        sched = self.pipe.scheduler
+        if self.uncond_prob > 0:  # torch's generator: restored on resume with the checkpoint's RNG state
+            drop = torch.rand(ids.shape[0], device=ids.device) < self.uncond_prob
+            ids = torch.where(drop[:, None], self.empty_ids[None], ids)
+        cond = self.text_encoder(ids)[0]  # (B, L, C), as the pipeline's encode_prompt
+        if self.context_per_frame:
+            cond = cond.repeat_interleave(latents.shape[2], 0)
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+        pred = self.unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=cond).sample
+        target = prediction_target(sched, latents, noise, t)
+        per_item = (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.dim())))
+        mse = per_item.mean()
+        self.parts = {"mse": float(mse.detach())}
+        return (per_item * snr_weights(sched, t, self.snr_gamma)).mean()
 
 
 def export_vae(vae, state: dict, scaling_factor: float, folder: Path) -> None:

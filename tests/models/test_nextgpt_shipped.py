@@ -81,7 +81,7 @@ def test_eval_t2i_reads_the_fp16_folder_in_fp32(shipped, pipe):
 
 def test_missing_shipped_decoder_names_make_decoders(shipped):
     with pytest.raises(FileNotFoundError, match="make decoders"):
-        shipped.pipeline_dir("video")
+        shipped.pipeline_dir("smell")
 
 
 # ---------------------------------------------------------------------------------------------- the audio decoder
@@ -139,3 +139,13 @@ def test_a_decoder_folder_holding_pickles_is_refused(shipped, pipe, tmp_path):
         assert list((tmp_path / "p" / part).glob("*.bin")) and not list((tmp_path / "p" / part).glob("*.safetensors"))
     with pytest.raises(Exception, match="safetensors"):
         nd.load_pipeline("image", str(tmp_path / "p"), None)
+
+
+def test_a_decoder_folder_of_another_modality_is_refused(shipped, tmp_path):
+    from mmfast.models.nextgpt import decoders as nd
+
+    with pytest.raises(ValueError, match=r"video decoder .*names 'StableDiffusionPipeline', expected one of "
+                                         r"\('TextToVideoSDPipeline', 'AnimateDiffPipeline'\)"):
+        nd.load_pipeline("video", str(shipped.pipeline_dir("image")), None)
+    with pytest.raises(ValueError, match="names None"):
+        nd.load_pipeline("image", str(tmp_path), None)  # no model_index.json

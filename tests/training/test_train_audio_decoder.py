@@ -131,7 +131,6 @@ def test_audio_export_loads_and_samples_deterministically(trained, world):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--modality", "video"], "only ('image', 'audio')"),
     (["--modality", "image", "--stage", "vocoder"], "has the stages ('vae', 'unet')"),
     (["--modality", "audio", "--stage", "unet", "--vae", "v"], "needs --vocoder"),
 ])

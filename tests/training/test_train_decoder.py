@@ -152,7 +152,6 @@ def test_scores_top1_and_margin():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--modality", "video"], "only ('image', 'audio')"),
     (["--modality", "image", "--image-size", "30"], "multiple of 8"),
     (["--modality", "image", "--uncond-prob", "1.5"], "--uncond-prob"),
     (["--modality", "image", "--stage", "all"], "--stage 'all'"),

@@ -4,7 +4,8 @@ Decoders, conditioned through ``prompt_embeds`` (the LLM never goes through thei
 generation time):
 
 * image: ``StableDiffusionPipeline``, conditioning (B, 77, 768) for SD 1.5;
-* video: ``TextToVideoSDPipeline`` (ZeroScope / ModelScope layout), same conditioning shape;
+* video: ``TextToVideoSDPipeline`` (ZeroScope / ModelScope layout, the paper's) or ``AnimateDiffPipeline`` (an image
+  UNet with motion modules: the tiny preset's, :func:`video_unet`), same conditioning shape;
 * audio: ``AudioLDMPipeline`` (present in diffusers 0.42; its conditioning is the CLAP text projection,
   (B, D), fed to the UNet as a class embedding).
 
@@ -19,6 +20,7 @@ own embedding of a caption, the target of the alignment loss.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -108,11 +110,33 @@ def tiny_image_pipeline(cfg: dict, tokenizer):
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-def tiny_video_pipeline(cfg: dict, tokenizer):
-    from diffusers import TextToVideoSDPipeline, UNet3DConditionModel
+MOTION_HEADS = 4  # heads of each motion module's attention
 
-    unet = UNet3DConditionModel(**_unet_kwargs(cfg, "3D"))
-    return TextToVideoSDPipeline(**_conditioning(cfg, tokenizer), unet=unet, scheduler=_scheduler())
+
+def video_unet(image_unet):
+    """A ``UNetMotionModel`` grown from ``image_unet`` (AnimateDiff): all its weights, and after every block a
+    motion module (diffusers' ``MotionAdapter`` of its layout: a temporal transformer with sinusoidal frame
+    positions, random weights) whose output projection is zeroed, so that it starts as the identity and the
+    video UNet as ``image_unet`` run on every frame alone."""
+    from diffusers import MotionAdapter, UNetMotionModel
+
+    c = image_unet.config
+    adapter = MotionAdapter(block_out_channels=tuple(c.block_out_channels), motion_layers_per_block=c.layers_per_block,
+                            motion_num_attention_heads=MOTION_HEADS, motion_norm_num_groups=c.norm_num_groups,
+                            use_motion_mid_block=True)
+    unet = UNetMotionModel.from_unet2d(image_unet, adapter)
+    for name, m in unet.named_modules():
+        if ".motion_modules." in name and name.endswith("proj_out"):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+    return unet
+
+
+def tiny_video_pipeline(cfg: dict, tokenizer):
+    from diffusers import AnimateDiffPipeline, UNet2DConditionModel
+
+    unet = video_unet(UNet2DConditionModel(**_unet_kwargs(cfg, "2D")))
+    return AnimateDiffPipeline(**_conditioning(cfg, tokenizer), unet=unet, motion_adapter=None, scheduler=_scheduler())
 
 
 def tiny_audio_pipeline(cfg: dict, tokenizer):
@@ -146,7 +170,8 @@ def tiny_audio_pipeline(cfg: dict, tokenizer):
 
 
 TINY_BUILDERS = {"image": tiny_image_pipeline, "video": tiny_video_pipeline, "audio": tiny_audio_pipeline}
-PIPELINE_CLASSES = {"image": "StableDiffusionPipeline", "video": "TextToVideoSDPipeline", "audio": "AudioLDMPipeline"}
+PIPELINE_CLASSES = {"image": ("StableDiffusionPipeline",), "video": ("TextToVideoSDPipeline", "AnimateDiffPipeline"),
+                    "audio": ("AudioLDMPipeline",)}
 
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"  # the trained decoders shipped in the package
@@ -173,9 +198,14 @@ def load_pipeline(modality: str, spec, tokenizer):
             d = Path(spec)
         if not d.is_dir():
             raise FileNotFoundError(f"{modality} decoder directory not found: {d}")
+        index = d / "model_index.json"
+        kind = json.loads(index.read_text(encoding="utf-8")).get("_class_name") if index.is_file() else None
+        if kind not in PIPELINE_CLASSES[modality]:
+            raise ValueError(f"{modality} decoder {d}: model_index.json names {kind!r}, expected one of "
+                             f"{PIPELINE_CLASSES[modality]}")
         # safetensors only: a pipeline folder is an untrusted file, no pickle is loaded from it
-        pipe = getattr(diffusers, PIPELINE_CLASSES[modality]).from_pretrained(str(d), local_files_only=True,
-                                                                              dtype=torch.float32, use_safetensors=True)
+        pipe = getattr(diffusers, kind).from_pretrained(str(d), local_files_only=True, dtype=torch.float32,
+                                                        use_safetensors=True)
     else:
         pipe = TINY_BUILDERS[modality](spec, tokenizer)
     for name in ("vae", "text_encoder", "unet", "vocoder"):
@@ -262,6 +292,12 @@ def prediction_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: 
     raise ValueError(f"scheduler prediction_type {kind!r}: expected 'epsilon' or 'v_prediction'")
 
 
+def frame_context(unet, cond: torch.Tensor, frames: int) -> torch.Tensor:
+    """A video UNet's cross-attention context for (B, L, C) ``cond``: AnimateDiff's ``UNetMotionModel`` takes it
+    once per frame, (B * F, L, C), as ``AnimateDiffPipeline`` repeats it; ``UNet3DConditionModel`` as it is."""
+    return cond.repeat_interleave(frames, 0) if type(unet).__name__ == "UNetMotionModel" else cond
+
+
 def _encode(vae, x: torch.Tensor) -> torch.Tensor:
     return vae.encode(x.to(vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
 
@@ -272,7 +308,8 @@ def diffusion_loss(modality: str, pipe, cond: torch.Tensor, target_media: torch.
 
     * image: ``target_media`` (R, 3, S, S) in [-1, 1]; ``encoder_hidden_states=cond``;
     * video: (R, F, 3, S, S) in [-1, 1]; frames encoded one by one, latents (R, 4, F, h, w) as the
-      pipeline lays them out; ``encoder_hidden_states=cond``;
+      pipeline lays them out; ``encoder_hidden_states=cond`` (once per frame for AnimateDiff's UNet,
+      :func:`frame_context`);
     * audio: (R, T) waveforms -> log-mel (:func:`audio_mel`) -> latents; AudioLDM feeds its pooled text
       embedding as ``class_labels`` (no cross-attention context), so ``class_labels=cond[:, 0]``.
     """
@@ -298,6 +335,8 @@ def diffusion_loss(modality: str, pipe, cond: torch.Tensor, target_media: torch.
     embeds = to_pipeline_embeds(modality, cond).to(unet.dtype)
     if modality == "audio":
         pred = unet(noisy, t, encoder_hidden_states=None, class_labels=embeds).sample
+    elif modality == "video":
+        pred = unet(noisy, t, encoder_hidden_states=frame_context(unet, embeds, latents.shape[2])).sample
     else:
         pred = unet(noisy, t, encoder_hidden_states=embeds).sample
     return nn.functional.mse_loss(pred.float(), prediction_target(sched, latents, noise, t).float())
@@ -322,6 +361,6 @@ def decode(modality: str, pipe, cond: torch.Tensor, steps: int = 10, seed: int =
     return pipe(audio_length_in_s=kw.pop("audio_length_in_s", 0.5), output_type="np", **common, **kw).audios
 
 
-__all__ = ["MODALITIES", "OutputProjection", "audio_mel", "condition_shape", "decode", "diffusion_loss", "load_pipeline",
-           "log_mel", "prediction_target", "text_condition", "tiny_audio_pipeline", "tiny_image_pipeline",
-           "tiny_video_pipeline", "vocoder_mel"]
+__all__ = ["MODALITIES", "MOTION_HEADS", "OutputProjection", "audio_mel", "condition_shape", "decode", "diffusion_loss",
+           "frame_context", "load_pipeline", "log_mel", "prediction_target", "text_condition", "tiny_audio_pipeline",
+           "tiny_image_pipeline", "tiny_video_pipeline", "video_unet", "vocoder_mel"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mmfast.models.nextgpt.decoders import audio_mel, prediction_target, text_condition
+from mmfast.models.nextgpt.decoders import audio_mel, frame_context, prediction_target, text_condition
 from mmfast.models.nextgpt.decoders import shipped_dir as pipeline_dir
 
 HELDOUT = 16  # held-out images shipped beside each decoder
@@ -51,8 +51,8 @@ def heldout_rows(folder: Path) -> list[tuple[str, str]]:
 
 def _heldout_latents(pipe, rows: list[tuple[str, str]]) -> tuple[torch.Tensor, dict]:
     """Scaled posterior means of ``rows``' media and the UNet's conditioning keywords, as the pipeline makes them:
-    images with the CLIP text states as cross-attention context; clips (AudioLDM) as log-mels, with the
-    normalised CLAP projection as class embedding."""
+    images (and AnimateDiff's videos, frame by frame) with the CLIP text states as cross-attention context;
+    clips (AudioLDM) as log-mels, with the normalised CLAP projection as class embedding."""
     import numpy as np
 
     prompts = [c for _, c in rows]
@@ -63,6 +63,16 @@ def _heldout_latents(pipe, rows: list[tuple[str, str]]) -> tuple[torch.Tensor, d
         x = audio_mel(pipe, waves)
         cond = {"encoder_hidden_states": None,
                 "class_labels": text_condition("audio", pipe, prompts, device="cpu")[:, 0].to(pipe.unet.dtype)}
+    elif type(pipe.unet).__name__ == "UNetMotionModel":  # AnimateDiff's video UNet: frames one by one
+        from mmfast.data.media import read_video
+
+        clips = torch.stack([torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in read_video(p)]))
+                             for p, _ in rows]) / 255.0  # (R, F, H, W, 3) in [0, 1]
+        r, f = clips.shape[:2]
+        lat = pipe.vae.encode((clips.flatten(0, 1).permute(0, 3, 1, 2) * 2 - 1).to(pipe.vae.dtype)).latent_dist.mean
+        lat = lat.reshape(r, f, *lat.shape[1:]).transpose(1, 2) * pipe.vae.config.scaling_factor  # (R, 4, F, h, w)
+        cond = pipe.encode_prompt(prompts, "cpu", 1, False)[0].to(pipe.unet.dtype)
+        return lat, {"encoder_hidden_states": frame_context(pipe.unet, cond, f)}
     else:
         from PIL import Image
 

@@ -1,0 +1,127 @@
+"""The video half of ``mmfast train decoder`` (issue #24): NExT-GPT's tiny text-to-video pipeline on a world's clips.
+
+    mmfast train decoder --nproc 2 --modality video --stage unet --data WORLD --out runs/dec/vunet \\
+        --image-decoder mmfast/models/nextgpt/weights/image
+
+AnimateDiff's layout (an ``AnimateDiffPipeline``): the frames go one by one through an image VAE, a
+``UNetMotionModel`` (an image UNet with a motion module, a temporal transformer with sinusoidal frame positions,
+after every block) denoises the (4, F, h, w) latents conditioned on a CLIP text encoder's states, and the VAE
+decodes the frames again. As AnimateDiff grows its video model from Stable Diffusion, ours starts from the
+trained image decoder (``--image-decoder``, a ``StableDiffusionPipeline`` folder: the shipped one or
+``--modality image``'s export):
+
+* its VAE, frozen (each rank encodes every training frame once, before the first step);
+* its text encoder, trained on;
+* its UNet, every weight (``UNetMotionModel.from_unet2d`` with a diffusers ``MotionAdapter``), and motion modules
+  whose output projections are zeroed, so that the video UNet starts out as exactly the image decoder run on
+  every frame alone (a test checks it); the training teaches it the motion.
+
+Why not ModelScope / ZeroScope's ``UNet3DConditionModel`` (``TextToVideoSDPipeline``): its temporal layers have no
+frame positions (a frame knows where it is only from the zero padding of the temporal convolutions at the clip's
+ends), and a frame's place is what sets where the object is drawn. Grown the same way from the image decoder
+(2026-12-04, 4-frame clips, batch 8 per rank, lr 5e-4, velocity loss), after 1000 of 2000 steps its clips moved
+the wrong way as often as not (direction 0.22 on 32 held-out prompts, chance 0.25; class 0.11) at guidance 3 and 8,
+and each step cost 20 % more than this UNet's. Neither is trained to target yet: docs/nextgpt_decoders.md.
+
+One stage, ``--stage unet``, on the image decoder's loss (:data:`VIDEO_BETAS`: why) with a share ``--uncond-prob``
+of captions dropped to "" for guidance. Clips are ``--frames`` frames evenly spaced over the
+world's GIFs (first and last included), at ``--image-size`` pixels. The export (``final/pipeline``) is a plain
+``AnimateDiffPipeline`` folder with a DDIM scheduler.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmfast.training import diffusion_parts as D
+
+# The image decoder's loss (noise prediction on Stable Diffusion's schedule, Min-SNR-5), which its UNet was trained
+# on. Velocity prediction (``--prediction-type v_prediction``, plain MSE), which made the audio decoder read its
+# caption, did no better for the direction at equal steps and worse for the class: it has to unlearn the image
+# UNet's noise prediction first (docs/nextgpt_decoders.md).
+VIDEO_BETAS = {**D.BETAS, "prediction_type": "epsilon"}
+
+
+def frame_index(n: int, k: int) -> list[int]:
+    """``k`` frame indices evenly spaced over ``n`` frames, the first and last included."""
+    if n < k:
+        raise ValueError(f"a clip of {n} frames cannot give {k}")
+    return [int(i) for i in np.round(np.linspace(0, n - 1, k))]
+
+
+class WorldVideos:
+    """A world split's clips: ``pixels`` (N, F, 3, S, S) in [-1, 1] and ``captions``."""
+
+    def __init__(self, world: Path, size: int, frames: int, split: str = "train", max_samples: int | None = None):
+        from PIL import Image
+
+        from mmfast.data.media import read_video, world_t2x
+
+        records, _ = world_t2x(world, "video", split)
+        records = records[:max_samples]
+        if not records:
+            raise ValueError(f"--data {world}: no {split} videos in t2x_video.json")
+        clips = []
+        for r in records:
+            ims = read_video(r["path"])
+            ims = [ims[i] for i in frame_index(len(ims), frames)]
+            ims = [im if im.size == (size, size) else im.resize((size, size), Image.BICUBIC) for im in ims]
+            clips.append(np.stack([np.asarray(im, dtype=np.float32) for im in ims]))
+        self.pixels = torch.from_numpy(np.stack(clips)).permute(0, 1, 4, 2, 3) / 127.5 - 1.0
+        self.captions = [r["caption"] for r in records]
+
+
+def build_unet(image_unet):
+    """The video UNet grown from ``image_unet``: :func:`mmfast.models.nextgpt.decoders.video_unet`."""
+    from mmfast.models.nextgpt.decoders import video_unet
+
+    return video_unet(image_unet)
+
+
+def build_pipeline(image_pipe, prediction_type: str = "epsilon"):
+    """An ``AnimateDiffPipeline`` (DDPM scheduler for training) from an image decoder pipeline: its VAE, tokenizer
+    and text encoder, and the video UNet :func:`build_unet` grows from its UNet."""
+    from diffusers import AnimateDiffPipeline, DDPMScheduler
+
+    return AnimateDiffPipeline(vae=image_pipe.vae, text_encoder=image_pipe.text_encoder, tokenizer=image_pipe.tokenizer,
+                               unet=build_unet(image_pipe.unet), motion_adapter=None,
+                               scheduler=DDPMScheduler(**{**VIDEO_BETAS, "prediction_type": prediction_type}))
+
+
+def train_unet(run, args, data: WorldVideos) -> int:
+    from mmfast.models.nextgpt.shipped import read_pipeline
+    image = read_pipeline(args.image_decoder)
+    pipe = build_pipeline(image, args.prediction_type)
+    vae = pipe.vae.to(run.device).requires_grad_(False).eval()
+    pipe.text_encoder.to(run.device).requires_grad_(True).train()
+    pipe.unet.to(run.device).train()
+    n, f = data.pixels.shape[:2]
+    mean, std = D.encode_posteriors(vae, data.pixels.flatten(0, 1).to(run.device))  # the same on every rank
+    mean, std = (x.reshape(n, f, *x.shape[1:]).transpose(1, 2) for x in (mean, std))  # (N, 4, F, h, w)
+    scale = vae.config.scaling_factor
+    ids = D.token_ids(pipe, data.captions)
+    module = D.UNetModule(pipe, args.uncond_prob, args.snr_gamma, context_per_frame=True)
+    params = [p for p in module.parameters() if p.requires_grad]
+    engine = run.initialize(module, *D.optimizer(run, args, params))
+    banner = (f"video decoder {args.image_size}px, latents {tuple(mean.shape[1:])} x {scale:.3f}, {n} clips, "
+              f"{sum(p.numel() for p in params)} params train")
+    for step, rows in run.steps(D.batches(run, args, n), args.steps, "train decoder", banner):
+        latents = (mean[rows] + std[rows] * torch.randn_like(std[rows])) * scale
+        loss = engine(latents.to(run.dtype), ids[rows].to(run.device))
+        run.backward(loss, samples=args.batch_size * run.world)
+        if run.should_log(step):
+            D.log_step(run, step, loss, module, ("loss", "mse"))
+    state = run.gather_state(module)
+    run.export(lambda d: D.export_pipeline(pipe, state, Path(d) / "pipeline",
+                                           {**VIDEO_BETAS, "prediction_type": args.prediction_type}))
+    return run.finish({"modality": "video", "stage": "unet", "image_decoder": str(args.image_decoder),
+                       "frames": f, "image_size": args.image_size, "snr_gamma": args.snr_gamma,
+                       "prediction_type": args.prediction_type,
+                       "final": str(run.out / "final" / "pipeline")}, state)
+
+
+STAGES = {"unet": train_unet}
+
+__all__ = ["STAGES", "VIDEO_BETAS", "WorldVideos", "build_pipeline", "build_unet", "frame_index"]
