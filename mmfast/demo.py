@@ -101,6 +101,11 @@ def parse_args(argv):
     p.add_argument("--images", type=int, default=10000, help="synthetic world size (train + val)")
     p.add_argument("--audio-per-class", type=int, default=32,
                    help="audio clips per class in the world (the last of each is held out)")
+    # 0 until a trained video decoder ships (issue #24): with the tiny preset's random one, NExT-GPT's text->video
+    # stages would cost ~2 minutes of the demo's 10 and measure noise
+    p.add_argument("--videos", type=int, default=0,
+                   help="text->video clips in the world (4 frames each; the last fifth held out); N > 0 adds "
+                        "NExT-GPT's text->video stages (the video projection's stage 2, the t2v evaluation)")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--clip-model", default="tiny")

@@ -493,7 +493,7 @@ def test_demo_eval_draws_through_the_decoder_and_nextgpt(model, tmp_path):
     import numpy as np
     from PIL import Image
 
-    from mmfast.data._media import write_audio
+    from mmfast.data._media import write_audio, write_videos
     from mmfast.data.media import read_wav
     from mmfast.data.synthetic import make_world
     from mmfast.demo import DemoContext
@@ -504,10 +504,12 @@ def test_demo_eval_draws_through_the_decoder_and_nextgpt(model, tmp_path):
 
     ctx = DemoContext(tmp_path, argparse.Namespace(nextgpt_eval_prompts=2, nextgpt_emit_prompts=1, seed=0,
                                                    nextgpt_guidance=3.0, nextgpt_diffusion_steps=2,
-                                                   nextgpt_audio_guidance=2.0))
+                                                   nextgpt_audio_guidance=2.0, nextgpt_video_guidance=2.0,
+                                                   nextgpt_video_prompts=3))
     make_world(ctx.world, 24, 32, 1, media=False)
     write_audio(ctx.world, 1, 2)  # 1 train and 1 held-out clip per class
-    model.save_pretrained(tmp_path / "nextgpt_stage2" / "final")
+    write_videos(ctx.world, 1, 32, 40)  # 32 train and 8 held-out videos of 4 frames
+    model.save_pretrained(tmp_path / "nextgpt_stage2_video" / "final")  # the last stage-2 run: the world has videos
     out = nextgpt_eval(ctx)
     rows = heldout_prompts(ctx.world, 2)
     assert out["nextgpt_eval_prompts"] == len(rows) == 2 and out["nextgpt_image_decoder"] == "shipped:image"
@@ -536,3 +538,79 @@ def test_demo_eval_draws_through_the_decoder_and_nextgpt(model, tmp_path):
         ng, _ = read_wav(tmp_path / "nextgpt_samples_audio" / f"{i:02d}_nextgpt.wav")
         assert np.abs(np.asarray(dec) - alone[i].numpy()).max() <= 1 / 32767 + 1e-6  # 16-bit PCM of that clip
         assert np.abs(np.asarray(ng) - alone[i].numpy()).max() > 1e-3
+    # text->video: the first held-out single movers' captions, judged per frame and by their motion; the GIFs
+    # written are the ones judged
+    from mmfast.eval.t2v import FrameJudge, as_gifs, judge, load_video, load_videos
+
+    real, captions, movers = (x[:3] for x in load_videos(ctx.world, "val"))
+    assert out["nextgpt_t2v_prompts"] == 3 and out["nextgpt_video_decoder"] == str(model.cfg["decoders"]["video"])
+    pipe = model.pipes["video"]
+    alone = as_gifs(nd.decode("video", pipe, nd.text_condition("video", pipe, captions), steps=2, seed=0,
+                              guidance_scale=2.0, num_frames=4))
+    frames = FrameJudge.fit(ctx.world, seed=0)
+    want = judge(frames, alone, movers)
+    assert out["nextgpt_t2v_top1_decoder"] == round(want["top1"], 4)
+    assert out["nextgpt_t2v_direction_acc_decoder"] == round(want["direction_acc"], 4)
+    assert out["nextgpt_t2v_real_direction_acc"] == 1.0
+    assert out["nextgpt_t2v_real_top1"] == round(judge(frames, real, movers)["top1"], 4)
+    gifs = sorted((tmp_path / "nextgpt_samples_video").glob("*.gif"))
+    assert len(gifs) == 6 and gifs[0].name == f"00_{movers[0][0][0]}_{movers[0][0][1].replace(' ', '_')}_decoder.gif"
+    assert np.array_equal(load_video(gifs[0]), alone[0])
+    assert not np.array_equal(load_video(gifs[1]), alone[0])  # NExT-GPT's: another clip
+
+
+def test_audio_emit_rate_counts_replies_opening_an_audio_run():
+    from mmfast.models.nextgpt import data as nd
+    from mmfast.models.nextgpt.demo import audio_emit_rate
+
+    class Stub:
+        def __init__(self):
+            self.signal_ids, self.asked = {"audio": [900, 901]}, []
+
+        def generate(self, q, max_new_tokens, decode):
+            self.asked.append(q)
+            return {"token_ids": [5, 900, 901] if "cup" in q else [5, 6, 900 + 1]}  # [AUD1] alone does not count
+
+    pairs = [{"caption": "the sound of a cup"}, {"caption": "the sound of a car"}, {"caption": "a cup again"},
+             {"caption": "a tree"}]
+    stub = Stub()
+    out = audio_emit_rate(stub, pairs)
+    assert out == {"nextgpt_signal_emit_rate_audio": 0.5, "nextgpt_emit_prompts_audio": 4}
+    templates = nd.T2X_PROMPTS["audio"]
+    assert stub.asked == [templates[i % len(templates)].format(c=p["caption"]) for i, p in enumerate(pairs)]
+
+
+def test_demo_stage2_chain_follows_the_worlds_media(tmp_path):
+    # each stage-2 run starts from the one before and the last is evaluated, whatever an older demo left in --out
+    import argparse
+
+    from mmfast.demo import DemoContext
+    from mmfast.models.nextgpt.demo import _stage2_chain
+
+    ctx = DemoContext(tmp_path, argparse.Namespace())
+    ctx.world.mkdir(parents=True)
+    (tmp_path / "nextgpt_stage2_video" / "final").mkdir(parents=True)  # stale: this world has no videos
+    names = lambda: [p.name for p in _stage2_chain(ctx)]
+    assert names() == ["nextgpt_stage2"]
+    (ctx.world / "t2x_audio.json").write_text("[]")
+    assert names() == ["nextgpt_stage2", "nextgpt_stage2_audio"]
+    (ctx.world / "t2x_video.json").write_text("[]")
+    assert names() == ["nextgpt_stage2", "nextgpt_stage2_audio", "nextgpt_stage2_video"]
+
+
+def test_output_projections_do_not_depend_on_how_the_decoders_are_built():
+    # a decoder built at random draws from torch's generator, a shipped one does not: the output projections'
+    # initial weights must not move with that (they moved the demo's NExT-GPT figures twice)
+    cfg = ng.load_preset("tiny")
+    tiny_video = {"latent_size": 4, "vae_channels": [8, 16], "unet_channels": [8, 16],
+                  "text_encoder": {"hidden_size": 16, "layers": 1, "heads": 2, "max_length": 8}}
+    other = {**cfg, "decoders": {**cfg["decoders"], "video": tiny_video}}
+    a, b = (ng.build_nextgpt(c, seed=0, kernels=False) for c in (cfg, other))
+    c = ng.build_nextgpt(cfg, seed=1, kernels=False)
+    for m in ("image", "audio"):
+        sa, sb, sc = (x.output_proj[m].state_dict() for x in (a, b, c))
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), m
+        assert not all(torch.equal(sa[k], sc[k]) for k in sa), m  # still a function of the seed
+    assert sum(p.numel() for p in b.pipes["video"].unet.parameters()) < sum(
+        p.numel() for p in a.pipes["video"].unet.parameters())  # the decoders did differ
+

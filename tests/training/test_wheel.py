@@ -59,7 +59,7 @@ def test_train_and_demo_run_from_an_installed_wheel(tmp_path):
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-5000:]
 
     # The demo's CLIP stages: the world, then `mmfast train clip` (the launcher, the recipe, its config).
-    mmfast("demo", "--only", "clip_world,clip_train", "--out", "demo", "--images", "60", "--steps", "2",
+    mmfast("demo", "--only", "clip_world,clip_train", "--out", "demo", "--images", "60", "--videos", "10", "--steps", "2",
            "--batch-size", "8", "--nproc", "1")
     demo = json.loads((work / "demo" / "summary.json").read_text())
     assert demo["clip_train_steps"] == 2

@@ -6,8 +6,8 @@
   text), as NExT-GPT starts from a pretrained Vicuna. Without those stages the tiny preset's random
   parts stand in.
 * ``nextgpt_stage2``: decoding-side alignment for images and audio (output projections + signal-token rows;
-  LM loss on the replies, which are the signal run alone for text->X requests and captions for the X->text
-  negatives, and the per-token Euclidean alignment loss against each decoder's text encoder).
+  LM loss on the replies, which are the signal run alone for text->X requests and captions for the
+  X->text negatives, and the per-token Euclidean alignment loss against each decoder's text encoder).
 * ``nextgpt_eval``: text->image on held-out prompts (one per validation image, naming its main object)
   through the trained tiny image decoder shipped in the package (``shipped:image``, issue #24): fed its own
   text encoder (the ceiling: ``nextgpt_t2i_top1_decoder``) and through NExT-GPT, the LLM's ``[IMG0]..[IMG3]``
@@ -21,9 +21,15 @@
   shipped audio decoder (``shipped:audio``): fed its own text encoder (``nextgpt_t2a_top1_decoder``) and through
   NExT-GPT's ``[AUD0..]`` states (``nextgpt_t2a_top1``), judged by a classifier of the world's real train clips
   (:mod:`mmfast.eval.t2a`); the clips are written to ``nextgpt_samples_audio/``.
+  With ``--videos N`` text->video the same way, for the captions of the world's first held-out single-mover
+  videos, through the preset's video decoder (the tiny preset's is still random): ``nextgpt_t2v_top1`` (the requested class, per frame) and
+  ``nextgpt_t2v_direction_acc`` (the requested motion), judged by a classifier of the world's real train frames
+  and the frames' foreground path (:mod:`mmfast.eval.t2v`), beside the decoder fed its own text encoder
+  (``*_decoder``); the GIFs are written to ``nextgpt_samples_video/``.
 """
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -33,6 +39,10 @@ def add_args(p) -> None:
     p.add_argument("--nextgpt-steps2", type=int, default=2000, help="NExT-GPT stage-2 steps")
     p.add_argument("--nextgpt-steps2-audio", type=int, default=1000,
                    help="NExT-GPT stage-2 steps of the audio output projection (after the image run)")
+    p.add_argument("--nextgpt-steps2-video", type=int, default=1000,
+                   help="NExT-GPT stage-2 steps of the video output projection (after the audio run)")
+    p.add_argument("--nextgpt-video-prompts", type=int, default=32,
+                   help="held-out text->video prompts (the first val videos with one mover)")
     p.add_argument("--nextgpt-batch-size", type=int, default=8, help="per rank")
     p.add_argument("--nextgpt-eval-prompts", type=int, default=64,
                    help="held-out text->image prompts (one per val image naming its main object)")
@@ -42,6 +52,8 @@ def add_args(p) -> None:
     p.add_argument("--nextgpt-guidance", type=float, default=4.0, help="classifier-free guidance of the image decoder")
     p.add_argument("--nextgpt-audio-guidance", type=float, default=3.0,
                    help="classifier-free guidance of the audio decoder")
+    p.add_argument("--nextgpt-video-guidance", type=float, default=3.0,
+                   help="classifier-free guidance of the video decoder")
 
 
 def _dirs(ctx):
@@ -65,7 +77,7 @@ def _train(argv, out) -> dict:
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     tail = rows[-3:]  # the last logged steps, averaged: one batch is noisy
     mean = {k: sum(r[k] for r in tail) / len(tail) for k in tail[-1]
-            if k in ("loss", "lm", "lm_signal", "align_image", "align_audio")}
+            if k in ("loss", "lm", "lm_signal", "align_image", "align_audio", "align_video")}
     return {"seconds": seconds, "first": rows[0], **mean}
 
 
@@ -89,6 +101,10 @@ def nextgpt_stage1(ctx) -> dict:
             "nextgpt_stage1_seconds": round(r["seconds"], 1), "nextgpt_image_encoder": str(clip or "tiny preset")}
 
 
+def _media(ctx) -> list[str]:
+    return [m for m in ("audio", "video") if (Path(ctx.world) / f"t2x_{m}.json").is_file()]
+
+
 def nextgpt_stage2(ctx) -> dict:
     s1, s2 = _dirs(ctx)
     # The signal-token rows start from random and must outscore the frozen LLM's first reply token within a
@@ -98,28 +114,41 @@ def nextgpt_stage2(ctx) -> dict:
     argv = _common(ctx, 2, s2) + ["--init-from", str(s1 / "final"), "--steps", str(ctx.args.nextgpt_steps2),
                                   "--lr", "2e-3", "--signal-lr", "2e-2"]
     r = _train(argv, s2)
-    audio = _stage2_audio(ctx, s2) if (Path(ctx.world) / "t2x_audio.json").is_file() else {}
-    return {**audio, "nextgpt_stage2_alignment_loss": round(r["align_image"], 4),
+    media = {}
+    chain = _stage2_chain(ctx)
+    for prev, run in itertools.pairwise(chain):
+        media.update(_stage2_media(ctx, run.name.rsplit("_", 1)[1], prev))
+    return {**media, "nextgpt_stage2_alignment_loss": round(r["align_image"], 4),
             "nextgpt_stage2_first_alignment_loss": round(r["first"]["align_image"], 4),
             "nextgpt_stage2_signal_lm_loss": round(r["lm_signal"], 4),
             "nextgpt_stage2_first_signal_lm_loss": round(r["first"]["lm_signal"], 4),
             "nextgpt_stage2_final_loss": round(r["loss"], 4), "nextgpt_stage2_seconds": round(r["seconds"], 1)}
 
 
-def _stage2_audio(ctx, s2) -> dict:
-    """Stage 2 for audio, after the image run: the audio output projection alone (the signal rows at lr 0), on
-    text->audio records only. Trained among the image records it hardly learned: with the world's 496 clips
-    (6 % of the pairs) the audio alignment loss stayed at 1.0, the norm of its targets, and NExT-GPT's t2a top-1
-    at 0.06; with each clip given 8 times (33 %) 0.68 and 0.31, while t2i top-1 fell from 0.81 to 0.72. Alone,
-    300 steps reached 0.82 (t2a 0.13); fitted offline on the same states, batch 16, the loss falls below 0.3 only
-    after 400 steps (0.12 after 600)."""
-    out = ctx.out / "nextgpt_stage2_audio"
-    argv = _common(ctx, 2, out) + ["--init-from", str(s2 / "final"), "--steps", str(ctx.args.nextgpt_steps2_audio),
-                                   "--lr", "2e-3", "--signal-lr", "0", "--modalities", "audio", "--negatives", "0"]
+def _stage2_chain(ctx) -> list[Path]:
+    """The stage-2 runs' folders in order, each starting from the one before: the image run, then the audio and
+    video projections' runs where the world has clips and videos (the last one is the model evaluated)."""
+    _, s2 = _dirs(ctx)
+    return [s2] + [ctx.out / f"nextgpt_stage2_{m}" for m in _media(ctx)]
+
+
+def _stage2_media(ctx, modality: str, prev: Path) -> dict:
+    """Stage 2 for audio or video, after the run before it: that modality's output projection alone (the signal
+    rows at lr 0), on its text->X records only. Trained among the image records the audio projection hardly
+    learned: with the world's 496 clips (6 % of the pairs) the audio alignment loss stayed at 1.0, the norm of
+    its targets, and NExT-GPT's t2a top-1 at 0.06; with each clip given 8 times (33 %) 0.68 and 0.31, while t2i
+    top-1 fell from 0.81 to 0.72. Alone, 300 steps reached 0.82 (t2a 0.13); fitted offline on the same states,
+    batch 16, the loss falls below 0.3 only after 400 steps (0.12 after 600). The signal rows stay as the image
+    run left them, so NExT-GPT does not yet open an ``[AUD0]`` run by itself (docs/nextgpt_decoders.md: what
+    training them did to the other figures)."""
+    out = ctx.out / f"nextgpt_stage2_{modality}"
+    steps = getattr(ctx.args, f"nextgpt_steps2_{modality}")
+    argv = _common(ctx, 2, out) + ["--init-from", str(prev / "final"), "--steps", str(steps), "--lr", "2e-3",
+                                   "--signal-lr", "0", "--modalities", modality, "--negatives", "0"]
     r = _train(argv, out)
-    return {"nextgpt_stage2_audio_alignment_loss": round(r["align_audio"], 4),
-            "nextgpt_stage2_audio_first_alignment_loss": round(r["first"]["align_audio"], 4),
-            "nextgpt_stage2_audio_seconds": round(r["seconds"], 1)}
+    return {f"nextgpt_stage2_{modality}_alignment_loss": round(r[f"align_{modality}"], 4),
+            f"nextgpt_stage2_{modality}_first_alignment_loss": round(r["first"][f"align_{modality}"], 4),
+            f"nextgpt_stage2_{modality}_seconds": round(r["seconds"], 1)}
 
 
 def _conditions(model, captions, modality: str = "image"):
@@ -154,6 +183,19 @@ def emit_rates(model, world, pairs, max_new_tokens: int = 12) -> dict:
                                       decode=False)["token_ids"]
     return {"nextgpt_signal_emit_rate": round(t2x / n, 3), "nextgpt_signal_emit_rate_captioning": round(x2t / n, 3),
             "nextgpt_emit_prompts": len(pairs)}
+
+
+def audio_emit_rate(model, pairs, max_new_tokens: int = 12) -> dict:
+    """Share of free greedy replies to held-out text->audio prompts (cycling through the prompt templates) that
+    hold ``[AUD0]``: whether NExT-GPT, asked for a sound, answers with one."""
+    from mmfast.models.nextgpt import data as nd
+
+    aud0, prompts = model.signal_ids["audio"][0], nd.T2X_PROMPTS["audio"]
+    hits = sum(aud0 in model.generate(prompts[i % len(prompts)].format(c=p["caption"]),
+                                      max_new_tokens=max_new_tokens, decode=False)["token_ids"]
+               for i, p in enumerate(pairs))
+    return {"nextgpt_signal_emit_rate_audio": round(hits / max(1, len(pairs)), 3),
+            "nextgpt_emit_prompts_audio": len(pairs)}
 
 
 def _clip_scores(clip, classes: list[str], images, captions: list[str], labels: list[int]) -> dict:
@@ -226,6 +268,41 @@ def _audio_eval(ctx, model) -> dict:
             "nextgpt_audio_decoder": str(model.cfg["decoders"]["audio"])}
 
 
+def _video_eval(ctx, model) -> dict:
+    """Text->video for the world's first held-out single-mover videos' captions through the shipped video decoder,
+    fed its own text encoder and through NExT-GPT, judged per frame by the classifier of the world's real train
+    frames and by the foreground's path (:mod:`mmfast.eval.t2v`); the GIFs are written to
+    ``nextgpt_samples_video/``. Nothing when the world has no videos."""
+    from mmfast.eval.t2v import FrameJudge, as_gifs, judge, load_videos, save_gifs
+    from mmfast.models.nextgpt import decoders as ndec
+
+    a = ctx.args
+    if not (Path(ctx.world) / "t2x_video.json").is_file():
+        return {"nextgpt_t2v_top1": None, "nextgpt_t2v_direction_acc": None}
+    pipe = model.pipes["video"]
+    frames = FrameJudge.fit(ctx.world, seed=a.seed)
+    real, captions, movers = (x[: a.nextgpt_video_prompts] for x in load_videos(ctx.world, "val", single=True))
+    kw = {"steps": a.nextgpt_diffusion_steps, "seed": a.seed, "guidance_scale": a.nextgpt_video_guidance,
+          "num_frames": real[0].shape[0]}
+    # judged as their GIFs hold them (at most 256 colours a frame)
+    alone = as_gifs(ndec.decode("video", pipe, ndec.text_condition("video", pipe, captions), **kw))
+    through = as_gifs(ndec.decode("video", pipe, _conditions(model, captions, "video"), **kw))
+    folder = ctx.out / "nextgpt_samples_video"
+    names = [f"{i:02d}_{m[0][0]}_{m[0][1].replace(' ', '_')}" for i, m in enumerate(movers)]
+    save_gifs(alone, folder, [f"{n}_decoder.gif" for n in names])
+    save_gifs(through, folder, [f"{n}_nextgpt.gif" for n in names])
+    dec, ng, ceiling = judge(frames, alone, movers), judge(frames, through, movers), judge(frames, real, movers)
+    return {"nextgpt_t2v_top1": round(ng["top1"], 4), "nextgpt_t2v_direction_acc": round(ng["direction_acc"], 4),
+            "nextgpt_t2v_top1_decoder": round(dec["top1"], 4),
+            "nextgpt_t2v_direction_acc_decoder": round(dec["direction_acc"], 4),
+            "nextgpt_t2v_top1_ratio": round(ng["top1"] / dec["top1"], 3) if dec["top1"] else None,
+            "nextgpt_t2v_direction_ratio": round(ng["direction_acc"] / dec["direction_acc"], 3)
+            if dec["direction_acc"] else None,
+            "nextgpt_t2v_real_top1": round(ceiling["top1"], 4),
+            "nextgpt_t2v_real_direction_acc": round(ceiling["direction_acc"], 4), "nextgpt_t2v_prompts": len(captions),
+            "nextgpt_video_decoder": str(model.cfg["decoders"]["video"])}
+
+
 def nextgpt_eval(ctx) -> dict:
     """Text->image on held-out prompts through the shipped trained decoder: fed its own text encoder (the
     ceiling) and through NExT-GPT (LLM + output projection), both judged by the demo's CLIP; then the
@@ -236,9 +313,7 @@ def nextgpt_eval(ctx) -> dict:
     from mmfast.models.nextgpt.model import load_pretrained
 
     a = ctx.args
-    _, s2 = _dirs(ctx)
-    s2a = ctx.out / "nextgpt_stage2_audio" / "final"
-    model = load_pretrained(s2a if (s2a / "config.json").is_file() else s2 / "final", device="cpu", kernels=False)
+    model = load_pretrained(_stage2_chain(ctx)[-1] / "final", device="cpu", kernels=False)
     pipe = model.pipes["image"]
     rows = t2i.heldout_prompts(ctx.world, a.nextgpt_eval_prompts)
     prompts, labels = [r[1] for r in rows], [r[2] for r in rows]
@@ -250,7 +325,10 @@ def nextgpt_eval(ctx) -> dict:
     pairs = nd.t2x_pairs(ctx.world, "image", "val")[: a.nextgpt_emit_prompts]
     out = {"nextgpt_eval_prompts": len(prompts), "nextgpt_guidance": g, "nextgpt_diffusion_steps": steps,
            "nextgpt_image_decoder": str(model.cfg["decoders"]["image"]), **emit_rates(model, ctx.world, pairs)}
+    if (Path(ctx.world) / "t2x_audio.json").is_file():
+        out.update(audio_emit_rate(model, nd.t2x_pairs(ctx.world, "audio", "val")[: a.nextgpt_emit_prompts]))
     out.update(_audio_eval(ctx, model))
+    out.update(_video_eval(ctx, model))
     clip_dir = _clip_dir(ctx)
     if clip_dir is None:
         return {**out, "nextgpt_t2i_top1": None, "nextgpt_clipsim_margin": None}
@@ -266,4 +344,5 @@ def nextgpt_eval(ctx) -> dict:
             "nextgpt_t2i_top1_ratio": round(ng["top1"] / dec["top1"], 3) if dec["top1"] else None}
 
 
-__all__ = ["add_args", "emit_rates", "nextgpt_eval", "nextgpt_stage1", "nextgpt_stage2", "save_samples"]
+__all__ = ["add_args", "audio_emit_rate", "emit_rates", "nextgpt_eval", "nextgpt_stage1", "nextgpt_stage2",
+           "save_samples"]
