@@ -73,20 +73,15 @@ class WorldVideos:
         self.captions = [r["caption"] for r in records]
 
 
-def build_unet(image_unet):
-    """The video UNet grown from ``image_unet``: :func:`mmfast.models.nextgpt.decoders.video_unet`."""
-    from mmfast.models.nextgpt.decoders import video_unet
-
-    return video_unet(image_unet)
-
-
 def build_pipeline(image_pipe, prediction_type: str = "epsilon"):
     """An ``AnimateDiffPipeline`` (DDPM scheduler for training) from an image decoder pipeline: its VAE, tokenizer
-    and text encoder, and the video UNet :func:`build_unet` grows from its UNet."""
+    and text encoder, and the video UNet :func:`mmfast.models.nextgpt.decoders.video_unet` grows from its UNet."""
     from diffusers import AnimateDiffPipeline, DDPMScheduler
 
+    from mmfast.models.nextgpt.decoders import video_unet
+
     return AnimateDiffPipeline(vae=image_pipe.vae, text_encoder=image_pipe.text_encoder, tokenizer=image_pipe.tokenizer,
-                               unet=build_unet(image_pipe.unet), motion_adapter=None,
+                               unet=video_unet(image_pipe.unet), motion_adapter=None,
                                scheduler=DDPMScheduler(**{**VIDEO_BETAS, "prediction_type": prediction_type}))
 
 
@@ -124,4 +119,4 @@ def train_unet(run, args, data: WorldVideos) -> int:
 
 STAGES = {"unet": train_unet}
 
-__all__ = ["STAGES", "VIDEO_BETAS", "WorldVideos", "build_pipeline", "build_unet", "frame_index"]
+__all__ = ["STAGES", "VIDEO_BETAS", "WorldVideos", "build_pipeline", "frame_index"]

@@ -55,7 +55,7 @@ def _per_frame(unet2d, x, t, cond):
 def test_video_unet_starts_as_the_image_unet_on_every_frame():
     from diffusers import UNet2DConditionModel
 
-    from mmfast.training.video_decoder import build_unet
+    from mmfast.models.nextgpt.decoders import video_unet
 
     torch.manual_seed(0)
     u2 = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
@@ -64,7 +64,7 @@ def test_video_unet_starts_as_the_image_unet_on_every_frame():
                               attention_head_dim=8, norm_num_groups=8).eval()
     for p in u2.parameters():  # trained weights are not diffusers' zero-initialised outputs
         p.data.add_(torch.randn_like(p) * 0.05)
-    u3 = build_unet(u2).eval()
+    u3 = video_unet(u2).eval()
     x, t, cond = torch.randn(2, 4, 5, 8, 8), torch.tensor([999, 10]), torch.randn(2, 7, 24)
     with torch.no_grad():
         want = _per_frame(u2, x, t, cond)
@@ -84,11 +84,11 @@ def test_video_unet_starts_as_the_image_unet_on_every_frame():
 
 
 def test_the_shipped_image_unets_weights_are_all_copied():
+    from mmfast.models.nextgpt.decoders import video_unet
     from mmfast.models.nextgpt.shipped import read_pipeline
-    from mmfast.training.video_decoder import build_unet
 
     u2 = read_pipeline(IMAGE).unet
-    u3 = build_unet(u2).state_dict()
+    u3 = video_unet(u2).state_dict()
     src = u2.state_dict()
     assert all(torch.equal(u3[k], v) for k, v in src.items())
     new = [k for k in u3 if k not in src]

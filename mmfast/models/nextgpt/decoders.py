@@ -86,12 +86,12 @@ def _scheduler():
                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
-def _unet_kwargs(cfg: dict, dims: str) -> dict:
-    """The tiny cross-attention UNet's arguments; ``dims``: "2D" (images) or "3D" (video)."""
+def _unet_kwargs(cfg: dict) -> dict:
+    """The tiny cross-attention ``UNet2DConditionModel``'s arguments (images, and the video UNet grown from it)."""
     ch = tuple(cfg.get("unet_channels", (16, 32)))
     return {"sample_size": cfg["latent_size"], "in_channels": 4, "out_channels": 4, "block_out_channels": ch,
-            "layers_per_block": 1, "down_block_types": (f"CrossAttnDownBlock{dims}", f"DownBlock{dims}"),
-            "up_block_types": (f"UpBlock{dims}", f"CrossAttnUpBlock{dims}"),
+            "layers_per_block": 1, "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
             "cross_attention_dim": cfg["text_encoder"]["hidden_size"], "attention_head_dim": 4,
             "norm_num_groups": min(8, ch[0])}
 
@@ -105,7 +105,7 @@ def _conditioning(cfg: dict, tokenizer) -> dict:
 def tiny_image_pipeline(cfg: dict, tokenizer):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    unet = UNet2DConditionModel(**_unet_kwargs(cfg, "2D"))
+    unet = UNet2DConditionModel(**_unet_kwargs(cfg))
     return StableDiffusionPipeline(**_conditioning(cfg, tokenizer), unet=unet, scheduler=_scheduler(),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
@@ -135,7 +135,7 @@ def video_unet(image_unet):
 def tiny_video_pipeline(cfg: dict, tokenizer):
     from diffusers import AnimateDiffPipeline, UNet2DConditionModel
 
-    unet = video_unet(UNet2DConditionModel(**_unet_kwargs(cfg, "2D")))
+    unet = video_unet(UNet2DConditionModel(**_unet_kwargs(cfg)))
     return AnimateDiffPipeline(**_conditioning(cfg, tokenizer), unet=unet, motion_adapter=None, scheduler=_scheduler())
 
 
