@@ -48,9 +48,19 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=E.positive_float, default=None, help="(stage 1/2: 1e-3, stage 3: 2e-4)")
     p.add_argument("--signal-lr", type=float, default=None,
                    help="stage 2: lr of the signal-token embedding / LM-head rows (default: --lr)")
-    p.add_argument("--negatives", type=float, default=1.0,
+    p.add_argument("--negatives", default="1.0",
                    help="stage 2 from a world: share of pairs also given as X->text records, so the signal "
-                        "tokens learn when not to start")
+                        "tokens learn when not to start; one share for every modality, or MOD=SHARE,... (a "
+                        "modality not named: 1.0)")
+    p.add_argument("--rows", default=None,
+                   help="stage 2: comma-separated modalities whose signal-token rows train (default: every added "
+                        "token's rows); '' for none")
+    p.add_argument("--head-rows", default="",
+                   help="stage 2: comma-separated modalities whose signal tokens' LM-head rows alone train (when a "
+                        "run opens; the states the output projections read stay)")
+    p.add_argument("--projections", default=None,
+                   help="stages 2-3: comma-separated modalities whose output projections train (default: "
+                        "--modalities)")
     p.add_argument("--repeat", default="",
                    help="stage 2 from a world: MOD=N,... gives each pair of MOD N times (a small modality's share "
                         "of the steps)")
@@ -71,7 +81,41 @@ def parse_args(argv=None):
             p.error(f"--repeat {item!r}: expected MOD=N with MOD one of --modalities {a.modalities} and N >= 1")
         repeats[m] = int(n)
     a.repeat = repeats
+    a.negatives = _negatives(p, a.negatives, a.modalities)
+    for what in ("rows", "head_rows", "projections"):
+        v = getattr(a, what)
+        if v is None:
+            continue
+        flag = "--" + what.replace("_", "-")
+        mods = tuple(m.strip() for m in v.split(",") if m.strip())
+        if any(m not in nd.MODALITIES for m in mods):
+            p.error(f"{flag} {v!r}: expected some of {nd.MODALITIES}")
+        if mods and (what != "projections" and a.stage != 2 or what == "projections" and a.stage == 1):
+            p.error(f"{flag}: not a choice of stage {a.stage}")
+        setattr(a, what, mods)
     return a
+
+
+def _negatives(p, value: str, modalities) -> float | dict:
+    """``--negatives``: a share in [0, 1], or ``{modality: share}`` from MOD=SHARE,... (unnamed: 1.0)."""
+    def share(text, item):
+        try:
+            x = float(text)
+        except ValueError:
+            x = -1.0
+        if not 0.0 <= x <= 1.0:
+            p.error(f"--negatives {item!r}: expected a share in [0, 1]")
+        return x
+
+    if "=" not in value:
+        return share(value, value)
+    out = {}
+    for item in filter(None, (x.strip() for x in value.split(","))):
+        m, _, v = item.partition("=")
+        if m not in modalities:
+            p.error(f"--negatives {item!r}: expected MOD=SHARE with MOD one of --modalities {modalities}")
+        out[m] = share(v, item)
+    return out
 
 
 def build(args, device) -> ng.NextGPT:
@@ -81,7 +125,8 @@ def build(args, device) -> ng.NextGPT:
     else:
         model = ng.build_nextgpt(args.model, input_projection=args.input_projection, image_encoder=args.image_encoder,
                                  llm=args.llm, kernels=False, seed=args.seed)
-    model.set_stage(args.stage, args.modalities)
+    model.set_stage(args.stage, args.modalities, rows=args.rows, projections=args.projections,
+                    head_rows=args.head_rows)
     model.to(device)
     if kernels:
         import mmfast

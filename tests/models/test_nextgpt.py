@@ -2,6 +2,8 @@
 tiny diffusers decoders, save/load, generation and the evaluation adapter contract."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -145,6 +147,54 @@ def _step(model, stage, batch, modalities=nd.MODALITIES):
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     return names, changed, before, after
+
+
+def test_stage2_trains_the_chosen_rows_and_projections():
+    """set_stage(2, rows=, projections=): only the audio signal tokens' rows and the audio output projection
+    move, while the image records' losses still flow (they teach the audio rows when not to start)."""
+    torch.set_num_threads(1)
+    m = ng.build_nextgpt("tiny", seed=0, kernels=False)
+    batch = _batch(m)
+    names = set(m.set_stage(2, nd.MODALITIES, rows=("audio",), projections=("audio",)))
+    assert {n for n in names if not n.startswith("output_proj.audio.")} == {"llm.model.embed_tokens.weight",
+                                                                            "llm.lm_head.weight"}
+    before = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    m.loss(batch)["loss"].backward()
+    opt.step()
+    after = m.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    emb_key, head_key = "llm.model.embed_tokens.weight", "llm.lm_head.weight"
+    assert changed == {k for k in before if k.startswith("output_proj.audio.")} | {emb_key, head_key}
+    aud = m.signal_ids["audio"]
+    others = [i for i in range(before[emb_key].shape[0]) if i not in aud]
+    for k in (emb_key, head_key):
+        assert torch.equal(before[k][others], after[k][others]), f"{k}: a row outside [AUD*] changed"
+        assert not torch.equal(before[k][aud], after[k][aud])
+    assert set(m.set_stage(2, ("image",), rows=(), projections=("image",))) == {
+        k for k, _ in m.named_parameters() if k.startswith("output_proj.image.")}
+    # head_rows: the LM-head rows alone (when a run opens), no embedding row (the states the projections read)
+    names = set(m.set_stage(2, nd.MODALITIES, rows=(), head_rows=("image", "audio"), projections=("audio",)))
+    assert {n for n in names if not n.startswith("output_proj.audio.")} == {head_key}
+    before = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    m.loss(batch)["loss"].backward()
+    opt.step()
+    after = m.state_dict()
+    assert {k for k in before if not torch.equal(before[k], after[k])} == {
+        k for k in before if k.startswith("output_proj.audio.")} | {head_key}
+    sig = m.signal_ids["image"] + m.signal_ids["audio"]
+    rest = [i for i in range(before[head_key].shape[0]) if i not in sig]
+    assert torch.equal(before[head_key][rest], after[head_key][rest])
+    assert not torch.equal(before[head_key][m.signal_ids["image"]], after[head_key][m.signal_ids["image"]])
+    with pytest.raises(ValueError, match="only stage 2 trains signal-token rows, not stage 1"):
+        m.set_stage(1, head_rows=("audio",))
+    with pytest.raises(ValueError, match="rows, head_rows: only stage 2"):
+        m.set_stage(3, rows=("audio",))
+    with pytest.raises(ValueError, match="stage 1 trains no output projection"):
+        m.set_stage(1, projections=("audio",))
+    with pytest.raises(ValueError, match="projections \\['sound'\\]"):
+        m.set_stage(2, projections=("sound",))
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -565,19 +615,24 @@ def test_audio_emit_rate_counts_replies_opening_an_audio_run():
 
     class Stub:
         def __init__(self):
-            self.signal_ids, self.asked = {"audio": [900, 901]}, []
+            self.signal_ids, self.asked = {"audio": [900, 901], "image": [800, 801]}, []
 
-        def generate(self, q, max_new_tokens, decode):
-            self.asked.append(q)
+        def generate(self, q, max_new_tokens, decode, audios=None):
+            self.asked.append((q, audios))
+            if audios:  # captioning: the first clip's reply opens an image run, the others none
+                return {"token_ids": [5, 800] if audios[0].endswith("a.wav") else [5, 6, 901]}
             return {"token_ids": [5, 900, 901] if "cup" in q else [5, 6, 900 + 1]}  # [AUD1] alone does not count
 
-    pairs = [{"caption": "the sound of a cup"}, {"caption": "the sound of a car"}, {"caption": "a cup again"},
-             {"caption": "a tree"}]
+    pairs = [{"caption": "the sound of a cup", "path": "a.wav"}, {"caption": "the sound of a car", "path": "b.wav"},
+             {"caption": "a cup again", "path": "c.wav"}, {"caption": "a tree", "path": "d.wav"}]
     stub = Stub()
-    out = audio_emit_rate(stub, pairs)
-    assert out == {"nextgpt_signal_emit_rate_audio": 0.5, "nextgpt_emit_prompts_audio": 4}
-    templates = nd.T2X_PROMPTS["audio"]
-    assert stub.asked == [templates[i % len(templates)].format(c=p["caption"]) for i, p in enumerate(pairs)]
+    out = audio_emit_rate(stub, "W", pairs)
+    assert out == {"nextgpt_signal_emit_rate_audio": 0.5, "nextgpt_signal_emit_rate_captioning_audio": 0.25,
+                   "nextgpt_emit_prompts_audio": 4}
+    t2x, x2t = nd.T2X_PROMPTS["audio"], nd.X2T_PROMPTS["audio"]
+    want = [[(t2x[i % len(t2x)].format(c=p["caption"]), None), (x2t[i % len(x2t)], [str(Path("W") / p["path"])])]
+            for i, p in enumerate(pairs)]
+    assert stub.asked == [x for pair in want for x in pair]
 
 
 def test_demo_stage2_chain_follows_the_worlds_media(tmp_path):
@@ -596,6 +651,39 @@ def test_demo_stage2_chain_follows_the_worlds_media(tmp_path):
     assert names() == ["nextgpt_stage2", "nextgpt_stage2_audio"]
     (ctx.world / "t2x_video.json").write_text("[]")
     assert names() == ["nextgpt_stage2", "nextgpt_stage2_audio", "nextgpt_stage2_video"]
+
+
+def test_demo_media_runs_train_their_projection_and_the_head_rows(tmp_path, monkeypatch):
+    """The audio / video stage-2 runs: that projection, the LM-head rows of every signal so far, no embedding
+    row; each medium's pairs repeated to about the image pairs' requests + negatives, with a share of negatives."""
+    import argparse
+
+    from mmfast.data.synthetic import make_world
+    from mmfast.demo import DemoContext
+    from mmfast.models.nextgpt import demo
+    from mmfast.training.nextgpt import parse_args
+
+    ctx = DemoContext(tmp_path, argparse.Namespace(nproc=2, nextgpt_batch_size=8, seed=0, nextgpt_steps2_audio=7,
+                                                   nextgpt_steps2_video=5))
+    make_world(ctx.world, 40, 32, seed=0, media=True, n_videos=3, audio_per_class=1)
+    seen = []
+
+    def fake_train(argv, out):
+        seen.append(argv)
+        return {"align_audio": 0.5, "align_video": 0.5, "seconds": 1.0, "first": {"align_audio": 1.0, "align_video": 1.0}}
+
+    monkeypatch.setattr(demo, "_train", fake_train)
+    demo._stage2_media(ctx, "audio", tmp_path / "nextgpt_stage2")
+    demo._stage2_media(ctx, "video", tmp_path / "nextgpt_stage2_audio")
+    n = {m: len(nd.t2x_pairs(ctx.world, m)) for m in nd.MODALITIES}
+    for argv, mods in zip(seen, (("image", "audio"), ("image", "audio", "video")), strict=True):
+        i = argv.index("--nproc")
+        a = parse_args(argv[:i] + argv[i + 2:])
+        assert a.modalities == mods and a.rows == () and a.head_rows == mods and a.projections == (mods[-1],)
+        assert a.repeat == {m: max(1, round(2 * n["image"] / n[m])) for m in mods[1:]}
+        assert a.negatives == {"image": 1.0, **{m: demo.MEDIA_NEGATIVES for m in mods[1:]}}
+        assert a.init_from.endswith({"audio": "nextgpt_stage2/final", "video": "nextgpt_stage2_audio/final"}[mods[-1]])
+        assert a.signal_lr > 0 and a.steps == {"audio": 7, "video": 5}[mods[-1]]
 
 
 def test_output_projections_do_not_depend_on_how_the_decoders_are_built():

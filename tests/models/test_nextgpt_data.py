@@ -84,6 +84,14 @@ def test_stage_builders_and_media(tmp_path):
     assert n_pairs < len(half) < 2 * n_pairs
     assert all(r["media"] and len(r["media"]) == 1 for r in s2 if not r.get("targets"))
     assert len(nd.stage_records(tmp_path, 2, mods, negatives=0.0)) == n_pairs
+    # One share per modality: captioning negatives for images only; an unnamed modality keeps 1.0.
+    per = nd.stage_records(tmp_path, 2, mods, negatives={"audio": 0.0, "video": 0.0})
+    neg = [next(k for k in r["media"]) for r in per if not r.get("targets")]
+    assert neg == ["image"] * len(nd.t2x_pairs(tmp_path, "image")) and len(per) == n_pairs + len(neg)
+    assert len(nd.stage_records(tmp_path, 2, mods, negatives={"image": 0.0, "audio": 0.0})) == n_pairs + len(
+        nd.t2x_pairs(tmp_path, "video"))
+    with pytest.raises(ValueError, match="share in \\[0, 1\\], got 2.0 for audio"):
+        nd.stage_records(tmp_path, 2, mods, negatives={"audio": 2.0})
     # --repeat audio=3: every audio pair three times (with its negatives), the other modalities once
     rep = nd.stage_records(tmp_path, 2, mods, negatives=0.0, repeats={"audio": 3})
     n_audio = len(nd.t2x_pairs(tmp_path, "audio"))
@@ -165,3 +173,23 @@ def test_repeat_argument(arg, ok, capsys):
         assert "--repeat" in capsys.readouterr().err
     else:
         assert parse_args(argv).repeat == ok
+
+
+@pytest.mark.parametrize("flag, arg, ok", [
+    ("--negatives", "0.5", 0.5), ("--negatives", "image=1,audio=0", {"image": 1.0, "audio": 0.0}),
+    ("--negatives", "1.5", None), ("--negatives", "audio=x", None), ("--negatives", "video=1", None),
+    ("--rows", "audio", ("audio",)), ("--rows", "", ()), ("--rows", "sound", None),
+    ("--head-rows", "image,audio", ("image", "audio")), ("--head-rows", "x", None),
+    ("--projections", "image,audio", ("image", "audio")), ("--projections", "sound", None)])
+def test_stage2_choice_arguments(flag, arg, ok, capsys):
+    from mmfast.training.nextgpt import parse_args
+
+    argv = ["--stage", "2", "--data", ".", "--out", "x", "--modalities", "image,audio", flag, arg]
+    if ok is None:
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert flag in capsys.readouterr().err
+    else:
+        assert getattr(parse_args(argv), flag[2:].replace("-", "_")) == ok
+    with pytest.raises(SystemExit):  # stage 1 trains neither rows nor output projections
+        parse_args(["--stage", "1", "--data", ".", "--out", "x", flag if flag != "--negatives" else "--rows", "audio"])

@@ -169,6 +169,9 @@ def test_demo_emission_rates_count_signal_runs(world):
     with favoured_token(m.llm, img0):  # every reply opens with [IMG0]
         got = emit_rates(m, world, pairs, max_new_tokens=2)
     assert got["nextgpt_signal_emit_rate"] == 1.0 and got["nextgpt_signal_emit_rate_captioning"] == 1.0
+    with favoured_token(m.llm, m.signal_ids["audio"][0]):  # every reply opens an audio run: a captioning reply
+        got = emit_rates(m, world, pairs, max_new_tokens=2)  # counts (any run), a text->image one does not
+    assert got["nextgpt_signal_emit_rate"] == 0.0 and got["nextgpt_signal_emit_rate_captioning"] == 1.0
 
 
 def test_demo_lists_the_nextgpt_stages():

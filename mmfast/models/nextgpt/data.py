@@ -287,9 +287,11 @@ def t2x_record(modality: str, pair: dict, rng: random.Random, reply_text: bool =
 
 
 def stage_records(world, stage: int, modalities=("image",), split: str = "train", seed: int = 0,
-                  n_dialogues: int | None = None, negatives: float = 1.0, repeats: dict | None = None) -> list[dict]:
+                  n_dialogues: int | None = None, negatives: float | dict = 1.0,
+                  repeats: dict | None = None) -> list[dict]:
     """Stage 1: X->text captioning; stage 2: text->X answered by the signal run alone (LM loss on the signal
-    tokens and the closing ``</s>``) plus X->text captioning records for a ``negatives`` share of the pairs;
+    tokens and the closing ``</s>``) plus X->text captioning records for a ``negatives`` share of the pairs
+    (one share, or ``{modality: share}``: unnamed modalities 1.0);
     stage 3: MosIT-style dialogues (text, then the run).
 
     The negatives matter because only the signal-token rows learn in stage 2: without replies that start
@@ -301,14 +303,16 @@ def stage_records(world, stage: int, modalities=("image",), split: str = "train"
     if stage == 1:
         return [x2t_record(m, p, rng) for m in modalities for p in pairs[m]]
     if stage == 2:
-        if not 0.0 <= negatives <= 1.0:
-            raise ValueError(f"negatives must be a share in [0, 1], got {negatives}")
+        shares = {m: (negatives.get(m, 1.0) if isinstance(negatives, dict) else negatives) for m in modalities}
+        for m, x in shares.items():
+            if not 0.0 <= x <= 1.0:
+                raise ValueError(f"negatives must be a share in [0, 1], got {x} for {m}")
         described = image_descriptions(world, split) if "image" in modalities else {}
         recs = []
         for m in modalities:  # a negative follows its pair, so a --max-samples prefix keeps the mix
             for p in pairs[m] * (repeats or {}).get(m, 1):
                 recs.append(t2x_record(m, p, rng, reply_text=False))
-                if rng.random() < negatives:
+                if rng.random() < shares[m]:
                     # Half the image negatives end like the LLM's own descriptions: the signal rows must lose to
                     # </s> where the frozen LLM ends its replies, not only where short captions end.
                     desc = described.get(p["path"]) if m == "image" else None

@@ -132,19 +132,36 @@ def _stage2_chain(ctx) -> list[Path]:
     return [s2] + [ctx.out / f"nextgpt_stage2_{m}" for m in _media(ctx)]
 
 
+MEDIA_NEGATIVES = 0.25  # share of a medium's (repeated) pairs also given as captioning negatives in its run
+
+
 def _stage2_media(ctx, modality: str, prev: Path) -> dict:
-    """Stage 2 for audio or video, after the run before it: that modality's output projection alone (the signal
-    rows at lr 0), on its text->X records only. Trained among the image records the audio projection hardly
-    learned: with the world's 496 clips (6 % of the pairs) the audio alignment loss stayed at 1.0, the norm of
-    its targets, and NExT-GPT's t2a top-1 at 0.06; with each clip given 8 times (33 %) 0.68 and 0.31, while t2i
-    top-1 fell from 0.81 to 0.72. Alone, 300 steps reached 0.82 (t2a 0.13); fitted offline on the same states,
-    batch 16, the loss falls below 0.3 only after 400 steps (0.12 after 600). The signal rows stay as the image
-    run left them, so NExT-GPT does not yet open an ``[AUD0]`` run by itself (docs/nextgpt_decoders.md: what
-    training them did to the other figures)."""
+    """Stage 2 for audio or video, after the run before it: that modality's output projection on its text->X
+    records, among the image run's records (text->image requests and captioning negatives) and those of the
+    media trained before it (each medium's pairs repeated to about as many records as the image ones, with a
+    :data:`MEDIA_NEGATIVES` share of captioning negatives), where the LM-head rows of every signal token so far
+    learn which run, if any, a prompt opens. No embedding row moves: those shape the states the output
+    projections read, and the image projection was fitted to them in the image run.
+
+    What was measured on the way (docs/nextgpt_decoders.md, the demo world): trained among the image run's
+    records the audio projection hardly learned (the world's 496 clips are 6 % of the pairs: alignment loss
+    1.0, the norm of its targets; t2a top-1 0.06); alone, with every row fixed, it learned (t2a 0.94) but
+    NExT-GPT never opened an ``[AUD0]`` run by itself; with the ``[IMG]`` rows' embeddings trained on as well
+    every run opened where it should, but t2i fell from 0.83 to 0.70."""
+    from mmfast.models.nextgpt import data as nd
+
     out = ctx.out / f"nextgpt_stage2_{modality}"
     steps = getattr(ctx.args, f"nextgpt_steps2_{modality}")
+    media = _media(ctx)[: _media(ctx).index(modality) + 1]  # this one and those trained before it
+    n_image = len(nd.t2x_pairs(ctx.world, "image"))
+    # Each medium's pairs repeated to about as many records as the image pairs' requests and negatives.
+    repeat = {m: max(1, round(2 * n_image / max(1, len(nd.t2x_pairs(ctx.world, m))))) for m in media}
     argv = _common(ctx, 2, out) + ["--init-from", str(prev / "final"), "--steps", str(steps), "--lr", "2e-3",
-                                   "--signal-lr", "0", "--modalities", modality, "--negatives", "0"]
+                                   "--signal-lr", "2e-2", "--modalities", ",".join(["image", *media]),
+                                   "--repeat", ",".join(f"{m}={k}" for m, k in repeat.items()),
+                                   "--negatives", ",".join(["image=1", *(f"{m}={MEDIA_NEGATIVES}" for m in media)]),
+                                   "--rows", "", "--head-rows", ",".join(["image", *media]),
+                                   "--projections", modality]
     r = _train(argv, out)
     return {f"nextgpt_stage2_{modality}_alignment_loss": round(r[f"align_{modality}"], 4),
             f"nextgpt_stage2_{modality}_first_alignment_loss": round(r["first"][f"align_{modality}"], 4),
@@ -168,9 +185,14 @@ def _conditions(model, captions, modality: str = "image"):
         return model.output_proj[modality](model.signal_states(modality, batch["input_ids"], hidden, emb))
 
 
+def _opens_run(model, token_ids) -> bool:
+    """Whether a reply holds the first signal token of any modality."""
+    return any(ids[0] in token_ids for ids in model.signal_ids.values())
+
+
 def emit_rates(model, world, pairs, max_new_tokens: int = 12) -> dict:
-    """Shares of free greedy replies holding ``[IMG0]``: for text->image prompts (cycling through the
-    prompt templates) and for captioning prompts on the same pairs' images."""
+    """Shares of free greedy replies holding ``[IMG0]`` for text->image prompts (cycling through the prompt
+    templates), and opening any signal run for captioning prompts on the same pairs' images."""
     from mmfast.models.nextgpt import data as nd
 
     img0, n = model.signal_ids["image"][0], max(1, len(pairs))
@@ -179,23 +201,28 @@ def emit_rates(model, world, pairs, max_new_tokens: int = 12) -> dict:
         q = nd.T2X_PROMPTS["image"][i % len(nd.T2X_PROMPTS["image"])].format(c=p["caption"])
         t2x += img0 in model.generate(q, max_new_tokens=max_new_tokens, decode=False)["token_ids"]
         q = nd.X2T_PROMPTS["image"][i % len(nd.X2T_PROMPTS["image"])]
-        x2t += img0 in model.generate(q, images=[str(Path(world) / p["path"])], max_new_tokens=max_new_tokens,
-                                      decode=False)["token_ids"]
+        x2t += _opens_run(model, model.generate(q, images=[str(Path(world) / p["path"])],
+                                                max_new_tokens=max_new_tokens, decode=False)["token_ids"])
     return {"nextgpt_signal_emit_rate": round(t2x / n, 3), "nextgpt_signal_emit_rate_captioning": round(x2t / n, 3),
             "nextgpt_emit_prompts": len(pairs)}
 
 
-def audio_emit_rate(model, pairs, max_new_tokens: int = 12) -> dict:
-    """Share of free greedy replies to held-out text->audio prompts (cycling through the prompt templates) that
-    hold ``[AUD0]``: whether NExT-GPT, asked for a sound, answers with one."""
+def audio_emit_rate(model, world, pairs, max_new_tokens: int = 12) -> dict:
+    """Shares of free greedy replies to held-out text->audio prompts (cycling through the prompt templates) that
+    hold ``[AUD0]`` (whether NExT-GPT, asked for a sound, answers with one), and of replies to captioning prompts
+    on the same clips that open any signal run."""
     from mmfast.models.nextgpt import data as nd
 
-    aud0, prompts = model.signal_ids["audio"][0], nd.T2X_PROMPTS["audio"]
-    hits = sum(aud0 in model.generate(prompts[i % len(prompts)].format(c=p["caption"]),
-                                      max_new_tokens=max_new_tokens, decode=False)["token_ids"]
-               for i, p in enumerate(pairs))
-    return {"nextgpt_signal_emit_rate_audio": round(hits / max(1, len(pairs)), 3),
-            "nextgpt_emit_prompts_audio": len(pairs)}
+    aud0, n = model.signal_ids["audio"][0], max(1, len(pairs))
+    t2x = x2t = 0
+    for i, p in enumerate(pairs):
+        q = nd.T2X_PROMPTS["audio"][i % len(nd.T2X_PROMPTS["audio"])].format(c=p["caption"])
+        t2x += aud0 in model.generate(q, max_new_tokens=max_new_tokens, decode=False)["token_ids"]
+        q = nd.X2T_PROMPTS["audio"][i % len(nd.X2T_PROMPTS["audio"])]
+        x2t += _opens_run(model, model.generate(q, audios=[str(Path(world) / p["path"])],
+                                                max_new_tokens=max_new_tokens, decode=False)["token_ids"])
+    return {"nextgpt_signal_emit_rate_audio": round(t2x / n, 3),
+            "nextgpt_signal_emit_rate_captioning_audio": round(x2t / n, 3), "nextgpt_emit_prompts_audio": len(pairs)}
 
 
 def _clip_scores(clip, classes: list[str], images, captions: list[str], labels: list[int]) -> dict:
@@ -326,7 +353,7 @@ def nextgpt_eval(ctx) -> dict:
     out = {"nextgpt_eval_prompts": len(prompts), "nextgpt_guidance": g, "nextgpt_diffusion_steps": steps,
            "nextgpt_image_decoder": str(model.cfg["decoders"]["image"]), **emit_rates(model, ctx.world, pairs)}
     if (Path(ctx.world) / "t2x_audio.json").is_file():
-        out.update(audio_emit_rate(model, nd.t2x_pairs(ctx.world, "audio", "val")[: a.nextgpt_emit_prompts]))
+        out.update(audio_emit_rate(model, ctx.world, nd.t2x_pairs(ctx.world, "audio", "val")[: a.nextgpt_emit_prompts]))
     out.update(_audio_eval(ctx, model))
     out.update(_video_eval(ctx, model))
     clip_dir = _clip_dir(ctx)

@@ -161,14 +161,26 @@ class NextGPT(nn.Module):
                             "target_modules": c.get("targets", ["q_proj", "v_proj"])}
         inject_adapter_in_model(LoraConfig(bias="none", **self.lora_config), self.llm.model)
 
-    def set_stage(self, stage: int, modalities=nd.MODALITIES) -> list[str]:
+    def set_stage(self, stage: int, modalities=nd.MODALITIES, rows=None, projections=None,
+                  head_rows=()) -> list[str]:
         """Freeze everything, then unfreeze the stage's parameters (projections of ``modalities`` only, so
-        every trainable parameter gets a gradient each step); returns their names."""
+        every trainable parameter gets a gradient each step); returns their names.
+
+        Stage 2 trains the embedding and LM-head rows of every added token, or only those of the ``rows``
+        modalities' signal tokens, plus the LM-head rows alone of the ``head_rows`` modalities' (an LM-head row
+        decides when a run opens; an embedding row moves the states the output projections read).
+        ``projections`` (stages 2 and 3, default ``modalities``) names the output projections that train."""
         if stage not in (1, 2, 3):
             raise ValueError(f"stage must be 1, 2 or 3, got {stage}")
-        bad = [m for m in modalities if m not in nd.MODALITIES]
-        if bad:
-            raise ValueError(f"modalities {bad} are not in {nd.MODALITIES}")
+        for what, mods in (("modalities", modalities), ("rows", rows or ()), ("head_rows", head_rows),
+                           ("projections", projections or ())):
+            bad = [m for m in mods if m not in nd.MODALITIES]
+            if bad:
+                raise ValueError(f"{what} {bad} are not in {nd.MODALITIES}")
+        if (rows is not None or head_rows) and stage != 2:
+            raise ValueError(f"rows, head_rows: only stage 2 trains signal-token rows, not stage {stage}")
+        if projections is not None and stage == 1:
+            raise ValueError("projections: stage 1 trains no output projection")
         self.requires_grad_(False)
         for h in self._row_hooks:
             h.remove()
@@ -176,10 +188,14 @@ class NextGPT(nn.Module):
         for m in modalities:
             if stage in (1, 3):
                 self.input_proj[m].requires_grad_(True)
-            if stage in (2, 3):
+        if stage in (2, 3):
+            for m in (modalities if projections is None else projections):
                 self.output_proj[m].requires_grad_(True)
         if stage == 2:
-            self._train_new_rows()
+            both = self.new_ids if rows is None else [i for m in rows for i in self.signal_ids[m]]
+            head = sorted({*both, *(i for m in head_rows for i in self.signal_ids[m])})
+            self._train_rows(self.llm.get_input_embeddings().weight, both)
+            self._train_rows(self.llm.get_output_embeddings().weight, head)
         if stage == 3:
             self.add_lora()
             for n, p in self.llm.named_parameters():
@@ -187,13 +203,15 @@ class NextGPT(nn.Module):
                     p.requires_grad_(True)
         return [n for n, p in self.named_parameters() if p.requires_grad]
 
-    def _train_new_rows(self) -> None:
-        """Embedding and LM-head rows of the added tokens train; a gradient mask zeroes every other row."""
-        for w in (self.llm.get_input_embeddings().weight, self.llm.get_output_embeddings().weight):
-            w.requires_grad_(True)
-            mask = torch.zeros(w.shape[0], 1, dtype=w.dtype, device=w.device)
-            mask[self.new_ids] = 1
-            self._row_hooks.append(w.register_hook(lambda g, m=mask: g * m.to(g.dtype)))
+    def _train_rows(self, w: torch.Tensor, ids: list[int]) -> None:
+        """Rows ``ids`` (added tokens) of the embedding or LM-head matrix ``w`` train; a gradient mask zeroes
+        every other row."""
+        if not ids:
+            return
+        w.requires_grad_(True)
+        mask = torch.zeros(w.shape[0], 1, dtype=w.dtype, device=w.device)
+        mask[ids] = 1
+        self._row_hooks.append(w.register_hook(lambda g, m=mask: g * m.to(g.dtype)))
 
     # ---- forward
     def embed(self, input_ids: torch.Tensor, media: dict) -> torch.Tensor:
