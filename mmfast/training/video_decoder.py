@@ -14,7 +14,9 @@ trained image decoder (``--image-decoder``, a ``StableDiffusionPipeline`` folder
 * its text encoder, trained on;
 * its UNet, every weight (``UNetMotionModel.from_unet2d`` with a diffusers ``MotionAdapter``), and motion modules
   whose output projections are zeroed, so that the video UNet starts out as exactly the image decoder run on
-  every frame alone (a test checks it); the training teaches it the motion.
+  every frame alone (a test checks it), and whose first temporal attention starts with a head that reads the
+  frame positions (without it a frame's place hardly reached it: :func:`mmfast.models.nextgpt.decoders.video_unet`);
+  the training teaches it the motion.
 
 Why not ModelScope / ZeroScope's ``UNet3DConditionModel`` (``TextToVideoSDPipeline``): its temporal layers have no
 frame positions (a frame knows where it is only from the zero padding of the temporal convolutions at the clip's

@@ -670,7 +670,8 @@ def test_demo_media_runs_train_their_projection_and_the_head_rows(tmp_path, monk
 
     def fake_train(argv, out):
         seen.append(argv)
-        return {"align_audio": 0.5, "align_video": 0.5, "seconds": 1.0, "first": {"align_audio": 1.0, "align_video": 1.0}}
+        return {"align_audio": 0.5, "align_video": 0.5, "seconds": 1.0,
+                "first": {"align_audio": 1.0, "align_video": 1.0}}
 
     monkeypatch.setattr(demo, "_train", fake_train)
     demo._stage2_media(ctx, "audio", tmp_path / "nextgpt_stage2")

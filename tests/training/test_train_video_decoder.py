@@ -83,6 +83,40 @@ def test_video_unet_starts_as_the_image_unet_on_every_frame():
     assert (out[:, :, 0] - out[:, :, 4]).abs().max() > 1e-3
 
 
+def test_motion_modules_start_reading_their_frame_position():
+    """video_unet's frame-position head: once the (zeroed) output projections move, identical frames come out
+    several times more different than from diffusers' random motion modules, whose near-uniform attention over
+    the frames hands every frame the same output."""
+    from diffusers import UNet2DConditionModel
+
+    from mmfast.models.nextgpt import decoders
+
+    def spread(u3):
+        gen = torch.Generator().manual_seed(1)
+        for name, m in u3.named_modules():
+            if ".motion_modules." in name and name.endswith("proj_out"):
+                m.weight.data.normal_(0.0, 0.02, generator=gen)
+        same = torch.randn(2, 4, 1, 8, 8, generator=gen).expand(-1, -1, 4, -1, -1).contiguous()
+        with torch.no_grad():
+            out = u3(same, torch.tensor([700, 700]),
+                     encoder_hidden_states=torch.randn(2, 7, 24, generator=gen).repeat_interleave(4, 0)).sample
+        return float((out - out.mean(2, keepdim=True)).pow(2).mean().sqrt() / out.pow(2).mean().sqrt())
+
+    torch.manual_seed(0)
+    u2 = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                              layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                              up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=24,
+                              attention_head_dim=8, norm_num_groups=8).eval()
+    ours = spread(decoders.video_unet(u2).eval())
+    from diffusers import MotionAdapter, UNetMotionModel
+
+    plain = UNetMotionModel.from_unet2d(u2, MotionAdapter(  # diffusers' own start, the same layout
+        block_out_channels=(16, 32), motion_layers_per_block=1, motion_num_attention_heads=decoders.MOTION_HEADS,
+        motion_norm_num_groups=8, use_motion_mid_block=True)).eval()
+    base = spread(plain)
+    assert ours > 10 * base, (ours, base)
+
+
 def test_the_shipped_image_unets_weights_are_all_copied():
     from mmfast.models.nextgpt.decoders import video_unet
     from mmfast.models.nextgpt.shipped import read_pipeline

@@ -353,7 +353,8 @@ def nextgpt_eval(ctx) -> dict:
     out = {"nextgpt_eval_prompts": len(prompts), "nextgpt_guidance": g, "nextgpt_diffusion_steps": steps,
            "nextgpt_image_decoder": str(model.cfg["decoders"]["image"]), **emit_rates(model, ctx.world, pairs)}
     if (Path(ctx.world) / "t2x_audio.json").is_file():
-        out.update(audio_emit_rate(model, ctx.world, nd.t2x_pairs(ctx.world, "audio", "val")[: a.nextgpt_emit_prompts]))
+        audio = nd.t2x_pairs(ctx.world, "audio", "val")[: a.nextgpt_emit_prompts]
+        out.update(audio_emit_rate(model, ctx.world, audio))
     out.update(_audio_eval(ctx, model))
     out.update(_video_eval(ctx, model))
     clip_dir = _clip_dir(ctx)

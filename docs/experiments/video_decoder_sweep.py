@@ -1,0 +1,173 @@
+"""Issue #24 experiment (not part of the package): one video-decoder recipe trained in plain PyTorch on one device
+(the step of mmfast.training.video_decoder without DeepSpeed), judged by mmfast.eval.t2v at fixed steps; the
+figures in docs/nextgpt_decoders.md ("More recipes") came from it, on a lent H200 and on the 2-core machine.
+
+    python docs/experiments/video_decoder_sweep.py '{"name": "F", "lr": 5e-4, "single": true, "device": "cpu"}' OUT 3600
+
+argv: a JSON config (keys below), a results folder (OUT/NAME.jsonl), seconds allowed. Needs, under .gpuexp/ (or the
+config's "world" / "judge"): world/ with the seed-2 video world's video/, t2x_video.json and classes.json
+(mmfast data synth --images 200 --size 32 --seed 2 --videos 4096 --video-frames 4), and judge.pt, the state dict
+of mmfast.eval.t2v.FrameJudge.fit(world).net. The figures were taken before video_unet started its motion
+modules with the frame-position head (2026-12-04); a run without "frame_init" had diffusers' own start then."""
+import json
+import os
+import sys
+import time
+
+import torch
+
+cfg = json.loads(sys.argv[1])
+out, allowed = sys.argv[2], float(sys.argv[3])
+t_start = time.time()
+deadline = t_start + allowed
+name = cfg["name"]
+dev = torch.device(cfg.get("device", "cuda"))
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+torch.manual_seed(cfg.get("seed", 0))
+
+from diffusers import AnimateDiffPipeline, DDIMScheduler
+
+from mmfast.eval.t2v import FrameJudge, evaluate
+from mmfast.models.nextgpt.shipped import read_pipeline
+from mmfast.training import diffusion_parts as D
+from mmfast.training.engine import cosine_with_warmup
+from mmfast.training.video_decoder import VIDEO_BETAS, WorldVideos, build_pipeline
+
+W = cfg.get("world", ".gpuexp/world")
+def emit(d):
+    d = {"name": name, **d, "t": round(time.time() - t_start, 1)}
+    with open(os.path.join(out, name + ".jsonl"), "a") as res:
+        res.write(json.dumps(d) + "\n")
+    print(json.dumps(d), flush=True)
+
+
+pred = cfg.get("pred", "epsilon")
+pipe = build_pipeline(read_pipeline("mmfast/models/nextgpt/weights/image"), pred)
+data = WorldVideos(W, 32, cfg.get("frames", 4), max_samples=cfg.get("max_samples"))
+if cfg.get("single"):
+    keep = [i for i, c in enumerate(data.captions) if " and " not in c]
+    data.pixels, data.captions = data.pixels[keep], [data.captions[i] for i in keep]
+vae = pipe.vae.to(dev).requires_grad_(False).eval()
+n, f = data.pixels.shape[:2]
+mean, std = D.encode_posteriors(vae, data.pixels.flatten(0, 1).to(dev))
+mean, std = (x.reshape(n, f, *x.shape[1:]).transpose(1, 2).contiguous() for x in (mean, std))
+scale = vae.config.scaling_factor
+ids = D.token_ids(pipe, data.captions).to(dev)
+snr = cfg.get("snr", 5.0 if pred == "epsilon" else 0.0)
+if cfg.get("trunc"):
+    # Truncated-SNR weighting of the noise loss: the clean-latent error weighs max(SNR, 1) (as velocity
+    # prediction's loss does), so high-noise steps, where the layout is decided, count; capped at trunc.
+    cap = float(cfg["trunc"])
+
+    def _trunc(scheduler, t, gamma):
+        ac = scheduler.alphas_cumprod.to(t.device)[t].float()
+        return torch.clamp(1.0 / (ac / (1.0 - ac)), min=1.0, max=cap)
+
+    D.snr_weights = _trunc
+module = D.UNetModule(pipe, cfg.get("uncond", 0.1), snr, context_per_frame=True).to(dev)
+te, unet = pipe.text_encoder, pipe.unet
+if cfg.get("frame_init"):
+    # Motion modules that read their frame position from step 0: head 0 of each first temporal attention attends
+    # by the (high-frequency) sinusoidal positions alone, the others uniformly; the content enters scaled down;
+    # [q/k scale, content scale, v scale]: [4, 0.1, 4] is what mmfast.models.nextgpt.decoders.video_unet now does.
+    fs, fln, fv = (list(cfg["frame_init"]) + [0.0])[:3]
+    from mmfast.models.nextgpt.decoders import MOTION_HEADS
+    with torch.no_grad():
+        for k, m in unet.named_modules():
+            if ".motion_modules." in k and k.endswith("transformer_blocks.0"):
+                c = m.norm1.weight.numel()
+                d = c // MOTION_HEADS
+                m.norm1.weight.mul_(fln)
+                m.norm1.bias.mul_(fln)
+                for lin in (m.attn1.to_q, m.attn1.to_k):
+                    lin.weight.zero_()
+                    lin.weight[:d, :d] = fs * torch.eye(d)
+                if fv:  # head 0's values: the positions' own dims, so its output differs frame to frame
+                    m.attn1.to_v.weight[:d] = 0.0
+                    m.attn1.to_v.weight[:d, :d] = fv * torch.eye(d)
+
+train = cfg.get("train", "all")
+lr = cfg["lr"]
+motion = [p for k, p in unet.named_parameters() if "motion_modules" in k]
+spatial = [p for k, p in unet.named_parameters() if "motion_modules" not in k]
+text = list(te.parameters())
+if train == "all":
+    groups = [{"params": motion + spatial + text, "lr": lr}]
+elif train == "motion":
+    groups = [{"params": motion, "lr": lr}]
+elif train == "motion_text":
+    groups = [{"params": motion + text, "lr": lr}]
+elif train == "split":
+    groups = [{"params": motion, "lr": lr}, {"params": spatial + text, "lr": cfg["lr_rest"]}]
+else:
+    raise ValueError(train)
+trained = {id(p) for g in groups for p in g["params"]}
+for p in module.parameters():
+    p.requires_grad_(id(p) in trained)
+opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=dev.type == "cuda")
+total = cfg.get("total", 6000)
+sched = cosine_with_warmup(opt, max(1, total // 20), total)
+bs = cfg.get("batch", 16)
+gen = torch.Generator(device="cpu").manual_seed(cfg.get("seed", 0))
+evals = set(cfg.get("evals", [500, 1000, 2000, 3000, 4000, 5000, 6000]))
+eval_n = cfg.get("eval_n", 64)
+with open(os.path.join(W, "classes.json")) as fh:
+    fj = FrameJudge(FrameJudge._net(16).eval(), json.load(fh))
+fj.net.load_state_dict(torch.load(cfg.get("judge", ".gpuexp/judge.pt"), weights_only=True))
+emit({"event": "start", "clips": n, "params_trained": sum(p.numel() for p in module.parameters() if p.requires_grad),
+      "cfg": cfg})
+
+
+def run_eval(step, guidances=(3.0,), save=False):
+    module.eval()
+    ep = AnimateDiffPipeline(vae=vae, text_encoder=te, tokenizer=pipe.tokenizer, unet=unet, motion_adapter=None,
+                             scheduler=DDIMScheduler(**{**VIDEO_BETAS, "prediction_type": pred},
+                                                     set_alpha_to_one=False))
+    ep.set_progress_bar_config(disable=True)
+    t0 = time.time()
+    for g in guidances:
+        r = evaluate(ep, W, n=eval_n, steps=20, guidance_scale=g, frame_judge=fj,
+                     save_dir=f"/tmp/gifs/{name}_s{step}_g{g:g}" if save else None)
+        emit({"event": "eval", "step": step, "g": g, "top1": round(r["t2v_top1"], 4),
+              "dir": round(r["t2v_direction_acc"], 4), "real_top1": round(r["real_top1"], 4),
+              "real_dir": round(r["real_direction_acc"], 4), "eval_s": round(time.time() - t0, 1)})
+    module.train()
+    vae.eval()
+    return time.time() - t0
+
+
+eval_cost = 40.0
+module.train()
+vae.eval()
+step, losses, t_log, s_log = 0, [], time.time(), 0
+perm, pos = torch.randperm(n, generator=gen), 0
+while True:
+    if pos + bs > n:
+        perm, pos = torch.randperm(n, generator=gen), 0
+    rows = perm[pos:pos + bs].to(dev)
+    pos += bs
+    latents = (mean[rows] + std[rows] * torch.randn_like(std[rows])) * scale
+    loss = module(latents, ids[rows])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    step += 1
+    losses.append(float(loss.detach()) if step % 50 == 0 else None)
+    if step % 250 == 0:
+        ls = [x for x in losses if x is not None]
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        emit({"event": "train", "step": step, "loss": round(sum(ls) / max(1, len(ls)), 5),
+              "ms_step": round(1000 * (time.time() - t_log) / (step - s_log), 1)})
+        s_log = step
+        losses, t_log = [], time.time()
+    last = step >= total or time.time() > deadline - 2.2 * eval_cost - 10
+    if step in evals or last:
+        took = run_eval(step, (3.0, 5.0) if last else (3.0,), save=last)
+        eval_cost = took / 2 if last else took
+        t_log, s_log = time.time(), step
+    if last:
+        break
+emit({"event": "done", "step": step})

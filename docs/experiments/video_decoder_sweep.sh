@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Issue #24 experiment: video-decoder recipes side by side on one GPU (video_decoder_sweep.py), as sent to the
+# lent H200 with .gpuexp/ (world/ and judge.pt: see the .py) and .whl/ (diffusers, importlib_metadata) carried.
+# SWEEP=1: the nine recipes (ALLOW=420); SWEEP=2: two of them with a 4,000-step cosine (ALLOW=235).
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi -L; python3 -c "import diffusers, torch; print(diffusers.__version__, torch.__version__)" || exit 1
+mkdir -p /tmp/res /tmp/gifs
+ALLOW=${ALLOW:-420}
+EV='"evals":[500,1000,2000,3000,4000,5000,6000,8000,10000]'
+if [ "${SWEEP:-1}" = 1 ]; then cfgs=(
+ '{"name":"A_all5e-4","lr":5e-4,"train":"all",'$EV'}'
+ '{"name":"B_all2e-4","lr":2e-4,"train":"all",'$EV'}'
+ '{"name":"C_all1e-4","lr":1e-4,"train":"all",'$EV'}'
+ '{"name":"D_mot5e-4","lr":5e-4,"train":"motion",'$EV'}'
+ '{"name":"E_mot2e-3","lr":2e-3,"train":"motion",'$EV'}'
+ '{"name":"F_all5e-4_single","lr":5e-4,"train":"all","single":true,'$EV'}'
+ '{"name":"G_all5e-4_b64","lr":5e-4,"train":"all","batch":64,'$EV'}'
+ '{"name":"H_split1e-3_1e-4","lr":1e-3,"lr_rest":1e-4,"train":"split",'$EV'}'
+ '{"name":"I_all5e-4_12k","lr":5e-4,"train":"all","total":12000,'$EV'}'
+); else cfgs=(
+ '{"name":"A4k_all5e-4","lr":5e-4,"train":"all","total":4000,"evals":[1000,2000,3000,4000]}'
+ '{"name":"F4k_single5e-4","lr":5e-4,"train":"all","single":true,"total":4000,"evals":[1000,2000,3000,4000]}'
+); fi
+for c in "${cfgs[@]}"; do
+  n=$(python3 -c "import json,sys;print(json.loads(sys.argv[1])['name'])" "$c")
+  python3 docs/experiments/video_decoder_sweep.py "$c" /tmp/res "$ALLOW" > /tmp/res/$n.log 2>&1 &
+done
+sleep 45; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
+wait
+cat /tmp/res/*.jsonl > $OUT/results.jsonl
+for f in /tmp/res/*.log; do echo "== $f"; grep -v "Loading\|it/s" $f | tail -n 8; done > $OUT/logs.txt
+tar czf $OUT/gifs.tgz -C /tmp gifs
+grep '"eval"' $OUT/results.jsonl | python3 -c "
+import sys, json
+for l in sys.stdin:
+    d = json.loads(l); print(d['name'], d['step'], d['g'], d['top1'], d['dir'], d['t'])"
