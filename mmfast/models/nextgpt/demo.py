@@ -190,39 +190,37 @@ def _opens_run(model, token_ids) -> bool:
     return any(ids[0] in token_ids for ids in model.signal_ids.values())
 
 
-def emit_rates(model, world, pairs, max_new_tokens: int = 12) -> dict:
-    """Shares of free greedy replies holding ``[IMG0]`` for text->image prompts (cycling through the prompt
-    templates), and opening any signal run for captioning prompts on the same pairs' images."""
+def _emission(model, world, modality: str, pairs, max_new_tokens: int) -> tuple[float, float]:
+    """Shares of free greedy replies to ``modality`` pairs: text->X prompts (cycling through the prompt templates)
+    whose reply holds that modality's first signal token, and captioning prompts on the same media whose reply
+    opens any signal run."""
     from mmfast.models.nextgpt import data as nd
 
-    img0, n = model.signal_ids["image"][0], max(1, len(pairs))
+    first, asks, tells = model.signal_ids[modality][0], nd.T2X_PROMPTS[modality], nd.X2T_PROMPTS[modality]
     t2x = x2t = 0
     for i, p in enumerate(pairs):
-        q = nd.T2X_PROMPTS["image"][i % len(nd.T2X_PROMPTS["image"])].format(c=p["caption"])
-        t2x += img0 in model.generate(q, max_new_tokens=max_new_tokens, decode=False)["token_ids"]
-        q = nd.X2T_PROMPTS["image"][i % len(nd.X2T_PROMPTS["image"])]
-        x2t += _opens_run(model, model.generate(q, images=[str(Path(world) / p["path"])],
-                                                max_new_tokens=max_new_tokens, decode=False)["token_ids"])
-    return {"nextgpt_signal_emit_rate": round(t2x / n, 3), "nextgpt_signal_emit_rate_captioning": round(x2t / n, 3),
+        q = asks[i % len(asks)].format(c=p["caption"])
+        t2x += first in model.generate(q, max_new_tokens=max_new_tokens, decode=False)["token_ids"]
+        media = {f"{modality}s": [str(Path(world) / p["path"])]}
+        x2t += _opens_run(model, model.generate(tells[i % len(tells)], **media, max_new_tokens=max_new_tokens,
+                                                decode=False)["token_ids"])
+    n = max(1, len(pairs))
+    return round(t2x / n, 3), round(x2t / n, 3)
+
+
+def emit_rates(model, world, pairs, max_new_tokens: int = 12) -> dict:
+    """:func:`_emission` of text->image pairs: ``[IMG0]`` after requests, any run after image captioning."""
+    asked, captioning = _emission(model, world, "image", pairs, max_new_tokens)
+    return {"nextgpt_signal_emit_rate": asked, "nextgpt_signal_emit_rate_captioning": captioning,
             "nextgpt_emit_prompts": len(pairs)}
 
 
 def audio_emit_rate(model, world, pairs, max_new_tokens: int = 12) -> dict:
-    """Shares of free greedy replies to held-out text->audio prompts (cycling through the prompt templates) that
-    hold ``[AUD0]`` (whether NExT-GPT, asked for a sound, answers with one), and of replies to captioning prompts
-    on the same clips that open any signal run."""
-    from mmfast.models.nextgpt import data as nd
-
-    aud0, n = model.signal_ids["audio"][0], max(1, len(pairs))
-    t2x = x2t = 0
-    for i, p in enumerate(pairs):
-        q = nd.T2X_PROMPTS["audio"][i % len(nd.T2X_PROMPTS["audio"])].format(c=p["caption"])
-        t2x += aud0 in model.generate(q, max_new_tokens=max_new_tokens, decode=False)["token_ids"]
-        q = nd.X2T_PROMPTS["audio"][i % len(nd.X2T_PROMPTS["audio"])]
-        x2t += _opens_run(model, model.generate(q, audios=[str(Path(world) / p["path"])],
-                                                max_new_tokens=max_new_tokens, decode=False)["token_ids"])
-    return {"nextgpt_signal_emit_rate_audio": round(t2x / n, 3),
-            "nextgpt_signal_emit_rate_captioning_audio": round(x2t / n, 3), "nextgpt_emit_prompts_audio": len(pairs)}
+    """:func:`_emission` of text->audio pairs: whether NExT-GPT, asked for a sound, answers with an ``[AUD0]``
+    run, and any run after audio captioning."""
+    asked, captioning = _emission(model, world, "audio", pairs, max_new_tokens)
+    return {"nextgpt_signal_emit_rate_audio": asked, "nextgpt_signal_emit_rate_captioning_audio": captioning,
+            "nextgpt_emit_prompts_audio": len(pairs)}
 
 
 def _clip_scores(clip, classes: list[str], images, captions: list[str], labels: list[int]) -> dict:
