@@ -1,26 +1,31 @@
-"""Issue #24 experiment (not part of the package): one video-decoder recipe trained in plain PyTorch on one device
-(the step of mmfast.training.video_decoder without DeepSpeed), judged by mmfast.eval.t2v at fixed steps; the
-figures in docs/nextgpt_decoders.md ("More recipes") came from it, on a lent H200 and on the 2-core machine.
+"""Issue #24 experiment (not part of the package): one video-decoder recipe trained in plain PyTorch on one
+device (the step of mmfast.training.video_decoder without DeepSpeed), judged by mmfast.eval.t2v at fixed
+steps; the figures in docs/nextgpt_decoders.md ("More recipes", "Longer, and other starts") came from it, on a
+lent H200 and on the 2-core machine.
 
     python docs/experiments/video_decoder_sweep.py '{"name": "F", "lr": 5e-4, "single": true, "device": "cpu"}' OUT 3600
 
-argv: a JSON config (keys below), a results folder (OUT/NAME.jsonl), seconds allowed. Needs, under .gpuexp/ (or the
-config's "world" / "judge"): world/ with the seed-2 video world's video/, t2x_video.json and classes.json
-(mmfast data synth --images 200 --size 32 --seed 2 --videos 4096 --video-frames 4), and judge.pt, the state dict
-of mmfast.eval.t2v.FrameJudge.fit(world).net. The figures were taken before video_unet started its motion
-modules with the frame-position head (2026-12-04); a run without "frame_init" had diffusers' own start then."""
-import json
+argv: a JSON config (keys below), a results folder (OUT/NAME.jsonl), seconds allowed. Needs, under .gpuexp/
+(or the config's "world" / "judge"): world/ with the seed-2 video world's video/, t2x_video.json and
+classes.json (mmfast data synth --images 200 --size 32 --seed 2 --videos 4096 --video-frames 4), and judge.pt,
+the state dict of mmfast.eval.t2v.FrameJudge.fit(world).net.
+
+Config keys beyond the learning rate: "train" (all, motion, motion_text, split with "lr_rest"), "single"
+(single movers only), "batch", "total" (cosine length), "evals", "eval_n", "pred", "snr", "trunc"
+(truncated-SNR weights instead of Min-SNR), "ema" (an EMA of the weights, diffusers' EMAModel with warm-up,
+judged beside the raw weights), "ckpt" (a file: the run saves its state there every 500 steps and at each
+judgement, and a run started again resumes from it). The runs before 2026-12-04's frame-position start
+(mmfast.models.nextgpt.decoders.video_unet) had diffusers' own motion-module start; every run since has the
+frame-position start, as build_pipeline gives it."""
 import os
 import sys
 import time
 
 import torch
+from video_common import Experiment
 
-cfg = json.loads(sys.argv[1])
-out, allowed = sys.argv[2], float(sys.argv[3])
-t_start = time.time()
-deadline = t_start + allowed
-name = cfg["name"]
+X = Experiment()
+cfg, out, name, t_start, deadline = X.cfg, X.out, X.name, X.t_start, X.deadline
 dev = torch.device(cfg.get("device", "cuda"))
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
@@ -28,18 +33,14 @@ torch.manual_seed(cfg.get("seed", 0))
 
 from diffusers import AnimateDiffPipeline, DDIMScheduler
 
-from mmfast.eval.t2v import FrameJudge, evaluate
+from mmfast.eval.t2v import evaluate
 from mmfast.models.nextgpt.shipped import read_pipeline
 from mmfast.training import diffusion_parts as D
 from mmfast.training.engine import cosine_with_warmup
 from mmfast.training.video_decoder import VIDEO_BETAS, WorldVideos, build_pipeline
 
-W = cfg.get("world", ".gpuexp/world")
-def emit(d):
-    d = {"name": name, **d, "t": round(time.time() - t_start, 1)}
-    with open(os.path.join(out, name + ".jsonl"), "a") as res:
-        res.write(json.dumps(d) + "\n")
-    print(json.dumps(d), flush=True)
+W = X.world
+emit = X.emit
 
 
 pred = cfg.get("pred", "epsilon")
@@ -67,26 +68,6 @@ if cfg.get("trunc"):
     D.snr_weights = _trunc
 module = D.UNetModule(pipe, cfg.get("uncond", 0.1), snr, context_per_frame=True).to(dev)
 te, unet = pipe.text_encoder, pipe.unet
-if cfg.get("frame_init"):
-    # Motion modules that read their frame position from step 0: head 0 of each first temporal attention attends
-    # by the (high-frequency) sinusoidal positions alone, the others uniformly; the content enters scaled down;
-    # [q/k scale, content scale, v scale]: [4, 0.1, 4] is what mmfast.models.nextgpt.decoders.video_unet now does.
-    fs, fln, fv = (list(cfg["frame_init"]) + [0.0])[:3]
-    from mmfast.models.nextgpt.decoders import MOTION_HEADS
-    with torch.no_grad():
-        for k, m in unet.named_modules():
-            if ".motion_modules." in k and k.endswith("transformer_blocks.0"):
-                c = m.norm1.weight.numel()
-                d = c // MOTION_HEADS
-                m.norm1.weight.mul_(fln)
-                m.norm1.bias.mul_(fln)
-                for lin in (m.attn1.to_q, m.attn1.to_k):
-                    lin.weight.zero_()
-                    lin.weight[:d, :d] = fs * torch.eye(d)
-                if fv:  # head 0's values: the positions' own dims, so its output differs frame to frame
-                    m.attn1.to_v.weight[:d] = 0.0
-                    m.attn1.to_v.weight[:d, :d] = fv * torch.eye(d)
-
 train = cfg.get("train", "all")
 lr = cfg["lr"]
 motion = [p for k, p in unet.named_parameters() if "motion_modules" in k]
@@ -108,18 +89,31 @@ for p in module.parameters():
 opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=dev.type == "cuda")
 total = cfg.get("total", 6000)
 sched = cosine_with_warmup(opt, max(1, total // 20), total)
+ema = None
+if cfg.get("ema"):
+    from diffusers.training_utils import EMAModel
+    ema_params = [p for p in module.parameters() if p.requires_grad]
+    ema = EMAModel(ema_params, decay=0.9999, use_ema_warmup=True, power=cfg.get("ema_power", 0.75))
 bs = cfg.get("batch", 16)
 gen = torch.Generator(device="cpu").manual_seed(cfg.get("seed", 0))
 evals = set(cfg.get("evals", [500, 1000, 2000, 3000, 4000, 5000, 6000]))
 eval_n = cfg.get("eval_n", 64)
-with open(os.path.join(W, "classes.json")) as fh:
-    fj = FrameJudge(FrameJudge._net(16).eval(), json.load(fh))
-fj.net.load_state_dict(torch.load(cfg.get("judge", ".gpuexp/judge.pt"), weights_only=True))
+fj = X.frame_judge()
 emit({"event": "start", "clips": n, "params_trained": sum(p.numel() for p in module.parameters() if p.requires_grad),
       "cfg": cfg})
 
 
 def run_eval(step, guidances=(3.0,), save=False):
+    took = run_eval1(step, guidances, save, "")
+    if ema is not None:
+        ema.store(ema_params)
+        ema.copy_to(ema_params)
+        took += run_eval1(step, guidances, save, "ema")
+        ema.restore(ema_params)
+    return took
+
+
+def run_eval1(step, guidances, save, tag):
     module.eval()
     ep = AnimateDiffPipeline(vae=vae, text_encoder=te, tokenizer=pipe.tokenizer, unet=unet, motion_adapter=None,
                              scheduler=DDIMScheduler(**{**VIDEO_BETAS, "prediction_type": pred},
@@ -128,8 +122,8 @@ def run_eval(step, guidances=(3.0,), save=False):
     t0 = time.time()
     for g in guidances:
         r = evaluate(ep, W, n=eval_n, steps=20, guidance_scale=g, frame_judge=fj,
-                     save_dir=f"/tmp/gifs/{name}_s{step}_g{g:g}" if save else None)
-        emit({"event": "eval", "step": step, "g": g, "top1": round(r["t2v_top1"], 4),
+                     save_dir=f"/tmp/gifs/{name}{tag}_s{step}_g{g:g}" if save else None)
+        emit({"event": "eval" + tag, "step": step, "g": g, "top1": round(r["t2v_top1"], 4),
               "dir": round(r["t2v_direction_acc"], 4), "real_top1": round(r["real_top1"], 4),
               "real_dir": round(r["real_direction_acc"], 4), "eval_s": round(time.time() - t0, 1)})
     module.train()
@@ -142,6 +136,33 @@ module.train()
 vae.eval()
 step, losses, t_log, s_log = 0, [], time.time(), 0
 perm, pos = torch.randperm(n, generator=gen), 0
+ck = cfg.get("ckpt")
+if ck and os.path.exists(ck):
+    st = torch.load(ck, weights_only=True)
+    module.load_state_dict(st["module"])
+    opt.load_state_dict(st["opt"])
+    sched.load_state_dict(st["sched"])
+    if ema is not None:
+        ema.load_state_dict(st["ema"])
+    step, perm, pos = st["step"], st["perm"], st["pos"]
+    gen.set_state(st["gen"])
+    torch.set_rng_state(st["rng"])
+    emit({"event": "resumed", "step": step})
+    if step >= total:
+        emit({"event": "done", "step": step})
+        sys.exit(0)
+
+
+def save_ckpt():
+    if not ck:
+        return
+    st = {"module": module.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+          "ema": ema.state_dict() if ema is not None else None, "step": step, "perm": perm, "pos": pos,
+          "gen": gen.get_state(), "rng": torch.get_rng_state()}
+    torch.save(st, ck + ".tmp")
+    os.replace(ck + ".tmp", ck)  # a run killed mid-save keeps the last whole checkpoint
+
+
 while True:
     if pos + bs > n:
         perm, pos = torch.randperm(n, generator=gen), 0
@@ -153,6 +174,8 @@ while True:
     loss.backward()
     opt.step()
     sched.step()
+    if ema is not None:
+        ema.step(ema_params)
     step += 1
     losses.append(float(loss.detach()) if step % 50 == 0 else None)
     if step % 250 == 0:
@@ -164,7 +187,10 @@ while True:
         s_log = step
         losses, t_log = [], time.time()
     last = step >= total or time.time() > deadline - 2.2 * eval_cost - 10
+    if step % 500 == 0 and step not in evals and not last:
+        save_ckpt()
     if step in evals or last:
+        save_ckpt()
         took = run_eval(step, (3.0, 5.0) if last else (3.0,), save=last)
         eval_cost = took / 2 if last else took
         t_log, s_log = time.time(), step

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Issue #24 experiment: video-decoder recipes side by side on one GPU (video_decoder_sweep.py), as sent to the
 # lent H200 with .gpuexp/ (world/ and judge.pt: see the .py) and .whl/ (diffusers, importlib_metadata) carried.
-# SWEEP=1: the nine recipes (ALLOW=420); SWEEP=2: two of them with a 4,000-step cosine (ALLOW=235).
+# SWEEP=1: the nine recipes (ALLOW=420); SWEEP=2: two of them with a 4,000-step cosine (ALLOW=235);
+# SWEEP=3: the next call (not yet run): the UNet recipe with an EMA over a 10,000-step cosine beside the tiny
+# Latte from scratch (video_latte.py), each as far as ALLOW lets it.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi -L; python3 -c "import diffusers, torch; print(diffusers.__version__, torch.__version__)" || exit 1
@@ -18,7 +20,13 @@ if [ "${SWEEP:-1}" = 1 ]; then cfgs=(
  '{"name":"G_all5e-4_b64","lr":5e-4,"train":"all","batch":64,'$EV'}'
  '{"name":"H_split1e-3_1e-4","lr":1e-3,"lr_rest":1e-4,"train":"split",'$EV'}'
  '{"name":"I_all5e-4_12k","lr":5e-4,"train":"all","total":12000,'$EV'}'
-); else cfgs=(
+); elif [ "${SWEEP}" = 3 ]; then cfgs=()
+  for c in '{"name":"LT_6e-4","lr":6e-4,"total":10000,"evals":[1000,2000,4000,6000,8000,10000],"device":"cuda"}'; do
+    n=$(python3 -c "import json,sys;print(json.loads(sys.argv[1])['name'])" "$c")
+    python3 docs/experiments/video_latte.py "$c" /tmp/res "$ALLOW" > /tmp/res/$n.log 2>&1 &
+  done
+  cfgs=('{"name":"L10k_ema","lr":5e-4,"train":"all","single":true,"total":10000,"ema":true,"evals":[1000,2000,4000,6000,8000,10000]}')
+else cfgs=(
  '{"name":"A4k_all5e-4","lr":5e-4,"train":"all","total":4000,"evals":[1000,2000,3000,4000]}'
  '{"name":"F4k_single5e-4","lr":5e-4,"train":"all","single":true,"total":4000,"evals":[1000,2000,3000,4000]}'
 ); fi
@@ -31,7 +39,7 @@ wait
 cat /tmp/res/*.jsonl > $OUT/results.jsonl
 for f in /tmp/res/*.log; do echo "== $f"; grep -v "Loading\|it/s" $f | tail -n 8; done > $OUT/logs.txt
 tar czf $OUT/gifs.tgz -C /tmp gifs
-grep '"eval"' $OUT/results.jsonl | python3 -c "
+grep '"eval' $OUT/results.jsonl | python3 -c "
 import sys, json
 for l in sys.stdin:
-    d = json.loads(l); print(d['name'], d['step'], d['g'], d['top1'], d['dir'], d['t'])"
+    d = json.loads(l); print(d['name'], d['event'], d['step'], d['g'], d['top1'], d['dir'], d['t'])"
