@@ -14,7 +14,10 @@ Config keys beyond the learning rate: "train" (all, motion, motion_text, split w
 (single movers only), "batch", "total" (cosine length), "evals", "eval_n", "pred", "snr", "trunc"
 (truncated-SNR weights instead of Min-SNR), "ema" (an EMA of the weights, diffusers' EMAModel with warm-up,
 judged beside the raw weights), "ckpt" (a file: the run saves its state there every 500 steps and at each
-judgement, and a run started again resumes from it). The runs before 2026-12-04's frame-position start
+judgement, and a run started again resumes from it), "zsnr" (Stable Diffusion's schedule rescaled to zero terminal
+SNR with trailing timesteps, for "pred": "v_prediction"; without it every run has SD's own schedule), "init" (start
+from another run's "ckpt" weights, with a fresh optimizer), "posmap" (a learned absolute-position map added to the
+UNet's conv_in output: not a diffusers option). The runs before 2026-12-04's frame-position start
 (mmfast.models.nextgpt.decoders.video_unet) had diffusers' own motion-module start; every run since has the
 frame-position start, as build_pipeline gives it."""
 import os
@@ -31,13 +34,13 @@ torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 torch.manual_seed(cfg.get("seed", 0))
 
-from diffusers import AnimateDiffPipeline, DDIMScheduler
+from diffusers import AnimateDiffPipeline, DDIMScheduler, DDPMScheduler
 
 from mmfast.eval.t2v import evaluate
 from mmfast.models.nextgpt.shipped import read_pipeline
 from mmfast.training import diffusion_parts as D
 from mmfast.training.engine import cosine_with_warmup
-from mmfast.training.video_decoder import VIDEO_BETAS, WorldVideos, build_pipeline
+from mmfast.training.video_decoder import WorldVideos, build_pipeline
 
 W = X.world
 emit = X.emit
@@ -45,6 +48,11 @@ emit = X.emit
 
 pred = cfg.get("pred", "epsilon")
 pipe = build_pipeline(read_pipeline("mmfast/models/nextgpt/weights/image"), pred)
+# "zsnr": zero terminal SNR (Lin et al. 2024: rescaled betas, trailing timesteps; needs velocity prediction), so
+# that the last training step holds no trace of the clip and its layout must come from the caption.
+SCHED = {**D.BETAS, "prediction_type": pred,
+         **({"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"} if cfg.get("zsnr") else {})}
+pipe.scheduler = DDPMScheduler(**SCHED)  # the runs before zsnr: Stable Diffusion's schedule for either prediction
 data = WorldVideos(W, 32, cfg.get("frames", 4), max_samples=cfg.get("max_samples"))
 if cfg.get("single"):
     keep = [i for i, c in enumerate(data.captions) if " and " not in c]
@@ -67,14 +75,24 @@ if cfg.get("trunc"):
 
     D.snr_weights = _trunc
 module = D.UNetModule(pipe, cfg.get("uncond", 0.1), snr, context_per_frame=True).to(dev)
+if cfg.get("init"):  # start from another run's weights (its "ckpt" file), fresh optimizer
+    module.load_state_dict(torch.load(cfg["init"], weights_only=True)["module"])
 te, unet = pipe.text_encoder, pipe.unet
+extra = []
+if cfg.get("posmap"):
+    # Experiment: a learned absolute-position map (C, h, w) added to conv_in's output (not a diffusers option).
+    posmap = torch.nn.Parameter(torch.zeros(unet.conv_in.out_channels, *mean.shape[-2:], device=dev))
+    module.register_parameter("posmap", posmap)
+    _conv_in = unet.conv_in.forward
+    unet.conv_in.forward = lambda x: _conv_in(x) + posmap
+    extra = [posmap]
 train = cfg.get("train", "all")
 lr = cfg["lr"]
 motion = [p for k, p in unet.named_parameters() if "motion_modules" in k]
 spatial = [p for k, p in unet.named_parameters() if "motion_modules" not in k]
 text = list(te.parameters())
 if train == "all":
-    groups = [{"params": motion + spatial + text, "lr": lr}]
+    groups = [{"params": motion + spatial + text + extra, "lr": lr}]
 elif train == "motion":
     groups = [{"params": motion, "lr": lr}]
 elif train == "motion_text":
@@ -116,8 +134,7 @@ def run_eval(step, guidances=(3.0,), save=False):
 def run_eval1(step, guidances, save, tag):
     module.eval()
     ep = AnimateDiffPipeline(vae=vae, text_encoder=te, tokenizer=pipe.tokenizer, unet=unet, motion_adapter=None,
-                             scheduler=DDIMScheduler(**{**VIDEO_BETAS, "prediction_type": pred},
-                                                     set_alpha_to_one=False))
+                             scheduler=DDIMScheduler(**SCHED, set_alpha_to_one=False))
     ep.set_progress_bar_config(disable=True)
     t0 = time.time()
     for g in guidances:

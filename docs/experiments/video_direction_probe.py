@@ -20,7 +20,7 @@ from mmfast.training.video_decoder import build_pipeline
 torch.set_num_threads(1)
 ck = sys.argv[1] if len(sys.argv) > 1 else None
 use_ema = len(sys.argv) > 2 and sys.argv[2] == "ema"
-pipe = build_pipeline(read_pipeline("mmfast/models/nextgpt/weights/image"))
+pipe = build_pipeline(read_pipeline("mmfast/models/nextgpt/weights/image"), "epsilon")  # the runs it probed
 m = D.UNetModule(pipe, 0.0, 5.0, context_per_frame=True)
 if ck:
     st = torch.load(ck, weights_only=True)

@@ -29,7 +29,7 @@ from mmfast.eval.t2v import evaluate
 from mmfast.models.nextgpt.shipped import read_pipeline
 from mmfast.training import diffusion_parts as D
 from mmfast.training.engine import cosine_with_warmup
-from mmfast.training.video_decoder import VIDEO_BETAS, WorldVideos
+from mmfast.training.video_decoder import WorldVideos, video_betas
 
 W = X.world
 emit = X.emit
@@ -93,7 +93,7 @@ enc = tok(
 )
 ids, am = enc.input_ids.to(dev), enc.attention_mask.to(dev)
 e0 = tok([""], padding="max_length", max_length=32, return_attention_mask=True, return_tensors="pt").to(dev)
-sched = DDPMScheduler(**VIDEO_BETAS)
+sched = DDPMScheduler(**video_betas("epsilon"))
 params = list(te.parameters()) + list(tr.parameters())
 opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
 total = cfg.get("total", 6000)
@@ -122,7 +122,7 @@ def run_eval(step, guidances=(3.0,), save=False):
         text_encoder=te,
         vae=vae,
         transformer=tr,
-        scheduler=DDIMScheduler(**VIDEO_BETAS, set_alpha_to_one=False),
+        scheduler=DDIMScheduler(**video_betas("epsilon"), set_alpha_to_one=False),
     )
     ep.set_progress_bar_config(disable=True)
     t0 = time.time()

@@ -80,8 +80,9 @@ def parse_args(argv=None):
                         "mmfast/models/nextgpt/weights/image, or RUN/final/pipeline of --modality image)")
     p.add_argument("--frames", type=E.positive_int, default=4,
                    help="video: frames per clip, evenly spaced over the world's (first and last included)")
-    p.add_argument("--prediction-type", default="epsilon", choices=("epsilon", "v_prediction"),
-                   help="video: what the UNet predicts (default the noise, as the image decoder it starts from)")
+    p.add_argument("--prediction-type", default="v_prediction", choices=("v_prediction", "epsilon"),
+                   help="video: what the UNet predicts (default the velocity, on a zero-terminal-SNR schedule; "
+                        "epsilon: the noise on Stable Diffusion's schedule, as the image decoder it starts from)")
     p.add_argument("--image-size", type=E.positive_int, default=DEFAULT_SIZES["image_size"],
                    help="pixels per side (the world's images are resized to it; a multiple of 8)")
     p.add_argument("--max-samples", type=E.positive_int, default=None, help="first N caption rows only")

@@ -164,7 +164,7 @@ def test_video_decoder_resume_matches_uninterrupted(world, trained, tmp_path):
     assert not all(torch.equal(img_te[k].float(), te[k]) for k in te)
     summary = json.loads((trained / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["zero_stage"] == 2 and summary["frames"] == 4
-    assert summary["prediction_type"] == "epsilon" and summary["snr_gamma"] == 5.0  # the image decoder's loss
+    assert summary["prediction_type"] == "v_prediction" and summary["snr_gamma"] == 0.0  # velocity, plain MSE
 
 
 @pytest.mark.slow
@@ -177,7 +177,11 @@ def test_video_export_loads_and_samples_deterministically(trained):
     folder = trained / "final" / "pipeline"
     assert not list(folder.rglob("*.bin")) and list(folder.rglob("*.safetensors"))
     pipe = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
-    assert isinstance(pipe, AnimateDiffPipeline) and pipe.scheduler.config.prediction_type == "epsilon"
+    assert isinstance(pipe, AnimateDiffPipeline)
+    cfg = pipe.scheduler.config  # sampled as trained: velocity, zero terminal SNR, trailing timesteps
+    assert (cfg.prediction_type, cfg.rescale_betas_zero_snr, cfg.timestep_spacing) == ("v_prediction", True, "trailing")
+    pipe.scheduler.set_timesteps(3)
+    assert int(pipe.scheduler.timesteps[0]) == 999 and float(pipe.scheduler.alphas_cumprod[999]) == 0.0
     pipe.set_progress_bar_config(disable=True)
     prompts = ["a red car moving to the left", "a blue star moving up"]
     a, b, c = (generate(pipe, prompts, frames=4, seed=s, steps=3) for s in (3, 3, 4))
@@ -229,10 +233,31 @@ def test_video_loss_defaults_follow_the_prediction_type():
 
     base = ["--modality", "video", "--image-decoder", "i", "--data", ".", "--out", "x"]
     a = parse_args(base)
-    assert (a.prediction_type, a.snr_gamma, a.frames) == ("epsilon", 5.0, 4)
-    a = parse_args([*base, "--prediction-type", "v_prediction"])
-    assert (a.prediction_type, a.snr_gamma) == ("v_prediction", 0.0)
-    assert parse_args([*base, "--prediction-type", "v_prediction", "--snr-gamma", "2"]).snr_gamma == 2.0
+    assert (a.prediction_type, a.snr_gamma, a.frames) == ("v_prediction", 0.0, 4)
+    a = parse_args([*base, "--prediction-type", "epsilon"])
+    assert (a.prediction_type, a.snr_gamma) == ("epsilon", 5.0)
+    assert parse_args([*base, "--snr-gamma", "2"]).snr_gamma == 2.0
+
+
+def test_video_schedule_leaves_no_trace_of_the_clip_at_the_last_step():
+    """The recipe's velocity schedule ends at zero SNR: the last training step's input is the noise alone (on Stable
+    Diffusion's schedule, kept for noise prediction, 0.068 x the clip remains), and its target is the clip itself."""
+    from diffusers import DDPMScheduler
+
+    from mmfast.training.video_decoder import video_betas
+
+    g = torch.Generator().manual_seed(0)
+    x, n = torch.randn(2, 4, 3, 8, 8, generator=g), torch.randn(2, 4, 3, 8, 8, generator=g)
+    last = torch.tensor([999, 999])
+    v = DDPMScheduler(**video_betas("v_prediction"))
+    assert torch.equal(v.add_noise(x, n, last), n) and torch.equal(v.get_velocity(x, n, last), -x)
+    eps = DDPMScheduler(**video_betas("epsilon"))
+    kept = (eps.add_noise(x, n, last) - n * (1 - eps.alphas_cumprod[999]).sqrt()) / x
+    assert torch.allclose(kept, torch.full_like(x, 0.0683), atol=1e-4)
+    # the 400 least noisy steps: within 8 % of the image decoder's noise levels, which the UNet starts from
+    assert torch.allclose(v.alphas_cumprod[:400], eps.alphas_cumprod[:400], rtol=0.08)
+    with pytest.raises(ValueError, match="--prediction-type 'sample'"):
+        video_betas("sample")
 
 
 def test_launcher_refuses_a_world_without_videos_or_image_decoder(tmp_path, capsys):
