@@ -64,6 +64,7 @@ STAGES += [
 STAGES += [
     Stage("nextgpt_stage1", demo_nextgpt.nextgpt_stage1, "tiny NExT-GPT stage 1 (input projection), ZeRO-2"),
     Stage("nextgpt_stage2", demo_nextgpt.nextgpt_stage2, "tiny NExT-GPT stage 2 (output projection, signal tokens)"),
+    Stage("nextgpt_stage3", demo_nextgpt.nextgpt_stage3, "tiny NExT-GPT stage 3 (LoRA instruction tuning, MosIT)"),
     Stage("nextgpt_eval", demo_nextgpt.nextgpt_eval, "text->image and text->audio through the shipped decoders and NExT-GPT, judged by the demo's CLIP and an audio classifier"),
 ]
 

@@ -4,7 +4,7 @@
     mmfast train nextgpt --nproc 2 --stage 1 --model tiny --data WORLD --out runs/ng1
     # stage 2, decoding-side alignment: output projections + signal-token rows, LM + alignment loss
     mmfast train nextgpt --nproc 2 --stage 2 --init-from runs/ng1/final --data WORLD --out runs/ng2
-    # stage 3, modality-switching instruction tuning: LoRA + both projections on MosIT-style dialogues
+    # stage 3, modality-switching instruction tuning: LoRA (+ projections) on MosIT-style dialogues among stage 2's records
     mmfast train nextgpt --nproc 2 --stage 3 --init-from runs/ng2/final --data WORLD --modalities image,audio,video
 
 ``--data`` is a synthetic world (``t2x_{image,audio,video}.json``; images also from ``captions_train.csv``)
@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--signal-lr", type=float, default=None,
                    help="stage 2: lr of the signal-token embedding / LM-head rows (default: --lr)")
     p.add_argument("--negatives", default="1.0",
-                   help="stage 2 from a world: share of pairs also given as X->text records, so the signal "
+                   help="stages 2-3 from a world: share of pairs also given as X->text records, so the signal "
                         "tokens learn when not to start; one share for every modality, or MOD=SHARE,... (a "
                         "modality not named: 1.0)")
     p.add_argument("--rows", default=None,
@@ -62,8 +62,11 @@ def parse_args(argv=None):
                    help="stages 2-3: comma-separated modalities whose output projections train (default: "
                         "--modalities)")
     p.add_argument("--repeat", default="",
-                   help="stage 2 from a world: MOD=N,... gives each pair of MOD N times (a small modality's share "
+                   help="stages 2-3 from a world: MOD=N,... gives each pair of MOD N times (a small modality's share "
                         "of the steps)")
+    p.add_argument("--mosit-share", type=float, default=0.5,
+                   help="stage 3 from a world: share of the records that are two-turn MosIT dialogues (the rest: "
+                        "stage 2's requests and captioning negatives)")
     p.add_argument("--warmup", type=E.nonneg_int, default=None)
     p.add_argument("--align-weight", type=float, default=1.0)
     p.add_argument("--diffusion-weight", type=float, default=0.0,
@@ -82,6 +85,8 @@ def parse_args(argv=None):
         repeats[m] = int(n)
     a.repeat = repeats
     a.negatives = _negatives(p, a.negatives, a.modalities)
+    if not 0.0 < a.mosit_share <= 1.0:
+        p.error(f"--mosit-share {a.mosit_share}: expected a share in (0, 1]")
     for what in ("rows", "head_rows", "projections"):
         v = getattr(a, what)
         if v is None:
@@ -140,7 +145,7 @@ def records(args) -> tuple[list[dict], Path]:
     src = Path(args.data)
     if src.is_dir():
         recs = nd.stage_records(src, args.stage, args.modalities, seed=args.seed, negatives=args.negatives,
-                                repeats=args.repeat)
+                                repeats=args.repeat, mosit_share=args.mosit_share)
         root = src
     else:
         recs = read_json(src, what="dialogue JSON file")

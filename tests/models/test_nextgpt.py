@@ -703,3 +703,76 @@ def test_output_projections_do_not_depend_on_how_the_decoders_are_built():
     assert sum(p.numel() for p in b.pipes["video"].unet.parameters()) < sum(
         p.numel() for p in a.pipes["video"].unet.parameters())  # the decoders did differ
 
+
+
+def test_two_turn_emit_rate_counts_second_replies_opening_the_asked_run(monkeypatch):
+    """The model captions a held-out image, then is asked for a medium; only the second reply is counted, and
+    only the asked modality's first signal token counts."""
+    from mmfast.models.nextgpt import data as nd
+    from mmfast.models.nextgpt.demo import two_turn_emit_rate
+
+    images = [{"caption": f"img {i}", "path": f"images/val_{i}.png"} for i in range(3)]
+    monkeypatch.setattr(nd, "t2x_pairs", lambda world, m, split: images if (m, split) == ("image", "val") else [])
+
+    class Stub:
+        def __init__(self):
+            self.signal_ids, self.calls = {"audio": [900, 901], "image": [800, 801]}, []
+
+        def generate(self, q, images=None, history=None, max_new_tokens=12, decode=True):
+            self.calls.append((q, images, history))
+            if history is None:  # the first turn: a caption that names a signal token does not count
+                return {"text": f"caption of {images[0]} [IMG0]", "token_ids": [5, 800]}
+            if "cup" in q:
+                return {"token_ids": [5, 900, 901]}
+            return {"token_ids": [5, 800] if "tree" in q else [5, 901]}  # another run; a later token alone
+
+    pairs = [{"caption": "the sound of a cup", "path": "a.wav"}, {"caption": "a tree", "path": "b.wav"},
+             {"caption": "a car", "path": "c.wav"}]
+    stub = Stub()
+    assert two_turn_emit_rate(stub, "W", pairs, "audio") == round(1 / 3, 3)
+    assert two_turn_emit_rate(stub, "W", pairs, "image") == round(1 / 3, 3)  # only the tree request's [IMG0]
+    tell, asks = nd.X2T_PROMPTS["image"][0], nd.T2X_PROMPTS["audio"]
+    for i, (img, p) in enumerate(zip(images, pairs)):
+        first, second = stub.calls[2 * i], stub.calls[2 * i + 1]
+        path = [str(Path("W") / img["path"])]
+        assert first == (tell, path, None)
+        assert second == (asks[i % len(asks)].format(c=p["caption"]), path,
+                          [{"from": "human", "value": "<image>\n" + tell},
+                           {"from": "gpt", "value": f"caption of {path[0]} [IMG0]"}])
+
+
+def test_demo_stage3_tunes_the_lora_after_the_last_stage2_run(tmp_path, monkeypatch):
+    """Stage 3 starts from the last stage-2 run, trains the LoRA (no output projection) on the world's media,
+    and is what nextgpt_eval measures; --nextgpt-steps3 0 skips it and the last stage-2 run is measured."""
+    import argparse
+
+    from mmfast.data.synthetic import make_world
+    from mmfast.demo import DemoContext
+    from mmfast.models.nextgpt import demo
+    from mmfast.training.nextgpt import parse_args
+
+    ctx = DemoContext(tmp_path, argparse.Namespace(nproc=2, nextgpt_batch_size=8, seed=0, nextgpt_steps3=9))
+    make_world(ctx.world, 40, 32, seed=0, media=True, audio_per_class=1)
+    seen = []
+
+    def fake_train(argv, out):
+        seen.append((argv, out))
+        return {"loss": 2.0, "align_image": 1.5, "seconds": 1.0, "first": {"loss": 3.0}}
+
+    monkeypatch.setattr(demo, "_train", fake_train)
+    got = demo.nextgpt_stage3(ctx)
+    assert got["nextgpt_stage3_steps"] == 9 and got["nextgpt_stage3_alignment_loss"] == 1.5
+    (argv, out), = seen
+    i = argv.index("--nproc")
+    a = parse_args(argv[:i] + argv[i + 2:])
+    assert a.stage == 3 and a.steps == 9 and a.lr == demo.STAGE3_LR and a.projections == ()
+    assert a.mosit_share == demo.STAGE3_MOSIT_SHARE < 0.5
+    mods = ("image", "audio", "video")
+    assert a.modalities == mods and a.init_from == str(tmp_path / "nextgpt_stage2_video" / "final")
+    n = {m: len(nd.t2x_pairs(ctx.world, m)) for m in mods}
+    assert a.repeat == {m: max(1, round(2 * n["image"] / n[m])) for m in mods[1:]}
+    assert a.negatives == {"image": 1.0, **{m: demo.MEDIA_NEGATIVES for m in mods[1:]}}
+    assert out == tmp_path / "nextgpt_stage3" and demo._evaluated(ctx) == out
+    ctx.args.nextgpt_steps3 = 0
+    assert demo.nextgpt_stage3(ctx) == {"nextgpt_stage3_steps": 0} and len(seen) == 1
+    assert demo._evaluated(ctx) == tmp_path / "nextgpt_stage2_video"

@@ -1,6 +1,8 @@
 """mmfast.models.nextgpt.data: dialogue validation, label masking, media loading and stage builders."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -92,6 +94,21 @@ def test_stage_builders_and_media(tmp_path):
         nd.t2x_pairs(tmp_path, "video"))
     with pytest.raises(ValueError, match="share in \\[0, 1\\], got 2.0 for audio"):
         nd.stage_records(tmp_path, 2, mods, negatives={"audio": 2.0})
+    # Stage 3: two-turn dialogues (the run alone as the second reply, as stage 2 taught) shuffled among stage 2's
+    # records, making up the mosit_share of them; n_dialogues overrides their count; share 1: dialogues only.
+    is_dialogue = lambda r: len(r["conversations"]) == 4
+    for r in filter(is_dialogue, s3):
+        m = next(iter(r["targets"]))
+        assert r["conversations"][3]["value"] == nd.signal_run(m) and r["media"] and r["target_media"][m]
+    single = [r for r in s3 if not is_dialogue(r)]
+    assert sum(map(is_dialogue, s3)) == 10 and len(single) == len(s2) and not all(map(is_dialogue, s3[-10:]))
+    assert sorted(map(json.dumps, single)) == sorted(map(json.dumps, nd.stage_records(tmp_path, 2, mods, seed=1)))
+    quarter = nd.stage_records(tmp_path, 3, mods, mosit_share=0.25, negatives=0.0)
+    assert sum(map(is_dialogue, quarter)) == round(n_pairs / 3) and len(quarter) == n_pairs + round(n_pairs / 3)
+    only = nd.stage_records(tmp_path, 3, mods, mosit_share=1.0)
+    assert all(map(is_dialogue, only)) and len(only) == max(len(nd.t2x_pairs(tmp_path, m)) for m in mods)
+    with pytest.raises(ValueError, match="mosit_share must be in \\(0, 1\\], got 0.0"):
+        nd.stage_records(tmp_path, 3, mods, mosit_share=0.0)
     # --repeat audio=3: every audio pair three times (with its negatives), the other modalities once
     rep = nd.stage_records(tmp_path, 2, mods, negatives=0.0, repeats={"audio": 3})
     n_audio = len(nd.t2x_pairs(tmp_path, "audio"))
@@ -112,7 +129,7 @@ def test_stage_builders_and_media(tmp_path):
     assert plain[0]["target_media"] == {}  # loaded only when asked for
     with pytest.raises(ValueError, match="unknown modalities"):
         nd.DialogueDataset(one, _tok(), plain.media, 1, target_sizes={"text": 8})
-    assert len(s3) == 10 and all(len(r["conversations"]) == 4 for r in s3)
+    assert sum(len(r["conversations"]) == 4 for r in s3) == 10  # the dialogues, among stage 2's records
     loader = nd.MediaLoader(tmp_path, ImageProcessor(32, aspect="resize"), video_frames=4, audio_samples=8000)
     by_mod = {m: next(r for r in s1 if m in r["media"]) for m in mods}
     assert loader.load("image", by_mod["image"]["media"]["image"][0]).shape == (3, 32, 32)

@@ -178,6 +178,6 @@ def test_demo_lists_the_nextgpt_stages():
     from mmfast import demo
 
     names = [s.name for s in demo.STAGES]
-    assert names[-3:] == ["nextgpt_stage1", "nextgpt_stage2", "nextgpt_eval"]
+    assert names[-4:] == ["nextgpt_stage1", "nextgpt_stage2", "nextgpt_stage3", "nextgpt_eval"]
     args = demo.parse_args(["--nextgpt-steps1", "3"])
-    assert args.nextgpt_steps1 == 3 and args.nextgpt_eval_prompts > 0
+    assert args.nextgpt_steps1 == 3 and args.nextgpt_eval_prompts > 0 and args.nextgpt_steps3 > 0

@@ -288,11 +288,17 @@ def t2x_record(modality: str, pair: dict, rng: random.Random, reply_text: bool =
 
 def stage_records(world, stage: int, modalities=("image",), split: str = "train", seed: int = 0,
                   n_dialogues: int | None = None, negatives: float | dict = 1.0,
-                  repeats: dict | None = None) -> list[dict]:
+                  repeats: dict | None = None, mosit_share: float = 0.5) -> list[dict]:
     """Stage 1: X->text captioning; stage 2: text->X answered by the signal run alone (LM loss on the signal
     tokens and the closing ``</s>``) plus X->text captioning records for a ``negatives`` share of the pairs
     (one share, or ``{modality: share}``: unnamed modalities 1.0);
-    stage 3: MosIT-style dialogues (text, then the run).
+    stage 3: MosIT-style two-turn dialogues (understand one medium, then produce one: the run alone, as stage 2
+    taught) making up ``mosit_share`` of the records, shuffled among stage 2's records (same ``negatives`` and
+    ``repeats``), so that the LoRA learns to open a run after an exchange without learning to open one after
+    every caption; ``n_dialogues`` overrides the dialogues' count. (With dialogues alone, every one ending in a
+    run, the tiny model opened runs after captioning prompts and its captions ended in runs; with
+    ``Here is the image.`` before the run, as the stage-2 records do not have it, its captions drifted to "The
+    image." and fewer requests opened a run: docs/nextgpt_decoders.md.)
 
     The negatives matter because only the signal-token rows learn in stage 2: without replies that start
     with ordinary text, the cheapest solution is an ``[IMG0]`` row that fires after every prompt.
@@ -319,12 +325,21 @@ def stage_records(world, stage: int, modalities=("image",), split: str = "train"
                     recs.append(x2t_record(m, p, rng, reply=desc if desc and rng.random() < 0.5 else None))
         return recs
     if stage == 3:
-        return mosit_dialogues(pairs, rng, n_dialogues or max(len(v) for v in pairs.values()))
+        if not 0.0 < mosit_share <= 1.0:
+            raise ValueError(f"mosit_share must be in (0, 1], got {mosit_share}")
+        single = [] if mosit_share == 1.0 else stage_records(world, 2, modalities, split, seed + 1,
+                                                              negatives=negatives, repeats=repeats)
+        n = n_dialogues or (round(len(single) * mosit_share / (1.0 - mosit_share)) if single
+                            else max(len(v) for v in pairs.values()))
+        recs = single + mosit_dialogues(pairs, rng, n, reply_text=False)
+        rng.shuffle(recs)
+        return recs
     raise ValueError(f"stage must be 1, 2 or 3, got {stage}")
 
 
-def mosit_dialogues(pairs: dict, rng: random.Random, n: int) -> list[dict]:
-    """Two-turn modality-switching dialogues: understand one medium, then produce another (or the same)."""
+def mosit_dialogues(pairs: dict, rng: random.Random, n: int, reply_text: bool = True) -> list[dict]:
+    """Two-turn modality-switching dialogues: understand one medium, then produce another (or the same); the
+    second reply as :func:`t2x_record` writes it (``reply_text``)."""
     mods = [m for m, v in pairs.items() if v]
     if not mods:
         raise ValueError("no text<->media pairs to build dialogues from")
@@ -333,7 +348,7 @@ def mosit_dialogues(pairs: dict, rng: random.Random, n: int) -> list[dict]:
         src, dst = rng.choice(mods), rng.choice(mods)
         a, b = rng.choice(pairs[src]), rng.choice(pairs[dst])
         first = x2t_record(src, a, rng)
-        second = t2x_record(dst, b, rng)
+        second = t2x_record(dst, b, rng, reply_text=reply_text)
         out.append({"conversations": first["conversations"] + second["conversations"],
                     "media": first["media"], "targets": second["targets"], "target_media": second["target_media"]})
     return out

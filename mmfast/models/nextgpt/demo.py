@@ -8,6 +8,8 @@
 * ``nextgpt_stage2``: decoding-side alignment for images and audio (output projections + signal-token rows;
   LM loss on the replies, which are the signal run alone for text->X requests and captions for the
   X->text negatives, and the per-token Euclidean alignment loss against each decoder's text encoder).
+* ``nextgpt_stage3``: modality-switching instruction tuning (the LLM's LoRA on two-turn MosIT dialogues among
+  stage 2's records; the output projections stay as stage 2 aligned them), ``--nextgpt-steps3`` (0 skips it).
 * ``nextgpt_eval``: text->image on held-out prompts (one per validation image, naming its main object)
   through the trained tiny image decoder shipped in the package (``shipped:image``, issue #24): fed its own
   text encoder (the ceiling: ``nextgpt_t2i_top1_decoder``) and through NExT-GPT, the LLM's ``[IMG0]..[IMG3]``
@@ -16,7 +18,10 @@
   (matched minus mismatched pairs); ``nextgpt_samples.png`` shows the first prompts with both images. Free
   greedy generation is measured too: ``nextgpt_signal_emit_rate`` is the share of held-out text->image
   prompts whose reply starts an ``[IMG0]`` run, ``nextgpt_signal_emit_rate_captioning`` the same for held-out
-  captioning prompts (an image plus "Describe this image."), which should stay near 0.
+  captioning prompts (an image plus "Describe this image."), which should stay near 0, and
+  ``nextgpt_signal_emit_rate_two_turn`` (``_audio``) the share of two-turn exchanges (the model captions a
+  held-out image, then is asked for an image / a sound) whose second reply opens that run. The model measured is
+  stage 3's when the demo ran it (``nextgpt_evaluated``), else the last stage-2 run's.
   Text->audio the same way, for the captions of the world's held-out clips (one per class), through the
   shipped audio decoder (``shipped:audio``): fed its own text encoder (``nextgpt_t2a_top1_decoder``) and through
   NExT-GPT's ``[AUD0..]`` states (``nextgpt_t2a_top1``), judged by a classifier of the world's real train clips
@@ -41,6 +46,8 @@ def add_args(p) -> None:
                    help="NExT-GPT stage-2 steps of the audio output projection (after the image run)")
     p.add_argument("--nextgpt-steps2-video", type=int, default=1000,
                    help="NExT-GPT stage-2 steps of the video output projection (after the audio run)")
+    p.add_argument("--nextgpt-steps3", type=int, default=300,
+                   help="NExT-GPT stage-3 steps (LoRA instruction tuning after stage 2; 0 skips it)")
     p.add_argument("--nextgpt-video-prompts", type=int, default=32,
                    help="held-out text->video prompts (the first val videos with one mover)")
     p.add_argument("--nextgpt-batch-size", type=int, default=8, help="per rank")
@@ -123,6 +130,47 @@ def nextgpt_stage2(ctx) -> dict:
             "nextgpt_stage2_signal_lm_loss": round(r["lm_signal"], 4),
             "nextgpt_stage2_first_signal_lm_loss": round(r["first"]["lm_signal"], 4),
             "nextgpt_stage2_final_loss": round(r["loss"], 4), "nextgpt_stage2_seconds": round(r["seconds"], 1)}
+
+
+def _stage3_dir(ctx) -> Path:
+    return ctx.out / "nextgpt_stage3"
+
+
+def _evaluated(ctx) -> Path:
+    """The run ``nextgpt_eval`` measures: stage 3 when the demo runs it, else the last stage-2 run."""
+    return _stage3_dir(ctx) if getattr(ctx.args, "nextgpt_steps3", 0) > 0 else _stage2_chain(ctx)[-1]
+
+
+STAGE3_LR = 1e-3  # LoRA + input projections; 2e-4 left the two-turn requests where stage 2 had them (docs)
+STAGE3_MOSIT_SHARE = 0.25  # of stage 3's records; at 0.5 a captioning prompt in 16 opened a run (docs)
+
+
+def nextgpt_stage3(ctx) -> dict:
+    """Stage 3, modality-switching instruction tuning: the LLM's LoRA (and the input projections) on two-turn
+    MosIT dialogues (understand an image or a sound, then produce one) shuffled among stage 2's records (requests
+    and captioning negatives, each medium's pairs repeated as in its stage-2 run), after the last stage-2 run.
+    The output projections stay as stage 2 aligned them; the alignment loss still reaches the LoRA through them,
+    so it learns to keep the signal states they read. Nothing when ``--nextgpt-steps3 0``."""
+    from mmfast.models.nextgpt import data as nd
+
+    a = ctx.args
+    if a.nextgpt_steps3 <= 0:
+        return {"nextgpt_stage3_steps": 0}
+    out, media = _stage3_dir(ctx), _media(ctx)
+    n_image = len(nd.t2x_pairs(ctx.world, "image"))
+    repeat = {m: max(1, round(2 * n_image / max(1, len(nd.t2x_pairs(ctx.world, m))))) for m in media}
+    argv = _common(ctx, 3, out) + ["--init-from", str(_stage2_chain(ctx)[-1] / "final"),
+                                   "--steps", str(a.nextgpt_steps3), "--lr", str(STAGE3_LR),
+                                   "--modalities", ",".join(["image", *media]), "--projections", "",
+                                   "--mosit-share", str(STAGE3_MOSIT_SHARE),
+                                   "--negatives", ",".join(["image=1", *(f"{m}={MEDIA_NEGATIVES}" for m in media)])]
+    if repeat:
+        argv += ["--repeat", ",".join(f"{m}={k}" for m, k in repeat.items())]
+    r = _train(argv, out)
+    return {"nextgpt_stage3_steps": a.nextgpt_steps3, "nextgpt_stage3_final_loss": round(r["loss"], 4),
+            "nextgpt_stage3_first_loss": round(r["first"]["loss"], 4),
+            "nextgpt_stage3_alignment_loss": round(r["align_image"], 4),
+            "nextgpt_stage3_seconds": round(r["seconds"], 1)}
 
 
 def _stage2_chain(ctx) -> list[Path]:
@@ -221,6 +269,26 @@ def audio_emit_rate(model, world, pairs, max_new_tokens: int = 12) -> dict:
     asked, captioning = _emission(model, world, "audio", pairs, max_new_tokens)
     return {"nextgpt_signal_emit_rate_audio": asked, "nextgpt_signal_emit_rate_captioning_audio": captioning,
             "nextgpt_emit_prompts_audio": len(pairs)}
+
+
+def two_turn_emit_rate(model, world, pairs, modality: str, max_new_tokens: int = 12) -> float:
+    """Share of two-turn exchanges (the model's own caption of a held-out image, then a request for
+    ``modality``: the ``pairs``' captions, cycling through the prompt templates) whose second reply opens that
+    modality's run: what stage 3 teaches."""
+    from mmfast.models.nextgpt import data as nd
+
+    first, tell, asks = model.signal_ids[modality][0], nd.X2T_PROMPTS["image"][0], nd.T2X_PROMPTS[modality]
+    images = nd.t2x_pairs(world, "image", "val")[: len(pairs)]
+    hits = 0
+    for i, (img, p) in enumerate(zip(images, pairs)):
+        path = [str(Path(world) / img["path"])]
+        caption = model.generate(tell, images=path, max_new_tokens=max_new_tokens)["text"]
+        history = [{"from": "human", "value": nd.PLACEHOLDERS["image"] + "\n" + tell},
+                   {"from": "gpt", "value": caption}]
+        q = asks[i % len(asks)].format(c=p["caption"])
+        hits += first in model.generate(q, images=path, history=history, max_new_tokens=max_new_tokens,
+                                        decode=False)["token_ids"]
+    return round(hits / max(1, min(len(images), len(pairs))), 3)
 
 
 def _clip_scores(clip, classes: list[str], images, captions: list[str], labels: list[int]) -> dict:
@@ -338,7 +406,7 @@ def nextgpt_eval(ctx) -> dict:
     from mmfast.models.nextgpt.model import load_pretrained
 
     a = ctx.args
-    model = load_pretrained(_stage2_chain(ctx)[-1] / "final", device="cpu", kernels=False)
+    model = load_pretrained(_evaluated(ctx) / "final", device="cpu", kernels=False)
     pipe = model.pipes["image"]
     rows = t2i.heldout_prompts(ctx.world, a.nextgpt_eval_prompts)
     prompts, labels = [r[1] for r in rows], [r[2] for r in rows]
@@ -350,9 +418,12 @@ def nextgpt_eval(ctx) -> dict:
     pairs = nd.t2x_pairs(ctx.world, "image", "val")[: a.nextgpt_emit_prompts]
     out = {"nextgpt_eval_prompts": len(prompts), "nextgpt_guidance": g, "nextgpt_diffusion_steps": steps,
            "nextgpt_image_decoder": str(model.cfg["decoders"]["image"]), **emit_rates(model, ctx.world, pairs)}
+    out["nextgpt_signal_emit_rate_two_turn"] = two_turn_emit_rate(model, ctx.world, pairs, "image")
     if (Path(ctx.world) / "t2x_audio.json").is_file():
         audio = nd.t2x_pairs(ctx.world, "audio", "val")[: a.nextgpt_emit_prompts]
         out.update(audio_emit_rate(model, ctx.world, audio))
+        out["nextgpt_signal_emit_rate_two_turn_audio"] = two_turn_emit_rate(model, ctx.world, audio, "audio")
+    out["nextgpt_evaluated"] = _evaluated(ctx).name
     out.update(_audio_eval(ctx, model))
     out.update(_video_eval(ctx, model))
     clip_dir = _clip_dir(ctx)
@@ -371,4 +442,4 @@ def nextgpt_eval(ctx) -> dict:
 
 
 __all__ = ["add_args", "audio_emit_rate", "emit_rates", "nextgpt_eval", "nextgpt_stage1", "nextgpt_stage2",
-           "save_samples"]
+           "nextgpt_stage3", "save_samples", "two_turn_emit_rate"]
