@@ -64,7 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--repeat", default="",
                    help="stages 2-3 from a world: MOD=N,... gives each pair of MOD N times (a small modality's share "
                         "of the steps)")
-    p.add_argument("--mosit-share", type=float, default=0.5,
+    p.add_argument("--mosit-share", type=float, default=0.25,
                    help="stage 3 from a world: share of the records that are two-turn MosIT dialogues (the rest: "
                         "stage 2's requests and captioning negatives)")
     p.add_argument("--warmup", type=E.nonneg_int, default=None)

@@ -288,7 +288,7 @@ def t2x_record(modality: str, pair: dict, rng: random.Random, reply_text: bool =
 
 def stage_records(world, stage: int, modalities=("image",), split: str = "train", seed: int = 0,
                   n_dialogues: int | None = None, negatives: float | dict = 1.0,
-                  repeats: dict | None = None, mosit_share: float = 0.5) -> list[dict]:
+                  repeats: dict | None = None, mosit_share: float = 0.25) -> list[dict]:
     """Stage 1: X->text captioning; stage 2: text->X answered by the signal run alone (LM loss on the signal
     tokens and the closing ``</s>``) plus X->text captioning records for a ``negatives`` share of the pairs
     (one share, or ``{modality: share}``: unnamed modalities 1.0);
