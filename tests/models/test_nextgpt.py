@@ -704,7 +704,6 @@ def test_output_projections_do_not_depend_on_how_the_decoders_are_built():
         p.numel() for p in a.pipes["video"].unet.parameters())  # the decoders did differ
 
 
-
 def test_two_turn_emit_rate_counts_second_replies_opening_the_asked_run(monkeypatch):
     """The model captions a held-out image, then is asked for a medium; only the second reply is counted, and
     only the asked modality's first signal token counts."""
