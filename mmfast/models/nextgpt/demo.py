@@ -151,21 +151,15 @@ def nextgpt_stage3(ctx) -> dict:
     and captioning negatives, each medium's pairs repeated as in its stage-2 run), after the last stage-2 run.
     The output projections stay as stage 2 aligned them; the alignment loss still reaches the LoRA through them,
     so it learns to keep the signal states they read. Nothing when ``--nextgpt-steps3 0``."""
-    from mmfast.models.nextgpt import data as nd
 
     a = ctx.args
     if a.nextgpt_steps3 <= 0:
         return {"nextgpt_stage3_steps": 0}
     out, media = _stage3_dir(ctx), _media(ctx)
-    n_image = len(nd.t2x_pairs(ctx.world, "image"))
-    repeat = {m: max(1, round(2 * n_image / max(1, len(nd.t2x_pairs(ctx.world, m))))) for m in media}
     argv = _common(ctx, 3, out) + ["--init-from", str(_stage2_chain(ctx)[-1] / "final"),
                                    "--steps", str(a.nextgpt_steps3), "--lr", str(STAGE3_LR),
                                    "--modalities", ",".join(["image", *media]), "--projections", "",
-                                   "--mosit-share", str(STAGE3_MOSIT_SHARE),
-                                   "--negatives", ",".join(["image=1", *(f"{m}={MEDIA_NEGATIVES}" for m in media)])]
-    if repeat:
-        argv += ["--repeat", ",".join(f"{m}={k}" for m, k in repeat.items())]
+                                   "--mosit-share", str(STAGE3_MOSIT_SHARE), *_media_mix(ctx, media)]
     r = _train(argv, out)
     return {"nextgpt_stage3_steps": a.nextgpt_steps3, "nextgpt_stage3_final_loss": round(r["loss"], 4),
             "nextgpt_stage3_first_loss": round(r["first"]["loss"], 4),
@@ -183,6 +177,18 @@ def _stage2_chain(ctx) -> list[Path]:
 MEDIA_NEGATIVES = 0.25  # share of a medium's (repeated) pairs also given as captioning negatives in its run
 
 
+def _media_mix(ctx, media: list[str]) -> list[str]:
+    """``--repeat`` / ``--negatives`` of a run over the image records and those of ``media``: each medium's pairs
+    repeated to about as many records as the image pairs' requests and negatives, a :data:`MEDIA_NEGATIVES`
+    share of them captioning negatives (every image pair one)."""
+    from mmfast.models.nextgpt import data as nd
+
+    n_image = len(nd.t2x_pairs(ctx.world, "image"))
+    repeat = {m: max(1, round(2 * n_image / max(1, len(nd.t2x_pairs(ctx.world, m))))) for m in media}
+    return ["--repeat", ",".join(f"{m}={k}" for m, k in repeat.items()),
+            "--negatives", ",".join(["image=1", *(f"{m}={MEDIA_NEGATIVES}" for m in media)])]
+
+
 def _stage2_media(ctx, modality: str, prev: Path) -> dict:
     """Stage 2 for audio or video, after the run before it: that modality's output projection on its text->X
     records, among the image run's records (text->image requests and captioning negatives) and those of the
@@ -196,18 +202,13 @@ def _stage2_media(ctx, modality: str, prev: Path) -> dict:
     1.0, the norm of its targets; t2a top-1 0.06); alone, with every row fixed, it learned (t2a 0.94) but
     NExT-GPT never opened an ``[AUD0]`` run by itself; with the ``[IMG]`` rows' embeddings trained on as well
     every run opened where it should, but t2i fell from 0.83 to 0.70."""
-    from mmfast.models.nextgpt import data as nd
 
     out = ctx.out / f"nextgpt_stage2_{modality}"
     steps = getattr(ctx.args, f"nextgpt_steps2_{modality}")
     media = _media(ctx)[: _media(ctx).index(modality) + 1]  # this one and those trained before it
-    n_image = len(nd.t2x_pairs(ctx.world, "image"))
-    # Each medium's pairs repeated to about as many records as the image pairs' requests and negatives.
-    repeat = {m: max(1, round(2 * n_image / max(1, len(nd.t2x_pairs(ctx.world, m))))) for m in media}
     argv = _common(ctx, 2, out) + ["--init-from", str(prev / "final"), "--steps", str(steps), "--lr", "2e-3",
                                    "--signal-lr", "2e-2", "--modalities", ",".join(["image", *media]),
-                                   "--repeat", ",".join(f"{m}={k}" for m, k in repeat.items()),
-                                   "--negatives", ",".join(["image=1", *(f"{m}={MEDIA_NEGATIVES}" for m in media)]),
+                                   *_media_mix(ctx, media),
                                    "--rows", "", "--head-rows", ",".join(["image", *media]),
                                    "--projections", modality]
     r = _train(argv, out)
