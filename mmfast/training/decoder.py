@@ -34,7 +34,6 @@ whose state each checkpoint keeps). Outputs under ``--out``: ``metrics.jsonl``, 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -265,4 +264,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    E.exit_rank(main())

@@ -19,7 +19,6 @@ base as a peft adapter) and ``train_summary.json``.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -291,4 +290,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    E.exit_rank(main())
