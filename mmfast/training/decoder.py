@@ -82,6 +82,10 @@ def parse_args(argv=None):
     p.add_argument("--prediction-type", default="v_prediction", choices=("v_prediction", "epsilon"),
                    help="video: what the UNet predicts (default the velocity, on a zero-terminal-SNR schedule; "
                         "epsilon: the noise on Stable Diffusion's schedule, as the image decoder it starts from)")
+    p.add_argument("--reverse-pairs", action=argparse.BooleanOptionalAction, default=True,
+                   help="video: half of every batch is the other half's clips played backwards, their captions' "
+                        "directions exchanged (a world clip reversed is a world clip of the opposite direction); "
+                        "--batch-size must be even")
     p.add_argument("--image-size", type=E.positive_int, default=DEFAULT_SIZES["image_size"],
                    help="pixels per side (the world's images are resized to it; a multiple of 8)")
     p.add_argument("--max-samples", type=E.positive_int, default=None, help="first N caption rows only")
@@ -111,6 +115,9 @@ def parse_args(argv=None):
             p.error("--modality video needs --image-decoder (the image decoder pipeline it starts from)")
         if a.frames < 2:
             p.error(f"--frames {a.frames}: a video needs >= 2 frames")
+        if a.reverse_pairs and a.batch_size % 2:
+            p.error(f"--batch-size {a.batch_size}: --reverse-pairs needs an even batch (each clip beside its "
+                    "reversal); or --no-reverse-pairs")
     elif a.stage == "unet" and not a.vae:
         p.error("--stage unet needs --vae (the folder `--stage vae` exported: RUN/final/vae)")
     if a.modality == "audio" and a.stage == "unet" and not a.vocoder:

@@ -149,7 +149,8 @@ def log_step(run, step, loss, module, keys) -> None:
     run.log(step, {**dict(zip(keys, v.tolist())), "lr": run.scheduler.get_last_lr()[0]}, rate="samples_per_s")
 
 
-def batches(run, args, n: int):
+def batches(run, args, n: int, per_rank: int | None = None):
+    """Each rank's rows for every step (``per_rank``, default ``--batch-size``, a rank), resumable."""
     from mmfast.training.data import ResumableBatches
 
-    return ResumableBatches(n, args.batch_size, run.rank, run.world, args.seed, run.start, args.steps)
+    return ResumableBatches(n, per_rank or args.batch_size, run.rank, run.world, args.seed, run.start, args.steps)

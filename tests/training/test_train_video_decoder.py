@@ -219,6 +219,7 @@ def test_ship_video_decoder_records_its_figures(trained, world, tmp_path):
     (["--modality", "video", "--image-decoder", "i", "--frames", "1"], "--frames 1"),
     (["--modality", "video", "--image-decoder", "i", "--stage", "vae"], "has the stages ('unet',)"),
     (["--modality", "smell"], "one of ('image', 'audio', 'video')"),
+    (["--modality", "video", "--image-decoder", "i", "--batch-size", "3"], "--batch-size 3: --reverse-pairs"),
 ])
 def test_video_recipe_refuses_bad_arguments(args, message, capsys):
     from mmfast.training.decoder import parse_args
@@ -226,6 +227,60 @@ def test_video_recipe_refuses_bad_arguments(args, message, capsys):
     with pytest.raises(SystemExit):
         parse_args([*args, "--data", ".", "--out", "x"])
     assert message in capsys.readouterr().err
+
+
+def test_reverse_caption_exchanges_every_movers_direction():
+    from mmfast.training.video_decoder import reverse_caption
+
+    assert reverse_caption("a red car moving to the left") == "a red car moving to the right"
+    assert reverse_caption("an orange circle moving up and a green house moving to the right") == \
+        "an orange circle moving down and a green house moving to the left"
+    assert reverse_caption(reverse_caption("a white star moving down")) == "a white star moving down"
+    with pytest.raises(ValueError, match="is not '<a colour class> moving <direction>'"):
+        reverse_caption("a white star moving sideways")
+
+
+def test_a_world_clip_played_backwards_is_a_clip_of_the_opposite_direction():
+    """What --reverse-pairs rests on: every world mover's reversed clip moves the way its reversed caption says,
+    and starts where a world clip of that direction starts (the side opposite its motion)."""
+    import numpy as np
+
+    from mmfast.data._media import _video
+    from mmfast.eval.t2v import motion_direction, parse_caption
+    from mmfast.training.video_decoder import reverse_caption
+
+    rng = np.random.default_rng(11)
+    seen = set()
+    for _ in range(40):
+        ims, caption = _video(rng, 32, 4)
+        if " and " in caption:
+            continue
+        frames = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in ims])
+        (cls, d), = parse_caption(caption, [caption.split(" moving ")[0].split()[-1]])
+        (_, d_rev), = parse_caption(reverse_caption(caption), [cls])
+        assert motion_direction(frames) == d
+        assert motion_direction(frames[::-1]) == d_rev != d
+        first = frames[-1]  # the reversed clip's first frame: its object on the side opposite d_rev
+        weight = np.linalg.norm(first - first[0, 0], axis=-1) > 0.3
+        ys, xs = np.nonzero(weight)
+        side = {"to the left": xs.mean() > 16, "to the right": xs.mean() < 16, "up": ys.mean() > 16,
+                "down": ys.mean() < 16}
+        assert side[d_rev], (caption, xs.mean(), ys.mean())
+        seen.add(d)
+    assert len(seen) == 4
+
+
+def test_with_reversals_pairs_each_clip_with_its_reversal():
+    from mmfast.training.video_decoder import with_reversals
+
+    torch.manual_seed(0)
+    lat = torch.randn(3, 4, 5, 2, 2)
+    ids, ids_rev = torch.randint(0, 99, (3, 7)), torch.randint(0, 99, (3, 7))
+    x, c = with_reversals(lat, ids, ids_rev)
+    assert x.shape == (6, 4, 5, 2, 2) and c.shape == (6, 7)
+    assert torch.equal(x[:3], lat) and torch.equal(c[:3], ids) and torch.equal(c[3:], ids_rev)
+    for f in range(5):
+        assert torch.equal(x[3:, :, f], lat[:, :, 4 - f])
 
 
 def test_video_loss_defaults_follow_the_prediction_type():
