@@ -17,7 +17,9 @@ judged beside the raw weights), "ckpt" (a file: the run saves its state there ev
 judgement, and a run started again resumes from it), "zsnr" (Stable Diffusion's schedule rescaled to zero terminal
 SNR with trailing timesteps, for "pred": "v_prediction"; without it every run has SD's own schedule), "init" (start
 from another run's "ckpt" weights, with a fresh optimizer), "posmap" (a learned absolute-position map added to the
-UNet's conv_in output: not a diffusers option). The runs before 2026-12-04's frame-position start
+UNet's conv_in output: not a diffusers option), "reverse" (half of every batch the other half's clips played
+backwards, their directions exchanged: the package recipe's --reverse-pairs since 2026-12-05), "hflip" (every clip
+also mirrored left-right, its left and right exchanged). The runs before 2026-12-04's frame-position start
 (mmfast.models.nextgpt.decoders.video_unet) had diffusers' own motion-module start; every run since has the
 frame-position start, as build_pipeline gives it."""
 import os
@@ -57,12 +59,32 @@ data = WorldVideos(W, 32, cfg.get("frames", 4), max_samples=cfg.get("max_samples
 if cfg.get("single"):
     keep = [i for i, c in enumerate(data.captions) if " and " not in c]
     data.pixels, data.captions = data.pixels[keep], [data.captions[i] for i in keep]
+
+
+def swap_words(caption, pairs):
+    """The caption with each pair's words exchanged (every mover's direction)."""
+    for a, b in pairs:
+        caption = caption.replace(a, "\0").replace(b, a).replace("\0", b)
+    return caption
+
+
+LEFT_RIGHT = [("moving to the left", "moving to the right")]
+if cfg.get("hflip"):
+    # Every clip mirrored left-right, its captions' left and right exchanged: twice the clips (a world mover goes
+    # straight across, so its mirror is a world clip too; the classes' shapes mirrored).
+    data.pixels = torch.cat([data.pixels, data.pixels.flip(-1)])
+    data.captions = data.captions + [swap_words(c, LEFT_RIGHT) for c in data.captions]
 vae = pipe.vae.to(dev).requires_grad_(False).eval()
 n, f = data.pixels.shape[:2]
 mean, std = D.encode_posteriors(vae, data.pixels.flatten(0, 1).to(dev))
 mean, std = (x.reshape(n, f, *x.shape[1:]).transpose(1, 2).contiguous() for x in (mean, std))
 scale = vae.config.scaling_factor
 ids = D.token_ids(pipe, data.captions).to(dev)
+# "reverse": half of every batch is the other half's clips played backwards, their captions' directions exchanged
+# (a world mover starts at the side opposite its motion, so a reversed clip is a world clip of the opposite
+# direction): pairs that differ only in the time order and the direction's words.
+REVERSE = [("moving to the left", "moving to the right"), ("moving up", "moving down")]
+ids_rev = D.token_ids(pipe, [swap_words(c, REVERSE) for c in data.captions]).to(dev) if cfg.get("reverse") else None
 snr = cfg.get("snr", 5.0 if pred == "epsilon" else 0.0)
 if cfg.get("trunc"):
     # Truncated-SNR weighting of the noise loss: the clean-latent error weighs max(SNR, 1) (as velocity
@@ -181,12 +203,16 @@ def save_ckpt():
 
 
 while True:
-    if pos + bs > n:
+    if pos + (bs // 2 if ids_rev is not None else bs) > n:
         perm, pos = torch.randperm(n, generator=gen), 0
-    rows = perm[pos:pos + bs].to(dev)
-    pos += bs
+    take = bs // 2 if ids_rev is not None else bs
+    rows = perm[pos:pos + take].to(dev)
+    pos += take
     latents = (mean[rows] + std[rows] * torch.randn_like(std[rows])) * scale
-    loss = module(latents, ids[rows])
+    if ids_rev is not None:
+        loss = module(torch.cat([latents, latents.flip(2)]), torch.cat([ids[rows], ids_rev[rows]]))
+    else:
+        loss = module(latents, ids[rows])
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
