@@ -1,4 +1,5 @@
 """The CLIP recipe (mmfast.training.clip): data order, configs, launcher, and short 2-rank DeepSpeed runs on CPU."""
+import base64
 import itertools
 import json
 import os
@@ -115,8 +116,10 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
 
 def test_launcher_builds_module_commands(capsys, tmp_path):
     cmd = launch.launch_command("mmfast.training.clip", 2, ["--config", "tiny"], "deepspeed", 29999)
-    assert cmd[1:3] == ["-m", "deepspeed.launcher.runner"] and "--num_gpus" in cmd
-    assert cmd[cmd.index("--master_addr") + 1] == "127.0.0.1"
+    assert cmd[1:4] == ["-u", "-m", "deepspeed.launcher.launch"]  # one node: DeepSpeed's node launcher itself
+    world = next(a for a in cmd if a.startswith("--world_info="))[len("--world_info="):]
+    assert json.loads(base64.urlsafe_b64decode(world)) == {"localhost": [0, 1]}
+    assert "--master_addr=127.0.0.1" in cmd and "--master_port=29999" in cmd
     assert cmd[-4:] == ["--module", "mmfast.training.clip", "--config", "tiny"]  # no script path: a wheel runs too
     cmd = launch.launch_command("mmfast.training.clip", 3, [], "torchrun", 29999)
     assert "torch.distributed.run" in cmd and cmd[cmd.index("--nproc_per_node") + 1] == "3"
