@@ -42,7 +42,7 @@ from mmfast.eval.t2v import evaluate
 from mmfast.models.nextgpt.shipped import read_pipeline
 from mmfast.training import diffusion_parts as D
 from mmfast.training.engine import cosine_with_warmup
-from mmfast.training.video_decoder import WorldVideos, build_pipeline
+from mmfast.training.video_decoder import WorldVideos, build_pipeline, reverse_caption
 
 W = X.world
 emit = X.emit
@@ -62,7 +62,7 @@ if cfg.get("single"):
 
 
 def swap_words(caption, pairs):
-    """The caption with each pair's words exchanged (every mover's direction)."""
+    """The caption with each pair's words exchanged (hflip: left and right only)."""
     for a, b in pairs:
         caption = caption.replace(a, "\0").replace(b, a).replace("\0", b)
     return caption
@@ -83,8 +83,7 @@ ids = D.token_ids(pipe, data.captions).to(dev)
 # "reverse": half of every batch is the other half's clips played backwards, their captions' directions exchanged
 # (a world mover starts at the side opposite its motion, so a reversed clip is a world clip of the opposite
 # direction): pairs that differ only in the time order and the direction's words.
-REVERSE = [("moving to the left", "moving to the right"), ("moving up", "moving down")]
-ids_rev = D.token_ids(pipe, [swap_words(c, REVERSE) for c in data.captions]).to(dev) if cfg.get("reverse") else None
+ids_rev = D.token_ids(pipe, [reverse_caption(c) for c in data.captions]).to(dev) if cfg.get("reverse") else None
 snr = cfg.get("snr", 5.0 if pred == "epsilon" else 0.0)
 if cfg.get("trunc"):
     # Truncated-SNR weighting of the noise loss: the clean-latent error weighs max(SNR, 1) (as velocity

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mmfast.data._media import DIRECTIONS
 from mmfast.training import diffusion_parts as D
 
 # Velocity prediction on Stable Diffusion's schedule rescaled to zero terminal SNR (Lin et al. 2024, "Common
@@ -67,8 +68,10 @@ def video_betas(prediction_type: str = "v_prediction") -> dict:
 
 
 # A world mover starts at the side opposite its motion and crosses the frame in a straight line
-# (mmfast.data._media._video), so its clip played backwards is a world clip of the opposite direction.
-OPPOSITE = {"to the right": "to the left", "to the left": "to the right", "up": "down", "down": "up"}
+# (mmfast.data._media._video), so its clip played backwards is a world clip of the opposite direction: the world's
+# direction whose step is the negated one.
+OPPOSITE = {d: next(o for o, (ox, oy) in DIRECTIONS.items() if (ox, oy) == (-x, -y))
+            for d, (x, y) in DIRECTIONS.items()}
 
 
 def reverse_caption(caption: str) -> str:
